@@ -1,0 +1,185 @@
+//! Accounts and their balances.
+
+use crate::{Currency, ErrorCode, Id};
+
+/// Account constraints, as a small bit set (stable bits: they are logged).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
+pub struct AccountFlags(u8);
+
+impl AccountFlags {
+    pub const DEBITS_MUST_NOT_EXCEED_CREDITS: AccountFlags = AccountFlags(1);
+    pub const CREDITS_MUST_NOT_EXCEED_DEBITS: AccountFlags = AccountFlags(2);
+    const KNOWN: u8 = 3;
+
+    pub const fn empty() -> AccountFlags {
+        AccountFlags(0)
+    }
+
+    pub fn from_bits(bits: u8) -> Option<AccountFlags> {
+        (bits & !Self::KNOWN == 0).then_some(AccountFlags(bits))
+    }
+
+    pub fn bits(self) -> u8 {
+        self.0
+    }
+
+    pub fn contains(self, other: AccountFlags) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    pub fn insert(&mut self, other: AccountFlags) {
+        self.0 |= other.0;
+    }
+
+    /// Parses the API's flag names.
+    pub fn from_name(name: &str) -> Option<AccountFlags> {
+        match name {
+            "debits_must_not_exceed_credits" => Some(Self::DEBITS_MUST_NOT_EXCEED_CREDITS),
+            "credits_must_not_exceed_debits" => Some(Self::CREDITS_MUST_NOT_EXCEED_DEBITS),
+            _ => None,
+        }
+    }
+
+    pub fn names(self) -> Vec<&'static str> {
+        let mut names = Vec::new();
+        if self.contains(Self::DEBITS_MUST_NOT_EXCEED_CREDITS) {
+            names.push("debits_must_not_exceed_credits");
+        }
+        if self.contains(Self::CREDITS_MUST_NOT_EXCEED_DEBITS) {
+            names.push("credits_must_not_exceed_debits");
+        }
+        names
+    }
+}
+
+/// What a client asks for when it opens an account.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct NewAccount {
+    pub id: Id,
+    pub currency: Currency,
+    pub flags: AccountFlags,
+    /// A credit line: debits may exceed credits by at most this much.
+    /// Only meaningful with `debits_must_not_exceed_credits`.
+    pub overdraft_limit: u64,
+    /// A small JSON object, kept verbatim; the domain never parses it.
+    pub metadata: Option<Box<str>>,
+}
+
+impl NewAccount {
+    /// Checks what can be checked without state. `Err` carries a readable reason.
+    pub fn validate(&self) -> Result<(), &'static str> {
+        if self.id.is_reserved() {
+            return Err("ids starting with '_' are reserved for system accounts");
+        }
+        let both = AccountFlags(AccountFlags::KNOWN);
+        if self.flags.contains(both) {
+            return Err("flags debits_must_not_exceed_credits and credits_must_not_exceed_debits are mutually exclusive");
+        }
+        if self.overdraft_limit > 0 && !self.flags.contains(AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS) {
+            return Err("overdraft_limit requires the flag debits_must_not_exceed_credits");
+        }
+        if self.overdraft_limit > crate::MAX_TRANSFER_AMOUNT {
+            return Err("overdraft_limit is larger than 2^53-1");
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct Balances {
+    pub debits_pending: u64,
+    pub debits_posted: u64,
+    pub credits_pending: u64,
+    pub credits_posted: u64,
+}
+
+impl Balances {
+    /// credits_posted - debits_posted (posted only, as a bank statement shows).
+    pub fn balance(&self) -> i128 {
+        i128::from(self.credits_posted) - i128::from(self.debits_posted)
+    }
+
+    /// The whole balance including pending amounts; sums to zero over all accounts.
+    pub fn net_including_pending(&self) -> i128 {
+        i128::from(self.credits_posted) + i128::from(self.credits_pending)
+            - i128::from(self.debits_posted)
+            - i128::from(self.debits_pending)
+    }
+}
+
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Account {
+    pub id: Id,
+    pub currency: Currency,
+    pub flags: AccountFlags,
+    pub overdraft_limit: u64,
+    pub metadata: Option<Box<str>>,
+    pub balances: Balances,
+    pub created_at_ms: u64,
+    /// True for clearing accounts the system keeps per shard and currency.
+    pub system: bool,
+}
+
+impl Account {
+    pub fn open(new: NewAccount, now_ms: u64) -> Account {
+        Account {
+            id: new.id,
+            currency: new.currency,
+            flags: new.flags,
+            overdraft_limit: new.overdraft_limit,
+            metadata: new.metadata,
+            balances: Balances::default(),
+            created_at_ms: now_ms,
+            system: false,
+        }
+    }
+
+    /// Whether re-creating with `new` is the same request (idempotent success).
+    pub fn same_fields(&self, new: &NewAccount) -> bool {
+        self.currency == new.currency
+            && self.flags == new.flags
+            && self.overdraft_limit == new.overdraft_limit
+            && self.metadata == new.metadata
+    }
+
+    /// What can still be debited; `None` when debits are not limited.
+    pub fn available(&self) -> Option<u64> {
+        if !self.flags.contains(AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS) {
+            return None;
+        }
+        let b = &self.balances;
+        let limit = u128::from(b.credits_posted) + u128::from(self.overdraft_limit);
+        let used = u128::from(b.debits_posted) + u128::from(b.debits_pending);
+        Some(u64::try_from(limit.saturating_sub(used)).unwrap_or(u64::MAX))
+    }
+
+    /// Places a hold of `amount` on the debit side, checking the constraint.
+    /// `extra_credits` are credits of the same transaction not yet posted,
+    /// which an atomic batch may spend.
+    pub(crate) fn hold_debit(&mut self, amount: u64, extra_credits: u64) -> Result<(), ErrorCode> {
+        let b = &mut self.balances;
+        let new_pending = b.debits_pending.checked_add(amount).ok_or(ErrorCode::Overflow)?;
+        let new_total = b.debits_posted.checked_add(new_pending).ok_or(ErrorCode::Overflow)?;
+        if self.flags.contains(AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS) {
+            let limit = u128::from(b.credits_posted) + u128::from(self.overdraft_limit) + u128::from(extra_credits);
+            if u128::from(new_total) > limit {
+                return Err(ErrorCode::ExceedsCredits);
+            }
+        }
+        b.debits_pending = new_pending;
+        Ok(())
+    }
+
+    pub(crate) fn hold_credit(&mut self, amount: u64, extra_debits: u64) -> Result<(), ErrorCode> {
+        let b = &mut self.balances;
+        let new_pending = b.credits_pending.checked_add(amount).ok_or(ErrorCode::Overflow)?;
+        let new_total = b.credits_posted.checked_add(new_pending).ok_or(ErrorCode::Overflow)?;
+        if self.flags.contains(AccountFlags::CREDITS_MUST_NOT_EXCEED_DEBITS)
+            && u128::from(new_total) > u128::from(b.debits_posted) + u128::from(extra_debits)
+        {
+            return Err(ErrorCode::ExceedsDebits);
+        }
+        b.credits_pending = new_pending;
+        Ok(())
+    }
+}

@@ -1,0 +1,144 @@
+//! Ledger error codes: stable, machine-readable, one per way a request can be refused.
+
+use std::fmt;
+
+/// Why the ledger refused a request. A refused request changes nothing.
+///
+/// The string form (`as_str`) is the stable `code` in problem+json answers;
+/// never rename a variant's code.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum ErrorCode {
+    InvalidRequest,
+    AccountNotFound,
+    TransferNotFound,
+    CurrencyMismatch,
+    AccountsMustBeDifferent,
+    ExceedsCredits,
+    ExceedsDebits,
+    ExistsWithDifferentFields,
+    PendingTransferNotFound,
+    PendingTransferNotPending,
+    PendingTransferAlreadyPosted,
+    PendingTransferAlreadyVoided,
+    PendingTransferExpired,
+    AmountExceedsPending,
+    Overflow,
+    /// In an atomic batch: this transfer was fine, another one failed.
+    LinkedEventFailed,
+    /// Another request with the same transfer id (or on the same pending
+    /// transfer) is being processed right now; retry shortly.
+    InFlight,
+    /// The engine is shutting down or overloaded beyond its bounds.
+    Unavailable,
+}
+
+impl ErrorCode {
+    pub const ALL: [ErrorCode; 18] = [
+        ErrorCode::InvalidRequest,
+        ErrorCode::AccountNotFound,
+        ErrorCode::TransferNotFound,
+        ErrorCode::CurrencyMismatch,
+        ErrorCode::AccountsMustBeDifferent,
+        ErrorCode::ExceedsCredits,
+        ErrorCode::ExceedsDebits,
+        ErrorCode::ExistsWithDifferentFields,
+        ErrorCode::PendingTransferNotFound,
+        ErrorCode::PendingTransferNotPending,
+        ErrorCode::PendingTransferAlreadyPosted,
+        ErrorCode::PendingTransferAlreadyVoided,
+        ErrorCode::PendingTransferExpired,
+        ErrorCode::AmountExceedsPending,
+        ErrorCode::Overflow,
+        ErrorCode::LinkedEventFailed,
+        ErrorCode::Unavailable,
+        ErrorCode::InFlight,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::AccountNotFound => "account_not_found",
+            ErrorCode::TransferNotFound => "transfer_not_found",
+            ErrorCode::CurrencyMismatch => "currency_mismatch",
+            ErrorCode::AccountsMustBeDifferent => "accounts_must_be_different",
+            ErrorCode::ExceedsCredits => "exceeds_credits",
+            ErrorCode::ExceedsDebits => "exceeds_debits",
+            ErrorCode::ExistsWithDifferentFields => "exists_with_different_fields",
+            ErrorCode::PendingTransferNotFound => "pending_transfer_not_found",
+            ErrorCode::PendingTransferNotPending => "pending_transfer_not_pending",
+            ErrorCode::PendingTransferAlreadyPosted => "pending_transfer_already_posted",
+            ErrorCode::PendingTransferAlreadyVoided => "pending_transfer_already_voided",
+            ErrorCode::PendingTransferExpired => "pending_transfer_expired",
+            ErrorCode::AmountExceedsPending => "amount_exceeds_pending",
+            ErrorCode::Overflow => "overflow",
+            ErrorCode::LinkedEventFailed => "linked_event_failed",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::InFlight => "transfer_in_flight",
+        }
+    }
+
+    /// Stable one-byte tag for the log.
+    pub fn tag(self) -> u8 {
+        ErrorCode::ALL.iter().position(|c| *c == self).expect("listed") as u8
+    }
+
+    pub fn from_tag(tag: u8) -> Option<ErrorCode> {
+        ErrorCode::ALL.get(usize::from(tag)).copied()
+    }
+
+    /// When two legs of one transfer fail, the answer names the most basic
+    /// problem first, so the same request gets the same code wherever its
+    /// accounts live.
+    pub fn precedence(self) -> u8 {
+        match self {
+            ErrorCode::InvalidRequest => 0,
+            ErrorCode::AccountsMustBeDifferent => 1,
+            ErrorCode::ExistsWithDifferentFields => 2,
+            ErrorCode::PendingTransferNotFound
+            | ErrorCode::PendingTransferNotPending
+            | ErrorCode::PendingTransferAlreadyPosted
+            | ErrorCode::PendingTransferAlreadyVoided
+            | ErrorCode::PendingTransferExpired
+            | ErrorCode::AmountExceedsPending => 3,
+            ErrorCode::AccountNotFound | ErrorCode::TransferNotFound => 4,
+            ErrorCode::CurrencyMismatch => 5,
+            ErrorCode::ExceedsCredits | ErrorCode::ExceedsDebits => 6,
+            ErrorCode::Overflow => 7,
+            ErrorCode::InFlight => 8,
+            ErrorCode::Unavailable => 8,
+            ErrorCode::LinkedEventFailed => 9,
+        }
+    }
+
+    /// The more basic of two errors (see [`ErrorCode::precedence`]).
+    pub fn first_of(self, other: ErrorCode) -> ErrorCode {
+        if other.precedence() < self.precedence() {
+            other
+        } else {
+            self
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::error::Error for ErrorCode {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tags_round_trip_and_codes_are_unique() {
+        let mut seen = std::collections::HashSet::new();
+        for code in ErrorCode::ALL {
+            assert_eq!(ErrorCode::from_tag(code.tag()), Some(code));
+            assert!(seen.insert(code.as_str()));
+        }
+        assert_eq!(ErrorCode::from_tag(200), None);
+    }
+}

@@ -1,0 +1,101 @@
+//! Client-chosen identifiers and the documented shard hash.
+
+use std::fmt;
+use std::sync::Arc;
+
+/// Longest id a client may choose.
+pub const MAX_ID_LEN: usize = 64;
+
+/// An account or transfer id: 1-64 characters of `[A-Za-z0-9_.:-]`.
+///
+/// Ids starting with `_` are reserved for accounts the system creates
+/// (clearing accounts); clients may read them but not create them.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Id(Arc<str>);
+
+impl Id {
+    pub fn parse(text: &str) -> Option<Id> {
+        let valid = !text.is_empty()
+            && text.len() <= MAX_ID_LEN
+            && text.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'));
+        valid.then(|| Id(Arc::from(text)))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Reserved for system accounts (clearing accounts).
+    pub fn is_reserved(&self) -> bool {
+        self.0.starts_with('_')
+    }
+
+    /// The logical shard this id lives on. See [`shard_of`].
+    pub fn shard(&self, shard_count: u32) -> u32 {
+        shard_of(self.as_str(), shard_count)
+    }
+}
+
+impl fmt::Debug for Id {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl fmt::Display for Id {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The documented shard hash: `fnv1a64(utf8 bytes of the id) % shard_count`.
+///
+/// FNV-1a (64-bit, offset basis 0xcbf29ce484222325, prime 0x100000001b3) is
+/// stable across versions and platforms and trivial to reimplement in any
+/// client that wants to route by itself. It must never change for a data dir.
+pub fn shard_of(id: &str, shard_count: u32) -> u32 {
+    debug_assert!(shard_count > 0);
+    (fnv1a64(id.as_bytes()) % u64::from(shard_count)) as u32
+}
+
+pub fn fnv1a64(bytes: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for &byte in bytes {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids() {
+        let long = "a".repeat(MAX_ID_LEN);
+        let too_long = "a".repeat(MAX_ID_LEN + 1);
+        for (input, ok) in [
+            ("alice", true),
+            ("merchant:42.wallet_USD-1", true),
+            (long.as_str(), true),
+            (too_long.as_str(), false),
+            ("", false),
+            ("has space", false),
+            ("slash/no", false),
+            ("ünicode", false),
+        ] {
+            assert_eq!(Id::parse(input).is_some(), ok, "{input:?}");
+        }
+        assert!(Id::parse("_clearing").unwrap().is_reserved());
+    }
+
+    #[test]
+    fn shard_hash_is_the_documented_fnv1a() {
+        // Reference values of FNV-1a 64 (from the FNV test suite).
+        assert_eq!(fnv1a64(b""), 0xcbf29ce484222325);
+        assert_eq!(fnv1a64(b"a"), 0xaf63dc4c8601ec8c);
+        assert_eq!(fnv1a64(b"foobar"), 0x85944171f73967e8);
+        assert_eq!(shard_of("foobar", 64), (0x85944171f73967e8u64 % 64) as u32);
+    }
+}

@@ -1,0 +1,485 @@
+//! The ledger state one single writer owns: the accounts of its shards, the
+//! holds placed on them, and the records of the transfers whose ids live on
+//! its shards.
+//!
+//! Every change to money is split into legs so that it can run on the
+//! executor that owns each account: a leg is first *held* (try), then
+//! *committed* (confirm) or *released* (cancel). A transfer whose legs all
+//! live on one executor does both steps in one batch; one whose legs live on
+//! different executors runs them as a TCC transaction (see the engine). Every
+//! leg is booked against the shard's clearing account when the other account
+//! lives on another shard, so each shard balances on its own.
+//!
+//! This module does no I/O, reads no clock and never panics on input; it
+//! asserts its own invariants.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use crate::{Account, Balances, Currency, ErrorCode, Id, NewAccount, Transfer, TransferKind, TransferStatus};
+
+/// Who placed a hold or a lock: the engine's transaction id. 0 = nobody (committed).
+pub type Owner = u64;
+pub const NO_OWNER: Owner = 0;
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, PartialOrd, Ord)]
+pub enum Side {
+    Debit,
+    Credit,
+}
+
+/// One side of a money movement, on the executor that owns `account_id`.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Leg {
+    pub transfer_id: Id,
+    pub side: Side,
+    pub account_id: Id,
+    pub currency: Currency,
+    pub amount: u64,
+    /// Book against this shard's clearing account (the other account lives on another shard).
+    pub via_clearing: bool,
+    /// The hold outlives the transaction: it is a pending transfer's hold.
+    pub pending: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Hold {
+    account: u32,
+    clearing: Option<u32>,
+    side: Side,
+    amount: u64,
+    /// Kept after commit: a pending transfer's hold.
+    pending: bool,
+    /// The transaction that placed it; NO_OWNER once committed.
+    owner: Owner,
+}
+
+#[derive(Clone, Debug)]
+struct Record {
+    transfer: Transfer,
+    /// Reserved by a transaction that has not committed yet (not visible).
+    reserved_by: Owner,
+    /// A transaction is resolving this pending transfer.
+    locked_by: Owner,
+}
+
+/// Outcome of reserving a transfer id on its home shard.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reservation {
+    Reserved,
+    /// Same id, same fields: an idempotent retry. Carries the record.
+    Exists(Transfer),
+}
+
+/// What resolving needs to know of a pending transfer, read on its home.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PendingInfo {
+    pub debit_account_id: Id,
+    pub credit_account_id: Id,
+    pub amount: u64,
+    pub currency: Currency,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResolveKind {
+    Post(Option<u64>),
+    Void,
+    Expire,
+}
+
+/// Credits and debits a transaction has already held per account, so that a
+/// later leg of the same atomic batch may spend them (sequential semantics).
+#[derive(Default, Debug)]
+pub struct TxnView {
+    moved: Vec<(u32, u64, u64)>,
+}
+
+impl TxnView {
+    fn get(&self, account: u32) -> (u64, u64) {
+        self.moved.iter().find(|m| m.0 == account).map(|m| (m.1, m.2)).unwrap_or((0, 0))
+    }
+
+    fn add(&mut self, account: u32, credits: u64, debits: u64) {
+        match self.moved.iter_mut().find(|m| m.0 == account) {
+            Some(m) => {
+                m.1 = m.1.saturating_add(credits);
+                m.2 = m.2.saturating_add(debits);
+            }
+            None => self.moved.push((account, credits, debits)),
+        }
+    }
+}
+
+/// The clearing account id of a shard for a currency: `_clearing.<shard>.<CUR>`.
+pub fn clearing_account_id(shard: u32, currency: Currency) -> Id {
+    Id::parse(&format!("_clearing.{shard}.{currency}")).expect("clearing ids are valid")
+}
+
+/// Parses the shard out of a clearing account id.
+pub fn clearing_shard(id: &str) -> Option<u32> {
+    let rest = id.strip_prefix("_clearing.")?;
+    let (shard, currency) = rest.split_once('.')?;
+    Currency::parse(currency)?;
+    shard.parse().ok()
+}
+
+#[derive(Default)]
+pub struct Ledger {
+    accounts: Vec<Account>,
+    by_id: HashMap<Id, u32>,
+    ordered: BTreeSet<Id>,
+    holds: HashMap<(Id, Side), Hold>,
+    records: HashMap<Id, Record>,
+    expiries: BTreeSet<(u64, Id)>,
+    clearing: BTreeMap<(u32, [u8; 3]), u32>,
+}
+
+impl Ledger {
+    pub fn new() -> Ledger {
+        Ledger::default()
+    }
+
+    // ---- accounts ----------------------------------------------------------
+
+    /// Opens an account, or answers the existing one for an identical retry.
+    /// Returns the account and whether it was created now.
+    pub fn create_account(&mut self, new: NewAccount, now_ms: u64) -> Result<(&Account, bool), ErrorCode> {
+        if new.validate().is_err() {
+            return Err(ErrorCode::InvalidRequest);
+        }
+        if let Some(&index) = self.by_id.get(&new.id) {
+            let existing = &self.accounts[index as usize];
+            if !existing.same_fields(&new) {
+                return Err(ErrorCode::ExistsWithDifferentFields);
+            }
+            return Ok((existing, false));
+        }
+        let index = self.push_account(Account::open(new, now_ms));
+        Ok((&self.accounts[index as usize], true))
+    }
+
+    fn push_account(&mut self, account: Account) -> u32 {
+        let index = u32::try_from(self.accounts.len()).expect("fewer than 2^32 accounts per executor");
+        self.by_id.insert(account.id.clone(), index);
+        self.ordered.insert(account.id.clone());
+        self.accounts.push(account);
+        index
+    }
+
+    pub fn account(&self, id: &Id) -> Option<&Account> {
+        self.by_id.get(id).map(|&i| &self.accounts[i as usize])
+    }
+
+    pub fn account_count(&self) -> usize {
+        self.accounts.len()
+    }
+
+    /// Accounts in id order, strictly after `after`.
+    pub fn accounts_after<'a>(&'a self, after: Option<&Id>, limit: usize) -> impl Iterator<Item = &'a Account> + 'a {
+        let range = match after {
+            Some(after) => self.ordered.range::<Id, _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded)),
+            None => self.ordered.range::<Id, _>(..),
+        };
+        range.take(limit).map(|id| &self.accounts[self.by_id[id] as usize])
+    }
+
+    pub fn accounts(&self) -> &[Account] {
+        &self.accounts
+    }
+
+    fn clearing_for(&mut self, shard: u32, currency: Currency, now_ms: u64) -> u32 {
+        if let Some(&index) = self.clearing.get(&(shard, currency.as_bytes())) {
+            return index;
+        }
+        let mut account = Account::open(
+            NewAccount {
+                id: clearing_account_id(shard, currency),
+                currency,
+                flags: Default::default(),
+                overdraft_limit: 0,
+                metadata: None,
+            },
+            now_ms,
+        );
+        account.system = true;
+        let index = self.push_account(account);
+        self.clearing.insert((shard, currency.as_bytes()), index);
+        index
+    }
+
+    // ---- legs: hold, commit, release -------------------------------------
+
+    /// Holds one leg (try). On error nothing changed.
+    pub fn hold(&mut self, leg: &Leg, shard: u32, owner: Owner, view: &mut TxnView, now_ms: u64) -> Result<(), ErrorCode> {
+        let key = (leg.transfer_id.clone(), leg.side);
+        if self.holds.contains_key(&key) {
+            // Another transaction with the same transfer id is in flight (or
+            // this id was used before); the home shard's record decides.
+            return Err(ErrorCode::InFlight);
+        }
+        let account = *self.by_id.get(&leg.account_id).ok_or(ErrorCode::AccountNotFound)?;
+        if self.accounts[account as usize].currency != leg.currency {
+            return Err(ErrorCode::CurrencyMismatch);
+        }
+        let (credits_seen, debits_seen) = view.get(account);
+        let clearing = leg.via_clearing.then(|| self.clearing_for(shard, leg.currency, now_ms));
+        let snapshot = self.accounts[account as usize].balances;
+        match leg.side {
+            Side::Debit => {
+                self.accounts[account as usize].hold_debit(leg.amount, credits_seen)?;
+                if let Some(c) = clearing {
+                    if let Err(e) = self.accounts[c as usize].hold_credit(leg.amount, 0) {
+                        self.accounts[account as usize].balances = snapshot;
+                        return Err(e);
+                    }
+                }
+                if !leg.pending {
+                    view.add(account, 0, leg.amount);
+                }
+            }
+            Side::Credit => {
+                self.accounts[account as usize].hold_credit(leg.amount, debits_seen)?;
+                if let Some(c) = clearing {
+                    if let Err(e) = self.accounts[c as usize].hold_debit(leg.amount, 0) {
+                        self.accounts[account as usize].balances = snapshot;
+                        return Err(e);
+                    }
+                }
+                if !leg.pending {
+                    view.add(account, leg.amount, 0);
+                }
+            }
+        }
+        self.holds.insert(
+            key,
+            Hold { account, clearing, side: leg.side, amount: leg.amount, pending: leg.pending, owner },
+        );
+        Ok(())
+    }
+
+    /// Commits a held leg: a plain transfer's hold is posted; a pending
+    /// transfer's hold stays, now owned by nobody.
+    pub fn commit_hold(&mut self, transfer_id: &Id, side: Side, owner: Owner) -> Option<(Id, Balances)> {
+        let key = (transfer_id.clone(), side);
+        let hold = self.holds.get_mut(&key)?;
+        if hold.owner != owner {
+            return None;
+        }
+        if hold.pending {
+            hold.owner = NO_OWNER;
+            let account = hold.account;
+            return Some(self.client_view(account));
+        }
+        let hold = self.holds.remove(&key).expect("present");
+        self.settle(&hold, hold.amount);
+        Some(self.client_view(hold.account))
+    }
+
+    /// Releases a held leg placed by `owner` (cancel). A hold of another owner is left alone.
+    pub fn release_hold(&mut self, transfer_id: &Id, side: Side, owner: Owner) {
+        let key = (transfer_id.clone(), side);
+        if self.holds.get(&key).is_some_and(|h| h.owner == owner) {
+            let hold = self.holds.remove(&key).expect("present");
+            self.settle(&hold, 0);
+        }
+    }
+
+    /// Removes `hold.amount` from pending and posts `post_amount` of it.
+    fn settle(&mut self, hold: &Hold, post_amount: u64) {
+        assert!(post_amount <= hold.amount, "posting more than held");
+        let mut book = |index: u32, side: Side| {
+            let b = &mut self.accounts[index as usize].balances;
+            match side {
+                Side::Debit => {
+                    b.debits_pending = b.debits_pending.checked_sub(hold.amount).expect("hold is in pending");
+                    // Cannot overflow: posted + pending was checked when held.
+                    b.debits_posted += post_amount;
+                }
+                Side::Credit => {
+                    b.credits_pending = b.credits_pending.checked_sub(hold.amount).expect("hold is in pending");
+                    b.credits_posted += post_amount;
+                }
+            }
+        };
+        book(hold.account, hold.side);
+        if let Some(c) = hold.clearing {
+            let mirrored = if hold.side == Side::Debit { Side::Credit } else { Side::Debit };
+            book(c, mirrored);
+        }
+    }
+
+    /// Resolves a committed pending hold: posts `post_amount` of it (0 =
+    /// void) and releases the rest. The home shard's lock on the pending
+    /// transfer serializes resolves, so no try is needed here. Idempotent:
+    /// a hold already settled is not found and nothing happens.
+    pub fn settle_pending(&mut self, pending_id: &Id, side: Side, post_amount: u64) -> Option<(Id, Balances)> {
+        let key = (pending_id.clone(), side);
+        if !self.holds.get(&key).is_some_and(|h| h.pending && h.owner == NO_OWNER) {
+            return None;
+        }
+        let hold = self.holds.remove(&key).expect("present");
+        self.settle(&hold, post_amount.min(hold.amount));
+        Some(self.client_view(hold.account))
+    }
+
+    fn client_view(&self, index: u32) -> (Id, Balances) {
+        let account = &self.accounts[index as usize];
+        (account.id.clone(), account.balances)
+    }
+
+    pub fn hold_count(&self) -> usize {
+        self.holds.len()
+    }
+
+    // ---- transfer records (on the shard of the transfer id) ----------------
+
+    /// Reserves `request.id()` for a new transfer (try), or reports an
+    /// identical existing one.
+    pub fn reserve(&mut self, transfer: Transfer, owner: Owner) -> Result<Reservation, ErrorCode> {
+        if let Some(record) = self.records.get(&transfer.id) {
+            if record.reserved_by != NO_OWNER {
+                return Err(ErrorCode::InFlight);
+            }
+            if record.transfer.same_request_as(&transfer) {
+                return Ok(Reservation::Exists(record.transfer.clone()));
+            }
+            return Err(ErrorCode::ExistsWithDifferentFields);
+        }
+        self.records.insert(transfer.id.clone(), Record { transfer, reserved_by: owner, locked_by: NO_OWNER });
+        Ok(Reservation::Reserved)
+    }
+
+    /// Makes a reserved record visible; a pending one starts its timeout.
+    /// `filled` replaces the reserved record when the transaction learnt its
+    /// final fields only during its try (a post learns its accounts then).
+    pub fn commit_reservation(&mut self, id: &Id, owner: Owner, filled: Option<Transfer>) -> Option<&Transfer> {
+        let record = self.records.get_mut(id)?;
+        if record.reserved_by != owner {
+            return None;
+        }
+        record.reserved_by = NO_OWNER;
+        if let Some(transfer) = filled {
+            debug_assert_eq!(transfer.id, *id);
+            record.transfer = transfer;
+        }
+        if let TransferKind::Pending { expires_at_ms, .. } = record.transfer.kind {
+            if expires_at_ms > 0 {
+                self.expiries.insert((expires_at_ms, id.clone()));
+            }
+        }
+        Some(&record.transfer)
+    }
+
+    pub fn cancel_reservation(&mut self, id: &Id, owner: Owner) {
+        if self.records.get(id).is_some_and(|r| r.reserved_by == owner) {
+            self.records.remove(id);
+        }
+    }
+
+    /// A committed transfer record.
+    pub fn transfer(&self, id: &Id) -> Option<&Transfer> {
+        self.records.get(id).filter(|r| r.reserved_by == NO_OWNER).map(|r| &r.transfer)
+    }
+
+    pub fn transfer_count(&self) -> usize {
+        self.records.len()
+    }
+
+    /// Locks a pending transfer for posting, voiding or expiring it.
+    pub fn lock_pending(&mut self, pending_id: &Id, kind: ResolveKind, owner: Owner, now_ms: u64) -> Result<PendingInfo, ErrorCode> {
+        let record = self.records.get_mut(pending_id).ok_or(ErrorCode::PendingTransferNotFound)?;
+        if record.reserved_by != NO_OWNER {
+            return Err(ErrorCode::PendingTransferNotFound);
+        }
+        let TransferKind::Pending { expires_at_ms, .. } = record.transfer.kind else {
+            return Err(ErrorCode::PendingTransferNotPending);
+        };
+        match record.transfer.status {
+            TransferStatus::Posted => return Err(ErrorCode::PendingTransferAlreadyPosted),
+            TransferStatus::Voided => return Err(ErrorCode::PendingTransferAlreadyVoided),
+            TransferStatus::Expired => return Err(ErrorCode::PendingTransferExpired),
+            TransferStatus::Pending => {}
+        }
+        if record.locked_by != NO_OWNER {
+            return Err(ErrorCode::InFlight);
+        }
+        let expired = expires_at_ms > 0 && now_ms >= expires_at_ms;
+        if expired && kind != ResolveKind::Expire {
+            return Err(ErrorCode::PendingTransferExpired);
+        }
+        if let ResolveKind::Post(Some(amount)) = kind {
+            if amount > record.transfer.amount {
+                return Err(ErrorCode::AmountExceedsPending);
+            }
+        }
+        record.locked_by = owner;
+        let t = &record.transfer;
+        Ok(PendingInfo {
+            debit_account_id: t.debit_account_id.clone(),
+            credit_account_id: t.credit_account_id.clone(),
+            amount: t.amount,
+            currency: t.currency,
+        })
+    }
+
+    /// Records the outcome of a resolve on the pending transfer.
+    pub fn finish_pending(&mut self, pending_id: &Id, owner: Owner, kind: ResolveKind) {
+        let Some(record) = self.records.get_mut(pending_id) else { return };
+        if record.locked_by != owner {
+            return;
+        }
+        record.locked_by = NO_OWNER;
+        let t = &mut record.transfer;
+        match kind {
+            ResolveKind::Post(amount) => {
+                t.status = TransferStatus::Posted;
+                t.posted_amount = Some(amount.unwrap_or(t.amount));
+            }
+            ResolveKind::Void => t.status = TransferStatus::Voided,
+            ResolveKind::Expire => t.status = TransferStatus::Expired,
+        }
+        if let TransferKind::Pending { expires_at_ms, .. } = t.kind {
+            self.expiries.remove(&(expires_at_ms, pending_id.clone()));
+        }
+    }
+
+    pub fn unlock_pending(&mut self, pending_id: &Id, owner: Owner) {
+        if let Some(record) = self.records.get_mut(pending_id) {
+            if record.locked_by == owner {
+                record.locked_by = NO_OWNER;
+            }
+        }
+    }
+
+    /// Pending transfers whose timeout has passed and that nobody is resolving.
+    pub fn due_expiries(&self, now_ms: u64, limit: usize) -> Vec<Id> {
+        self.expiries
+            .iter()
+            .take_while(|(at, _)| *at <= now_ms)
+            .filter(|(_, id)| self.records.get(id).is_some_and(|r| r.locked_by == NO_OWNER))
+            .take(limit)
+            .map(|(_, id)| id.clone())
+            .collect()
+    }
+
+    /// Removes committed, final transfer records for which `keep` says no
+    /// (the engine moves them to the store first). Pending ones always stay.
+    pub fn evict_records(&mut self, mut evict: impl FnMut(&Transfer) -> bool) {
+        self.records.retain(|_, r| {
+            r.reserved_by != NO_OWNER
+                || r.locked_by != NO_OWNER
+                || r.transfer.status == TransferStatus::Pending
+                || !evict(&r.transfer)
+        });
+    }
+
+    /// Loads a record from the store back into memory (committed, final).
+    pub fn restore_record(&mut self, transfer: Transfer) {
+        self.records.entry(transfer.id.clone()).or_insert(Record { transfer, reserved_by: NO_OWNER, locked_by: NO_OWNER });
+    }
+
+    /// Sum over all accounts of credits - debits, pending included. Zero when
+    /// every in-flight movement is booked on both sides of this ledger.
+    pub fn net_total(&self) -> i128 {
+        self.accounts.iter().map(|a| a.balances.net_including_pending()).sum()
+    }
+}

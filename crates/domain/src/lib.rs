@@ -1,0 +1,21 @@
+//! peakstack's pure domain: money, ids, accounts, transfers and the ledger
+//! state one single writer owns.
+//!
+//! Invariants of this crate: it does no I/O, never reads a clock (time comes
+//! in with every call as `now_ms`), uses no randomness, and never uses floats
+//! for money. The same inputs always give the same state, so a log of inputs
+//! replays to the same ledger.
+
+mod account;
+mod error;
+mod ids;
+pub mod ledger;
+mod money;
+mod transfer;
+
+pub use account::{Account, AccountFlags, Balances, NewAccount};
+pub use error::ErrorCode;
+pub use ids::{fnv1a64, shard_of, Id, MAX_ID_LEN};
+pub use ledger::{Ledger, Side};
+pub use money::{Amount, Currency, MAX_TRANSFER_AMOUNT};
+pub use transfer::{Transfer, TransferKind, TransferRequest, TransferStatus};

@@ -1,0 +1,737 @@
+//! The binary encoding of log records and messages.
+//!
+//! Little-endian fixed-width integers, LEB128 varints for lengths and small
+//! numbers, strings as varint length + UTF-8. Every decode checks bounds and
+//! validity and fails with [`CodecError`] instead of panicking: a log is
+//! input from disk and is not trusted.
+
+use peakstack_domain::ledger::{Leg, PendingInfo, ResolveKind};
+use peakstack_domain::{
+    AccountFlags, Balances, Currency, ErrorCode, Id, NewAccount, Side, Transfer, TransferKind, TransferRequest,
+    TransferStatus, Amount,
+};
+
+use crate::protocol::{CommitOp, Input, OpResult, PeerMsg, TryOp};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("corrupt record: {0}")]
+pub struct CodecError(pub &'static str);
+
+type Result<T> = std::result::Result<T, CodecError>;
+
+/// Longest collection a record may hold; anything longer is corrupt.
+const MAX_ITEMS: u64 = 1 << 24;
+
+#[derive(Default)]
+pub struct Writer {
+    pub buf: Vec<u8>,
+}
+
+impl Writer {
+    pub fn u8(&mut self, v: u8) {
+        self.buf.push(v);
+    }
+    pub fn u64(&mut self, v: u64) {
+        self.buf.extend_from_slice(&v.to_le_bytes());
+    }
+    pub fn varint(&mut self, mut v: u64) {
+        while v >= 0x80 {
+            self.buf.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        self.buf.push(v as u8);
+    }
+    pub fn str(&mut self, s: &str) {
+        self.varint(s.len() as u64);
+        self.buf.extend_from_slice(s.as_bytes());
+    }
+    pub fn bool(&mut self, v: bool) {
+        self.u8(u8::from(v));
+    }
+}
+
+pub struct Reader<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    pub fn new(bytes: &'a [u8]) -> Reader<'a> {
+        Reader { bytes }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        if self.bytes.len() < n {
+            return Err(CodecError("truncated"));
+        }
+        let (head, tail) = self.bytes.split_at(n);
+        self.bytes = tail;
+        Ok(head)
+    }
+    pub fn u8(&mut self) -> Result<u8> {
+        Ok(self.take(1)?[0])
+    }
+    pub fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+    }
+    pub fn varint(&mut self) -> Result<u64> {
+        let mut value = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = self.u8()?;
+            value |= u64::from(byte & 0x7f) << shift;
+            if byte < 0x80 {
+                return Ok(value);
+            }
+        }
+        Err(CodecError("varint too long"))
+    }
+    pub fn len(&mut self) -> Result<usize> {
+        let n = self.varint()?;
+        if n > MAX_ITEMS {
+            return Err(CodecError("length out of range"));
+        }
+        Ok(n as usize)
+    }
+    pub fn str(&mut self) -> Result<&'a str> {
+        let n = self.len()?;
+        std::str::from_utf8(self.take(n)?).map_err(|_| CodecError("invalid utf-8"))
+    }
+    pub fn bool(&mut self) -> Result<bool> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(CodecError("invalid bool")),
+        }
+    }
+}
+
+/// A value with a binary form.
+pub trait Codec: Sized {
+    fn encode(&self, w: &mut Writer);
+    fn decode(r: &mut Reader<'_>) -> Result<Self>;
+}
+
+impl Codec for Id {
+    fn encode(&self, w: &mut Writer) {
+        w.str(self.as_str());
+    }
+    fn decode(r: &mut Reader<'_>) -> Result<Self> {
+        Id::parse(r.str()?).ok_or(CodecError("invalid id"))
+    }
+}
+
+impl Codec for Currency {
+    fn encode(&self, w: &mut Writer) {
+        w.buf.extend_from_slice(&self.as_bytes());
+    }
+    fn decode(r: &mut Reader<'_>) -> Result<Self> {
+        let b = r.take(3)?;
+        Currency::from_bytes([b[0], b[1], b[2]]).ok_or(CodecError("invalid currency"))
+    }
+}
+
+impl Codec for u64 {
+    fn encode(&self, w: &mut Writer) {
+        w.varint(*self);
+    }
+    fn decode(r: &mut Reader<'_>) -> Result<Self> {
+        r.varint()
+    }
+}
+
+impl<T: Codec> Codec for Vec<T> {
+    fn encode(&self, w: &mut Writer) {
+        w.varint(self.len() as u64);
+        for item in self {
+            item.encode(w);
+        }
+    }
+    fn decode(r: &mut Reader<'_>) -> Result<Self> {
+        let n = r.len()?;
+        let mut items = Vec::with_capacity(n.min(4096));
+        for _ in 0..n {
+            items.push(T::decode(r)?);
+        }
+        Ok(items)
+    }
+}
+
+impl<T: Codec> Codec for Option<T> {
+    fn encode(&self, w: &mut Writer) {
+        match self {
+            None => w.u8(0),
+            Some(v) => {
+                w.u8(1);
+                v.encode(w);
+            }
+        }
+    }
+    fn decode(r: &mut Reader<'_>) -> Result<Self> {
+        match r.u8()? {
+            0 => Ok(None),
+            1 => Ok(Some(T::decode(r)?)),
+            _ => Err(CodecError("invalid option")),
+        }
+    }
+}
+
+impl<A: Codec, B: Codec> Codec for (A, B) {
+    fn encode(&self, w: &mut Writer) {
+        self.0.encode(w);
+        self.1.encode(w);
+    }
+    fn decode(r: &mut Reader<'_>) -> Result<Self> {
+        Ok((A::decode(r)?, B::decode(r)?))
+    }
+}
+
+impl Codec for Side {
+    fn encode(&self, w: &mut Writer) {
+        w.u8(match self {
+            Side::Debit => 0,
+            Side::Credit => 1,
+        });
+    }
+    fn decode(r: &mut Reader<'_>) -> Result<Self> {
+        match r.u8()? {
+            0 => Ok(Side::Debit),
+            1 => Ok(Side::Credit),
+            _ => Err(CodecError("invalid side")),
+        }
+    }
+}
+
+impl Codec for Balances {
+    fn encode(&self, w: &mut Writer) {
+        w.varint(self.debits_pending);
+        w.varint(self.debits_posted);
+        w.varint(self.credits_pending);
+        w.varint(self.credits_posted);
+    }
+    fn decode(r: &mut Reader<'_>) -> Result<Self> {
+        Ok(Balances {
+            debits_pending: r.varint()?,
+            debits_posted: r.varint()?,
+            credits_pending: r.varint()?,
+            credits_posted: r.varint()?,
+        })
+    }
+}
+
+impl Codec for ErrorCode {
+    fn encode(&self, w: &mut Writer) {
+        w.u8(self.tag());
+    }
+    fn decode(r: &mut Reader<'_>) -> Result<Self> {
+        ErrorCode::from_tag(r.u8()?).ok_or(CodecError("invalid error code"))
+    }
+}
+
+impl Codec for NewAccount {
+    fn encode(&self, w: &mut Writer) {
+        self.id.encode(w);
+        self.currency.encode(w);
+        w.u8(self.flags.bits());
+        w.varint(self.overdraft_limit);
+        match &self.metadata {
+            None => w.u8(0),
+            Some(m) => {
+                w.u8(1);
+                w.str(m);
+            }
+        }
+    }
+    fn decode(r: &mut Reader<'_>) -> Result<Self> {
+        Ok(NewAccount {
+            id: Id::decode(r)?,
+            currency: Currency::decode(r)?,
+            flags: AccountFlags::from_bits(r.u8()?).ok_or(CodecError("invalid flags"))?,
+            overdraft_limit: r.varint()?,
+            metadata: match r.u8()? {
+                0 => None,
+                1 => Some(r.str()?.into()),
+                _ => return Err(CodecError("invalid metadata")),
+            },
+        })
+    }
+}
+
+fn amount(r: &mut Reader<'_>) -> Result<Amount> {
+    Amount::new(r.varint()?).ok_or(CodecError("invalid amount"))
+}
+
+impl Codec for TransferRequest {
+    fn encode(&self, w: &mut Writer) {
+        match self {
+            TransferRequest::Create { id, debit_account_id, credit_account_id, amount, currency, pending, timeout_ms } => {
+                w.u8(0);
+                id.encode(w);
+                debit_account_id.encode(w);
+                credit_account_id.encode(w);
+                w.varint(amount.get());
+                currency.encode(w);
+                w.bool(*pending);
+                w.varint(*timeout_ms);
+            }
+            TransferRequest::Post { id, pending_id, amount } => {
+                w.u8(1);
+                id.encode(w);
+                pending_id.encode(w);
+                amount.map(Amount::get).encode(w);
+            }
+            TransferRequest::Void { id, pending_id } => {
+                w.u8(2);
+                id.encode(w);
+                pending_id.encode(w);
+            }
+        }
+    }
+    fn decode(r: &mut Reader<'_>) -> Result<Self> {
+        Ok(match r.u8()? {
+            0 => TransferRequest::Create {
+                id: Id::decode(r)?,
+                debit_account_id: Id::decode(r)?,
+                credit_account_id: Id::decode(r)?,
+                amount: amount(r)?,
+                currency: Currency::decode(r)?,
+                pending: r.bool()?,
+                timeout_ms: r.varint()?,
+            },
+            1 => TransferRequest::Post {
+                id: Id::decode(r)?,
+                pending_id: Id::decode(r)?,
+                amount: match Option::<u64>::decode(r)? {
+                    None => None,
+                    Some(v) => Some(Amount::new(v).ok_or(CodecError("invalid amount"))?),
+                },
+            },
+            2 => TransferRequest::Void { id: Id::decode(r)?, pending_id: Id::decode(r)? },
+            _ => return Err(CodecError("invalid transfer request")),
+        })
+    }
+}
+
+impl Codec for TransferKind {
+    fn encode(&self, w: &mut Writer) {
+        match self {
+            TransferKind::Single => w.u8(0),
+            TransferKind::Pending { timeout_ms, expires_at_ms } => {
+                w.u8(1);
+                w.varint(*timeout_ms);
+                w.varint(*expires_at_ms);
+            }
+            TransferKind::Post { pending_id, requested } => {
+                w.u8(2);
+                pending_id.encode(w);
+                requested.encode(w);
+            }
+            TransferKind::Void { pending_id } => {
+                w.u8(3);
+                pending_id.encode(w);
+            }
+        }
+    }
+    fn decode(r: &mut Reader<'_>) -> Result<Self> {
+        Ok(match r.u8()? {
+            0 => TransferKind::Single,
+            1 => TransferKind::Pending { timeout_ms: r.varint()?, expires_at_ms: r.varint()? },
+            2 => TransferKind::Post { pending_id: Id::decode(r)?, requested: Option::decode(r)? },
+            3 => TransferKind::Void { pending_id: Id::decode(r)? },
+            _ => return Err(CodecError("invalid transfer kind")),
+        })
+    }
+}
+
+impl Codec for TransferStatus {
+    fn encode(&self, w: &mut Writer) {
+        w.u8(match self {
+            TransferStatus::Posted => 0,
+            TransferStatus::Pending => 1,
+            TransferStatus::Voided => 2,
+            TransferStatus::Expired => 3,
+        });
+    }
+    fn decode(r: &mut Reader<'_>) -> Result<Self> {
+        Ok(match r.u8()? {
+            0 => TransferStatus::Posted,
+            1 => TransferStatus::Pending,
+            2 => TransferStatus::Voided,
+            3 => TransferStatus::Expired,
+            _ => return Err(CodecError("invalid status")),
+        })
+    }
+}
+
+impl Codec for Transfer {
+    fn encode(&self, w: &mut Writer) {
+        self.id.encode(w);
+        self.debit_account_id.encode(w);
+        self.credit_account_id.encode(w);
+        w.varint(self.amount);
+        self.currency.encode(w);
+        self.kind.encode(w);
+        self.status.encode(w);
+        self.posted_amount.encode(w);
+        w.varint(self.timestamp_ms);
+    }
+    fn decode(r: &mut Reader<'_>) -> Result<Self> {
+        Ok(Transfer {
+            id: Id::decode(r)?,
+            debit_account_id: Id::decode(r)?,
+            credit_account_id: Id::decode(r)?,
+            amount: r.varint()?,
+            currency: Currency::decode(r)?,
+            kind: TransferKind::decode(r)?,
+            status: TransferStatus::decode(r)?,
+            posted_amount: Option::decode(r)?,
+            timestamp_ms: r.varint()?,
+        })
+    }
+}
+
+impl Codec for Leg {
+    fn encode(&self, w: &mut Writer) {
+        self.transfer_id.encode(w);
+        self.side.encode(w);
+        self.account_id.encode(w);
+        self.currency.encode(w);
+        w.varint(self.amount);
+        w.u8(u8::from(self.via_clearing) | (u8::from(self.pending) << 1));
+    }
+    fn decode(r: &mut Reader<'_>) -> Result<Self> {
+        let transfer_id = Id::decode(r)?;
+        let side = Side::decode(r)?;
+        let account_id = Id::decode(r)?;
+        let currency = Currency::decode(r)?;
+        let amount = r.varint()?;
+        let bits = r.u8()?;
+        if bits > 3 {
+            return Err(CodecError("invalid leg flags"));
+        }
+        Ok(Leg { transfer_id, side, account_id, currency, amount, via_clearing: bits & 1 != 0, pending: bits & 2 != 0 })
+    }
+}
+
+impl Codec for ResolveKind {
+    fn encode(&self, w: &mut Writer) {
+        match self {
+            ResolveKind::Post(amount) => {
+                w.u8(0);
+                amount.encode(w);
+            }
+            ResolveKind::Void => w.u8(1),
+            ResolveKind::Expire => w.u8(2),
+        }
+    }
+    fn decode(r: &mut Reader<'_>) -> Result<Self> {
+        Ok(match r.u8()? {
+            0 => ResolveKind::Post(Option::decode(r)?),
+            1 => ResolveKind::Void,
+            2 => ResolveKind::Expire,
+            _ => return Err(CodecError("invalid resolve kind")),
+        })
+    }
+}
+
+impl Codec for PendingInfo {
+    fn encode(&self, w: &mut Writer) {
+        self.debit_account_id.encode(w);
+        self.credit_account_id.encode(w);
+        w.varint(self.amount);
+        self.currency.encode(w);
+    }
+    fn decode(r: &mut Reader<'_>) -> Result<Self> {
+        Ok(PendingInfo {
+            debit_account_id: Id::decode(r)?,
+            credit_account_id: Id::decode(r)?,
+            amount: r.varint()?,
+            currency: Currency::decode(r)?,
+        })
+    }
+}
+
+impl Codec for TryOp {
+    fn encode(&self, w: &mut Writer) {
+        match self {
+            TryOp::Reserve(t) => {
+                w.u8(0);
+                t.encode(w);
+            }
+            TryOp::Hold(leg) => {
+                w.u8(1);
+                leg.encode(w);
+            }
+            TryOp::LockPending { pending_id, kind } => {
+                w.u8(2);
+                pending_id.encode(w);
+                kind.encode(w);
+            }
+        }
+    }
+    fn decode(r: &mut Reader<'_>) -> Result<Self> {
+        Ok(match r.u8()? {
+            0 => TryOp::Reserve(Transfer::decode(r)?),
+            1 => TryOp::Hold(Leg::decode(r)?),
+            2 => TryOp::LockPending { pending_id: Id::decode(r)?, kind: ResolveKind::decode(r)? },
+            _ => return Err(CodecError("invalid try op")),
+        })
+    }
+}
+
+impl Codec for OpResult {
+    fn encode(&self, w: &mut Writer) {
+        match self {
+            OpResult::Ok => w.u8(0),
+            OpResult::Exists(t) => {
+                w.u8(1);
+                t.encode(w);
+            }
+            OpResult::Pending(p) => {
+                w.u8(2);
+                p.encode(w);
+            }
+            OpResult::Err(e) => {
+                w.u8(3);
+                e.encode(w);
+            }
+        }
+    }
+    fn decode(r: &mut Reader<'_>) -> Result<Self> {
+        Ok(match r.u8()? {
+            0 => OpResult::Ok,
+            1 => OpResult::Exists(Transfer::decode(r)?),
+            2 => OpResult::Pending(PendingInfo::decode(r)?),
+            3 => OpResult::Err(ErrorCode::decode(r)?),
+            _ => return Err(CodecError("invalid op result")),
+        })
+    }
+}
+
+impl Codec for CommitOp {
+    fn encode(&self, w: &mut Writer) {
+        match self {
+            CommitOp::CommitHold { transfer_id, side } => {
+                w.u8(0);
+                transfer_id.encode(w);
+                side.encode(w);
+            }
+            CommitOp::CommitReservation { id, filled } => {
+                w.u8(1);
+                id.encode(w);
+                filled.encode(w);
+            }
+            CommitOp::FinishPending { pending_id, kind } => {
+                w.u8(2);
+                pending_id.encode(w);
+                kind.encode(w);
+            }
+            CommitOp::Settle { pending_id, side, post_amount } => {
+                w.u8(3);
+                pending_id.encode(w);
+                side.encode(w);
+                w.varint(*post_amount);
+            }
+        }
+    }
+    fn decode(r: &mut Reader<'_>) -> Result<Self> {
+        Ok(match r.u8()? {
+            0 => CommitOp::CommitHold { transfer_id: Id::decode(r)?, side: Side::decode(r)? },
+            1 => CommitOp::CommitReservation { id: Id::decode(r)?, filled: Option::decode(r)? },
+            2 => CommitOp::FinishPending { pending_id: Id::decode(r)?, kind: ResolveKind::decode(r)? },
+            3 => CommitOp::Settle { pending_id: Id::decode(r)?, side: Side::decode(r)?, post_amount: r.varint()? },
+            _ => return Err(CodecError("invalid commit op")),
+        })
+    }
+}
+
+impl Codec for PeerMsg {
+    fn encode(&self, w: &mut Writer) {
+        match self {
+            PeerMsg::Try { txn, ops } => {
+                w.u8(0);
+                w.u64(*txn);
+                ops.encode(w);
+            }
+            PeerMsg::Tried { txn, results } => {
+                w.u8(1);
+                w.u64(*txn);
+                results.encode(w);
+            }
+            PeerMsg::Decide { txn, commit, ops } => {
+                w.u8(2);
+                w.u64(*txn);
+                w.bool(*commit);
+                ops.encode(w);
+            }
+            PeerMsg::Acked { txn, balances } => {
+                w.u8(3);
+                w.u64(*txn);
+                balances.encode(w);
+            }
+            PeerMsg::Forget { txn } => {
+                w.u8(4);
+                w.u64(*txn);
+            }
+        }
+    }
+    fn decode(r: &mut Reader<'_>) -> Result<Self> {
+        Ok(match r.u8()? {
+            0 => PeerMsg::Try { txn: r.u64()?, ops: Vec::decode(r)? },
+            1 => PeerMsg::Tried { txn: r.u64()?, results: Vec::decode(r)? },
+            2 => PeerMsg::Decide { txn: r.u64()?, commit: r.bool()?, ops: Vec::decode(r)? },
+            3 => PeerMsg::Acked { txn: r.u64()?, balances: Vec::decode(r)? },
+            4 => PeerMsg::Forget { txn: r.u64()? },
+            _ => return Err(CodecError("invalid peer message")),
+        })
+    }
+}
+
+impl Codec for Input {
+    fn encode(&self, w: &mut Writer) {
+        match self {
+            Input::CreateAccount(new) => {
+                w.u8(0);
+                new.encode(w);
+            }
+            Input::Transfers { requests, atomic } => {
+                w.u8(1);
+                w.bool(*atomic);
+                requests.encode(w);
+            }
+            Input::Expire { pending_ids } => {
+                w.u8(2);
+                pending_ids.encode(w);
+            }
+            Input::Peer { from, messages } => {
+                w.u8(3);
+                w.varint(u64::from(*from));
+                messages.encode(w);
+            }
+        }
+    }
+    fn decode(r: &mut Reader<'_>) -> Result<Self> {
+        Ok(match r.u8()? {
+            0 => Input::CreateAccount(NewAccount::decode(r)?),
+            1 => {
+                let atomic = r.bool()?;
+                Input::Transfers { requests: Vec::decode(r)?, atomic }
+            }
+            2 => Input::Expire { pending_ids: Vec::decode(r)? },
+            3 => Input::Peer {
+                from: u16::try_from(r.varint()?).map_err(|_| CodecError("invalid executor"))?,
+                messages: Vec::decode(r)?,
+            },
+            _ => return Err(CodecError("invalid input")),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> Id {
+        Id::parse(s).unwrap()
+    }
+
+    fn round_trip(input: Input) {
+        let mut w = Writer::default();
+        input.encode(&mut w);
+        let mut r = Reader::new(&w.buf);
+        assert_eq!(Input::decode(&mut r).unwrap(), input);
+        assert!(r.is_empty());
+        // Every strict prefix is refused, never misread.
+        for cut in 0..w.buf.len() {
+            let mut r = Reader::new(&w.buf[..cut]);
+            assert!(Input::decode(&mut r).is_err(), "prefix {cut} decoded");
+        }
+    }
+
+    #[test]
+    fn inputs_round_trip_and_truncation_is_detected() {
+        let usd = Currency::parse("USD").unwrap();
+        let transfer = Transfer {
+            id: id("t1"),
+            debit_account_id: id("a"),
+            credit_account_id: id("b"),
+            amount: 5,
+            currency: usd,
+            kind: TransferKind::Pending { timeout_ms: 10, expires_at_ms: 99 },
+            status: TransferStatus::Pending,
+            posted_amount: None,
+            timestamp_ms: 89,
+        };
+        round_trip(Input::CreateAccount(NewAccount {
+            id: id("a"),
+            currency: usd,
+            flags: AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS,
+            overdraft_limit: 7,
+            metadata: Some("{\"k\":1}".into()),
+        }));
+        round_trip(Input::Transfers {
+            requests: vec![
+                TransferRequest::Create {
+                    id: id("t1"),
+                    debit_account_id: id("a"),
+                    credit_account_id: id("b"),
+                    amount: Amount::new(300).unwrap(),
+                    currency: usd,
+                    pending: true,
+                    timeout_ms: 1000,
+                },
+                TransferRequest::Post { id: id("p"), pending_id: id("t1"), amount: Amount::new(2) },
+                TransferRequest::Void { id: id("v"), pending_id: id("t1") },
+            ],
+            atomic: true,
+        });
+        round_trip(Input::Expire { pending_ids: vec![id("t1")] });
+        round_trip(Input::Peer {
+            from: 3,
+            messages: vec![
+                PeerMsg::Try {
+                    txn: 1 << 48 | 5,
+                    ops: vec![
+                        TryOp::Reserve(transfer.clone()),
+                        TryOp::Hold(Leg {
+                            transfer_id: id("t1"),
+                            side: Side::Credit,
+                            account_id: id("b"),
+                            currency: usd,
+                            amount: 5,
+                            via_clearing: true,
+                            pending: false,
+                        }),
+                        TryOp::LockPending { pending_id: id("t0"), kind: ResolveKind::Post(Some(3)) },
+                    ],
+                },
+                PeerMsg::Tried {
+                    txn: 9,
+                    results: vec![
+                        OpResult::Ok,
+                        OpResult::Exists(transfer.clone()),
+                        OpResult::Err(ErrorCode::ExceedsCredits),
+                        OpResult::Pending(PendingInfo {
+                            debit_account_id: id("a"),
+                            credit_account_id: id("b"),
+                            amount: 5,
+                            currency: usd,
+                        }),
+                    ],
+                },
+                PeerMsg::Decide {
+                    txn: 9,
+                    commit: true,
+                    ops: vec![
+                        CommitOp::CommitHold { transfer_id: id("t1"), side: Side::Debit },
+                        CommitOp::CommitReservation { id: id("t1"), filled: Some(transfer) },
+                        CommitOp::FinishPending { pending_id: id("t0"), kind: ResolveKind::Expire },
+                        CommitOp::Settle { pending_id: id("t0"), side: Side::Credit, post_amount: 0 },
+                    ],
+                },
+                PeerMsg::Acked { txn: 9, balances: vec![(id("a"), Balances { debits_posted: 5, ..Default::default() })] },
+                PeerMsg::Forget { txn: 9 },
+            ],
+        });
+    }
+}

@@ -1,0 +1,634 @@
+//! The pure state machine of one executor: its ledger, the transactions it
+//! coordinates and the fences of the transactions it takes part in.
+//!
+//! No I/O, no clock, no threads: [`ExecutorCore::apply`] takes an input and
+//! the batch time, changes state, and pushes what must be sent or answered
+//! into [`Effects`]. The runtime logs the input, makes the batch durable, and
+//! only then lets the effects out. Replaying the logged inputs gives the same
+//! state, the same transaction ids and the same messages.
+
+use std::collections::{BTreeMap, HashMap};
+
+use peakstack_domain::ledger::{Leg, PendingInfo, ResolveKind, TxnView};
+use peakstack_domain::{
+    Account, Balances, Currency, ErrorCode, Id, Ledger, Side, Transfer, TransferKind, TransferRequest,
+    TransferStatus,
+};
+
+use crate::layout::Layout;
+use crate::protocol::{CommitOp, ExecutorId, Input, OpResult, PeerMsg, TransferOutcome, TransferResult, TryOp, TxnId};
+
+/// Which client call a transaction answers: the runtime's tag and the index
+/// of each transfer in that call.
+pub type ClientTag = u64;
+
+/// How many pending transfers one tick may start expiring.
+pub const MAX_EXPIRIES_PER_TICK: usize = 1024;
+
+#[derive(Default)]
+pub struct Effects {
+    /// Messages to other executors, to be sent once this batch is durable.
+    pub outbox: Vec<(ExecutorId, PeerMsg)>,
+    /// Finished client work: (tag, index in the call, result).
+    pub finished: Vec<(ClientTag, usize, TransferResult)>,
+}
+
+impl Effects {
+    pub fn clear(&mut self) {
+        self.outbox.clear();
+        self.finished.clear();
+    }
+}
+
+enum Fence {
+    Tried { ops: Vec<TryOp>, results: Vec<OpResult> },
+    Decided,
+    /// A cancel arrived before its try: the try will be refused.
+    Suspended,
+}
+
+#[derive(Clone)]
+enum ItemKind {
+    Create,
+    Resolve { pending_id: Id, kind: ResolveKind },
+}
+
+struct Item {
+    kind: ItemKind,
+    /// The record reserved on the id's home (None for an expiry).
+    record: Option<Transfer>,
+    /// Where this item's try ops went: (executor, index in that part's ops).
+    op_refs: Vec<(ExecutorId, usize)>,
+    static_error: Option<ErrorCode>,
+}
+
+#[derive(Default)]
+struct Part {
+    try_ops: Vec<TryOp>,
+    tried: Option<Vec<OpResult>>,
+    commit_ops: Vec<CommitOp>,
+    acked: bool,
+}
+
+struct Txn {
+    client: Option<(ClientTag, Vec<usize>)>,
+    items: Vec<Item>,
+    parts: BTreeMap<ExecutorId, Part>,
+    /// Set once decided.
+    decision: Option<bool>,
+    outcomes: Vec<ItemOutcome>,
+    balances: HashMap<Id, Balances>,
+}
+
+#[derive(Clone)]
+enum ItemOutcome {
+    Ok { pending: Option<PendingInfo> },
+    Exists(Transfer),
+    Err(ErrorCode),
+}
+
+pub struct ExecutorCore {
+    id: ExecutorId,
+    layout: Layout,
+    ledger: Ledger,
+    next_txn: u64,
+    txns: HashMap<TxnId, Txn>,
+    fences: HashMap<TxnId, Fence>,
+}
+
+impl ExecutorCore {
+    pub fn new(id: ExecutorId, layout: Layout) -> ExecutorCore {
+        ExecutorCore { id, layout, ledger: Ledger::new(), next_txn: 1, txns: HashMap::new(), fences: HashMap::new() }
+    }
+
+    pub fn id(&self) -> ExecutorId {
+        self.id
+    }
+
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    pub fn txns_in_flight(&self) -> usize {
+        self.txns.len()
+    }
+
+    pub fn fence_count(&self) -> usize {
+        self.fences.len()
+    }
+
+    /// Applies one input. Returns the answer to an account creation, if it
+    /// was one; transfer answers come out through `fx.finished`. Returns
+    /// whether the input must be logged (it changed state).
+    pub fn apply(
+        &mut self,
+        input: &Input,
+        now_ms: u64,
+        client: Option<ClientTag>,
+        fx: &mut Effects,
+    ) -> (bool, Option<Result<(Account, bool), ErrorCode>>) {
+        match input {
+            Input::CreateAccount(new) => {
+                let result = self.ledger.create_account(new.clone(), now_ms).map(|(a, created)| (a.clone(), created));
+                let changed = matches!(result, Ok((_, true)));
+                (changed, Some(result))
+            }
+            Input::Transfers { requests, atomic } => {
+                if *atomic {
+                    let items = requests.iter().map(|r| self.build_item(r, now_ms)).collect();
+                    let indices = (0..requests.len()).collect();
+                    self.start_txn(items, client.map(|c| (c, indices)), now_ms, fx);
+                } else {
+                    for (index, request) in requests.iter().enumerate() {
+                        let item = self.build_item(request, now_ms);
+                        self.start_txn(vec![item], client.map(|c| (c, vec![index])), now_ms, fx);
+                    }
+                }
+                (true, None)
+            }
+            Input::Expire { pending_ids } => {
+                for pending_id in pending_ids {
+                    let item = Item {
+                        kind: ItemKind::Resolve { pending_id: pending_id.clone(), kind: ResolveKind::Expire },
+                        record: None,
+                        op_refs: Vec::new(),
+                        static_error: None,
+                    };
+                    self.start_txn(vec![item], None, now_ms, fx);
+                }
+                (true, None)
+            }
+            Input::Peer { from, messages } => {
+                for message in messages {
+                    self.on_peer(*from, message, now_ms, fx);
+                }
+                (true, None)
+            }
+        }
+    }
+
+    /// Pending transfers on this executor whose timeout has passed.
+    pub fn due_expiries(&self, now_ms: u64) -> Vec<Id> {
+        self.ledger.due_expiries(now_ms, MAX_EXPIRIES_PER_TICK)
+    }
+
+    /// After a replay: the messages of unfinished transactions, sent again.
+    /// Participants answer repeats from their fences.
+    pub fn resend(&self) -> Vec<(ExecutorId, PeerMsg)> {
+        let mut out = Vec::new();
+        for (&txn, state) in &self.txns {
+            for (&exec, part) in &state.parts {
+                if exec == self.id {
+                    continue;
+                }
+                match state.decision {
+                    None if part.tried.is_none() => out.push((exec, PeerMsg::Try { txn, ops: part.try_ops.clone() })),
+                    Some(commit) if !part.acked => {
+                        out.push((exec, PeerMsg::Decide { txn, commit, ops: part.commit_ops.clone() }))
+                    }
+                    _ => {}
+                }
+            }
+        }
+        out
+    }
+
+    // ---- coordinator --------------------------------------------------------
+
+    fn build_item(&self, request: &TransferRequest, now_ms: u64) -> Item {
+        match request {
+            TransferRequest::Create { id, debit_account_id, credit_account_id, amount, currency, pending, timeout_ms } => {
+                let mut static_error = None;
+                if debit_account_id == credit_account_id {
+                    static_error = Some(ErrorCode::AccountsMustBeDifferent);
+                }
+                if id.is_reserved() || debit_account_id.is_reserved() || credit_account_id.is_reserved() {
+                    static_error = Some(ErrorCode::InvalidRequest);
+                }
+                let expires_at_ms = if *pending && *timeout_ms > 0 {
+                    now_ms.checked_add(*timeout_ms).unwrap_or_else(|| {
+                        static_error = Some(ErrorCode::Overflow);
+                        0
+                    })
+                } else {
+                    0
+                };
+                let record = Transfer {
+                    id: id.clone(),
+                    debit_account_id: debit_account_id.clone(),
+                    credit_account_id: credit_account_id.clone(),
+                    amount: amount.get(),
+                    currency: *currency,
+                    kind: if *pending {
+                        TransferKind::Pending { timeout_ms: *timeout_ms, expires_at_ms }
+                    } else {
+                        TransferKind::Single
+                    },
+                    status: if *pending { TransferStatus::Pending } else { TransferStatus::Posted },
+                    posted_amount: None,
+                    timestamp_ms: now_ms,
+                };
+                Item { kind: ItemKind::Create, record: Some(record), op_refs: Vec::new(), static_error }
+            }
+            TransferRequest::Post { id, pending_id, amount } => {
+                let kind = ResolveKind::Post(amount.map(|a| a.get()));
+                let record = placeholder(id, TransferKind::Post { pending_id: pending_id.clone(), requested: amount.map(|a| a.get()) }, now_ms);
+                self.resolve_item(id, pending_id, kind, record)
+            }
+            TransferRequest::Void { id, pending_id } => {
+                let record = placeholder(id, TransferKind::Void { pending_id: pending_id.clone() }, now_ms);
+                self.resolve_item(id, pending_id, ResolveKind::Void, record)
+            }
+        }
+    }
+
+    fn resolve_item(&self, id: &Id, pending_id: &Id, kind: ResolveKind, record: Transfer) -> Item {
+        let static_error = (id.is_reserved() || pending_id.is_reserved()).then_some(ErrorCode::InvalidRequest);
+        Item {
+            kind: ItemKind::Resolve { pending_id: pending_id.clone(), kind },
+            record: Some(record),
+            op_refs: Vec::new(),
+            static_error,
+        }
+    }
+
+    fn start_txn(&mut self, mut items: Vec<Item>, client: Option<(ClientTag, Vec<usize>)>, now_ms: u64, fx: &mut Effects) {
+        let txn: TxnId = (u64::from(self.id) << 48) | self.next_txn;
+        self.next_txn += 1;
+        let mut parts: BTreeMap<ExecutorId, Part> = BTreeMap::new();
+        let any_static_error = items.iter().any(|i| i.static_error.is_some());
+        if !any_static_error {
+            for item in &mut items {
+                let ops = self.try_ops_of(item);
+                for (exec, op) in ops {
+                    let part = parts.entry(exec).or_default();
+                    item.op_refs.push((exec, part.try_ops.len()));
+                    part.try_ops.push(op);
+                }
+            }
+        }
+        let mut state =
+            Txn { client, items, parts, decision: None, outcomes: Vec::new(), balances: HashMap::new() };
+        // Local part: tried now, in this batch.
+        if let Some(part) = state.parts.get_mut(&self.id) {
+            let ops = part.try_ops.clone();
+            part.tried = Some(self.on_try(txn, ops, now_ms));
+        }
+        for (&exec, part) in &state.parts {
+            if exec != self.id {
+                fx.outbox.push((exec, PeerMsg::Try { txn, ops: part.try_ops.clone() }));
+            }
+        }
+        self.txns.insert(txn, state);
+        self.maybe_decide(txn, now_ms, fx);
+    }
+
+    fn try_ops_of(&self, item: &Item) -> Vec<(ExecutorId, TryOp)> {
+        let record = item.record.as_ref();
+        match &item.kind {
+            ItemKind::Create => {
+                let t = record.expect("a create has a record");
+                let debit_shard = self.layout.shard_of_account(&t.debit_account_id);
+                let credit_shard = self.layout.shard_of_account(&t.credit_account_id);
+                let via_clearing = debit_shard != credit_shard;
+                let pending = t.status == TransferStatus::Pending;
+                let leg = |side, account_id: &Id| Leg {
+                    transfer_id: t.id.clone(),
+                    side,
+                    account_id: account_id.clone(),
+                    currency: t.currency,
+                    amount: t.amount,
+                    via_clearing,
+                    pending,
+                };
+                vec![
+                    (self.layout.executor_of_transfer(&t.id), TryOp::Reserve(t.clone())),
+                    (self.layout.executor_of_shard(debit_shard), TryOp::Hold(leg(Side::Debit, &t.debit_account_id))),
+                    (self.layout.executor_of_shard(credit_shard), TryOp::Hold(leg(Side::Credit, &t.credit_account_id))),
+                ]
+            }
+            ItemKind::Resolve { pending_id, kind } => {
+                let mut ops = Vec::with_capacity(2);
+                if let Some(t) = record {
+                    ops.push((self.layout.executor_of_transfer(&t.id), TryOp::Reserve(t.clone())));
+                }
+                ops.push((
+                    self.layout.executor_of_transfer(pending_id),
+                    TryOp::LockPending { pending_id: pending_id.clone(), kind: *kind },
+                ));
+                ops
+            }
+        }
+    }
+
+    fn maybe_decide(&mut self, txn: TxnId, now_ms: u64, fx: &mut Effects) {
+        let Some(state) = self.txns.get_mut(&txn) else { return };
+        if state.decision.is_some() || state.parts.values().any(|p| p.tried.is_none()) {
+            return;
+        }
+        let outcomes: Vec<ItemOutcome> = state.items.iter().map(|item| outcome_of(item, &state.parts)).collect();
+        let commit = outcomes.iter().all(|o| matches!(o, ItemOutcome::Ok { .. }));
+        if commit {
+            let mut commit_ops: Vec<(ExecutorId, CommitOp)> = Vec::new();
+            for (item, outcome) in state.items.iter_mut().zip(&outcomes) {
+                let ItemOutcome::Ok { pending } = outcome else { unreachable!("all ok") };
+                commit_ops.extend(commit_ops_of(&self.layout, item, pending.as_ref(), now_ms));
+            }
+            for (exec, op) in commit_ops {
+                state.parts.entry(exec).or_default().commit_ops.push(op);
+            }
+        }
+        state.decision = Some(commit);
+        state.outcomes = outcomes;
+        let sends: Vec<(ExecutorId, Vec<CommitOp>)> =
+            state.parts.iter().map(|(&exec, part)| (exec, part.commit_ops.clone())).collect();
+        for (exec, ops) in sends {
+            if exec == self.id {
+                let balances = self.on_decide(txn, commit, &ops);
+                self.on_acked(txn, exec, balances, fx);
+            } else {
+                fx.outbox.push((exec, PeerMsg::Decide { txn, commit, ops }));
+            }
+        }
+        // A transaction with no parts at all (refused before any op) ends here.
+        self.maybe_finish(txn, fx);
+    }
+
+    fn on_acked(&mut self, txn: TxnId, from: ExecutorId, balances: Vec<(Id, Balances)>, fx: &mut Effects) {
+        let Some(state) = self.txns.get_mut(&txn) else { return };
+        let Some(part) = state.parts.get_mut(&from) else { return };
+        if part.acked || state.decision.is_none() {
+            return;
+        }
+        part.acked = true;
+        state.balances.extend(balances);
+        self.maybe_finish(txn, fx);
+    }
+
+    fn maybe_finish(&mut self, txn: TxnId, fx: &mut Effects) {
+        let Some(state) = self.txns.get(&txn) else { return };
+        if state.decision.is_none() || state.parts.values().any(|p| !p.acked) {
+            return;
+        }
+        let state = self.txns.remove(&txn).expect("present");
+        self.fences.remove(&txn);
+        for &exec in state.parts.keys() {
+            if exec != self.id {
+                fx.outbox.push((exec, PeerMsg::Forget { txn }));
+            }
+        }
+        let Some((tag, indices)) = state.client else { return };
+        let first_error = state.outcomes.iter().find_map(|o| match o {
+            ItemOutcome::Err(e) => Some(*e),
+            _ => None,
+        });
+        for ((item, outcome), index) in state.items.iter().zip(&state.outcomes).zip(indices) {
+            let result = match outcome {
+                ItemOutcome::Exists(t) => Ok(TransferOutcome {
+                    created: false,
+                    transfer: t.clone(),
+                    debit_balances: None,
+                    credit_balances: None,
+                }),
+                ItemOutcome::Err(e) => Err(*e),
+                ItemOutcome::Ok { .. } if first_error.is_some() || state.decision == Some(false) => {
+                    Err(ErrorCode::LinkedEventFailed)
+                }
+                ItemOutcome::Ok { pending } => {
+                    let transfer = final_record(item, pending.as_ref()).expect("a client item has a record");
+                    Ok(TransferOutcome {
+                        created: true,
+                        debit_balances: state.balances.get(&transfer.debit_account_id).copied(),
+                        credit_balances: state.balances.get(&transfer.credit_account_id).copied(),
+                        transfer,
+                    })
+                }
+            };
+            fx.finished.push((tag, index, result));
+        }
+    }
+
+    // ---- participant --------------------------------------------------------
+
+    fn on_peer(&mut self, from: ExecutorId, message: &PeerMsg, now_ms: u64, fx: &mut Effects) {
+        match message {
+            PeerMsg::Try { txn, ops } => {
+                let results = self.on_try(*txn, ops.clone(), now_ms);
+                fx.outbox.push((from, PeerMsg::Tried { txn: *txn, results }));
+            }
+            PeerMsg::Tried { txn, results } => {
+                if let Some(part) = self.txns.get_mut(txn).and_then(|s| s.parts.get_mut(&from)) {
+                    if part.tried.is_none() && results.len() == part.try_ops.len() {
+                        part.tried = Some(results.clone());
+                    }
+                }
+                self.maybe_decide(*txn, now_ms, fx);
+            }
+            PeerMsg::Decide { txn, commit, ops } => {
+                let balances = self.on_decide(*txn, *commit, ops);
+                fx.outbox.push((from, PeerMsg::Acked { txn: *txn, balances }));
+            }
+            PeerMsg::Acked { txn, balances } => self.on_acked(*txn, from, balances.clone(), fx),
+            PeerMsg::Forget { txn } => {
+                self.fences.remove(txn);
+            }
+        }
+    }
+
+    fn on_try(&mut self, txn: TxnId, ops: Vec<TryOp>, now_ms: u64) -> Vec<OpResult> {
+        match self.fences.get(&txn) {
+            Some(Fence::Tried { results, .. }) => return results.clone(),
+            Some(Fence::Suspended) | Some(Fence::Decided) => {
+                return ops.iter().map(|_| OpResult::Err(ErrorCode::InFlight)).collect();
+            }
+            None => {}
+        }
+        let mut view = TxnView::default();
+        let results: Vec<OpResult> = ops
+            .iter()
+            .map(|op| match op {
+                TryOp::Reserve(t) => match self.ledger.reserve(t.clone(), txn) {
+                    Ok(peakstack_domain::ledger::Reservation::Reserved) => OpResult::Ok,
+                    Ok(peakstack_domain::ledger::Reservation::Exists(t)) => OpResult::Exists(t),
+                    Err(e) => OpResult::Err(e),
+                },
+                TryOp::Hold(leg) => {
+                    let shard = self.layout.shard_of_account(&leg.account_id);
+                    match self.ledger.hold(leg, shard, txn, &mut view, now_ms) {
+                        Ok(()) => OpResult::Ok,
+                        Err(e) => OpResult::Err(e),
+                    }
+                }
+                TryOp::LockPending { pending_id, kind } => {
+                    match self.ledger.lock_pending(pending_id, *kind, txn, now_ms) {
+                        Ok(info) => OpResult::Pending(info),
+                        Err(e) => OpResult::Err(e),
+                    }
+                }
+            })
+            .collect();
+        self.fences.insert(txn, Fence::Tried { ops, results: results.clone() });
+        results
+    }
+
+    fn on_decide(&mut self, txn: TxnId, commit: bool, commit_ops: &[CommitOp]) -> Vec<(Id, Balances)> {
+        let mut balances = Vec::new();
+        match self.fences.remove(&txn) {
+            Some(Fence::Tried { ops, results }) => {
+                if commit {
+                    self.apply_commit_ops(txn, commit_ops, &mut balances);
+                } else {
+                    for (op, result) in ops.iter().zip(&results).rev() {
+                        self.release(txn, op, result);
+                    }
+                }
+            }
+            Some(Fence::Decided) => {}
+            Some(Fence::Suspended) => {
+                self.fences.insert(txn, Fence::Suspended);
+                return balances;
+            }
+            None => {
+                if commit {
+                    // A participant with commit work only (it settles a pending hold).
+                    self.apply_commit_ops(txn, commit_ops, &mut balances);
+                } else {
+                    self.fences.insert(txn, Fence::Suspended);
+                    return balances;
+                }
+            }
+        }
+        self.fences.insert(txn, Fence::Decided);
+        balances
+    }
+
+    fn release(&mut self, txn: TxnId, op: &TryOp, result: &OpResult) {
+        match (op, result) {
+            (TryOp::Reserve(t), OpResult::Ok) => self.ledger.cancel_reservation(&t.id, txn),
+            (TryOp::Hold(leg), OpResult::Ok) => self.ledger.release_hold(&leg.transfer_id, leg.side, txn),
+            (TryOp::LockPending { pending_id, .. }, OpResult::Pending(_)) => self.ledger.unlock_pending(pending_id, txn),
+            _ => {}
+        }
+    }
+
+    fn apply_commit_ops(&mut self, txn: TxnId, ops: &[CommitOp], balances: &mut Vec<(Id, Balances)>) {
+        for op in ops {
+            match op {
+                CommitOp::CommitHold { transfer_id, side } => {
+                    balances.extend(self.ledger.commit_hold(transfer_id, *side, txn));
+                }
+                CommitOp::CommitReservation { id, filled } => {
+                    self.ledger.commit_reservation(id, txn, filled.clone());
+                }
+                CommitOp::FinishPending { pending_id, kind } => self.ledger.finish_pending(pending_id, txn, *kind),
+                CommitOp::Settle { pending_id, side, post_amount } => {
+                    balances.extend(self.ledger.settle_pending(pending_id, *side, *post_amount));
+                }
+            }
+        }
+    }
+}
+
+/// A post's or void's record before its try has read the pending transfer:
+/// only its id and kind are meaningful (they are what a retry is compared
+/// by); the rest is filled in at commit and never shown before.
+fn placeholder(id: &Id, kind: TransferKind, now_ms: u64) -> Transfer {
+    Transfer {
+        id: id.clone(),
+        debit_account_id: id.clone(),
+        credit_account_id: id.clone(),
+        amount: 0,
+        currency: Currency::parse("XAF").expect("valid"),
+        kind,
+        status: TransferStatus::Posted,
+        posted_amount: None,
+        timestamp_ms: now_ms,
+    }
+}
+
+fn outcome_of(item: &Item, parts: &BTreeMap<ExecutorId, Part>) -> ItemOutcome {
+    let mut error = item.static_error;
+    let mut pending = None;
+    for &(exec, index) in &item.op_refs {
+        let result = &parts[&exec].tried.as_ref().expect("decided after every try")[index];
+        match result {
+            OpResult::Ok => {}
+            OpResult::Exists(t) => return ItemOutcome::Exists(t.clone()),
+            OpResult::Pending(info) => pending = Some(info.clone()),
+            OpResult::Err(e) => error = Some(error.map_or(*e, |prev: ErrorCode| prev.first_of(*e))),
+        }
+    }
+    match error {
+        Some(e) => ItemOutcome::Err(e),
+        None => ItemOutcome::Ok { pending },
+    }
+}
+
+fn post_amount(kind: ResolveKind, info: &PendingInfo) -> u64 {
+    match kind {
+        ResolveKind::Post(amount) => amount.unwrap_or(info.amount),
+        ResolveKind::Void | ResolveKind::Expire => 0,
+    }
+}
+
+/// The record a committed item leaves on its home shard.
+fn final_record(item: &Item, pending: Option<&PendingInfo>) -> Option<Transfer> {
+    let record = item.record.as_ref()?;
+    match (&item.kind, pending) {
+        (ItemKind::Resolve { kind, .. }, Some(info)) => {
+            let posted = post_amount(*kind, info);
+            Some(Transfer {
+                debit_account_id: info.debit_account_id.clone(),
+                credit_account_id: info.credit_account_id.clone(),
+                amount: if posted > 0 { posted } else { info.amount },
+                currency: info.currency,
+                status: if posted > 0 { TransferStatus::Posted } else { TransferStatus::Voided },
+                ..record.clone()
+            })
+        }
+        _ => Some(record.clone()),
+    }
+}
+
+fn commit_ops_of(layout: &Layout, item: &Item, pending: Option<&PendingInfo>, _now_ms: u64) -> Vec<(ExecutorId, CommitOp)> {
+    match &item.kind {
+        ItemKind::Create => {
+            let t = item.record.as_ref().expect("a create has a record");
+            vec![
+                (layout.executor_of_transfer(&t.id), CommitOp::CommitReservation { id: t.id.clone(), filled: None }),
+                (
+                    layout.executor_of_account(&t.debit_account_id),
+                    CommitOp::CommitHold { transfer_id: t.id.clone(), side: Side::Debit },
+                ),
+                (
+                    layout.executor_of_account(&t.credit_account_id),
+                    CommitOp::CommitHold { transfer_id: t.id.clone(), side: Side::Credit },
+                ),
+            ]
+        }
+        ItemKind::Resolve { pending_id, kind } => {
+            let info = pending.expect("a locked pending transfer answers its info");
+            let amount = post_amount(*kind, info);
+            let mut ops = Vec::with_capacity(4);
+            if let Some(t) = &item.record {
+                ops.push((
+                    layout.executor_of_transfer(&t.id),
+                    CommitOp::CommitReservation { id: t.id.clone(), filled: final_record(item, pending) },
+                ));
+            }
+            ops.push((
+                layout.executor_of_transfer(pending_id),
+                CommitOp::FinishPending { pending_id: pending_id.clone(), kind: *kind },
+            ));
+            ops.push((
+                layout.executor_of_account(&info.debit_account_id),
+                CommitOp::Settle { pending_id: pending_id.clone(), side: Side::Debit, post_amount: amount },
+            ));
+            ops.push((
+                layout.executor_of_account(&info.credit_account_id),
+                CommitOp::Settle { pending_id: pending_id.clone(), side: Side::Credit, post_amount: amount },
+            ));
+            ops
+        }
+    }
+}

@@ -1,0 +1,56 @@
+//! Where things live: ids -> shards -> executors.
+
+use peakstack_domain::ledger::clearing_shard;
+use peakstack_domain::{shard_of, Id};
+
+use crate::protocol::ExecutorId;
+
+/// Most shards a data dir may have.
+pub const MAX_SHARDS: u32 = 4096;
+/// Most executors one process may run.
+pub const MAX_EXECUTORS: u16 = 256;
+
+/// The fixed shard count of a data dir and how shards are spread over the
+/// executors of this process: shard `s` runs on executor `s % executors`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    shards: u32,
+    executors: u16,
+}
+
+impl Layout {
+    pub fn new(shards: u32, executors: u16) -> Option<Layout> {
+        let valid = (1..=MAX_SHARDS).contains(&shards) && (1..=MAX_EXECUTORS).contains(&executors);
+        valid.then_some(Layout { shards, executors: executors.min(shards as u16) })
+    }
+
+    pub fn shards(&self) -> u32 {
+        self.shards
+    }
+
+    pub fn executors(&self) -> u16 {
+        self.executors
+    }
+
+    /// The shard of an account: by the documented hash, except clearing
+    /// accounts, which name their shard (`_clearing.<shard>.<CUR>`).
+    pub fn shard_of_account(&self, id: &Id) -> u32 {
+        match clearing_shard(id.as_str()) {
+            Some(shard) if shard < self.shards => shard,
+            _ => shard_of(id.as_str(), self.shards),
+        }
+    }
+
+    pub fn executor_of_shard(&self, shard: u32) -> ExecutorId {
+        (shard % u32::from(self.executors)) as ExecutorId
+    }
+
+    pub fn executor_of_account(&self, id: &Id) -> ExecutorId {
+        self.executor_of_shard(self.shard_of_account(id))
+    }
+
+    /// The executor that keeps a transfer's record: the one of its id's shard.
+    pub fn executor_of_transfer(&self, id: &Id) -> ExecutorId {
+        self.executor_of_shard(shard_of(id.as_str(), self.shards))
+    }
+}

@@ -1,0 +1,17 @@
+//! peakstack's engine: shards placed on executors, each executor a single
+//! writer with its own command log and group commit, and the TCC protocol
+//! that carries work across executors.
+
+pub mod clock;
+pub mod codec;
+pub mod executor;
+pub mod layout;
+pub mod log;
+pub mod meta;
+pub mod protocol;
+pub mod runtime;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use layout::Layout;
+pub use protocol::{TransferOutcome, TransferResult};
+pub use runtime::{Engine, EngineConfig, EngineError, Totals};

@@ -1,0 +1,98 @@
+//! What executors log and send each other.
+//!
+//! The log of an executor is the sequence of its [`Input`]s, batch by batch,
+//! each batch stamped with the time it was applied. Replaying the inputs
+//! through the same pure state machine rebuilds the same state. Inputs that
+//! were refused without changing anything are not logged.
+//!
+//! A transaction that touches several executors runs TCC: the coordinator
+//! sends `Try` with the operations for each participant, collects `Tried`,
+//! decides, sends `Decide` (with the commit operations, or cancel), collects
+//! `Acked`, answers the client and sends `Forget`. Each participant keeps a
+//! fence per transaction so that every message is applied at most once, a
+//! cancel that overtakes its try is recorded as `suspended`, and a try that
+//! finds `suspended` is refused.
+
+use peakstack_domain::ledger::{Leg, PendingInfo, ResolveKind};
+use peakstack_domain::{Balances, ErrorCode, Id, NewAccount, Side, Transfer, TransferRequest};
+
+/// A transaction id: the coordinator's executor id in the top 16 bits and its
+/// sequence below. Never 0 (0 means "nobody" in the ledger).
+pub type TxnId = u64;
+pub type ExecutorId = u16;
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Input {
+    CreateAccount(NewAccount),
+    /// A client's transfers, coordinated by this executor.
+    Transfers { requests: Vec<TransferRequest>, atomic: bool },
+    /// Pending transfers on this executor whose timeout passed.
+    Expire { pending_ids: Vec<Id> },
+    /// Messages from another executor (or, in a replay, from this one).
+    Peer { from: ExecutorId, messages: Vec<PeerMsg> },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum PeerMsg {
+    Try { txn: TxnId, ops: Vec<TryOp> },
+    Tried { txn: TxnId, results: Vec<OpResult> },
+    Decide { txn: TxnId, commit: bool, ops: Vec<CommitOp> },
+    Acked { txn: TxnId, balances: Vec<(Id, Balances)> },
+    Forget { txn: TxnId },
+}
+
+impl PeerMsg {
+    pub fn txn(&self) -> TxnId {
+        match self {
+            PeerMsg::Try { txn, .. }
+            | PeerMsg::Tried { txn, .. }
+            | PeerMsg::Decide { txn, .. }
+            | PeerMsg::Acked { txn, .. }
+            | PeerMsg::Forget { txn } => *txn,
+        }
+    }
+}
+
+/// Phase one of a transaction on one participant.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TryOp {
+    /// Reserve a transfer id on its home shard.
+    Reserve(Transfer),
+    /// Hold one side of a movement.
+    Hold(Leg),
+    /// Lock a pending transfer on its home shard for a post, void or expiry.
+    LockPending { pending_id: Id, kind: ResolveKind },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum OpResult {
+    Ok,
+    /// The transfer id exists with the same fields (idempotent retry).
+    Exists(Transfer),
+    /// A locked pending transfer's accounts and amount.
+    Pending(PendingInfo),
+    Err(ErrorCode),
+}
+
+/// Phase two, when the coordinator commits.
+#[derive(Clone, Debug, PartialEq)]
+pub enum CommitOp {
+    CommitHold { transfer_id: Id, side: Side },
+    CommitReservation { id: Id, filled: Option<Transfer> },
+    FinishPending { pending_id: Id, kind: ResolveKind },
+    Settle { pending_id: Id, side: Side, post_amount: u64 },
+}
+
+/// What the engine answers for one transfer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TransferOutcome {
+    /// False when the transfer existed already (an idempotent retry).
+    pub created: bool,
+    pub transfer: Transfer,
+    /// Balances of the debit and credit accounts right after the transfer
+    /// (absent for an existing transfer).
+    pub debit_balances: Option<Balances>,
+    pub credit_balances: Option<Balances>,
+}
+
+pub type TransferResult = Result<TransferOutcome, ErrorCode>;

@@ -1,0 +1,735 @@
+//! The engine at run time: one apply thread and one log thread per executor.
+//!
+//! The apply thread drains a batch of inputs (peer messages first, then
+//! client requests), applies them to its [`ExecutorCore`] and encodes the
+//! ones that changed state into one log frame. The log thread appends the
+//! frames of every batch waiting for it with a single `fdatasync` (group
+//! commit), and only then answers the callers and sends the batch's
+//! messages to the other executors. Apply and fsync overlap: while batch N
+//! is being made durable, batch N+1 is being applied; nothing of N+1 leaves
+//! before N+1 is durable, and N+1 is durable only after N.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender, TryRecvError, TrySendError};
+use parking_lot::Mutex;
+use peakstack_domain::{Account, ErrorCode, Id, NewAccount, Transfer, TransferRequest};
+use tokio::sync::oneshot;
+
+use crate::clock::Clock;
+use crate::codec::{Codec, Writer};
+use crate::executor::{ClientTag, Effects, ExecutorCore};
+use crate::layout::Layout;
+use crate::log::{encode_frame, Log, LogError};
+use crate::meta::{Meta, MetaError};
+use crate::protocol::{ExecutorId, Input, PeerMsg, TransferResult};
+
+/// Most inputs one batch applies.
+pub const MAX_BATCH_INPUTS: usize = 8192;
+/// Most client requests waiting in one executor's queue; past it callers are refused.
+pub const CLIENT_QUEUE_CAPACITY: usize = 16_384;
+/// Applied batches waiting for their fsync, per executor.
+pub const WRITE_QUEUE_CAPACITY: usize = 8;
+/// Most transactions one executor coordinates at once; past it, it stops
+/// taking client requests until some finish.
+pub const MAX_TXNS_IN_FLIGHT: usize = 100_000;
+/// How often an idle executor wakes to expire pending transfers.
+pub const TICK: Duration = Duration::from_millis(50);
+/// How long shutdown waits for transactions in flight to finish.
+pub const SHUTDOWN_DRAIN: Duration = Duration::from_secs(10);
+
+pub struct EngineConfig {
+    pub data_dir: PathBuf,
+    /// Shard count, used when the data dir is created; afterwards the data
+    /// dir's own count wins.
+    pub shards: u32,
+    /// Executor count, likewise fixed when the data dir is created.
+    pub executors: u16,
+    pub clock: Arc<dyn Clock>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    #[error("replay of executor {executor} failed: {reason}")]
+    Replay { executor: ExecutorId, reason: String },
+    #[error("cannot start thread: {0}")]
+    Thread(std::io::Error),
+}
+
+pub type AccountReply = Result<(Account, bool), ErrorCode>;
+
+#[derive(Debug)]
+pub enum Query {
+    Account(Id),
+    Accounts { after: Option<Id>, limit: usize },
+    Transfer(Id),
+    Totals,
+}
+
+#[derive(Debug)]
+pub enum QueryAnswer {
+    Account(Option<Account>),
+    Accounts(Vec<Account>),
+    Transfer(Option<Transfer>),
+    Totals(Totals),
+}
+
+/// Sums for checking the books: over all accounts, credits minus debits
+/// (pending included) must be zero.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub net: i128,
+    /// Sum of the clearing accounts' balances: money in flight between shards
+    /// (pending included). Zero when quiet.
+    pub clearing_net: i128,
+    pub accounts: u64,
+    pub transfers_in_memory: u64,
+    pub holds: u64,
+    pub txns_in_flight: u64,
+    pub fences: u64,
+}
+
+impl std::ops::Add for Totals {
+    type Output = Totals;
+    fn add(self, o: Totals) -> Totals {
+        Totals {
+            net: self.net + o.net,
+            clearing_net: self.clearing_net + o.clearing_net,
+            accounts: self.accounts + o.accounts,
+            transfers_in_memory: self.transfers_in_memory + o.transfers_in_memory,
+            holds: self.holds + o.holds,
+            txns_in_flight: self.txns_in_flight + o.txns_in_flight,
+            fences: self.fences + o.fences,
+        }
+    }
+}
+
+enum Request {
+    CreateAccount(NewAccount, oneshot::Sender<AccountReply>),
+    Transfers { requests: Vec<TransferRequest>, atomic: bool, reply: oneshot::Sender<Vec<TransferResult>> },
+    Query(Query, oneshot::Sender<QueryAnswer>),
+}
+
+enum Inbound {
+    Peer { from: ExecutorId, messages: Vec<PeerMsg> },
+    Stop,
+}
+
+enum Completion {
+    Account(oneshot::Sender<AccountReply>, AccountReply),
+    Transfers(oneshot::Sender<Vec<TransferResult>>, Vec<TransferResult>),
+    Query(oneshot::Sender<QueryAnswer>, QueryAnswer),
+}
+
+impl Completion {
+    fn deliver(self) {
+        // A caller that went away does not care; nothing to do.
+        let _ = match self {
+            Completion::Account(tx, v) => tx.send(v).map_err(drop),
+            Completion::Transfers(tx, v) => tx.send(v).map_err(drop),
+            Completion::Query(tx, v) => tx.send(v).map_err(drop),
+        };
+    }
+}
+
+struct PendingWrite {
+    frames: Vec<u8>,
+    batch_count: u64,
+    inputs: usize,
+    completions: Vec<Completion>,
+    outbox: Vec<(ExecutorId, PeerMsg)>,
+}
+
+/// Counters the server exports; updated once per batch.
+#[derive(Default)]
+pub struct EngineStats {
+    pub batches: AtomicU64,
+    pub inputs: AtomicU64,
+    pub fsyncs: AtomicU64,
+    pub log_bytes: AtomicU64,
+}
+
+struct Shared {
+    layout: Layout,
+    clients: Vec<Sender<Request>>,
+    peers: Vec<Sender<Inbound>>,
+    closed: AtomicBool,
+    txns_in_flight: AtomicUsize,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    stats: EngineStats,
+}
+
+/// A handle on a running engine; clone it freely.
+#[derive(Clone)]
+pub struct Engine {
+    shared: Arc<Shared>,
+}
+
+impl Engine {
+    /// Opens (or creates) the data dir, replays every executor's log and
+    /// starts the executors.
+    pub fn open(config: EngineConfig) -> Result<Engine, EngineError> {
+        let meta = Meta::load_or_create(&config.data_dir, config.shards, config.executors)?;
+        let layout = meta.layout();
+        let executor_count = usize::from(layout.executors());
+        let mut cores = Vec::with_capacity(executor_count);
+        let mut logs = Vec::with_capacity(executor_count);
+        let mut last_times = Vec::with_capacity(executor_count);
+        for e in 0..layout.executors() {
+            let mut core = ExecutorCore::new(e, layout);
+            let mut fx = Effects::default();
+            let mut last_time_ms = 0;
+            let log = Log::open(&executor_dir(&config.data_dir, e), |batch| {
+                last_time_ms = batch.time_ms;
+                for input in &batch.inputs {
+                    core.apply(input, batch.time_ms, None, &mut fx);
+                    fx.clear();
+                }
+                Ok(())
+            })?;
+            tracing::info!(executor = e, batches = log.next_sequence() - 1, accounts = core.ledger().account_count(), "replayed log");
+            cores.push(core);
+            logs.push(log);
+            last_times.push(last_time_ms);
+        }
+
+        let mut client_txs = Vec::new();
+        let mut client_rxs = Vec::new();
+        let mut peer_txs = Vec::new();
+        let mut peer_rxs = Vec::new();
+        for _ in 0..executor_count {
+            let (tx, rx) = bounded(CLIENT_QUEUE_CAPACITY);
+            client_txs.push(tx);
+            client_rxs.push(rx);
+            // Unbounded on purpose: peer messages only stem from admitted
+            // client work (bounded by MAX_TXNS_IN_FLIGHT), and a bounded
+            // channel here could deadlock two executors sending to each other.
+            let (tx, rx) = unbounded();
+            peer_txs.push(tx);
+            peer_rxs.push(rx);
+        }
+        let shared = Arc::new(Shared {
+            layout,
+            clients: client_txs,
+            peers: peer_txs,
+            closed: AtomicBool::new(false),
+            txns_in_flight: AtomicUsize::new(0),
+            threads: Mutex::new(Vec::new()),
+            stats: EngineStats::default(),
+        });
+
+        // Unfinished transactions resume: their messages go out again.
+        for core in &cores {
+            let mut by_dest: Vec<Vec<PeerMsg>> = vec![Vec::new(); executor_count];
+            for (dest, msg) in core.resend() {
+                by_dest[usize::from(dest)].push(msg);
+            }
+            for (dest, messages) in by_dest.into_iter().enumerate() {
+                if !messages.is_empty() {
+                    let _ = shared.peers[dest].send(Inbound::Peer { from: core.id(), messages });
+                }
+            }
+            shared.txns_in_flight.fetch_add(core.txns_in_flight(), Ordering::SeqCst);
+        }
+
+        let mut threads = Vec::new();
+        for (((core, log), (client_rx, peer_rx)), last_time_ms) in
+            cores.into_iter().zip(logs).zip(client_rxs.into_iter().zip(peer_rxs)).zip(last_times)
+        {
+            let id = core.id();
+            let (write_tx, write_rx) = bounded::<PendingWrite>(WRITE_QUEUE_CAPACITY);
+            let next_sequence = log.next_sequence();
+            let resumed = core.txns_in_flight();
+            let applier = Applier {
+                core,
+                client_rx,
+                peer_rx,
+                write_tx,
+                clock: config.clock.clone(),
+                shared: shared.clone(),
+                next_sequence,
+                last_time_ms,
+                next_tag: 1,
+                clients: std::collections::HashMap::new(),
+                reported_in_flight: resumed,
+            };
+            let writer = LogWriter { id, log, write_rx, shared: shared.clone() };
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("apply-{id}"))
+                    .spawn(move || applier.run())
+                    .map_err(EngineError::Thread)?,
+            );
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("log-{id}"))
+                    .spawn(move || writer.run())
+                    .map_err(EngineError::Thread)?,
+            );
+        }
+        *shared.threads.lock() = threads;
+        Ok(Engine { shared })
+    }
+
+    pub fn layout(&self) -> Layout {
+        self.shared.layout
+    }
+
+    pub fn stats(&self) -> &EngineStats {
+        &self.shared.stats
+    }
+
+    fn submit(&self, executor: ExecutorId, request: Request) -> Result<(), ErrorCode> {
+        if self.shared.closed.load(Ordering::Acquire) {
+            return Err(ErrorCode::Unavailable);
+        }
+        match self.shared.clients[usize::from(executor)].try_send(request) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => Err(ErrorCode::Unavailable),
+        }
+    }
+
+    /// Like `submit`, but waits for room in the queue (for in-process
+    /// callers on their own threads, such as the benchmark).
+    fn submit_blocking(&self, executor: ExecutorId, request: Request) -> Result<(), ErrorCode> {
+        if self.shared.closed.load(Ordering::Acquire) {
+            return Err(ErrorCode::Unavailable);
+        }
+        self.shared.clients[usize::from(executor)].send(request).map_err(|_| ErrorCode::Unavailable)
+    }
+
+    pub async fn create_account(&self, new: NewAccount) -> AccountReply {
+        let (tx, rx) = oneshot::channel();
+        self.submit(self.shared.layout.executor_of_account(&new.id), Request::CreateAccount(new, tx))?;
+        rx.await.unwrap_or(Err(ErrorCode::Unavailable))
+    }
+
+    pub fn create_account_blocking(&self, new: NewAccount) -> AccountReply {
+        let (tx, rx) = oneshot::channel();
+        self.submit_blocking(self.shared.layout.executor_of_account(&new.id), Request::CreateAccount(new, tx))?;
+        rx.blocking_recv().unwrap_or(Err(ErrorCode::Unavailable))
+    }
+
+    /// The executor that coordinates a transfer request: the one that keeps
+    /// its record, or for a post or void the one that keeps the pending transfer.
+    fn coordinator_of(&self, request: &TransferRequest) -> ExecutorId {
+        self.shared.layout.executor_of_transfer(request.pending_id().unwrap_or(request.id()))
+    }
+
+    /// Splits a non-atomic call by coordinator; an atomic one goes whole to
+    /// the coordinator of its first transfer.
+    fn route(&self, requests: Vec<TransferRequest>, atomic: bool) -> Vec<(ExecutorId, Vec<usize>, Vec<TransferRequest>)> {
+        if atomic || self.shared.layout.executors() == 1 {
+            let coordinator = requests.first().map(|r| self.coordinator_of(r)).unwrap_or(0);
+            let indices = (0..requests.len()).collect();
+            return vec![(coordinator, indices, requests)];
+        }
+        let mut groups: Vec<(ExecutorId, Vec<usize>, Vec<TransferRequest>)> = Vec::new();
+        for (index, request) in requests.into_iter().enumerate() {
+            let coordinator = self.coordinator_of(&request);
+            match groups.iter_mut().find(|g| g.0 == coordinator) {
+                Some(group) => {
+                    group.1.push(index);
+                    group.2.push(request);
+                }
+                None => groups.push((coordinator, vec![index], vec![request])),
+            }
+        }
+        groups
+    }
+
+    /// Creates transfers (or posts and voids pending ones). Answers one
+    /// result per request, in order, once every outcome is final and durable.
+    pub async fn create_transfers(&self, requests: Vec<TransferRequest>, atomic: bool) -> Vec<TransferResult> {
+        let count = requests.len();
+        if count == 0 {
+            return Vec::new();
+        }
+        let mut waits = Vec::new();
+        for (executor, indices, group) in self.route(requests, atomic) {
+            let (tx, rx) = oneshot::channel();
+            let n = group.len();
+            match self.submit(executor, Request::Transfers { requests: group, atomic, reply: tx }) {
+                Ok(()) => waits.push((indices, Some(rx), n)),
+                Err(_) => waits.push((indices, None, n)),
+            }
+        }
+        let mut results: Vec<TransferResult> = vec![Err(ErrorCode::Unavailable); count];
+        for (indices, rx, n) in waits {
+            let answers = match rx {
+                Some(rx) => rx.await.unwrap_or_else(|_| vec![Err(ErrorCode::Unavailable); n]),
+                None => vec![Err(ErrorCode::Unavailable); n],
+            };
+            for (index, answer) in indices.into_iter().zip(answers) {
+                results[index] = answer;
+            }
+        }
+        results
+    }
+
+    /// The blocking twin of [`Engine::create_transfers`], for callers on
+    /// their own threads (the in-process benchmark).
+    pub fn create_transfers_blocking(&self, requests: Vec<TransferRequest>, atomic: bool) -> Vec<TransferResult> {
+        let count = requests.len();
+        let mut waits = Vec::new();
+        for (executor, indices, group) in self.route(requests, atomic) {
+            let (tx, rx) = oneshot::channel();
+            let n = group.len();
+            let sent = self.submit_blocking(executor, Request::Transfers { requests: group, atomic, reply: tx });
+            waits.push((indices, sent.ok().map(|_| rx), n));
+        }
+        let mut results: Vec<TransferResult> = vec![Err(ErrorCode::Unavailable); count];
+        for (indices, rx, n) in waits {
+            let answers = match rx {
+                Some(rx) => rx.blocking_recv().unwrap_or_else(|_| vec![Err(ErrorCode::Unavailable); n]),
+                None => vec![Err(ErrorCode::Unavailable); n],
+            };
+            for (index, answer) in indices.into_iter().zip(answers) {
+                results[index] = answer;
+            }
+        }
+        results
+    }
+
+    async fn query(&self, executor: ExecutorId, query: Query) -> Result<QueryAnswer, ErrorCode> {
+        let (tx, rx) = oneshot::channel();
+        self.submit(executor, Request::Query(query, tx))?;
+        rx.await.map_err(|_| ErrorCode::Unavailable)
+    }
+
+    fn query_blocking(&self, executor: ExecutorId, query: Query) -> Result<QueryAnswer, ErrorCode> {
+        let (tx, rx) = oneshot::channel();
+        self.submit_blocking(executor, Request::Query(query, tx))?;
+        rx.blocking_recv().map_err(|_| ErrorCode::Unavailable)
+    }
+
+    pub async fn account(&self, id: &Id) -> Result<Option<Account>, ErrorCode> {
+        match self.query(self.shared.layout.executor_of_account(id), Query::Account(id.clone())).await? {
+            QueryAnswer::Account(a) => Ok(a),
+            _ => Err(ErrorCode::Unavailable),
+        }
+    }
+
+    pub async fn transfer(&self, id: &Id) -> Result<Option<Transfer>, ErrorCode> {
+        match self.query(self.shared.layout.executor_of_transfer(id), Query::Transfer(id.clone())).await? {
+            QueryAnswer::Transfer(t) => Ok(t),
+            _ => Err(ErrorCode::Unavailable),
+        }
+    }
+
+    /// Accounts in id order after `after`, at most `limit`, over every executor.
+    pub async fn accounts(&self, after: Option<Id>, limit: usize) -> Result<Vec<Account>, ErrorCode> {
+        let mut all = Vec::new();
+        for e in 0..self.shared.layout.executors() {
+            if let QueryAnswer::Accounts(mut page) =
+                self.query(e, Query::Accounts { after: after.clone(), limit }).await?
+            {
+                all.append(&mut page);
+            }
+        }
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        all.truncate(limit);
+        Ok(all)
+    }
+
+    pub async fn totals(&self) -> Result<Totals, ErrorCode> {
+        let mut sum = Totals::default();
+        for e in 0..self.shared.layout.executors() {
+            if let QueryAnswer::Totals(t) = self.query(e, Query::Totals).await? {
+                sum = sum + t;
+            }
+        }
+        Ok(sum)
+    }
+
+    pub fn totals_blocking(&self) -> Result<Totals, ErrorCode> {
+        let mut sum = Totals::default();
+        for e in 0..self.shared.layout.executors() {
+            if let QueryAnswer::Totals(t) = self.query_blocking(e, Query::Totals)? {
+                sum = sum + t;
+            }
+        }
+        Ok(sum)
+    }
+
+    /// Stops taking requests, lets transactions in flight finish (up to
+    /// [`SHUTDOWN_DRAIN`]), flushes every log and joins the threads.
+    pub fn shutdown(&self) {
+        if self.shared.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let deadline = Instant::now() + SHUTDOWN_DRAIN;
+        while self.shared.txns_in_flight.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for peer in &self.shared.peers {
+            let _ = peer.send(Inbound::Stop);
+        }
+        let threads = std::mem::take(&mut *self.shared.threads.lock());
+        for thread in threads {
+            let _ = thread.join();
+        }
+    }
+}
+
+pub fn executor_dir(data_dir: &Path, executor: ExecutorId) -> PathBuf {
+    data_dir.join(format!("executor-{executor:03}"))
+}
+
+struct ClientBatch {
+    results: Vec<Option<TransferResult>>,
+    remaining: usize,
+    reply: oneshot::Sender<Vec<TransferResult>>,
+}
+
+struct Applier {
+    core: ExecutorCore,
+    client_rx: Receiver<Request>,
+    peer_rx: Receiver<Inbound>,
+    write_tx: Sender<PendingWrite>,
+    clock: Arc<dyn Clock>,
+    shared: Arc<Shared>,
+    next_sequence: u64,
+    last_time_ms: u64,
+    next_tag: ClientTag,
+    clients: std::collections::HashMap<ClientTag, ClientBatch>,
+    reported_in_flight: usize,
+}
+
+impl Applier {
+    fn run(mut self) {
+        let mut fx = Effects::default();
+        let mut encoded = Writer::default();
+        let mut stopping = false;
+        let mut clients_open = true;
+        loop {
+            let mut inputs_logged = 0usize;
+            let mut completions = Vec::new();
+            encoded.buf.clear();
+            // Wait for the first piece of work, or a tick.
+            let mut first: Option<Result<Inbound, Request>> = None;
+            if !stopping {
+                let never = crossbeam_channel::never();
+                let can_take_clients = clients_open && self.core.txns_in_flight() < MAX_TXNS_IN_FLIGHT;
+                let client_rx = if can_take_clients { &self.client_rx } else { &never };
+                crossbeam_channel::select! {
+                    recv(self.peer_rx) -> m => if let Ok(m) = m { first = Some(Ok(m)) },
+                    recv(client_rx) -> r => match r {
+                        Ok(r) => first = Some(Err(r)),
+                        Err(_) => clients_open = false,
+                    },
+                    default(TICK) => {}
+                }
+            }
+            let now_ms = self.clock.now_ms().max(self.last_time_ms);
+            self.last_time_ms = now_ms;
+
+            let due = self.core.due_expiries(now_ms);
+            if !due.is_empty() {
+                self.apply(Input::Expire { pending_ids: due }, now_ms, None, &mut fx, &mut encoded, &mut inputs_logged);
+            }
+            let mut taken = 0usize;
+            let mut pending_first = first;
+            loop {
+                let next = match pending_first.take() {
+                    Some(item) => Some(item),
+                    None if taken >= MAX_BATCH_INPUTS => None,
+                    None => match self.peer_rx.try_recv() {
+                        Ok(m) => Some(Ok(m)),
+                        Err(_) if clients_open && self.core.txns_in_flight() < MAX_TXNS_IN_FLIGHT => {
+                            match self.client_rx.try_recv() {
+                                Ok(r) => Some(Err(r)),
+                                Err(TryRecvError::Disconnected) => {
+                                    clients_open = false;
+                                    None
+                                }
+                                Err(TryRecvError::Empty) => None,
+                            }
+                        }
+                        Err(_) => None,
+                    },
+                };
+                let Some(item) = next else { break };
+                taken += 1;
+                match item {
+                    Ok(Inbound::Stop) => stopping = true,
+                    Ok(Inbound::Peer { from, messages }) => {
+                        self.apply(Input::Peer { from, messages }, now_ms, None, &mut fx, &mut encoded, &mut inputs_logged);
+                    }
+                    Err(Request::CreateAccount(new, reply)) => {
+                        let answer = self.apply(Input::CreateAccount(new), now_ms, None, &mut fx, &mut encoded, &mut inputs_logged);
+                        completions.push(Completion::Account(reply, answer.unwrap_or(Err(ErrorCode::Unavailable))));
+                    }
+                    Err(Request::Transfers { requests, atomic, reply }) => {
+                        let tag = self.next_tag;
+                        self.next_tag += 1;
+                        let n = requests.len();
+                        self.clients.insert(tag, ClientBatch { results: vec![None; n], remaining: n, reply });
+                        self.apply(Input::Transfers { requests, atomic }, now_ms, Some(tag), &mut fx, &mut encoded, &mut inputs_logged);
+                    }
+                    Err(Request::Query(query, reply)) => {
+                        completions.push(Completion::Query(reply, self.answer(query)));
+                    }
+                }
+                // Finished client work from this input (or from peer messages).
+                for (tag, index, result) in fx.finished.drain(..) {
+                    let done = match self.clients.get_mut(&tag) {
+                        Some(batch) => {
+                            if batch.results[index].replace(result).is_none() {
+                                batch.remaining -= 1;
+                            }
+                            batch.remaining == 0
+                        }
+                        None => false,
+                    };
+                    if done {
+                        let batch = self.clients.remove(&tag).expect("present");
+                        let results = batch.results.into_iter().map(|r| r.expect("filled")).collect();
+                        completions.push(Completion::Transfers(batch.reply, results));
+                    }
+                }
+            }
+            let previous = self.in_flight_reported();
+            self.shared.txns_in_flight.fetch_add(self.core.txns_in_flight(), Ordering::SeqCst);
+            self.shared.txns_in_flight.fetch_sub(previous, Ordering::SeqCst);
+
+            let outbox = std::mem::take(&mut fx.outbox);
+            if inputs_logged > 0 || !completions.is_empty() || !outbox.is_empty() {
+                let mut frames = Vec::new();
+                let mut batch_count = 0;
+                if inputs_logged > 0 {
+                    encode_frame(self.next_sequence, now_ms, &encoded.buf, inputs_logged, &mut frames);
+                    self.next_sequence += 1;
+                    batch_count = 1;
+                }
+                let write = PendingWrite { frames, batch_count, inputs: inputs_logged, completions, outbox };
+                if self.write_tx.send(write).is_err() {
+                    tracing::error!(executor = self.core.id(), "log thread is gone; executor stops");
+                    return;
+                }
+            }
+            if stopping && self.peer_rx.is_empty() {
+                return;
+            }
+        }
+    }
+
+    /// Keeps the shared in-flight counter equal to the sum over executors:
+    /// returns what this executor reported last and remembers the new count.
+    fn in_flight_reported(&mut self) -> usize {
+        std::mem::replace(&mut self.reported_in_flight, self.core.txns_in_flight())
+    }
+
+    fn apply(
+        &mut self,
+        input: Input,
+        now_ms: u64,
+        tag: Option<ClientTag>,
+        fx: &mut Effects,
+        encoded: &mut Writer,
+        inputs_logged: &mut usize,
+    ) -> Option<AccountReply> {
+        let (changed, answer) = self.core.apply(&input, now_ms, tag, fx);
+        if changed {
+            input.encode(encoded);
+            *inputs_logged += 1;
+        }
+        answer
+    }
+
+    fn answer(&self, query: Query) -> QueryAnswer {
+        let ledger = self.core.ledger();
+        match query {
+            Query::Account(id) => QueryAnswer::Account(ledger.account(&id).cloned()),
+            Query::Accounts { after, limit } => {
+                QueryAnswer::Accounts(ledger.accounts_after(after.as_ref(), limit).cloned().collect())
+            }
+            Query::Transfer(id) => QueryAnswer::Transfer(ledger.transfer(&id).cloned()),
+            Query::Totals => {
+                let mut totals = Totals {
+                    accounts: ledger.account_count() as u64,
+                    transfers_in_memory: ledger.transfer_count() as u64,
+                    holds: ledger.hold_count() as u64,
+                    txns_in_flight: self.core.txns_in_flight() as u64,
+                    fences: self.core.fence_count() as u64,
+                    ..Totals::default()
+                };
+                for account in ledger.accounts() {
+                    let net = account.balances.net_including_pending();
+                    totals.net += net;
+                    if account.system {
+                        totals.clearing_net += net;
+                    }
+                }
+                QueryAnswer::Totals(totals)
+            }
+        }
+    }
+}
+
+struct LogWriter {
+    id: ExecutorId,
+    log: Log,
+    write_rx: Receiver<PendingWrite>,
+    shared: Arc<Shared>,
+}
+
+impl LogWriter {
+    fn run(mut self) {
+        let mut group: Vec<PendingWrite> = Vec::new();
+        let mut frames = Vec::new();
+        while let Ok(first) = self.write_rx.recv() {
+            group.push(first);
+            while let Ok(more) = self.write_rx.try_recv() {
+                group.push(more);
+            }
+            frames.clear();
+            let mut batch_count = 0;
+            let mut inputs = 0;
+            for write in &group {
+                frames.extend_from_slice(&write.frames);
+                batch_count += write.batch_count;
+                inputs += write.inputs;
+            }
+            if batch_count > 0 {
+                let started = Instant::now();
+                if let Err(error) = self.log.append(&frames, batch_count) {
+                    // Nothing of this group was acknowledged; stop loudly
+                    // rather than answer from state that is not durable.
+                    tracing::error!(executor = self.id, %error, "log append failed; executor stops");
+                    std::process::abort();
+                }
+                metrics::histogram!("peakstack_log_fsync_seconds").record(started.elapsed().as_secs_f64());
+                metrics::histogram!("peakstack_batch_inputs").record(inputs as f64);
+                let stats = &self.shared.stats;
+                stats.fsyncs.fetch_add(1, Ordering::Relaxed);
+                stats.batches.fetch_add(batch_count, Ordering::Relaxed);
+                stats.inputs.fetch_add(inputs as u64, Ordering::Relaxed);
+                stats.log_bytes.fetch_add(frames.len() as u64, Ordering::Relaxed);
+            }
+            let executors = self.shared.peers.len();
+            let mut by_dest: Vec<Vec<PeerMsg>> = vec![Vec::new(); executors];
+            for write in group.drain(..) {
+                for completion in write.completions {
+                    completion.deliver();
+                }
+                for (dest, msg) in write.outbox {
+                    by_dest[usize::from(dest)].push(msg);
+                }
+            }
+            for (dest, messages) in by_dest.into_iter().enumerate() {
+                if !messages.is_empty() {
+                    let _ = self.shared.peers[dest].send(Inbound::Peer { from: self.id, messages });
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! The engine through its public interface: real threads, real logs on disk.
+
+use std::sync::Arc;
+
+use peakstack_domain::{AccountFlags, Amount, Currency, ErrorCode, Id, NewAccount, TransferRequest, TransferStatus};
+use peakstack_engine::{Engine, EngineConfig, ManualClock};
+
+fn id(s: &str) -> Id {
+    Id::parse(s).unwrap()
+}
+
+fn usd() -> Currency {
+    Currency::parse("USD").unwrap()
+}
+
+fn open(dir: &std::path::Path, clock: Arc<ManualClock>) -> Engine {
+    Engine::open(EngineConfig { data_dir: dir.to_path_buf(), shards: 8, executors: 2, clock }).unwrap()
+}
+
+fn account(name: &str, flags: AccountFlags) -> NewAccount {
+    NewAccount { id: id(name), currency: usd(), flags, overdraft_limit: 0, metadata: None }
+}
+
+fn create(tid: &str, debit: &str, credit: &str, amount: u64) -> TransferRequest {
+    TransferRequest::Create {
+        id: id(tid),
+        debit_account_id: id(debit),
+        credit_account_id: id(credit),
+        amount: Amount::new(amount).unwrap(),
+        currency: usd(),
+        pending: false,
+        timeout_ms: 0,
+    }
+}
+
+fn pending(tid: &str, debit: &str, credit: &str, amount: u64, timeout_ms: u64) -> TransferRequest {
+    match create(tid, debit, credit, amount) {
+        TransferRequest::Create { id, debit_account_id, credit_account_id, amount, currency, .. } => {
+            TransferRequest::Create { id, debit_account_id, credit_account_id, amount, currency, pending: true, timeout_ms }
+        }
+        _ => unreachable!(),
+    }
+}
+
+async fn one(engine: &Engine, request: TransferRequest) -> Result<peakstack_engine::TransferOutcome, ErrorCode> {
+    engine.create_transfers(vec![request], false).await.pop().unwrap()
+}
+
+/// Names of accounts that land on different executors and shards, so tests
+/// exercise the cross-executor protocol whatever the hash does.
+fn spread_names(engine: &Engine, count: usize) -> Vec<String> {
+    let layout = engine.layout();
+    let mut names = Vec::new();
+    let mut executors_seen = Vec::new();
+    for n in 0.. {
+        let name = format!("acct-{n}");
+        let e = layout.executor_of_account(&id(&name));
+        if names.len() < count && (executors_seen.iter().filter(|x| **x == e).count() < count.div_ceil(2)) {
+            executors_seen.push(e);
+            names.push(name);
+        }
+        if names.len() == count {
+            break;
+        }
+    }
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfers_across_executors_balance_and_survive_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(1_000_000));
+    let engine = open(dir.path(), clock.clone());
+    let names = spread_names(&engine, 4);
+    let limited = AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS;
+    for name in &names {
+        let (_, created) = engine.create_account(account(name, limited)).await.unwrap();
+        assert!(created);
+    }
+    engine.create_account(account("bank", AccountFlags::empty())).await.unwrap();
+    // Retrying the same account is fine; different fields are refused.
+    assert!(!engine.create_account(account(&names[0], limited)).await.unwrap().1);
+    assert_eq!(
+        engine.create_account(account(&names[0], AccountFlags::empty())).await.unwrap_err(),
+        ErrorCode::ExistsWithDifferentFields
+    );
+
+    // Fund everyone from the bank.
+    for (i, name) in names.iter().enumerate() {
+        let out = one(&engine, create(&format!("fund-{i}"), "bank", name, 1000)).await.unwrap();
+        assert!(out.created);
+        assert_eq!(out.credit_balances.unwrap().credits_posted, 1000);
+    }
+    // Insufficient funds is refused and changes nothing.
+    assert_eq!(one(&engine, create("too-much", &names[0], &names[1], 1001)).await.unwrap_err(), ErrorCode::ExceedsCredits);
+    assert_eq!(one(&engine, create("same", &names[0], &names[0], 1)).await.unwrap_err(), ErrorCode::AccountsMustBeDifferent);
+    assert_eq!(one(&engine, create("ghost", &names[0], "nobody", 1)).await.unwrap_err(), ErrorCode::AccountNotFound);
+
+    // A plain transfer, and its idempotent retry.
+    let out = one(&engine, create("t1", &names[0], &names[1], 300)).await.unwrap();
+    assert!(out.created);
+    assert_eq!(out.debit_balances.unwrap().debits_posted, 300);
+    let again = one(&engine, create("t1", &names[0], &names[1], 300)).await.unwrap();
+    assert!(!again.created);
+    assert_eq!(one(&engine, create("t1", &names[0], &names[1], 301)).await.unwrap_err(), ErrorCode::ExistsWithDifferentFields);
+
+    // Pending: hold, partial post, then the second post is refused.
+    let held = one(&engine, pending("p1", &names[2], &names[3], 500, 0)).await.unwrap();
+    assert_eq!(held.transfer.status, TransferStatus::Pending);
+    let a2 = engine.account(&id(&names[2])).await.unwrap().unwrap();
+    assert_eq!(a2.available(), Some(500));
+    let post = one(&engine, TransferRequest::Post { id: id("p1-post"), pending_id: id("p1"), amount: Amount::new(200) }).await.unwrap();
+    assert_eq!(post.transfer.amount, 200);
+    assert_eq!(post.transfer.status, TransferStatus::Posted);
+    assert_eq!(
+        one(&engine, TransferRequest::Void { id: id("p1-void"), pending_id: id("p1") }).await.unwrap_err(),
+        ErrorCode::PendingTransferAlreadyPosted
+    );
+    let a2 = engine.account(&id(&names[2])).await.unwrap().unwrap();
+    assert_eq!((a2.balances.debits_pending, a2.balances.debits_posted), (0, 200));
+    assert_eq!(engine.transfer(&id("p1")).await.unwrap().unwrap().posted_amount, Some(200));
+
+    // Pending with a timeout expires and releases its hold.
+    one(&engine, pending("p2", &names[3], &names[0], 100, 5_000)).await.unwrap();
+    clock.advance(6_000);
+    let mut expired = false;
+    for _ in 0..200 {
+        if engine.transfer(&id("p2")).await.unwrap().unwrap().status == TransferStatus::Expired {
+            expired = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(expired, "pending transfer did not expire");
+    assert_eq!(
+        one(&engine, TransferRequest::Post { id: id("p2-post"), pending_id: id("p2"), amount: None }).await.unwrap_err(),
+        ErrorCode::PendingTransferExpired
+    );
+
+    // Atomic batch: the second transfer fails, so neither happens.
+    let results = engine
+        .create_transfers(vec![create("a1", &names[1], &names[2], 10), create("a2", &names[3], &names[0], 999_999)], true)
+        .await;
+    assert_eq!(results[0].clone().unwrap_err(), ErrorCode::LinkedEventFailed);
+    assert_eq!(results[1].clone().unwrap_err(), ErrorCode::ExceedsCredits);
+    assert!(engine.transfer(&id("a1")).await.unwrap().is_none());
+    // Atomic batch where a later transfer spends what an earlier one credited.
+    let before = engine.account(&id(&names[1])).await.unwrap().unwrap().available().unwrap();
+    let results = engine
+        .create_transfers(
+            vec![create("b1", "bank", &names[1], 50), create("b2", &names[1], &names[2], before + 50)],
+            true,
+        )
+        .await;
+    assert!(results.iter().all(|r| r.as_ref().is_ok_and(|o| o.created)), "{results:?}");
+
+    let totals = engine.totals().await.unwrap();
+    assert_eq!(totals.net, 0);
+    assert_eq!(totals.clearing_net, 0);
+    assert_eq!(totals.txns_in_flight, 0);
+    let snapshot: Vec<_> = engine.accounts(None, 1000).await.unwrap();
+    engine.shutdown();
+    drop(engine);
+
+    // Restart: the same state from the logs.
+    let engine = open(dir.path(), clock.clone());
+    let after: Vec<_> = engine.accounts(None, 1000).await.unwrap();
+    assert_eq!(snapshot, after);
+    assert_eq!(engine.transfer(&id("p1")).await.unwrap().unwrap().status, TransferStatus::Posted);
+    assert!(!one(&engine, create("t1", &names[0], &names[1], 300)).await.unwrap().created);
+    engine.shutdown();
+}
