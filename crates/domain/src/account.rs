@@ -157,7 +157,22 @@ impl Account {
     /// `extra_credits` are credits of the same transaction not yet posted,
     /// which an atomic batch may spend.
     pub(crate) fn hold_debit(&mut self, amount: u64, extra_credits: u64) -> Result<(), ErrorCode> {
-        let b = &mut self.balances;
+        self.check_debit(amount, extra_credits)?;
+        self.balances.debits_pending += amount;
+        Ok(())
+    }
+
+    pub(crate) fn hold_credit(&mut self, amount: u64, extra_debits: u64) -> Result<(), ErrorCode> {
+        self.check_credit(amount, extra_debits)?;
+        self.balances.credits_pending += amount;
+        Ok(())
+    }
+
+    /// Whether `amount` more may be debited: the account's constraint holds
+    /// and no sum overflows. Holding and posting check the same way, so a
+    /// transfer gets the same answer on every path.
+    pub(crate) fn check_debit(&self, amount: u64, extra_credits: u64) -> Result<(), ErrorCode> {
+        let b = &self.balances;
         let new_pending = b.debits_pending.checked_add(amount).ok_or(ErrorCode::Overflow)?;
         let new_total = b.debits_posted.checked_add(new_pending).ok_or(ErrorCode::Overflow)?;
         if self.flags.contains(AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS) {
@@ -166,12 +181,11 @@ impl Account {
                 return Err(ErrorCode::ExceedsCredits);
             }
         }
-        b.debits_pending = new_pending;
         Ok(())
     }
 
-    pub(crate) fn hold_credit(&mut self, amount: u64, extra_debits: u64) -> Result<(), ErrorCode> {
-        let b = &mut self.balances;
+    pub(crate) fn check_credit(&self, amount: u64, extra_debits: u64) -> Result<(), ErrorCode> {
+        let b = &self.balances;
         let new_pending = b.credits_pending.checked_add(amount).ok_or(ErrorCode::Overflow)?;
         let new_total = b.credits_posted.checked_add(new_pending).ok_or(ErrorCode::Overflow)?;
         if self.flags.contains(AccountFlags::CREDITS_MUST_NOT_EXCEED_DEBITS)
@@ -179,7 +193,6 @@ impl Account {
         {
             return Err(ErrorCode::ExceedsDebits);
         }
-        b.credits_pending = new_pending;
         Ok(())
     }
 }

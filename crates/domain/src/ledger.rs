@@ -13,7 +13,9 @@
 //! This module does no I/O, reads no clock and never panics on input; it
 //! asserts its own invariants.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
+
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 use crate::{Account, Balances, Currency, ErrorCode, Id, NewAccount, Transfer, TransferKind, TransferStatus};
 
@@ -67,6 +69,15 @@ struct Record {
 pub enum Reservation {
     Reserved,
     /// Same id, same fields: an idempotent retry. Carries the record.
+    Exists(Transfer),
+}
+
+/// Outcome of [`Ledger::transfer_local`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LocalOutcome {
+    /// Applied; the two accounts' balances right after.
+    Created { debit: Balances, credit: Balances },
+    /// Same id, same fields: an idempotent retry.
     Exists(Transfer),
 }
 
@@ -204,6 +215,92 @@ impl Ledger {
         let index = self.push_account(account);
         self.clearing.insert((shard, currency.as_bytes()), index);
         index
+    }
+
+    // ---- a whole transfer on one ledger --------------------------------------
+
+    /// Applies a plain (not pending) transfer whose record and both accounts
+    /// this ledger owns, in one step. It answers exactly what holding both
+    /// legs and committing them would (same checks, same error precedence),
+    /// without the intermediate state. `record.kind` must be `Single`.
+    pub fn transfer_local(
+        &mut self,
+        record: &Transfer,
+        debit_shard: u32,
+        credit_shard: u32,
+        now_ms: u64,
+    ) -> Result<LocalOutcome, ErrorCode> {
+        debug_assert_eq!(record.kind, TransferKind::Single);
+        let mut error: Option<ErrorCode> = None;
+        let mut note = |e: ErrorCode| error = Some(error.map_or(e, |prev| prev.first_of(e)));
+        if let Some(existing) = self.records.get(&record.id) {
+            if existing.reserved_by != NO_OWNER {
+                note(ErrorCode::InFlight);
+            } else if existing.transfer.same_request_as(record) {
+                return Ok(LocalOutcome::Exists(existing.transfer.clone()));
+            } else {
+                note(ErrorCode::ExistsWithDifferentFields);
+            }
+        }
+        let amount = record.amount;
+        let via_clearing = debit_shard != credit_shard;
+        let debit = self.by_id.get(&record.debit_account_id).copied();
+        let credit = self.by_id.get(&record.credit_account_id).copied();
+        let (debit_clearing, credit_clearing) = if via_clearing {
+            (
+                Some(self.clearing_for(debit_shard, record.currency, now_ms)),
+                Some(self.clearing_for(credit_shard, record.currency, now_ms)),
+            )
+        } else {
+            (None, None)
+        };
+        match debit {
+            None => note(ErrorCode::AccountNotFound),
+            Some(d) => {
+                let account = &self.accounts[d as usize];
+                if account.currency != record.currency {
+                    note(ErrorCode::CurrencyMismatch);
+                } else if let Err(e) = account.check_debit(amount, 0).and_then(|()| match debit_clearing {
+                    Some(c) => self.accounts[c as usize].check_credit(amount, 0),
+                    None => Ok(()),
+                }) {
+                    note(e);
+                }
+            }
+        }
+        match credit {
+            None => note(ErrorCode::AccountNotFound),
+            Some(c) => {
+                let account = &self.accounts[c as usize];
+                if account.currency != record.currency {
+                    note(ErrorCode::CurrencyMismatch);
+                } else if let Err(e) = account.check_credit(amount, 0).and_then(|()| match credit_clearing {
+                    Some(k) => self.accounts[k as usize].check_debit(amount, 0),
+                    None => Ok(()),
+                }) {
+                    note(e);
+                }
+            }
+        }
+        if let Some(e) = error {
+            return Err(e);
+        }
+        let (debit, credit) = (debit.expect("checked"), credit.expect("checked"));
+        // Checked above: posted + pending + amount fits, so these cannot overflow.
+        self.accounts[debit as usize].balances.debits_posted += amount;
+        self.accounts[credit as usize].balances.credits_posted += amount;
+        if let (Some(dc), Some(cc)) = (debit_clearing, credit_clearing) {
+            self.accounts[dc as usize].balances.credits_posted += amount;
+            self.accounts[cc as usize].balances.debits_posted += amount;
+        }
+        self.records.insert(
+            record.id.clone(),
+            Record { transfer: record.clone(), reserved_by: NO_OWNER, locked_by: NO_OWNER },
+        );
+        Ok(LocalOutcome::Created {
+            debit: self.accounts[debit as usize].balances,
+            credit: self.accounts[credit as usize].balances,
+        })
     }
 
     // ---- legs: hold, commit, release -------------------------------------
@@ -421,11 +518,12 @@ impl Ledger {
         })
     }
 
-    /// Records the outcome of a resolve on the pending transfer.
-    pub fn finish_pending(&mut self, pending_id: &Id, owner: Owner, kind: ResolveKind) {
-        let Some(record) = self.records.get_mut(pending_id) else { return };
+    /// Records the outcome of a resolve on the pending transfer and answers
+    /// the updated record.
+    pub fn finish_pending(&mut self, pending_id: &Id, owner: Owner, kind: ResolveKind) -> Option<&Transfer> {
+        let record = self.records.get_mut(pending_id)?;
         if record.locked_by != owner {
-            return;
+            return None;
         }
         record.locked_by = NO_OWNER;
         let t = &mut record.transfer;
@@ -440,6 +538,7 @@ impl Ledger {
         if let TransferKind::Pending { expires_at_ms, .. } = t.kind {
             self.expiries.remove(&(expires_at_ms, pending_id.clone()));
         }
+        Some(&record.transfer)
     }
 
     pub fn unlock_pending(&mut self, pending_id: &Id, owner: Owner) {

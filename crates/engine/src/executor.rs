@@ -7,9 +7,11 @@
 //! only then lets the effects out. Replaying the logged inputs gives the same
 //! state, the same transaction ids and the same messages.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
-use peakstack_domain::ledger::{Leg, PendingInfo, ResolveKind, TxnView};
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
+use peakstack_domain::ledger::{Leg, LocalOutcome, PendingInfo, ResolveKind, TxnView};
 use peakstack_domain::{
     Account, Balances, Currency, ErrorCode, Id, Ledger, Side, Transfer, TransferKind, TransferRequest,
     TransferStatus,
@@ -31,12 +33,16 @@ pub struct Effects {
     pub outbox: Vec<(ExecutorId, PeerMsg)>,
     /// Finished client work: (tag, index in the call, result).
     pub finished: Vec<(ClientTag, usize, TransferResult)>,
+    /// Transfer records committed or changed on this executor, for the
+    /// history store: (record, whether it is new).
+    pub records: Vec<(Transfer, bool)>,
 }
 
 impl Effects {
     pub fn clear(&mut self) {
         self.outbox.clear();
         self.finished.clear();
+        self.records.clear();
     }
 }
 
@@ -98,7 +104,7 @@ pub struct ExecutorCore {
 
 impl ExecutorCore {
     pub fn new(id: ExecutorId, layout: Layout) -> ExecutorCore {
-        ExecutorCore { id, layout, ledger: Ledger::new(), next_txn: 1, txns: HashMap::new(), fences: HashMap::new() }
+        ExecutorCore { id, layout, ledger: Ledger::new(), next_txn: 1, txns: HashMap::default(), fences: HashMap::default() }
     }
 
     pub fn id(&self) -> ExecutorId {
@@ -140,6 +146,12 @@ impl ExecutorCore {
                     self.start_txn(items, client.map(|c| (c, indices)), now_ms, fx);
                 } else {
                     for (index, request) in requests.iter().enumerate() {
+                        if let Some(result) = self.try_fast_path(request, now_ms, fx) {
+                            if let Some(tag) = client {
+                                fx.finished.push((tag, index, result));
+                            }
+                            continue;
+                        }
                         let item = self.build_item(request, now_ms);
                         self.start_txn(vec![item], client.map(|c| (c, vec![index])), now_ms, fx);
                     }
@@ -194,6 +206,43 @@ impl ExecutorCore {
     }
 
     // ---- coordinator --------------------------------------------------------
+
+    /// The hot path: a plain transfer whose record and both accounts live on
+    /// this executor is applied in one step, without a transaction. It gives
+    /// the same answer the transaction would. `None` when it does not apply.
+    fn try_fast_path(&mut self, request: &TransferRequest, now_ms: u64, fx: &mut Effects) -> Option<TransferResult> {
+        let TransferRequest::Create { id, debit_account_id, credit_account_id, pending: false, .. } = request else {
+            return None;
+        };
+        let debit_shard = self.layout.shard_of_account(debit_account_id);
+        let credit_shard = self.layout.shard_of_account(credit_account_id);
+        let local = self.layout.executor_of_transfer(id) == self.id
+            && self.layout.executor_of_shard(debit_shard) == self.id
+            && self.layout.executor_of_shard(credit_shard) == self.id;
+        if !local {
+            return None;
+        }
+        let item = self.build_item(request, now_ms);
+        if let Some(error) = item.static_error {
+            return Some(Err(error));
+        }
+        let record = item.record.expect("a create has a record");
+        Some(match self.ledger.transfer_local(&record, debit_shard, credit_shard, now_ms) {
+            Ok(LocalOutcome::Created { debit, credit }) => {
+                fx.records.push((record.clone(), true));
+                Ok(TransferOutcome {
+                    created: true,
+                    transfer: record,
+                    debit_balances: Some(debit),
+                    credit_balances: Some(credit),
+                })
+            }
+            Ok(LocalOutcome::Exists(transfer)) => {
+                Ok(TransferOutcome { created: false, transfer, debit_balances: None, credit_balances: None })
+            }
+            Err(error) => Err(error),
+        })
+    }
 
     fn build_item(&self, request: &TransferRequest, now_ms: u64) -> Item {
         match request {
@@ -268,7 +317,7 @@ impl ExecutorCore {
             }
         }
         let mut state =
-            Txn { client, items, parts, decision: None, outcomes: Vec::new(), balances: HashMap::new() };
+            Txn { client, items, parts, decision: None, outcomes: Vec::new(), balances: HashMap::default() };
         // Local part: tried now, in this batch.
         if let Some(part) = state.parts.get_mut(&self.id) {
             let ops = part.try_ops.clone();
@@ -344,7 +393,7 @@ impl ExecutorCore {
             state.parts.iter().map(|(&exec, part)| (exec, part.commit_ops.clone())).collect();
         for (exec, ops) in sends {
             if exec == self.id {
-                let balances = self.on_decide(txn, commit, &ops);
+                let balances = self.on_decide(txn, commit, &ops, fx);
                 self.on_acked(txn, exec, balances, fx);
             } else {
                 fx.outbox.push((exec, PeerMsg::Decide { txn, commit, ops }));
@@ -425,7 +474,7 @@ impl ExecutorCore {
                 self.maybe_decide(*txn, now_ms, fx);
             }
             PeerMsg::Decide { txn, commit, ops } => {
-                let balances = self.on_decide(*txn, *commit, ops);
+                let balances = self.on_decide(*txn, *commit, ops, fx);
                 fx.outbox.push((from, PeerMsg::Acked { txn: *txn, balances }));
             }
             PeerMsg::Acked { txn, balances } => self.on_acked(*txn, from, balances.clone(), fx),
@@ -471,12 +520,12 @@ impl ExecutorCore {
         results
     }
 
-    fn on_decide(&mut self, txn: TxnId, commit: bool, commit_ops: &[CommitOp]) -> Vec<(Id, Balances)> {
+    fn on_decide(&mut self, txn: TxnId, commit: bool, commit_ops: &[CommitOp], fx: &mut Effects) -> Vec<(Id, Balances)> {
         let mut balances = Vec::new();
         match self.fences.remove(&txn) {
             Some(Fence::Tried { ops, results }) => {
                 if commit {
-                    self.apply_commit_ops(txn, commit_ops, &mut balances);
+                    self.apply_commit_ops(txn, commit_ops, &mut balances, fx);
                 } else {
                     for (op, result) in ops.iter().zip(&results).rev() {
                         self.release(txn, op, result);
@@ -491,7 +540,7 @@ impl ExecutorCore {
             None => {
                 if commit {
                     // A participant with commit work only (it settles a pending hold).
-                    self.apply_commit_ops(txn, commit_ops, &mut balances);
+                    self.apply_commit_ops(txn, commit_ops, &mut balances, fx);
                 } else {
                     self.fences.insert(txn, Fence::Suspended);
                     return balances;
@@ -511,16 +560,22 @@ impl ExecutorCore {
         }
     }
 
-    fn apply_commit_ops(&mut self, txn: TxnId, ops: &[CommitOp], balances: &mut Vec<(Id, Balances)>) {
+    fn apply_commit_ops(&mut self, txn: TxnId, ops: &[CommitOp], balances: &mut Vec<(Id, Balances)>, fx: &mut Effects) {
         for op in ops {
             match op {
                 CommitOp::CommitHold { transfer_id, side } => {
                     balances.extend(self.ledger.commit_hold(transfer_id, *side, txn));
                 }
                 CommitOp::CommitReservation { id, filled } => {
-                    self.ledger.commit_reservation(id, txn, filled.clone());
+                    if let Some(record) = self.ledger.commit_reservation(id, txn, filled.clone()) {
+                        fx.records.push((record.clone(), true));
+                    }
                 }
-                CommitOp::FinishPending { pending_id, kind } => self.ledger.finish_pending(pending_id, txn, *kind),
+                CommitOp::FinishPending { pending_id, kind } => {
+                    if let Some(record) = self.ledger.finish_pending(pending_id, txn, *kind) {
+                        fx.records.push((record.clone(), false));
+                    }
+                }
                 CommitOp::Settle { pending_id, side, post_amount } => {
                     balances.extend(self.ledger.settle_pending(pending_id, *side, *post_amount));
                 }

@@ -10,6 +10,7 @@ pub mod log;
 pub mod meta;
 pub mod protocol;
 pub mod runtime;
+pub mod store;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use layout::Layout;

@@ -27,6 +27,7 @@ use crate::layout::Layout;
 use crate::log::{encode_frame, Log, LogError};
 use crate::meta::{Meta, MetaError};
 use crate::protocol::{ExecutorId, Input, PeerMsg, TransferResult};
+use crate::store::{IndexBatch, Indexer, Store, StoreError};
 
 /// Most inputs one batch applies.
 pub const MAX_BATCH_INPUTS: usize = 8192;
@@ -62,6 +63,8 @@ pub enum EngineError {
     Replay { executor: ExecutorId, reason: String },
     #[error("cannot start thread: {0}")]
     Thread(std::io::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 pub type AccountReply = Result<(Account, bool), ErrorCode>;
@@ -114,6 +117,7 @@ impl std::ops::Add for Totals {
 
 enum Request {
     CreateAccount(NewAccount, oneshot::Sender<AccountReply>),
+    CreateAccounts(Vec<NewAccount>, oneshot::Sender<Vec<AccountReply>>),
     Transfers { requests: Vec<TransferRequest>, atomic: bool, reply: oneshot::Sender<Vec<TransferResult>> },
     Query(Query, oneshot::Sender<QueryAnswer>),
 }
@@ -125,6 +129,7 @@ enum Inbound {
 
 enum Completion {
     Account(oneshot::Sender<AccountReply>, AccountReply),
+    Accounts(oneshot::Sender<Vec<AccountReply>>, Vec<AccountReply>),
     Transfers(oneshot::Sender<Vec<TransferResult>>, Vec<TransferResult>),
     Query(oneshot::Sender<QueryAnswer>, QueryAnswer),
 }
@@ -134,6 +139,7 @@ impl Completion {
         // A caller that went away does not care; nothing to do.
         let _ = match self {
             Completion::Account(tx, v) => tx.send(v).map_err(drop),
+            Completion::Accounts(tx, v) => tx.send(v).map_err(drop),
             Completion::Transfers(tx, v) => tx.send(v).map_err(drop),
             Completion::Query(tx, v) => tx.send(v).map_err(drop),
         };
@@ -143,6 +149,9 @@ impl Completion {
 struct PendingWrite {
     frames: Vec<u8>,
     batch_count: u64,
+    sequence: u64,
+    time_ms: u64,
+    records: Vec<(Transfer, bool)>,
     inputs: usize,
     completions: Vec<Completion>,
     outbox: Vec<(ExecutorId, PeerMsg)>,
@@ -165,6 +174,8 @@ struct Shared {
     txns_in_flight: AtomicUsize,
     threads: Mutex<Vec<JoinHandle<()>>>,
     stats: EngineStats,
+    store: Store,
+    indexer: Mutex<Option<Indexer>>,
 }
 
 /// A handle on a running engine; clone it freely.
@@ -179,6 +190,9 @@ impl Engine {
     pub fn open(config: EngineConfig) -> Result<Engine, EngineError> {
         let meta = Meta::load_or_create(&config.data_dir, config.shards, config.executors)?;
         let layout = meta.layout();
+        let store = Store::open(&config.data_dir.join("store.redb"))?;
+        let indexer = store.start_indexer()?;
+        let mut reindex: Vec<IndexBatch> = Vec::new();
         let executor_count = usize::from(layout.executors());
         let mut cores = Vec::with_capacity(executor_count);
         let mut logs = Vec::with_capacity(executor_count);
@@ -187,12 +201,22 @@ impl Engine {
             let mut core = ExecutorCore::new(e, layout);
             let mut fx = Effects::default();
             let mut last_time_ms = 0;
+            let watermark = store.watermark(e)?;
             let log = Log::open(&executor_dir(&config.data_dir, e), |batch| {
                 last_time_ms = batch.time_ms;
                 for input in &batch.inputs {
                     core.apply(input, batch.time_ms, None, &mut fx);
-                    fx.clear();
                 }
+                // Batches the store does not hold yet are indexed again.
+                if batch.sequence > watermark && !fx.records.is_empty() {
+                    reindex.push(IndexBatch {
+                        executor: e,
+                        sequence: batch.sequence,
+                        time_ms: batch.time_ms,
+                        records: std::mem::take(&mut fx.records),
+                    });
+                }
+                fx.clear();
                 Ok(())
             })?;
             tracing::info!(executor = e, batches = log.next_sequence() - 1, accounts = core.ledger().account_count(), "replayed log");
@@ -224,7 +248,13 @@ impl Engine {
             txns_in_flight: AtomicUsize::new(0),
             threads: Mutex::new(Vec::new()),
             stats: EngineStats::default(),
+            store: store.clone(),
+            indexer: Mutex::new(None),
         });
+        let index_tx = indexer.sender();
+        for batch in reindex {
+            store.submit(&index_tx, batch);
+        }
 
         // Unfinished transactions resume: their messages go out again.
         for core in &cores {
@@ -261,7 +291,7 @@ impl Engine {
                 clients: std::collections::HashMap::new(),
                 reported_in_flight: resumed,
             };
-            let writer = LogWriter { id, log, write_rx, shared: shared.clone() };
+            let writer = LogWriter { id, log, write_rx, shared: shared.clone(), index_tx: index_tx.clone() };
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("apply-{id}"))
@@ -276,6 +306,7 @@ impl Engine {
             );
         }
         *shared.threads.lock() = threads;
+        *shared.indexer.lock() = Some(indexer);
         Ok(Engine { shared })
     }
 
@@ -316,6 +347,38 @@ impl Engine {
         let (tx, rx) = oneshot::channel();
         self.submit_blocking(self.shared.layout.executor_of_account(&new.id), Request::CreateAccount(new, tx))?;
         rx.blocking_recv().unwrap_or(Err(ErrorCode::Unavailable))
+    }
+
+    /// Opens many accounts at once (one request per executor), for bulk
+    /// loads such as the benchmark's. Answers in order.
+    pub fn create_accounts_blocking(&self, accounts: Vec<NewAccount>) -> Vec<AccountReply> {
+        let count = accounts.len();
+        let executors = usize::from(self.shared.layout.executors());
+        let mut groups: Vec<(Vec<usize>, Vec<NewAccount>)> = vec![(Vec::new(), Vec::new()); executors];
+        for (index, new) in accounts.into_iter().enumerate() {
+            let group = &mut groups[usize::from(self.shared.layout.executor_of_account(&new.id))];
+            group.0.push(index);
+            group.1.push(new);
+        }
+        let mut results: Vec<AccountReply> = vec![Err(ErrorCode::Unavailable); count];
+        let mut waits = Vec::new();
+        for (executor, (indices, group)) in groups.into_iter().enumerate() {
+            if group.is_empty() {
+                continue;
+            }
+            let (tx, rx) = oneshot::channel();
+            if self.submit_blocking(executor as ExecutorId, Request::CreateAccounts(group, tx)).is_ok() {
+                waits.push((indices, rx));
+            }
+        }
+        for (indices, rx) in waits {
+            if let Ok(answers) = rx.blocking_recv() {
+                for (index, answer) in indices.into_iter().zip(answers) {
+                    results[index] = answer;
+                }
+            }
+        }
+        results
     }
 
     /// The executor that coordinates a transfer request: the one that keeps
@@ -420,7 +483,18 @@ impl Engine {
 
     pub async fn transfer(&self, id: &Id) -> Result<Option<Transfer>, ErrorCode> {
         match self.query(self.shared.layout.executor_of_transfer(id), Query::Transfer(id.clone())).await? {
-            QueryAnswer::Transfer(t) => Ok(t),
+            QueryAnswer::Transfer(Some(t)) => Ok(Some(t)),
+            QueryAnswer::Transfer(None) => {
+                let store = self.shared.store.clone();
+                let id = id.clone();
+                tokio::task::spawn_blocking(move || store.transfer(&id))
+                    .await
+                    .map_err(|_| ErrorCode::Unavailable)?
+                    .map_err(|error| {
+                        tracing::error!(%error, "reading a transfer from the store failed");
+                        ErrorCode::Unavailable
+                    })
+            }
             _ => Err(ErrorCode::Unavailable),
         }
     }
@@ -438,6 +512,40 @@ impl Engine {
         all.sort_by(|a, b| a.id.cmp(&b.id));
         all.truncate(limit);
         Ok(all)
+    }
+
+    /// The transfers that touched an account, oldest first, from the store.
+    /// `after` is the `next` cursor of the previous page.
+    pub async fn account_transfers(
+        &self,
+        account: &Id,
+        after: Option<String>,
+        limit: usize,
+    ) -> Result<(Vec<Transfer>, Option<String>), ErrorCode> {
+        if self.account(account).await?.is_none() {
+            return Err(ErrorCode::AccountNotFound);
+        }
+        let store = self.shared.store.clone();
+        let account = account.clone();
+        tokio::task::spawn_blocking(move || {
+            store.catch_up();
+            store.account_transfers(&account, after.as_deref(), limit)
+        })
+        .await
+        .map_err(|_| ErrorCode::Unavailable)?
+        .map_err(|error| {
+            if error.to_string().contains("invalid cursor") {
+                ErrorCode::InvalidRequest
+            } else {
+                tracing::error!(%error, "reading account history failed");
+                ErrorCode::Unavailable
+            }
+        })
+    }
+
+    /// Records waiting to be written to the history store.
+    pub fn index_lag(&self) -> u64 {
+        self.shared.store.lag()
     }
 
     pub async fn totals(&self) -> Result<Totals, ErrorCode> {
@@ -476,6 +584,9 @@ impl Engine {
         let threads = std::mem::take(&mut *self.shared.threads.lock());
         for thread in threads {
             let _ = thread.join();
+        }
+        if let Some(indexer) = self.shared.indexer.lock().take() {
+            indexer.finish();
         }
     }
 }
@@ -568,6 +679,16 @@ impl Applier {
                         let answer = self.apply(Input::CreateAccount(new), now_ms, None, &mut fx, &mut encoded, &mut inputs_logged);
                         completions.push(Completion::Account(reply, answer.unwrap_or(Err(ErrorCode::Unavailable))));
                     }
+                    Err(Request::CreateAccounts(accounts, reply)) => {
+                        let answers = accounts
+                            .into_iter()
+                            .map(|new| {
+                                let answer = self.apply(Input::CreateAccount(new), now_ms, None, &mut fx, &mut encoded, &mut inputs_logged);
+                                answer.unwrap_or(Err(ErrorCode::Unavailable))
+                            })
+                            .collect();
+                        completions.push(Completion::Accounts(reply, answers));
+                    }
                     Err(Request::Transfers { requests, atomic, reply }) => {
                         let tag = self.next_tag;
                         self.next_tag += 1;
@@ -605,12 +726,24 @@ impl Applier {
             if inputs_logged > 0 || !completions.is_empty() || !outbox.is_empty() {
                 let mut frames = Vec::new();
                 let mut batch_count = 0;
+                let sequence = self.next_sequence;
                 if inputs_logged > 0 {
-                    encode_frame(self.next_sequence, now_ms, &encoded.buf, inputs_logged, &mut frames);
+                    encode_frame(sequence, now_ms, &encoded.buf, inputs_logged, &mut frames);
                     self.next_sequence += 1;
                     batch_count = 1;
                 }
-                let write = PendingWrite { frames, batch_count, inputs: inputs_logged, completions, outbox };
+                let records = std::mem::take(&mut fx.records);
+                debug_assert!(records.is_empty() || batch_count == 1, "records come from logged inputs");
+                let write = PendingWrite {
+                    frames,
+                    batch_count,
+                    sequence,
+                    time_ms: now_ms,
+                    records,
+                    inputs: inputs_logged,
+                    completions,
+                    outbox,
+                };
                 if self.write_tx.send(write).is_err() {
                     tracing::error!(executor = self.core.id(), "log thread is gone; executor stops");
                     return;
@@ -680,6 +813,7 @@ struct LogWriter {
     log: Log,
     write_rx: Receiver<PendingWrite>,
     shared: Arc<Shared>,
+    index_tx: Sender<IndexBatch>,
 }
 
 impl LogWriter {
@@ -718,6 +852,17 @@ impl LogWriter {
             let executors = self.shared.peers.len();
             let mut by_dest: Vec<Vec<PeerMsg>> = vec![Vec::new(); executors];
             for write in group.drain(..) {
+                // The store learns of a batch before its callers are answered,
+                // so a history read after an answer can wait for it.
+                if !write.records.is_empty() {
+                    let batch = IndexBatch {
+                        executor: self.id,
+                        sequence: write.sequence,
+                        time_ms: write.time_ms,
+                        records: write.records,
+                    };
+                    self.shared.store.submit(&self.index_tx, batch);
+                }
                 for completion in write.completions {
                     completion.deliver();
                 }

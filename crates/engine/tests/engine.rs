@@ -91,6 +91,8 @@ async fn transfers_across_executors_balance_and_survive_restart() {
         assert!(out.created);
         assert_eq!(out.credit_balances.unwrap().credits_posted, 1000);
     }
+    // History is ordered by commit time; a manual clock must move for that.
+    clock.advance(1);
     // Insufficient funds is refused and changes nothing.
     assert_eq!(one(&engine, create("too-much", &names[0], &names[1], 1001)).await.unwrap_err(), ErrorCode::ExceedsCredits);
     assert_eq!(one(&engine, create("same", &names[0], &names[0], 1)).await.unwrap_err(), ErrorCode::AccountsMustBeDifferent);
@@ -154,6 +156,16 @@ async fn transfers_across_executors_balance_and_survive_restart() {
         .await;
     assert!(results.iter().all(|r| r.as_ref().is_ok_and(|o| o.created)), "{results:?}");
 
+    // History: every transfer that touched the account, oldest first, paged.
+    let (page, next) = engine.account_transfers(&id(&names[0]), None, 2).await.unwrap();
+    let first_ids: Vec<_> = page.iter().map(|t| t.id.to_string()).collect();
+    assert_eq!(first_ids, ["fund-0", "t1"]);
+    let (rest, end) = engine.account_transfers(&id(&names[0]), next, 100).await.unwrap();
+    assert!(end.is_none());
+    assert!(rest.iter().all(|t| t.debit_account_id.as_str() == names[0] || t.credit_account_id.as_str() == names[0]));
+    assert!(rest.iter().any(|t| t.id.as_str() == "p2" && t.status == TransferStatus::Expired), "{rest:?}");
+    assert_eq!(engine.account_transfers(&id("nobody"), None, 10).await.unwrap_err(), ErrorCode::AccountNotFound);
+
     let totals = engine.totals().await.unwrap();
     assert_eq!(totals.net, 0);
     assert_eq!(totals.clearing_net, 0);
@@ -168,5 +180,7 @@ async fn transfers_across_executors_balance_and_survive_restart() {
     assert_eq!(snapshot, after);
     assert_eq!(engine.transfer(&id("p1")).await.unwrap().unwrap().status, TransferStatus::Posted);
     assert!(!one(&engine, create("t1", &names[0], &names[1], 300)).await.unwrap().created);
+    let (again, _) = engine.account_transfers(&id(&names[0]), None, 2).await.unwrap();
+    assert_eq!(again, page, "history is the same after a restart (re-indexing is idempotent)");
     engine.shutdown();
 }

@@ -1,0 +1,213 @@
+//! The peakstack binary.
+
+mod bench;
+mod loadtest;
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use peakstack_engine::{Engine, EngineConfig, SystemClock};
+
+#[derive(Parser)]
+#[command(name = "peakstack", version, about = "The transaction core for peak commerce: a double-entry ledger with group commit.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the HTTP API on an embedded data dir.
+    Serve {
+        /// Address to listen on.
+        #[arg(long, env = "PEAKSTACK_LISTEN", default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Data directory (created if missing).
+        #[arg(long, env = "PEAKSTACK_DATA", default_value = "./peakstack-data")]
+        data: PathBuf,
+        /// Logical shards; fixed when the data dir is created.
+        #[arg(long, env = "PEAKSTACK_SHARDS", default_value_t = 64)]
+        shards: u32,
+        /// Executors (single-writer threads with their own log); fixed when
+        /// the data dir is created. Default: one per core.
+        #[arg(long, env = "PEAKSTACK_EXECUTORS")]
+        executors: Option<u16>,
+    },
+    /// Benchmark the engine in-process (durable writes, fresh temporary data dir).
+    Bench {
+        #[command(subcommand)]
+        workload: BenchWorkload,
+    },
+    /// Load a running server over HTTP.
+    Loadtest {
+        scenario: LoadScenario,
+        /// Base URL of the server.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        target: String,
+        /// Requests in flight (one connection each).
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// Transfers per request: 1 uses POST /v1/transfers, more uses /v1/transfers/batch.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Accounts to open and move money between.
+        #[arg(long, default_value_t = 10_000)]
+        accounts: usize,
+        /// Print one JSON object as the last line of stdout.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchWorkload {
+    /// Random transfers between accounts.
+    Transfers {
+        #[arg(long, default_value_t = 100_000)]
+        accounts: usize,
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// Share of transfers (0..1) whose debit side is one of a few hot accounts.
+        #[arg(long, default_value_t = 0.0)]
+        hot: f64,
+        /// Transfers per engine call.
+        #[arg(long, default_value_t = 4096)]
+        batch: usize,
+        /// Client threads submitting batches.
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+        #[arg(long, default_value_t = 64)]
+        shards: u32,
+        /// Default: one per core.
+        #[arg(long)]
+        executors: Option<u16>,
+        /// Print one JSON object as the last line of stdout.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LoadScenario {
+    Transfers,
+    Healthz,
+}
+
+fn default_executors() -> u16 {
+    std::thread::available_parallelism().map(|n| n.get().min(64) as u16).unwrap_or(2)
+}
+
+fn init_tracing(json_output: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PEAKSTACK_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(if json_output { "warn" } else { "info" }));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve { listen, data, shards, executors } => {
+            init_tracing(false);
+            let engine = Engine::open(EngineConfig {
+                data_dir: data.clone(),
+                shards,
+                executors: executors.unwrap_or_else(default_executors),
+                clock: Arc::new(SystemClock),
+            })
+            .with_context(|| format!("opening data dir {}", data.display()))?;
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let result = runtime.block_on(peakstack_server::serve(
+                peakstack_server::ServerConfig { listen, data_dir: data },
+                engine.clone(),
+                shutdown_signal(),
+            ));
+            // In-flight requests are drained; now flush the logs and stop.
+            engine.shutdown();
+            tracing::info!("stopped");
+            result
+        }
+        Command::Bench { workload: BenchWorkload::Transfers { accounts, seconds, hot, batch, clients, shards, executors, json } } => {
+            init_tracing(true);
+            let summary = bench::run(bench::BenchConfig {
+                accounts,
+                seconds,
+                hot,
+                batch,
+                clients,
+                shards,
+                executors: executors.unwrap_or_else(default_executors),
+                json,
+            })?;
+            if json {
+                println!("{}", serde_json::to_string(&summary)?);
+            } else {
+                summary.print_human();
+            }
+            if !summary.invariants_ok {
+                anyhow::bail!("invariant check failed: balances do not sum to zero");
+            }
+            Ok(())
+        }
+        Command::Loadtest { scenario, target, concurrency, seconds, batch, accounts, json } => {
+            init_tracing(true);
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let summary = runtime.block_on(loadtest::run(loadtest::LoadtestConfig {
+                scenario: match scenario {
+                    LoadScenario::Transfers => loadtest::Scenario::Transfers,
+                    LoadScenario::Healthz => loadtest::Scenario::Healthz,
+                },
+                target,
+                concurrency,
+                seconds,
+                batch,
+                accounts,
+                json,
+                progress: !json && std::io::stderr().is_terminal(),
+            }))?;
+            if json {
+                println!("{}", summary.to_json());
+            } else {
+                summary.print_human();
+            }
+            if summary.invariants_ok == Some(false) {
+                anyhow::bail!("invariant check failed: balances do not sum to zero");
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+    tracing::info!("shutdown signal received; draining");
+}
