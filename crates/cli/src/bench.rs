@@ -78,7 +78,13 @@ pub fn run(config: BenchConfig) -> anyhow::Result<BenchSummary> {
     for chunk in names.chunks(ACCOUNT_LOAD_CHUNK) {
         let accounts = chunk
             .iter()
-            .map(|id| NewAccount { id: id.clone(), currency: usd, flags: Default::default(), overdraft_limit: 0, metadata: None })
+            .map(|id| NewAccount {
+                id: id.clone(),
+                currency: usd,
+                flags: Default::default(),
+                overdraft_limit: 0,
+                metadata: None,
+            })
             .collect();
         for answer in engine.create_accounts_blocking(accounts) {
             answer.map_err(|code| anyhow::anyhow!("opening accounts failed: {code}"))?;
@@ -183,7 +189,11 @@ pub fn run(config: BenchConfig) -> anyhow::Result<BenchSummary> {
 
 fn pick_pair(rng: &mut impl Rng, accounts: usize, hot: f64) -> (usize, usize) {
     loop {
-        let debit = if rng.random_bool(hot) { rng.random_range(0..HOT_ACCOUNTS.min(accounts)) } else { rng.random_range(0..accounts) };
+        let debit = if rng.random_bool(hot) {
+            rng.random_range(0..HOT_ACCOUNTS.min(accounts))
+        } else {
+            rng.random_range(0..accounts)
+        };
         let credit = rng.random_range(0..accounts);
         if debit != credit {
             return (debit, credit);

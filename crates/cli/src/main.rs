@@ -13,7 +13,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use peakstack_engine::{Engine, EngineConfig, SystemClock};
 
 #[derive(Parser)]
-#[command(name = "peakstack", version, about = "The transaction core for peak commerce: a double-entry ledger with group commit.")]
+#[command(
+    name = "peakstack",
+    version,
+    about = "The transaction core for peak commerce: a double-entry ledger with group commit."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -142,7 +146,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tracing::info!("stopped");
             result
         }
-        Command::Bench { workload: BenchWorkload::Transfers { accounts, seconds, hot, batch, clients, shards, executors, json } } => {
+        Command::Bench {
+            workload: BenchWorkload::Transfers { accounts, seconds, hot, batch, clients, shards, executors, json },
+        } => {
             init_tracing(true);
             let summary = bench::run(bench::BenchConfig {
                 accounts,

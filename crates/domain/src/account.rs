@@ -73,7 +73,9 @@ impl NewAccount {
         }
         let both = AccountFlags(AccountFlags::KNOWN);
         if self.flags.contains(both) {
-            return Err("flags debits_must_not_exceed_credits and credits_must_not_exceed_debits are mutually exclusive");
+            return Err(
+                "flags debits_must_not_exceed_credits and credits_must_not_exceed_debits are mutually exclusive",
+            );
         }
         if self.overdraft_limit > 0 && !self.flags.contains(AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS) {
             return Err("overdraft_limit requires the flag debits_must_not_exceed_credits");

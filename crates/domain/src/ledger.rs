@@ -197,6 +197,10 @@ impl Ledger {
         &self.accounts
     }
 
+    fn clearing_index(&self, shard: u32, currency: Currency) -> Option<u32> {
+        self.clearing.get(&(shard, currency.as_bytes())).copied()
+    }
+
     fn clearing_for(&mut self, shard: u32, currency: Currency, now_ms: u64) -> u32 {
         if let Some(&index) = self.clearing.get(&(shard, currency.as_bytes())) {
             return index;
@@ -246,11 +250,11 @@ impl Ledger {
         let via_clearing = debit_shard != credit_shard;
         let debit = self.by_id.get(&record.debit_account_id).copied();
         let credit = self.by_id.get(&record.credit_account_id).copied();
+        // A clearing account that does not exist yet has zero balances and
+        // no constraint: any amount passes its check. It is opened only when
+        // the transfer is applied, so a refused transfer leaves nothing behind.
         let (debit_clearing, credit_clearing) = if via_clearing {
-            (
-                Some(self.clearing_for(debit_shard, record.currency, now_ms)),
-                Some(self.clearing_for(credit_shard, record.currency, now_ms)),
-            )
+            (self.clearing_index(debit_shard, record.currency), self.clearing_index(credit_shard, record.currency))
         } else {
             (None, None)
         };
@@ -289,14 +293,14 @@ impl Ledger {
         // Checked above: posted + pending + amount fits, so these cannot overflow.
         self.accounts[debit as usize].balances.debits_posted += amount;
         self.accounts[credit as usize].balances.credits_posted += amount;
-        if let (Some(dc), Some(cc)) = (debit_clearing, credit_clearing) {
+        if via_clearing {
+            let dc = self.clearing_for(debit_shard, record.currency, now_ms);
+            let cc = self.clearing_for(credit_shard, record.currency, now_ms);
             self.accounts[dc as usize].balances.credits_posted += amount;
             self.accounts[cc as usize].balances.debits_posted += amount;
         }
-        self.records.insert(
-            record.id.clone(),
-            Record { transfer: record.clone(), reserved_by: NO_OWNER, locked_by: NO_OWNER },
-        );
+        self.records
+            .insert(record.id.clone(), Record { transfer: record.clone(), reserved_by: NO_OWNER, locked_by: NO_OWNER });
         Ok(LocalOutcome::Created {
             debit: self.accounts[debit as usize].balances,
             credit: self.accounts[credit as usize].balances,
@@ -306,7 +310,14 @@ impl Ledger {
     // ---- legs: hold, commit, release -------------------------------------
 
     /// Holds one leg (try). On error nothing changed.
-    pub fn hold(&mut self, leg: &Leg, shard: u32, owner: Owner, view: &mut TxnView, now_ms: u64) -> Result<(), ErrorCode> {
+    pub fn hold(
+        &mut self,
+        leg: &Leg,
+        shard: u32,
+        owner: Owner,
+        view: &mut TxnView,
+        now_ms: u64,
+    ) -> Result<(), ErrorCode> {
         let key = (leg.transfer_id.clone(), leg.side);
         if self.holds.contains_key(&key) {
             // Another transaction with the same transfer id is in flight (or
@@ -318,38 +329,47 @@ impl Ledger {
             return Err(ErrorCode::CurrencyMismatch);
         }
         let (credits_seen, debits_seen) = view.get(account);
-        let clearing = leg.via_clearing.then(|| self.clearing_for(shard, leg.currency, now_ms));
-        let snapshot = self.accounts[account as usize].balances;
+        // Check both sides first (a clearing account not opened yet passes),
+        // so that a refused leg changes nothing, not even by opening one.
+        let existing_clearing = if leg.via_clearing { self.clearing_index(shard, leg.currency) } else { None };
         match leg.side {
             Side::Debit => {
-                self.accounts[account as usize].hold_debit(leg.amount, credits_seen)?;
+                self.accounts[account as usize].check_debit(leg.amount, credits_seen)?;
+                if let Some(c) = existing_clearing {
+                    self.accounts[c as usize].check_credit(leg.amount, 0)?;
+                }
+            }
+            Side::Credit => {
+                self.accounts[account as usize].check_credit(leg.amount, debits_seen)?;
+                if let Some(c) = existing_clearing {
+                    self.accounts[c as usize].check_debit(leg.amount, 0)?;
+                }
+            }
+        }
+        let clearing = leg.via_clearing.then(|| self.clearing_for(shard, leg.currency, now_ms));
+        let checked = "checked above";
+        match leg.side {
+            Side::Debit => {
+                self.accounts[account as usize].hold_debit(leg.amount, credits_seen).expect(checked);
                 if let Some(c) = clearing {
-                    if let Err(e) = self.accounts[c as usize].hold_credit(leg.amount, 0) {
-                        self.accounts[account as usize].balances = snapshot;
-                        return Err(e);
-                    }
+                    self.accounts[c as usize].hold_credit(leg.amount, 0).expect(checked);
                 }
                 if !leg.pending {
                     view.add(account, 0, leg.amount);
                 }
             }
             Side::Credit => {
-                self.accounts[account as usize].hold_credit(leg.amount, debits_seen)?;
+                self.accounts[account as usize].hold_credit(leg.amount, debits_seen).expect(checked);
                 if let Some(c) = clearing {
-                    if let Err(e) = self.accounts[c as usize].hold_debit(leg.amount, 0) {
-                        self.accounts[account as usize].balances = snapshot;
-                        return Err(e);
-                    }
+                    self.accounts[c as usize].hold_debit(leg.amount, 0).expect(checked);
                 }
                 if !leg.pending {
                     view.add(account, leg.amount, 0);
                 }
             }
         }
-        self.holds.insert(
-            key,
-            Hold { account, clearing, side: leg.side, amount: leg.amount, pending: leg.pending, owner },
-        );
+        self.holds
+            .insert(key, Hold { account, clearing, side: leg.side, amount: leg.amount, pending: leg.pending, owner });
         Ok(())
     }
 
@@ -404,13 +424,19 @@ impl Ledger {
         }
     }
 
-    /// Resolves a committed pending hold: posts `post_amount` of it (0 =
+    /// Resolves a pending transfer's hold: posts `post_amount` of it (0 =
     /// void) and releases the rest. The home shard's lock on the pending
     /// transfer serializes resolves, so no try is needed here. Idempotent:
     /// a hold already settled is not found and nothing happens.
+    ///
+    /// The hold may still be owned by the transaction that created it: its
+    /// commit can reach this executor after the resolve does (the home shard
+    /// committed the pending transfer first, which means that transaction
+    /// decided to commit). The hold is settled all the same, and that late
+    /// commit then finds nothing to do.
     pub fn settle_pending(&mut self, pending_id: &Id, side: Side, post_amount: u64) -> Option<(Id, Balances)> {
         let key = (pending_id.clone(), side);
-        if !self.holds.get(&key).is_some_and(|h| h.pending && h.owner == NO_OWNER) {
+        if !self.holds.get(&key).is_some_and(|h| h.pending) {
             return None;
         }
         let hold = self.holds.remove(&key).expect("present");
@@ -482,7 +508,13 @@ impl Ledger {
     }
 
     /// Locks a pending transfer for posting, voiding or expiring it.
-    pub fn lock_pending(&mut self, pending_id: &Id, kind: ResolveKind, owner: Owner, now_ms: u64) -> Result<PendingInfo, ErrorCode> {
+    pub fn lock_pending(
+        &mut self,
+        pending_id: &Id,
+        kind: ResolveKind,
+        owner: Owner,
+        now_ms: u64,
+    ) -> Result<PendingInfo, ErrorCode> {
         let record = self.records.get_mut(pending_id).ok_or(ErrorCode::PendingTransferNotFound)?;
         if record.reserved_by != NO_OWNER {
             return Err(ErrorCode::PendingTransferNotFound);
@@ -573,7 +605,11 @@ impl Ledger {
 
     /// Loads a record from the store back into memory (committed, final).
     pub fn restore_record(&mut self, transfer: Transfer) {
-        self.records.entry(transfer.id.clone()).or_insert(Record { transfer, reserved_by: NO_OWNER, locked_by: NO_OWNER });
+        self.records.entry(transfer.id.clone()).or_insert(Record {
+            transfer,
+            reserved_by: NO_OWNER,
+            locked_by: NO_OWNER,
+        });
     }
 
     /// Sum over all accounts of credits - debits, pending included. Zero when

@@ -25,7 +25,9 @@ pub enum TransferRequest {
 impl TransferRequest {
     pub fn id(&self) -> &Id {
         match self {
-            TransferRequest::Create { id, .. } | TransferRequest::Post { id, .. } | TransferRequest::Void { id, .. } => id,
+            TransferRequest::Create { id, .. }
+            | TransferRequest::Post { id, .. }
+            | TransferRequest::Void { id, .. } => id,
         }
     }
 
@@ -43,10 +45,18 @@ pub enum TransferKind {
     /// Moved at once.
     Single,
     /// A hold; `expires_at_ms` is 0 when it never expires.
-    Pending { timeout_ms: u64, expires_at_ms: u64 },
+    Pending {
+        timeout_ms: u64,
+        expires_at_ms: u64,
+    },
     /// Posted `pending_id`; `requested` is the amount the client named, if any.
-    Post { pending_id: Id, requested: Option<u64> },
-    Void { pending_id: Id },
+    Post {
+        pending_id: Id,
+        requested: Option<u64>,
+    },
+    Void {
+        pending_id: Id,
+    },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -94,9 +104,10 @@ impl Transfer {
             (TransferKind::Pending { timeout_ms: a, .. }, TransferKind::Pending { timeout_ms: b, .. }) => {
                 a == b && self.same_movement(other)
             }
-            (TransferKind::Post { pending_id: a, requested: x }, TransferKind::Post { pending_id: b, requested: y }) => {
-                a == b && x == y
-            }
+            (
+                TransferKind::Post { pending_id: a, requested: x },
+                TransferKind::Post { pending_id: b, requested: y },
+            ) => a == b && x == y,
             (TransferKind::Void { pending_id: a }, TransferKind::Void { pending_id: b }) => a == b,
             _ => false,
         }

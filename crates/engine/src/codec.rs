@@ -7,8 +7,8 @@
 
 use peakstack_domain::ledger::{Leg, PendingInfo, ResolveKind};
 use peakstack_domain::{
-    AccountFlags, Balances, Currency, ErrorCode, Id, NewAccount, Side, Transfer, TransferKind, TransferRequest,
-    TransferStatus, Amount,
+    AccountFlags, Amount, Balances, Currency, ErrorCode, Id, NewAccount, Side, Transfer, TransferKind, TransferRequest,
+    TransferStatus,
 };
 
 use crate::protocol::{CommitOp, Input, OpResult, PeerMsg, TryOp};
@@ -264,7 +264,15 @@ fn amount(r: &mut Reader<'_>) -> Result<Amount> {
 impl Codec for TransferRequest {
     fn encode(&self, w: &mut Writer) {
         match self {
-            TransferRequest::Create { id, debit_account_id, credit_account_id, amount, currency, pending, timeout_ms } => {
+            TransferRequest::Create {
+                id,
+                debit_account_id,
+                credit_account_id,
+                amount,
+                currency,
+                pending,
+                timeout_ms,
+            } => {
                 w.u8(0);
                 id.encode(w);
                 debit_account_id.encode(w);
@@ -511,10 +519,11 @@ impl Codec for OpResult {
 impl Codec for CommitOp {
     fn encode(&self, w: &mut Writer) {
         match self {
-            CommitOp::CommitHold { transfer_id, side } => {
+            CommitOp::CommitHold { transfer_id, side, account_id } => {
                 w.u8(0);
                 transfer_id.encode(w);
                 side.encode(w);
+                account_id.encode(w);
             }
             CommitOp::CommitReservation { id, filled } => {
                 w.u8(1);
@@ -536,7 +545,9 @@ impl Codec for CommitOp {
     }
     fn decode(r: &mut Reader<'_>) -> Result<Self> {
         Ok(match r.u8()? {
-            0 => CommitOp::CommitHold { transfer_id: Id::decode(r)?, side: Side::decode(r)? },
+            0 => {
+                CommitOp::CommitHold { transfer_id: Id::decode(r)?, side: Side::decode(r)?, account_id: Id::decode(r)? }
+            }
             1 => CommitOp::CommitReservation { id: Id::decode(r)?, filled: Option::decode(r)? },
             2 => CommitOp::FinishPending { pending_id: Id::decode(r)?, kind: ResolveKind::decode(r)? },
             3 => CommitOp::Settle { pending_id: Id::decode(r)?, side: Side::decode(r)?, post_amount: r.varint()? },
@@ -723,13 +734,16 @@ mod tests {
                     txn: 9,
                     commit: true,
                     ops: vec![
-                        CommitOp::CommitHold { transfer_id: id("t1"), side: Side::Debit },
+                        CommitOp::CommitHold { transfer_id: id("t1"), side: Side::Debit, account_id: id("a") },
                         CommitOp::CommitReservation { id: id("t1"), filled: Some(transfer) },
                         CommitOp::FinishPending { pending_id: id("t0"), kind: ResolveKind::Expire },
                         CommitOp::Settle { pending_id: id("t0"), side: Side::Credit, post_amount: 0 },
                     ],
                 },
-                PeerMsg::Acked { txn: 9, balances: vec![(id("a"), Balances { debits_posted: 5, ..Default::default() })] },
+                PeerMsg::Acked {
+                    txn: 9,
+                    balances: vec![(id("a"), Balances { debits_posted: 5, ..Default::default() })],
+                },
                 PeerMsg::Forget { txn: 9 },
             ],
         });

@@ -13,12 +13,14 @@ type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState
 
 use peakstack_domain::ledger::{Leg, LocalOutcome, PendingInfo, ResolveKind, TxnView};
 use peakstack_domain::{
-    Account, Balances, Currency, ErrorCode, Id, Ledger, Side, Transfer, TransferKind, TransferRequest,
-    TransferStatus,
+    Account, Balances, Currency, ErrorCode, Id, Ledger, Side, Transfer, TransferKind, TransferRequest, TransferStatus,
 };
 
 use crate::layout::Layout;
 use crate::protocol::{CommitOp, ExecutorId, Input, OpResult, PeerMsg, TransferOutcome, TransferResult, TryOp, TxnId};
+
+/// The answer to opening an account: the account and whether it was created now.
+pub type AccountReply = Result<(Account, bool), ErrorCode>;
 
 /// Which client call a transaction answers: the runtime's tag and the index
 /// of each transfer in that call.
@@ -47,7 +49,10 @@ impl Effects {
 }
 
 enum Fence {
-    Tried { ops: Vec<TryOp>, results: Vec<OpResult> },
+    Tried {
+        ops: Vec<TryOp>,
+        results: Vec<OpResult>,
+    },
     Decided,
     /// A cancel arrived before its try: the try will be refused.
     Suspended,
@@ -104,7 +109,14 @@ pub struct ExecutorCore {
 
 impl ExecutorCore {
     pub fn new(id: ExecutorId, layout: Layout) -> ExecutorCore {
-        ExecutorCore { id, layout, ledger: Ledger::new(), next_txn: 1, txns: HashMap::default(), fences: HashMap::default() }
+        ExecutorCore {
+            id,
+            layout,
+            ledger: Ledger::new(),
+            next_txn: 1,
+            txns: HashMap::default(),
+            fences: HashMap::default(),
+        }
     }
 
     pub fn id(&self) -> ExecutorId {
@@ -132,7 +144,7 @@ impl ExecutorCore {
         now_ms: u64,
         client: Option<ClientTag>,
         fx: &mut Effects,
-    ) -> (bool, Option<Result<(Account, bool), ErrorCode>>) {
+    ) -> (bool, Option<AccountReply>) {
         match input {
             Input::CreateAccount(new) => {
                 let result = self.ledger.create_account(new.clone(), now_ms).map(|(a, created)| (a.clone(), created));
@@ -246,7 +258,15 @@ impl ExecutorCore {
 
     fn build_item(&self, request: &TransferRequest, now_ms: u64) -> Item {
         match request {
-            TransferRequest::Create { id, debit_account_id, credit_account_id, amount, currency, pending, timeout_ms } => {
+            TransferRequest::Create {
+                id,
+                debit_account_id,
+                credit_account_id,
+                amount,
+                currency,
+                pending,
+                timeout_ms,
+            } => {
                 let mut static_error = None;
                 if debit_account_id == credit_account_id {
                     static_error = Some(ErrorCode::AccountsMustBeDifferent);
@@ -281,7 +301,11 @@ impl ExecutorCore {
             }
             TransferRequest::Post { id, pending_id, amount } => {
                 let kind = ResolveKind::Post(amount.map(|a| a.get()));
-                let record = placeholder(id, TransferKind::Post { pending_id: pending_id.clone(), requested: amount.map(|a| a.get()) }, now_ms);
+                let record = placeholder(
+                    id,
+                    TransferKind::Post { pending_id: pending_id.clone(), requested: amount.map(|a| a.get()) },
+                    now_ms,
+                );
                 self.resolve_item(id, pending_id, kind, record)
             }
             TransferRequest::Void { id, pending_id } => {
@@ -301,7 +325,13 @@ impl ExecutorCore {
         }
     }
 
-    fn start_txn(&mut self, mut items: Vec<Item>, client: Option<(ClientTag, Vec<usize>)>, now_ms: u64, fx: &mut Effects) {
+    fn start_txn(
+        &mut self,
+        mut items: Vec<Item>,
+        client: Option<(ClientTag, Vec<usize>)>,
+        now_ms: u64,
+        fx: &mut Effects,
+    ) {
         let txn: TxnId = (u64::from(self.id) << 48) | self.next_txn;
         self.next_txn += 1;
         let mut parts: BTreeMap<ExecutorId, Part> = BTreeMap::new();
@@ -516,11 +546,27 @@ impl ExecutorCore {
                 }
             })
             .collect();
+        // All or nothing per participant: if anything here failed, the
+        // transaction cannot commit, so what did succeed is released now
+        // rather than when the cancel arrives. Two legs on one shard are never
+        // left half-held, so the shard balances at every moment. A cancel
+        // arriving later finds nothing of this transaction to release.
+        if results.iter().any(|r| matches!(r, OpResult::Err(_) | OpResult::Exists(_))) {
+            for (op, result) in ops.iter().zip(&results).rev() {
+                self.release(txn, op, result);
+            }
+        }
         self.fences.insert(txn, Fence::Tried { ops, results: results.clone() });
         results
     }
 
-    fn on_decide(&mut self, txn: TxnId, commit: bool, commit_ops: &[CommitOp], fx: &mut Effects) -> Vec<(Id, Balances)> {
+    fn on_decide(
+        &mut self,
+        txn: TxnId,
+        commit: bool,
+        commit_ops: &[CommitOp],
+        fx: &mut Effects,
+    ) -> Vec<(Id, Balances)> {
         let mut balances = Vec::new();
         match self.fences.remove(&txn) {
             Some(Fence::Tried { ops, results }) => {
@@ -555,7 +601,9 @@ impl ExecutorCore {
         match (op, result) {
             (TryOp::Reserve(t), OpResult::Ok) => self.ledger.cancel_reservation(&t.id, txn),
             (TryOp::Hold(leg), OpResult::Ok) => self.ledger.release_hold(&leg.transfer_id, leg.side, txn),
-            (TryOp::LockPending { pending_id, .. }, OpResult::Pending(_)) => self.ledger.unlock_pending(pending_id, txn),
+            (TryOp::LockPending { pending_id, .. }, OpResult::Pending(_)) => {
+                self.ledger.unlock_pending(pending_id, txn)
+            }
             _ => {}
         }
     }
@@ -563,8 +611,13 @@ impl ExecutorCore {
     fn apply_commit_ops(&mut self, txn: TxnId, ops: &[CommitOp], balances: &mut Vec<(Id, Balances)>, fx: &mut Effects) {
         for op in ops {
             match op {
-                CommitOp::CommitHold { transfer_id, side } => {
-                    balances.extend(self.ledger.commit_hold(transfer_id, *side, txn));
+                CommitOp::CommitHold { transfer_id, side, account_id } => {
+                    // A pending hold a post settled before this commit arrived
+                    // is gone; its account's balances still answer the client.
+                    let committed = self.ledger.commit_hold(transfer_id, *side, txn);
+                    balances.extend(
+                        committed.or_else(|| self.ledger.account(account_id).map(|a| (a.id.clone(), a.balances))),
+                    );
                 }
                 CommitOp::CommitReservation { id, filled } => {
                     if let Some(record) = self.ledger.commit_reservation(id, txn, filled.clone()) {
@@ -645,7 +698,12 @@ fn final_record(item: &Item, pending: Option<&PendingInfo>) -> Option<Transfer> 
     }
 }
 
-fn commit_ops_of(layout: &Layout, item: &Item, pending: Option<&PendingInfo>, _now_ms: u64) -> Vec<(ExecutorId, CommitOp)> {
+fn commit_ops_of(
+    layout: &Layout,
+    item: &Item,
+    pending: Option<&PendingInfo>,
+    _now_ms: u64,
+) -> Vec<(ExecutorId, CommitOp)> {
     match &item.kind {
         ItemKind::Create => {
             let t = item.record.as_ref().expect("a create has a record");
@@ -653,11 +711,19 @@ fn commit_ops_of(layout: &Layout, item: &Item, pending: Option<&PendingInfo>, _n
                 (layout.executor_of_transfer(&t.id), CommitOp::CommitReservation { id: t.id.clone(), filled: None }),
                 (
                     layout.executor_of_account(&t.debit_account_id),
-                    CommitOp::CommitHold { transfer_id: t.id.clone(), side: Side::Debit },
+                    CommitOp::CommitHold {
+                        transfer_id: t.id.clone(),
+                        side: Side::Debit,
+                        account_id: t.debit_account_id.clone(),
+                    },
                 ),
                 (
                     layout.executor_of_account(&t.credit_account_id),
-                    CommitOp::CommitHold { transfer_id: t.id.clone(), side: Side::Credit },
+                    CommitOp::CommitHold {
+                        transfer_id: t.id.clone(),
+                        side: Side::Credit,
+                        account_id: t.credit_account_id.clone(),
+                    },
                 ),
             ]
         }

@@ -91,7 +91,11 @@ impl Log {
         let last_index = segments.len().checked_sub(1);
         for (index, (first, path)) in segments.iter().enumerate() {
             if *first != next_sequence && !(index == 0 && *first > 0) {
-                return Err(LogError::Corrupt { path: path.clone(), offset: 0, reason: format!("segment starts at {first}, expected {next_sequence}") });
+                return Err(LogError::Corrupt {
+                    path: path.clone(),
+                    offset: 0,
+                    reason: format!("segment starts at {first}, expected {next_sequence}"),
+                });
             }
             if index == 0 {
                 next_sequence = *first;
@@ -130,7 +134,11 @@ impl Log {
                             });
                         }
                         next_sequence += 1;
-                        on_batch(batch).map_err(|reason| LogError::Corrupt { path: path.clone(), offset: offset as u64, reason })?;
+                        on_batch(batch).map_err(|reason| LogError::Corrupt {
+                            path: path.clone(),
+                            offset: offset as u64,
+                            reason,
+                        })?;
                         offset += 8 + len;
                         None
                     }
@@ -226,7 +234,8 @@ mod tests {
 
     fn frame(sequence: u64, ids: &[&str]) -> Vec<u8> {
         let mut w = Writer::default();
-        let inputs: Vec<Input> = ids.iter().map(|i| Input::Expire { pending_ids: vec![Id::parse(i).unwrap()] }).collect();
+        let inputs: Vec<Input> =
+            ids.iter().map(|i| Input::Expire { pending_ids: vec![Id::parse(i).unwrap()] }).collect();
         for input in &inputs {
             input.encode(&mut w);
         }

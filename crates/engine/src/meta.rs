@@ -59,7 +59,8 @@ impl Meta {
                 let meta = Meta { format: FORMAT_VERSION, shards: layout.shards(), executors: layout.executors() };
                 let tmp = dir.join(format!("{META_FILE}.tmp"));
                 let mut file = fs::File::create(&tmp).map_err(io)?;
-                write!(file, "format={}\nshards={}\nexecutors={}\n", meta.format, meta.shards, meta.executors).map_err(io)?;
+                write!(file, "format={}\nshards={}\nexecutors={}\n", meta.format, meta.shards, meta.executors)
+                    .map_err(io)?;
                 file.sync_all().map_err(io)?;
                 fs::rename(&tmp, &path).map_err(io)?;
                 fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;

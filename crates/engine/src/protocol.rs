@@ -25,11 +25,19 @@ pub type ExecutorId = u16;
 pub enum Input {
     CreateAccount(NewAccount),
     /// A client's transfers, coordinated by this executor.
-    Transfers { requests: Vec<TransferRequest>, atomic: bool },
+    Transfers {
+        requests: Vec<TransferRequest>,
+        atomic: bool,
+    },
     /// Pending transfers on this executor whose timeout passed.
-    Expire { pending_ids: Vec<Id> },
+    Expire {
+        pending_ids: Vec<Id>,
+    },
     /// Messages from another executor (or, in a replay, from this one).
-    Peer { from: ExecutorId, messages: Vec<PeerMsg> },
+    Peer {
+        from: ExecutorId,
+        messages: Vec<PeerMsg>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -77,7 +85,7 @@ pub enum OpResult {
 /// Phase two, when the coordinator commits.
 #[derive(Clone, Debug, PartialEq)]
 pub enum CommitOp {
-    CommitHold { transfer_id: Id, side: Side },
+    CommitHold { transfer_id: Id, side: Side, account_id: Id },
     CommitReservation { id: Id, filled: Option<Transfer> },
     FinishPending { pending_id: Id, kind: ResolveKind },
     Settle { pending_id: Id, side: Side, post_amount: u64 },

@@ -67,7 +67,7 @@ pub enum EngineError {
     Store(#[from] StoreError),
 }
 
-pub type AccountReply = Result<(Account, bool), ErrorCode>;
+pub use crate::executor::AccountReply;
 
 #[derive(Debug)]
 pub enum Query {
@@ -219,7 +219,12 @@ impl Engine {
                 fx.clear();
                 Ok(())
             })?;
-            tracing::info!(executor = e, batches = log.next_sequence() - 1, accounts = core.ledger().account_count(), "replayed log");
+            tracing::info!(
+                executor = e,
+                batches = log.next_sequence() - 1,
+                accounts = core.ledger().account_count(),
+                "replayed log"
+            );
             cores.push(core);
             logs.push(log);
             last_times.push(last_time_ms);
@@ -389,7 +394,11 @@ impl Engine {
 
     /// Splits a non-atomic call by coordinator; an atomic one goes whole to
     /// the coordinator of its first transfer.
-    fn route(&self, requests: Vec<TransferRequest>, atomic: bool) -> Vec<(ExecutorId, Vec<usize>, Vec<TransferRequest>)> {
+    fn route(
+        &self,
+        requests: Vec<TransferRequest>,
+        atomic: bool,
+    ) -> Vec<(ExecutorId, Vec<usize>, Vec<TransferRequest>)> {
         if atomic || self.shared.layout.executors() == 1 {
             let coordinator = requests.first().map(|r| self.coordinator_of(r)).unwrap_or(0);
             let indices = (0..requests.len()).collect();
@@ -673,17 +682,38 @@ impl Applier {
                 match item {
                     Ok(Inbound::Stop) => stopping = true,
                     Ok(Inbound::Peer { from, messages }) => {
-                        self.apply(Input::Peer { from, messages }, now_ms, None, &mut fx, &mut encoded, &mut inputs_logged);
+                        self.apply(
+                            Input::Peer { from, messages },
+                            now_ms,
+                            None,
+                            &mut fx,
+                            &mut encoded,
+                            &mut inputs_logged,
+                        );
                     }
                     Err(Request::CreateAccount(new, reply)) => {
-                        let answer = self.apply(Input::CreateAccount(new), now_ms, None, &mut fx, &mut encoded, &mut inputs_logged);
+                        let answer = self.apply(
+                            Input::CreateAccount(new),
+                            now_ms,
+                            None,
+                            &mut fx,
+                            &mut encoded,
+                            &mut inputs_logged,
+                        );
                         completions.push(Completion::Account(reply, answer.unwrap_or(Err(ErrorCode::Unavailable))));
                     }
                     Err(Request::CreateAccounts(accounts, reply)) => {
                         let answers = accounts
                             .into_iter()
                             .map(|new| {
-                                let answer = self.apply(Input::CreateAccount(new), now_ms, None, &mut fx, &mut encoded, &mut inputs_logged);
+                                let answer = self.apply(
+                                    Input::CreateAccount(new),
+                                    now_ms,
+                                    None,
+                                    &mut fx,
+                                    &mut encoded,
+                                    &mut inputs_logged,
+                                );
                                 answer.unwrap_or(Err(ErrorCode::Unavailable))
                             })
                             .collect();
@@ -694,7 +724,14 @@ impl Applier {
                         self.next_tag += 1;
                         let n = requests.len();
                         self.clients.insert(tag, ClientBatch { results: vec![None; n], remaining: n, reply });
-                        self.apply(Input::Transfers { requests, atomic }, now_ms, Some(tag), &mut fx, &mut encoded, &mut inputs_logged);
+                        self.apply(
+                            Input::Transfers { requests, atomic },
+                            now_ms,
+                            Some(tag),
+                            &mut fx,
+                            &mut encoded,
+                            &mut inputs_logged,
+                        );
                     }
                     Err(Request::Query(query, reply)) => {
                         completions.push(Completion::Query(reply, self.answer(query)));

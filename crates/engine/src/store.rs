@@ -82,7 +82,10 @@ impl Store {
         tx.open_table(ACCOUNT_HISTORY).map_err(err)?;
         tx.open_table(WATERMARKS).map_err(err)?;
         tx.commit().map_err(err)?;
-        Ok(Store { db: Arc::new(db), progress: Arc::new(Progress { sent: AtomicU64::new(0), indexed: AtomicU64::new(0) }) })
+        Ok(Store {
+            db: Arc::new(db),
+            progress: Arc::new(Progress { sent: AtomicU64::new(0), indexed: AtomicU64::new(0) }),
+        })
     }
 
     /// The last batch of `executor` the store holds (0 = none).
@@ -96,10 +99,8 @@ impl Store {
     pub fn start_indexer(&self) -> Result<Indexer, StoreError> {
         let (tx, rx) = unbounded();
         let store = self.clone();
-        let thread = std::thread::Builder::new()
-            .name("indexer".into())
-            .spawn(move || store.run_indexer(rx))
-            .map_err(err)?;
+        let thread =
+            std::thread::Builder::new().name("indexer".into()).spawn(move || store.run_indexer(rx)).map_err(err)?;
         Ok(Indexer { tx, thread })
     }
 
@@ -261,7 +262,7 @@ fn encode_hex(bytes: &[u8]) -> String {
 }
 
 fn decode_hex(text: &str) -> Option<Vec<u8>> {
-    if text.len() % 2 != 0 || text.len() > 64 {
+    if !text.len().is_multiple_of(2) || text.len() > 64 {
         return None;
     }
     (0..text.len()).step_by(2).map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok()).collect()

@@ -36,7 +36,15 @@ fn create(tid: &str, debit: &str, credit: &str, amount: u64) -> TransferRequest 
 fn pending(tid: &str, debit: &str, credit: &str, amount: u64, timeout_ms: u64) -> TransferRequest {
     match create(tid, debit, credit, amount) {
         TransferRequest::Create { id, debit_account_id, credit_account_id, amount, currency, .. } => {
-            TransferRequest::Create { id, debit_account_id, credit_account_id, amount, currency, pending: true, timeout_ms }
+            TransferRequest::Create {
+                id,
+                debit_account_id,
+                credit_account_id,
+                amount,
+                currency,
+                pending: true,
+                timeout_ms,
+            }
         }
         _ => unreachable!(),
     }
@@ -94,8 +102,14 @@ async fn transfers_across_executors_balance_and_survive_restart() {
     // History is ordered by commit time; a manual clock must move for that.
     clock.advance(1);
     // Insufficient funds is refused and changes nothing.
-    assert_eq!(one(&engine, create("too-much", &names[0], &names[1], 1001)).await.unwrap_err(), ErrorCode::ExceedsCredits);
-    assert_eq!(one(&engine, create("same", &names[0], &names[0], 1)).await.unwrap_err(), ErrorCode::AccountsMustBeDifferent);
+    assert_eq!(
+        one(&engine, create("too-much", &names[0], &names[1], 1001)).await.unwrap_err(),
+        ErrorCode::ExceedsCredits
+    );
+    assert_eq!(
+        one(&engine, create("same", &names[0], &names[0], 1)).await.unwrap_err(),
+        ErrorCode::AccountsMustBeDifferent
+    );
     assert_eq!(one(&engine, create("ghost", &names[0], "nobody", 1)).await.unwrap_err(), ErrorCode::AccountNotFound);
 
     // A plain transfer, and its idempotent retry.
@@ -104,14 +118,20 @@ async fn transfers_across_executors_balance_and_survive_restart() {
     assert_eq!(out.debit_balances.unwrap().debits_posted, 300);
     let again = one(&engine, create("t1", &names[0], &names[1], 300)).await.unwrap();
     assert!(!again.created);
-    assert_eq!(one(&engine, create("t1", &names[0], &names[1], 301)).await.unwrap_err(), ErrorCode::ExistsWithDifferentFields);
+    assert_eq!(
+        one(&engine, create("t1", &names[0], &names[1], 301)).await.unwrap_err(),
+        ErrorCode::ExistsWithDifferentFields
+    );
 
     // Pending: hold, partial post, then the second post is refused.
     let held = one(&engine, pending("p1", &names[2], &names[3], 500, 0)).await.unwrap();
     assert_eq!(held.transfer.status, TransferStatus::Pending);
     let a2 = engine.account(&id(&names[2])).await.unwrap().unwrap();
     assert_eq!(a2.available(), Some(500));
-    let post = one(&engine, TransferRequest::Post { id: id("p1-post"), pending_id: id("p1"), amount: Amount::new(200) }).await.unwrap();
+    let post =
+        one(&engine, TransferRequest::Post { id: id("p1-post"), pending_id: id("p1"), amount: Amount::new(200) })
+            .await
+            .unwrap();
     assert_eq!(post.transfer.amount, 200);
     assert_eq!(post.transfer.status, TransferStatus::Posted);
     assert_eq!(
@@ -135,13 +155,18 @@ async fn transfers_across_executors_balance_and_survive_restart() {
     }
     assert!(expired, "pending transfer did not expire");
     assert_eq!(
-        one(&engine, TransferRequest::Post { id: id("p2-post"), pending_id: id("p2"), amount: None }).await.unwrap_err(),
+        one(&engine, TransferRequest::Post { id: id("p2-post"), pending_id: id("p2"), amount: None })
+            .await
+            .unwrap_err(),
         ErrorCode::PendingTransferExpired
     );
 
     // Atomic batch: the second transfer fails, so neither happens.
     let results = engine
-        .create_transfers(vec![create("a1", &names[1], &names[2], 10), create("a2", &names[3], &names[0], 999_999)], true)
+        .create_transfers(
+            vec![create("a1", &names[1], &names[2], 10), create("a2", &names[3], &names[0], 999_999)],
+            true,
+        )
         .await;
     assert_eq!(results[0].clone().unwrap_err(), ErrorCode::LinkedEventFailed);
     assert_eq!(results[1].clone().unwrap_err(), ErrorCode::ExceedsCredits);

@@ -1,1 +1,277 @@
+//! peakstack's HTTP/JSON API.
+//!
+//! The outer layer of the system: it speaks HTTP and JSON, knows the wire
+//! format, and owns nothing of the ledger. Every handler parses and
+//! validates, calls the [`Engine`], and maps the result; every error is one
+//! [`ApiError`] rendered as `application/problem+json` with a stable `code`.
+//!
+//! Layers, outermost first: one gives every request an `X-Request-Id`, a
+//! tracing span carrying it, and its metrics; the POST guard bounds bodies
+//! (64 KiB, 4 MiB for a batch) and implements `Idempotency-Key` over a
+//! durable redb store (`<data_dir>/idempotency.redb`, see [`idempotency`]);
+//! innermost, a panic becomes a 500 problem.
+//!
+//! Running a server: [`serve`] binds `config.listen` and serves until the
+//! shutdown future resolves. Tests that need the port bind first:
+//!
+//! ```no_run
+//! # async fn demo(engine: peakstack_engine::Engine) -> anyhow::Result<()> {
+//! use peakstack_server::{Server, ServerConfig};
+//! let config = ServerConfig { listen: "127.0.0.1:0".parse()?, data_dir: "/tmp/data".into() };
+//! let server = Server::bind(config, engine.clone()).await?;
+//! let addr = server.local_addr(); // the port the OS picked
+//! let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+//! let task = tokio::spawn(server.run(async move { let _ = stopped.await; }));
+//! // ... talk to http://{addr} ...
+//! let _ = stop.send(());
+//! task.await??; // drained and closed; now the engine may shut down
+//! engine.shutdown();
+//! # Ok(()) }
+//! ```
 
+mod error;
+mod handlers;
+pub mod idempotency;
+mod observe;
+mod post_guard;
+mod wire;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::extract::DefaultBodyLimit;
+use axum::middleware::{from_fn, from_fn_with_state};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, MethodRouter};
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
+use peakstack_engine::Engine;
+use tokio::net::TcpListener;
+use tower_http::catch_panic::CatchPanicLayer;
+
+pub use error::{ApiError, PROBLEM_JSON};
+pub use handlers::{DEFAULT_PAGE_LIMIT, MAX_BATCH_TRANSFERS, MAX_PAGE_LIMIT, OPENAPI_JSON};
+pub use idempotency::{IdempotencyStore, StoreError};
+pub use observe::{metrics_handle, X_REQUEST_ID};
+pub use post_guard::{BATCH_BODY_LIMIT_BYTES, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, SINGLE_BODY_LIMIT_BYTES};
+pub use wire::MAX_METADATA_BYTES;
+
+/// File name of the idempotency database inside the data dir.
+pub const IDEMPOTENCY_FILE: &str = "idempotency.redb";
+/// How often histogram data is drained into the exporter when nobody scrapes.
+const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// Where `idempotency.redb` lives (created if missing). May be the
+    /// engine's data dir.
+    pub data_dir: PathBuf,
+}
+
+/// What the handlers share: the engine, the idempotency store, the metrics
+/// handle and the readiness flag. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    engine: Engine,
+    idempotency: IdempotencyStore,
+    metrics: PrometheusHandle,
+    ready: AtomicBool,
+}
+
+impl AppState {
+    /// Opens `<data_dir>/idempotency.redb`. Starts not ready: [`Server::run`]
+    /// flips readiness on while it serves.
+    pub fn new(engine: Engine, data_dir: &Path) -> anyhow::Result<AppState> {
+        std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
+        let path = data_dir.join(IDEMPOTENCY_FILE);
+        let idempotency = IdempotencyStore::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+        Ok(AppState {
+            inner: Arc::new(Inner { engine, idempotency, metrics: metrics_handle(), ready: AtomicBool::new(false) }),
+        })
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.inner.engine
+    }
+
+    pub fn idempotency(&self) -> &IdempotencyStore {
+        &self.inner.idempotency
+    }
+
+    pub fn metrics(&self) -> &PrometheusHandle {
+        &self.inner.metrics
+    }
+
+    /// What `GET /readyz` answers.
+    pub fn set_ready(&self, ready: bool) {
+        self.inner.ready.store(ready, Ordering::Release);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.inner.ready.load(Ordering::Acquire)
+    }
+
+    /// Closes the idempotency store (after the operations already queued).
+    /// Keyed POSTs answer `unavailable` afterwards.
+    pub async fn close(&self) {
+        self.set_ready(false);
+        self.inner.idempotency.close().await;
+    }
+}
+
+type Routes = Vec<(&'static str, &'static str, MethodRouter<AppState>)>;
+
+/// Every route: (method, path, handler). The router is built from this
+/// table and the OpenAPI test checks the document against it.
+fn route_table() -> Routes {
+    use handlers::*;
+    vec![
+        ("GET", "/healthz", get(healthz)),
+        ("GET", "/readyz", get(readyz)),
+        ("GET", "/metrics", get(metrics)),
+        ("GET", "/openapi.json", get(openapi)),
+        ("POST", "/v1/accounts", post(create_account)),
+        ("GET", "/v1/accounts", get(list_accounts)),
+        ("GET", "/v1/accounts/{id}", get(get_account)),
+        ("GET", "/v1/accounts/{id}/transfers", get(account_transfers)),
+        ("POST", "/v1/transfers", post(create_transfer)),
+        ("POST", "/v1/transfers/batch", post(create_batch)),
+        ("GET", "/v1/transfers/{id}", get(get_transfer)),
+        ("POST", "/v1/transfers/{id}/post", post(post_pending)),
+        ("POST", "/v1/transfers/{id}/void", post(void_pending)),
+    ]
+}
+
+/// (method, path) of every route the router serves, paths in the router's
+/// (and OpenAPI's) `{param}` syntax.
+pub fn api_routes() -> Vec<(&'static str, &'static str)> {
+    route_table().into_iter().map(|(method, path, _)| (method, path)).collect()
+}
+
+fn panic_answer(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    ApiError::Internal("the server failed while answering; the request may or may not have taken effect".to_owned())
+        .into_response()
+}
+
+/// The whole API with its middleware.
+pub fn router(state: AppState) -> Router {
+    let mut router = Router::new();
+    for (_, path, handler) in route_table() {
+        router = router.route(path, handler);
+    }
+    router
+        .fallback(handlers::unknown_route)
+        .method_not_allowed_fallback(handlers::method_not_allowed)
+        // Innermost, so that a panic's 500 still passes the POST guard (which
+        // does not remember it) and gets its request id and metrics.
+        .layer(CatchPanicLayer::custom(panic_answer))
+        // The POST guard has bounded and buffered the body already.
+        .layer(DefaultBodyLimit::max(BATCH_BODY_LIMIT_BYTES))
+        .layer(from_fn_with_state(state.clone(), post_guard::post_guard))
+        .layer(from_fn(observe::observe))
+        .with_state(state)
+}
+
+/// A bound listener with its state, not yet serving.
+pub struct Server {
+    listener: TcpListener,
+    state: AppState,
+    local_addr: SocketAddr,
+}
+
+impl Server {
+    /// Binds `config.listen` (port 0 picks a free port: see
+    /// [`Server::local_addr`]) and opens the idempotency store.
+    pub async fn bind(config: ServerConfig, engine: Engine) -> anyhow::Result<Server> {
+        let state = AppState::new(engine, &config.data_dir)?;
+        let listener =
+            TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
+        let local_addr = listener.local_addr()?;
+        Ok(Server { listener, state, local_addr })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn state(&self) -> AppState {
+        self.state.clone()
+    }
+
+    /// Serves until `shutdown` resolves; then stops accepting, reports not
+    /// ready, drains the requests in flight, stops the background tasks and
+    /// closes the idempotency store. The caller shuts the engine down after.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let Server { listener, state, local_addr } = self;
+        tracing::info!("listening on {local_addr}");
+        state.set_ready(true);
+        let (stop_tasks, tasks_stopped) = tokio::sync::watch::channel(false);
+        let purge = tokio::spawn(purge_loop(state.clone(), tasks_stopped.clone()));
+        let upkeep = tokio::spawn(upkeep_loop(state.metrics().clone(), tasks_stopped));
+
+        let signal_state = state.clone();
+        let served = axum::serve(listener, router(state.clone()))
+            .with_graceful_shutdown(async move {
+                shutdown.await;
+                signal_state.set_ready(false);
+                tracing::info!("shutting down: draining requests in flight");
+            })
+            .await;
+
+        let _ = stop_tasks.send(true);
+        let _ = purge.await;
+        let _ = upkeep.await;
+        state.close().await;
+        tracing::info!("server stopped");
+        served.context("server failed")
+    }
+}
+
+/// Binds, logs "listening on ADDR", serves until `shutdown` resolves, drains
+/// the requests in flight, then returns. The caller then calls
+/// `engine.shutdown()`. To learn a port picked by the OS, use
+/// [`Server::bind`] and [`Server::run`].
+pub async fn serve(
+    config: ServerConfig,
+    engine: Engine,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    Server::bind(config, engine).await?.run(shutdown).await
+}
+
+/// Deletes idempotency keys older than [`idempotency::RETENTION_MS`],
+/// [`idempotency::PURGE_LIMIT`] per run.
+async fn purge_loop(state: AppState, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut ticks = tokio::time::interval(idempotency::PURGE_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let cutoff_ms = idempotency::now_ms().saturating_sub(idempotency::RETENTION_MS);
+        match state.idempotency().purge(cutoff_ms, idempotency::PURGE_LIMIT).await {
+            Ok(0) => {}
+            Ok(purged) => tracing::info!(purged, "purged old idempotency keys"),
+            Err(error) => tracing::warn!(%error, "purging idempotency keys failed"),
+        }
+    }
+}
+
+async fn upkeep_loop(handle: PrometheusHandle, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut ticks = tokio::time::interval(METRICS_UPKEEP_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => handle.run_upkeep(),
+            _ = stop.changed() => return,
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! The one error type of the HTTP layer, rendered as RFC 9457 problem+json
+//! with a stable machine `code`.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use peakstack_domain::ErrorCode;
+use serde::Serialize;
+
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+/// Marks an answer that says "try again later" (a request or key in
+/// flight, an engine or store that is unavailable). Such answers are never
+/// remembered under an Idempotency-Key: the retry must get a real answer.
+#[derive(Clone, Copy, Debug)]
+pub struct Transient;
+
+/// Everything a request can fail with. Each variant has one stable `code`
+/// and one HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Malformed JSON, wrong types, unknown or missing fields, bad ids,
+    /// currencies or amounts, bad headers or query parameters.
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// A body over the route's limit (code `invalid_request`, status 413).
+    #[error("{0}")]
+    BodyTooLarge(String),
+    /// The ledger refused the request; nothing changed.
+    #[error("{1}")]
+    Ledger(ErrorCode, String),
+    #[error("no route for {0}")]
+    RouteNotFound(String),
+    #[error("method {0} is not allowed here")]
+    MethodNotAllowed(String),
+    #[error("this Idempotency-Key was used with a different request (method, path or body)")]
+    IdempotencyKeyReused,
+    #[error("a request with this Idempotency-Key is still being processed; retry shortly")]
+    IdempotencyKeyInUse,
+    /// Shutting down, overloaded, or the idempotency store failed.
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn invalid(detail: impl Into<String>) -> ApiError {
+        ApiError::InvalidRequest(detail.into())
+    }
+
+    /// A ledger refusal with the standard explanation of its code.
+    pub fn ledger(code: ErrorCode) -> ApiError {
+        ApiError::Ledger(code, ledger_detail(code).to_owned())
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::InvalidRequest(_) | ApiError::BodyTooLarge(_) => "invalid_request",
+            ApiError::Ledger(code, _) => code.as_str(),
+            ApiError::RouteNotFound(_) => "not_found",
+            ApiError::MethodNotAllowed(_) => "method_not_allowed",
+            ApiError::IdempotencyKeyReused => "idempotency_key_reused",
+            ApiError::IdempotencyKeyInUse => "idempotency_key_in_use",
+            ApiError::Unavailable(_) => "unavailable",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Ledger(code, _) => ledger_status(*code),
+            ApiError::RouteNotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::IdempotencyKeyInUse => StatusCode::CONFLICT,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Whether a retry may get a different answer (see [`Transient`]).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ApiError::Ledger(code, _) => is_transient_code(*code),
+            ApiError::IdempotencyKeyInUse | ApiError::Unavailable(_) | ApiError::Internal(_) => true,
+            _ => false,
+        }
+    }
+}
+
+/// Ledger codes whose answer may change on a retry.
+pub fn is_transient_code(code: ErrorCode) -> bool {
+    matches!(code, ErrorCode::InFlight | ErrorCode::Unavailable)
+}
+
+/// The HTTP status of each ledger code.
+pub fn ledger_status(code: ErrorCode) -> StatusCode {
+    match code {
+        ErrorCode::InvalidRequest => StatusCode::BAD_REQUEST,
+        ErrorCode::AccountNotFound | ErrorCode::TransferNotFound | ErrorCode::PendingTransferNotFound => {
+            StatusCode::NOT_FOUND
+        }
+        ErrorCode::ExistsWithDifferentFields | ErrorCode::InFlight => StatusCode::CONFLICT,
+        ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::CurrencyMismatch
+        | ErrorCode::AccountsMustBeDifferent
+        | ErrorCode::ExceedsCredits
+        | ErrorCode::ExceedsDebits
+        | ErrorCode::PendingTransferNotPending
+        | ErrorCode::PendingTransferAlreadyPosted
+        | ErrorCode::PendingTransferAlreadyVoided
+        | ErrorCode::PendingTransferExpired
+        | ErrorCode::AmountExceedsPending
+        | ErrorCode::Overflow
+        | ErrorCode::LinkedEventFailed => StatusCode::UNPROCESSABLE_ENTITY,
+    }
+}
+
+/// The standard explanation of a ledger code, for `detail`.
+pub fn ledger_detail(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::InvalidRequest => "the request is not valid",
+        ErrorCode::AccountNotFound => "an account named in the request does not exist",
+        ErrorCode::TransferNotFound => "the transfer does not exist",
+        ErrorCode::CurrencyMismatch => "the transfer's currency differs from the currency of one of its accounts",
+        ErrorCode::AccountsMustBeDifferent => "the debit and credit accounts of a transfer must be different",
+        ErrorCode::ExceedsCredits => "the debit account's debits would exceed its credits (plus its overdraft limit)",
+        ErrorCode::ExceedsDebits => "the credit account's credits would exceed its debits",
+        ErrorCode::ExistsWithDifferentFields => "an object with this id exists already, with different fields",
+        ErrorCode::PendingTransferNotFound => "the pending transfer does not exist",
+        ErrorCode::PendingTransferNotPending => "the transfer named as pending is not a pending transfer",
+        ErrorCode::PendingTransferAlreadyPosted => "the pending transfer was already posted",
+        ErrorCode::PendingTransferAlreadyVoided => "the pending transfer was already voided",
+        ErrorCode::PendingTransferExpired => "the pending transfer expired",
+        ErrorCode::AmountExceedsPending => "the amount to post exceeds the pending amount",
+        ErrorCode::Overflow => "a balance would overflow",
+        ErrorCode::LinkedEventFailed => "another transfer of this atomic batch failed, so this one was not applied",
+        ErrorCode::InFlight => "another request for this transfer is being processed right now; retry shortly",
+        ErrorCode::Unavailable => "the ledger is shutting down or overloaded; retry later",
+    }
+}
+
+fn title(code: &str) -> &'static str {
+    match code {
+        "invalid_request" => "Invalid request",
+        "account_not_found" => "Account not found",
+        "transfer_not_found" => "Transfer not found",
+        "pending_transfer_not_found" => "Pending transfer not found",
+        "currency_mismatch" => "Currency mismatch",
+        "accounts_must_be_different" => "Accounts must be different",
+        "exceeds_credits" => "Debits would exceed credits",
+        "exceeds_debits" => "Credits would exceed debits",
+        "exists_with_different_fields" => "Exists with different fields",
+        "pending_transfer_not_pending" => "Transfer is not pending",
+        "pending_transfer_already_posted" => "Pending transfer already posted",
+        "pending_transfer_already_voided" => "Pending transfer already voided",
+        "pending_transfer_expired" => "Pending transfer expired",
+        "amount_exceeds_pending" => "Amount exceeds pending amount",
+        "overflow" => "Balance overflow",
+        "linked_event_failed" => "Linked transfer failed",
+        "transfer_in_flight" => "Transfer in flight",
+        "unavailable" => "Service unavailable",
+        "not_found" => "Not found",
+        "method_not_allowed" => "Method not allowed",
+        "idempotency_key_reused" => "Idempotency key reused",
+        "idempotency_key_in_use" => "Idempotency key in use",
+        _ => "Internal error",
+    }
+}
+
+#[derive(Serialize)]
+struct Problem<'a> {
+    #[serde(rename = "type")]
+    kind: String,
+    title: &'static str,
+    status: u16,
+    detail: String,
+    code: &'a str,
+}
+
+/// Renders a problem+json answer.
+pub fn problem(status: StatusCode, code: &str, detail: String) -> Response {
+    let body = Problem {
+        kind: format!("urn:peakstack:problem:{code}"),
+        title: title(code),
+        status: status.as_u16(),
+        detail,
+        code,
+    };
+    let bytes = serde_json::to_vec(&body).expect("a problem serializes");
+    let mut response = (status, bytes).into_response();
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+    response
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let transient = self.is_transient();
+        let mut response = problem(self.status(), self.code(), self.to_string());
+        if transient {
+            response.extensions_mut().insert(Transient);
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_ledger_code_has_a_status_a_title_and_a_detail() {
+        for code in ErrorCode::ALL {
+            let status = ledger_status(code);
+            assert!(status.is_client_error() || status.is_server_error(), "{code}");
+            assert_ne!(title(code.as_str()), "Internal error", "{code}");
+            assert!(!ledger_detail(code).is_empty());
+        }
+    }
+}

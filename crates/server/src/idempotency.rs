@@ -1,0 +1,474 @@
+//! Idempotency-Key: the answers to keyed POSTs, remembered durably in redb.
+//!
+//! One thread owns the database. Callers send it operations and await a
+//! oneshot; it takes every operation waiting (up to [`MAX_GROUP_OPS`]),
+//! answers the reads from one read transaction, applies the writes in one
+//! write transaction committed with `Durability::Immediate` (one fsync for
+//! the group: group commit), and only then answers the writers. So an answer
+//! is durable before the client sees it, and a burst of keyed requests pays
+//! one fsync, not one each.
+//!
+//! Two requests with the same key never run at once: the first holds the key
+//! in an in-memory set until its answer is stored, and the second is told
+//! `idempotency_key_in_use`. That is also why reads need not wait for writes
+//! of the same group: a read of key K is only made by the holder of K.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, oneshot};
+
+/// Longest key a client may send.
+pub const MAX_KEY_LEN: usize = 255;
+/// Keys are remembered at least this long.
+pub const RETENTION_MS: u64 = 24 * 60 * 60 * 1000;
+/// How often old keys are purged.
+pub const PURGE_INTERVAL: Duration = Duration::from_secs(60);
+/// Most keys one purge run deletes (bounded work per run; the next run
+/// continues).
+pub const PURGE_LIMIT: usize = 10_000;
+/// Most operations applied in one group (one write transaction).
+pub const MAX_GROUP_OPS: usize = 1024;
+/// Operations waiting for the store thread; senders wait past it.
+pub const QUEUE_CAPACITY: usize = 4096;
+/// Most keys being processed at once; past it keyed requests are refused
+/// with `unavailable`.
+pub const MAX_KEYS_IN_FLIGHT: usize = 65_536;
+/// Largest answer remembered (a full batch answer is a few MiB).
+pub const MAX_STORED_ANSWER_BYTES: usize = 32 << 20;
+
+const ANSWERS: TableDefinition<&str, &[u8]> = TableDefinition::new("answers");
+/// (created_at_ms, key): the purge walks this in age order.
+const BY_AGE: TableDefinition<(u64, &str), ()> = TableDefinition::new("answers_by_age");
+
+const RECORD_VERSION: u8 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("idempotency store: {0}")]
+    Redb(#[from] redb::Error),
+    /// A failure shared by every operation of a group.
+    #[error("idempotency store: {0}")]
+    Failed(String),
+    #[error("idempotency store is closed")]
+    Closed,
+    #[error("idempotency store: cannot start its thread: {0}")]
+    Thread(std::io::Error),
+    #[error("idempotency store: corrupt record for key {0:?}")]
+    Corrupt(String),
+}
+
+/// What a keyed request got, byte for byte.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredAnswer {
+    /// sha256 of method, path and body of the request.
+    pub fingerprint: [u8; 32],
+    pub status: u16,
+    pub content_type: String,
+    pub body: Bytes,
+    pub created_at_ms: u64,
+}
+
+impl StoredAnswer {
+    fn encode(&self) -> Vec<u8> {
+        let content_type = self.content_type.as_bytes();
+        let content_type = &content_type[..content_type.len().min(255)];
+        let mut out = Vec::with_capacity(44 + content_type.len() + self.body.len());
+        out.push(RECORD_VERSION);
+        out.extend_from_slice(&self.fingerprint);
+        out.extend_from_slice(&self.status.to_be_bytes());
+        out.extend_from_slice(&self.created_at_ms.to_be_bytes());
+        out.push(content_type.len() as u8);
+        out.extend_from_slice(content_type);
+        out.extend_from_slice(&self.body);
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Option<StoredAnswer> {
+        let (&version, rest) = bytes.split_first()?;
+        if version != RECORD_VERSION || rest.len() < 32 + 2 + 8 + 1 {
+            return None;
+        }
+        let fingerprint: [u8; 32] = rest[..32].try_into().ok()?;
+        let status = u16::from_be_bytes(rest[32..34].try_into().ok()?);
+        let created_at_ms = u64::from_be_bytes(rest[34..42].try_into().ok()?);
+        let content_type_len = usize::from(rest[42]);
+        let rest = &rest[43..];
+        if rest.len() < content_type_len {
+            return None;
+        }
+        let content_type = std::str::from_utf8(&rest[..content_type_len]).ok()?.to_owned();
+        let body = Bytes::copy_from_slice(&rest[content_type_len..]);
+        Some(StoredAnswer { fingerprint, status, content_type, body, created_at_ms })
+    }
+
+    fn created_at_of(bytes: &[u8]) -> Option<u64> {
+        Some(u64::from_be_bytes(bytes.get(35..43)?.try_into().ok()?))
+    }
+}
+
+/// The fingerprint of a request: what must match for a replay.
+pub fn fingerprint(method: &str, path_and_query: &str, body: &[u8]) -> [u8; 32] {
+    let mut hash = Sha256::new();
+    hash.update(method.as_bytes());
+    hash.update(b" ");
+    hash.update(path_and_query.as_bytes());
+    hash.update(b"\n");
+    hash.update(body);
+    hash.finalize().into()
+}
+
+/// Checks an Idempotency-Key: 1-255 printable ASCII characters.
+pub fn valid_key(key: &[u8]) -> bool {
+    !key.is_empty() && key.len() <= MAX_KEY_LEN && key.iter().all(|b| (0x20..=0x7e).contains(b))
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+enum Op {
+    Get { key: String, reply: oneshot::Sender<Result<Option<StoredAnswer>, StoreError>> },
+    Put { key: String, answer: StoredAnswer, reply: oneshot::Sender<Result<(), StoreError>> },
+    Purge { cutoff_ms: u64, limit: usize, reply: oneshot::Sender<Result<usize, StoreError>> },
+    Close,
+}
+
+/// The durable map key -> answer, and the set of keys in flight.
+pub struct IdempotencyStore {
+    ops: mpsc::Sender<Op>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    in_flight: Arc<Mutex<HashSet<String>>>,
+}
+
+/// Holds a key in flight; dropping it (also when a request is cancelled)
+/// lets the next request with the key in.
+pub struct KeyGuard {
+    key: String,
+    in_flight: Arc<Mutex<HashSet<String>>>,
+}
+
+impl Drop for KeyGuard {
+    fn drop(&mut self) {
+        self.in_flight.lock().remove(&self.key);
+    }
+}
+
+/// Why a key could not be taken.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Busy {
+    /// Another request holds this key.
+    KeyInUse,
+    /// [`MAX_KEYS_IN_FLIGHT`] keys are being processed.
+    Full,
+}
+
+impl IdempotencyStore {
+    /// Opens (or creates) the database at `path` and starts its thread.
+    pub fn open(path: &Path) -> Result<IdempotencyStore, StoreError> {
+        let db = Database::create(path).map_err(redb::Error::from)?;
+        // Create the tables so that readers always find them.
+        let mut txn = db.begin_write().map_err(redb::Error::from)?;
+        txn.set_durability(Durability::Immediate).map_err(redb::Error::from)?;
+        txn.open_table(ANSWERS).map_err(redb::Error::from)?;
+        txn.open_table(BY_AGE).map_err(redb::Error::from)?;
+        txn.commit().map_err(redb::Error::from)?;
+
+        let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
+        let thread = std::thread::Builder::new()
+            .name("idempotency".to_owned())
+            .spawn(move || run(db, rx))
+            .map_err(StoreError::Thread)?;
+        Ok(IdempotencyStore {
+            ops: tx,
+            thread: Mutex::new(Some(thread)),
+            in_flight: Arc::new(Mutex::new(HashSet::new())),
+        })
+    }
+
+    /// Takes `key` for one request.
+    pub fn begin(&self, key: &str) -> Result<KeyGuard, Busy> {
+        let mut in_flight = self.in_flight.lock();
+        if in_flight.contains(key) {
+            return Err(Busy::KeyInUse);
+        }
+        if in_flight.len() >= MAX_KEYS_IN_FLIGHT {
+            return Err(Busy::Full);
+        }
+        in_flight.insert(key.to_owned());
+        Ok(KeyGuard { key: key.to_owned(), in_flight: self.in_flight.clone() })
+    }
+
+    async fn call<T>(&self, op: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op) -> Result<T, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.ops.send(op(tx)).await.map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    pub async fn get(&self, key: &str) -> Result<Option<StoredAnswer>, StoreError> {
+        let key = key.to_owned();
+        self.call(|reply| Op::Get { key, reply }).await
+    }
+
+    /// Stores an answer; returns once it is durable.
+    pub async fn put(&self, key: &str, answer: StoredAnswer) -> Result<(), StoreError> {
+        let key = key.to_owned();
+        self.call(|reply| Op::Put { key, answer, reply }).await
+    }
+
+    /// Deletes up to `limit` answers created before `cutoff_ms`, oldest
+    /// first; returns how many.
+    pub async fn purge(&self, cutoff_ms: u64, limit: usize) -> Result<usize, StoreError> {
+        self.call(|reply| Op::Purge { cutoff_ms, limit, reply }).await
+    }
+
+    /// Stops the thread after the operations already queued and closes the
+    /// database (so that it can be opened again, in this process too).
+    pub async fn close(&self) {
+        let _ = self.ops.send(Op::Close).await;
+        let thread = self.thread.lock().take();
+        if let Some(thread) = thread {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
+fn run(db: Database, mut rx: mpsc::Receiver<Op>) {
+    let mut group = Vec::with_capacity(MAX_GROUP_OPS);
+    while let Some(first) = rx.blocking_recv() {
+        group.push(first);
+        while group.len() < MAX_GROUP_OPS {
+            match rx.try_recv() {
+                Ok(op) => group.push(op),
+                Err(_) => break,
+            }
+        }
+        let close = apply_group(&db, &mut group);
+        if close {
+            break;
+        }
+    }
+    drop(db);
+}
+
+/// Applies one group; returns whether the store was asked to close.
+fn apply_group(db: &Database, group: &mut Vec<Op>) -> bool {
+    let mut close = false;
+    let mut reads = Vec::new();
+    let mut writes = Vec::new();
+    for op in group.drain(..) {
+        match op {
+            Op::Get { key, reply } => reads.push((key, reply)),
+            Op::Close => close = true,
+            write => writes.push(write),
+        }
+    }
+    if !reads.is_empty() {
+        match read_all(db, &reads) {
+            Ok(answers) => {
+                for ((_, reply), answer) in reads.into_iter().zip(answers) {
+                    let _ = reply.send(answer);
+                }
+            }
+            Err(error) => {
+                let text = error.to_string();
+                for (_, reply) in reads {
+                    let _ = reply.send(Err(StoreError::Failed(text.clone())));
+                }
+            }
+        }
+    }
+    if !writes.is_empty() {
+        write_all(db, writes);
+    }
+    close
+}
+
+type ReadReply = oneshot::Sender<Result<Option<StoredAnswer>, StoreError>>;
+
+fn read_all(
+    db: &Database,
+    reads: &[(String, ReadReply)],
+) -> Result<Vec<Result<Option<StoredAnswer>, StoreError>>, redb::Error> {
+    let txn = db.begin_read()?;
+    let table = txn.open_table(ANSWERS)?;
+    let mut answers = Vec::with_capacity(reads.len());
+    for (key, _) in reads {
+        let answer = match table.get(key.as_str())? {
+            None => Ok(None),
+            Some(value) => {
+                StoredAnswer::decode(value.value()).map(Some).ok_or_else(|| StoreError::Corrupt(key.clone()))
+            }
+        };
+        answers.push(answer);
+    }
+    Ok(answers)
+}
+
+enum WriteResult {
+    Put(oneshot::Sender<Result<(), StoreError>>),
+    Purge(oneshot::Sender<Result<usize, StoreError>>, usize),
+}
+
+fn write_all(db: &Database, writes: Vec<Op>) {
+    let mut results = Vec::with_capacity(writes.len());
+    let outcome = (|| -> Result<(), redb::Error> {
+        let mut txn = db.begin_write()?;
+        txn.set_durability(Durability::Immediate)?;
+        {
+            let mut answers = txn.open_table(ANSWERS)?;
+            let mut by_age = txn.open_table(BY_AGE)?;
+            for op in writes {
+                match op {
+                    Op::Put { key, answer, reply } => {
+                        let old = answers
+                            .insert(key.as_str(), answer.encode().as_slice())?
+                            .and_then(|old| StoredAnswer::created_at_of(old.value()));
+                        if let Some(old_created_at_ms) = old {
+                            by_age.remove((old_created_at_ms, key.as_str()))?;
+                        }
+                        by_age.insert((answer.created_at_ms, key.as_str()), ())?;
+                        results.push(WriteResult::Put(reply));
+                    }
+                    Op::Purge { cutoff_ms, limit, reply } => {
+                        let mut victims = Vec::new();
+                        for entry in by_age.range(..(cutoff_ms, ""))?.take(limit) {
+                            let (k, _) = entry?;
+                            let (created_at_ms, key) = k.value();
+                            victims.push((created_at_ms, key.to_owned()));
+                        }
+                        for (created_at_ms, key) in &victims {
+                            by_age.remove((*created_at_ms, key.as_str()))?;
+                            let current =
+                                answers.get(key.as_str())?.and_then(|v| StoredAnswer::created_at_of(v.value()));
+                            // Only the answer this index entry was made for.
+                            if current == Some(*created_at_ms) {
+                                answers.remove(key.as_str())?;
+                            }
+                        }
+                        results.push(WriteResult::Purge(reply, victims.len()));
+                    }
+                    Op::Get { .. } | Op::Close => unreachable!("reads and close are taken out before"),
+                }
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    })();
+    match outcome {
+        Ok(()) => {
+            for result in results {
+                match result {
+                    WriteResult::Put(reply) => {
+                        let _ = reply.send(Ok(()));
+                    }
+                    WriteResult::Purge(reply, n) => {
+                        let _ = reply.send(Ok(n));
+                    }
+                }
+            }
+        }
+        Err(error) => {
+            // Nothing of the group was stored; every writer hears so (the
+            // failed operation's own reply was dropped: it hears `Closed`).
+            tracing::error!(%error, "idempotency store write failed");
+            let text = error.to_string();
+            for result in results {
+                let error = || StoreError::Failed(text.clone());
+                match result {
+                    WriteResult::Put(reply) => {
+                        let _ = reply.send(Err(error()));
+                    }
+                    WriteResult::Purge(reply, _) => {
+                        let _ = reply.send(Err(error()));
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(created_at_ms: u64, body: &str) -> StoredAnswer {
+        StoredAnswer {
+            fingerprint: fingerprint("POST", "/v1/transfers", body.as_bytes()),
+            status: 201,
+            content_type: "application/json".to_owned(),
+            body: Bytes::from(body.to_owned()),
+            created_at_ms,
+        }
+    }
+
+    #[test]
+    fn records_round_trip() {
+        let a = answer(1234, "{\"x\":1}");
+        assert_eq!(StoredAnswer::decode(&a.encode()), Some(a.clone()));
+        assert_eq!(StoredAnswer::created_at_of(&a.encode()), Some(1234));
+        assert_eq!(StoredAnswer::decode(&[9, 9]), None);
+    }
+
+    #[test]
+    fn keys() {
+        let long = "k".repeat(MAX_KEY_LEN);
+        let too_long = "k".repeat(MAX_KEY_LEN + 1);
+        for (key, ok) in [
+            ("abc", true),
+            ("with space ~!", true),
+            (long.as_str(), true),
+            (too_long.as_str(), false),
+            ("", false),
+            ("tab\there", false),
+            ("é", false),
+        ] {
+            assert_eq!(valid_key(key.as_bytes()), ok, "{key:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn put_get_purge_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("idempotency.redb");
+        let store = IdempotencyStore::open(&path).unwrap();
+        store.put("old-1", answer(10, "a")).await.unwrap();
+        store.put("old-2", answer(20, "b")).await.unwrap();
+        store.put("new", answer(5_000, "c")).await.unwrap();
+        // Re-stored with a newer time: the old index entry must not purge it.
+        store.put("old-2", answer(6_000, "b2")).await.unwrap();
+        assert_eq!(store.get("old-1").await.unwrap(), Some(answer(10, "a")));
+        assert_eq!(store.get("missing").await.unwrap(), None);
+
+        // Bounded: one per run.
+        assert_eq!(store.purge(1_000, 1).await.unwrap(), 1);
+        assert_eq!(store.get("old-1").await.unwrap(), None);
+        assert_eq!(store.purge(1_000, 10).await.unwrap(), 0);
+        assert_eq!(store.get("old-2").await.unwrap(), Some(answer(6_000, "b2")));
+        store.close().await;
+        assert!(matches!(store.get("new").await, Err(StoreError::Closed)));
+
+        let store = IdempotencyStore::open(&path).unwrap();
+        assert_eq!(store.get("new").await.unwrap(), Some(answer(5_000, "c")));
+        assert_eq!(store.purge(u64::MAX, 10).await.unwrap(), 2);
+        store.close().await;
+    }
+
+    #[test]
+    fn one_request_per_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = IdempotencyStore::open(&dir.path().join("i.redb")).unwrap();
+        let guard = store.begin("k").unwrap();
+        assert_eq!(store.begin("k").err(), Some(Busy::KeyInUse));
+        assert!(store.begin("other").is_ok());
+        drop(guard);
+        assert!(store.begin("k").is_ok());
+    }
+}

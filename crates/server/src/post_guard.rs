@@ -1,0 +1,124 @@
+//! The middleware in front of every POST: it bounds the body and, when the
+//! request carries an `Idempotency-Key`, answers a replay from the store or
+//! stores the first answer (durably) before it is returned.
+
+use axum::body::Body;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+
+use crate::error::{ApiError, Transient};
+use crate::idempotency::{fingerprint, now_ms, valid_key, Busy, StoredAnswer, MAX_KEY_LEN, MAX_STORED_ANSWER_BYTES};
+use crate::AppState;
+
+/// Largest body of a single-object request.
+pub const SINGLE_BODY_LIMIT_BYTES: usize = 64 * 1024;
+/// Largest body of `POST /v1/transfers/batch`.
+pub const BATCH_BODY_LIMIT_BYTES: usize = 4 * 1024 * 1024;
+const BATCH_PATH: &str = "/v1/transfers/batch";
+
+pub static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+pub static IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+pub fn body_limit(path: &str) -> usize {
+    if path == BATCH_PATH {
+        BATCH_BODY_LIMIT_BYTES
+    } else {
+        SINGLE_BODY_LIMIT_BYTES
+    }
+}
+
+pub async fn post_guard(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if request.method() != Method::POST {
+        return next.run(request).await;
+    }
+    guarded(state, request, next).await.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) if error.is::<LengthLimitError>() => {
+            Err(ApiError::BodyTooLarge(format!("the request body is larger than {limit} bytes")))
+        }
+        Err(error) => Err(ApiError::invalid(format!("the request body could not be read: {error}"))),
+    }
+}
+
+async fn guarded(state: AppState, request: Request, next: Next) -> Result<Response, ApiError> {
+    let mut keys = request.headers().get_all(&IDEMPOTENCY_KEY).iter();
+    let key = match (keys.next(), keys.next()) {
+        (None, _) => None,
+        (Some(value), None) if valid_key(value.as_bytes()) => {
+            Some(String::from_utf8_lossy(value.as_bytes()).into_owned())
+        }
+        _ => {
+            return Err(ApiError::invalid(format!(
+                "Idempotency-Key: must be one header of 1 to {MAX_KEY_LEN} printable ASCII characters"
+            )))
+        }
+    };
+    let limit = body_limit(request.uri().path());
+    let (parts, body) = request.into_parts();
+    let bytes = read_body(body, limit).await?;
+    let request = Request::from_parts(parts, Body::from(bytes.clone()));
+    // Unknown routes answer 404 whatever the key; nothing to remember.
+    let (Some(key), true) = (key, request.extensions().get::<MatchedPath>().is_some()) else {
+        return Ok(next.run(request).await);
+    };
+    let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
+    let fingerprint = fingerprint(request.method().as_str(), path, &bytes);
+    let store = state.idempotency();
+    let _key_guard = store.begin(&key).map_err(|busy| match busy {
+        Busy::KeyInUse => ApiError::IdempotencyKeyInUse,
+        Busy::Full => ApiError::Unavailable("too many requests with an Idempotency-Key in flight".to_owned()),
+    })?;
+    let stored = store.get(&key).await.map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    if let Some(stored) = stored {
+        if stored.fingerprint != fingerprint {
+            return Err(ApiError::IdempotencyKeyReused);
+        }
+        return Ok(replay(stored));
+    }
+
+    let response = next.run(request).await;
+    let status = response.status();
+    let final_answer = status.is_success() || status.is_client_error();
+    if !final_answer || response.extensions().get::<Transient>().is_some() {
+        return Ok(response);
+    }
+    let (parts, body) = response.into_parts();
+    let body = match Limited::new(body, MAX_STORED_ANSWER_BYTES).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(error) => return Err(ApiError::Internal(format!("the answer could not be read: {error}"))),
+    };
+    let content_type =
+        parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("application/json").to_owned();
+    let answer = StoredAnswer {
+        fingerprint,
+        status: status.as_u16(),
+        content_type,
+        body: body.clone(),
+        created_at_ms: now_ms(),
+    };
+    store.put(&key, answer).await.map_err(|e| {
+        ApiError::Unavailable(format!(
+            "the answer could not be stored ({e}); the request may have taken effect: retry with the same Idempotency-Key"
+        ))
+    })?;
+    Ok(Response::from_parts(parts, Body::from(body)))
+}
+
+fn replay(stored: StoredAnswer) -> Response {
+    let status = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = (status, stored.body).into_response();
+    let headers = response.headers_mut();
+    if let Ok(content_type) = HeaderValue::from_str(&stored.content_type) {
+        headers.insert(header::CONTENT_TYPE, content_type);
+    }
+    headers.insert(IDEMPOTENT_REPLAYED.clone(), HeaderValue::from_static("true"));
+    response
+}
