@@ -37,7 +37,7 @@ enum Command {
         #[arg(long, env = "PEAKSTACK_SHARDS", default_value_t = 64)]
         shards: u32,
         /// Executors (single-writer threads with their own log); fixed when
-        /// the data dir is created. Default: one per core.
+        /// the data dir is created. Default: one per two cores.
         #[arg(long, env = "PEAKSTACK_EXECUTORS")]
         executors: Option<u16>,
     },
@@ -88,7 +88,7 @@ enum BenchWorkload {
         clients: usize,
         #[arg(long, default_value_t = 64)]
         shards: u32,
-        /// Default: one per core.
+        /// Default: one per two cores.
         #[arg(long)]
         executors: Option<u16>,
         /// Print one JSON object as the last line of stdout.
@@ -103,8 +103,12 @@ enum LoadScenario {
     Healthz,
 }
 
+/// One executor per two cores: an executor keeps one core busy applying and
+/// its log thread, the HTTP server and the clients need the rest. Measured on
+/// a 2-core machine, one executor does about four times the transfers per
+/// second of two (see ARCHITECTURE.md).
 fn default_executors() -> u16 {
-    std::thread::available_parallelism().map(|n| n.get().min(64) as u16).unwrap_or(2)
+    std::thread::available_parallelism().map(|n| (n.get() / 2).clamp(1, 64) as u16).unwrap_or(1)
 }
 
 fn init_tracing(json_output: bool) {

@@ -120,6 +120,9 @@ pub struct Account {
     pub created_at_ms: u64,
     /// True for clearing accounts the system keeps per shard and currency.
     pub system: bool,
+    /// Where the engine keeps this account's newest history entry (an
+    /// opaque position set by the engine; 0 = none). The domain only stores it.
+    pub history_head: u64,
 }
 
 impl Account {
@@ -133,6 +136,7 @@ impl Account {
             balances: Balances::default(),
             created_at_ms: now_ms,
             system: false,
+            history_head: 0,
         }
     }
 

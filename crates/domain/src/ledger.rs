@@ -72,6 +72,20 @@ pub enum Reservation {
     Exists(Transfer),
 }
 
+/// A movement booked on a client account when a hold commits or settles.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Booked {
+    pub account_id: Id,
+    pub balances: Balances,
+    pub side: Side,
+    /// The amount the hold had.
+    pub held: u64,
+    /// The amount posted now (0 when the hold stays pending, or is voided).
+    pub posted: u64,
+    /// The hold stays: a pending transfer was committed.
+    pub still_pending: bool,
+}
+
 /// Outcome of [`Ledger::transfer_local`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LocalOutcome {
@@ -375,7 +389,7 @@ impl Ledger {
 
     /// Commits a held leg: a plain transfer's hold is posted; a pending
     /// transfer's hold stays, now owned by nobody.
-    pub fn commit_hold(&mut self, transfer_id: &Id, side: Side, owner: Owner) -> Option<(Id, Balances)> {
+    pub fn commit_hold(&mut self, transfer_id: &Id, side: Side, owner: Owner) -> Option<Booked> {
         let key = (transfer_id.clone(), side);
         let hold = self.holds.get_mut(&key)?;
         if hold.owner != owner {
@@ -383,12 +397,24 @@ impl Ledger {
         }
         if hold.pending {
             hold.owner = NO_OWNER;
-            let account = hold.account;
-            return Some(self.client_view(account));
+            let (account, held) = (hold.account, hold.amount);
+            return Some(self.booked(account, side, held, 0, true));
         }
         let hold = self.holds.remove(&key).expect("present");
         self.settle(&hold, hold.amount);
-        Some(self.client_view(hold.account))
+        Some(self.booked(hold.account, side, hold.amount, hold.amount, false))
+    }
+
+    fn booked(&self, index: u32, side: Side, held: u64, posted: u64, still_pending: bool) -> Booked {
+        let account = &self.accounts[index as usize];
+        Booked { account_id: account.id.clone(), balances: account.balances, side, held, posted, still_pending }
+    }
+
+    /// Sets an account's history head (see [`Account::history_head`]) and
+    /// answers the previous one; `None` for an unknown account.
+    pub fn swap_history_head(&mut self, id: &Id, head: u64) -> Option<u64> {
+        let index = *self.by_id.get(id)?;
+        Some(std::mem::replace(&mut self.accounts[index as usize].history_head, head))
     }
 
     /// Releases a held leg placed by `owner` (cancel). A hold of another owner is left alone.
@@ -434,19 +460,15 @@ impl Ledger {
     /// committed the pending transfer first, which means that transaction
     /// decided to commit). The hold is settled all the same, and that late
     /// commit then finds nothing to do.
-    pub fn settle_pending(&mut self, pending_id: &Id, side: Side, post_amount: u64) -> Option<(Id, Balances)> {
+    pub fn settle_pending(&mut self, pending_id: &Id, side: Side, post_amount: u64) -> Option<Booked> {
         let key = (pending_id.clone(), side);
         if !self.holds.get(&key).is_some_and(|h| h.pending) {
             return None;
         }
         let hold = self.holds.remove(&key).expect("present");
-        self.settle(&hold, post_amount.min(hold.amount));
-        Some(self.client_view(hold.account))
-    }
-
-    fn client_view(&self, index: u32) -> (Id, Balances) {
-        let account = &self.accounts[index as usize];
-        (account.id.clone(), account.balances)
+        let posted = post_amount.min(hold.amount);
+        self.settle(&hold, posted);
+        Some(self.booked(hold.account, side, hold.amount, posted, false))
     }
 
     pub fn hold_count(&self) -> usize {

@@ -11,7 +11,9 @@ use std::collections::BTreeMap;
 
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
-use peakstack_domain::ledger::{Leg, LocalOutcome, PendingInfo, ResolveKind, TxnView};
+use peakstack_domain::ledger::{Booked, Leg, LocalOutcome, PendingInfo, ResolveKind, TxnView};
+
+use crate::history::{LegEntry, LegEvent};
 use peakstack_domain::{
     Account, Balances, Currency, ErrorCode, Id, Ledger, Side, Transfer, TransferKind, TransferRequest, TransferStatus,
 };
@@ -35,16 +37,16 @@ pub struct Effects {
     pub outbox: Vec<(ExecutorId, PeerMsg)>,
     /// Finished client work: (tag, index in the call, result).
     pub finished: Vec<(ClientTag, usize, TransferResult)>,
-    /// Transfer records committed or changed on this executor, for the
-    /// history store: (record, whether it is new).
-    pub records: Vec<(Transfer, bool)>,
+    /// Encoded account history entries, to append to the history file in
+    /// order once the batch is durable (see `history.rs`).
+    pub history: Vec<u8>,
 }
 
 impl Effects {
     pub fn clear(&mut self) {
         self.outbox.clear();
         self.finished.clear();
-        self.records.clear();
+        self.history.clear();
     }
 }
 
@@ -105,6 +107,9 @@ pub struct ExecutorCore {
     next_txn: u64,
     txns: HashMap<TxnId, Txn>,
     fences: HashMap<TxnId, Fence>,
+    /// Length of this executor's history file once every entry so far is
+    /// appended: the next entry's offset.
+    history_len: u64,
 }
 
 impl ExecutorCore {
@@ -116,6 +121,7 @@ impl ExecutorCore {
             next_txn: 1,
             txns: HashMap::default(),
             fences: HashMap::default(),
+            history_len: 0,
         }
     }
 
@@ -241,7 +247,21 @@ impl ExecutorCore {
         let record = item.record.expect("a create has a record");
         Some(match self.ledger.transfer_local(&record, debit_shard, credit_shard, now_ms) {
             Ok(LocalOutcome::Created { debit, credit }) => {
-                fx.records.push((record.clone(), true));
+                let amount = record.amount;
+                self.book_history(
+                    &record.debit_account_id,
+                    &record.id,
+                    LegEvent::Posted { side: Side::Debit, amount },
+                    now_ms,
+                    fx,
+                );
+                self.book_history(
+                    &record.credit_account_id,
+                    &record.id,
+                    LegEvent::Posted { side: Side::Credit, amount },
+                    now_ms,
+                    fx,
+                );
                 Ok(TransferOutcome {
                     created: true,
                     transfer: record,
@@ -423,7 +443,7 @@ impl ExecutorCore {
             state.parts.iter().map(|(&exec, part)| (exec, part.commit_ops.clone())).collect();
         for (exec, ops) in sends {
             if exec == self.id {
-                let balances = self.on_decide(txn, commit, &ops, fx);
+                let balances = self.on_decide(txn, commit, &ops, now_ms, fx);
                 self.on_acked(txn, exec, balances, fx);
             } else {
                 fx.outbox.push((exec, PeerMsg::Decide { txn, commit, ops }));
@@ -487,6 +507,45 @@ impl ExecutorCore {
         }
     }
 
+    // ---- history ------------------------------------------------------------
+
+    /// Appends a leg entry to the account's chain (clearing accounts keep none).
+    fn book_history(&mut self, account: &Id, transfer_id: &Id, event: LegEvent, now_ms: u64, fx: &mut Effects) {
+        if account.is_reserved() {
+            return;
+        }
+        let head = self.history_len + 1;
+        let Some(previous) = self.ledger.swap_history_head(account, head) else { return };
+        let entry = LegEntry {
+            previous,
+            account: peakstack_domain::fnv1a64(account.as_str().as_bytes()),
+            time_ms: now_ms,
+            transfer_id: transfer_id.clone(),
+            event,
+        };
+        self.history_len += entry.encode_framed(&mut fx.history);
+    }
+
+    /// Books a committed (`settled: false`) or settled pending hold in the history.
+    fn book(
+        &mut self,
+        booked: Booked,
+        transfer_id: &Id,
+        settled: bool,
+        now_ms: u64,
+        fx: &mut Effects,
+    ) -> (Id, Balances) {
+        let event = if settled {
+            LegEvent::Settled { side: booked.side, held: booked.held, posted: booked.posted }
+        } else if booked.still_pending {
+            LegEvent::Held { side: booked.side, amount: booked.held }
+        } else {
+            LegEvent::Posted { side: booked.side, amount: booked.posted }
+        };
+        self.book_history(&booked.account_id, transfer_id, event, now_ms, fx);
+        (booked.account_id, booked.balances)
+    }
+
     // ---- participant --------------------------------------------------------
 
     fn on_peer(&mut self, from: ExecutorId, message: &PeerMsg, now_ms: u64, fx: &mut Effects) {
@@ -504,7 +563,7 @@ impl ExecutorCore {
                 self.maybe_decide(*txn, now_ms, fx);
             }
             PeerMsg::Decide { txn, commit, ops } => {
-                let balances = self.on_decide(*txn, *commit, ops, fx);
+                let balances = self.on_decide(*txn, *commit, ops, now_ms, fx);
                 fx.outbox.push((from, PeerMsg::Acked { txn: *txn, balances }));
             }
             PeerMsg::Acked { txn, balances } => self.on_acked(*txn, from, balances.clone(), fx),
@@ -565,13 +624,14 @@ impl ExecutorCore {
         txn: TxnId,
         commit: bool,
         commit_ops: &[CommitOp],
+        now_ms: u64,
         fx: &mut Effects,
     ) -> Vec<(Id, Balances)> {
         let mut balances = Vec::new();
         match self.fences.remove(&txn) {
             Some(Fence::Tried { ops, results }) => {
                 if commit {
-                    self.apply_commit_ops(txn, commit_ops, &mut balances, fx);
+                    self.apply_commit_ops(txn, commit_ops, now_ms, &mut balances, fx);
                 } else {
                     for (op, result) in ops.iter().zip(&results).rev() {
                         self.release(txn, op, result);
@@ -586,7 +646,7 @@ impl ExecutorCore {
             None => {
                 if commit {
                     // A participant with commit work only (it settles a pending hold).
-                    self.apply_commit_ops(txn, commit_ops, &mut balances, fx);
+                    self.apply_commit_ops(txn, commit_ops, now_ms, &mut balances, fx);
                 } else {
                     self.fences.insert(txn, Fence::Suspended);
                     return balances;
@@ -608,29 +668,34 @@ impl ExecutorCore {
         }
     }
 
-    fn apply_commit_ops(&mut self, txn: TxnId, ops: &[CommitOp], balances: &mut Vec<(Id, Balances)>, fx: &mut Effects) {
+    fn apply_commit_ops(
+        &mut self,
+        txn: TxnId,
+        ops: &[CommitOp],
+        now_ms: u64,
+        balances: &mut Vec<(Id, Balances)>,
+        fx: &mut Effects,
+    ) {
         for op in ops {
             match op {
                 CommitOp::CommitHold { transfer_id, side, account_id } => {
-                    // A pending hold a post settled before this commit arrived
-                    // is gone; its account's balances still answer the client.
-                    let committed = self.ledger.commit_hold(transfer_id, *side, txn);
-                    balances.extend(
-                        committed.or_else(|| self.ledger.account(account_id).map(|a| (a.id.clone(), a.balances))),
-                    );
+                    match self.ledger.commit_hold(transfer_id, *side, txn) {
+                        Some(booked) => balances.push(self.book(booked, transfer_id, false, now_ms, fx)),
+                        // A pending hold a post settled before this commit
+                        // arrived is gone; its account's balances still answer.
+                        None => balances.extend(self.ledger.account(account_id).map(|a| (a.id.clone(), a.balances))),
+                    }
                 }
                 CommitOp::CommitReservation { id, filled } => {
-                    if let Some(record) = self.ledger.commit_reservation(id, txn, filled.clone()) {
-                        fx.records.push((record.clone(), true));
-                    }
+                    self.ledger.commit_reservation(id, txn, filled.clone());
                 }
                 CommitOp::FinishPending { pending_id, kind } => {
-                    if let Some(record) = self.ledger.finish_pending(pending_id, txn, *kind) {
-                        fx.records.push((record.clone(), false));
-                    }
+                    self.ledger.finish_pending(pending_id, txn, *kind);
                 }
                 CommitOp::Settle { pending_id, side, post_amount } => {
-                    balances.extend(self.ledger.settle_pending(pending_id, *side, *post_amount));
+                    if let Some(booked) = self.ledger.settle_pending(pending_id, *side, *post_amount) {
+                        balances.push(self.book(booked, pending_id, true, now_ms, fx));
+                    }
                 }
             }
         }

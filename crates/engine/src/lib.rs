@@ -5,12 +5,12 @@
 pub mod clock;
 pub mod codec;
 pub mod executor;
+pub mod history;
 pub mod layout;
 pub mod log;
 pub mod meta;
 pub mod protocol;
 pub mod runtime;
-pub mod store;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use layout::Layout;

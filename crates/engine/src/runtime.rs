@@ -23,11 +23,11 @@ use tokio::sync::oneshot;
 use crate::clock::Clock;
 use crate::codec::{Codec, Writer};
 use crate::executor::{ClientTag, Effects, ExecutorCore};
+use crate::history::{HistoryReader, HistoryWriter};
 use crate::layout::Layout;
 use crate::log::{encode_frame, Log, LogError};
 use crate::meta::{Meta, MetaError};
 use crate::protocol::{ExecutorId, Input, PeerMsg, TransferResult};
-use crate::store::{IndexBatch, Indexer, Store, StoreError};
 
 /// Most inputs one batch applies.
 pub const MAX_BATCH_INPUTS: usize = 8192;
@@ -63,8 +63,8 @@ pub enum EngineError {
     Replay { executor: ExecutorId, reason: String },
     #[error("cannot start thread: {0}")]
     Thread(std::io::Error),
-    #[error(transparent)]
-    Store(#[from] StoreError),
+    #[error("history file: {0}")]
+    History(std::io::Error),
 }
 
 pub use crate::executor::AccountReply;
@@ -149,9 +149,7 @@ impl Completion {
 struct PendingWrite {
     frames: Vec<u8>,
     batch_count: u64,
-    sequence: u64,
-    time_ms: u64,
-    records: Vec<(Transfer, bool)>,
+    history: Vec<u8>,
     inputs: usize,
     completions: Vec<Completion>,
     outbox: Vec<(ExecutorId, PeerMsg)>,
@@ -174,8 +172,8 @@ struct Shared {
     txns_in_flight: AtomicUsize,
     threads: Mutex<Vec<JoinHandle<()>>>,
     stats: EngineStats,
-    store: Store,
-    indexer: Mutex<Option<Indexer>>,
+    /// Per executor: the account history file, for reads.
+    history: Vec<HistoryReader>,
 }
 
 /// A handle on a running engine; clone it freely.
@@ -190,9 +188,8 @@ impl Engine {
     pub fn open(config: EngineConfig) -> Result<Engine, EngineError> {
         let meta = Meta::load_or_create(&config.data_dir, config.shards, config.executors)?;
         let layout = meta.layout();
-        let store = Store::open(&config.data_dir.join("store.redb"))?;
-        let indexer = store.start_indexer()?;
-        let mut reindex: Vec<IndexBatch> = Vec::new();
+        let mut history_writers = Vec::with_capacity(usize::from(layout.executors()));
+        let mut history_readers = Vec::with_capacity(usize::from(layout.executors()));
         let executor_count = usize::from(layout.executors());
         let mut cores = Vec::with_capacity(executor_count);
         let mut logs = Vec::with_capacity(executor_count);
@@ -201,24 +198,27 @@ impl Engine {
             let mut core = ExecutorCore::new(e, layout);
             let mut fx = Effects::default();
             let mut last_time_ms = 0;
-            let watermark = store.watermark(e)?;
-            let log = Log::open(&executor_dir(&config.data_dir, e), |batch| {
+            // The history file is derived from the log: rewritten as it replays.
+            let dir = executor_dir(&config.data_dir, e);
+            std::fs::create_dir_all(&dir).map_err(EngineError::History)?;
+            let mut history = HistoryWriter::create(&dir).map_err(EngineError::History)?;
+            let mut history_error = None;
+            let log = Log::open(&dir, |batch| {
                 last_time_ms = batch.time_ms;
                 for input in &batch.inputs {
                     core.apply(input, batch.time_ms, None, &mut fx);
                 }
-                // Batches the store does not hold yet are indexed again.
-                if batch.sequence > watermark && !fx.records.is_empty() {
-                    reindex.push(IndexBatch {
-                        executor: e,
-                        sequence: batch.sequence,
-                        time_ms: batch.time_ms,
-                        records: std::mem::take(&mut fx.records),
-                    });
+                if let Err(error) = history.append(&fx.history) {
+                    history_error.get_or_insert(error);
                 }
                 fx.clear();
                 Ok(())
             })?;
+            if let Some(error) = history_error {
+                return Err(EngineError::History(error));
+            }
+            history_readers.push(HistoryReader::open(&dir).map_err(EngineError::History)?);
+            history_writers.push(history);
             tracing::info!(
                 executor = e,
                 batches = log.next_sequence() - 1,
@@ -253,13 +253,8 @@ impl Engine {
             txns_in_flight: AtomicUsize::new(0),
             threads: Mutex::new(Vec::new()),
             stats: EngineStats::default(),
-            store: store.clone(),
-            indexer: Mutex::new(None),
+            history: history_readers,
         });
-        let index_tx = indexer.sender();
-        for batch in reindex {
-            store.submit(&index_tx, batch);
-        }
 
         // Unfinished transactions resume: their messages go out again.
         for core in &cores {
@@ -296,7 +291,7 @@ impl Engine {
                 clients: std::collections::HashMap::new(),
                 reported_in_flight: resumed,
             };
-            let writer = LogWriter { id, log, write_rx, shared: shared.clone(), index_tx: index_tx.clone() };
+            let writer = LogWriter { id, log, write_rx, shared: shared.clone(), history: history_writers.remove(0) };
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("apply-{id}"))
@@ -311,7 +306,6 @@ impl Engine {
             );
         }
         *shared.threads.lock() = threads;
-        *shared.indexer.lock() = Some(indexer);
         Ok(Engine { shared })
     }
 
@@ -492,18 +486,7 @@ impl Engine {
 
     pub async fn transfer(&self, id: &Id) -> Result<Option<Transfer>, ErrorCode> {
         match self.query(self.shared.layout.executor_of_transfer(id), Query::Transfer(id.clone())).await? {
-            QueryAnswer::Transfer(Some(t)) => Ok(Some(t)),
-            QueryAnswer::Transfer(None) => {
-                let store = self.shared.store.clone();
-                let id = id.clone();
-                tokio::task::spawn_blocking(move || store.transfer(&id))
-                    .await
-                    .map_err(|_| ErrorCode::Unavailable)?
-                    .map_err(|error| {
-                        tracing::error!(%error, "reading a transfer from the store failed");
-                        ErrorCode::Unavailable
-                    })
-            }
+            QueryAnswer::Transfer(t) => Ok(t),
             _ => Err(ErrorCode::Unavailable),
         }
     }
@@ -523,38 +506,56 @@ impl Engine {
         Ok(all)
     }
 
-    /// The transfers that touched an account, oldest first, from the store.
-    /// `after` is the `next` cursor of the previous page.
+    /// The transfers that touched an account, newest first, walking the
+    /// account's history chain. `after` is the `next` cursor of the previous
+    /// page. A transfer appears once per page even when it touched the
+    /// account twice (held, then settled).
     pub async fn account_transfers(
         &self,
         account: &Id,
         after: Option<String>,
         limit: usize,
     ) -> Result<(Vec<Transfer>, Option<String>), ErrorCode> {
-        if self.account(account).await?.is_none() {
+        let executor = self.shared.layout.executor_of_account(account);
+        let Some(found) = self.account(account).await? else {
             return Err(ErrorCode::AccountNotFound);
-        }
-        let store = self.shared.store.clone();
-        let account = account.clone();
-        tokio::task::spawn_blocking(move || {
-            store.catch_up();
-            store.account_transfers(&account, after.as_deref(), limit)
-        })
-        .await
-        .map_err(|_| ErrorCode::Unavailable)?
-        .map_err(|error| {
-            if error.to_string().contains("invalid cursor") {
-                ErrorCode::InvalidRequest
-            } else {
-                tracing::error!(%error, "reading account history failed");
-                ErrorCode::Unavailable
+        };
+        let start = match after.as_deref() {
+            None => found.history_head,
+            Some(cursor) => cursor.parse::<u64>().map_err(|_| ErrorCode::InvalidRequest)?,
+        };
+        let shared = self.shared.clone();
+        let fingerprint = peakstack_domain::fnv1a64(account.as_str().as_bytes());
+        let walk = tokio::task::spawn_blocking(move || -> Result<(Vec<Id>, Option<String>), ErrorCode> {
+            let reader = &shared.history[usize::from(executor)];
+            let mut ids: Vec<Id> = Vec::new();
+            let mut head = start;
+            // Bounded: every entry read moves strictly back along the chain
+            // (checked), and the step count is capped as well.
+            for _ in 0..limit.saturating_mul(4).max(8) {
+                if head == 0 || ids.len() == limit {
+                    break;
+                }
+                let entry = reader.entry(head).map_err(|_| ErrorCode::InvalidRequest)?;
+                if entry.account != fingerprint || entry.previous >= head {
+                    return Err(ErrorCode::InvalidRequest);
+                }
+                if !ids.contains(&entry.transfer_id) {
+                    ids.push(entry.transfer_id);
+                }
+                head = entry.previous;
             }
-        })
-    }
-
-    /// Records waiting to be written to the history store.
-    pub fn index_lag(&self) -> u64 {
-        self.shared.store.lag()
+            let next = (ids.len() == limit && head != 0).then(|| head.to_string());
+            Ok((ids, next))
+        });
+        let (ids, next) = walk.await.map_err(|_| ErrorCode::Unavailable)??;
+        let mut transfers = Vec::with_capacity(ids.len());
+        for id in &ids {
+            if let Some(t) = self.transfer(id).await? {
+                transfers.push(t);
+            }
+        }
+        Ok((transfers, next))
     }
 
     pub async fn totals(&self) -> Result<Totals, ErrorCode> {
@@ -593,9 +594,6 @@ impl Engine {
         let threads = std::mem::take(&mut *self.shared.threads.lock());
         for thread in threads {
             let _ = thread.join();
-        }
-        if let Some(indexer) = self.shared.indexer.lock().take() {
-            indexer.finish();
         }
     }
 }
@@ -769,18 +767,9 @@ impl Applier {
                     self.next_sequence += 1;
                     batch_count = 1;
                 }
-                let records = std::mem::take(&mut fx.records);
-                debug_assert!(records.is_empty() || batch_count == 1, "records come from logged inputs");
-                let write = PendingWrite {
-                    frames,
-                    batch_count,
-                    sequence,
-                    time_ms: now_ms,
-                    records,
-                    inputs: inputs_logged,
-                    completions,
-                    outbox,
-                };
+                let history = std::mem::take(&mut fx.history);
+                debug_assert!(history.is_empty() || batch_count == 1, "history comes from logged inputs");
+                let write = PendingWrite { frames, batch_count, history, inputs: inputs_logged, completions, outbox };
                 if self.write_tx.send(write).is_err() {
                     tracing::error!(executor = self.core.id(), "log thread is gone; executor stops");
                     return;
@@ -850,7 +839,7 @@ struct LogWriter {
     log: Log,
     write_rx: Receiver<PendingWrite>,
     shared: Arc<Shared>,
-    index_tx: Sender<IndexBatch>,
+    history: HistoryWriter,
 }
 
 impl LogWriter {
@@ -889,16 +878,13 @@ impl LogWriter {
             let executors = self.shared.peers.len();
             let mut by_dest: Vec<Vec<PeerMsg>> = vec![Vec::new(); executors];
             for write in group.drain(..) {
-                // The store learns of a batch before its callers are answered,
-                // so a history read after an answer can wait for it.
-                if !write.records.is_empty() {
-                    let batch = IndexBatch {
-                        executor: self.id,
-                        sequence: write.sequence,
-                        time_ms: write.time_ms,
-                        records: write.records,
-                    };
-                    self.shared.store.submit(&self.index_tx, batch);
+                // History is appended before anyone is answered, so a history
+                // read after an answer finds it.
+                if !write.history.is_empty() {
+                    if let Err(error) = self.history.append(&write.history) {
+                        tracing::error!(executor = self.id, path = %self.history.path().display(), %error, "history append failed; executor stops");
+                        std::process::abort();
+                    }
                 }
                 for completion in write.completions {
                     completion.deliver();

@@ -976,7 +976,7 @@ async fn health_readiness_metrics_and_openapi() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn account_transfers_are_paged_oldest_first() {
+async fn account_transfers_are_paged_newest_first() {
     let dir = tempfile::tempdir().unwrap();
     let s = TestServer::start(dir.path()).await;
     for name in ["bank", "a", "b"] {
@@ -1003,11 +1003,12 @@ async fn account_transfers_are_paged_oldest_first() {
             None => break,
         }
     }
-    assert_eq!(walked, expected);
+    expected.reverse();
+    assert_eq!(walked, expected, "newest first");
     let all = s.get("/v1/accounts/a/transfers").await;
     assert_eq!(
         all.body["data"][0],
-        s.get("/v1/transfers/h0").await.body,
+        s.get("/v1/transfers/h4").await.body,
         "the same transfer JSON as GET /v1/transfers/{{id}}"
     );
     s.check_refused("GET", "/v1/accounts/nobody/transfers", None, 404, "account_not_found").await;
