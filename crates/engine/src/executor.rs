@@ -206,7 +206,11 @@ impl ExecutorCore {
     /// Participants answer repeats from their fences.
     pub fn resend(&self) -> Vec<(ExecutorId, PeerMsg)> {
         let mut out = Vec::new();
-        for (&txn, state) in &self.txns {
+        // In transaction order, so that a replay resends the same messages
+        // in the same order.
+        let mut txns: Vec<(&TxnId, &Txn)> = self.txns.iter().collect();
+        txns.sort_unstable_by_key(|(txn, _)| **txn);
+        for (&txn, state) in txns {
             for (&exec, part) in &state.parts {
                 if exec == self.id {
                     continue;
