@@ -70,6 +70,7 @@ pub fn run(config: BenchConfig) -> anyhow::Result<BenchSummary> {
         shards: config.shards,
         executors: config.executors,
         clock: Arc::new(SystemClock),
+        records_in_memory: peakstack_engine::runtime::MAX_RECORDS_IN_MEMORY,
     })?;
     let usd = Currency::parse("USD").expect("valid");
     let names: Arc<Vec<Id>> =

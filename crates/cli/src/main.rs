@@ -40,6 +40,10 @@ enum Command {
         /// the data dir is created. Default: one per two cores.
         #[arg(long, env = "PEAKSTACK_EXECUTORS")]
         executors: Option<u16>,
+        /// Transfer records each executor keeps in memory before archiving
+        /// the oldest final ones to disk.
+        #[arg(long, env = "PEAKSTACK_RECORDS_IN_MEMORY", default_value_t = peakstack_engine::runtime::MAX_RECORDS_IN_MEMORY)]
+        records_in_memory: usize,
     },
     /// Benchmark the engine in-process (durable writes, fresh temporary data dir).
     Bench {
@@ -130,13 +134,14 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve { listen, data, shards, executors } => {
+        Command::Serve { listen, data, shards, executors, records_in_memory } => {
             init_tracing(false);
             let engine = Engine::open(EngineConfig {
                 data_dir: data.clone(),
                 shards,
                 executors: executors.unwrap_or_else(default_executors),
                 clock: Arc::new(SystemClock),
+                records_in_memory,
             })
             .with_context(|| format!("opening data dir {}", data.display()))?;
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

@@ -27,7 +27,8 @@ fn start(data: &Path, port: u16) -> Child {
     Command::new(env!("CARGO_BIN_EXE_peakstack"))
         .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data"])
         .arg(data)
-        .args(["--shards", "16", "--executors", "2"])
+        // Few records in memory: transfers get archived while under load.
+        .args(["--shards", "16", "--executors", "2", "--records-in-memory", "200"])
         .env("PEAKSTACK_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())

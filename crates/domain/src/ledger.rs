@@ -13,7 +13,7 @@
 //! This module does no I/O, reads no clock and never panics on input; it
 //! asserts its own invariants.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
@@ -160,6 +160,9 @@ pub struct Ledger {
     records: HashMap<Id, Record>,
     expiries: BTreeSet<(u64, Id)>,
     clearing: BTreeMap<(u32, [u8; 3]), u32>,
+    /// Ids of records that became final, oldest first: the order in which
+    /// the engine may evict them (an id may appear twice; eviction checks).
+    final_order: VecDeque<Id>,
 }
 
 impl Ledger {
@@ -319,6 +322,7 @@ impl Ledger {
         }
         self.records
             .insert(record.id.clone(), Record { transfer: record.clone(), reserved_by: NO_OWNER, locked_by: NO_OWNER });
+        self.final_order.push_back(record.id.clone());
         Ok(LocalOutcome::Created {
             debit: self.accounts[debit as usize].balances,
             credit: self.accounts[credit as usize].balances,
@@ -510,6 +514,9 @@ impl Ledger {
             debug_assert_eq!(transfer.id, *id);
             record.transfer = transfer;
         }
+        if record.transfer.status != TransferStatus::Pending {
+            self.final_order.push_back(id.clone());
+        }
         if let TransferKind::Pending { expires_at_ms, .. } = record.transfer.kind {
             if expires_at_ms > 0 {
                 self.expiries.insert((expires_at_ms, id.clone()));
@@ -596,6 +603,7 @@ impl Ledger {
         if let TransferKind::Pending { expires_at_ms, .. } = t.kind {
             self.expiries.remove(&(expires_at_ms, pending_id.clone()));
         }
+        self.final_order.push_back(pending_id.clone());
         Some(&record.transfer)
     }
 
@@ -618,24 +626,37 @@ impl Ledger {
             .collect()
     }
 
-    /// Removes committed, final transfer records for which `keep` says no
-    /// (the engine moves them to the store first). Pending ones always stay.
-    pub fn evict_records(&mut self, mut evict: impl FnMut(&Transfer) -> bool) {
-        self.records.retain(|_, r| {
-            r.reserved_by != NO_OWNER
-                || r.locked_by != NO_OWNER
-                || r.transfer.status == TransferStatus::Pending
-                || !evict(&r.transfer)
-        });
+    /// Removes up to `max` of the oldest final records from memory and
+    /// answers them (the engine archives them first and looks them up there
+    /// again, through [`Ledger::restore_record`], before any input that
+    /// names their ids). Pending, reserved and locked records stay.
+    pub fn evict_oldest(&mut self, max: usize) -> Vec<Transfer> {
+        let mut evicted = Vec::with_capacity(max.min(self.final_order.len()));
+        while evicted.len() < max {
+            let Some(id) = self.final_order.pop_front() else { break };
+            let evictable = self.records.get(&id).is_some_and(|r| {
+                r.reserved_by == NO_OWNER && r.locked_by == NO_OWNER && r.transfer.status != TransferStatus::Pending
+            });
+            if evictable {
+                evicted.push(self.records.remove(&id).expect("present").transfer);
+            }
+        }
+        evicted
     }
 
-    /// Loads a record from the store back into memory (committed, final).
+    /// Whether a record of this id is in memory (committed or reserved).
+    pub fn has_record(&self, id: &Id) -> bool {
+        self.records.contains_key(id)
+    }
+
+    /// Brings an archived (final) record back into memory.
     pub fn restore_record(&mut self, transfer: Transfer) {
-        self.records.entry(transfer.id.clone()).or_insert(Record {
-            transfer,
-            reserved_by: NO_OWNER,
-            locked_by: NO_OWNER,
-        });
+        debug_assert!(transfer.status != TransferStatus::Pending, "pending records are never archived");
+        let id = transfer.id.clone();
+        if let std::collections::hash_map::Entry::Vacant(slot) = self.records.entry(id.clone()) {
+            slot.insert(Record { transfer, reserved_by: NO_OWNER, locked_by: NO_OWNER });
+            self.final_order.push_back(id);
+        }
     }
 
     /// Sum over all accounts of credits - debits, pending included. Zero when

@@ -133,6 +133,16 @@ impl ExecutorCore {
         &self.ledger
     }
 
+    /// Brings an archived record back into memory (see `archive.rs`).
+    pub fn restore_record(&mut self, transfer: Transfer) {
+        self.ledger.restore_record(transfer);
+    }
+
+    /// Takes up to `max` of the oldest final records out of memory.
+    pub fn evict_oldest(&mut self, max: usize) -> Vec<Transfer> {
+        self.ledger.evict_oldest(max)
+    }
+
     pub fn txns_in_flight(&self) -> usize {
         self.txns.len()
     }

@@ -2,6 +2,7 @@
 //! writer with its own command log and group commit, and the TCC protocol
 //! that carries work across executors.
 
+pub mod archive;
 pub mod clock;
 pub mod codec;
 pub mod executor;

@@ -20,6 +20,7 @@ use parking_lot::Mutex;
 use peakstack_domain::{Account, ErrorCode, Id, NewAccount, Transfer, TransferRequest};
 use tokio::sync::oneshot;
 
+use crate::archive::Archive;
 use crate::clock::Clock;
 use crate::codec::{Codec, Writer};
 use crate::executor::{ClientTag, Effects, ExecutorCore};
@@ -38,6 +39,9 @@ pub const WRITE_QUEUE_CAPACITY: usize = 8;
 /// Most transactions one executor coordinates at once; past it, it stops
 /// taking client requests until some finish.
 pub const MAX_TXNS_IN_FLIGHT: usize = 100_000;
+/// Transfer records an executor keeps in memory, by default, before it
+/// archives the oldest final ones; a quarter of the limit goes per run.
+pub const MAX_RECORDS_IN_MEMORY: usize = 1_000_000;
 /// How often an idle executor wakes to expire pending transfers.
 pub const TICK: Duration = Duration::from_millis(50);
 /// How long shutdown waits for transactions in flight to finish.
@@ -51,6 +55,22 @@ pub struct EngineConfig {
     /// Executor count, likewise fixed when the data dir is created.
     pub executors: u16,
     pub clock: Arc<dyn Clock>,
+    /// Transfer records an executor keeps in memory before it archives the
+    /// oldest final ones (see `archive.rs`); [`MAX_RECORDS_IN_MEMORY`] by default.
+    pub records_in_memory: usize,
+}
+
+impl EngineConfig {
+    /// The defaults for a data dir: 64 shards, `executors` executors, the system clock.
+    pub fn new(data_dir: impl Into<PathBuf>, executors: u16) -> EngineConfig {
+        EngineConfig {
+            data_dir: data_dir.into(),
+            shards: 64,
+            executors,
+            clock: Arc::new(crate::clock::SystemClock),
+            records_in_memory: MAX_RECORDS_IN_MEMORY,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +115,8 @@ pub struct Totals {
     pub clearing_net: i128,
     pub accounts: u64,
     pub transfers_in_memory: u64,
+    /// Final transfer records moved out of memory into the archive.
+    pub archived: u64,
     pub holds: u64,
     pub txns_in_flight: u64,
     pub fences: u64,
@@ -108,6 +130,7 @@ impl std::ops::Add for Totals {
             clearing_net: self.clearing_net + o.clearing_net,
             accounts: self.accounts + o.accounts,
             transfers_in_memory: self.transfers_in_memory + o.transfers_in_memory,
+            archived: self.archived + o.archived,
             holds: self.holds + o.holds,
             txns_in_flight: self.txns_in_flight + o.txns_in_flight,
             fences: self.fences + o.fences,
@@ -190,6 +213,7 @@ impl Engine {
         let layout = meta.layout();
         let mut history_writers = Vec::with_capacity(usize::from(layout.executors()));
         let mut history_readers = Vec::with_capacity(usize::from(layout.executors()));
+        let mut archives = Vec::with_capacity(usize::from(layout.executors()));
         let executor_count = usize::from(layout.executors());
         let mut cores = Vec::with_capacity(executor_count);
         let mut logs = Vec::with_capacity(executor_count);
@@ -202,13 +226,19 @@ impl Engine {
             let dir = executor_dir(&config.data_dir, e);
             std::fs::create_dir_all(&dir).map_err(EngineError::History)?;
             let mut history = HistoryWriter::create(&dir).map_err(EngineError::History)?;
+            let mut archive = Archive::create(&dir.join("archive")).map_err(EngineError::History)?;
             let mut history_error = None;
             let log = Log::open(&dir, |batch| {
                 last_time_ms = batch.time_ms;
                 for input in &batch.inputs {
+                    if let Err(error) = prefetch(&mut core, &archive, input) {
+                        history_error.get_or_insert(error);
+                    }
                     core.apply(input, batch.time_ms, None, &mut fx);
                 }
-                if let Err(error) = history.append(&fx.history) {
+                if let Err(error) =
+                    history.append(&fx.history).and_then(|()| evict(&mut core, &mut archive, config.records_in_memory))
+                {
                     history_error.get_or_insert(error);
                 }
                 fx.clear();
@@ -217,6 +247,7 @@ impl Engine {
             if let Some(error) = history_error {
                 return Err(EngineError::History(error));
             }
+            archives.push(archive);
             history_readers.push(HistoryReader::open(&dir).map_err(EngineError::History)?);
             history_writers.push(history);
             tracing::info!(
@@ -280,6 +311,8 @@ impl Engine {
             let resumed = core.txns_in_flight();
             let applier = Applier {
                 core,
+                archive: archives.remove(0),
+                records_in_memory: config.records_in_memory,
                 client_rx,
                 peer_rx,
                 write_tx,
@@ -610,6 +643,8 @@ struct ClientBatch {
 
 struct Applier {
     core: ExecutorCore,
+    archive: Archive,
+    records_in_memory: usize,
     client_rx: Receiver<Request>,
     peer_rx: Receiver<Inbound>,
     write_tx: Sender<PendingWrite>,
@@ -757,6 +792,10 @@ impl Applier {
             self.shared.txns_in_flight.fetch_add(self.core.txns_in_flight(), Ordering::SeqCst);
             self.shared.txns_in_flight.fetch_sub(previous, Ordering::SeqCst);
 
+            if let Err(error) = evict(&mut self.core, &mut self.archive, self.records_in_memory) {
+                tracing::error!(executor = self.core.id(), %error, "archive write failed; executor stops");
+                std::process::abort();
+            }
             let outbox = std::mem::take(&mut fx.outbox);
             if inputs_logged > 0 || !completions.is_empty() || !outbox.is_empty() {
                 let mut frames = Vec::new();
@@ -796,6 +835,12 @@ impl Applier {
         encoded: &mut Writer,
         inputs_logged: &mut usize,
     ) -> Option<AccountReply> {
+        if let Err(error) = prefetch(&mut self.core, &self.archive, &input) {
+            // Deciding without the archived record could answer a retry as
+            // new: stop rather than guess.
+            tracing::error!(executor = self.core.id(), %error, "archive read failed; executor stops");
+            std::process::abort();
+        }
         let (changed, answer) = self.core.apply(&input, now_ms, tag, fx);
         if changed {
             input.encode(encoded);
@@ -811,11 +856,17 @@ impl Applier {
             Query::Accounts { after, limit } => {
                 QueryAnswer::Accounts(ledger.accounts_after(after.as_ref(), limit).cloned().collect())
             }
-            Query::Transfer(id) => QueryAnswer::Transfer(ledger.transfer(&id).cloned()),
+            Query::Transfer(id) => QueryAnswer::Transfer(ledger.transfer(&id).cloned().or_else(|| {
+                self.archive.get(&id).unwrap_or_else(|error| {
+                    tracing::error!(%error, "archive read failed");
+                    None
+                })
+            })),
             Query::Totals => {
                 let mut totals = Totals {
                     accounts: ledger.account_count() as u64,
                     transfers_in_memory: ledger.transfer_count() as u64,
+                    archived: self.archive.records(),
                     holds: ledger.hold_count() as u64,
                     txns_in_flight: self.core.txns_in_flight() as u64,
                     fences: self.core.fence_count() as u64,
@@ -900,4 +951,57 @@ impl LogWriter {
             }
         }
     }
+}
+
+/// Brings archived records that `input` names back into memory, so that the
+/// pure core decides exactly as if they had never left it.
+fn prefetch(core: &mut ExecutorCore, archive: &Archive, input: &Input) -> std::io::Result<()> {
+    let mut ids: Vec<&Id> = Vec::new();
+    match input {
+        Input::Transfers { requests, .. } => {
+            for request in requests {
+                ids.push(request.id());
+                ids.extend(request.pending_id());
+            }
+        }
+        Input::Peer { messages, .. } => {
+            for message in messages {
+                if let PeerMsg::Try { ops, .. } = message {
+                    for op in ops {
+                        match op {
+                            crate::protocol::TryOp::Reserve(t) => ids.push(&t.id),
+                            crate::protocol::TryOp::LockPending { pending_id, .. } => ids.push(pending_id),
+                            crate::protocol::TryOp::Hold(_) => {}
+                        }
+                    }
+                }
+            }
+        }
+        Input::CreateAccount(_) | Input::Expire { .. } => {}
+    }
+    for id in ids {
+        if !core.ledger().has_record(id) && archive.maybe_contains(id) {
+            if let Some(transfer) = archive.get(id)? {
+                core.restore_record(transfer);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Archives the oldest final records once memory holds too many.
+fn evict(core: &mut ExecutorCore, archive: &mut Archive, limit: usize) -> std::io::Result<()> {
+    if core.ledger().transfer_count() > limit {
+        let started = Instant::now();
+        let chunk = core.evict_oldest(limit.div_ceil(4));
+        let count = chunk.len();
+        archive.add_run(chunk)?;
+        tracing::debug!(
+            executor = core.id(),
+            records = count,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "archived records"
+        );
+    }
+    Ok(())
 }

@@ -14,7 +14,8 @@ fn usd() -> Currency {
 }
 
 fn open(dir: &std::path::Path, clock: Arc<ManualClock>) -> Engine {
-    Engine::open(EngineConfig { data_dir: dir.to_path_buf(), shards: 8, executors: 2, clock }).unwrap()
+    // Few records in memory, so that the archive takes part in every test.
+    Engine::open(EngineConfig { shards: 8, clock, records_in_memory: 4, ..EngineConfig::new(dir, 2) }).unwrap()
 }
 
 fn account(name: &str, flags: AccountFlags) -> NewAccount {
@@ -199,6 +200,7 @@ async fn transfers_across_executors_balance_and_survive_restart() {
     assert_eq!(totals.net, 0);
     assert_eq!(totals.clearing_net, 0);
     assert_eq!(totals.txns_in_flight, 0);
+    assert!(totals.archived > 0, "the archive took part: {totals:?}");
     let snapshot: Vec<_> = engine.accounts(None, 1000).await.unwrap();
     engine.shutdown();
     drop(engine);

@@ -57,11 +57,13 @@ impl Answer {
 
 impl TestServer {
     async fn start(dir: &Path) -> TestServer {
+        // Few transfer records in memory: the archive takes part in every test.
         let engine = Engine::open(EngineConfig {
             data_dir: dir.to_path_buf(),
             shards: 8,
             executors: 2,
             clock: Arc::new(SystemClock),
+            records_in_memory: 16,
         })
         .unwrap();
         let config = ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), data_dir: dir.to_path_buf() };

@@ -1,0 +1,284 @@
+//! The transfer archive: final transfer records evicted from an executor's
+//! memory, in immutable runs sorted by id fingerprint, with a compact filter
+//! in front. Memory then holds the accounts, the work in flight and the
+//! newest records, not every transfer ever made.
+//!
+//! A run is written once, when the executor evicts a chunk of its oldest
+//! final records: `[fingerprint: u64 LE][length: u32 LE][record]...` in
+//! fingerprint order. Memory keeps, per run, every [`SPARSE_EVERY`]-th
+//! fingerprint with its offset; a lookup binary-searches that, reads one
+//! small block and scans it. In front of all runs sits a blocked Bloom
+//! filter ([`Filter`]) so that a new id, the common case, costs a few cache
+//! lines and no I/O.
+//!
+//! Like the history file, runs are derived from the command log: they are
+//! not fsynced, and recovery deletes them and rebuilds them as it replays.
+
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use peakstack_domain::{fnv1a64, Id, Transfer};
+
+use crate::codec::{Codec, Reader, Writer};
+
+/// One sparse index point per this many records of a run.
+pub const SPARSE_EVERY: usize = 32;
+/// Bits of filter per archived id: about 0.2% false positives.
+const FILTER_BITS_PER_KEY: usize = 14;
+/// Capacity of the first filter segment; each next one doubles.
+const FIRST_SEGMENT_KEYS: usize = 1 << 20;
+/// Largest record a run may hold.
+const MAX_RECORD_BYTES: usize = 4096;
+
+/// The 64-bit fingerprint of a transfer id in the archive. Not the shard
+/// hash itself: a second, independent mix, so that ids of one shard spread
+/// over the whole fingerprint space.
+pub fn fingerprint(id: &Id) -> u64 {
+    let mut x = fnv1a64(id.as_str().as_bytes()) ^ 0x9e37_79b9_7f4a_7c15;
+    // splitmix64 finalizer
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// A blocked Bloom filter that grows by adding segments of doubling size.
+#[derive(Default)]
+pub struct Filter {
+    segments: Vec<Segment>,
+}
+
+struct Segment {
+    /// 512-bit blocks (one cache line each).
+    blocks: Vec<[u64; 8]>,
+    keys: usize,
+    capacity: usize,
+}
+
+impl Segment {
+    fn new(capacity: usize) -> Segment {
+        let blocks = (capacity * FILTER_BITS_PER_KEY).div_ceil(512).max(1);
+        Segment { blocks: vec![[0u64; 8]; blocks], keys: 0, capacity }
+    }
+
+    fn probes(&self, fp: u64) -> (usize, impl Iterator<Item = u32>) {
+        let block = ((fp as u128 * self.blocks.len() as u128) >> 64) as usize;
+        let mut h = fp.rotate_left(32) | 1;
+        let bits = (0..7).map(move |_| {
+            h = h.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            (h >> 55) as u32 // 0..512
+        });
+        (block, bits)
+    }
+
+    fn insert(&mut self, fp: u64) {
+        let (block, bits) = self.probes(fp);
+        let block = &mut self.blocks[block];
+        for bit in bits {
+            block[(bit / 64) as usize] |= 1 << (bit % 64);
+        }
+        self.keys += 1;
+    }
+
+    fn maybe_contains(&self, fp: u64) -> bool {
+        let (block, mut bits) = self.probes(fp);
+        let block = &self.blocks[block];
+        bits.all(|bit| block[(bit / 64) as usize] & (1 << (bit % 64)) != 0)
+    }
+}
+
+impl Filter {
+    pub fn insert(&mut self, fp: u64) {
+        if self.segments.last().is_none_or(|s| s.keys >= s.capacity) {
+            let capacity = self.segments.last().map_or(FIRST_SEGMENT_KEYS, |s| s.capacity * 2);
+            self.segments.push(Segment::new(capacity));
+        }
+        self.segments.last_mut().expect("pushed").insert(fp);
+    }
+
+    pub fn maybe_contains(&self, fp: u64) -> bool {
+        self.segments.iter().any(|s| s.maybe_contains(fp))
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.segments.iter().map(|s| s.blocks.len() * 64).sum()
+    }
+}
+
+struct Run {
+    file: File,
+    /// (fingerprint, offset) of every SPARSE_EVERY-th record, and the end.
+    sparse: Vec<(u64, u64)>,
+    len: u64,
+}
+
+impl Run {
+    fn find(&self, fp: u64, id: &Id) -> io::Result<Option<Transfer>> {
+        // Every record with this fingerprint lies between the last sparse
+        // point below it and the first sparse point above it.
+        let lo = self.sparse.partition_point(|(f, _)| *f < fp);
+        let hi = self.sparse.partition_point(|(f, _)| *f <= fp);
+        let start = if lo == 0 { 0 } else { self.sparse[lo - 1].1 };
+        let end = self.sparse.get(hi).map_or(self.len, |p| p.1);
+        if end <= start {
+            return Ok(None);
+        }
+        let mut bytes = vec![0u8; (end - start) as usize];
+        self.file.read_exact_at(&mut bytes, start)?;
+        let mut at = 0usize;
+        while at < bytes.len() {
+            if bytes.len() - at < 12 {
+                return Err(io::Error::other("archive run cut short"));
+            }
+            let f = u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8"));
+            let len = u32::from_le_bytes(bytes[at + 8..at + 12].try_into().expect("4")) as usize;
+            if len > MAX_RECORD_BYTES || bytes.len() - at - 12 < len {
+                return Err(io::Error::other("archive record cut short"));
+            }
+            if f > fp {
+                break;
+            }
+            if f == fp {
+                let t = Transfer::decode(&mut Reader::new(&bytes[at + 12..at + 12 + len])).map_err(io::Error::other)?;
+                if t.id == *id {
+                    return Ok(Some(t));
+                }
+            }
+            at += 12 + len;
+        }
+        Ok(None)
+    }
+}
+
+pub struct Archive {
+    dir: PathBuf,
+    runs: Vec<Run>,
+    filter: Filter,
+    records: u64,
+}
+
+impl Archive {
+    /// Starts an empty archive in `dir`, deleting runs left by an earlier
+    /// process: recovery rebuilds them from the log.
+    pub fn create(dir: &Path) -> io::Result<Archive> {
+        if dir.exists() {
+            fs::remove_dir_all(dir)?;
+        }
+        fs::create_dir_all(dir)?;
+        Ok(Archive { dir: dir.to_path_buf(), runs: Vec::new(), filter: Filter::default(), records: 0 })
+    }
+
+    /// Writes `records` as a new run.
+    pub fn add_run(&mut self, records: Vec<Transfer>) -> io::Result<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let mut keyed: Vec<(u64, Transfer)> = records.into_iter().map(|t| (fingerprint(&t.id), t)).collect();
+        keyed.sort_unstable_by_key(|(fp, _)| *fp);
+        let path = self.dir.join(format!("run-{:06}.dat", self.runs.len()));
+        let mut out = BufWriter::with_capacity(1 << 20, File::create(&path)?);
+        let mut sparse = Vec::with_capacity(keyed.len() / SPARSE_EVERY + 1);
+        let mut offset = 0u64;
+        let mut w = Writer::default();
+        for (index, (fp, t)) in keyed.iter().enumerate() {
+            if index % SPARSE_EVERY == 0 {
+                sparse.push((*fp, offset));
+            }
+            w.buf.clear();
+            t.encode(&mut w);
+            out.write_all(&fp.to_le_bytes())?;
+            out.write_all(&(w.buf.len() as u32).to_le_bytes())?;
+            out.write_all(&w.buf)?;
+            offset += 12 + w.buf.len() as u64;
+            self.filter.insert(*fp);
+        }
+        out.flush()?;
+        self.records += keyed.len() as u64;
+        let file = File::open(&path)?;
+        self.runs.push(Run { file, sparse, len: offset });
+        Ok(())
+    }
+
+    /// Cheap: whether `id` may be archived (no I/O).
+    pub fn maybe_contains(&self, id: &Id) -> bool {
+        self.records > 0 && self.filter.maybe_contains(fingerprint(id))
+    }
+
+    /// The archived record of `id`, newest run first.
+    pub fn get(&self, id: &Id) -> io::Result<Option<Transfer>> {
+        if !self.maybe_contains(id) {
+            return Ok(None);
+        }
+        let fp = fingerprint(id);
+        for run in self.runs.iter().rev() {
+            if let Some(t) = run.find(fp, id)? {
+                return Ok(Some(t));
+            }
+        }
+        Ok(None)
+    }
+
+    pub fn records(&self) -> u64 {
+        self.records
+    }
+
+    /// Memory the archive keeps: filter plus sparse indexes.
+    pub fn memory_bytes(&self) -> usize {
+        self.filter.bytes() + self.runs.iter().map(|r| r.sparse.len() * 16).sum::<usize>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use peakstack_domain::{Currency, TransferKind, TransferStatus};
+
+    fn record(id: &str) -> Transfer {
+        Transfer {
+            id: Id::parse(id).unwrap(),
+            debit_account_id: Id::parse("a").unwrap(),
+            credit_account_id: Id::parse("b").unwrap(),
+            amount: id.len() as u64,
+            currency: Currency::parse("USD").unwrap(),
+            kind: TransferKind::Single,
+            status: TransferStatus::Posted,
+            posted_amount: None,
+            timestamp_ms: 7,
+        }
+    }
+
+    #[test]
+    fn every_archived_record_is_found_and_absent_ones_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut archive = Archive::create(&dir.path().join("archive")).unwrap();
+        for run in 0..3 {
+            archive.add_run((0..5000).map(|n| record(&format!("r{run}-{n}"))).collect()).unwrap();
+        }
+        for run in 0..3 {
+            for n in (0..5000).step_by(7) {
+                let id = format!("r{run}-{n}");
+                assert_eq!(archive.get(&Id::parse(&id).unwrap()).unwrap(), Some(record(&id)), "{id}");
+            }
+        }
+        let mut false_positives = 0;
+        for n in 0..20_000 {
+            let id = Id::parse(&format!("absent-{n}")).unwrap();
+            assert_eq!(archive.get(&id).unwrap(), None);
+            false_positives += usize::from(archive.maybe_contains(&id));
+        }
+        assert!(false_positives < 100, "filter too loose: {false_positives} of 20000");
+        assert_eq!(archive.records(), 15_000);
+    }
+
+    #[test]
+    fn the_filter_grows_and_never_forgets() {
+        let mut filter = Filter::default();
+        let keys: Vec<u64> = (0..3_000_000u64).map(|n| n.wrapping_mul(0x9e37_79b9_7f4a_7c15)).collect();
+        for &k in &keys {
+            filter.insert(k);
+        }
+        assert!(filter.segments.len() >= 2);
+        assert!(keys.iter().all(|&k| filter.maybe_contains(k)));
+    }
+}
