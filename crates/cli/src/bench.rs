@@ -30,6 +30,7 @@ pub struct BenchConfig {
     pub clients: usize,
     pub shards: u32,
     pub executors: u16,
+    pub records_in_memory: usize,
     pub json: bool,
 }
 
@@ -70,7 +71,7 @@ pub fn run(config: BenchConfig) -> anyhow::Result<BenchSummary> {
         shards: config.shards,
         executors: config.executors,
         clock: Arc::new(SystemClock),
-        records_in_memory: peakstack_engine::runtime::MAX_RECORDS_IN_MEMORY,
+        records_in_memory: config.records_in_memory,
     })?;
     let usd = Currency::parse("USD").expect("valid");
     let names: Arc<Vec<Id>> =

@@ -95,6 +95,9 @@ enum BenchWorkload {
         /// Default: one per two cores.
         #[arg(long)]
         executors: Option<u16>,
+        /// Transfer records each executor keeps in memory before archiving.
+        #[arg(long, default_value_t = peakstack_engine::runtime::MAX_RECORDS_IN_MEMORY)]
+        records_in_memory: usize,
         /// Print one JSON object as the last line of stdout.
         #[arg(long)]
         json: bool,
@@ -156,7 +159,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             result
         }
         Command::Bench {
-            workload: BenchWorkload::Transfers { accounts, seconds, hot, batch, clients, shards, executors, json },
+            workload: BenchWorkload::Transfers { accounts, seconds, hot, batch, clients, shards, executors, records_in_memory, json },
         } => {
             init_tracing(true);
             let summary = bench::run(bench::BenchConfig {
@@ -167,6 +170,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 clients,
                 shards,
                 executors: executors.unwrap_or_else(default_executors),
+                records_in_memory,
                 json,
             })?;
             if json {

@@ -41,7 +41,7 @@ pub const WRITE_QUEUE_CAPACITY: usize = 8;
 pub const MAX_TXNS_IN_FLIGHT: usize = 100_000;
 /// Transfer records an executor keeps in memory, by default, before it
 /// archives the oldest final ones; a quarter of the limit goes per run.
-pub const MAX_RECORDS_IN_MEMORY: usize = 1_000_000;
+pub const MAX_RECORDS_IN_MEMORY: usize = 200_000;
 /// How often an idle executor wakes to expire pending transfers.
 pub const TICK: Duration = Duration::from_millis(50);
 /// How long shutdown waits for transactions in flight to finish.
