@@ -72,6 +72,7 @@ pub fn run(config: BenchConfig) -> anyhow::Result<BenchSummary> {
         executors: config.executors,
         clock: Arc::new(SystemClock),
         records_in_memory: config.records_in_memory,
+        checkpoint_every_log_bytes: peakstack_engine::runtime::CHECKPOINT_EVERY_LOG_BYTES,
     })?;
     let usd = Currency::parse("USD").expect("valid");
     let names: Arc<Vec<Id>> =

@@ -44,6 +44,9 @@ enum Command {
         /// the oldest final ones to disk.
         #[arg(long, env = "PEAKSTACK_RECORDS_IN_MEMORY", default_value_t = peakstack_engine::runtime::MAX_RECORDS_IN_MEMORY)]
         records_in_memory: usize,
+        /// Bytes of log after which each executor writes a checkpoint.
+        #[arg(long, env = "PEAKSTACK_CHECKPOINT_LOG_BYTES", default_value_t = peakstack_engine::runtime::CHECKPOINT_EVERY_LOG_BYTES)]
+        checkpoint_log_bytes: u64,
     },
     /// Benchmark the engine in-process (durable writes, fresh temporary data dir).
     Bench {
@@ -137,7 +140,7 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve { listen, data, shards, executors, records_in_memory } => {
+        Command::Serve { listen, data, shards, executors, records_in_memory, checkpoint_log_bytes } => {
             init_tracing(false);
             let engine = Engine::open(EngineConfig {
                 data_dir: data.clone(),
@@ -145,6 +148,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 executors: executors.unwrap_or_else(default_executors),
                 clock: Arc::new(SystemClock),
                 records_in_memory,
+                checkpoint_every_log_bytes: checkpoint_log_bytes,
             })
             .with_context(|| format!("opening data dir {}", data.display()))?;
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -159,7 +163,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             result
         }
         Command::Bench {
-            workload: BenchWorkload::Transfers { accounts, seconds, hot, batch, clients, shards, executors, records_in_memory, json },
+            workload:
+                BenchWorkload::Transfers {
+                    accounts,
+                    seconds,
+                    hot,
+                    batch,
+                    clients,
+                    shards,
+                    executors,
+                    records_in_memory,
+                    json,
+                },
         } => {
             init_tracing(true);
             let summary = bench::run(bench::BenchConfig {

@@ -28,7 +28,7 @@ fn start(data: &Path, port: u16) -> Child {
         .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data"])
         .arg(data)
         // Few records in memory: transfers get archived while under load.
-        .args(["--shards", "16", "--executors", "2", "--records-in-memory", "200"])
+        .args(["--shards", "16", "--executors", "2", "--records-in-memory", "200", "--checkpoint-log-bytes", "65536"])
         .env("PEAKSTACK_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -115,6 +115,9 @@ async fn acknowledged_transfers_survive_sigkill() {
     let attempted = attempted.lock().unwrap().clone();
     assert!(acked.len() > 50, "too few writes before the kill ({}) to test anything", acked.len());
 
+    // Checkpoints were written while under load, so recovery starts from
+    // one and replays the log after it.
+    assert!(dir.path().join("executor-000/checkpoint.snap").exists(), "no checkpoint was written");
     let mut server = start(dir.path(), port);
     wait_ready(&client, &base).await;
 

@@ -169,6 +169,52 @@ impl Archive {
         Ok(Archive { dir: dir.to_path_buf(), runs: Vec::new(), filter: Filter::default(), records: 0 })
     }
 
+    /// Opens the archive a checkpoint left with `runs` runs: later runs are
+    /// deleted (replay writes them again) and the kept ones are read to
+    /// rebuild the sparse indexes and the filter.
+    pub fn open(dir: &Path, runs: u32) -> io::Result<Archive> {
+        fs::create_dir_all(dir)?;
+        let mut archive = Archive { dir: dir.to_path_buf(), runs: Vec::new(), filter: Filter::default(), records: 0 };
+        for entry in fs::read_dir(dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let index = name.to_str().and_then(|n| n.strip_prefix("run-")?.strip_suffix(".dat")?.parse::<u32>().ok());
+            if index.is_none_or(|i| i >= runs) {
+                fs::remove_file(entry.path())?;
+            }
+        }
+        for index in 0..runs {
+            let path = dir.join(format!("run-{index:06}.dat"));
+            let bytes = fs::read(&path)?;
+            let mut sparse = Vec::new();
+            let mut at = 0usize;
+            let mut count = 0usize;
+            while at < bytes.len() {
+                if bytes.len() - at < 12 {
+                    return Err(io::Error::other(format!("{} is cut short", path.display())));
+                }
+                let fp = u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8"));
+                let len = u32::from_le_bytes(bytes[at + 8..at + 12].try_into().expect("4")) as usize;
+                if len > MAX_RECORD_BYTES || bytes.len() - at - 12 < len {
+                    return Err(io::Error::other(format!("{} is cut short", path.display())));
+                }
+                if count.is_multiple_of(SPARSE_EVERY) {
+                    sparse.push((fp, at as u64));
+                }
+                archive.filter.insert(fp);
+                count += 1;
+                at += 12 + len;
+            }
+            archive.records += count as u64;
+            archive.runs.push(Run { file: File::open(&path)?, sparse, len: bytes.len() as u64 });
+        }
+        Ok(archive)
+    }
+
+    pub fn run_count(&self) -> u32 {
+        self.runs.len() as u32
+    }
+
     /// Writes `records` as a new run.
     pub fn add_run(&mut self, records: Vec<Transfer>) -> io::Result<()> {
         if records.is_empty() {
@@ -182,7 +228,7 @@ impl Archive {
         let mut offset = 0u64;
         let mut w = Writer::default();
         for (index, (fp, t)) in keyed.iter().enumerate() {
-            if index % SPARSE_EVERY == 0 {
+            if index.is_multiple_of(SPARSE_EVERY) {
                 sparse.push((*fp, offset));
             }
             w.buf.clear();
@@ -194,6 +240,8 @@ impl Archive {
             self.filter.insert(*fp);
         }
         out.flush()?;
+        // A later checkpoint counts on this run being on disk.
+        out.get_ref().sync_data()?;
         self.records += keyed.len() as u64;
         let file = File::open(&path)?;
         self.runs.push(Run { file, sparse, len: offset });

@@ -749,3 +749,77 @@ mod tests {
         });
     }
 }
+
+mod snapshot {
+    use super::*;
+    use peakstack_domain::ledger::{HoldSnapshot, LedgerSnapshot};
+    use peakstack_domain::Account;
+
+    impl Codec for Account {
+        fn encode(&self, w: &mut Writer) {
+            self.id.encode(w);
+            self.currency.encode(w);
+            w.u8(self.flags.bits());
+            w.varint(self.overdraft_limit);
+            match &self.metadata {
+                None => w.u8(0),
+                Some(m) => {
+                    w.u8(1);
+                    w.str(m);
+                }
+            }
+            self.balances.encode(w);
+            w.varint(self.created_at_ms);
+            w.bool(self.system);
+            w.u64(self.history_head);
+        }
+        fn decode(r: &mut Reader<'_>) -> Result<Self> {
+            Ok(Account {
+                id: Id::decode(r)?,
+                currency: Currency::decode(r)?,
+                flags: AccountFlags::from_bits(r.u8()?).ok_or(CodecError("invalid flags"))?,
+                overdraft_limit: r.varint()?,
+                metadata: match r.u8()? {
+                    0 => None,
+                    1 => Some(r.str()?.into()),
+                    _ => return Err(CodecError("invalid metadata")),
+                },
+                balances: Balances::decode(r)?,
+                created_at_ms: r.varint()?,
+                system: r.bool()?,
+                history_head: r.u64()?,
+            })
+        }
+    }
+
+    impl Codec for HoldSnapshot {
+        fn encode(&self, w: &mut Writer) {
+            self.transfer_id.encode(w);
+            self.side.encode(w);
+            w.varint(u64::from(self.account));
+            self.clearing.map(u64::from).encode(w);
+            w.varint(self.amount);
+        }
+        fn decode(r: &mut Reader<'_>) -> Result<Self> {
+            let index = |v: u64| u32::try_from(v).map_err(|_| CodecError("invalid account index"));
+            Ok(HoldSnapshot {
+                transfer_id: Id::decode(r)?,
+                side: Side::decode(r)?,
+                account: index(r.varint()?)?,
+                clearing: Option::<u64>::decode(r)?.map(index).transpose()?,
+                amount: r.varint()?,
+            })
+        }
+    }
+
+    impl Codec for LedgerSnapshot {
+        fn encode(&self, w: &mut Writer) {
+            self.accounts.encode(w);
+            self.holds.encode(w);
+            self.records.encode(w);
+        }
+        fn decode(r: &mut Reader<'_>) -> Result<Self> {
+            Ok(LedgerSnapshot { accounts: Vec::decode(r)?, holds: Vec::decode(r)?, records: Vec::decode(r)? })
+        }
+    }
+}

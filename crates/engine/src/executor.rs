@@ -13,6 +13,7 @@ type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState
 
 use peakstack_domain::ledger::{Booked, Leg, LocalOutcome, PendingInfo, ResolveKind, TxnView};
 
+use crate::checkpoint::Checkpoint;
 use crate::history::{LegEntry, LegEvent};
 use peakstack_domain::{
     Account, Balances, Currency, ErrorCode, Id, Ledger, Side, Transfer, TransferKind, TransferRequest, TransferStatus,
@@ -131,6 +132,41 @@ impl ExecutorCore {
 
     pub fn ledger(&self) -> &Ledger {
         &self.ledger
+    }
+
+    /// The state for a checkpoint, or `None` while a transaction is in
+    /// flight or a fence is kept (checkpoints are taken between them).
+    pub fn checkpoint(&self, sequence: u64, time_ms: u64, archive_runs: u32) -> Option<Checkpoint> {
+        if !self.txns.is_empty() || !self.fences.is_empty() {
+            return None;
+        }
+        Some(Checkpoint {
+            sequence,
+            time_ms,
+            next_txn: self.next_txn,
+            history_len: self.history_len,
+            archive_runs,
+            ledger: self.ledger.snapshot()?,
+        })
+    }
+
+    /// An executor as a checkpoint left it.
+    pub fn from_checkpoint(id: ExecutorId, layout: Layout, checkpoint: Checkpoint) -> Result<ExecutorCore, String> {
+        let ledger = Ledger::from_snapshot(checkpoint.ledger).map_err(str::to_string)?;
+        for account in ledger.accounts() {
+            if layout.executor_of_account(&account.id) != id {
+                return Err(format!("account {} does not belong to executor {id}", account.id));
+            }
+        }
+        Ok(ExecutorCore {
+            id,
+            layout,
+            ledger,
+            next_txn: checkpoint.next_txn,
+            txns: HashMap::default(),
+            fences: HashMap::default(),
+            history_len: checkpoint.history_len,
+        })
     }
 
     /// Brings an archived record back into memory (see `archive.rs`).

@@ -111,6 +111,27 @@ impl HistoryWriter {
         Ok(HistoryWriter { file, path })
     }
 
+    /// Continues the file a checkpoint left at `len` bytes (anything after
+    /// it is replayed again from the log).
+    pub fn open_at(dir: &Path, len: u64) -> io::Result<HistoryWriter> {
+        let path = dir.join(HISTORY_FILE);
+        let file = OpenOptions::new().write(true).open(&path)?;
+        let actual = file.metadata()?.len();
+        if actual < len {
+            return Err(io::Error::other(format!("{} has {actual} bytes, the checkpoint needs {len}", path.display())));
+        }
+        file.set_len(len)?;
+        let mut writer = HistoryWriter { file, path };
+        use std::io::Seek;
+        writer.file.seek(io::SeekFrom::End(0))?;
+        Ok(writer)
+    }
+
+    /// Makes what was appended durable (before a checkpoint counts on it).
+    pub fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
     pub fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.file.write_all(bytes)
     }

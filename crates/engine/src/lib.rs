@@ -3,6 +3,7 @@
 //! that carries work across executors.
 
 pub mod archive;
+pub mod checkpoint;
 pub mod clock;
 pub mod codec;
 pub mod executor;

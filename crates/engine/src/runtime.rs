@@ -21,6 +21,7 @@ use peakstack_domain::{Account, ErrorCode, Id, NewAccount, Transfer, TransferReq
 use tokio::sync::oneshot;
 
 use crate::archive::Archive;
+use crate::checkpoint;
 use crate::clock::Clock;
 use crate::codec::{Codec, Writer};
 use crate::executor::{ClientTag, Effects, ExecutorCore};
@@ -42,6 +43,9 @@ pub const MAX_TXNS_IN_FLIGHT: usize = 100_000;
 /// Transfer records an executor keeps in memory, by default, before it
 /// archives the oldest final ones; a quarter of the limit goes per run.
 pub const MAX_RECORDS_IN_MEMORY: usize = 200_000;
+/// An executor checkpoints once this much log was written since its last
+/// checkpoint (and at shutdown), when no transaction is in flight.
+pub const CHECKPOINT_EVERY_LOG_BYTES: u64 = 64 << 20;
 /// How often an idle executor wakes to expire pending transfers.
 pub const TICK: Duration = Duration::from_millis(50);
 /// How long shutdown waits for transactions in flight to finish.
@@ -58,6 +62,9 @@ pub struct EngineConfig {
     /// Transfer records an executor keeps in memory before it archives the
     /// oldest final ones (see `archive.rs`); [`MAX_RECORDS_IN_MEMORY`] by default.
     pub records_in_memory: usize,
+    /// An executor checkpoints after this many bytes of log (and at
+    /// shutdown); [`CHECKPOINT_EVERY_LOG_BYTES`] by default.
+    pub checkpoint_every_log_bytes: u64,
 }
 
 impl EngineConfig {
@@ -69,6 +76,7 @@ impl EngineConfig {
             executors,
             clock: Arc::new(crate::clock::SystemClock),
             records_in_memory: MAX_RECORDS_IN_MEMORY,
+            checkpoint_every_log_bytes: CHECKPOINT_EVERY_LOG_BYTES,
         }
     }
 }
@@ -173,6 +181,8 @@ struct PendingWrite {
     frames: Vec<u8>,
     batch_count: u64,
     history: Vec<u8>,
+    /// A checkpoint covering every batch up to the sequence given.
+    checkpoint: Option<(u64, Vec<u8>)>,
     inputs: usize,
     completions: Vec<Completion>,
     outbox: Vec<(ExecutorId, PeerMsg)>,
@@ -219,16 +229,41 @@ impl Engine {
         let mut logs = Vec::with_capacity(executor_count);
         let mut last_times = Vec::with_capacity(executor_count);
         for e in 0..layout.executors() {
-            let mut core = ExecutorCore::new(e, layout);
             let mut fx = Effects::default();
-            let mut last_time_ms = 0;
-            // The history file is derived from the log: rewritten as it replays.
             let dir = executor_dir(&config.data_dir, e);
             std::fs::create_dir_all(&dir).map_err(EngineError::History)?;
-            let mut history = HistoryWriter::create(&dir).map_err(EngineError::History)?;
-            let mut archive = Archive::create(&dir.join("archive")).map_err(EngineError::History)?;
+            let replay_error = |reason: String| EngineError::Replay { executor: e, reason };
+            // Start from the checkpoint if there is one; the history file and
+            // the archive continue from where it left them. Without one they
+            // are derived from the whole log, rewritten as it replays.
+            let (mut core, mut history, mut archive, covered, mut last_time_ms) = match checkpoint::load(&dir)
+                .map_err(replay_error)?
+            {
+                Some(c) => {
+                    let history = HistoryWriter::open_at(&dir, c.history_len).map_err(EngineError::History)?;
+                    let archive = Archive::open(&dir.join("archive"), c.archive_runs).map_err(EngineError::History)?;
+                    let (sequence, time_ms) = (c.sequence, c.time_ms);
+                    let core = ExecutorCore::from_checkpoint(e, layout, c).map_err(replay_error)?;
+                    (core, history, archive, sequence, time_ms)
+                }
+                None => (
+                    ExecutorCore::new(e, layout),
+                    HistoryWriter::create(&dir).map_err(EngineError::History)?,
+                    Archive::create(&dir.join("archive")).map_err(EngineError::History)?,
+                    0,
+                    0,
+                ),
+            };
             let mut history_error = None;
+            let mut expected = covered + 1;
             let log = Log::open(&dir, |batch| {
+                if batch.sequence <= covered {
+                    return Ok(());
+                }
+                if batch.sequence != expected {
+                    return Err(format!("batch {} follows checkpoint {covered}: the log has a gap", batch.sequence));
+                }
+                expected += 1;
                 last_time_ms = batch.time_ms;
                 for input in &batch.inputs {
                     if let Err(error) = prefetch(&mut core, &archive, input) {
@@ -246,6 +281,12 @@ impl Engine {
             })?;
             if let Some(error) = history_error {
                 return Err(EngineError::History(error));
+            }
+            if log.next_sequence() <= covered {
+                return Err(replay_error(format!(
+                    "the log ends at batch {} but the checkpoint covers {covered}",
+                    log.next_sequence() - 1
+                )));
             }
             archives.push(archive);
             history_readers.push(HistoryReader::open(&dir).map_err(EngineError::History)?);
@@ -313,6 +354,8 @@ impl Engine {
                 core,
                 archive: archives.remove(0),
                 records_in_memory: config.records_in_memory,
+                log_bytes_since_checkpoint: 0,
+                checkpoint_every_log_bytes: config.checkpoint_every_log_bytes,
                 client_rx,
                 peer_rx,
                 write_tx,
@@ -645,6 +688,8 @@ struct Applier {
     core: ExecutorCore,
     archive: Archive,
     records_in_memory: usize,
+    log_bytes_since_checkpoint: u64,
+    checkpoint_every_log_bytes: u64,
     client_rx: Receiver<Request>,
     peer_rx: Receiver<Inbound>,
     write_tx: Sender<PendingWrite>,
@@ -797,7 +842,20 @@ impl Applier {
                 std::process::abort();
             }
             let outbox = std::mem::take(&mut fx.outbox);
-            if inputs_logged > 0 || !completions.is_empty() || !outbox.is_empty() {
+            let finishing = stopping && self.peer_rx.is_empty();
+            self.log_bytes_since_checkpoint += encoded.buf.len() as u64;
+            let checkpoint = if finishing || self.log_bytes_since_checkpoint >= self.checkpoint_every_log_bytes {
+                // The batch being built is covered if it logs anything.
+                let covered = if inputs_logged > 0 { self.next_sequence } else { self.next_sequence - 1 };
+                let taken = self.core.checkpoint(covered, now_ms, self.archive.run_count());
+                taken.map(|c| {
+                    self.log_bytes_since_checkpoint = 0;
+                    (covered, c.encode())
+                })
+            } else {
+                None
+            };
+            if inputs_logged > 0 || !completions.is_empty() || !outbox.is_empty() || checkpoint.is_some() {
                 let mut frames = Vec::new();
                 let mut batch_count = 0;
                 let sequence = self.next_sequence;
@@ -808,13 +866,21 @@ impl Applier {
                 }
                 let history = std::mem::take(&mut fx.history);
                 debug_assert!(history.is_empty() || batch_count == 1, "history comes from logged inputs");
-                let write = PendingWrite { frames, batch_count, history, inputs: inputs_logged, completions, outbox };
+                let write = PendingWrite {
+                    frames,
+                    batch_count,
+                    history,
+                    inputs: inputs_logged,
+                    completions,
+                    outbox,
+                    checkpoint,
+                };
                 if self.write_tx.send(write).is_err() {
                     tracing::error!(executor = self.core.id(), "log thread is gone; executor stops");
                     return;
                 }
             }
-            if stopping && self.peer_rx.is_empty() {
+            if finishing {
                 return;
             }
         }
@@ -928,6 +994,7 @@ impl LogWriter {
             }
             let executors = self.shared.peers.len();
             let mut by_dest: Vec<Vec<PeerMsg>> = vec![Vec::new(); executors];
+            let checkpoint = group.iter_mut().filter_map(|w| w.checkpoint.take()).next_back();
             for write in group.drain(..) {
                 // History is appended before anyone is answered, so a history
                 // read after an answer finds it.
@@ -949,7 +1016,32 @@ impl LogWriter {
                     let _ = self.shared.peers[dest].send(Inbound::Peer { from: self.id, messages });
                 }
             }
+            if let Some((covered, bytes)) = checkpoint {
+                if let Err(error) = self.write_checkpoint(covered, &bytes) {
+                    // The log still has everything: carry on, recovery replays more.
+                    tracing::error!(executor = self.id, %error, "checkpoint failed");
+                }
+            }
         }
+    }
+
+    /// Makes the history durable, writes the checkpoint, then deletes the log
+    /// segments it covers. Its batch and everything before it are durable.
+    fn write_checkpoint(&mut self, covered: u64, bytes: &[u8]) -> std::io::Result<()> {
+        let started = Instant::now();
+        self.history.sync()?;
+        let dir = self.history.path().parent().expect("the history file is in the executor dir").to_path_buf();
+        checkpoint::store(&dir, bytes)?;
+        let removed = self.log.remove_before(covered + 1).map_err(std::io::Error::other)?;
+        metrics::histogram!("peakstack_checkpoint_seconds").record(started.elapsed().as_secs_f64());
+        tracing::debug!(
+            executor = self.id,
+            covered,
+            bytes = bytes.len(),
+            removed_segments = removed,
+            "checkpoint written"
+        );
+        Ok(())
     }
 }
 

@@ -64,6 +64,7 @@ impl TestServer {
             executors: 2,
             clock: Arc::new(SystemClock),
             records_in_memory: 16,
+            checkpoint_every_log_bytes: 4096,
         })
         .unwrap();
         let config = ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), data_dir: dir.to_path_buf() };
