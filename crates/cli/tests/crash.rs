@@ -28,7 +28,7 @@ fn start(data: &Path, port: u16) -> Child {
         .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data"])
         .arg(data)
         // Few records in memory: transfers get archived while under load.
-        .args(["--shards", "16", "--executors", "2", "--records-in-memory", "200", "--checkpoint-log-bytes", "65536"])
+        .args(["--shards", "16", "--executors", "2", "--records-in-memory", "200", "--checkpoint-log-bytes", "16384"])
         .env("PEAKSTACK_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -103,8 +103,15 @@ async fn acknowledged_transfers_survive_sigkill() {
             }
         }));
     }
-    // Kill at a moment that depends on the run, after some writes happened.
-    let wait_ms = 400 + (std::process::id() as u64 % 800);
+    // Kill once both executors have checkpointed under load (so recovery
+    // starts from a checkpoint and replays the log after it), at a moment
+    // that depends on the run.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(0..2).all(|e| dir.path().join(format!("executor-{e:03}/checkpoint.snap")).exists()) {
+        assert!(Instant::now() < deadline, "no checkpoint was written under load");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let wait_ms = 100 + (std::process::id() as u64 % 500);
     tokio::time::sleep(Duration::from_millis(wait_ms)).await;
     server.kill().expect("SIGKILL"); // Child::kill sends SIGKILL on Unix
     server.wait().unwrap();
@@ -115,9 +122,6 @@ async fn acknowledged_transfers_survive_sigkill() {
     let attempted = attempted.lock().unwrap().clone();
     assert!(acked.len() > 50, "too few writes before the kill ({}) to test anything", acked.len());
 
-    // Checkpoints were written while under load, so recovery starts from
-    // one and replays the log after it.
-    assert!(dir.path().join("executor-000/checkpoint.snap").exists(), "no checkpoint was written");
     let mut server = start(dir.path(), port);
     wait_ready(&client, &base).await;
 

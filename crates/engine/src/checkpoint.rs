@@ -103,3 +103,69 @@ pub fn store(dir: &Path, bytes: &[u8]) -> io::Result<PathBuf> {
     File::open(dir)?.sync_all()?;
     Ok(path)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use peakstack_domain::ledger::HoldSnapshot;
+    use peakstack_domain::{
+        Account, AccountFlags, Balances, Currency, Id, NewAccount, Side, Transfer, TransferKind, TransferStatus,
+    };
+
+    #[test]
+    fn a_checkpoint_round_trips_and_damage_is_detected() {
+        let usd = Currency::parse("USD").unwrap();
+        let id = |s: &str| Id::parse(s).unwrap();
+        let mut account = Account::open(
+            NewAccount {
+                id: id("a"),
+                currency: usd,
+                flags: AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS,
+                overdraft_limit: 3,
+                metadata: Some("{\"k\":1}".into()),
+            },
+            5,
+        );
+        account.balances = Balances { debits_pending: 1, debits_posted: 2, credits_pending: 3, credits_posted: 4 };
+        account.history_head = 77;
+        let checkpoint = Checkpoint {
+            sequence: 9,
+            time_ms: 10,
+            next_txn: 11,
+            history_len: 12,
+            archive_runs: 2,
+            ledger: LedgerSnapshot {
+                accounts: vec![account],
+                holds: vec![HoldSnapshot {
+                    transfer_id: id("p"),
+                    side: Side::Debit,
+                    account: 0,
+                    clearing: None,
+                    amount: 1,
+                }],
+                records: vec![Transfer {
+                    id: id("p"),
+                    debit_account_id: id("a"),
+                    credit_account_id: id("b"),
+                    amount: 1,
+                    currency: usd,
+                    kind: TransferKind::Pending { timeout_ms: 0, expires_at_ms: 0 },
+                    status: TransferStatus::Pending,
+                    posted_amount: None,
+                    timestamp_ms: 5,
+                }],
+            },
+        };
+        let bytes = checkpoint.encode();
+        assert_eq!(Checkpoint::decode(&bytes).unwrap(), checkpoint);
+        assert!(Checkpoint::decode(&bytes[..bytes.len() - 1]).is_err(), "cut short");
+        let mut flipped = bytes.clone();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 1;
+        assert!(Checkpoint::decode(&flipped).is_err(), "checksum");
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(load(dir.path()).unwrap(), None);
+        store(dir.path(), &bytes).unwrap();
+        assert_eq!(load(dir.path()).unwrap(), Some(checkpoint));
+    }
+}

@@ -228,19 +228,32 @@ impl Codec for ErrorCode {
     }
 }
 
+/// The fields a client names when it opens an account, shared by the
+/// encodings of `NewAccount` (in the log) and `Account` (in checkpoints).
+fn encode_account_spec(
+    w: &mut Writer,
+    id: &Id,
+    currency: Currency,
+    flags: AccountFlags,
+    overdraft_limit: u64,
+    metadata: Option<&str>,
+) {
+    id.encode(w);
+    currency.encode(w);
+    w.u8(flags.bits());
+    w.varint(overdraft_limit);
+    match metadata {
+        None => w.u8(0),
+        Some(m) => {
+            w.u8(1);
+            w.str(m);
+        }
+    }
+}
+
 impl Codec for NewAccount {
     fn encode(&self, w: &mut Writer) {
-        self.id.encode(w);
-        self.currency.encode(w);
-        w.u8(self.flags.bits());
-        w.varint(self.overdraft_limit);
-        match &self.metadata {
-            None => w.u8(0),
-            Some(m) => {
-                w.u8(1);
-                w.str(m);
-            }
-        }
+        encode_account_spec(w, &self.id, self.currency, self.flags, self.overdraft_limit, self.metadata.as_deref());
     }
     fn decode(r: &mut Reader<'_>) -> Result<Self> {
         Ok(NewAccount {
@@ -757,33 +770,20 @@ mod snapshot {
 
     impl Codec for Account {
         fn encode(&self, w: &mut Writer) {
-            self.id.encode(w);
-            self.currency.encode(w);
-            w.u8(self.flags.bits());
-            w.varint(self.overdraft_limit);
-            match &self.metadata {
-                None => w.u8(0),
-                Some(m) => {
-                    w.u8(1);
-                    w.str(m);
-                }
-            }
+            encode_account_spec(w, &self.id, self.currency, self.flags, self.overdraft_limit, self.metadata.as_deref());
             self.balances.encode(w);
             w.varint(self.created_at_ms);
             w.bool(self.system);
             w.u64(self.history_head);
         }
         fn decode(r: &mut Reader<'_>) -> Result<Self> {
+            let spec = NewAccount::decode(r)?;
             Ok(Account {
-                id: Id::decode(r)?,
-                currency: Currency::decode(r)?,
-                flags: AccountFlags::from_bits(r.u8()?).ok_or(CodecError("invalid flags"))?,
-                overdraft_limit: r.varint()?,
-                metadata: match r.u8()? {
-                    0 => None,
-                    1 => Some(r.str()?.into()),
-                    _ => return Err(CodecError("invalid metadata")),
-                },
+                id: spec.id,
+                currency: spec.currency,
+                flags: spec.flags,
+                overdraft_limit: spec.overdraft_limit,
+                metadata: spec.metadata,
                 balances: Balances::decode(r)?,
                 created_at_ms: r.varint()?,
                 system: r.bool()?,

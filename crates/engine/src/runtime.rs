@@ -770,30 +770,13 @@ impl Applier {
                         );
                     }
                     Err(Request::CreateAccount(new, reply)) => {
-                        let answer = self.apply(
-                            Input::CreateAccount(new),
-                            now_ms,
-                            None,
-                            &mut fx,
-                            &mut encoded,
-                            &mut inputs_logged,
-                        );
-                        completions.push(Completion::Account(reply, answer.unwrap_or(Err(ErrorCode::Unavailable))));
+                        let answer = self.open_account(new, now_ms, &mut fx, &mut encoded, &mut inputs_logged);
+                        completions.push(Completion::Account(reply, answer));
                     }
                     Err(Request::CreateAccounts(accounts, reply)) => {
                         let answers = accounts
                             .into_iter()
-                            .map(|new| {
-                                let answer = self.apply(
-                                    Input::CreateAccount(new),
-                                    now_ms,
-                                    None,
-                                    &mut fx,
-                                    &mut encoded,
-                                    &mut inputs_logged,
-                                );
-                                answer.unwrap_or(Err(ErrorCode::Unavailable))
-                            })
+                            .map(|new| self.open_account(new, now_ms, &mut fx, &mut encoded, &mut inputs_logged))
                             .collect();
                         completions.push(Completion::Accounts(reply, answers));
                     }
@@ -890,6 +873,18 @@ impl Applier {
     /// returns what this executor reported last and remembers the new count.
     fn in_flight_reported(&mut self) -> usize {
         std::mem::replace(&mut self.reported_in_flight, self.core.txns_in_flight())
+    }
+
+    fn open_account(
+        &mut self,
+        new: NewAccount,
+        now_ms: u64,
+        fx: &mut Effects,
+        encoded: &mut Writer,
+        inputs_logged: &mut usize,
+    ) -> AccountReply {
+        self.apply(Input::CreateAccount(new), now_ms, None, fx, encoded, inputs_logged)
+            .unwrap_or(Err(ErrorCode::Unavailable))
     }
 
     fn apply(
