@@ -55,9 +55,12 @@ pub struct LegEntry {
 }
 
 impl LegEntry {
-    /// Appends the framed entry to `out`; answers its length.
+    /// Appends the framed entry to `out`; answers its length. Encodes in
+    /// place (no buffer of its own): this runs twice per transfer.
     pub fn encode_framed(&self, out: &mut Vec<u8>) -> u64 {
-        let mut w = Writer::default();
+        let start = out.len();
+        out.extend_from_slice(&[0u8; 8]); // length and checksum, patched below
+        let mut w = Writer { buf: std::mem::take(out) };
         w.u64(self.previous);
         w.u64(self.account);
         w.varint(self.time_ms);
@@ -71,11 +74,12 @@ impl LegEntry {
         side.encode(&mut w);
         w.varint(a);
         w.varint(b);
-        let crc = crc32c::crc32c(&w.buf);
-        out.extend_from_slice(&(w.buf.len() as u32).to_le_bytes());
-        out.extend_from_slice(&crc.to_le_bytes());
-        out.extend_from_slice(&w.buf);
-        8 + w.buf.len() as u64
+        *out = w.buf;
+        let payload_len = out.len() - start - 8;
+        let crc = crc32c::crc32c(&out[start + 8..]);
+        out[start..start + 4].copy_from_slice(&(payload_len as u32).to_le_bytes());
+        out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+        (out.len() - start) as u64
     }
 
     fn decode(payload: &[u8]) -> Result<LegEntry, CodecError> {

@@ -847,7 +847,9 @@ impl Applier {
                     self.next_sequence += 1;
                     batch_count = 1;
                 }
-                let history = std::mem::take(&mut fx.history);
+                // The next batch likely needs as much room: no regrowth.
+                let room = fx.history.len();
+                let history = std::mem::replace(&mut fx.history, Vec::with_capacity(room));
                 debug_assert!(history.is_empty() || batch_count == 1, "history comes from logged inputs");
                 let write = PendingWrite {
                     frames,
