@@ -156,6 +156,8 @@ pub struct Archive {
     runs: Vec<Run>,
     filter: Filter,
     records: u64,
+    /// Runs written since the last checkpoint took them to sync.
+    unsynced: Vec<PathBuf>,
 }
 
 impl Archive {
@@ -166,7 +168,13 @@ impl Archive {
             fs::remove_dir_all(dir)?;
         }
         fs::create_dir_all(dir)?;
-        Ok(Archive { dir: dir.to_path_buf(), runs: Vec::new(), filter: Filter::default(), records: 0 })
+        Ok(Archive {
+            dir: dir.to_path_buf(),
+            runs: Vec::new(),
+            filter: Filter::default(),
+            records: 0,
+            unsynced: Vec::new(),
+        })
     }
 
     /// Opens the archive a checkpoint left with `runs` runs: later runs are
@@ -174,7 +182,13 @@ impl Archive {
     /// rebuild the sparse indexes and the filter.
     pub fn open(dir: &Path, runs: u32) -> io::Result<Archive> {
         fs::create_dir_all(dir)?;
-        let mut archive = Archive { dir: dir.to_path_buf(), runs: Vec::new(), filter: Filter::default(), records: 0 };
+        let mut archive = Archive {
+            dir: dir.to_path_buf(),
+            runs: Vec::new(),
+            filter: Filter::default(),
+            records: 0,
+            unsynced: Vec::new(),
+        };
         for entry in fs::read_dir(dir)? {
             let entry = entry?;
             let name = entry.file_name();
@@ -211,6 +225,12 @@ impl Archive {
         Ok(archive)
     }
 
+    /// The runs a checkpoint about to be taken must have on disk; the
+    /// caller syncs them ([`sync_runs`]) before the checkpoint is stored.
+    pub fn take_unsynced(&mut self) -> Vec<PathBuf> {
+        std::mem::take(&mut self.unsynced)
+    }
+
     pub fn run_count(&self) -> u32 {
         self.runs.len() as u32
     }
@@ -240,8 +260,9 @@ impl Archive {
             self.filter.insert(*fp);
         }
         out.flush()?;
-        // A later checkpoint counts on this run being on disk.
-        out.get_ref().sync_data()?;
+        // Not synced here (the apply thread must not wait on the disk): the
+        // log thread syncs it before a checkpoint counts on it.
+        self.unsynced.push(path.clone());
         self.records += keyed.len() as u64;
         let file = File::open(&path)?;
         self.runs.push(Run { file, sparse, len: offset });
@@ -275,6 +296,17 @@ impl Archive {
     pub fn memory_bytes(&self) -> usize {
         self.filter.bytes() + self.runs.iter().map(|r| r.sparse.len() * 16).sum::<usize>()
     }
+}
+
+/// Makes runs durable (see [`Archive::take_unsynced`]).
+pub fn sync_runs(paths: &[PathBuf]) -> io::Result<()> {
+    for path in paths {
+        File::open(path)?.sync_all()?;
+    }
+    if let Some(dir) = paths.first().and_then(|p| p.parent()) {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -181,8 +181,9 @@ struct PendingWrite {
     frames: Vec<u8>,
     batch_count: u64,
     history: Vec<u8>,
-    /// A checkpoint covering every batch up to the sequence given.
-    checkpoint: Option<(u64, Vec<u8>)>,
+    /// A checkpoint covering every batch up to the sequence given, and the
+    /// archive runs it counts on that are not synced yet.
+    checkpoint: Option<(u64, Vec<u8>, Vec<PathBuf>)>,
     inputs: usize,
     completions: Vec<Completion>,
     outbox: Vec<(ExecutorId, PeerMsg)>,
@@ -367,7 +368,14 @@ impl Engine {
                 clients: std::collections::HashMap::new(),
                 reported_in_flight: resumed,
             };
-            let writer = LogWriter { id, log, write_rx, shared: shared.clone(), history: history_writers.remove(0) };
+            let writer = LogWriter {
+                id,
+                log,
+                write_rx,
+                shared: shared.clone(),
+                history: history_writers.remove(0),
+                unsynced_runs: Vec::new(),
+            };
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("apply-{id}"))
@@ -833,7 +841,7 @@ impl Applier {
                 let taken = self.core.checkpoint(covered, now_ms, self.archive.run_count());
                 taken.map(|c| {
                     self.log_bytes_since_checkpoint = 0;
-                    (covered, c.encode())
+                    (covered, c.encode(), self.archive.take_unsynced())
                 })
             } else {
                 None
@@ -954,6 +962,7 @@ struct LogWriter {
     write_rx: Receiver<PendingWrite>,
     shared: Arc<Shared>,
     history: HistoryWriter,
+    unsynced_runs: Vec<PathBuf>,
 }
 
 impl LogWriter {
@@ -1013,7 +1022,9 @@ impl LogWriter {
                     let _ = self.shared.peers[dest].send(Inbound::Peer { from: self.id, messages });
                 }
             }
-            if let Some((covered, bytes)) = checkpoint {
+            if let Some((covered, bytes, runs)) = checkpoint {
+                // Runs of a failed checkpoint are synced with the next one.
+                self.unsynced_runs.extend(runs);
                 if let Err(error) = self.write_checkpoint(covered, &bytes) {
                     // The log still has everything: carry on, recovery replays more.
                     tracing::error!(executor = self.id, %error, "checkpoint failed");
@@ -1027,6 +1038,8 @@ impl LogWriter {
     fn write_checkpoint(&mut self, covered: u64, bytes: &[u8]) -> std::io::Result<()> {
         let started = Instant::now();
         self.history.sync()?;
+        crate::archive::sync_runs(&self.unsynced_runs)?;
+        self.unsynced_runs.clear();
         let dir = self.history.path().parent().expect("the history file is in the executor dir").to_path_buf();
         checkpoint::store(&dir, bytes)?;
         let removed = self.log.remove_before(covered + 1).map_err(std::io::Error::other)?;
