@@ -13,7 +13,7 @@
 //! This module does no I/O, reads no clock and never panics on input; it
 //! asserts its own invariants.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
@@ -159,7 +159,9 @@ pub struct Ledger {
     holds: HashMap<(Id, Side), Hold>,
     records: HashMap<Id, Record>,
     expiries: BTreeSet<(u64, Id)>,
-    clearing: BTreeMap<(u32, [u8; 3]), u32>,
+    /// (shard, currency) -> clearing account index; hashed, it is looked up
+    /// twice per cross-shard transfer.
+    clearing: HashMap<(u32, [u8; 3]), u32>,
     /// Ids of records that became final, oldest first: the order in which
     /// the engine may evict them (an id may appear twice; eviction checks).
     final_order: VecDeque<Id>,
