@@ -792,7 +792,7 @@ impl Applier {
                         let tag = self.next_tag;
                         self.next_tag += 1;
                         let n = requests.len();
-                        self.clients.insert(tag, ClientBatch { results: vec![None; n], remaining: n, reply });
+                        let finished_before = fx.finished.len();
                         self.apply(
                             Input::Transfers { requests, atomic },
                             now_ms,
@@ -801,6 +801,17 @@ impl Applier {
                             &mut encoded,
                             &mut inputs_logged,
                         );
+                        // Common case: every transfer was local and answered
+                        // now, in order. Hand the answers over in one move.
+                        let answered = &fx.finished[finished_before..];
+                        let in_order = answered.len() == n
+                            && answered.iter().enumerate().all(|(i, (t, index, _))| *t == tag && *index == i);
+                        if in_order {
+                            let results = fx.finished.drain(finished_before..).map(|(_, _, r)| r).collect();
+                            completions.push(Completion::Transfers(reply, results));
+                        } else {
+                            self.clients.insert(tag, ClientBatch { results: vec![None; n], remaining: n, reply });
+                        }
                     }
                     Err(Request::Query(query, reply)) => {
                         completions.push(Completion::Query(reply, self.answer(query)));
