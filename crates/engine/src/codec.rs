@@ -548,11 +548,12 @@ impl Codec for CommitOp {
                 pending_id.encode(w);
                 kind.encode(w);
             }
-            CommitOp::Settle { pending_id, side, post_amount } => {
+            CommitOp::Settle { pending_id, side, post_amount, by } => {
                 w.u8(3);
                 pending_id.encode(w);
                 side.encode(w);
                 w.varint(*post_amount);
+                by.encode(w);
             }
         }
     }
@@ -563,7 +564,12 @@ impl Codec for CommitOp {
             }
             1 => CommitOp::CommitReservation { id: Id::decode(r)?, filled: Option::decode(r)? },
             2 => CommitOp::FinishPending { pending_id: Id::decode(r)?, kind: ResolveKind::decode(r)? },
-            3 => CommitOp::Settle { pending_id: Id::decode(r)?, side: Side::decode(r)?, post_amount: r.varint()? },
+            3 => CommitOp::Settle {
+                pending_id: Id::decode(r)?,
+                side: Side::decode(r)?,
+                post_amount: r.varint()?,
+                by: Option::decode(r)?,
+            },
             _ => return Err(CodecError("invalid commit op")),
         })
     }
@@ -750,7 +756,12 @@ mod tests {
                         CommitOp::CommitHold { transfer_id: id("t1"), side: Side::Debit, account_id: id("a") },
                         CommitOp::CommitReservation { id: id("t1"), filled: Some(transfer) },
                         CommitOp::FinishPending { pending_id: id("t0"), kind: ResolveKind::Expire },
-                        CommitOp::Settle { pending_id: id("t0"), side: Side::Credit, post_amount: 0 },
+                        CommitOp::Settle {
+                            pending_id: id("t0"),
+                            side: Side::Credit,
+                            post_amount: 0,
+                            by: Some(id("v")),
+                        },
                     ],
                 },
                 PeerMsg::Acked {

@@ -742,9 +742,11 @@ impl ExecutorCore {
                 CommitOp::FinishPending { pending_id, kind } => {
                     self.ledger.finish_pending(pending_id, txn, *kind);
                 }
-                CommitOp::Settle { pending_id, side, post_amount } => {
+                CommitOp::Settle { pending_id, side, post_amount, by } => {
                     if let Some(booked) = self.ledger.settle_pending(pending_id, *side, *post_amount) {
-                        balances.push(self.book(booked, pending_id, true, now_ms, fx));
+                        // The history names the post or void that settled it
+                        // (an expiry has none: then the pending transfer).
+                        balances.push(self.book(booked, by.as_ref().unwrap_or(pending_id), true, now_ms, fx));
                     }
                 }
             }
@@ -845,6 +847,7 @@ fn commit_ops_of(
         ItemKind::Resolve { pending_id, kind } => {
             let info = pending.expect("a locked pending transfer answers its info");
             let amount = post_amount(*kind, info);
+            let by = item.record.as_ref().map(|t| t.id.clone());
             let mut ops = Vec::with_capacity(4);
             if let Some(t) = &item.record {
                 ops.push((
@@ -858,11 +861,16 @@ fn commit_ops_of(
             ));
             ops.push((
                 layout.executor_of_account(&info.debit_account_id),
-                CommitOp::Settle { pending_id: pending_id.clone(), side: Side::Debit, post_amount: amount },
+                CommitOp::Settle {
+                    pending_id: pending_id.clone(),
+                    side: Side::Debit,
+                    post_amount: amount,
+                    by: by.clone(),
+                },
             ));
             ops.push((
                 layout.executor_of_account(&info.credit_account_id),
-                CommitOp::Settle { pending_id: pending_id.clone(), side: Side::Credit, post_amount: amount },
+                CommitOp::Settle { pending_id: pending_id.clone(), side: Side::Credit, post_amount: amount, by },
             ));
             ops
         }

@@ -85,10 +85,27 @@ pub enum OpResult {
 /// Phase two, when the coordinator commits.
 #[derive(Clone, Debug, PartialEq)]
 pub enum CommitOp {
-    CommitHold { transfer_id: Id, side: Side, account_id: Id },
-    CommitReservation { id: Id, filled: Option<Transfer> },
-    FinishPending { pending_id: Id, kind: ResolveKind },
-    Settle { pending_id: Id, side: Side, post_amount: u64 },
+    CommitHold {
+        transfer_id: Id,
+        side: Side,
+        account_id: Id,
+    },
+    CommitReservation {
+        id: Id,
+        filled: Option<Transfer>,
+    },
+    FinishPending {
+        pending_id: Id,
+        kind: ResolveKind,
+    },
+    /// Settle a pending transfer's hold; `by` is the post or void doing it
+    /// (none for an expiry).
+    Settle {
+        pending_id: Id,
+        side: Side,
+        post_amount: u64,
+        by: Option<Id>,
+    },
 }
 
 /// What the engine answers for one transfer.

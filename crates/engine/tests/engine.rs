@@ -203,6 +203,12 @@ async fn transfers_across_executors_balance_and_survive_restart() {
         "a forged cursor is refused"
     );
     assert_eq!(engine.account_transfers(&id("nobody"), None, 10).await.unwrap_err(), ErrorCode::AccountNotFound);
+    // A hold and the post that settled it both show, newest first.
+    let (held, _) = engine.account_transfers(&id(&names[2]), None, 100).await.unwrap();
+    let held_ids: Vec<_> = held.iter().map(|t| t.id.to_string()).collect();
+    let post_at = held_ids.iter().position(|t| t == "p1-post").expect("the post is in the history");
+    let hold_at = held_ids.iter().position(|t| t == "p1").expect("the hold is in the history");
+    assert!(post_at < hold_at, "{held_ids:?}");
 
     let totals = engine.totals().await.unwrap();
     assert_eq!(totals.net, 0);
