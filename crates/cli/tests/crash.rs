@@ -8,46 +8,20 @@
 //!   zero) and all balances sum to zero.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::TcpListener;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{free_port, start, wait_ready};
 use serde_json::{json, Value};
 
 const ACCOUNTS: usize = 24;
 const WRITERS: usize = 16;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn start(data: &Path, port: u16) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_peakstack"))
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data"])
-        .arg(data)
-        // Few records in memory: transfers get archived while under load.
-        .args(["--shards", "16", "--executors", "2", "--records-in-memory", "200", "--checkpoint-log-bytes", "16384"])
-        .env("PEAKSTACK_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start peakstack serve")
-}
-
-async fn wait_ready(client: &reqwest::Client, base: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if let Ok(r) = client.get(format!("{base}/readyz")).send().await {
-            if r.status().is_success() {
-                return;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("server at {base} did not become ready");
-}
+/// Two executors (so transfers cross them), few records in memory (so they
+/// get archived under load) and frequent checkpoints.
+const FLAGS: &[&str] =
+    &["--shards", "16", "--executors", "2", "--records-in-memory", "200", "--checkpoint-log-bytes", "16384"];
 
 #[derive(Clone, Debug, PartialEq)]
 struct Sent {
@@ -62,7 +36,7 @@ async fn acknowledged_transfers_survive_sigkill() {
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
-    let mut server = start(dir.path(), port);
+    let mut server = start(dir.path(), port, FLAGS);
     wait_ready(&client, &base).await;
 
     let names: Vec<String> = (0..ACCOUNTS).map(|i| format!("crash-{i}")).collect();
@@ -122,7 +96,7 @@ async fn acknowledged_transfers_survive_sigkill() {
     let attempted = attempted.lock().unwrap().clone();
     assert!(acked.len() > 50, "too few writes before the kill ({}) to test anything", acked.len());
 
-    let mut server = start(dir.path(), port);
+    let mut server = start(dir.path(), port, FLAGS);
     wait_ready(&client, &base).await;
 
     // Every acknowledged transfer is there with the same fields.

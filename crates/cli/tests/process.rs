@@ -3,40 +3,13 @@
 //! refused request changes nothing. The full matrix of error codes and bad
 //! inputs runs against the same server code in `crates/server/tests/http.rs`.
 
-use std::net::TcpListener;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{free_port, start, wait_ready};
 use serde_json::Value;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn start(data: &Path, port: u16) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_peakstack"))
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data"])
-        .arg(data)
-        .env("PEAKSTACK_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start peakstack serve")
-}
-
-async fn wait_ready(client: &reqwest::Client, base: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if let Ok(r) = client.get(format!("{base}/readyz")).send().await {
-            if r.status().is_success() {
-                return;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("server at {base} did not become ready");
-}
 
 /// SIGTERM, then wait (bounded) for a clean exit.
 fn terminate(mut child: Child) {
@@ -86,7 +59,7 @@ async fn the_binary_serves_the_ledger_and_keeps_idempotency_keys_across_a_restar
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
-    let server = start(dir.path(), port);
+    let server = start(dir.path(), port, &[]);
     wait_ready(&client, &base).await;
 
     let accounts = format!("{base}/v1/accounts");
@@ -143,7 +116,7 @@ async fn the_binary_serves_the_ledger_and_keeps_idempotency_keys_across_a_restar
 
     // A graceful restart keeps everything, idempotency keys included.
     terminate(server);
-    let server = start(dir.path(), port);
+    let server = start(dir.path(), port, &[]);
     wait_ready(&client, &base).await;
     let replay = call(&client, "POST", &transfers, Some(fund), Some("fund-1")).await;
     assert_eq!((replay.status, &replay.raw), (201, &first.raw), "the first answer, byte for byte");

@@ -1,0 +1,38 @@
+//! Running the real `peakstack serve` binary from tests.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Starts `peakstack serve` on 127.0.0.1:`port` with the data dir and any
+/// further flags.
+pub fn start(data: &Path, port: u16, flags: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_peakstack"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data"])
+        .arg(data)
+        .args(flags)
+        .env("PEAKSTACK_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start peakstack serve")
+}
+
+/// Waits (at most 30 s) until `/readyz` answers 200.
+pub async fn wait_ready(client: &reqwest::Client, base: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Ok(r) = client.get(format!("{base}/readyz")).send().await {
+            if r.status().is_success() {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("server at {base} did not become ready");
+}
