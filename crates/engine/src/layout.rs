@@ -1,9 +1,13 @@
 //! Where things live: ids -> shards -> executors.
 
 use peakstack_domain::ledger::clearing_shard;
-use peakstack_domain::{shard_of, Id};
+use peakstack_domain::{shard_of, Id, TransferRequest};
 
 use crate::protocol::ExecutorId;
+
+/// A client call's transfers for one coordinator: the executor, the
+/// transfers' positions in the call, and the transfers.
+pub type Route = (ExecutorId, Vec<usize>, Vec<TransferRequest>);
 
 /// Most shards a data dir may have.
 pub const MAX_SHARDS: u32 = 4096;
@@ -52,5 +56,33 @@ impl Layout {
     /// The executor that keeps a transfer's record: the one of its id's shard.
     pub fn executor_of_transfer(&self, id: &Id) -> ExecutorId {
         self.executor_of_shard(shard_of(id.as_str(), self.shards))
+    }
+
+    /// The executor that coordinates a transfer request: the one that keeps
+    /// its record, or for a post or void the one that keeps the pending transfer.
+    pub fn coordinator_of(&self, request: &TransferRequest) -> ExecutorId {
+        self.executor_of_transfer(request.pending_id().unwrap_or(request.id()))
+    }
+
+    /// Splits a non-atomic call by coordinator; an atomic one goes whole to
+    /// the coordinator of its first transfer.
+    pub fn route(&self, requests: Vec<TransferRequest>, atomic: bool) -> Vec<Route> {
+        if atomic || self.executors == 1 {
+            let coordinator = requests.first().map(|r| self.coordinator_of(r)).unwrap_or(0);
+            let indices = (0..requests.len()).collect();
+            return vec![(coordinator, indices, requests)];
+        }
+        let mut groups: Vec<Route> = Vec::new();
+        for (index, request) in requests.into_iter().enumerate() {
+            let coordinator = self.coordinator_of(&request);
+            match groups.iter_mut().find(|g| g.0 == coordinator) {
+                Some(group) => {
+                    group.1.push(index);
+                    group.2.push(request);
+                }
+                None => groups.push((coordinator, vec![index], vec![request])),
+            }
+        }
+        groups
     }
 }

@@ -456,44 +456,10 @@ impl Engine {
         }
         for (indices, rx) in waits {
             if let Ok(answers) = rx.blocking_recv() {
-                for (index, answer) in indices.into_iter().zip(answers) {
-                    results[index] = answer;
-                }
+                place(&mut results, indices, answers);
             }
         }
         results
-    }
-
-    /// The executor that coordinates a transfer request: the one that keeps
-    /// its record, or for a post or void the one that keeps the pending transfer.
-    fn coordinator_of(&self, request: &TransferRequest) -> ExecutorId {
-        self.shared.layout.executor_of_transfer(request.pending_id().unwrap_or(request.id()))
-    }
-
-    /// Splits a non-atomic call by coordinator; an atomic one goes whole to
-    /// the coordinator of its first transfer.
-    fn route(
-        &self,
-        requests: Vec<TransferRequest>,
-        atomic: bool,
-    ) -> Vec<(ExecutorId, Vec<usize>, Vec<TransferRequest>)> {
-        if atomic || self.shared.layout.executors() == 1 {
-            let coordinator = requests.first().map(|r| self.coordinator_of(r)).unwrap_or(0);
-            let indices = (0..requests.len()).collect();
-            return vec![(coordinator, indices, requests)];
-        }
-        let mut groups: Vec<(ExecutorId, Vec<usize>, Vec<TransferRequest>)> = Vec::new();
-        for (index, request) in requests.into_iter().enumerate() {
-            let coordinator = self.coordinator_of(&request);
-            match groups.iter_mut().find(|g| g.0 == coordinator) {
-                Some(group) => {
-                    group.1.push(index);
-                    group.2.push(request);
-                }
-                None => groups.push((coordinator, vec![index], vec![request])),
-            }
-        }
-        groups
     }
 
     /// Creates transfers (or posts and voids pending ones). Answers one
@@ -504,22 +470,18 @@ impl Engine {
             return Vec::new();
         }
         let mut waits = Vec::new();
-        for (executor, indices, group) in self.route(requests, atomic) {
+        for (executor, indices, group) in self.shared.layout.route(requests, atomic) {
             let (tx, rx) = oneshot::channel();
-            let n = group.len();
-            match self.submit(executor, Request::Transfers { requests: group, atomic, reply: tx }) {
-                Ok(()) => waits.push((indices, Some(rx), n)),
-                Err(_) => waits.push((indices, None, n)),
+            if self.submit(executor, Request::Transfers { requests: group, atomic, reply: tx }).is_ok() {
+                waits.push((indices, rx));
             }
         }
+        // A part that could not be submitted, or whose executor went away,
+        // stays `unavailable`.
         let mut results: Vec<TransferResult> = vec![Err(ErrorCode::Unavailable); count];
-        for (indices, rx, n) in waits {
-            let answers = match rx {
-                Some(rx) => rx.await.unwrap_or_else(|_| vec![Err(ErrorCode::Unavailable); n]),
-                None => vec![Err(ErrorCode::Unavailable); n],
-            };
-            for (index, answer) in indices.into_iter().zip(answers) {
-                results[index] = answer;
+        for (indices, rx) in waits {
+            if let Ok(answers) = rx.await {
+                place(&mut results, indices, answers);
             }
         }
         results
@@ -530,20 +492,16 @@ impl Engine {
     pub fn create_transfers_blocking(&self, requests: Vec<TransferRequest>, atomic: bool) -> Vec<TransferResult> {
         let count = requests.len();
         let mut waits = Vec::new();
-        for (executor, indices, group) in self.route(requests, atomic) {
+        for (executor, indices, group) in self.shared.layout.route(requests, atomic) {
             let (tx, rx) = oneshot::channel();
-            let n = group.len();
-            let sent = self.submit_blocking(executor, Request::Transfers { requests: group, atomic, reply: tx });
-            waits.push((indices, sent.ok().map(|_| rx), n));
+            if self.submit_blocking(executor, Request::Transfers { requests: group, atomic, reply: tx }).is_ok() {
+                waits.push((indices, rx));
+            }
         }
         let mut results: Vec<TransferResult> = vec![Err(ErrorCode::Unavailable); count];
-        for (indices, rx, n) in waits {
-            let answers = match rx {
-                Some(rx) => rx.blocking_recv().unwrap_or_else(|_| vec![Err(ErrorCode::Unavailable); n]),
-                None => vec![Err(ErrorCode::Unavailable); n],
-            };
-            for (index, answer) in indices.into_iter().zip(answers) {
-                results[index] = answer;
+        for (indices, rx) in waits {
+            if let Ok(answers) = rx.blocking_recv() {
+                place(&mut results, indices, answers);
             }
         }
         results
@@ -679,6 +637,13 @@ impl Engine {
         for thread in threads {
             let _ = thread.join();
         }
+    }
+}
+
+/// Puts one executor's answers back at their positions in the caller's call.
+fn place<T>(results: &mut [T], indices: Vec<usize>, answers: Vec<T>) {
+    for (index, answer) in indices.into_iter().zip(answers) {
+        results[index] = answer;
     }
 }
 

@@ -360,7 +360,7 @@ impl Sim {
         let call = self.calls.len();
         let count = requests.len();
         self.calls.push(Call { requests: requests.clone(), atomic, expect, results: vec![None; count] });
-        for (coordinator, indices, group) in route(self.layout, requests, atomic) {
+        for (coordinator, indices, group) in self.layout.route(requests, atomic) {
             self.groups.push(Group { call, indices, coordinator, dead: false, lost: false });
             let tag = self.groups.len() as ClientTag;
             self.apply(coordinator, Input::Transfers { requests: group, atomic }, Some(tag));
@@ -781,32 +781,6 @@ impl Sim {
             }
         }
     }
-}
-
-/// `Engine::route`: an atomic call goes whole to the coordinator of its first
-/// transfer; a non-atomic one is split by coordinator.
-fn route(
-    layout: Layout,
-    requests: Vec<TransferRequest>,
-    atomic: bool,
-) -> Vec<(ExecutorId, Vec<usize>, Vec<TransferRequest>)> {
-    let coordinator_of = |r: &TransferRequest| layout.executor_of_transfer(r.pending_id().unwrap_or(r.id()));
-    if atomic || layout.executors() == 1 {
-        let indices = (0..requests.len()).collect();
-        return vec![(coordinator_of(&requests[0]), indices, requests)];
-    }
-    let mut groups: Vec<(ExecutorId, Vec<usize>, Vec<TransferRequest>)> = Vec::new();
-    for (index, request) in requests.into_iter().enumerate() {
-        let coordinator = coordinator_of(&request);
-        match groups.iter_mut().find(|g| g.0 == coordinator) {
-            Some(group) => {
-                group.1.push(index);
-                group.2.push(request);
-            }
-            None => groups.push((coordinator, vec![index], vec![request])),
-        }
-    }
-    groups
 }
 
 /// Whether `request` asks for the transfer `record` is (an idempotent retry).
