@@ -87,6 +87,7 @@ pub fn run(config: BenchConfig) -> anyhow::Result<BenchSummary> {
                 flags: Default::default(),
                 overdraft_limit: 0,
                 metadata: None,
+                owner: None,
             })
             .collect();
         for answer in engine.create_accounts_blocking(accounts) {

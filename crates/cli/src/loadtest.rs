@@ -32,7 +32,7 @@ use bytes::Bytes;
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt as _, Full};
 use hyper::client::conn::http1::SendRequest;
-use hyper::header::{HeaderValue, CONTENT_TYPE, HOST};
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST};
 use hyper::{Method, Request, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -119,6 +119,8 @@ pub struct LoadtestConfig {
     pub json: bool,
     /// Show progress bars on stderr (pass true only when it is a terminal).
     pub progress: bool,
+    /// Sent as `Authorization: Bearer <key>` on every request.
+    pub api_key: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -208,7 +210,12 @@ pub async fn run(config: LoadtestConfig) -> anyhow::Result<LoadtestSummary> {
     // Bars would only garble a terminal that also shows the JSON.
     let progress = config.progress && !config.json;
     let target = parse_target(&config.target)?;
-    let endpoint = Arc::new(Endpoint::resolve(&config.target, &target).await?);
+    let mut endpoint = Endpoint::resolve(&config.target, &target).await?;
+    if let Some(key) = &config.api_key {
+        let value = HeaderValue::from_str(&format!("Bearer {key}")).context("--api-key: not a valid header value")?;
+        endpoint.authorization = Some(value);
+    }
+    let endpoint = Arc::new(endpoint);
 
     let mut probe = HttpConn::new(endpoint.clone());
     check_health(&mut probe).await?;
@@ -379,6 +386,8 @@ struct Endpoint {
     origin: String,
     addr: SocketAddr,
     host_header: HeaderValue,
+    /// `Bearer <key>`, when the server checks API keys.
+    authorization: Option<HeaderValue>,
     base_path: String,
     healthz_uri: Uri,
     transfers_uri: Uri,
@@ -426,6 +435,7 @@ impl Endpoint {
             url: url.clone(),
             addr,
             host_header,
+            authorization: None,
             base_path,
         })
     }
@@ -482,7 +492,7 @@ impl HttpConn {
     }
 
     async fn request(&mut self, method: Method, uri: Uri, body: Bytes) -> Result<(StatusCode, Bytes), RequestError> {
-        let host_header = self.endpoint.host_header.clone();
+        let headers = (self.endpoint.host_header.clone(), self.endpoint.authorization.clone());
         // Two tries at a ready connection: a server may close an idle
         // keep-alive connection at any time, and finding that out before
         // anything was sent is not a failed request.
@@ -490,7 +500,7 @@ impl HttpConn {
             let sender = self.ensure_connected().await.map_err(RequestError::Connect)?;
             match sender.ready().await {
                 Ok(()) => {
-                    return exchange(sender, method, uri, host_header, body).await.map_err(RequestError::Exchange);
+                    return exchange(sender, method, uri, headers.clone(), body).await.map_err(RequestError::Exchange);
                 }
                 Err(_closed) if attempt == 0 => self.sender = None,
                 Err(error) => return Err(RequestError::Exchange(error.into())),
@@ -511,15 +521,18 @@ async fn exchange(
     sender: &mut SendRequest<Full<Bytes>>,
     method: Method,
     uri: Uri,
-    host_header: HeaderValue,
+    (host_header, authorization): (HeaderValue, Option<HeaderValue>),
     body: Bytes,
 ) -> anyhow::Result<(StatusCode, Bytes)> {
-    let request = Request::builder()
+    let mut request = Request::builder()
         .method(method)
         .uri(uri)
         .header(HOST, host_header)
-        .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
-        .body(Full::new(body))?;
+        .header(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if let Some(authorization) = authorization {
+        request = request.header(AUTHORIZATION, authorization);
+    }
+    let request = request.body(Full::new(body))?;
     let response = sender.send_request(request).await?;
     let status = response.status();
     let body = response.into_body().collect().await?.to_bytes();
@@ -1279,6 +1292,7 @@ mod tests {
             accounts: 10_000,
             json: false,
             progress: false,
+            api_key: None,
         };
         assert_eq!(validate(&good).unwrap(), Duration::from_secs(10));
         let bad = [
@@ -1493,6 +1507,7 @@ mod tests {
             accounts: 10,
             json: false,
             progress: true,
+            api_key: None,
         }
     }
 

@@ -1,6 +1,7 @@
 //! The peakstack binary.
 
 mod bench;
+mod keys;
 mod loadtest;
 
 use std::io::IsTerminal;
@@ -11,6 +12,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use peakstack_engine::{Engine, EngineConfig, SystemClock};
+use peakstack_server::AuthMode;
 
 #[derive(Parser)]
 #[command(
@@ -47,6 +49,16 @@ enum Command {
         /// Bytes of log after which each executor writes a checkpoint.
         #[arg(long, env = "PEAKSTACK_CHECKPOINT_LOG_BYTES", default_value_t = peakstack_engine::runtime::CHECKPOINT_EVERY_LOG_BYTES)]
         checkpoint_log_bytes: u64,
+        /// Serve without API keys: every caller is an admin. For local
+        /// development only; the log and /readyz say so.
+        #[arg(long, env = "PEAKSTACK_INSECURE_NO_AUTH")]
+        insecure_no_auth: bool,
+    },
+    /// Manage API keys in a data dir whose server is stopped (a running
+    /// server manages them over HTTP: POST/GET/DELETE /v1/keys).
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
     },
     /// Benchmark the engine in-process (durable writes, fresh temporary data dir).
     Bench {
@@ -73,6 +85,39 @@ enum Command {
         /// Print one JSON object as the last line of stdout.
         #[arg(long)]
         json: bool,
+        /// API key sent as `Authorization: Bearer <key>` (an admin key, or
+        /// any key allowed to open accounts and move money).
+        #[arg(long, env = "PEAKSTACK_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysAction {
+    /// Create a key and print it once on stdout (only its hash is kept).
+    Create {
+        /// admin, read, app or merchant:<id>.
+        #[arg(long)]
+        scope: String,
+        #[arg(long, env = "PEAKSTACK_DATA", default_value = "./peakstack-data")]
+        data: PathBuf,
+        /// When the key stops working: RFC 3339 in UTC, e.g. 2027-01-31T00:00:00Z.
+        #[arg(long)]
+        expires_at: Option<String>,
+        /// What the key is for (at most 256 characters).
+        #[arg(long)]
+        note: Option<String>,
+    },
+    /// List the keys (ids, prefixes, scopes, status; never secrets).
+    List {
+        #[arg(long, env = "PEAKSTACK_DATA", default_value = "./peakstack-data")]
+        data: PathBuf,
+    },
+    /// Revoke a key by id.
+    Revoke {
+        id: String,
+        #[arg(long, env = "PEAKSTACK_DATA", default_value = "./peakstack-data")]
+        data: PathBuf,
     },
 }
 
@@ -140,8 +185,9 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve { listen, data, shards, executors, records_in_memory, checkpoint_log_bytes } => {
+        Command::Serve { listen, data, shards, executors, records_in_memory, checkpoint_log_bytes, insecure_no_auth } => {
             init_tracing(false);
+            let auth = if insecure_no_auth { AuthMode::InsecureNoAuth } else { AuthMode::ApiKeys };
             let engine = Engine::open(EngineConfig {
                 data_dir: data.clone(),
                 shards,
@@ -153,7 +199,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             .with_context(|| format!("opening data dir {}", data.display()))?;
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             let result = runtime.block_on(peakstack_server::serve(
-                peakstack_server::ServerConfig { listen, data_dir: data },
+                peakstack_server::ServerConfig { listen, data_dir: data, auth },
                 engine.clone(),
                 shutdown_signal(),
             ));
@@ -198,7 +244,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Loadtest { scenario, target, concurrency, seconds, batch, accounts, json } => {
+        Command::Keys { action } => {
+            init_tracing(true);
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            runtime.block_on(keys::run(action))
+        }
+        Command::Loadtest { scenario, target, concurrency, seconds, batch, accounts, json, api_key } => {
             init_tracing(true);
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             let summary = runtime.block_on(loadtest::run(loadtest::LoadtestConfig {
@@ -213,6 +264,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 accounts,
                 json,
                 progress: !json && std::io::stderr().is_terminal(),
+                api_key,
             }))?;
             if json {
                 println!("{}", summary.to_json());

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{free_port, start, wait_ready};
+use common::{client, create_key, free_port, start, wait_ready};
 use serde_json::{json, Value};
 
 const ACCOUNTS: usize = 24;
@@ -35,7 +35,7 @@ async fn acknowledged_transfers_survive_sigkill() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    let client = client(&create_key(dir.path(), "admin"));
     let mut server = start(dir.path(), port, FLAGS);
     wait_ready(&client, &base).await;
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{free_port, start, wait_ready};
+use common::{client, create_key, free_port, start, wait_ready};
 use serde_json::Value;
 
 /// SIGTERM, then wait (bounded) for a clean exit.
@@ -58,7 +58,7 @@ async fn the_binary_serves_the_ledger_and_keeps_idempotency_keys_across_a_restar
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    let client = client(&create_key(dir.path(), "admin"));
     let server = start(dir.path(), port, &[]);
     wait_ready(&client, &base).await;
 

@@ -1,6 +1,6 @@
 //! Accounts and their balances.
 
-use crate::{Currency, ErrorCode, Id};
+use crate::{Currency, ErrorCode, Id, Owner};
 
 /// Account constraints, as a small bit set (stable bits: they are logged).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
@@ -63,6 +63,8 @@ pub struct NewAccount {
     pub overdraft_limit: u64,
     /// A small JSON object, kept verbatim; the domain never parses it.
     pub metadata: Option<Box<str>>,
+    /// Whose account this is; `None` for platform accounts. Never changes.
+    pub owner: Option<Owner>,
 }
 
 impl NewAccount {
@@ -116,6 +118,7 @@ pub struct Account {
     pub flags: AccountFlags,
     pub overdraft_limit: u64,
     pub metadata: Option<Box<str>>,
+    pub owner: Option<Owner>,
     pub balances: Balances,
     pub created_at_ms: u64,
     /// True for clearing accounts the system keeps per shard and currency.
@@ -133,6 +136,7 @@ impl Account {
             flags: new.flags,
             overdraft_limit: new.overdraft_limit,
             metadata: new.metadata,
+            owner: new.owner,
             balances: Balances::default(),
             created_at_ms: now_ms,
             system: false,
@@ -146,6 +150,7 @@ impl Account {
             && self.flags == new.flags
             && self.overdraft_limit == new.overdraft_limit
             && self.metadata == new.metadata
+            && self.owner == new.owner
     }
 
     /// What can still be debited; `None` when debits are not limited.

@@ -235,6 +235,7 @@ impl Ledger {
                 flags: Default::default(),
                 overdraft_limit: 0,
                 metadata: None,
+                owner: None,
             },
             now_ms,
         );
@@ -783,6 +784,7 @@ mod snapshot_tests {
                 flags: AccountFlags::empty(),
                 overdraft_limit: 0,
                 metadata: None,
+                owner: None,
             };
             ledger.create_account(new, 1).unwrap();
         }

@@ -11,6 +11,7 @@ mod error;
 mod ids;
 pub mod ledger;
 mod money;
+mod owner;
 mod transfer;
 
 pub use account::{Account, AccountFlags, Balances, NewAccount};
@@ -18,4 +19,5 @@ pub use error::ErrorCode;
 pub use ids::{fnv1a64, shard_of, Id, MAX_ID_LEN};
 pub use ledger::{Ledger, Side};
 pub use money::{Amount, Currency, MAX_TRANSFER_AMOUNT};
+pub use owner::Owner;
 pub use transfer::{Transfer, TransferKind, TransferRequest, TransferStatus};

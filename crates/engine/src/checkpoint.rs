@@ -123,6 +123,7 @@ mod tests {
                 flags: AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS,
                 overdraft_limit: 3,
                 metadata: Some("{\"k\":1}".into()),
+                owner: peakstack_domain::Owner::parse("buyer:b1"),
             },
             5,
         );

@@ -7,7 +7,7 @@
 
 use peakstack_domain::ledger::{Leg, PendingInfo, ResolveKind};
 use peakstack_domain::{
-    AccountFlags, Amount, Balances, Currency, ErrorCode, Id, NewAccount, Side, Transfer, TransferKind, TransferRequest,
+    AccountFlags, Amount, Balances, Currency, ErrorCode, Id, NewAccount, Owner, Side, Transfer, TransferKind, TransferRequest,
     TransferStatus,
 };
 
@@ -230,43 +230,58 @@ impl Codec for ErrorCode {
 
 /// The fields a client names when it opens an account, shared by the
 /// encodings of `NewAccount` (in the log) and `Account` (in checkpoints).
-fn encode_account_spec(
-    w: &mut Writer,
-    id: &Id,
+fn encode_account_spec(w: &mut Writer, spec: AccountSpec<'_>) {
+    spec.id.encode(w);
+    spec.currency.encode(w);
+    w.u8(spec.flags.bits());
+    w.varint(spec.overdraft_limit);
+    // One tag byte for the optional fields: bit 0 metadata, bit 1 owner.
+    // Data written before owners existed has tags 0 and 1 only.
+    let tag = u8::from(spec.metadata.is_some()) | u8::from(spec.owner.is_some()) << 1;
+    w.u8(tag);
+    if let Some(metadata) = spec.metadata {
+        w.str(metadata);
+    }
+    if let Some(owner) = spec.owner {
+        w.str(&owner.to_string());
+    }
+}
+
+struct AccountSpec<'a> {
+    id: &'a Id,
     currency: Currency,
     flags: AccountFlags,
     overdraft_limit: u64,
-    metadata: Option<&str>,
-) {
-    id.encode(w);
-    currency.encode(w);
-    w.u8(flags.bits());
-    w.varint(overdraft_limit);
-    match metadata {
-        None => w.u8(0),
-        Some(m) => {
-            w.u8(1);
-            w.str(m);
-        }
-    }
+    metadata: Option<&'a str>,
+    owner: Option<&'a Owner>,
 }
 
 impl Codec for NewAccount {
     fn encode(&self, w: &mut Writer) {
-        encode_account_spec(w, &self.id, self.currency, self.flags, self.overdraft_limit, self.metadata.as_deref());
+        encode_account_spec(
+            w,
+            AccountSpec {
+                id: &self.id,
+                currency: self.currency,
+                flags: self.flags,
+                overdraft_limit: self.overdraft_limit,
+                metadata: self.metadata.as_deref(),
+                owner: self.owner.as_ref(),
+            },
+        );
     }
     fn decode(r: &mut Reader<'_>) -> Result<Self> {
-        Ok(NewAccount {
-            id: Id::decode(r)?,
-            currency: Currency::decode(r)?,
-            flags: AccountFlags::from_bits(r.u8()?).ok_or(CodecError("invalid flags"))?,
-            overdraft_limit: r.varint()?,
-            metadata: match r.u8()? {
-                0 => None,
-                1 => Some(r.str()?.into()),
-                _ => return Err(CodecError("invalid metadata")),
-            },
-        })
+        let id = Id::decode(r)?;
+        let currency = Currency::decode(r)?;
+        let flags = AccountFlags::from_bits(r.u8()?).ok_or(CodecError("invalid flags"))?;
+        let overdraft_limit = r.varint()?;
+        let tag = r.u8()?;
+        if tag > 3 {
+            return Err(CodecError("invalid optional account fields"));
+        }
+        let metadata = if tag & 1 != 0 { Some(r.str()?.into()) } else { None };
+        let owner = if tag & 2 != 0 { Some(Owner::parse(r.str()?).ok_or(CodecError("invalid owner"))?) } else { None };
+        Ok(NewAccount { id, currency, flags, overdraft_limit, metadata, owner })
     }
 }
 
@@ -698,6 +713,7 @@ mod tests {
             flags: AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS,
             overdraft_limit: 7,
             metadata: Some("{\"k\":1}".into()),
+            owner: Owner::parse("merchant:m1"),
         }));
         round_trip(Input::Transfers {
             requests: vec![
@@ -781,7 +797,17 @@ mod snapshot {
 
     impl Codec for Account {
         fn encode(&self, w: &mut Writer) {
-            encode_account_spec(w, &self.id, self.currency, self.flags, self.overdraft_limit, self.metadata.as_deref());
+            encode_account_spec(
+                w,
+                AccountSpec {
+                    id: &self.id,
+                    currency: self.currency,
+                    flags: self.flags,
+                    overdraft_limit: self.overdraft_limit,
+                    metadata: self.metadata.as_deref(),
+                    owner: self.owner.as_ref(),
+                },
+            );
             self.balances.encode(w);
             w.varint(self.created_at_ms);
             w.bool(self.system);
@@ -795,6 +821,7 @@ mod snapshot {
                 flags: spec.flags,
                 overdraft_limit: spec.overdraft_limit,
                 metadata: spec.metadata,
+                owner: spec.owner,
                 balances: Balances::decode(r)?,
                 created_at_ms: r.varint()?,
                 system: r.bool()?,

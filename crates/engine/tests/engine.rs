@@ -27,7 +27,7 @@ fn open(dir: &std::path::Path, clock: Arc<ManualClock>) -> Engine {
 }
 
 fn account(name: &str, flags: AccountFlags) -> NewAccount {
-    NewAccount { id: id(name), currency: usd(), flags, overdraft_limit: 0, metadata: None }
+    NewAccount { id: id(name), currency: usd(), flags, overdraft_limit: 0, metadata: None, owner: None }
 }
 
 fn create(tid: &str, debit: &str, credit: &str, amount: u64) -> TransferRequest {

@@ -37,7 +37,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use peakstack_domain::ledger::{clearing_account_id, Leg};
 use peakstack_domain::{
-    Account, AccountFlags, Amount, Balances, Currency, ErrorCode, Id, NewAccount, Side, Transfer, TransferKind,
+    Account, AccountFlags, Amount, Balances, Currency, ErrorCode, Id, NewAccount, Owner, Side, Transfer, TransferKind,
     TransferRequest, TransferStatus, MAX_TRANSFER_AMOUNT,
 };
 use peakstack_engine::executor::{ClientTag, Effects, ExecutorCore};
@@ -109,7 +109,7 @@ fn pending(tid: &Id, debit: &Id, credit: &Id, minor_units: u64, timeout_ms: u64)
 }
 
 fn plain_account(account: &Id, flags: AccountFlags) -> NewAccount {
-    NewAccount { id: account.clone(), currency: usd(), flags, overdraft_limit: 0, metadata: None }
+    NewAccount { id: account.clone(), currency: usd(), flags, overdraft_limit: 0, metadata: None, owner: None }
 }
 
 /// The `nth` id `prefix<n>` whose shard runs on `executor`.
@@ -829,6 +829,7 @@ fn new_of(account: &Account) -> NewAccount {
         flags: account.flags,
         overdraft_limit: account.overdraft_limit,
         metadata: account.metadata.clone(),
+        owner: account.owner.clone(),
     }
 }
 
@@ -888,6 +889,7 @@ fn new_account(index: usize, spec: &AccountSpec, alternative: bool) -> NewAccoun
         overdraft_limit: if flags == AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS { spec.overdraft_limit } else { 0 },
         // The alternative asks for the same id with other fields.
         metadata: alternative.then(|| Box::from("{\"alternative\":true}")),
+        owner: (index % 3 == 1).then(|| Owner::Merchant(Id::parse(&format!("m{}", index % 2)).unwrap())),
     }
 }
 

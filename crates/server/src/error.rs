@@ -41,6 +41,19 @@ pub enum ApiError {
     Unavailable(String),
     #[error("{0}")]
     Internal(String),
+    /// No key, or a key that is malformed, unknown, expired or revoked.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// A valid key whose scope does not allow this.
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("API key {0} does not exist")]
+    KeyNotFound(String),
+    #[error("{0}")]
+    LastAdminKey(String),
+    /// The client was too slow sending its request.
+    #[error("{0}")]
+    RequestTimeout(String),
 }
 
 impl ApiError {
@@ -63,6 +76,11 @@ impl ApiError {
             ApiError::IdempotencyKeyInUse => "idempotency_key_in_use",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",
+            ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::Forbidden(_) => "forbidden",
+            ApiError::KeyNotFound(_) => "key_not_found",
+            ApiError::LastAdminKey(_) => "last_admin_key",
+            ApiError::RequestTimeout(_) => "request_timeout",
         }
     }
 
@@ -77,6 +95,11 @@ impl ApiError {
             ApiError::IdempotencyKeyInUse => StatusCode::CONFLICT,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::KeyNotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::LastAdminKey(_) => StatusCode::CONFLICT,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -84,7 +107,10 @@ impl ApiError {
     pub fn is_transient(&self) -> bool {
         match self {
             ApiError::Ledger(code, _) => is_transient_code(*code),
-            ApiError::IdempotencyKeyInUse | ApiError::Unavailable(_) | ApiError::Internal(_) => true,
+            ApiError::IdempotencyKeyInUse
+            | ApiError::Unavailable(_)
+            | ApiError::Internal(_)
+            | ApiError::RequestTimeout(_) => true,
             _ => false,
         }
     }
@@ -166,6 +192,11 @@ fn title(code: &str) -> &'static str {
         "method_not_allowed" => "Method not allowed",
         "idempotency_key_reused" => "Idempotency key reused",
         "idempotency_key_in_use" => "Idempotency key in use",
+        "unauthorized" => "Unauthorized",
+        "forbidden" => "Forbidden",
+        "key_not_found" => "API key not found",
+        "last_admin_key" => "Last admin key",
+        "request_timeout" => "Request timeout",
         _ => "Internal error",
     }
 }

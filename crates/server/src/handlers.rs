@@ -6,12 +6,16 @@ use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use peakstack_domain::{ErrorCode, Id, TransferRequest};
+use peakstack_domain::{ErrorCode, Id, Transfer, TransferKind, TransferRequest};
 use peakstack_engine::TransferResult;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use serde_json::Value;
 
+use crate::access::{AuthMode, Caller, Denied, Principal, Scope};
+use crate::audit::{action, AuditRecord};
 use crate::error::{is_transient_code, ledger_detail, ApiError, Transient};
+use crate::idempotency::now_ms;
 use crate::wire::{
     parse_id, AccountBody, AccountJson, BatchAnswer, BatchBody, BatchItem, Page, PageQuery, PostBody, TransferBody,
     TransferJson, VoidBody,
@@ -26,6 +30,11 @@ pub const MAX_PAGE_LIMIT: usize = 1000;
 pub const MAX_BATCH_TRANSFERS: usize = 8190;
 /// Longest `after` cursor of a transfer page.
 const MAX_CURSOR_LEN: usize = 256;
+/// Accounts read per engine call when a list is filtered to a tenant.
+const TENANT_SCAN_PAGE: usize = 1000;
+/// Most accounts one filtered list request reads; past it the page ends
+/// early (possibly short) with a `next` cursor to continue from.
+pub const MAX_TENANT_SCAN: usize = 100_000;
 
 /// `axum::Json`, with its rejections as problem+json.
 pub struct ApiJson<T>(pub T);
@@ -98,7 +107,15 @@ pub async fn healthz() -> Response {
 
 pub async fn readyz(State(state): State<AppState>) -> Response {
     if state.is_ready() {
-        json(StatusCode::OK, &serde_json::json!({"status": "ready"}))
+        let body = match state.auth_mode() {
+            AuthMode::ApiKeys => serde_json::json!({"status": "ready", "auth": "api_keys"}),
+            AuthMode::InsecureNoAuth => serde_json::json!({
+                "status": "ready",
+                "auth": "disabled",
+                "warning": "authentication is off (--insecure-no-auth): every caller is an admin; for local development only",
+            }),
+        };
+        json(StatusCode::OK, &body)
     } else {
         ApiError::Unavailable("the server is shutting down".to_owned()).into_response()
     }
@@ -128,14 +145,44 @@ pub async fn openapi() -> Response {
     response
 }
 
+/// A refusal at object level as an answer: hidden objects answer like
+/// missing ones.
+fn refused(denied: Denied, hidden: impl FnOnce() -> ApiError) -> ApiError {
+    match denied {
+        Denied::Hidden => hidden(),
+        Denied::Forbidden(detail) => ApiError::Forbidden(detail),
+    }
+}
+
+/// Appends the audit record of a change that took effect. The answer waits
+/// for it: an acknowledged change always has its record.
+async fn audit(state: &AppState, caller: &Caller, action: &str, target: &str, details: Value) -> Result<(), ApiError> {
+    let record = AuditRecord::new(&caller.principal.key_id, &caller.request_id, action, target, details, now_ms());
+    state.access_store().append(record).await.map(|_| ()).map_err(|error| {
+        tracing::error!(%error, action, target, "a change took effect but its audit record was not written");
+        ApiError::Unavailable(format!(
+            "the change took effect, but its audit record could not be written ({error}); retry to read the result"
+        ))
+    })
+}
+
 pub async fn create_account(
     State(state): State<AppState>,
+    caller: Caller,
     ApiJson(body): ApiJson<AccountBody>,
 ) -> Result<Response, ApiError> {
-    let new = body.into_new_account().map_err(ApiError::InvalidRequest)?;
+    let mut new = body.into_new_account().map_err(ApiError::InvalidRequest)?;
     let id = new.id.clone();
+    new.owner = caller.principal.owner_for_new_account(new.owner.take()).map_err(|d| refused(d, || account_not_found(&id)))?;
     match state.engine().create_account(new).await {
         Ok((account, created)) => {
+            if created {
+                let details = serde_json::json!({
+                    "currency": account.currency.to_string(),
+                    "owner": account.owner.as_ref().map(ToString::to_string),
+                });
+                audit(&state, &caller, action::ACCOUNT_CREATE, id.as_str(), details).await?;
+            }
             let status = if created { StatusCode::CREATED } else { StatusCode::OK };
             Ok(json(status, &AccountJson::from_account(&account)))
         }
@@ -147,11 +194,17 @@ pub async fn create_account(
     }
 }
 
-pub async fn get_account(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
+pub async fn get_account(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Response, ApiError> {
     let id = path_id("id", &id)?;
     match state.engine().account(&id).await.map_err(ApiError::ledger)? {
-        Some(account) => Ok(json(StatusCode::OK, &AccountJson::from_account(&account))),
-        None => Err(account_not_found(&id)),
+        Some(account) if caller.principal.can_see(account.owner.as_ref()) => {
+            Ok(json(StatusCode::OK, &AccountJson::from_account(&account)))
+        }
+        _ => Err(account_not_found(&id)),
     }
 }
 
@@ -161,18 +214,58 @@ fn account_not_found(id: &Id) -> ApiError {
 
 pub async fn list_accounts(
     State(state): State<AppState>,
+    caller: Caller,
     ApiQuery(query): ApiQuery<PageQuery>,
 ) -> Result<Response, ApiError> {
     let limit = page_limit(query.limit.as_deref())?;
     let after = query.after.as_deref().map(|after| path_id("after", after)).transpose()?;
-    let accounts = state.engine().accounts(after, limit).await.map_err(ApiError::ledger)?;
-    let next = (accounts.len() == limit).then(|| accounts.last().map(|a| a.id.to_string())).flatten();
+    let (accounts, next) = if caller.principal.sees_everything() {
+        let accounts = state.engine().accounts(after, limit).await.map_err(ApiError::ledger)?;
+        let next = (accounts.len() == limit).then(|| accounts.last().map(|a| a.id.to_string())).flatten();
+        (accounts, next)
+    } else {
+        tenant_accounts(&state, &caller.principal, after, limit).await?
+    };
     let data = accounts.iter().map(AccountJson::from_account).collect();
     Ok(json(StatusCode::OK, &Page { data, next }))
 }
 
+/// The caller's own accounts after `after`, in id order: a bounded scan
+/// ([`MAX_TENANT_SCAN`]) that may end a page early with a cursor.
+async fn tenant_accounts(
+    state: &AppState,
+    principal: &Principal,
+    mut after: Option<Id>,
+    limit: usize,
+) -> Result<(Vec<peakstack_domain::Account>, Option<String>), ApiError> {
+    let mut own = Vec::new();
+    let mut scanned = 0;
+    loop {
+        let page = state.engine().accounts(after.clone(), TENANT_SCAN_PAGE).await.map_err(ApiError::ledger)?;
+        let full = page.len() == TENANT_SCAN_PAGE;
+        scanned += page.len();
+        after = page.last().map(|a| a.id.clone());
+        for account in page {
+            if principal.can_see(account.owner.as_ref()) {
+                own.push(account);
+                if own.len() == limit {
+                    let next = own.last().map(|a| a.id.to_string());
+                    return Ok((own, next));
+                }
+            }
+        }
+        if !full {
+            return Ok((own, None));
+        }
+        if scanned >= MAX_TENANT_SCAN {
+            return Ok((own, after.map(|id| id.to_string())));
+        }
+    }
+}
+
 pub async fn account_transfers(
     State(state): State<AppState>,
+    caller: Caller,
     ApiPath(id): ApiPath<String>,
     ApiQuery(query): ApiQuery<PageQuery>,
 ) -> Result<Response, ApiError> {
@@ -183,8 +276,9 @@ pub async fn account_transfers(
             return Err(ApiError::invalid("after: not a cursor this server handed out"));
         }
     }
-    if state.engine().account(&id).await.map_err(ApiError::ledger)?.is_none() {
-        return Err(account_not_found(&id));
+    match state.engine().account(&id).await.map_err(ApiError::ledger)? {
+        Some(account) if caller.principal.can_see(account.owner.as_ref()) => {}
+        _ => return Err(account_not_found(&id)),
     }
     let (transfers, next) =
         state.engine().account_transfers(&id, query.after, limit).await.map_err(|code| match code {
@@ -195,20 +289,96 @@ pub async fn account_transfers(
     Ok(json(StatusCode::OK, &Page { data, next }))
 }
 
-pub async fn get_transfer(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {
+pub async fn get_transfer(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Response, ApiError> {
     let id = path_id("id", &id)?;
-    match state.engine().transfer(&id).await.map_err(ApiError::ledger)? {
-        Some(transfer) => Ok(json(StatusCode::OK, &TransferJson::from_transfer(&transfer))),
-        None => Err(ApiError::Ledger(ErrorCode::TransferNotFound, format!("transfer {id} does not exist"))),
+    let not_found = || ApiError::Ledger(ErrorCode::TransferNotFound, format!("transfer {id} does not exist"));
+    let Some(transfer) = state.engine().transfer(&id).await.map_err(ApiError::ledger)? else { return Err(not_found()) };
+    if !caller.principal.sees_everything() {
+        let (debit, credit) = transfer_owners(&state, &transfer).await?;
+        if !caller.principal.can_see_transfer(debit.as_ref(), credit.as_ref()) {
+            return Err(not_found());
+        }
+    }
+    Ok(json(StatusCode::OK, &TransferJson::from_transfer(&transfer)))
+}
+
+/// The owners of a transfer's two accounts (which exist: the ledger
+/// checked them when it made the transfer).
+async fn transfer_owners(
+    state: &AppState,
+    transfer: &Transfer,
+) -> Result<(Option<peakstack_domain::Owner>, Option<peakstack_domain::Owner>), ApiError> {
+    let debit = state.owner_of(&transfer.debit_account_id).await?.flatten();
+    let credit = state.owner_of(&transfer.credit_account_id).await?.flatten();
+    Ok((debit, credit))
+}
+
+/// Whether the caller may make `request`: move money out of the debit
+/// account, or settle the pending transfer. What the caller may not see
+/// answers as missing.
+async fn authorize_transfer(state: &AppState, principal: &Principal, request: &TransferRequest) -> Result<(), ApiError> {
+    if principal.scope == Scope::Admin {
+        return Ok(());
+    }
+    match request {
+        TransferRequest::Create { debit_account_id, .. } => {
+            let not_found = || account_not_found(debit_account_id);
+            let owner = state.owner_of(debit_account_id).await?.ok_or_else(not_found)?;
+            principal.can_debit(owner.as_ref()).map_err(|d| refused(d, not_found))
+        }
+        TransferRequest::Post { pending_id, .. } | TransferRequest::Void { pending_id, .. } => {
+            let not_found = || {
+                ApiError::Ledger(ErrorCode::PendingTransferNotFound, format!("pending transfer {pending_id} does not exist"))
+            };
+            let pending = state.engine().transfer(pending_id).await.map_err(ApiError::ledger)?.ok_or_else(not_found)?;
+            let (debit, credit) = transfer_owners(state, &pending).await?;
+            principal.can_settle(debit.as_ref(), credit.as_ref()).map_err(|d| refused(d, not_found))
+        }
+    }
+}
+
+/// The audit action and details of a transfer record.
+fn transfer_audit(transfer: &Transfer) -> (&'static str, Value) {
+    let movement = serde_json::json!({
+        "debit_account_id": transfer.debit_account_id.as_str(),
+        "credit_account_id": transfer.credit_account_id.as_str(),
+        "amount": transfer.amount,
+        "currency": transfer.currency.to_string(),
+    });
+    match &transfer.kind {
+        TransferKind::Single => (action::TRANSFER_CREATE, movement),
+        TransferKind::Pending { timeout_ms, .. } => {
+            let mut details = movement;
+            details["pending"] = Value::Bool(true);
+            details["timeout_ms"] = Value::from(*timeout_ms);
+            (action::TRANSFER_CREATE, details)
+        }
+        TransferKind::Post { pending_id, .. } => {
+            let mut details = movement;
+            details["pending_id"] = Value::from(pending_id.as_str());
+            (action::TRANSFER_POST, details)
+        }
+        TransferKind::Void { pending_id } => {
+            let mut details = movement;
+            details["pending_id"] = Value::from(pending_id.as_str());
+            (action::TRANSFER_VOID, details)
+        }
     }
 }
 
 /// One transfer request through the engine, answered like POST /v1/transfers.
-async fn one_transfer(state: &AppState, request: TransferRequest) -> Result<Response, ApiError> {
+async fn one_transfer(state: &AppState, caller: &Caller, request: TransferRequest) -> Result<Response, ApiError> {
+    authorize_transfer(state, &caller.principal, &request).await?;
     let result =
         state.engine().create_transfers(vec![request], false).await.pop().unwrap_or(Err(ErrorCode::Unavailable));
     let outcome = result.map_err(ApiError::ledger)?;
     if outcome.created {
+        let (action, details) = transfer_audit(&outcome.transfer);
+        audit(state, caller, action, outcome.transfer.id.as_str(), details).await?;
         Ok(json(StatusCode::CREATED, &TransferJson::from_outcome(&outcome)))
     } else {
         Ok(json(StatusCode::OK, &TransferJson::from_transfer(&outcome.transfer)))
@@ -217,34 +387,38 @@ async fn one_transfer(state: &AppState, request: TransferRequest) -> Result<Resp
 
 pub async fn create_transfer(
     State(state): State<AppState>,
+    caller: Caller,
     ApiJson(body): ApiJson<TransferBody>,
 ) -> Result<Response, ApiError> {
     let request = body.into_request().map_err(ApiError::InvalidRequest)?;
-    one_transfer(&state, request).await
+    one_transfer(&state, &caller, request).await
 }
 
 pub async fn post_pending(
     State(state): State<AppState>,
+    caller: Caller,
     ApiPath(pending_id): ApiPath<String>,
     ApiJson(body): ApiJson<PostBody>,
 ) -> Result<Response, ApiError> {
     let pending_id = path_id("pending_id", &pending_id)?;
     let request = body.into_request(pending_id).map_err(ApiError::InvalidRequest)?;
-    one_transfer(&state, request).await
+    one_transfer(&state, &caller, request).await
 }
 
 pub async fn void_pending(
     State(state): State<AppState>,
+    caller: Caller,
     ApiPath(pending_id): ApiPath<String>,
     ApiJson(body): ApiJson<VoidBody>,
 ) -> Result<Response, ApiError> {
     let pending_id = path_id("pending_id", &pending_id)?;
     let request = body.into_request(pending_id).map_err(ApiError::InvalidRequest)?;
-    one_transfer(&state, request).await
+    one_transfer(&state, &caller, request).await
 }
 
 pub async fn create_batch(
     State(state): State<AppState>,
+    caller: Caller,
     ApiJson(body): ApiJson<BatchBody>,
 ) -> Result<Response, ApiError> {
     let count = body.transfers.len();
@@ -261,7 +435,18 @@ pub async fn create_batch(
             .map_err(|detail| ApiError::invalid(format!("transfers[{index}]: {detail}")))?;
         requests.push(request);
     }
+    // Every transfer is checked before any is made: a batch the caller may
+    // not make in full changes nothing.
+    for (index, request) in requests.iter().enumerate() {
+        authorize_transfer(&state, &caller.principal, request).await.map_err(|error| at_index(index, error))?;
+    }
     let results = state.engine().create_transfers(requests, body.atomic).await;
+    let created: Vec<&str> =
+        results.iter().filter_map(|r| r.as_ref().ok().filter(|o| o.created).map(|o| o.transfer.id.as_str())).collect();
+    if let Some(first) = created.first() {
+        let details = serde_json::json!({"atomic": body.atomic, "count": created.len(), "created": created});
+        audit(&state, &caller, action::TRANSFER_BATCH, first, details).await?;
+    }
     let transient = results.iter().any(|r| matches!(r, Err(code) if is_transient_code(*code)));
     let answer = BatchAnswer { results: results.iter().enumerate().map(|(index, r)| batch_item(index, r)).collect() };
     let mut response = json(StatusCode::OK, &answer);
@@ -269,6 +454,15 @@ pub async fn create_batch(
         response.extensions_mut().insert(Transient);
     }
     Ok(response)
+}
+
+/// An error about the batch's transfer `index`, saying so.
+fn at_index(index: usize, error: ApiError) -> ApiError {
+    match error {
+        ApiError::Ledger(code, detail) => ApiError::Ledger(code, format!("transfers[{index}]: {detail}")),
+        ApiError::Forbidden(detail) => ApiError::Forbidden(format!("transfers[{index}]: {detail}")),
+        other => other,
+    }
 }
 
 fn batch_item(index: usize, result: &TransferResult) -> BatchItem {

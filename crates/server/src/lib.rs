@@ -6,7 +6,9 @@
 //! [`ApiError`] rendered as `application/problem+json` with a stable `code`.
 //!
 //! Layers, outermost first: one gives every request an `X-Request-Id`, a
-//! tracing span carrying it, and its metrics; the POST guard bounds bodies
+//! tracing span carrying it, and its metrics; [`access::authenticate`]
+//! checks the API key against the [`access::Access`] the route declares in
+//! the route table (before anything else runs); the POST guard bounds bodies
 //! (64 KiB, 4 MiB for a batch) and implements `Idempotency-Key` over a
 //! durable redb store (`<data_dir>/idempotency.redb`, see [`idempotency`]);
 //! innermost, a panic becomes a 500 problem.
@@ -17,7 +19,7 @@
 //! ```no_run
 //! # async fn demo(engine: peakstack_engine::Engine) -> anyhow::Result<()> {
 //! use peakstack_server::{Server, ServerConfig};
-//! let config = ServerConfig { listen: "127.0.0.1:0".parse()?, data_dir: "/tmp/data".into() };
+//! let config = ServerConfig::new("127.0.0.1:0".parse()?, "/tmp/data".into());
 //! let server = Server::bind(config, engine.clone()).await?;
 //! let addr = server.local_addr(); // the port the OS picked
 //! let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -29,9 +31,14 @@
 //! # Ok(()) }
 //! ```
 
+pub mod access;
+pub mod access_store;
+mod admin;
+pub mod audit;
 mod error;
 mod handlers;
 pub mod idempotency;
+pub mod keys;
 mod observe;
 mod post_guard;
 mod wire;
@@ -50,10 +57,15 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, MethodRouter};
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
+use parking_lot::RwLock;
+use peakstack_domain::{Id, Owner};
 use peakstack_engine::Engine;
 use tokio::net::TcpListener;
 use tower_http::catch_panic::CatchPanicLayer;
 
+pub use access::{Access, AuthMode, Principal, Scope, X_BUYER_ID};
+pub use access_store::{AccessStore, AccessStoreError};
+pub use admin::{parse_rfc3339_ms, rfc3339};
 pub use error::{ApiError, PROBLEM_JSON};
 pub use handlers::{DEFAULT_PAGE_LIMIT, MAX_BATCH_TRANSFERS, MAX_PAGE_LIMIT, OPENAPI_JSON};
 pub use idempotency::{IdempotencyStore, StoreError};
@@ -63,18 +75,39 @@ pub use wire::MAX_METADATA_BYTES;
 
 /// File name of the idempotency database inside the data dir.
 pub const IDEMPOTENCY_FILE: &str = "idempotency.redb";
+/// File name of the keys and audit database inside the data dir.
+pub const ACCESS_FILE: &str = "access.redb";
+/// Most account owners the server remembers (owners never change, so the
+/// cache is never stale; past the bound it starts over).
+const MAX_CACHED_OWNERS: usize = 1 << 20;
 /// How often histogram data is drained into the exporter when nobody scrapes.
 const METRICS_UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 pub struct ServerConfig {
     pub listen: SocketAddr,
-    /// Where `idempotency.redb` lives (created if missing). May be the
-    /// engine's data dir.
+    /// Where `idempotency.redb` and `access.redb` live (created if
+    /// missing). May be the engine's data dir.
     pub data_dir: PathBuf,
+    /// Whether API keys are checked. [`ServerConfig::new`] checks them.
+    pub auth: AuthMode,
 }
 
-/// What the handlers share: the engine, the idempotency store, the metrics
-/// handle and the readiness flag. Cheap to clone.
+impl ServerConfig {
+    /// Listens on `listen`, keeps its files in `data_dir`, checks API keys.
+    pub fn new(listen: SocketAddr, data_dir: PathBuf) -> ServerConfig {
+        ServerConfig { listen, data_dir, auth: AuthMode::ApiKeys }
+    }
+}
+
+/// Opens `<data_dir>/access.redb` on its own, for `peakstack keys` on a
+/// stopped server.
+pub fn open_access_store(data_dir: &Path) -> anyhow::Result<(AccessStore, Vec<keys::KeyRecord>)> {
+    std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
+    Ok(AccessStore::open(&data_dir.join(ACCESS_FILE))?)
+}
+
+/// What the handlers share: the engine, the stores, the key ring, the
+/// metrics handle and the readiness flag. Cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
     inner: Arc<Inner>,
@@ -83,19 +116,40 @@ pub struct AppState {
 struct Inner {
     engine: Engine,
     idempotency: IdempotencyStore,
+    access: AccessStore,
+    keys: keys::KeyRing,
+    auth: AuthMode,
+    route_access: access::RouteAccess,
+    owners: RwLock<std::collections::HashMap<Id, Option<Owner>>>,
+    /// Key changes run one at a time (the last-admin check needs it).
+    key_changes: tokio::sync::Mutex<()>,
     metrics: PrometheusHandle,
     ready: AtomicBool,
 }
 
 impl AppState {
-    /// Opens `<data_dir>/idempotency.redb`. Starts not ready: [`Server::run`]
-    /// flips readiness on while it serves.
-    pub fn new(engine: Engine, data_dir: &Path) -> anyhow::Result<AppState> {
+    /// Opens `<data_dir>/idempotency.redb` and `<data_dir>/access.redb`.
+    /// Starts not ready: [`Server::run`] flips readiness on while it serves.
+    pub fn new(engine: Engine, data_dir: &Path, auth: AuthMode) -> anyhow::Result<AppState> {
         std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
         let path = data_dir.join(IDEMPOTENCY_FILE);
         let idempotency = IdempotencyStore::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+        let (access, records) = open_access_store(data_dir)?;
+        let keys = keys::KeyRing::new(records).map_err(|e| anyhow::anyhow!("{}: {e}", ACCESS_FILE))?;
+        let route_access = access::RouteAccess::new(route_table().into_iter().map(|(m, p, a, _)| (m, p, a)));
         Ok(AppState {
-            inner: Arc::new(Inner { engine, idempotency, metrics: metrics_handle(), ready: AtomicBool::new(false) }),
+            inner: Arc::new(Inner {
+                engine,
+                idempotency,
+                access,
+                keys,
+                auth,
+                route_access,
+                owners: RwLock::new(std::collections::HashMap::new()),
+                key_changes: tokio::sync::Mutex::new(()),
+                metrics: metrics_handle(),
+                ready: AtomicBool::new(false),
+            }),
         })
     }
 
@@ -105,6 +159,41 @@ impl AppState {
 
     pub fn idempotency(&self) -> &IdempotencyStore {
         &self.inner.idempotency
+    }
+
+    pub fn access_store(&self) -> &AccessStore {
+        &self.inner.access
+    }
+
+    pub fn keys(&self) -> &keys::KeyRing {
+        &self.inner.keys
+    }
+
+    pub fn auth_mode(&self) -> AuthMode {
+        self.inner.auth
+    }
+
+    pub(crate) fn key_changes(&self) -> &tokio::sync::Mutex<()> {
+        &self.inner.key_changes
+    }
+
+    pub(crate) fn route_access(&self) -> &access::RouteAccess {
+        &self.inner.route_access
+    }
+
+    /// The owner of account `id`: `None` if there is no such account,
+    /// `Some(None)` for a platform account.
+    pub async fn owner_of(&self, id: &Id) -> Result<Option<Option<Owner>>, ApiError> {
+        if let Some(owner) = self.inner.owners.read().get(id) {
+            return Ok(Some(owner.clone()));
+        }
+        let Some(account) = self.engine().account(id).await.map_err(ApiError::ledger)? else { return Ok(None) };
+        let mut owners = self.inner.owners.write();
+        if owners.len() >= MAX_CACHED_OWNERS {
+            owners.clear();
+        }
+        owners.insert(account.id, account.owner.clone());
+        Ok(Some(account.owner))
     }
 
     pub fn metrics(&self) -> &PrometheusHandle {
@@ -120,41 +209,54 @@ impl AppState {
         self.inner.ready.load(Ordering::Acquire)
     }
 
-    /// Closes the idempotency store (after the operations already queued).
-    /// Keyed POSTs answer `unavailable` afterwards.
+    /// Closes the stores (after the operations already queued). Keyed POSTs
+    /// and changes that need an audit record answer `unavailable` afterwards.
     pub async fn close(&self) {
         self.set_ready(false);
         self.inner.idempotency.close().await;
+        self.inner.access.close().await;
     }
 }
 
-type Routes = Vec<(&'static str, &'static str, MethodRouter<AppState>)>;
+type Routes = Vec<(&'static str, &'static str, Access, MethodRouter<AppState>)>;
 
-/// Every route: (method, path, handler). The router is built from this
-/// table and the OpenAPI test checks the document against it.
+/// Every route: (method, path, who may call it, handler). The router and
+/// the access check are built from this table, and the OpenAPI test checks
+/// the document against it.
 fn route_table() -> Routes {
     use handlers::*;
+    use Access::*;
     vec![
-        ("GET", "/healthz", get(healthz)),
-        ("GET", "/readyz", get(readyz)),
-        ("GET", "/metrics", get(metrics)),
-        ("GET", "/openapi.json", get(openapi)),
-        ("POST", "/v1/accounts", post(create_account)),
-        ("GET", "/v1/accounts", get(list_accounts)),
-        ("GET", "/v1/accounts/{id}", get(get_account)),
-        ("GET", "/v1/accounts/{id}/transfers", get(account_transfers)),
-        ("POST", "/v1/transfers", post(create_transfer)),
-        ("POST", "/v1/transfers/batch", post(create_batch)),
-        ("GET", "/v1/transfers/{id}", get(get_transfer)),
-        ("POST", "/v1/transfers/{id}/post", post(post_pending)),
-        ("POST", "/v1/transfers/{id}/void", post(void_pending)),
+        ("GET", "/healthz", Public, get(healthz)),
+        ("GET", "/readyz", Public, get(readyz)),
+        ("GET", "/metrics", Operations, get(metrics)),
+        ("GET", "/openapi.json", Public, get(openapi)),
+        ("POST", "/v1/accounts", Write, post(create_account)),
+        ("GET", "/v1/accounts", Read, get(list_accounts)),
+        ("GET", "/v1/accounts/{id}", Read, get(get_account)),
+        ("GET", "/v1/accounts/{id}/transfers", Read, get(account_transfers)),
+        ("POST", "/v1/transfers", Write, post(create_transfer)),
+        ("POST", "/v1/transfers/batch", Write, post(create_batch)),
+        ("GET", "/v1/transfers/{id}", Read, get(get_transfer)),
+        ("POST", "/v1/transfers/{id}/post", Write, post(post_pending)),
+        ("POST", "/v1/transfers/{id}/void", Write, post(void_pending)),
+        ("POST", "/v1/keys", Admin, post(admin::create_key)),
+        ("GET", "/v1/keys", Admin, get(admin::list_keys)),
+        ("GET", "/v1/keys/{id}", Admin, get(admin::get_key)),
+        ("DELETE", "/v1/keys/{id}", Admin, axum::routing::delete(admin::revoke_key)),
+        ("GET", "/v1/audit", Admin, get(admin::audit)),
     ]
 }
 
 /// (method, path) of every route the router serves, paths in the router's
 /// (and OpenAPI's) `{param}` syntax.
 pub fn api_routes() -> Vec<(&'static str, &'static str)> {
-    route_table().into_iter().map(|(method, path, _)| (method, path)).collect()
+    route_table().into_iter().map(|(method, path, _, _)| (method, path)).collect()
+}
+
+/// (method, path, access) of every route.
+pub fn api_route_access() -> Vec<(&'static str, &'static str, Access)> {
+    route_table().into_iter().map(|(method, path, access, _)| (method, path, access)).collect()
 }
 
 fn panic_answer(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
@@ -165,7 +267,7 @@ fn panic_answer(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
 /// The whole API with its middleware.
 pub fn router(state: AppState) -> Router {
     let mut router = Router::new();
-    for (_, path, handler) in route_table() {
+    for (_, path, _, handler) in route_table() {
         router = router.route(path, handler);
     }
     router
@@ -177,6 +279,9 @@ pub fn router(state: AppState) -> Router {
         // The POST guard has bounded and buffered the body already.
         .layer(DefaultBodyLimit::max(BATCH_BODY_LIMIT_BYTES))
         .layer(from_fn_with_state(state.clone(), post_guard::post_guard))
+        // Before the POST guard: a replay is shown only to a caller who
+        // may call the route, under the key it was stored for.
+        .layer(from_fn_with_state(state.clone(), access::authenticate))
         .layer(from_fn(observe::observe))
         .with_state(state)
 }
@@ -190,9 +295,24 @@ pub struct Server {
 
 impl Server {
     /// Binds `config.listen` (port 0 picks a free port: see
-    /// [`Server::local_addr`]) and opens the idempotency store.
+    /// [`Server::local_addr`]) and opens the stores. Refuses to start with
+    /// keys checked but no key that opens the API.
     pub async fn bind(config: ServerConfig, engine: Engine) -> anyhow::Result<Server> {
-        let state = AppState::new(engine, &config.data_dir)?;
+        let state = AppState::new(engine, &config.data_dir, config.auth)?;
+        match config.auth {
+            AuthMode::ApiKeys if state.keys().active(idempotency::now_ms()) == 0 => {
+                state.close().await;
+                anyhow::bail!(
+                    "no active API key in {dir}: create the first with `peakstack keys create --scope admin --data {dir}` \
+                     (it is printed once), or start with --insecure-no-auth for local development only",
+                    dir = config.data_dir.display()
+                );
+            }
+            AuthMode::ApiKeys => {}
+            AuthMode::InsecureNoAuth => tracing::warn!(
+                "AUTHENTICATION IS OFF (--insecure-no-auth): every caller is an admin. Never run this with real money."
+            ),
+        }
         let listener =
             TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
         let local_addr = listener.local_addr()?;

@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 
+use crate::access::{Principal, INSECURE_KEY_ID};
 use crate::error::{ApiError, Transient};
 use crate::idempotency::{fingerprint, now_ms, valid_key, Busy, StoredAnswer, MAX_KEY_LEN, MAX_STORED_ANSWER_BYTES};
 use crate::AppState;
@@ -19,6 +20,15 @@ pub const SINGLE_BODY_LIMIT_BYTES: usize = 64 * 1024;
 /// Largest body of `POST /v1/transfers/batch`.
 pub const BATCH_BODY_LIMIT_BYTES: usize = 4 * 1024 * 1024;
 const BATCH_PATH: &str = "/v1/transfers/batch";
+
+/// The longest a client may take to send a request body; slower clients
+/// get 408 (the connection layer bounds the head the same way).
+pub const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// What a replay of this answer shows instead of its body: set by answers
+/// that carry a secret shown once (a new API key), which is never stored.
+#[derive(Clone, Debug)]
+pub struct ReplayBody(pub Bytes);
 
 pub static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 pub static IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
@@ -39,7 +49,10 @@ pub async fn post_guard(State(state): State<AppState>, request: Request, next: N
 }
 
 async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
-    match Limited::new(body, limit).collect().await {
+    let read = tokio::time::timeout(BODY_READ_TIMEOUT, Limited::new(body, limit).collect()).await.map_err(|_| {
+        ApiError::RequestTimeout(format!("the request body took longer than {} s to arrive", BODY_READ_TIMEOUT.as_secs()))
+    })?;
+    match read {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(error) if error.is::<LengthLimitError>() => {
             Err(ApiError::BodyTooLarge(format!("the request body is larger than {limit} bytes")))
@@ -71,6 +84,12 @@ async fn guarded(state: AppState, request: Request, next: Next) -> Result<Respon
     };
     let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
     let fingerprint = fingerprint(request.method().as_str(), path, &bytes);
+    // Each API key has its own keys: one caller's key never replays another
+    // caller's answer. (A newline cannot occur in a client's key.)
+    let key = match request.extensions().get::<Principal>() {
+        Some(principal) if principal.key_id.as_ref() != INSECURE_KEY_ID => format!("{}\n{key}", principal.key_id),
+        _ => key,
+    };
     let store = state.idempotency();
     let _key_guard = store.begin(&key).map_err(|busy| match busy {
         Busy::KeyInUse => ApiError::IdempotencyKeyInUse,
@@ -91,6 +110,7 @@ async fn guarded(state: AppState, request: Request, next: Next) -> Result<Respon
         return Ok(response);
     }
     let (parts, body) = response.into_parts();
+    let replay_body = parts.extensions.get::<ReplayBody>().map(|replay| replay.0.clone());
     let body = match Limited::new(body, MAX_STORED_ANSWER_BYTES).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(error) => return Err(ApiError::Internal(format!("the answer could not be read: {error}"))),
@@ -101,7 +121,7 @@ async fn guarded(state: AppState, request: Request, next: Next) -> Result<Respon
         fingerprint,
         status: status.as_u16(),
         content_type,
-        body: body.clone(),
+        body: replay_body.unwrap_or_else(|| body.clone()),
         created_at_ms: now_ms(),
     };
     store.put(&key, answer).await.map_err(|e| {

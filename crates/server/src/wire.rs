@@ -3,7 +3,7 @@
 //! module knows field names.
 
 use peakstack_domain::{
-    Account, AccountFlags, Amount, Balances, Currency, Id, NewAccount, Transfer, TransferKind, TransferRequest,
+    Account, AccountFlags, Amount, Balances, Currency, Id, NewAccount, Owner, Transfer, TransferKind, TransferRequest,
     MAX_TRANSFER_AMOUNT,
 };
 use peakstack_engine::TransferOutcome;
@@ -53,6 +53,9 @@ pub struct AccountBody {
     pub overdraft_limit: u64,
     #[serde(default)]
     pub metadata: Option<Value>,
+    /// `merchant:<id>` or `buyer:<id>`; none for a platform account.
+    #[serde(default)]
+    pub owner: Option<String>,
 }
 
 impl AccountBody {
@@ -85,7 +88,15 @@ impl AccountBody {
             }
             Some(_) => return Err("metadata: must be a JSON object".to_owned()),
         };
-        let new = NewAccount { id, currency, flags, overdraft_limit: self.overdraft_limit, metadata };
+        let owner = self
+            .owner
+            .map(|text| {
+                Owner::parse(&text).ok_or_else(|| {
+                    format!("owner: {text:?} is not an owner; use \"merchant:<id>\" or \"buyer:<id>\" (id: {ID_RULE})")
+                })
+            })
+            .transpose()?;
+        let new = NewAccount { id, currency, flags, overdraft_limit: self.overdraft_limit, metadata, owner };
         new.validate().map_err(str::to_owned)?;
         Ok(new)
     }
@@ -183,6 +194,7 @@ pub struct AccountJson {
     pub flags: Vec<&'static str>,
     pub overdraft_limit: u64,
     pub metadata: Option<Value>,
+    pub owner: Option<String>,
     pub debits_pending: u64,
     pub debits_posted: u64,
     pub credits_pending: u64,
@@ -202,6 +214,7 @@ impl AccountJson {
             flags: account.flags.names(),
             overdraft_limit: account.overdraft_limit,
             metadata: account.metadata.as_deref().and_then(|text| serde_json::from_str(text).ok()),
+            owner: account.owner.as_ref().map(ToString::to_string),
             debits_pending: b.debits_pending,
             debits_posted: b.debits_posted,
             credits_pending: b.credits_pending,

@@ -16,6 +16,24 @@ use tokio::task::JoinHandle;
 
 const MAX_AMOUNT: u64 = (1 << 53) - 1;
 
+/// Creates a key in the data dir's access store (the server must not be
+/// running on it), as `peakstack keys create` does; returns the secret key.
+async fn create_key(dir: &Path, scope: &str) -> String {
+    let (store, _) = peakstack_server::open_access_store(dir).unwrap();
+    let scope = peakstack_server::Scope::parse(scope).unwrap();
+    let new = peakstack_server::keys::generate(&scope, None, None, "test", 1);
+    let audit = peakstack_server::audit::AuditRecord::new("test", "test", "key.create", &new.record.id, Value::Null, 1);
+    store.put_key(new.record, audit).await.unwrap();
+    store.close().await;
+    new.secret_key
+}
+
+fn client_with_key(key: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert("authorization", format!("Bearer {key}").parse().unwrap());
+    reqwest::Client::builder().default_headers(headers).build().unwrap()
+}
+
 struct TestServer {
     base: String,
     addr: std::net::SocketAddr,
@@ -67,7 +85,8 @@ impl TestServer {
             checkpoint_every_log_bytes: 4096,
         })
         .unwrap();
-        let config = ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), data_dir: dir.to_path_buf() };
+        let key = create_key(dir, "admin").await;
+        let config = ServerConfig::new("127.0.0.1:0".parse().unwrap(), dir.to_path_buf());
         let server = Server::bind(config, engine.clone()).await.unwrap();
         let addr = server.local_addr();
         let state = server.state();
@@ -78,7 +97,7 @@ impl TestServer {
         TestServer {
             base: format!("http://{addr}"),
             addr,
-            client: reqwest::Client::new(),
+            client: client_with_key(&key),
             engine,
             state,
             stop: Some(stop),

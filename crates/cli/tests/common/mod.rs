@@ -36,3 +36,24 @@ pub async fn wait_ready(client: &reqwest::Client, base: &str) {
     }
     panic!("server at {base} did not become ready");
 }
+
+/// Runs `peakstack keys create --scope SCOPE --data DATA` and returns the
+/// key it prints.
+pub fn create_key(data: &Path, scope: &str) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_peakstack"))
+        .args(["keys", "create", "--scope", scope, "--data"])
+        .arg(data)
+        .output()
+        .expect("run peakstack keys create");
+    assert!(output.status.success(), "keys create failed: {}", String::from_utf8_lossy(&output.stderr));
+    let key = String::from_utf8(output.stdout).unwrap().trim().to_owned();
+    assert!(key.starts_with("psk_"), "keys create printed {key:?}");
+    key
+}
+
+/// A client that sends `key` on every request.
+pub fn client(key: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert("authorization", format!("Bearer {key}").parse().unwrap());
+    reqwest::Client::builder().timeout(Duration::from_secs(10)).default_headers(headers).build().unwrap()
+}

@@ -1,0 +1,90 @@
+//! `peakstack keys`: API keys in a data dir whose server is stopped. The
+//! secret of a new key goes to stdout alone, so `KEY=$(peakstack keys
+//! create --scope admin)` keeps it; everything else goes to stderr.
+
+use anyhow::{bail, Context};
+use peakstack_server::audit::{action, AuditRecord};
+use peakstack_server::keys::{check_note, generate, KeyRecord};
+use peakstack_server::{open_access_store, parse_rfc3339_ms, rfc3339, Scope};
+
+use crate::KeysAction;
+
+/// The key id the CLI's changes are audited under.
+const CLI_ACTOR: &str = "cli";
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+pub async fn run(action: KeysAction) -> anyhow::Result<()> {
+    match action {
+        KeysAction::Create { scope, data, expires_at, note } => {
+            let scope = Scope::parse(&scope).map_err(anyhow::Error::msg)?;
+            let now = now_ms();
+            let expires_at_ms =
+                expires_at.map(|text| parse_rfc3339_ms("--expires-at", &text)).transpose().map_err(anyhow::Error::msg)?;
+            if expires_at_ms.is_some_and(|at| at <= now) {
+                bail!("--expires-at: must be in the future");
+            }
+            let note = check_note(note).map_err(anyhow::Error::msg)?;
+            let (store, _) = open_access_store(&data)?;
+            let new = generate(&scope, expires_at_ms, note, CLI_ACTOR, now);
+            let details = serde_json::json!({"scope": scope.to_string(), "expires_at": expires_at_ms.map(rfc3339)});
+            let record = AuditRecord::new(CLI_ACTOR, CLI_ACTOR, action::KEY_CREATE, &new.record.id, details, now);
+            let stored = store.put_key(new.record.clone(), record).await;
+            store.close().await;
+            stored.context("storing the key")?;
+            eprintln!(
+                "created API key {} (scope {scope}) in {}. It is shown once, below; only its hash is kept.",
+                new.record.id,
+                data.display()
+            );
+            println!("{}", new.secret_key);
+            Ok(())
+        }
+        KeysAction::List { data } => {
+            let (store, keys) = open_access_store(&data)?;
+            store.close().await;
+            let now = now_ms();
+            println!("{:<24} {:<20} {:<8} {:<24} {:<24} NOTE", "PREFIX", "SCOPE", "STATUS", "CREATED", "EXPIRES");
+            for key in sorted(keys) {
+                println!(
+                    "{:<24} {:<20} {:<8} {:<24} {:<24} {}",
+                    key.prefix(),
+                    key.scope,
+                    key.status(now).as_str(),
+                    rfc3339(key.created_at_ms),
+                    key.expires_at_ms.map(rfc3339).unwrap_or_else(|| "never".to_owned()),
+                    key.note.as_deref().unwrap_or("")
+                );
+            }
+            Ok(())
+        }
+        KeysAction::Revoke { id, data } => {
+            let (store, keys) = open_access_store(&data)?;
+            let id = id.strip_prefix(peakstack_server::keys::KEY_PREFIX).unwrap_or(&id).to_owned();
+            let Some(mut key) = keys.into_iter().find(|key| key.id == id) else {
+                store.close().await;
+                bail!("no API key with id {id} in {}", data.display());
+            };
+            if key.revoked_at_ms.is_some() {
+                store.close().await;
+                eprintln!("API key {id} was revoked already");
+                return Ok(());
+            }
+            let now = now_ms();
+            key.revoked_at_ms = Some(now);
+            let record = AuditRecord::new(CLI_ACTOR, CLI_ACTOR, action::KEY_REVOKE, &id, serde_json::Value::Null, now);
+            let stored = store.put_key(key, record).await;
+            store.close().await;
+            stored.context("storing the revocation")?;
+            eprintln!("revoked API key {id}");
+            Ok(())
+        }
+    }
+}
+
+fn sorted(mut keys: Vec<KeyRecord>) -> Vec<KeyRecord> {
+    keys.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
+    keys
+}

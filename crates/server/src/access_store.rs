@@ -1,0 +1,313 @@
+//! The durable side of access control, `<data_dir>/access.redb`: the API
+//! keys (hashes, never secrets) and the append-only audit log.
+//!
+//! One thread writes. Callers send it writes and await a oneshot; it takes
+//! every write waiting (up to [`MAX_GROUP_WRITES`]), applies them in one
+//! redb write transaction committed with `Durability::Immediate` (one fsync
+//! per group) and only then answers. A key change and its audit record are
+//! one write, so they land together or not at all. Reads run on their own
+//! read transactions, beside the writer.
+
+use std::ops::Bound;
+use std::path::Path;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use parking_lot::Mutex;
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::audit::{AuditFilter, AuditPage, AuditRecord};
+use crate::keys::KeyRecord;
+
+/// Most writes applied in one group (one write transaction).
+pub const MAX_GROUP_WRITES: usize = 1024;
+/// Writes waiting for the writer thread; senders wait past it.
+pub const QUEUE_CAPACITY: usize = 4096;
+/// Most records one audit query reads, matching or not; past it the page
+/// ends early with a `next` cursor, so a narrow filter never scans the
+/// whole log in one request.
+pub const MAX_AUDIT_SCAN: usize = 100_000;
+
+const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("keys");
+const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+
+#[derive(Debug, thiserror::Error)]
+pub enum AccessStoreError {
+    #[error("access store: {0}")]
+    Redb(#[from] redb::Error),
+    #[error(
+        "access store: {0} is open in another process (a running `peakstack serve`?); stop it, or manage keys over HTTP with an admin key (POST /v1/keys)"
+    )]
+    InUse(String),
+    #[error("access store: {0}")]
+    Failed(String),
+    #[error("access store is closed")]
+    Closed,
+    #[error("access store: corrupt record: {0}")]
+    Corrupt(String),
+}
+
+fn redb_error(error: impl Into<redb::Error>) -> AccessStoreError {
+    AccessStoreError::Redb(error.into())
+}
+
+/// One write: maybe a key (new or changed), and the audit records that go
+/// with it.
+struct Write {
+    key: Option<KeyRecord>,
+    audit: Vec<AuditRecord>,
+    reply: oneshot::Sender<Result<Vec<u64>, AccessStoreError>>,
+}
+
+enum Op {
+    Write(Write),
+    Close,
+}
+
+pub struct AccessStore {
+    db: Arc<Database>,
+    ops: mpsc::Sender<Op>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl AccessStore {
+    /// Opens (or creates) the store at `path`, starts its writer, and
+    /// returns it with every key it holds.
+    pub fn open(path: &Path) -> Result<(AccessStore, Vec<KeyRecord>), AccessStoreError> {
+        let db = match Database::create(path) {
+            Ok(db) => db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(AccessStoreError::InUse(path.display().to_string()))
+            }
+            Err(error) => return Err(redb_error(error)),
+        };
+        let mut txn = db.begin_write().map_err(redb_error)?;
+        txn.set_durability(Durability::Immediate).map_err(redb_error)?;
+        txn.open_table(KEYS).map_err(redb_error)?;
+        txn.open_table(AUDIT).map_err(redb_error)?;
+        txn.commit().map_err(redb_error)?;
+
+        let db = Arc::new(db);
+        let keys = load_keys(&db)?;
+        let next_seq = last_seq(&db)? + 1;
+        let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
+        let writer_db = db.clone();
+        let thread = std::thread::Builder::new()
+            .name("access-store".to_owned())
+            .spawn(move || run(&writer_db, rx, next_seq))
+            .map_err(|e| AccessStoreError::Failed(format!("cannot start its thread: {e}")))?;
+        Ok((AccessStore { db, ops: tx, thread: Mutex::new(Some(thread)) }, keys))
+    }
+
+    async fn write(&self, key: Option<KeyRecord>, audit: Vec<AuditRecord>) -> Result<Vec<u64>, AccessStoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.ops.send(Op::Write(Write { key, audit, reply })).await.map_err(|_| AccessStoreError::Closed)?;
+        answer.await.map_err(|_| AccessStoreError::Closed)?
+    }
+
+    /// Stores a key (new or changed) with its audit record; returns once
+    /// both are durable.
+    pub async fn put_key(&self, key: KeyRecord, audit: AuditRecord) -> Result<u64, AccessStoreError> {
+        let seqs = self.write(Some(key), vec![audit]).await?;
+        seqs.first().copied().ok_or(AccessStoreError::Closed)
+    }
+
+    /// Appends one audit record; returns its seq once it is durable.
+    pub async fn append(&self, record: AuditRecord) -> Result<u64, AccessStoreError> {
+        let seqs = self.write(None, vec![record]).await?;
+        seqs.first().copied().ok_or(AccessStoreError::Closed)
+    }
+
+    /// Records with seq > `after` that match `filter`, oldest first, at most
+    /// `limit`.
+    pub async fn query(&self, filter: AuditFilter, after: u64, limit: usize) -> Result<AuditPage, AccessStoreError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || query(&db, &filter, after, limit))
+            .await
+            .map_err(|e| AccessStoreError::Failed(e.to_string()))?
+    }
+
+    /// Stops the writer after the writes already queued.
+    pub async fn close(&self) {
+        let _ = self.ops.send(Op::Close).await;
+        let thread = self.thread.lock().take();
+        if let Some(thread) = thread {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
+fn load_keys(db: &Database) -> Result<Vec<KeyRecord>, AccessStoreError> {
+    let txn = db.begin_read().map_err(redb_error)?;
+    let table = txn.open_table(KEYS).map_err(redb_error)?;
+    let mut keys = Vec::new();
+    for entry in table.iter().map_err(redb_error)? {
+        let (id, value) = entry.map_err(redb_error)?;
+        let record: KeyRecord = serde_json::from_slice(value.value())
+            .map_err(|e| AccessStoreError::Corrupt(format!("key {}: {e}", id.value())))?;
+        keys.push(record);
+    }
+    Ok(keys)
+}
+
+fn last_seq(db: &Database) -> Result<u64, AccessStoreError> {
+    let txn = db.begin_read().map_err(redb_error)?;
+    let table = txn.open_table(AUDIT).map_err(redb_error)?;
+    let last = table.last().map_err(redb_error)?;
+    Ok(last.map_or(0, |(seq, _)| seq.value()))
+}
+
+fn query(db: &Database, filter: &AuditFilter, after: u64, limit: usize) -> Result<AuditPage, AccessStoreError> {
+    let txn = db.begin_read().map_err(redb_error)?;
+    let table = txn.open_table(AUDIT).map_err(redb_error)?;
+    let mut records = Vec::new();
+    let mut scanned = 0;
+    for entry in table.range((Bound::Excluded(after), Bound::Unbounded)).map_err(redb_error)? {
+        let (seq, value) = entry.map_err(redb_error)?;
+        let seq = seq.value();
+        let record: AuditRecord = serde_json::from_slice(value.value())
+            .map_err(|e| AccessStoreError::Corrupt(format!("audit record {seq}: {e}")))?;
+        scanned += 1;
+        if filter.matches(&record) {
+            records.push(record);
+            if records.len() == limit {
+                return Ok(AuditPage { records, next: Some(seq) });
+            }
+        }
+        if scanned == MAX_AUDIT_SCAN {
+            return Ok(AuditPage { records, next: Some(seq) });
+        }
+    }
+    Ok(AuditPage { records, next: None })
+}
+
+fn run(db: &Database, mut rx: mpsc::Receiver<Op>, mut next_seq: u64) {
+    let mut group = Vec::with_capacity(MAX_GROUP_WRITES);
+    let mut close = false;
+    while !close {
+        let Some(first) = rx.blocking_recv() else { break };
+        for op in std::iter::once(first).chain(std::iter::from_fn(|| rx.try_recv().ok())).take(MAX_GROUP_WRITES) {
+            match op {
+                Op::Write(write) => group.push(write),
+                Op::Close => {
+                    close = true;
+                    break;
+                }
+            }
+        }
+        if !group.is_empty() {
+            next_seq = write_group(db, &mut group, next_seq);
+        }
+    }
+}
+
+/// Applies one group in one transaction; returns the next free seq.
+fn write_group(db: &Database, group: &mut Vec<Write>, next_seq: u64) -> u64 {
+    let mut seq = next_seq;
+    let mut seqs_of = Vec::with_capacity(group.len());
+    let outcome = (|| -> Result<(), AccessStoreError> {
+        let mut txn = db.begin_write().map_err(redb_error)?;
+        txn.set_durability(Durability::Immediate).map_err(redb_error)?;
+        {
+            let mut keys = txn.open_table(KEYS).map_err(redb_error)?;
+            let mut audit = txn.open_table(AUDIT).map_err(redb_error)?;
+            for write in group.iter() {
+                if let Some(key) = &write.key {
+                    let bytes = serde_json::to_vec(key).map_err(|e| AccessStoreError::Failed(e.to_string()))?;
+                    keys.insert(key.id.as_str(), bytes.as_slice()).map_err(redb_error)?;
+                }
+                let mut seqs = Vec::with_capacity(write.audit.len());
+                for record in &write.audit {
+                    let record = AuditRecord { seq, ..record.clone() };
+                    let bytes = serde_json::to_vec(&record).map_err(|e| AccessStoreError::Failed(e.to_string()))?;
+                    audit.insert(seq, bytes.as_slice()).map_err(redb_error)?;
+                    seqs.push(seq);
+                    seq += 1;
+                }
+                seqs_of.push(seqs);
+            }
+        }
+        txn.commit().map_err(redb_error)?;
+        Ok(())
+    })();
+    match outcome {
+        Ok(()) => {
+            for (write, seqs) in group.drain(..).zip(seqs_of) {
+                let _ = write.reply.send(Ok(seqs));
+            }
+            seq
+        }
+        Err(error) => {
+            // Nothing of the group was stored: every writer hears so, and
+            // the seqs are handed out again.
+            tracing::error!(%error, "access store write failed");
+            let text = error.to_string();
+            for write in group.drain(..) {
+                let _ = write.reply.send(Err(AccessStoreError::Failed(text.clone())));
+            }
+            next_seq
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::access::Scope;
+    use crate::audit::action;
+    use crate::keys::generate;
+    use serde_json::json;
+
+    fn record(key_id: &str, action: &str, target: &str, at_ms: u64) -> AuditRecord {
+        AuditRecord::new(key_id, "req", action, target, json!({}), at_ms)
+    }
+
+    #[tokio::test]
+    async fn keys_and_audit_survive_a_reopen_and_seqs_keep_counting() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.redb");
+        let (store, keys) = AccessStore::open(&path).unwrap();
+        assert!(keys.is_empty());
+        let key = generate(&Scope::Admin, None, Some("first".into()), "cli", 10);
+        assert_eq!(store.put_key(key.record.clone(), record("cli", action::KEY_CREATE, &key.record.id, 10)).await.unwrap(), 1);
+        assert_eq!(store.append(record(&key.record.id, action::TRANSFER_CREATE, "t1", 20)).await.unwrap(), 2);
+        // A second process cannot open it meanwhile.
+        assert!(matches!(AccessStore::open(&path), Err(AccessStoreError::InUse(_))));
+        store.close().await;
+        assert!(matches!(store.append(record("x", "y", "z", 1)).await, Err(AccessStoreError::Closed)));
+
+        let (store, keys) = AccessStore::open(&path).unwrap();
+        assert_eq!(keys, vec![key.record.clone()]);
+        assert_eq!(store.append(record(&key.record.id, action::TRANSFER_CREATE, "t2", 30)).await.unwrap(), 3);
+        let all = store.query(AuditFilter::default(), 0, 100).await.unwrap();
+        assert_eq!(all.records.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert_eq!(all.next, None);
+        let transfers = AuditFilter { action: Some(action::TRANSFER_CREATE.into()), ..Default::default() };
+        let page = store.query(transfers.clone(), 0, 1).await.unwrap();
+        assert_eq!((page.records[0].target.as_str(), page.next), ("t1", Some(2)));
+        let page = store.query(transfers, 2, 1).await.unwrap();
+        assert_eq!(page.records[0].target, "t2");
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn concurrent_appends_get_distinct_seqs() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = AccessStore::open(&dir.path().join("access.redb")).unwrap();
+        let store = Arc::new(store);
+        let tasks: Vec<_> = (0..200)
+            .map(|i| {
+                let store = store.clone();
+                tokio::spawn(async move { store.append(record("k", "a", &format!("t{i}"), i)).await.unwrap() })
+            })
+            .collect();
+        let mut seqs = Vec::new();
+        for task in tasks {
+            seqs.push(task.await.unwrap());
+        }
+        seqs.sort_unstable();
+        assert_eq!(seqs, (1..=200).collect::<Vec<u64>>());
+        store.close().await;
+    }
+}
