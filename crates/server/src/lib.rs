@@ -32,6 +32,7 @@
 mod error;
 mod handlers;
 pub mod idempotency;
+pub mod listener;
 mod observe;
 mod post_guard;
 mod wire;
