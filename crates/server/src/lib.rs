@@ -39,6 +39,7 @@ mod error;
 mod handlers;
 pub mod idempotency;
 pub mod keys;
+pub mod listener;
 mod observe;
 mod post_guard;
 mod wire;
