@@ -21,8 +21,10 @@ pub async fn run(action: KeysAction) -> anyhow::Result<()> {
         KeysAction::Create { scope, data, expires_at, note } => {
             let scope = Scope::parse(&scope).map_err(anyhow::Error::msg)?;
             let now = now_ms();
-            let expires_at_ms =
-                expires_at.map(|text| parse_rfc3339_ms("--expires-at", &text)).transpose().map_err(anyhow::Error::msg)?;
+            let expires_at_ms = expires_at
+                .map(|text| parse_rfc3339_ms("--expires-at", &text))
+                .transpose()
+                .map_err(anyhow::Error::msg)?;
             if expires_at_ms.is_some_and(|at| at <= now) {
                 bail!("--expires-at: must be in the future");
             }

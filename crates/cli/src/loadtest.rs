@@ -1330,6 +1330,7 @@ mod tests {
             accounts: 2,
             json: false,
             progress: false,
+            api_key: None,
         })
         .await
         .expect_err("nothing listens there");

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use peakstack_engine::{Engine, EngineConfig, SystemClock};
-use peakstack_server::AuthMode;
+use peakstack_server::{AuthMode, ServerConfig, TlsFiles};
 
 #[derive(Parser)]
 #[command(
@@ -53,6 +53,16 @@ enum Command {
         /// development only; the log and /readyz say so.
         #[arg(long, env = "PEAKSTACK_INSECURE_NO_AUTH")]
         insecure_no_auth: bool,
+        /// PEM certificate chain: serve HTTPS (with --tls-key).
+        #[arg(long, env = "PEAKSTACK_TLS_CERT", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// PEM private key of --tls-cert.
+        #[arg(long, env = "PEAKSTACK_TLS_KEY", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Serve plain HTTP on an address that is not loopback (only behind
+        /// a proxy that terminates TLS).
+        #[arg(long, env = "PEAKSTACK_ALLOW_PLAIN_HTTP")]
+        allow_plain_http: bool,
     },
     /// Manage API keys in a data dir whose server is stopped (a running
     /// server manages them over HTTP: POST/GET/DELETE /v1/keys).
@@ -185,9 +195,23 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve { listen, data, shards, executors, records_in_memory, checkpoint_log_bytes, insecure_no_auth } => {
+        Command::Serve {
+            listen,
+            data,
+            shards,
+            executors,
+            records_in_memory,
+            checkpoint_log_bytes,
+            insecure_no_auth,
+            tls_cert,
+            tls_key,
+            allow_plain_http,
+        } => {
             init_tracing(false);
-            let auth = if insecure_no_auth { AuthMode::InsecureNoAuth } else { AuthMode::ApiKeys };
+            let mut config = ServerConfig::new(listen, data.clone());
+            config.auth = if insecure_no_auth { AuthMode::InsecureNoAuth } else { AuthMode::ApiKeys };
+            config.tls = tls_cert.zip(tls_key).map(|(cert, key)| TlsFiles { cert, key });
+            config.allow_plain_http = allow_plain_http;
             let engine = Engine::open(EngineConfig {
                 data_dir: data.clone(),
                 shards,
@@ -198,11 +222,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })
             .with_context(|| format!("opening data dir {}", data.display()))?;
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            let result = runtime.block_on(peakstack_server::serve(
-                peakstack_server::ServerConfig { listen, data_dir: data, auth },
-                engine.clone(),
-                shutdown_signal(),
-            ));
+            let result = runtime.block_on(peakstack_server::serve(config, engine.clone(), shutdown_signal()));
             // In-flight requests are drained; now flush the logs and stop.
             engine.shutdown();
             tracing::info!("stopped");

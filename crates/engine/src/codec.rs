@@ -7,8 +7,8 @@
 
 use peakstack_domain::ledger::{Leg, PendingInfo, ResolveKind};
 use peakstack_domain::{
-    AccountFlags, Amount, Balances, Currency, ErrorCode, Id, NewAccount, Owner, Side, Transfer, TransferKind, TransferRequest,
-    TransferStatus,
+    AccountFlags, Amount, Balances, Currency, ErrorCode, Id, NewAccount, Owner, Side, Transfer, TransferKind,
+    TransferRequest, TransferStatus,
 };
 
 use crate::protocol::{CommitOp, Input, OpResult, PeerMsg, TryOp};

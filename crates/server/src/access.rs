@@ -233,7 +233,9 @@ impl RouteAccess {
     pub fn new(routes: impl IntoIterator<Item = (&'static str, &'static str, Access)>) -> RouteAccess {
         let routes = routes
             .into_iter()
-            .map(|(method, path, access)| (Method::from_bytes(method.as_bytes()).expect("a valid method"), path, access))
+            .map(|(method, path, access)| {
+                (Method::from_bytes(method.as_bytes()).expect("a valid method"), path, access)
+            })
             .collect();
         RouteAccess(routes)
     }
@@ -323,7 +325,11 @@ fn principal_of(state: &AppState, request: &Request, access: Access) -> Result<P
         .get(&X_BUYER_ID)
         .and_then(|value| value.to_str().ok())
         .and_then(Id::parse)
-        .ok_or_else(|| ApiError::invalid("X-Buyer-Id: an app key names the buyer it acts for in this header (an id of 1-64 of [A-Za-z0-9_.:-])"))?;
+        .ok_or_else(|| {
+            ApiError::invalid(
+                "X-Buyer-Id: an app key names the buyer it acts for in this header (an id of 1-64 of [A-Za-z0-9_.:-])",
+            )
+        })?;
     Ok(Principal { buyer: Some(buyer), ..principal })
 }
 

@@ -66,7 +66,9 @@ enum Op {
 }
 
 pub struct AccessStore {
-    db: Arc<Database>,
+    /// Taken on close, so that the file is closed (and may be opened again,
+    /// in this process too) once the writer has stopped.
+    db: Mutex<Option<Arc<Database>>>,
     ops: mpsc::Sender<Op>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -97,7 +99,7 @@ impl AccessStore {
             .name("access-store".to_owned())
             .spawn(move || run(&writer_db, rx, next_seq))
             .map_err(|e| AccessStoreError::Failed(format!("cannot start its thread: {e}")))?;
-        Ok((AccessStore { db, ops: tx, thread: Mutex::new(Some(thread)) }, keys))
+        Ok((AccessStore { db: Mutex::new(Some(db)), ops: tx, thread: Mutex::new(Some(thread)) }, keys))
     }
 
     async fn write(&self, key: Option<KeyRecord>, audit: Vec<AuditRecord>) -> Result<Vec<u64>, AccessStoreError> {
@@ -122,7 +124,7 @@ impl AccessStore {
     /// Records with seq > `after` that match `filter`, oldest first, at most
     /// `limit`.
     pub async fn query(&self, filter: AuditFilter, after: u64, limit: usize) -> Result<AuditPage, AccessStoreError> {
-        let db = self.db.clone();
+        let db = self.db.lock().clone().ok_or(AccessStoreError::Closed)?;
         tokio::task::spawn_blocking(move || query(&db, &filter, after, limit))
             .await
             .map_err(|e| AccessStoreError::Failed(e.to_string()))?
@@ -135,6 +137,7 @@ impl AccessStore {
         if let Some(thread) = thread {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
+        self.db.lock().take();
     }
 }
 
@@ -270,7 +273,10 @@ mod tests {
         let (store, keys) = AccessStore::open(&path).unwrap();
         assert!(keys.is_empty());
         let key = generate(&Scope::Admin, None, Some("first".into()), "cli", 10);
-        assert_eq!(store.put_key(key.record.clone(), record("cli", action::KEY_CREATE, &key.record.id, 10)).await.unwrap(), 1);
+        assert_eq!(
+            store.put_key(key.record.clone(), record("cli", action::KEY_CREATE, &key.record.id, 10)).await.unwrap(),
+            1
+        );
         assert_eq!(store.append(record(&key.record.id, action::TRANSFER_CREATE, "t1", 20)).await.unwrap(), 2);
         // A second process cannot open it meanwhile.
         assert!(matches!(AccessStore::open(&path), Err(AccessStoreError::InUse(_))));

@@ -106,7 +106,14 @@ pub async fn create_key(
     }
     let new = generate(&scope, expires_at_ms, note, &caller.principal.key_id, now);
     let details = serde_json::json!({"scope": scope.to_string(), "expires_at": expires_at_ms.map(rfc3339)});
-    let record = AuditRecord::new(&caller.principal.key_id, &caller.request_id, action::KEY_CREATE, &new.record.id, details, now);
+    let record = AuditRecord::new(
+        &caller.principal.key_id,
+        &caller.request_id,
+        action::KEY_CREATE,
+        &new.record.id,
+        details,
+        now,
+    );
     state.access_store().put_key(new.record.clone(), record).await.map_err(store_failed)?;
     state.keys().put(new.record.clone()).map_err(ApiError::Internal)?;
     tracing::info!(key_id = %new.record.id, scope = %scope, "API key created");
@@ -156,8 +163,14 @@ pub async fn revoke_key(
         )));
     }
     record.revoked_at_ms = Some(now);
-    let audit =
-        AuditRecord::new(&caller.principal.key_id, &caller.request_id, action::KEY_REVOKE, &record.id, Value::Null, now);
+    let audit = AuditRecord::new(
+        &caller.principal.key_id,
+        &caller.request_id,
+        action::KEY_REVOKE,
+        &record.id,
+        Value::Null,
+        now,
+    );
     state.access_store().put_key(record.clone(), audit).await.map_err(store_failed)?;
     state.keys().put(record.clone()).map_err(ApiError::Internal)?;
     tracing::info!(key_id = %record.id, "API key revoked");
@@ -201,7 +214,9 @@ pub async fn audit(State(state): State<AppState>, ApiQuery(query): ApiQuery<Audi
     };
     let after = match query.after.as_deref() {
         None => 0,
-        Some(text) => text.parse::<u64>().map_err(|_| ApiError::invalid("after: not a cursor this server handed out"))?,
+        Some(text) => {
+            text.parse::<u64>().map_err(|_| ApiError::invalid("after: not a cursor this server handed out"))?
+        }
     };
     if let Some(wanted) = query.action.as_deref() {
         if !action::ALL.contains(&wanted) {

@@ -33,14 +33,7 @@ pub struct AuditRecord {
 }
 
 impl AuditRecord {
-    pub fn new(
-        key_id: &str,
-        request_id: &str,
-        action: &str,
-        target: &str,
-        details: Value,
-        at_ms: u64,
-    ) -> AuditRecord {
+    pub fn new(key_id: &str, request_id: &str, action: &str, target: &str, details: Value, at_ms: u64) -> AuditRecord {
         AuditRecord {
             seq: 0,
             at_ms,

@@ -173,7 +173,8 @@ pub async fn create_account(
 ) -> Result<Response, ApiError> {
     let mut new = body.into_new_account().map_err(ApiError::InvalidRequest)?;
     let id = new.id.clone();
-    new.owner = caller.principal.owner_for_new_account(new.owner.take()).map_err(|d| refused(d, || account_not_found(&id)))?;
+    new.owner =
+        caller.principal.owner_for_new_account(new.owner.take()).map_err(|d| refused(d, || account_not_found(&id)))?;
     match state.engine().create_account(new).await {
         Ok((account, created)) => {
             if created {
@@ -320,7 +321,11 @@ async fn transfer_owners(
 /// Whether the caller may make `request`: move money out of the debit
 /// account, or settle the pending transfer. What the caller may not see
 /// answers as missing.
-async fn authorize_transfer(state: &AppState, principal: &Principal, request: &TransferRequest) -> Result<(), ApiError> {
+async fn authorize_transfer(
+    state: &AppState,
+    principal: &Principal,
+    request: &TransferRequest,
+) -> Result<(), ApiError> {
     if principal.scope == Scope::Admin {
         return Ok(());
     }
@@ -332,7 +337,10 @@ async fn authorize_transfer(state: &AppState, principal: &Principal, request: &T
         }
         TransferRequest::Post { pending_id, .. } | TransferRequest::Void { pending_id, .. } => {
             let not_found = || {
-                ApiError::Ledger(ErrorCode::PendingTransferNotFound, format!("pending transfer {pending_id} does not exist"))
+                ApiError::Ledger(
+                    ErrorCode::PendingTransferNotFound,
+                    format!("pending transfer {pending_id} does not exist"),
+                )
             };
             let pending = state.engine().transfer(pending_id).await.map_err(ApiError::ledger)?.ok_or_else(not_found)?;
             let (debit, credit) = transfer_owners(state, &pending).await?;

@@ -269,13 +269,15 @@ mod tests {
         assert_ne!(a.secret_key, b.secret_key);
         assert_ne!(a.record.id, b.record.id);
         assert_eq!(a.secret_key.len(), KEY_PREFIX.len() + ID_HEX_LEN + 1 + SECRET_HEX_LEN);
-        let (id, secret) = parse_bearer(format!("Bearer {}", a.secret_key).as_bytes()).unwrap();
+        let header_a = format!("Bearer {}", a.secret_key);
+        let (id, secret) = parse_bearer(header_a.as_bytes()).unwrap();
         assert_eq!(id, a.record.id);
         assert!(!serde_json::to_string(&a.record).unwrap().contains(secret), "the secret is stored");
 
         let ring = KeyRing::new(vec![a.record.clone()]).unwrap();
         assert_eq!(ring.check(id, secret, 2_000), KeyCheck::Valid { key_id: Arc::from(id), scope: Scope::Admin });
-        let (other_id, other_secret) = parse_bearer(format!("Bearer {}", b.secret_key).as_bytes()).unwrap();
+        let header_b = format!("Bearer {}", b.secret_key);
+        let (other_id, other_secret) = parse_bearer(header_b.as_bytes()).unwrap();
         assert_eq!(ring.check(other_id, other_secret, 2_000), KeyCheck::Unknown);
         assert_eq!(ring.check(id, other_secret, 2_000), KeyCheck::Unknown, "a wrong secret for a known id");
     }
@@ -283,7 +285,8 @@ mod tests {
     #[test]
     fn expired_and_revoked_keys_stop_working() {
         let key = generate(&Scope::Read, Some(5_000), None, "cli", 1_000);
-        let (id, secret) = parse_bearer(format!("Bearer {}", key.secret_key).as_bytes()).unwrap();
+        let header_key = format!("Bearer {}", key.secret_key);
+        let (id, secret) = parse_bearer(header_key.as_bytes()).unwrap();
         let ring = KeyRing::new(vec![key.record.clone()]).unwrap();
         assert!(matches!(ring.check(id, secret, 4_999), KeyCheck::Valid { .. }));
         assert_eq!(ring.check(id, secret, 5_000), KeyCheck::Expired);

@@ -70,6 +70,7 @@ pub use admin::{parse_rfc3339_ms, rfc3339};
 pub use error::{ApiError, PROBLEM_JSON};
 pub use handlers::{DEFAULT_PAGE_LIMIT, MAX_BATCH_TRANSFERS, MAX_PAGE_LIMIT, OPENAPI_JSON};
 pub use idempotency::{IdempotencyStore, StoreError};
+pub use listener::ConnectionLimits;
 pub use observe::{metrics_handle, X_REQUEST_ID};
 pub use post_guard::{BATCH_BODY_LIMIT_BYTES, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, SINGLE_BODY_LIMIT_BYTES};
 pub use wire::MAX_METADATA_BYTES;
@@ -91,12 +92,33 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// Whether API keys are checked. [`ServerConfig::new`] checks them.
     pub auth: AuthMode,
+    /// Serve HTTPS with this certificate chain and key (PEM files).
+    pub tls: Option<TlsFiles>,
+    /// Serve plain HTTP on an address that is not loopback (behind a proxy
+    /// that terminates TLS). Without it, plain HTTP is loopback only.
+    pub allow_plain_http: bool,
+    pub limits: ConnectionLimits,
+}
+
+/// PEM files of a certificate chain and its private key.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 impl ServerConfig {
-    /// Listens on `listen`, keeps its files in `data_dir`, checks API keys.
+    /// Listens on `listen` (plain HTTP, so loopback only), keeps its files
+    /// in `data_dir`, checks API keys, default connection limits.
     pub fn new(listen: SocketAddr, data_dir: PathBuf) -> ServerConfig {
-        ServerConfig { listen, data_dir, auth: AuthMode::ApiKeys }
+        ServerConfig {
+            listen,
+            data_dir,
+            auth: AuthMode::ApiKeys,
+            tls: None,
+            allow_plain_http: false,
+            limits: ConnectionLimits::default(),
+        }
     }
 }
 
@@ -292,6 +314,8 @@ pub struct Server {
     listener: TcpListener,
     state: AppState,
     local_addr: SocketAddr,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    limits: ConnectionLimits,
 }
 
 impl Server {
@@ -299,6 +323,15 @@ impl Server {
     /// [`Server::local_addr`]) and opens the stores. Refuses to start with
     /// keys checked but no key that opens the API.
     pub async fn bind(config: ServerConfig, engine: Engine) -> anyhow::Result<Server> {
+        let tls = match &config.tls {
+            Some(files) => Some(listener::load_tls_config(&files.cert, &files.key)?),
+            None if !listener::plain_http_allowed(&config.listen, config.allow_plain_http) => anyhow::bail!(
+                "refusing to serve plain HTTP on {}, which is not a loopback address: give --tls-cert and --tls-key, \
+                 or --allow-plain-http if a proxy in front terminates TLS",
+                config.listen
+            ),
+            None => None,
+        };
         let state = AppState::new(engine, &config.data_dir, config.auth)?;
         match config.auth {
             AuthMode::ApiKeys if state.keys().active(idempotency::now_ms()) == 0 => {
@@ -317,7 +350,7 @@ impl Server {
         let listener =
             TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
         let local_addr = listener.local_addr()?;
-        Ok(Server { listener, state, local_addr })
+        Ok(Server { listener, state, local_addr, tls, limits: config.limits })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -332,21 +365,21 @@ impl Server {
     /// ready, drains the requests in flight, stops the background tasks and
     /// closes the idempotency store. The caller shuts the engine down after.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-        let Server { listener, state, local_addr } = self;
-        tracing::info!("listening on {local_addr}");
+        let Server { listener, state, local_addr, tls, limits } = self;
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        tracing::info!("listening on {scheme}://{local_addr}");
         state.set_ready(true);
         let (stop_tasks, tasks_stopped) = tokio::sync::watch::channel(false);
         let purge = tokio::spawn(purge_loop(state.clone(), tasks_stopped.clone()));
         let upkeep = tokio::spawn(upkeep_loop(state.metrics().clone(), tasks_stopped));
 
         let signal_state = state.clone();
-        let served = axum::serve(listener, router(state.clone()))
-            .with_graceful_shutdown(async move {
-                shutdown.await;
-                signal_state.set_ready(false);
-                tracing::info!("shutting down: draining requests in flight");
-            })
-            .await;
+        let served = listener::serve(listener, router(state.clone()), tls, limits, async move {
+            shutdown.await;
+            signal_state.set_ready(false);
+            tracing::info!("shutting down: draining requests in flight");
+        })
+        .await;
 
         let _ = stop_tasks.send(true);
         let _ = purge.await;

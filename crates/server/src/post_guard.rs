@@ -50,7 +50,10 @@ pub async fn post_guard(State(state): State<AppState>, request: Request, next: N
 
 async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     let read = tokio::time::timeout(BODY_READ_TIMEOUT, Limited::new(body, limit).collect()).await.map_err(|_| {
-        ApiError::RequestTimeout(format!("the request body took longer than {} s to arrive", BODY_READ_TIMEOUT.as_secs()))
+        ApiError::RequestTimeout(format!(
+            "the request body took longer than {} s to arrive",
+            BODY_READ_TIMEOUT.as_secs()
+        ))
     })?;
     match read {
         Ok(collected) => Ok(collected.to_bytes()),

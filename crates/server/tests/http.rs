@@ -36,6 +36,8 @@ fn client_with_key(key: &str) -> reqwest::Client {
 
 struct TestServer {
     base: String,
+    /// The admin key the client sends.
+    key: String,
     addr: std::net::SocketAddr,
     client: reqwest::Client,
     engine: Engine,
@@ -85,7 +87,16 @@ impl TestServer {
             checkpoint_every_log_bytes: 4096,
         })
         .unwrap();
-        let key = create_key(dir, "admin").await;
+        // The same key across restarts: Idempotency-Keys belong to the API key.
+        let key_file = dir.join("test-admin-key");
+        let key = match std::fs::read_to_string(&key_file) {
+            Ok(key) => key,
+            Err(_) => {
+                let key = create_key(dir, "admin").await;
+                std::fs::write(&key_file, &key).unwrap();
+                key
+            }
+        };
         let config = ServerConfig::new("127.0.0.1:0".parse().unwrap(), dir.to_path_buf());
         let server = Server::bind(config, engine.clone()).await.unwrap();
         let addr = server.local_addr();
@@ -98,6 +109,7 @@ impl TestServer {
             base: format!("http://{addr}"),
             addr,
             client: client_with_key(&key),
+            key,
             engine,
             state,
             stop: Some(stop),
@@ -948,7 +960,7 @@ async fn health_readiness_metrics_and_openapi() {
     let health = s.get("/healthz").await;
     assert_eq!((health.status, health.body.clone()), (200, json!({"status": "ok"})));
     let ready = s.get("/readyz").await;
-    assert_eq!((ready.status, ready.body.clone()), (200, json!({"status": "ready"})));
+    assert_eq!((ready.status, ready.body.clone()), (200, json!({"status": "ready", "auth": "api_keys"})));
     s.state.set_ready(false);
     s.get("/readyz").await.assert_problem(503, "unavailable", "readyz");
     s.state.set_ready(true);
@@ -1063,7 +1075,8 @@ async fn shutdown_drains_a_request_in_flight() {
     let body = serde_json::to_vec(&json!({"id": "late-account", "currency": "USD"})).unwrap();
     let mut stream = tokio::net::TcpStream::connect(s.addr).await.unwrap();
     let head = format!(
-        "POST /v1/accounts HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        "POST /v1/accounts HTTP/1.1\r\nhost: test\r\nauthorization: Bearer {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        s.key,
         body.len()
     );
     stream.write_all(head.as_bytes()).await.unwrap();
