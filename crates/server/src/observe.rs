@@ -88,6 +88,7 @@ pub async fn observe(mut request: Request, next: Next) -> Response {
         request_id = %String::from_utf8_lossy(request_id.as_bytes()),
         method = %method,
         route = %route,
+        key_id = tracing::field::Empty,
     );
     let mut response = next.run(request).instrument(span.clone()).await;
     response.headers_mut().insert(X_REQUEST_ID.clone(), request_id);

@@ -714,6 +714,8 @@ async fn every_validation_failure_is_a_400_problem() {
         serde_json::to_vec(&json!({"id": "a2", "currency": "USD", "metadata": {"x": "y".repeat(70_000)}})).unwrap();
     let huge_batch = vec![b' '; 4 * 1024 * 1024 + 1];
     let long_key = "k".repeat(256);
+    // Nesting deeper than the JSON parser's bound (128).
+    let deep = format!(r#"{{"id":"c","currency":"USD","metadata":{}1{}}}"#, r#"{"a":"#.repeat(200), "}".repeat(200));
 
     type Case<'a> = (&'a str, &'a str, Option<Vec<u8>>, Vec<(&'a str, &'a str)>, u16, &'a str);
     let cases: Vec<Case> = vec![
@@ -780,6 +782,23 @@ async fn every_validation_failure_is_a_400_problem() {
             "metadata",
         ),
         ("POST", "/v1/accounts", Some(account(json!({"id": "c"}))), vec![], 400, "currency"),
+        ("POST", "/v1/accounts", Some(deep.into_bytes()), vec![], 400, "recursion limit"),
+        (
+            "POST",
+            "/v1/accounts",
+            Some(account(json!({"id": "c", "currency": "USD", "owner": "m1"}))),
+            vec![],
+            400,
+            "owner",
+        ),
+        (
+            "POST",
+            "/v1/accounts",
+            Some(account(json!({"id": "c", "currency": "USD", "owner": "merchant:bad id"}))),
+            vec![],
+            400,
+            "owner",
+        ),
         ("POST", "/v1/transfers/held/post", Some(account(json!({"id": "p", "amount": 0}))), vec![], 400, "amount"),
         ("POST", "/v1/transfers/held/post", Some(account(json!({}))), vec![], 400, "missing field `id`"),
         (
