@@ -436,8 +436,8 @@ pub async fn create_batch(
         )));
     }
     let mut requests = Vec::with_capacity(count);
-    for (index, value) in body.transfers.into_iter().enumerate() {
-        let request = serde_json::from_value::<TransferBody>(value)
+    for (index, raw) in body.transfers.iter().enumerate() {
+        let request = serde_json::from_str::<TransferBody>(raw.get())
             .map_err(|e| e.to_string())
             .and_then(TransferBody::into_request)
             .map_err(|detail| ApiError::invalid(format!("transfers[{index}]: {detail}")))?;

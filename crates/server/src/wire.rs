@@ -170,12 +170,13 @@ impl VoidBody {
     }
 }
 
-/// A batch keeps its transfers as raw JSON so that a bad one is reported
-/// with its index.
+/// A batch keeps its transfers as raw JSON text (no intermediate tree) so
+/// that each is parsed once, straight into a [`TransferBody`], and a bad one
+/// is reported with its index.
 #[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields)]
 pub struct BatchBody {
-    pub transfers: Vec<Value>,
+    pub transfers: Vec<Box<serde_json::value::RawValue>>,
     #[serde(default)]
     pub atomic: bool,
 }
