@@ -320,16 +320,14 @@ fn principal_of(state: &AppState, request: &Request, access: Access) -> Result<P
     if principal.scope != Scope::App {
         return Ok(principal);
     }
-    let buyer = request
-        .headers()
-        .get(&X_BUYER_ID)
-        .and_then(|value| value.to_str().ok())
-        .and_then(Id::parse)
-        .ok_or_else(|| {
-            ApiError::invalid(
+    let buyer =
+        request.headers().get(&X_BUYER_ID).and_then(|value| value.to_str().ok()).and_then(Id::parse).ok_or_else(
+            || {
+                ApiError::invalid(
                 "X-Buyer-Id: an app key names the buyer it acts for in this header (an id of 1-64 of [A-Za-z0-9_.:-])",
             )
-        })?;
+            },
+        )?;
     Ok(Principal { buyer: Some(buyer), ..principal })
 }
 
