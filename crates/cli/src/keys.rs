@@ -63,8 +63,14 @@ pub async fn run(action: KeysAction) -> anyhow::Result<()> {
             Ok(())
         }
         KeysAction::Revoke { id, data } => {
+            // An id, `psk_<id>`, or a whole key: only the id part is used
+            // (and echoed), so a pasted secret never reaches a terminal log.
+            let id = key_id_of(&id)?;
             let (store, keys) = open_access_store(&data)?;
-            let id = id.strip_prefix(peakstack_server::keys::KEY_PREFIX).unwrap_or(&id).to_owned();
+            let admins_left = keys
+                .iter()
+                .filter(|k| k.id != id && k.scope == "admin" && k.status(now_ms()).as_str() == "active")
+                .count();
             let Some(mut key) = keys.into_iter().find(|key| key.id == id) else {
                 store.close().await;
                 bail!("no API key with id {id} in {}", data.display());
@@ -75,18 +81,51 @@ pub async fn run(action: KeysAction) -> anyhow::Result<()> {
                 return Ok(());
             }
             let now = now_ms();
+            let key_scope_is_admin = key.scope == "admin";
             key.revoked_at_ms = Some(now);
             let record = AuditRecord::new(CLI_ACTOR, CLI_ACTOR, action::KEY_REVOKE, &id, serde_json::Value::Null, now);
             let stored = store.put_key(key, record).await;
             store.close().await;
             stored.context("storing the revocation")?;
             eprintln!("revoked API key {id}");
+            if key_scope_is_admin && admins_left == 0 {
+                eprintln!(
+                    "warning: no active admin key is left; create one with `peakstack keys create --scope admin` to manage keys over HTTP"
+                );
+            }
             Ok(())
         }
     }
 }
 
+/// The key id in `<id>`, `psk_<id>` or `psk_<id>_<secret>`.
+fn key_id_of(text: &str) -> anyhow::Result<String> {
+    let rest = text.strip_prefix(peakstack_server::keys::KEY_PREFIX).unwrap_or(text);
+    let id = rest.split('_').next().unwrap_or_default();
+    if id.len() != 16 || !id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        bail!("not a key id: expected 16 hex digits (as `peakstack keys list` shows after psk_)");
+    }
+    Ok(id.to_owned())
+}
+
 fn sorted(mut keys: Vec<KeyRecord>) -> Vec<KeyRecord> {
     keys.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
     keys
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_id_is_taken_from_an_id_a_prefix_or_a_whole_key() {
+        let id = "0123456789abcdef";
+        for text in [id.to_owned(), format!("psk_{id}"), format!("psk_{id}_{}", "f".repeat(64))] {
+            assert_eq!(key_id_of(&text).unwrap(), id, "{text}");
+        }
+        for bad in ["", "psk_", "0123", "0123456789ABCDEF", "psk_0123456789abcdeg_secret"] {
+            let error = key_id_of(bad).unwrap_err().to_string();
+            assert!(!error.contains("secret") && !error.contains("abcdeg"), "echoed {bad:?}: {error}");
+        }
+    }
 }

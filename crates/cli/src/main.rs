@@ -185,7 +185,11 @@ fn default_executors() -> u16 {
 fn init_tracing(json_output: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("PEAKSTACK_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(if json_output { "warn" } else { "info" }));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
 }
 
 fn main() -> std::process::ExitCode {
@@ -218,6 +222,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             config.auth = if insecure_no_auth { AuthMode::InsecureNoAuth } else { AuthMode::ApiKeys };
             config.tls = tls_cert.zip(tls_key).map(|(cert, key)| TlsFiles { cert, key });
             config.allow_plain_http = allow_plain_http;
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            runtime.block_on(peakstack_server::preflight(&config))?;
             let engine = Engine::open(EngineConfig {
                 data_dir: data.clone(),
                 shards,
@@ -227,7 +233,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 checkpoint_every_log_bytes: checkpoint_log_bytes,
             })
             .with_context(|| format!("opening data dir {}", data.display()))?;
-            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             let result = runtime.block_on(peakstack_server::serve(config, engine.clone(), shutdown_signal()));
             // In-flight requests are drained; now flush the logs and stop.
             engine.shutdown();

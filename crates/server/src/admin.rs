@@ -135,8 +135,15 @@ pub async fn list_keys(State(state): State<AppState>) -> Response {
 }
 
 fn find_key(state: &AppState, id: &str) -> Result<KeyRecord, ApiError> {
-    // Ids are 16 hex digits; anything else cannot name a key.
-    state.keys().get(id).ok_or_else(|| ApiError::KeyNotFound(id.chars().take(64).collect()))
+    // Ids are 16 hex digits. Anything else is not echoed: it may be a whole
+    // key pasted by mistake.
+    let is_id = id.len() == 16 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    let detail = if is_id {
+        format!("API key {id} does not exist")
+    } else {
+        "no API key has this id (a key id is 16 hex digits)".to_owned()
+    };
+    state.keys().get(id).ok_or(ApiError::KeyNotFound(detail))
 }
 
 pub async fn get_key(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Result<Response, ApiError> {

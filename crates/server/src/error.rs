@@ -47,7 +47,7 @@ pub enum ApiError {
     /// A valid key whose scope does not allow this.
     #[error("{0}")]
     Forbidden(String),
-    #[error("API key {0} does not exist")]
+    #[error("{0}")]
     KeyNotFound(String),
     #[error("{0}")]
     LastAdminKey(String),

@@ -323,29 +323,16 @@ impl Server {
     /// [`Server::local_addr`]) and opens the stores. Refuses to start with
     /// keys checked but no key that opens the API.
     pub async fn bind(config: ServerConfig, engine: Engine) -> anyhow::Result<Server> {
-        let tls = match &config.tls {
-            Some(files) => Some(listener::load_tls_config(&files.cert, &files.key)?),
-            None if !listener::plain_http_allowed(&config.listen, config.allow_plain_http) => anyhow::bail!(
-                "refusing to serve plain HTTP on {}, which is not a loopback address: give --tls-cert and --tls-key, \
-                 or --allow-plain-http if a proxy in front terminates TLS",
-                config.listen
-            ),
-            None => None,
-        };
+        let tls = tls_of(&config)?;
         let state = AppState::new(engine, &config.data_dir, config.auth)?;
-        match config.auth {
-            AuthMode::ApiKeys if state.keys().active(idempotency::now_ms()) == 0 => {
-                state.close().await;
-                anyhow::bail!(
-                    "no active API key in {dir}: create the first with `peakstack keys create --scope admin --data {dir}` \
-                     (it is printed once), or start with --insecure-no-auth for local development only",
-                    dir = config.data_dir.display()
-                );
-            }
-            AuthMode::ApiKeys => {}
-            AuthMode::InsecureNoAuth => tracing::warn!(
+        if let Err(error) = check_keys(&config, state.keys()) {
+            state.close().await;
+            return Err(error);
+        }
+        if config.auth == AuthMode::InsecureNoAuth {
+            tracing::warn!(
                 "AUTHENTICATION IS OFF (--insecure-no-auth): every caller is an admin. Never run this with real money."
-            ),
+            );
         }
         let listener =
             TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -388,6 +375,46 @@ impl Server {
         tracing::info!("server stopped");
         served.context("server failed")
     }
+}
+
+/// The TLS config `config` asks for, or none if plain HTTP is allowed on
+/// its address.
+fn tls_of(config: &ServerConfig) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>> {
+    match &config.tls {
+        Some(files) => Ok(Some(listener::load_tls_config(&files.cert, &files.key)?)),
+        None if !listener::plain_http_allowed(&config.listen, config.allow_plain_http) => anyhow::bail!(
+            "refusing to serve plain HTTP on {}, which is not a loopback address: give --tls-cert and --tls-key, \
+             or --allow-plain-http if a proxy in front terminates TLS",
+            config.listen
+        ),
+        None => Ok(None),
+    }
+}
+
+/// With keys checked, some key must open the API.
+fn check_keys(config: &ServerConfig, keys: &keys::KeyRing) -> anyhow::Result<()> {
+    if config.auth == AuthMode::ApiKeys && keys.active(idempotency::now_ms()) == 0 {
+        anyhow::bail!(
+            "no active API key in {dir}: create the first with `peakstack keys create --scope admin --data {dir}` \
+             (it is printed once), or start with --insecure-no-auth for local development only",
+            dir = config.data_dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Checks what [`Server::bind`] would refuse (TLS files, plain HTTP off
+/// loopback, no usable key) without opening the engine, so that `serve`
+/// fails at once instead of after replaying a large log.
+pub async fn preflight(config: &ServerConfig) -> anyhow::Result<()> {
+    tls_of(config)?;
+    if config.auth == AuthMode::ApiKeys {
+        let (store, records) = open_access_store(&config.data_dir)?;
+        store.close().await;
+        let ring = keys::KeyRing::new(records).map_err(|e| anyhow::anyhow!("{ACCESS_FILE}: {e}"))?;
+        check_keys(config, &ring)?;
+    }
+    Ok(())
 }
 
 /// Binds, logs "listening on ADDR", serves until `shutdown` resolves, drains

@@ -510,6 +510,10 @@ async fn keys_rotate_and_revoke_at_once_and_every_change_is_audited_under_its_ke
     // Revoking again answers the same; an unknown key is 404.
     assert_eq!(h.admin("DELETE", &format!("/v1/keys/{}", key_id(&m1_old)), None).await["status"], "revoked");
     h.refused(Who::Admin, "DELETE", "/v1/keys/0123456789abcdef", None, 404, "key_not_found").await;
+    // A whole key pasted in place of an id is not echoed back.
+    let pasted = h.call(Who::Admin, "DELETE", &format!("/v1/keys/{}", &m1_new[..]), None).await;
+    assert_eq!((pasted.status, pasted.code()), (404, "key_not_found"));
+    assert!(!pasted.body.to_string().contains(&m1_new[21..]), "the secret was echoed: {}", pasted.body);
     // The last admin key cannot go.
     h.refused(Who::Admin, "DELETE", &format!("/v1/keys/{admin_id}"), None, 409, "last_admin_key").await;
     // Bad key requests change nothing.
