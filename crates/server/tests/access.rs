@@ -237,6 +237,14 @@ fn sees(who: Who, account: &str) -> bool {
     }
 }
 
+/// A server on a fresh data dir with the accounts and payments of [`setup`].
+async fn started() -> (tempfile::TempDir, Harness) {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Harness::start(dir.path()).await;
+    setup(&h).await;
+    (dir, h)
+}
+
 async fn setup(h: &Harness) {
     for (id, owner) in ACCOUNTS {
         h.admin("POST", "/v1/accounts", Some(&account(id, owner))).await;
@@ -251,9 +259,7 @@ async fn setup(h: &Harness) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_route_refuses_callers_without_a_valid_key_and_scopes_get_exactly_their_routes() {
-    let dir = tempfile::tempdir().unwrap();
-    let h = Harness::start(dir.path()).await;
-    setup(&h).await;
+    let (_dir, h) = started().await;
     h.admin("POST", "/v1/transfers", Some(&pending("hold", "b1-wallet", "m1-cash", 5))).await;
     let some_key = h.admin("GET", "/v1/keys", None).await["data"][0]["id"].as_str().unwrap().to_owned();
 
@@ -309,9 +315,7 @@ async fn every_route_refuses_callers_without_a_valid_key_and_scopes_get_exactly_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenants_see_only_their_own_accounts_and_transfers() {
-    let dir = tempfile::tempdir().unwrap();
-    let h = Harness::start(dir.path()).await;
-    setup(&h).await;
+    let (_dir, h) = started().await;
 
     for who in KEYED {
         // One account: its own, or 404 as if it did not exist.
@@ -365,9 +369,7 @@ async fn tenants_see_only_their_own_accounts_and_transfers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn money_moves_only_out_of_the_callers_own_accounts() {
-    let dir = tempfile::tempdir().unwrap();
-    let h = Harness::start(dir.path()).await;
-    setup(&h).await;
+    let (_dir, h) = started().await;
 
     // Opening accounts: merchants and apps open their own only.
     let opened = h.allowed(Who::M1, "POST", "/v1/accounts", Some(&account("m1-new", None)), 201).await;
@@ -473,9 +475,7 @@ async fn money_moves_only_out_of_the_callers_own_accounts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_rotate_and_revoke_at_once_and_every_change_is_audited_under_its_key() {
-    let dir = tempfile::tempdir().unwrap();
-    let h = Harness::start(dir.path()).await;
-    setup(&h).await;
+    let (_dir, h) = started().await;
     let admin_id = key_id(h.key(Who::Admin).unwrap()).to_owned();
     let m1_old = h.key(Who::M1).unwrap().to_owned();
 
