@@ -187,6 +187,11 @@ impl ExecutorCore {
         self.fences.len()
     }
 
+    /// The executor that coordinates `txn` (its id is in the top 16 bits).
+    pub fn coordinator_of(txn: TxnId) -> ExecutorId {
+        (txn >> 48) as ExecutorId
+    }
+
     /// Applies one input. Returns the answer to an account creation, if it
     /// was one; transfer answers come out through `fx.finished`. Returns
     /// whether the input must be logged (it changed state).
@@ -875,4 +880,32 @@ fn commit_ops_of(
             ops
         }
     }
+}
+
+/// The `Forget` messages a whole-process crash lost, found after every
+/// executor has replayed: (participant, coordinator, message) to deliver as
+/// if the coordinator sent them.
+///
+/// A participant keeps a fence until the coordinator's `Forget` arrives, and
+/// a `Forget` lives only in memory until the participant logs it: in a queue,
+/// or in a batch not yet durable. A crash can lose it after the coordinator
+/// finished the transaction for good, and then nobody would ever send it
+/// again; the fence would stay, and with it the executor could never take a
+/// checkpoint. A participant's fence proves its coordinator made the
+/// transaction durable (a `Try` leaves only after that), so a fence whose
+/// transaction no executor still has open is exactly such a leftover.
+/// Delivered as ordinary peer messages, the forgets are logged and replay
+/// the same way. In transaction order, so that the same state gives the
+/// same messages.
+pub fn lost_forgets(cores: &[&ExecutorCore]) -> Vec<(ExecutorId, ExecutorId, PeerMsg)> {
+    let open: std::collections::HashSet<TxnId> = cores.iter().flat_map(|core| core.txns.keys().copied()).collect();
+    let mut out = Vec::new();
+    for core in cores {
+        let mut leftover: Vec<TxnId> = core.fences.keys().copied().filter(|txn| !open.contains(txn)).collect();
+        leftover.sort_unstable();
+        for txn in leftover {
+            out.push((core.id, ExecutorCore::coordinator_of(txn), PeerMsg::Forget { txn }));
+        }
+    }
+    out
 }

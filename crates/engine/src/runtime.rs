@@ -342,6 +342,15 @@ impl Engine {
             }
             shared.txns_in_flight.fetch_add(core.txns_in_flight(), Ordering::SeqCst);
         }
+        // Fences whose Forget the crash lost go too, or they would stay for
+        // good (and block checkpoints).
+        let core_refs: Vec<&ExecutorCore> = cores.iter().collect();
+        for (participant, coordinator, message) in crate::executor::lost_forgets(&core_refs) {
+            if usize::from(coordinator) < executor_count {
+                let _ = shared.peers[usize::from(participant)]
+                    .send(Inbound::Peer { from: coordinator, messages: vec![message] });
+            }
+        }
 
         let mut threads = Vec::new();
         for (((core, log), (client_rx, peer_rx)), last_time_ms) in
