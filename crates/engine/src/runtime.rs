@@ -48,6 +48,13 @@ pub const MAX_RECORDS_IN_MEMORY: usize = 200_000;
 pub const CHECKPOINT_EVERY_LOG_BYTES: u64 = 64 << 20;
 /// How often an idle executor wakes to expire pending transfers.
 pub const TICK: Duration = Duration::from_millis(50);
+/// Longest an executor holds the checkpoint barrier (every executor takes no
+/// new client work, so that transactions in flight drain and the executor
+/// reaches a state with none). Past it the barrier drops and is raised
+/// again after [`CHECKPOINT_BARRIER_BACKOFF`]: a checkpoint is worth a short
+/// pause, not an outage.
+pub const MAX_CHECKPOINT_BARRIER: Duration = Duration::from_millis(500);
+pub const CHECKPOINT_BARRIER_BACKOFF: Duration = Duration::from_secs(1);
 /// How long shutdown waits for transactions in flight to finish.
 pub const SHUTDOWN_DRAIN: Duration = Duration::from_secs(10);
 
@@ -196,6 +203,8 @@ pub struct EngineStats {
     pub inputs: AtomicU64,
     pub fsyncs: AtomicU64,
     pub log_bytes: AtomicU64,
+    /// Checkpoints written (each lets the log segments before it go).
+    pub checkpoints: AtomicU64,
 }
 
 struct Shared {
@@ -204,6 +213,9 @@ struct Shared {
     peers: Vec<Sender<Inbound>>,
     closed: AtomicBool,
     txns_in_flight: AtomicUsize,
+    /// Executors waiting for a moment with no transaction in flight to take
+    /// a checkpoint; while any is, no executor takes new client work.
+    checkpoint_barriers: AtomicUsize,
     threads: Mutex<Vec<JoinHandle<()>>>,
     stats: EngineStats,
     /// Per executor: the account history file, for reads.
@@ -324,6 +336,7 @@ impl Engine {
             peers: peer_txs,
             closed: AtomicBool::new(false),
             txns_in_flight: AtomicUsize::new(0),
+            checkpoint_barriers: AtomicUsize::new(0),
             threads: Mutex::new(Vec::new()),
             stats: EngineStats::default(),
             history: history_readers,
@@ -376,6 +389,8 @@ impl Engine {
                 next_tag: 1,
                 clients: std::collections::HashMap::new(),
                 reported_in_flight: resumed,
+                barrier_since: None,
+                barrier_retry_at: None,
             };
             let writer = LogWriter {
                 id,
@@ -682,6 +697,10 @@ struct Applier {
     next_tag: ClientTag,
     clients: std::collections::HashMap<ClientTag, ClientBatch>,
     reported_in_flight: usize,
+    /// Since when this executor holds the checkpoint barrier.
+    barrier_since: Option<Instant>,
+    /// Not before this may it raise the barrier again.
+    barrier_retry_at: Option<Instant>,
 }
 
 impl Applier {
@@ -698,7 +717,7 @@ impl Applier {
             let mut first: Option<Result<Inbound, Request>> = None;
             if !stopping {
                 let never = crossbeam_channel::never();
-                let can_take_clients = clients_open && self.core.txns_in_flight() < MAX_TXNS_IN_FLIGHT;
+                let can_take_clients = self.may_take_clients(clients_open);
                 let client_rx = if can_take_clients { &self.client_rx } else { &never };
                 crossbeam_channel::select! {
                     recv(self.peer_rx) -> m => if let Ok(m) = m { first = Some(Ok(m)) },
@@ -724,16 +743,14 @@ impl Applier {
                     None if taken >= MAX_BATCH_INPUTS => None,
                     None => match self.peer_rx.try_recv() {
                         Ok(m) => Some(Ok(m)),
-                        Err(_) if clients_open && self.core.txns_in_flight() < MAX_TXNS_IN_FLIGHT => {
-                            match self.client_rx.try_recv() {
-                                Ok(r) => Some(Err(r)),
-                                Err(TryRecvError::Disconnected) => {
-                                    clients_open = false;
-                                    None
-                                }
-                                Err(TryRecvError::Empty) => None,
+                        Err(_) if self.may_take_clients(clients_open) => match self.client_rx.try_recv() {
+                            Ok(r) => Some(Err(r)),
+                            Err(TryRecvError::Disconnected) => {
+                                clients_open = false;
+                                None
                             }
-                        }
+                            Err(TryRecvError::Empty) => None,
+                        },
                         Err(_) => None,
                     },
                 };
@@ -824,6 +841,11 @@ impl Applier {
                 // The batch being built is covered if it logs anything.
                 let covered = if inputs_logged > 0 { self.next_sequence } else { self.next_sequence - 1 };
                 let taken = self.core.checkpoint(covered, now_ms, self.archive.run_count());
+                if taken.is_some() || finishing {
+                    self.lower_barrier();
+                } else {
+                    self.raise_barrier();
+                }
                 taken.map(|c| {
                     self.log_bytes_since_checkpoint = 0;
                     (covered, c.encode(), self.archive.take_unsynced())
@@ -861,6 +883,40 @@ impl Applier {
             if finishing {
                 return;
             }
+        }
+    }
+
+    /// Whether to take new client work now: not past the bound on
+    /// transactions in flight, and not while an executor waits for a quiet
+    /// moment to checkpoint.
+    fn may_take_clients(&self, clients_open: bool) -> bool {
+        clients_open
+            && self.core.txns_in_flight() < MAX_TXNS_IN_FLIGHT
+            && self.shared.checkpoint_barriers.load(Ordering::Acquire) == 0
+    }
+
+    /// A checkpoint is due but transactions are in flight: hold every
+    /// executor's client intake until they drain, for at most
+    /// [`MAX_CHECKPOINT_BARRIER`].
+    fn raise_barrier(&mut self) {
+        let now = Instant::now();
+        match self.barrier_since {
+            None if self.barrier_retry_at.is_none_or(|at| now >= at) => {
+                self.barrier_since = Some(now);
+                self.shared.checkpoint_barriers.fetch_add(1, Ordering::AcqRel);
+            }
+            Some(since) if now.duration_since(since) > MAX_CHECKPOINT_BARRIER => {
+                tracing::warn!(executor = self.core.id(), "no quiet moment for a checkpoint; trying again later");
+                self.lower_barrier();
+                self.barrier_retry_at = Some(now + CHECKPOINT_BARRIER_BACKOFF);
+            }
+            _ => {}
+        }
+    }
+
+    fn lower_barrier(&mut self) {
+        if self.barrier_since.take().is_some() {
+            self.shared.checkpoint_barriers.fetch_sub(1, Ordering::AcqRel);
         }
     }
 
@@ -1010,9 +1066,12 @@ impl LogWriter {
             if let Some((covered, bytes, runs)) = checkpoint {
                 // Runs of a failed checkpoint are synced with the next one.
                 self.unsynced_runs.extend(runs);
-                if let Err(error) = self.write_checkpoint(covered, &bytes) {
+                match self.write_checkpoint(covered, &bytes) {
+                    Ok(()) => {
+                        self.shared.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
+                    }
                     // The log still has everything: carry on, recovery replays more.
-                    tracing::error!(executor = self.id, %error, "checkpoint failed");
+                    Err(error) => tracing::error!(executor = self.id, %error, "checkpoint failed"),
                 }
             }
         }

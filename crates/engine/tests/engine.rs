@@ -234,3 +234,59 @@ async fn transfers_across_executors_balance_and_survive_restart() {
     assert_eq!(again, page, "history is the same after a restart (rebuilt from the log)");
     engine.shutdown();
 }
+
+/// Under constant load that crosses executors there is no moment when no
+/// transaction is in flight; checkpoints must still be taken, or the log
+/// grows without bound and recovery replays all of it.
+#[test]
+fn checkpoints_are_taken_under_constant_cross_executor_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(EngineConfig {
+        shards: 8,
+        checkpoint_every_log_bytes: 64 * 1024,
+        ..EngineConfig::new(dir.path(), 2)
+    })
+    .unwrap();
+    let names = spread_names(&engine, 8);
+    for name in &names {
+        engine.create_account_blocking(account(name, AccountFlags::empty())).unwrap();
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..16)
+        .map(|client| {
+            let (engine, names, stop) = (engine.clone(), names.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let batch = (0..32)
+                        .map(|i| {
+                            n += 1;
+                            let debit = &names[(n as usize + i) % names.len()];
+                            let credit = &names[(n as usize + i + 1) % names.len()];
+                            create(&format!("c{client}-{n}"), debit, credit, 1)
+                        })
+                        .collect();
+                    for result in engine.create_transfers_blocking(batch, false) {
+                        result.unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    // Load until 4 MiB of log, then count: a checkpoint is due every
+    // 64 KiB an executor logs.
+    let stats = engine.stats();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while stats.log_bytes.load(std::sync::atomic::Ordering::Relaxed) < 4 << 20 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let taken = stats.checkpoints.load(std::sync::atomic::Ordering::Relaxed);
+    let logged = stats.log_bytes.load(std::sync::atomic::Ordering::Relaxed);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for client in clients {
+        client.join().unwrap();
+    }
+    let due = logged / (64 * 1024);
+    assert!(taken * 2 >= due, "{taken} checkpoints under load, {due} due ({logged} bytes of log)");
+    engine.shutdown();
+}
