@@ -11,7 +11,9 @@ use peakstack_domain::{
     TransferRequest, TransferStatus,
 };
 
-use crate::protocol::{CommitOp, Input, OpResult, PeerMsg, TryOp};
+use std::sync::Arc;
+
+use crate::protocol::{CommitOp, Input, OpResult, Origin, PeerMsg, TryOp};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("corrupt record: {0}")]
@@ -639,10 +641,17 @@ impl Codec for Input {
                 w.u8(0);
                 new.encode(w);
             }
-            Input::Transfers { requests, atomic } => {
+            Input::Transfers { requests, atomic, origin: None } => {
                 w.u8(1);
                 w.bool(*atomic);
                 requests.encode(w);
+            }
+            Input::Transfers { requests, atomic, origin: Some(origin) } => {
+                w.u8(4);
+                w.bool(*atomic);
+                requests.encode(w);
+                w.str(&origin.key_id);
+                w.str(&origin.request_id);
             }
             Input::Expire { pending_ids } => {
                 w.u8(2);
@@ -660,7 +669,14 @@ impl Codec for Input {
             0 => Input::CreateAccount(NewAccount::decode(r)?),
             1 => {
                 let atomic = r.bool()?;
-                Input::Transfers { requests: Vec::decode(r)?, atomic }
+                Input::Transfers { requests: Vec::decode(r)?, atomic, origin: None }
+            }
+            4 => {
+                let atomic = r.bool()?;
+                let requests = Vec::decode(r)?;
+                let key_id = Arc::from(r.str()?);
+                let request_id = Arc::from(r.str()?);
+                Input::Transfers { requests, atomic, origin: Some(Origin { key_id, request_id }) }
             }
             2 => Input::Expire { pending_ids: Vec::decode(r)? },
             3 => Input::Peer {
@@ -730,6 +746,12 @@ mod tests {
                 TransferRequest::Void { id: id("v"), pending_id: id("t1") },
             ],
             atomic: true,
+            origin: None,
+        });
+        round_trip(Input::Transfers {
+            requests: vec![TransferRequest::Void { id: id("v"), pending_id: id("t1") }],
+            atomic: false,
+            origin: Some(Origin { key_id: Arc::from("0123456789abcdef"), request_id: Arc::from("req-1") }),
         });
         round_trip(Input::Expire { pending_ids: vec![id("t1")] });
         round_trip(Input::Peer {

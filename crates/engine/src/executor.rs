@@ -20,7 +20,9 @@ use peakstack_domain::{
 };
 
 use crate::layout::Layout;
-use crate::protocol::{CommitOp, ExecutorId, Input, OpResult, PeerMsg, TransferOutcome, TransferResult, TryOp, TxnId};
+use crate::protocol::{
+    AuditEvent, CommitOp, ExecutorId, Input, OpResult, Origin, PeerMsg, TransferOutcome, TransferResult, TryOp, TxnId,
+};
 
 /// The answer to opening an account: the account and whether it was created now.
 pub type AccountReply = Result<(Account, bool), ErrorCode>;
@@ -41,6 +43,10 @@ pub struct Effects {
     /// Encoded account history entries, to append to the history file in
     /// order once the batch is durable (see `history.rs`).
     pub history: Vec<u8>,
+    /// Transfers made by requests with an origin, for the audit trail.
+    /// Made whether or not a client waits (also in a replay), so a replay
+    /// makes them again.
+    pub audit: Vec<AuditEvent>,
 }
 
 impl Effects {
@@ -48,6 +54,7 @@ impl Effects {
         self.outbox.clear();
         self.finished.clear();
         self.history.clear();
+        self.audit.clear();
     }
 }
 
@@ -86,6 +93,7 @@ struct Part {
 
 struct Txn {
     client: Option<(ClientTag, Vec<usize>)>,
+    origin: Option<Origin>,
     items: Vec<Item>,
     parts: BTreeMap<ExecutorId, Part>,
     /// Set once decided.
@@ -208,21 +216,27 @@ impl ExecutorCore {
                 let changed = matches!(result, Ok((_, true)));
                 (changed, Some(result))
             }
-            Input::Transfers { requests, atomic } => {
+            Input::Transfers { requests, atomic, origin } => {
                 if *atomic {
                     let items = requests.iter().map(|r| self.build_item(r, now_ms)).collect();
                     let indices = (0..requests.len()).collect();
-                    self.start_txn(items, client.map(|c| (c, indices)), now_ms, fx);
+                    self.start_txn(items, client.map(|c| (c, indices)), origin.clone(), now_ms, fx);
                 } else {
                     for (index, request) in requests.iter().enumerate() {
                         if let Some(result) = self.try_fast_path(request, now_ms, fx) {
+                            if let (Some(origin), Ok(outcome)) = (origin, &result) {
+                                if outcome.created {
+                                    let transfer = outcome.transfer.clone();
+                                    fx.audit.push(AuditEvent { origin: origin.clone(), time_ms: now_ms, transfer });
+                                }
+                            }
                             if let Some(tag) = client {
                                 fx.finished.push((tag, index, result));
                             }
                             continue;
                         }
                         let item = self.build_item(request, now_ms);
-                        self.start_txn(vec![item], client.map(|c| (c, vec![index])), now_ms, fx);
+                        self.start_txn(vec![item], client.map(|c| (c, vec![index])), origin.clone(), now_ms, fx);
                     }
                 }
                 (true, None)
@@ -235,7 +249,7 @@ impl ExecutorCore {
                         op_refs: Vec::new(),
                         static_error: None,
                     };
-                    self.start_txn(vec![item], None, now_ms, fx);
+                    self.start_txn(vec![item], None, None, now_ms, fx);
                 }
                 (true, None)
             }
@@ -404,6 +418,7 @@ impl ExecutorCore {
         &mut self,
         mut items: Vec<Item>,
         client: Option<(ClientTag, Vec<usize>)>,
+        origin: Option<Origin>,
         now_ms: u64,
         fx: &mut Effects,
     ) {
@@ -422,7 +437,7 @@ impl ExecutorCore {
             }
         }
         let mut state =
-            Txn { client, items, parts, decision: None, outcomes: Vec::new(), balances: HashMap::default() };
+            Txn { client, origin, items, parts, decision: None, outcomes: Vec::new(), balances: HashMap::default() };
         // Local part: tried now, in this batch.
         if let Some(part) = state.parts.get_mut(&self.id) {
             let ops = part.try_ops.clone();
@@ -531,11 +546,22 @@ impl ExecutorCore {
                 fx.outbox.push((exec, PeerMsg::Forget { txn }));
             }
         }
-        let Some((tag, indices)) = state.client else { return };
         let first_error = state.outcomes.iter().find_map(|o| match o {
             ItemOutcome::Err(e) => Some(*e),
             _ => None,
         });
+        let committed = first_error.is_none() && state.decision == Some(true);
+        if let (Some(origin), true) = (&state.origin, committed) {
+            for (item, outcome) in state.items.iter().zip(&state.outcomes) {
+                if let ItemOutcome::Ok { pending } = outcome {
+                    if let Some(transfer) = final_record(item, pending.as_ref()) {
+                        let time_ms = transfer.timestamp_ms;
+                        fx.audit.push(AuditEvent { origin: origin.clone(), time_ms, transfer });
+                    }
+                }
+            }
+        }
+        let Some((tag, indices)) = state.client else { return };
         for ((item, outcome), index) in state.items.iter().zip(&state.outcomes).zip(indices) {
             let result = match outcome {
                 ItemOutcome::Exists(t) => Ok(TransferOutcome {

@@ -16,5 +16,5 @@ pub mod runtime;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use layout::Layout;
-pub use protocol::{TransferOutcome, TransferResult};
+pub use protocol::{AuditBatch, AuditEvent, Origin, TransferOutcome, TransferResult};
 pub use runtime::{Engine, EngineConfig, EngineError, Totals};

@@ -13,6 +13,8 @@
 //! cancel that overtakes its try is recorded as `suspended`, and a try that
 //! finds `suspended` is refused.
 
+use std::sync::Arc;
+
 use peakstack_domain::ledger::{Leg, PendingInfo, ResolveKind};
 use peakstack_domain::{Balances, ErrorCode, Id, NewAccount, Side, Transfer, TransferRequest};
 
@@ -28,6 +30,9 @@ pub enum Input {
     Transfers {
         requests: Vec<TransferRequest>,
         atomic: bool,
+        /// Who asked, for the audit trail; logged with the request, so the
+        /// audit record of a change is durable with the change itself.
+        origin: Option<Origin>,
     },
     /// Pending transfers on this executor whose timeout passed.
     Expire {
@@ -38,6 +43,32 @@ pub enum Input {
         from: ExecutorId,
         messages: Vec<PeerMsg>,
     },
+}
+
+/// Who made a request: the API key's id and the request id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Origin {
+    pub key_id: Arc<str>,
+    pub request_id: Arc<str>,
+}
+
+/// A transfer a request with an [`Origin`] created (a post or void
+/// included), in the order the executor made them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AuditEvent {
+    pub origin: Origin,
+    pub time_ms: u64,
+    pub transfer: Transfer,
+}
+
+/// The audit events of one durable log batch of one executor. `(executor,
+/// sequence)` names it: replaying the log after a crash makes the same
+/// batch with the same events again.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AuditBatch {
+    pub executor: ExecutorId,
+    pub sequence: u64,
+    pub events: Vec<AuditEvent>,
 }
 
 #[derive(Clone, Debug, PartialEq)]

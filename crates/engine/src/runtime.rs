@@ -29,7 +29,7 @@ use crate::history::{HistoryReader, HistoryWriter};
 use crate::layout::Layout;
 use crate::log::{encode_frame, Log, LogError};
 use crate::meta::{Meta, MetaError};
-use crate::protocol::{ExecutorId, Input, PeerMsg, TransferResult};
+use crate::protocol::{AuditBatch, AuditEvent, ExecutorId, Input, Origin, PeerMsg, TransferResult};
 
 /// Most inputs one batch applies.
 pub const MAX_BATCH_INPUTS: usize = 8192;
@@ -156,7 +156,12 @@ impl std::ops::Add for Totals {
 enum Request {
     CreateAccount(NewAccount, oneshot::Sender<AccountReply>),
     CreateAccounts(Vec<NewAccount>, oneshot::Sender<Vec<AccountReply>>),
-    Transfers { requests: Vec<TransferRequest>, atomic: bool, reply: oneshot::Sender<Vec<TransferResult>> },
+    Transfers {
+        requests: Vec<TransferRequest>,
+        atomic: bool,
+        origin: Option<Origin>,
+        reply: oneshot::Sender<Vec<TransferResult>>,
+    },
     Query(Query, oneshot::Sender<QueryAnswer>),
 }
 
@@ -194,6 +199,10 @@ struct PendingWrite {
     inputs: usize,
     completions: Vec<Completion>,
     outbox: Vec<(ExecutorId, PeerMsg)>,
+    /// The audit events of the batch logged in `frames`.
+    audit: Vec<AuditEvent>,
+    /// That batch's sequence.
+    sequence: u64,
 }
 
 /// Counters the server exports; updated once per batch.
@@ -216,6 +225,7 @@ struct Shared {
     /// Executors waiting for a moment with no transaction in flight to take
     /// a checkpoint; while any is, no executor takes new client work.
     checkpoint_barriers: AtomicUsize,
+    audit: AuditFeed,
     threads: Mutex<Vec<JoinHandle<()>>>,
     stats: EngineStats,
     /// Per executor: the account history file, for reads.
@@ -241,6 +251,10 @@ impl Engine {
         let mut cores = Vec::with_capacity(executor_count);
         let mut logs = Vec::with_capacity(executor_count);
         let mut last_times = Vec::with_capacity(executor_count);
+        // Audit batches a replay made again: their consumer may not have
+        // stored them before the crash (it skips those it has).
+        let mut recovered_audit = Vec::new();
+        let mut last_audit_sequences = vec![0u64; executor_count];
         for e in 0..layout.executors() {
             let mut fx = Effects::default();
             let dir = executor_dir(&config.data_dir, e);
@@ -283,6 +297,11 @@ impl Engine {
                         history_error.get_or_insert(error);
                     }
                     core.apply(input, batch.time_ms, None, &mut fx);
+                }
+                if !fx.audit.is_empty() {
+                    let events = std::mem::take(&mut fx.audit);
+                    recovered_audit.push(AuditBatch { executor: e, sequence: batch.sequence, events });
+                    last_audit_sequences[usize::from(e)] = batch.sequence;
                 }
                 if let Err(error) =
                     history.append(&fx.history).and_then(|()| evict(&mut core, &mut archive, config.records_in_memory))
@@ -337,6 +356,7 @@ impl Engine {
             closed: AtomicBool::new(false),
             txns_in_flight: AtomicUsize::new(0),
             checkpoint_barriers: AtomicUsize::new(0),
+            audit: AuditFeed::new(executor_count, recovered_audit),
             threads: Mutex::new(Vec::new()),
             stats: EngineStats::default(),
             history: history_readers,
@@ -391,6 +411,7 @@ impl Engine {
                 reported_in_flight: resumed,
                 barrier_since: None,
                 barrier_retry_at: None,
+                last_audit_sequence: last_audit_sequences[usize::from(id)],
             };
             let writer = LogWriter {
                 id,
@@ -423,6 +444,31 @@ impl Engine {
 
     pub fn stats(&self) -> &EngineStats {
         &self.shared.stats
+    }
+
+    /// The audit trail of transfers made with an origin, for one consumer:
+    /// the batches waiting so far (those a recovery made again included)
+    /// and the channel the rest arrive on, per executor in log order. The
+    /// consumer stores them and reports with [`Engine::audit_stored`]; until
+    /// it has, no checkpoint covers them, so a crash loses none: the replay
+    /// makes them again (the consumer skips what it has). `None` once taken.
+    pub fn take_audit_feed(&self) -> Option<(Vec<AuditBatch>, Receiver<AuditBatch>)> {
+        self.shared.audit.attach()
+    }
+
+    /// The consumer has durably stored executor `executor`'s audit batches
+    /// up to `sequence`.
+    pub fn audit_stored(&self, executor: ExecutorId, sequence: u64) {
+        if let Some(stored) = self.shared.audit.stored.get(usize::from(executor)) {
+            stored.fetch_max(sequence, Ordering::AcqRel);
+        }
+    }
+
+    /// Whether every audit batch of a change already answered is stored
+    /// (what a read of the audit trail waits for).
+    pub fn audit_caught_up(&self) -> bool {
+        let feed = &self.shared.audit;
+        feed.produced.iter().zip(&feed.stored).all(|(p, s)| s.load(Ordering::Acquire) >= p.load(Ordering::Acquire))
     }
 
     fn submit(&self, executor: ExecutorId, request: Request) -> Result<(), ErrorCode> {
@@ -489,6 +535,18 @@ impl Engine {
     /// Creates transfers (or posts and voids pending ones). Answers one
     /// result per request, in order, once every outcome is final and durable.
     pub async fn create_transfers(&self, requests: Vec<TransferRequest>, atomic: bool) -> Vec<TransferResult> {
+        self.create_transfers_as(requests, atomic, None).await
+    }
+
+    /// [`Engine::create_transfers`] on behalf of `origin`: every transfer it
+    /// makes comes out of [`Engine::take_audit_feed`] with it, logged with
+    /// the request (so durable with the change, and made again by a replay).
+    pub async fn create_transfers_as(
+        &self,
+        requests: Vec<TransferRequest>,
+        atomic: bool,
+        origin: Option<Origin>,
+    ) -> Vec<TransferResult> {
         let count = requests.len();
         if count == 0 {
             return Vec::new();
@@ -496,7 +554,8 @@ impl Engine {
         let mut waits = Vec::new();
         for (executor, indices, group) in self.shared.layout.route(requests, atomic) {
             let (tx, rx) = oneshot::channel();
-            if self.submit(executor, Request::Transfers { requests: group, atomic, reply: tx }).is_ok() {
+            let request = Request::Transfers { requests: group, atomic, origin: origin.clone(), reply: tx };
+            if self.submit(executor, request).is_ok() {
                 waits.push((indices, rx));
             }
         }
@@ -518,7 +577,8 @@ impl Engine {
         let mut waits = Vec::new();
         for (executor, indices, group) in self.shared.layout.route(requests, atomic) {
             let (tx, rx) = oneshot::channel();
-            if self.submit_blocking(executor, Request::Transfers { requests: group, atomic, reply: tx }).is_ok() {
+            let request = Request::Transfers { requests: group, atomic, origin: None, reply: tx };
+            if self.submit_blocking(executor, request).is_ok() {
                 waits.push((indices, rx));
             }
         }
@@ -699,6 +759,9 @@ struct Applier {
     reported_in_flight: usize,
     /// Since when this executor holds the checkpoint barrier.
     barrier_since: Option<Instant>,
+    /// The last batch that made audit events: no checkpoint may cover it
+    /// before the audit consumer has stored it.
+    last_audit_sequence: u64,
     /// Not before this may it raise the barrier again.
     barrier_retry_at: Option<Instant>,
 }
@@ -779,13 +842,13 @@ impl Applier {
                             .collect();
                         completions.push(Completion::Accounts(reply, answers));
                     }
-                    Err(Request::Transfers { requests, atomic, reply }) => {
+                    Err(Request::Transfers { requests, atomic, origin, reply }) => {
                         let tag = self.next_tag;
                         self.next_tag += 1;
                         let n = requests.len();
                         let finished_before = fx.finished.len();
                         self.apply(
-                            Input::Transfers { requests, atomic },
+                            Input::Transfers { requests, atomic, origin },
                             now_ms,
                             Some(tag),
                             &mut fx,
@@ -837,7 +900,10 @@ impl Applier {
             let outbox = std::mem::take(&mut fx.outbox);
             let finishing = stopping && self.peer_rx.is_empty();
             self.log_bytes_since_checkpoint += encoded.buf.len() as u64;
-            let checkpoint = if finishing || self.log_bytes_since_checkpoint >= self.checkpoint_every_log_bytes {
+            let audit_stored = self.shared.audit.stored[usize::from(self.core.id())].load(Ordering::Acquire);
+            let audit_behind = audit_stored < self.last_audit_sequence;
+            let due = finishing || self.log_bytes_since_checkpoint >= self.checkpoint_every_log_bytes;
+            let checkpoint = if due && !audit_behind {
                 // The batch being built is covered if it logs anything.
                 let covered = if inputs_logged > 0 { self.next_sequence } else { self.next_sequence - 1 };
                 let taken = self.core.checkpoint(covered, now_ms, self.archive.run_count());
@@ -866,6 +932,10 @@ impl Applier {
                 let room = fx.history.len();
                 let history = std::mem::replace(&mut fx.history, Vec::with_capacity(room));
                 debug_assert!(history.is_empty() || batch_count == 1, "history comes from logged inputs");
+                let audit = std::mem::take(&mut fx.audit);
+                if !audit.is_empty() {
+                    self.last_audit_sequence = sequence;
+                }
                 let write = PendingWrite {
                     frames,
                     batch_count,
@@ -874,6 +944,8 @@ impl Applier {
                     completions,
                     outbox,
                     checkpoint,
+                    audit,
+                    sequence,
                 };
                 if self.write_tx.send(write).is_err() {
                     tracing::error!(executor = self.core.id(), "log thread is gone; executor stops");
@@ -997,6 +1069,82 @@ impl Applier {
     }
 }
 
+/// Most audit batches waiting for their consumer; past it the log thread
+/// waits (the audit trail must keep up with the ledger).
+pub const AUDIT_FEED_CAPACITY: usize = 4096;
+/// How long a log thread waits for room in a full audit feed before it
+/// gives up on the feed until the next restart (see [`AuditFeed::publish`]).
+pub const AUDIT_FEED_SEND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The audit batches on their way to one consumer. Before it attaches they
+/// wait in memory (a recovery's included); then they go through a bounded
+/// channel, per executor in log order.
+struct AuditFeed {
+    state: Mutex<FeedState>,
+    tx: Sender<AuditBatch>,
+    rx: Mutex<Option<Receiver<AuditBatch>>>,
+    /// Per executor: the last batch with audit events handed out.
+    produced: Vec<AtomicU64>,
+    /// Per executor: up to where the consumer has stored them.
+    stored: Vec<AtomicU64>,
+}
+
+#[derive(Default)]
+struct FeedState {
+    attached: bool,
+    /// After a batch could not be handed over: nothing more is, until a
+    /// restart replays from the gap (checkpoints wait for `stored`, which
+    /// stays below it, so the log keeps everything after it).
+    broken: bool,
+    backlog: Vec<AuditBatch>,
+}
+
+impl AuditFeed {
+    fn new(executors: usize, recovered: Vec<AuditBatch>) -> AuditFeed {
+        let (tx, rx) = bounded(AUDIT_FEED_CAPACITY);
+        let produced: Vec<AtomicU64> = (0..executors).map(|_| AtomicU64::new(0)).collect();
+        for batch in &recovered {
+            produced[usize::from(batch.executor)].fetch_max(batch.sequence, Ordering::AcqRel);
+        }
+        AuditFeed {
+            state: Mutex::new(FeedState { backlog: recovered, ..FeedState::default() }),
+            tx,
+            rx: Mutex::new(Some(rx)),
+            produced,
+            stored: (0..executors).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    fn attach(&self) -> Option<(Vec<AuditBatch>, Receiver<AuditBatch>)> {
+        let mut state = self.state.lock();
+        let rx = self.rx.lock().take()?;
+        state.attached = true;
+        Some((std::mem::take(&mut state.backlog), rx))
+    }
+
+    fn publish(&self, batch: AuditBatch) {
+        let (executor, sequence) = (batch.executor, batch.sequence);
+        let mut state = self.state.lock();
+        if state.broken {
+            return;
+        }
+        self.produced[usize::from(executor)].fetch_max(sequence, Ordering::AcqRel);
+        if !state.attached {
+            state.backlog.push(batch);
+            return;
+        }
+        drop(state);
+        if self.tx.send_timeout(batch, AUDIT_FEED_SEND_TIMEOUT).is_err() {
+            tracing::error!(
+                executor,
+                sequence,
+                "the audit consumer stopped taking batches; the audit feed stops until a restart replays it"
+            );
+            self.state.lock().broken = true;
+        }
+    }
+}
+
 struct LogWriter {
     id: ExecutorId,
     log: Log,
@@ -1050,6 +1198,15 @@ impl LogWriter {
                         tracing::error!(executor = self.id, path = %self.history.path().display(), %error, "history append failed; executor stops");
                         std::process::abort();
                     }
+                }
+                // Audit before answers: a read of the audit trail after an
+                // answer waits for this batch (see `Engine::audit_caught_up`).
+                if !write.audit.is_empty() {
+                    self.shared.audit.publish(AuditBatch {
+                        executor: self.id,
+                        sequence: write.sequence,
+                        events: write.audit,
+                    });
                 }
                 for completion in write.completions {
                     completion.deliver();

@@ -290,3 +290,71 @@ fn checkpoints_are_taken_under_constant_cross_executor_load() {
     assert!(taken * 2 >= due, "{taken} checkpoints under load, {due} due ({logged} bytes of log)");
     engine.shutdown();
 }
+
+/// Transfers made with an origin come out of the audit feed once durable;
+/// until the consumer has stored them no checkpoint covers them, so a crash
+/// before it did makes them again on replay.
+#[test]
+fn the_audit_feed_delivers_every_transfer_made_and_survives_a_restart_until_stored() {
+    use peakstack_engine::{AuditBatch, Origin};
+    let dir = tempfile::tempdir().unwrap();
+    let config = || EngineConfig { shards: 8, checkpoint_every_log_bytes: 512, ..EngineConfig::new(dir.path(), 2) };
+    let origin = |request: &str| Origin { key_id: Arc::from("k1"), request_id: Arc::from(request) };
+    let ids = |batches: &[AuditBatch]| -> Vec<String> {
+        let mut ids: Vec<String> = batches.iter().flat_map(|b| &b.events).map(|e| e.transfer.id.to_string()).collect();
+        ids.sort();
+        ids
+    };
+
+    let engine = Engine::open(config()).unwrap();
+    let names = spread_names(&engine, 4);
+    for name in &names {
+        engine.create_account_blocking(account(name, AccountFlags::empty())).unwrap();
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let mut made = Vec::new();
+    for n in 0..40 {
+        let request = create(&format!("t{n:02}"), &names[n % 4], &names[(n + 1) % 4], 1);
+        let result = runtime.block_on(engine.create_transfers_as(vec![request], false, Some(origin(&format!("r{n}")))));
+        assert!(result[0].as_ref().unwrap().created);
+        made.push(format!("t{n:02}"));
+    }
+    // Without an origin: not in the trail.
+    engine.create_transfers_blocking(vec![create("plain", &names[0], &names[1], 1)], false);
+    assert!(!engine.audit_caught_up(), "nothing is stored yet");
+    let (backlog, feed) = engine.take_audit_feed().unwrap();
+    assert!(engine.take_audit_feed().is_none(), "one consumer");
+    let mut batches = backlog;
+    while let Ok(batch) = feed.recv_timeout(std::time::Duration::from_millis(200)) {
+        batches.push(batch);
+    }
+    assert_eq!(ids(&batches), made);
+    let event = batches.iter().flat_map(|b| &b.events).find(|e| e.transfer.id.as_str() == "t07").unwrap();
+    assert_eq!((&*event.origin.key_id, &*event.origin.request_id), ("k1", "r7"));
+    // Not stored: the log is long past the checkpoint size, yet no
+    // checkpoint may cover these batches.
+    assert_eq!(engine.stats().checkpoints.load(std::sync::atomic::Ordering::Relaxed), 0);
+    engine.shutdown();
+
+    // Restart: the replay makes the same batches again.
+    let engine = Engine::open(config()).unwrap();
+    let (again, _feed) = engine.take_audit_feed().unwrap();
+    assert_eq!(ids(&again), made);
+    let keyed = |b: &[AuditBatch]| b.iter().map(|b| (b.executor, b.sequence)).collect::<Vec<_>>();
+    let mut first = keyed(&batches);
+    first.sort();
+    let mut second = keyed(&again);
+    second.sort();
+    assert_eq!(first, second, "the same batches, by (executor, sequence)");
+    // Stored now: checkpoints may go ahead, and do at shutdown.
+    for batch in &again {
+        engine.audit_stored(batch.executor, batch.sequence);
+    }
+    assert!(engine.audit_caught_up());
+    engine.shutdown();
+    assert!(engine.stats().checkpoints.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+    let engine = Engine::open(config()).unwrap();
+    let (after, _feed) = engine.take_audit_feed().unwrap();
+    assert!(after.is_empty(), "a checkpoint covers the stored batches: nothing is made again");
+    engine.shutdown();
+}

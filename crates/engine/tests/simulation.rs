@@ -43,7 +43,7 @@ use peakstack_domain::{
 };
 use peakstack_engine::executor::{lost_forgets, ClientTag, Effects, ExecutorCore};
 use peakstack_engine::protocol::{
-    CommitOp, ExecutorId, Input, OpResult, PeerMsg, TransferOutcome, TransferResult, TryOp, TxnId,
+    AuditEvent, CommitOp, ExecutorId, Input, OpResult, Origin, PeerMsg, TransferOutcome, TransferResult, TryOp, TxnId,
 };
 use peakstack_engine::Layout;
 use proptest::collection::vec as vec_of;
@@ -174,6 +174,9 @@ struct Node {
     held_accounts: Vec<(NewAccount, AccountAnswer)>,
     /// Peer messages applied since the last fsync, with their sender.
     consumed: Vec<(ExecutorId, PeerMsg)>,
+    /// Audit events of inputs in `volatile`, and of durable ones.
+    held_audit: Vec<AuditEvent>,
+    durable_audit: Vec<AuditEvent>,
 }
 
 impl Node {
@@ -187,6 +190,8 @@ impl Node {
             held_finished: Vec::new(),
             held_accounts: Vec::new(),
             consumed: Vec::new(),
+            held_audit: Vec::new(),
+            durable_audit: Vec::new(),
         }
     }
 
@@ -308,8 +313,12 @@ impl Sim {
             node.volatile.push((now_ms, input));
             node.volatile_tags.extend(client);
         } else {
-            assert!(fx.outbox.is_empty() && fx.finished.is_empty(), "an input that changed nothing has effects");
+            assert!(
+                fx.outbox.is_empty() && fx.finished.is_empty() && fx.audit.is_empty(),
+                "an input that changed nothing has effects"
+            );
         }
+        node.held_audit.append(&mut fx.audit);
         node.held_outbox.append(&mut fx.outbox);
         node.held_finished.append(&mut fx.finished);
         answer
@@ -364,7 +373,9 @@ impl Sim {
         for (coordinator, indices, group) in self.layout.route(requests, atomic) {
             self.groups.push(Group { call, indices, coordinator, dead: false, lost: false });
             let tag = self.groups.len() as ClientTag;
-            self.apply(coordinator, Input::Transfers { requests: group, atomic }, Some(tag));
+            let origin =
+                Origin { key_id: format!("key-{}", call % 3).into(), request_id: format!("call-{call}").into() };
+            self.apply(coordinator, Input::Transfers { requests: group, atomic, origin: Some(origin) }, Some(tag));
         }
         call
     }
@@ -404,6 +415,8 @@ impl Sim {
         let node = &mut self.nodes[usize::from(e)];
         let volatile = std::mem::take(&mut node.volatile);
         node.durable.extend(volatile);
+        let audit = std::mem::take(&mut node.held_audit);
+        node.durable_audit.extend(audit);
         node.volatile_tags.clear();
         node.consumed.clear();
         let outbox = std::mem::take(&mut node.held_outbox);
@@ -463,13 +476,17 @@ impl Sim {
         node.held_outbox.clear();
         node.held_finished.clear();
         node.held_accounts.clear();
+        node.held_audit.clear();
         let mut core = ExecutorCore::new(e, layout);
         let mut fx = Effects::default();
+        let mut replayed_audit = Vec::new();
         for (time_ms, input) in &node.durable {
             let (changed, _) = core.apply(input, *time_ms, None, &mut fx);
             assert!(changed, "only inputs that changed state are logged, and a replay changes state again");
+            replayed_audit.append(&mut fx.audit);
             fx.clear();
         }
+        assert_eq!(replayed_audit, node.durable_audit, "replaying executor {e} makes other audit events");
         node.core = core;
         for tag in lost_tags {
             self.groups[tag as usize - 1].lost = true;
@@ -739,6 +756,20 @@ impl Sim {
         }
         assert!(expected.is_empty(), "money booked on accounts that do not exist: {expected:?}");
         assert_eq!((clearing_net, clearing_posted), (0, 0), "money left in flight between shards");
+
+        // The audit trail names every transfer made, once, and nothing else.
+        let mut audited = std::collections::BTreeSet::new();
+        for event in self.nodes.iter().flat_map(|n| &n.durable_audit) {
+            assert!(audited.insert(event.transfer.id.clone()), "{} audited twice", event.transfer.id);
+            let call: usize = event.origin.request_id.strip_prefix("call-").unwrap().parse().unwrap();
+            assert!(
+                self.calls[call].requests.iter().any(|r| r.id() == &event.transfer.id),
+                "audited under another call"
+            );
+        }
+        let made: std::collections::BTreeSet<Id> =
+            self.id_uses.keys().filter(|tid| self.transfer(tid).is_some()).cloned().collect();
+        assert_eq!(audited, made, "the audit trail and the transfers made differ");
 
         // Every fence is forgotten, also when a process crash lost its
         // Forget (recovery finds and delivers those: `lost_forgets`).
