@@ -35,7 +35,9 @@ async fn acknowledged_transfers_survive_sigkill() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
-    let client = client(&create_key(dir.path(), "admin"));
+    let key = create_key(dir.path(), "admin");
+    let key_id = key[4..20].to_owned();
+    let client = client(&key);
     let mut server = start(dir.path(), port, FLAGS);
     wait_ready(&client, &base).await;
 
@@ -107,6 +109,33 @@ async fn acknowledged_transfers_survive_sigkill() {
         assert_eq!(t["amount"], sent.amount, "{id}: {t}");
         assert_eq!(t["status"], "posted", "{id}: {t}");
     }
+    // Every acknowledged transfer is in the audit log, under the key that
+    // made it, once: its record was durable with the transfer, even if the
+    // kill came before the audit store had it.
+    let mut audited: BTreeMap<String, usize> = BTreeMap::new();
+    let mut after = String::new();
+    loop {
+        let page: Value = client
+            .get(format!("{base}/v1/audit?action=transfer.create&limit=1000{after}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        for record in page["data"].as_array().unwrap_or_else(|| panic!("{page}")) {
+            assert_eq!(record["key_id"], key_id.as_str(), "{record}");
+            *audited.entry(record["target"].as_str().unwrap().to_owned()).or_default() += 1;
+        }
+        match page["next"].as_str() {
+            Some(next) => after = format!("&after={next}"),
+            None => break,
+        }
+    }
+    for id in acked.keys() {
+        assert_eq!(audited.get(id), Some(&1), "acknowledged transfer {id} has no single audit record");
+    }
+
     // Each writer had at most one request in flight when the server died.
     let unacked: Vec<(&String, &Sent)> = attempted.iter().filter(|(id, _)| !acked.contains_key(*id)).collect();
     assert!(unacked.len() <= WRITERS);

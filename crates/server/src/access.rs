@@ -225,6 +225,16 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
     }
 }
 
+impl Caller {
+    /// Who made a request, as the engine's audit trail keeps it.
+    pub fn origin(&self) -> peakstack_engine::Origin {
+        peakstack_engine::Origin {
+            key_id: self.principal.key_id.clone(),
+            request_id: std::sync::Arc::from(self.request_id.as_str()),
+        }
+    }
+}
+
 /// The access of every route, by method and path pattern. A linear scan:
 /// the table has a few dozen entries.
 pub struct RouteAccess(Vec<(Method, &'static str, Access)>);

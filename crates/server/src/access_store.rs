@@ -31,6 +31,8 @@ pub const MAX_AUDIT_SCAN: usize = 100_000;
 
 const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("keys");
 const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+/// Per engine executor: the last audit batch of its feed stored here.
+const FEED_MARKS: TableDefinition<u16, u64> = TableDefinition::new("feed_marks");
 
 #[derive(Debug, thiserror::Error)]
 pub enum AccessStoreError {
@@ -57,11 +59,13 @@ fn redb_error(error: impl Into<redb::Error>) -> AccessStoreError {
 struct Write {
     key: Option<KeyRecord>,
     audit: Vec<AuditRecord>,
+    /// (executor, sequence) of the engine audit batches these records are.
+    marks: Vec<(u16, u64)>,
     reply: oneshot::Sender<Result<Vec<u64>, AccessStoreError>>,
 }
 
 enum Op {
-    Write(Write),
+    Write(Box<Write>),
     Close,
 }
 
@@ -88,6 +92,7 @@ impl AccessStore {
         txn.set_durability(Durability::Immediate).map_err(redb_error)?;
         txn.open_table(KEYS).map_err(redb_error)?;
         txn.open_table(AUDIT).map_err(redb_error)?;
+        txn.open_table(FEED_MARKS).map_err(redb_error)?;
         txn.commit().map_err(redb_error)?;
 
         let db = Arc::new(db);
@@ -104,8 +109,35 @@ impl AccessStore {
 
     async fn write(&self, key: Option<KeyRecord>, audit: Vec<AuditRecord>) -> Result<Vec<u64>, AccessStoreError> {
         let (reply, answer) = oneshot::channel();
-        self.ops.send(Op::Write(Write { key, audit, reply })).await.map_err(|_| AccessStoreError::Closed)?;
+        let write = Write { key, audit, marks: Vec::new(), reply };
+        self.ops.send(Op::Write(Box::new(write))).await.map_err(|_| AccessStoreError::Closed)?;
         answer.await.map_err(|_| AccessStoreError::Closed)?
+    }
+
+    /// Appends the records of engine audit batches with their marks, from
+    /// a thread outside the async runtime; returns once durable.
+    pub fn append_feed_blocking(
+        &self,
+        records: Vec<AuditRecord>,
+        marks: Vec<(u16, u64)>,
+    ) -> Result<(), AccessStoreError> {
+        let (reply, answer) = oneshot::channel();
+        let write = Write { key: None, audit: records, marks, reply };
+        self.ops.blocking_send(Op::Write(Box::new(write))).map_err(|_| AccessStoreError::Closed)?;
+        answer.blocking_recv().map_err(|_| AccessStoreError::Closed)?.map(|_| ())
+    }
+
+    /// Per engine executor, the last audit batch stored.
+    pub fn feed_marks(&self) -> Result<Vec<(u16, u64)>, AccessStoreError> {
+        let db = self.db.lock().clone().ok_or(AccessStoreError::Closed)?;
+        let txn = db.begin_read().map_err(redb_error)?;
+        let table = txn.open_table(FEED_MARKS).map_err(redb_error)?;
+        let mut marks = Vec::new();
+        for entry in table.iter().map_err(redb_error)? {
+            let (executor, sequence) = entry.map_err(redb_error)?;
+            marks.push((executor.value(), sequence.value()));
+        }
+        Ok(marks)
     }
 
     /// Stores a key (new or changed) with its audit record; returns once
@@ -192,7 +224,7 @@ fn run(db: &Database, mut rx: mpsc::Receiver<Op>, mut next_seq: u64) {
         let Some(first) = rx.blocking_recv() else { break };
         for op in std::iter::once(first).chain(std::iter::from_fn(|| rx.try_recv().ok())).take(MAX_GROUP_WRITES) {
             match op {
-                Op::Write(write) => group.push(write),
+                Op::Write(write) => group.push(*write),
                 Op::Close => {
                     close = true;
                     break;
@@ -215,7 +247,11 @@ fn write_group(db: &Database, group: &mut Vec<Write>, next_seq: u64) -> u64 {
         {
             let mut keys = txn.open_table(KEYS).map_err(redb_error)?;
             let mut audit = txn.open_table(AUDIT).map_err(redb_error)?;
+            let mut marks = txn.open_table(FEED_MARKS).map_err(redb_error)?;
             for write in group.iter() {
+                for &(executor, sequence) in &write.marks {
+                    marks.insert(executor, sequence).map_err(redb_error)?;
+                }
                 if let Some(key) = &write.key {
                     let bytes = serde_json::to_vec(key).map_err(|e| AccessStoreError::Failed(e.to_string()))?;
                     keys.insert(key.id.as_str(), bytes.as_slice()).map_err(redb_error)?;

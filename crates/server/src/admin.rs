@@ -22,6 +22,9 @@ use crate::post_guard::ReplayBody;
 use crate::wire::Page;
 use crate::AppState;
 
+/// How long an audit read waits for the records of changes already answered.
+const AUDIT_CATCH_UP_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Formats epoch milliseconds as RFC 3339 in UTC, to the millisecond.
 pub fn rfc3339(ms: u64) -> String {
     humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
@@ -243,6 +246,16 @@ pub async fn audit(State(state): State<AppState>, ApiQuery(query): ApiQuery<Audi
         since_ms: query.since.as_deref().map(|t| parse_time("since", t)).transpose()?,
         until_ms: query.until.as_deref().map(|t| parse_time("until", t)).transpose()?,
     };
+    // Read your writes: the records of changes already answered are in.
+    let deadline = std::time::Instant::now() + AUDIT_CATCH_UP_TIMEOUT;
+    while !state.engine().audit_caught_up() {
+        if std::time::Instant::now() >= deadline {
+            return Err(ApiError::Unavailable(
+                "the audit log is still storing the records of recent changes; retry shortly".to_owned(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
     let page = state
         .access_store()
         .query(filter, after, limit)

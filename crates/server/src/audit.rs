@@ -1,7 +1,15 @@
 //! The audit log's records and filters: who (key id) changed what, when,
 //! under which request id. Records are appended by [`crate::access_store`]
 //! and never changed or deleted.
+//!
+//! Changes to keys are written with their record in one durable write.
+//! Changes to money carry their origin into the engine's log, so the record
+//! is durable with the change itself; the engine's audit feed then brings
+//! one record per transfer made into the store, after the answer, and again
+//! after a crash until stored (see `Engine::take_audit_feed`).
 
+use peakstack_domain::TransferKind;
+use peakstack_engine::AuditEvent;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -11,11 +19,9 @@ pub mod action {
     pub const TRANSFER_CREATE: &str = "transfer.create";
     pub const TRANSFER_POST: &str = "transfer.post";
     pub const TRANSFER_VOID: &str = "transfer.void";
-    pub const TRANSFER_BATCH: &str = "transfer.batch";
     pub const KEY_CREATE: &str = "key.create";
     pub const KEY_REVOKE: &str = "key.revoke";
-    pub const ALL: &[&str] =
-        &[ACCOUNT_CREATE, TRANSFER_CREATE, TRANSFER_POST, TRANSFER_VOID, TRANSFER_BATCH, KEY_CREATE, KEY_REVOKE];
+    pub const ALL: &[&str] = &[ACCOUNT_CREATE, TRANSFER_CREATE, TRANSFER_POST, TRANSFER_VOID, KEY_CREATE, KEY_REVOKE];
 }
 
 /// One change. `seq` is assigned when the record is appended: 1, 2, 3...
@@ -46,6 +52,41 @@ impl AuditRecord {
     }
 }
 
+/// The record of a transfer the engine made for a request with an origin.
+pub fn transfer_record(event: &AuditEvent) -> AuditRecord {
+    let transfer = &event.transfer;
+    let mut details = serde_json::json!({
+        "debit_account_id": transfer.debit_account_id.as_str(),
+        "credit_account_id": transfer.credit_account_id.as_str(),
+        "amount": transfer.amount,
+        "currency": transfer.currency.to_string(),
+    });
+    let action = match &transfer.kind {
+        TransferKind::Single => action::TRANSFER_CREATE,
+        TransferKind::Pending { timeout_ms, .. } => {
+            details["pending"] = Value::Bool(true);
+            details["timeout_ms"] = Value::from(*timeout_ms);
+            action::TRANSFER_CREATE
+        }
+        TransferKind::Post { pending_id, .. } => {
+            details["pending_id"] = Value::from(pending_id.as_str());
+            action::TRANSFER_POST
+        }
+        TransferKind::Void { pending_id } => {
+            details["pending_id"] = Value::from(pending_id.as_str());
+            action::TRANSFER_VOID
+        }
+    };
+    AuditRecord::new(
+        &event.origin.key_id,
+        &event.origin.request_id,
+        action,
+        transfer.id.as_str(),
+        details,
+        event.time_ms,
+    )
+}
+
 /// Which records a query wants; every field set must match.
 #[derive(Clone, Debug, Default)]
 pub struct AuditFilter {
@@ -62,17 +103,10 @@ impl AuditFilter {
         let same = |wanted: &Option<String>, have: &str| wanted.as_deref().is_none_or(|w| w == have);
         same(&self.key_id, &record.key_id)
             && same(&self.action, &record.action)
-            && (same(&self.target, &record.target) || self.names_in_batch(record))
+            && same(&self.target, &record.target)
             && same(&self.request_id, &record.request_id)
             && self.since_ms.is_none_or(|since| record.at_ms >= since)
             && self.until_ms.is_none_or(|until| record.at_ms < until)
-    }
-
-    /// A batch record names all its transfers; a target filter finds any.
-    fn names_in_batch(&self, record: &AuditRecord) -> bool {
-        let Some(target) = &self.target else { return false };
-        record.action == action::TRANSFER_BATCH
-            && record.details["created"].as_array().is_some_and(|ids| ids.iter().any(|id| id == target.as_str()))
     }
 }
 
@@ -96,16 +130,16 @@ mod tests {
             at_ms: 1_000,
             key_id: "k1".into(),
             request_id: "r1".into(),
-            action: action::TRANSFER_BATCH.into(),
+            action: action::TRANSFER_CREATE.into(),
             target: "t1".into(),
-            details: json!({"created": ["t1", "t2"]}),
+            details: json!({"amount": 5}),
         };
         let check = |filter: AuditFilter, expected: bool| assert_eq!(filter.matches(&record), expected, "{filter:?}");
         check(AuditFilter::default(), true);
         check(AuditFilter { key_id: Some("k1".into()), ..Default::default() }, true);
         check(AuditFilter { key_id: Some("k2".into()), ..Default::default() }, false);
-        check(AuditFilter { target: Some("t2".into()), ..Default::default() }, true);
-        check(AuditFilter { target: Some("t3".into()), ..Default::default() }, false);
+        check(AuditFilter { target: Some("t1".into()), ..Default::default() }, true);
+        check(AuditFilter { target: Some("t2".into()), ..Default::default() }, false);
         check(AuditFilter { action: Some("key.create".into()), ..Default::default() }, false);
         check(AuditFilter { since_ms: Some(1_000), until_ms: Some(1_001), ..Default::default() }, true);
         check(AuditFilter { until_ms: Some(1_000), ..Default::default() }, false);

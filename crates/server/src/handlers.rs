@@ -6,7 +6,7 @@ use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use peakstack_domain::{ErrorCode, Id, Transfer, TransferKind, TransferRequest};
+use peakstack_domain::{ErrorCode, Id, Transfer, TransferRequest};
 use peakstack_engine::TransferResult;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -349,44 +349,12 @@ async fn authorize_transfer(
     }
 }
 
-/// The audit action and details of a transfer record.
-fn transfer_audit(transfer: &Transfer) -> (&'static str, Value) {
-    let movement = serde_json::json!({
-        "debit_account_id": transfer.debit_account_id.as_str(),
-        "credit_account_id": transfer.credit_account_id.as_str(),
-        "amount": transfer.amount,
-        "currency": transfer.currency.to_string(),
-    });
-    match &transfer.kind {
-        TransferKind::Single => (action::TRANSFER_CREATE, movement),
-        TransferKind::Pending { timeout_ms, .. } => {
-            let mut details = movement;
-            details["pending"] = Value::Bool(true);
-            details["timeout_ms"] = Value::from(*timeout_ms);
-            (action::TRANSFER_CREATE, details)
-        }
-        TransferKind::Post { pending_id, .. } => {
-            let mut details = movement;
-            details["pending_id"] = Value::from(pending_id.as_str());
-            (action::TRANSFER_POST, details)
-        }
-        TransferKind::Void { pending_id } => {
-            let mut details = movement;
-            details["pending_id"] = Value::from(pending_id.as_str());
-            (action::TRANSFER_VOID, details)
-        }
-    }
-}
-
 /// One transfer request through the engine, answered like POST /v1/transfers.
 async fn one_transfer(state: &AppState, caller: &Caller, request: TransferRequest) -> Result<Response, ApiError> {
     authorize_transfer(state, &caller.principal, &request).await?;
-    let result =
-        state.engine().create_transfers(vec![request], false).await.pop().unwrap_or(Err(ErrorCode::Unavailable));
-    let outcome = result.map_err(ApiError::ledger)?;
+    let results = state.engine().create_transfers_as(vec![request], false, Some(caller.origin())).await;
+    let outcome = results.into_iter().next().unwrap_or(Err(ErrorCode::Unavailable)).map_err(ApiError::ledger)?;
     if outcome.created {
-        let (action, details) = transfer_audit(&outcome.transfer);
-        audit(state, caller, action, outcome.transfer.id.as_str(), details).await?;
         Ok(json(StatusCode::CREATED, &TransferJson::from_outcome(&outcome)))
     } else {
         Ok(json(StatusCode::OK, &TransferJson::from_transfer(&outcome.transfer)))
@@ -448,13 +416,7 @@ pub async fn create_batch(
     for (index, request) in requests.iter().enumerate() {
         authorize_transfer(&state, &caller.principal, request).await.map_err(|error| at_index(index, error))?;
     }
-    let results = state.engine().create_transfers(requests, body.atomic).await;
-    let created: Vec<&str> =
-        results.iter().filter_map(|r| r.as_ref().ok().filter(|o| o.created).map(|o| o.transfer.id.as_str())).collect();
-    if let Some(first) = created.first() {
-        let details = serde_json::json!({"atomic": body.atomic, "count": created.len(), "created": created});
-        audit(&state, &caller, action::TRANSFER_BATCH, first, details).await?;
-    }
+    let results = state.engine().create_transfers_as(requests, body.atomic, Some(caller.origin())).await;
     let transient = results.iter().any(|r| matches!(r, Err(code) if is_transient_code(*code)));
     let answer = BatchAnswer { results: results.iter().enumerate().map(|(index, r)| batch_item(index, r)).collect() };
     let mut response = json(StatusCode::OK, &answer);

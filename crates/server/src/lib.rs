@@ -35,6 +35,7 @@ pub mod access;
 pub mod access_store;
 mod admin;
 pub mod audit;
+mod audit_feed;
 mod error;
 mod handlers;
 pub mod idempotency;
@@ -139,7 +140,8 @@ pub struct AppState {
 struct Inner {
     engine: Engine,
     idempotency: IdempotencyStore,
-    access: AccessStore,
+    access: Arc<AccessStore>,
+    audit_feed: audit_feed::AuditFeed,
     keys: keys::KeyRing,
     auth: AuthMode,
     route_access: access::RouteAccess,
@@ -158,13 +160,16 @@ impl AppState {
         let path = data_dir.join(IDEMPOTENCY_FILE);
         let idempotency = IdempotencyStore::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
         let (access, records) = open_access_store(data_dir)?;
+        let access = Arc::new(access);
         let keys = keys::KeyRing::new(records).map_err(|e| anyhow::anyhow!("{}: {e}", ACCESS_FILE))?;
+        let audit_feed = audit_feed::AuditFeed::start(&engine, access.clone())?;
         let route_access = access::RouteAccess::new(route_table().into_iter().map(|(m, p, a, _)| (m, p, a)));
         Ok(AppState {
             inner: Arc::new(Inner {
                 engine,
                 idempotency,
                 access,
+                audit_feed,
                 keys,
                 auth,
                 route_access,
@@ -237,6 +242,7 @@ impl AppState {
     pub async fn close(&self) {
         self.set_ready(false);
         self.inner.idempotency.close().await;
+        self.inner.audit_feed.stop().await;
         self.inner.access.close().await;
     }
 }
@@ -334,8 +340,13 @@ impl Server {
                 "AUTHENTICATION IS OFF (--insecure-no-auth): every caller is an admin. Never run this with real money."
             );
         }
-        let listener =
-            TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
+        let listener = match TcpListener::bind(config.listen).await {
+            Ok(listener) => listener,
+            Err(error) => {
+                state.close().await;
+                return Err(error).with_context(|| format!("cannot listen on {}", config.listen));
+            }
+        };
         let local_addr = listener.local_addr()?;
         Ok(Server { listener, state, local_addr, tls, limits: config.limits })
     }

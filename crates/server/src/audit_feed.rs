@@ -1,0 +1,122 @@
+//! The consumer of the engine's audit feed: one audit record per transfer
+//! made with an origin, stored in `access.redb`, after the client has its
+//! answer. The engine logs the origin with the request, so the change and
+//! its attribution are durable together; until this consumer reports a
+//! batch stored, no checkpoint covers it, and a crash makes it again on
+//! replay. Batches stored before (by their `(executor, sequence)` mark) are
+//! skipped.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use parking_lot::Mutex;
+use peakstack_engine::{AuditBatch, Engine};
+
+use crate::access_store::{AccessStore, AccessStoreError};
+use crate::audit::transfer_record;
+
+/// Most engine batches stored in one write.
+pub const MAX_BATCHES_PER_WRITE: usize = 256;
+/// How often an idle consumer looks for the stop flag; also the pause
+/// before a failed write is tried again.
+const POLL: Duration = Duration::from_millis(50);
+
+/// The running consumer.
+pub struct AuditFeed {
+    stop: Arc<AtomicBool>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl AuditFeed {
+    /// Takes the engine's feed (if nobody has) and starts storing it.
+    pub fn start(engine: &Engine, store: Arc<AccessStore>) -> Result<AuditFeed, AccessStoreError> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let Some((backlog, feed)) = engine.take_audit_feed() else {
+            return Ok(AuditFeed { stop, thread: Mutex::new(None) });
+        };
+        let marks: HashMap<u16, u64> = store.feed_marks()?.into_iter().collect();
+        for (&executor, &sequence) in &marks {
+            engine.audit_stored(executor, sequence);
+        }
+        let consumer = Consumer { engine: engine.clone(), store, feed, marks, stop: stop.clone() };
+        let thread = std::thread::Builder::new()
+            .name("audit-feed".to_owned())
+            .spawn(move || consumer.run(backlog.into()))
+            .map_err(|e| AccessStoreError::Failed(format!("cannot start the audit feed: {e}")))?;
+        Ok(AuditFeed { stop, thread: Mutex::new(Some(thread)) })
+    }
+
+    /// Stops after the write in progress. What is not stored yet is made
+    /// again by the engine's next replay.
+    pub async fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        let thread = self.thread.lock().take();
+        if let Some(thread) = thread {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
+struct Consumer {
+    engine: Engine,
+    store: Arc<AccessStore>,
+    feed: Receiver<AuditBatch>,
+    /// Per executor: the last batch stored.
+    marks: HashMap<u16, u64>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Consumer {
+    fn run(mut self, mut pending: VecDeque<AuditBatch>) {
+        while !self.stop.load(Ordering::Acquire) {
+            if pending.is_empty() {
+                match self.feed.recv_timeout(POLL) {
+                    Ok(batch) => pending.push_back(batch),
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+            }
+            while pending.len() < MAX_BATCHES_PER_WRITE {
+                match self.feed.try_recv() {
+                    Ok(batch) => pending.push_back(batch),
+                    Err(_) => break,
+                }
+            }
+            let take = pending.len().min(MAX_BATCHES_PER_WRITE);
+            let batches: Vec<AuditBatch> = pending.drain(..take).collect();
+            let mut records = Vec::new();
+            let mut marks: BTreeMap<u16, u64> = BTreeMap::new();
+            for batch in &batches {
+                if batch.sequence <= self.marks.get(&batch.executor).copied().unwrap_or(0) {
+                    continue; // stored before a crash, made again by the replay
+                }
+                records.extend(batch.events.iter().map(transfer_record));
+                let mark = marks.entry(batch.executor).or_default();
+                *mark = (*mark).max(batch.sequence);
+            }
+            if marks.is_empty() {
+                continue;
+            }
+            match self.store.append_feed_blocking(records, marks.iter().map(|(&e, &s)| (e, s)).collect()) {
+                Ok(()) => {
+                    for (executor, sequence) in marks {
+                        self.marks.insert(executor, sequence);
+                        self.engine.audit_stored(executor, sequence);
+                    }
+                }
+                Err(AccessStoreError::Closed) => return,
+                Err(error) => {
+                    tracing::error!(%error, "storing audit records failed; trying again");
+                    for batch in batches.into_iter().rev() {
+                        pending.push_front(batch);
+                    }
+                    std::thread::sleep(POLL);
+                }
+            }
+        }
+    }
+}
