@@ -8,7 +8,6 @@
 //! one write, so they land together or not at all. Reads run on their own
 //! read transactions, beside the writer.
 
-use std::ops::Bound;
 use std::path::Path;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -30,7 +29,28 @@ pub const QUEUE_CAPACITY: usize = 4096;
 pub const MAX_AUDIT_SCAN: usize = 100_000;
 
 const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("keys");
+/// Rows of audit records keyed by the seq of their first record: a write's
+/// records share one row (an engine batch's hundreds of transfers cost one
+/// insert), numbered on from it.
 const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+
+/// One row of the audit table: a record, or several with consecutive seqs.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+enum Row {
+    One(AuditRecord),
+    Many(Vec<AuditRecord>),
+}
+
+impl Row {
+    fn decode(first_seq: u64, bytes: &[u8]) -> Result<Vec<AuditRecord>, AccessStoreError> {
+        match serde_json::from_slice(bytes) {
+            Ok(Row::One(record)) => Ok(vec![record]),
+            Ok(Row::Many(records)) => Ok(records),
+            Err(e) => Err(AccessStoreError::Corrupt(format!("audit row {first_seq}: {e}"))),
+        }
+    }
+}
 /// Per engine executor: the last audit batch of its feed stored here.
 const FEED_MARKS: TableDefinition<u16, u64> = TableDefinition::new("feed_marks");
 
@@ -189,8 +209,9 @@ fn load_keys(db: &Database) -> Result<Vec<KeyRecord>, AccessStoreError> {
 fn last_seq(db: &Database) -> Result<u64, AccessStoreError> {
     let txn = db.begin_read().map_err(redb_error)?;
     let table = txn.open_table(AUDIT).map_err(redb_error)?;
-    let last = table.last().map_err(redb_error)?;
-    Ok(last.map_or(0, |(seq, _)| seq.value()))
+    let Some((first, row)) = table.last().map_err(redb_error)? else { return Ok(0) };
+    let records = Row::decode(first.value(), row.value())?;
+    Ok(records.last().map_or(first.value(), |record| record.seq))
 }
 
 fn query(db: &Database, filter: &AuditFilter, after: u64, limit: usize) -> Result<AuditPage, AccessStoreError> {
@@ -198,20 +219,28 @@ fn query(db: &Database, filter: &AuditFilter, after: u64, limit: usize) -> Resul
     let table = txn.open_table(AUDIT).map_err(redb_error)?;
     let mut records = Vec::new();
     let mut scanned = 0;
-    for entry in table.range((Bound::Excluded(after), Bound::Unbounded)).map_err(redb_error)? {
-        let (seq, value) = entry.map_err(redb_error)?;
-        let seq = seq.value();
-        let record: AuditRecord = serde_json::from_slice(value.value())
-            .map_err(|e| AccessStoreError::Corrupt(format!("audit record {seq}: {e}")))?;
-        scanned += 1;
-        if filter.matches(&record) {
-            records.push(record);
-            if records.len() == limit {
+    // From the row holding record `after + 1` (rows hold several records).
+    let start = match table.range(..=after.saturating_add(1)).map_err(redb_error)?.next_back() {
+        Some(entry) => entry.map_err(redb_error)?.0.value(),
+        None => 0,
+    };
+    for entry in table.range(start..).map_err(redb_error)? {
+        let (first, row) = entry.map_err(redb_error)?;
+        for record in Row::decode(first.value(), row.value())? {
+            let seq = record.seq;
+            if seq <= after {
+                continue;
+            }
+            scanned += 1;
+            if filter.matches(&record) {
+                records.push(record);
+                if records.len() == limit {
+                    return Ok(AuditPage { records, next: Some(seq) });
+                }
+            }
+            if scanned == MAX_AUDIT_SCAN {
                 return Ok(AuditPage { records, next: Some(seq) });
             }
-        }
-        if scanned == MAX_AUDIT_SCAN {
-            return Ok(AuditPage { records, next: Some(seq) });
         }
     }
     Ok(AuditPage { records, next: None })
@@ -256,15 +285,23 @@ fn write_group(db: &Database, group: &mut Vec<Write>, next_seq: u64) -> u64 {
                     let bytes = serde_json::to_vec(key).map_err(|e| AccessStoreError::Failed(e.to_string()))?;
                     keys.insert(key.id.as_str(), bytes.as_slice()).map_err(redb_error)?;
                 }
-                let mut seqs = Vec::with_capacity(write.audit.len());
-                for record in &write.audit {
-                    let record = AuditRecord { seq, ..record.clone() };
-                    let bytes = serde_json::to_vec(&record).map_err(|e| AccessStoreError::Failed(e.to_string()))?;
-                    audit.insert(seq, bytes.as_slice()).map_err(redb_error)?;
-                    seqs.push(seq);
-                    seq += 1;
-                }
-                seqs_of.push(seqs);
+                let first_seq = seq;
+                let numbered: Vec<AuditRecord> = write
+                    .audit
+                    .iter()
+                    .map(|record| {
+                        seq += 1;
+                        AuditRecord { seq: seq - 1, ..record.clone() }
+                    })
+                    .collect();
+                seqs_of.push((first_seq..seq).collect());
+                let row = match numbered.len() {
+                    0 => continue,
+                    1 => Row::One(numbered.into_iter().next().expect("one")),
+                    _ => Row::Many(numbered),
+                };
+                let bytes = serde_json::to_vec(&row).map_err(|e| AccessStoreError::Failed(e.to_string()))?;
+                audit.insert(first_seq, bytes.as_slice()).map_err(redb_error)?;
             }
         }
         txn.commit().map_err(redb_error)?;
@@ -331,6 +368,32 @@ mod tests {
         let page = store.query(transfers, 2, 1).await.unwrap();
         assert_eq!(page.records[0].target, "t2");
         store.close().await;
+    }
+
+    #[test]
+    fn a_feed_write_is_one_row_that_queries_read_record_by_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.redb");
+        let (store, _) = AccessStore::open(&path).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        runtime.block_on(store.append(record("k", action::KEY_CREATE, "k1", 1))).unwrap();
+        let feed: Vec<AuditRecord> =
+            (0..5).map(|i| record("k", action::TRANSFER_CREATE, &format!("t{i}"), 2)).collect();
+        store.append_feed_blocking(feed, vec![(0, 7), (1, 3)]).unwrap();
+        runtime.block_on(store.append(record("k", action::KEY_REVOKE, "k1", 3))).unwrap();
+        assert_eq!(store.feed_marks().unwrap(), vec![(0, 7), (1, 3)]);
+        let all = runtime.block_on(store.query(AuditFilter::default(), 0, 100)).unwrap();
+        assert_eq!(all.records.iter().map(|r| r.seq).collect::<Vec<_>>(), (1..=7).collect::<Vec<_>>());
+        assert_eq!(all.records[3].target, "t2");
+        // A cursor in the middle of the row.
+        let page = runtime.block_on(store.query(AuditFilter::default(), 3, 2)).unwrap();
+        assert_eq!(page.records.iter().map(|r| r.target.as_str()).collect::<Vec<_>>(), vec!["t2", "t3"]);
+        assert_eq!(page.next, Some(5));
+        runtime.block_on(store.close());
+        // Seqs go on after a reopen from the last record of the last row.
+        let (store, _) = AccessStore::open(&path).unwrap();
+        assert_eq!(runtime.block_on(store.append(record("k", action::KEY_CREATE, "k2", 4))).unwrap(), 8);
+        runtime.block_on(store.close());
     }
 
     #[tokio::test]
