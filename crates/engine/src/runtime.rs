@@ -457,18 +457,27 @@ impl Engine {
     }
 
     /// The consumer has durably stored executor `executor`'s audit batches
-    /// up to `sequence`.
+    /// up to `sequence`: checkpoints may cover them.
     pub fn audit_stored(&self, executor: ExecutorId, sequence: u64) {
+        self.audit_visible(executor, sequence);
         if let Some(stored) = self.shared.audit.stored.get(usize::from(executor)) {
             stored.fetch_max(sequence, Ordering::AcqRel);
         }
     }
 
-    /// Whether every audit batch of a change already answered is stored
-    /// (what a read of the audit trail waits for).
+    /// The consumer's readers see executor `executor`'s audit batches up to
+    /// `sequence` (durable or not yet).
+    pub fn audit_visible(&self, executor: ExecutorId, sequence: u64) {
+        if let Some(visible) = self.shared.audit.visible.get(usize::from(executor)) {
+            visible.fetch_max(sequence, Ordering::AcqRel);
+        }
+    }
+
+    /// Whether every audit batch of a change already answered is visible
+    /// to the consumer's readers (what a read of the audit trail waits for).
     pub fn audit_caught_up(&self) -> bool {
         let feed = &self.shared.audit;
-        feed.produced.iter().zip(&feed.stored).all(|(p, s)| s.load(Ordering::Acquire) >= p.load(Ordering::Acquire))
+        feed.produced.iter().zip(&feed.visible).all(|(p, v)| v.load(Ordering::Acquire) >= p.load(Ordering::Acquire))
     }
 
     fn submit(&self, executor: ExecutorId, request: Request) -> Result<(), ErrorCode> {
@@ -1085,8 +1094,10 @@ struct AuditFeed {
     rx: Mutex<Option<Receiver<AuditBatch>>>,
     /// Per executor: the last batch with audit events handed out.
     produced: Vec<AtomicU64>,
-    /// Per executor: up to where the consumer has stored them.
+    /// Per executor: up to where the consumer has stored them durably.
     stored: Vec<AtomicU64>,
+    /// Per executor: up to where the consumer's readers see them.
+    visible: Vec<AtomicU64>,
 }
 
 #[derive(Default)]
@@ -1112,6 +1123,7 @@ impl AuditFeed {
             rx: Mutex::new(Some(rx)),
             produced,
             stored: (0..executors).map(|_| AtomicU64::new(0)).collect(),
+            visible: (0..executors).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 

@@ -81,6 +81,10 @@ struct Write {
     audit: Vec<AuditRecord>,
     /// (executor, sequence) of the engine audit batches these records are.
     marks: Vec<(u16, u64)>,
+    /// Whether the answer waits for the disk. Feed writes do not: the
+    /// engine's log keeps their batches until a later durable commit (see
+    /// [`AccessStore::sync_blocking`]) has made them safe here.
+    durable: bool,
     reply: oneshot::Sender<Result<Vec<u64>, AccessStoreError>>,
 }
 
@@ -129,21 +133,33 @@ impl AccessStore {
 
     async fn write(&self, key: Option<KeyRecord>, audit: Vec<AuditRecord>) -> Result<Vec<u64>, AccessStoreError> {
         let (reply, answer) = oneshot::channel();
-        let write = Write { key, audit, marks: Vec::new(), reply };
+        let write = Write { key, audit, marks: Vec::new(), durable: true, reply };
         self.ops.send(Op::Write(Box::new(write))).await.map_err(|_| AccessStoreError::Closed)?;
         answer.await.map_err(|_| AccessStoreError::Closed)?
     }
 
+    fn write_blocking(&self, write: Write) -> Result<(), AccessStoreError> {
+        self.ops.blocking_send(Op::Write(Box::new(write))).map_err(|_| AccessStoreError::Closed)?;
+        Ok(())
+    }
+
     /// Appends the records of engine audit batches with their marks, from
-    /// a thread outside the async runtime; returns once durable.
+    /// a thread outside the async runtime; returns once readable, not
+    /// durable (a crash rolls it back whole: records and marks together).
     pub fn append_feed_blocking(
         &self,
         records: Vec<AuditRecord>,
         marks: Vec<(u16, u64)>,
     ) -> Result<(), AccessStoreError> {
         let (reply, answer) = oneshot::channel();
-        let write = Write { key: None, audit: records, marks, reply };
-        self.ops.blocking_send(Op::Write(Box::new(write))).map_err(|_| AccessStoreError::Closed)?;
+        self.write_blocking(Write { key: None, audit: records, marks, durable: false, reply })?;
+        answer.blocking_recv().map_err(|_| AccessStoreError::Closed)?.map(|_| ())
+    }
+
+    /// Makes every write so far durable (one commit that waits for the disk).
+    pub fn sync_blocking(&self) -> Result<(), AccessStoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.write_blocking(Write { key: None, audit: Vec::new(), marks: Vec::new(), durable: true, reply })?;
         answer.blocking_recv().map_err(|_| AccessStoreError::Closed)?.map(|_| ())
     }
 
@@ -272,7 +288,9 @@ fn write_group(db: &Database, group: &mut Vec<Write>, next_seq: u64) -> u64 {
     let mut seqs_of = Vec::with_capacity(group.len());
     let outcome = (|| -> Result<(), AccessStoreError> {
         let mut txn = db.begin_write().map_err(redb_error)?;
-        txn.set_durability(Durability::Immediate).map_err(redb_error)?;
+        // One durable commit persists the non-durable ones before it too.
+        let durable = group.iter().any(|write| write.durable);
+        txn.set_durability(if durable { Durability::Immediate } else { Durability::None }).map_err(redb_error)?;
         {
             let mut keys = txn.open_table(KEYS).map_err(redb_error)?;
             let mut audit = txn.open_table(AUDIT).map_err(redb_error)?;

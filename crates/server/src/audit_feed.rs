@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use parking_lot::Mutex;
@@ -24,6 +24,10 @@ pub const MAX_BATCHES_PER_WRITE: usize = 256;
 /// How often an idle consumer looks for the stop flag; also the pause
 /// before a failed write is tried again.
 const POLL: Duration = Duration::from_millis(50);
+/// Records are written without waiting for the disk (they are readable at
+/// once) and made durable together this often: only then does the engine
+/// hear they are stored, and may checkpoint past them.
+pub const SYNC_INTERVAL: Duration = Duration::from_millis(200);
 
 /// The running consumer.
 pub struct AuditFeed {
@@ -42,7 +46,15 @@ impl AuditFeed {
         for (&executor, &sequence) in &marks {
             engine.audit_stored(executor, sequence);
         }
-        let consumer = Consumer { engine: engine.clone(), store, feed, marks, stop: stop.clone() };
+        let consumer = Consumer {
+            engine: engine.clone(),
+            store,
+            feed,
+            marks,
+            unsynced: BTreeMap::new(),
+            last_sync: Instant::now(),
+            stop: stop.clone(),
+        };
         let thread = std::thread::Builder::new()
             .name("audit-feed".to_owned())
             .spawn(move || consumer.run(backlog.into()))
@@ -65,14 +77,33 @@ struct Consumer {
     engine: Engine,
     store: Arc<AccessStore>,
     feed: Receiver<AuditBatch>,
-    /// Per executor: the last batch stored.
+    /// Per executor: the last batch written.
     marks: HashMap<u16, u64>,
+    /// Written but not yet made durable.
+    unsynced: BTreeMap<u16, u64>,
+    last_sync: Instant,
     stop: Arc<AtomicBool>,
 }
 
 impl Consumer {
+    /// Makes what was written durable, then tells the engine.
+    fn sync(&mut self) {
+        self.last_sync = Instant::now();
+        match self.store.sync_blocking() {
+            Ok(()) => {
+                for (executor, sequence) in std::mem::take(&mut self.unsynced) {
+                    self.engine.audit_stored(executor, sequence);
+                }
+            }
+            Err(error) => tracing::error!(%error, "making audit records durable failed; trying again"),
+        }
+    }
+
     fn run(mut self, mut pending: VecDeque<AuditBatch>) {
         while !self.stop.load(Ordering::Acquire) {
+            if !self.unsynced.is_empty() && self.last_sync.elapsed() >= SYNC_INTERVAL {
+                self.sync();
+            }
             if pending.is_empty() {
                 match self.feed.recv_timeout(POLL) {
                     Ok(batch) => pending.push_back(batch),
@@ -105,7 +136,8 @@ impl Consumer {
                 Ok(()) => {
                     for (executor, sequence) in marks {
                         self.marks.insert(executor, sequence);
-                        self.engine.audit_stored(executor, sequence);
+                        self.unsynced.insert(executor, sequence);
+                        self.engine.audit_visible(executor, sequence);
                     }
                 }
                 Err(AccessStoreError::Closed) => return,
@@ -117,6 +149,11 @@ impl Consumer {
                     std::thread::sleep(POLL);
                 }
             }
+        }
+        // Stopping: what was written becomes durable, so that the engine's
+        // last checkpoint can cover it.
+        if !self.unsynced.is_empty() {
+            self.sync();
         }
     }
 }
