@@ -189,13 +189,23 @@ impl Completion {
     }
 }
 
+/// A checkpoint taken, on its way to disk: it covers every batch up to
+/// `covered`, counts on archive `runs` not synced yet, and may be written
+/// only once the audit feed has stored the batches up to `audit_needed`.
+struct PendingCheckpoint {
+    covered: u64,
+    bytes: Vec<u8>,
+    runs: Vec<PathBuf>,
+    audit_needed: u64,
+}
+
 struct PendingWrite {
     frames: Vec<u8>,
     batch_count: u64,
     history: Vec<u8>,
     /// A checkpoint covering every batch up to the sequence given, and the
     /// archive runs it counts on that are not synced yet.
-    checkpoint: Option<(u64, Vec<u8>, Vec<PathBuf>)>,
+    checkpoint: Option<PendingCheckpoint>,
     inputs: usize,
     completions: Vec<Completion>,
     outbox: Vec<(ExecutorId, PeerMsg)>,
@@ -420,6 +430,7 @@ impl Engine {
                 shared: shared.clone(),
                 history: history_writers.remove(0),
                 unsynced_runs: Vec::new(),
+                waiting_checkpoint: None,
             };
             threads.push(
                 std::thread::Builder::new()
@@ -909,10 +920,8 @@ impl Applier {
             let outbox = std::mem::take(&mut fx.outbox);
             let finishing = stopping && self.peer_rx.is_empty();
             self.log_bytes_since_checkpoint += encoded.buf.len() as u64;
-            let audit_stored = self.shared.audit.stored[usize::from(self.core.id())].load(Ordering::Acquire);
-            let audit_behind = audit_stored < self.last_audit_sequence;
             let due = finishing || self.log_bytes_since_checkpoint >= self.checkpoint_every_log_bytes;
-            let checkpoint = if due && !audit_behind {
+            let checkpoint = if due {
                 // The batch being built is covered if it logs anything.
                 let covered = if inputs_logged > 0 { self.next_sequence } else { self.next_sequence - 1 };
                 let taken = self.core.checkpoint(covered, now_ms, self.archive.run_count());
@@ -921,9 +930,15 @@ impl Applier {
                 } else {
                     self.raise_barrier();
                 }
+                // The audit events it covers: this batch's, or earlier ones.
+                let audit_needed = if inputs_logged > 0 && !fx.audit.is_empty() {
+                    self.next_sequence
+                } else {
+                    self.last_audit_sequence
+                };
                 taken.map(|c| {
                     self.log_bytes_since_checkpoint = 0;
-                    (covered, c.encode(), self.archive.take_unsynced())
+                    PendingCheckpoint { covered, bytes: c.encode(), runs: self.archive.take_unsynced(), audit_needed }
                 })
             } else {
                 None
@@ -1164,13 +1179,26 @@ struct LogWriter {
     shared: Arc<Shared>,
     history: HistoryWriter,
     unsynced_runs: Vec<PathBuf>,
+    /// A checkpoint waiting for the audit feed to store what it covers.
+    waiting_checkpoint: Option<(u64, Vec<u8>, u64)>,
 }
+
+/// How often an idle log thread looks whether a waiting checkpoint may go.
+const CHECKPOINT_WAIT_POLL: Duration = Duration::from_millis(20);
 
 impl LogWriter {
     fn run(mut self) {
         let mut group: Vec<PendingWrite> = Vec::new();
         let mut frames = Vec::new();
-        while let Ok(first) = self.write_rx.recv() {
+        loop {
+            let first = match self.write_rx.recv_timeout(CHECKPOINT_WAIT_POLL) {
+                Ok(first) => first,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    self.write_waiting_checkpoint();
+                    continue;
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+            };
             group.push(first);
             while let Ok(more) = self.write_rx.try_recv() {
                 group.push(more);
@@ -1232,17 +1260,42 @@ impl LogWriter {
                     let _ = self.shared.peers[dest].send(Inbound::Peer { from: self.id, messages });
                 }
             }
-            if let Some((covered, bytes, runs)) = checkpoint {
-                // Runs of a failed checkpoint are synced with the next one.
+            if let Some(PendingCheckpoint { covered, bytes, runs, audit_needed }) = checkpoint {
+                // Runs of a checkpoint not written are synced with the next one.
                 self.unsynced_runs.extend(runs);
-                match self.write_checkpoint(covered, &bytes) {
-                    Ok(()) => {
-                        self.shared.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
-                    }
-                    // The log still has everything: carry on, recovery replays more.
-                    Err(error) => tracing::error!(executor = self.id, %error, "checkpoint failed"),
+                // One waits at a time: a newer one would need even more of
+                // the audit stored, and under steady load never get there.
+                if self.waiting_checkpoint.is_none() {
+                    self.waiting_checkpoint = Some((covered, bytes, audit_needed));
                 }
             }
+            self.write_waiting_checkpoint();
+        }
+        // Stopping: the last checkpoint goes if the audit feed has what it covers.
+        self.write_waiting_checkpoint();
+        if self.waiting_checkpoint.is_some() {
+            tracing::warn!(
+                executor = self.id,
+                "last checkpoint not written: the audit feed has not stored what it covers"
+            );
+        }
+    }
+
+    /// Writes the waiting checkpoint once the audit feed has stored every
+    /// batch it covers: after that, no replay will make them again.
+    fn write_waiting_checkpoint(&mut self) {
+        let Some((_, _, audit_needed)) = &self.waiting_checkpoint else { return };
+        let stored = self.shared.audit.stored[usize::from(self.id)].load(Ordering::Acquire);
+        if stored < *audit_needed {
+            return;
+        }
+        let (covered, bytes, _) = self.waiting_checkpoint.take().expect("checked");
+        match self.write_checkpoint(covered, &bytes) {
+            Ok(()) => {
+                self.shared.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
+            }
+            // The log still has everything: carry on, recovery replays more.
+            Err(error) => tracing::error!(executor = self.id, %error, "checkpoint failed"),
         }
     }
 

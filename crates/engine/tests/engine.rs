@@ -358,3 +358,83 @@ fn the_audit_feed_delivers_every_transfer_made_and_survives_a_restart_until_stor
     assert!(after.is_empty(), "a checkpoint covers the stored batches: nothing is made again");
     engine.shutdown();
 }
+
+/// Under steady load the audit consumer is always a little behind; a
+/// checkpoint taken at a quiet moment waits for it and is then written, so
+/// checkpoints keep coming (a checkpoint that had to find the consumer fully
+/// caught up would never come).
+#[test]
+fn checkpoints_keep_coming_under_load_while_the_audit_consumer_lags() {
+    use peakstack_engine::Origin;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(EngineConfig {
+        shards: 8,
+        checkpoint_every_log_bytes: 64 * 1024,
+        ..EngineConfig::new(dir.path(), 1)
+    })
+    .unwrap();
+    let names: Vec<String> = (0..8).map(|n| format!("acct-{n}")).collect();
+    for name in &names {
+        engine.create_account_blocking(account(name, AccountFlags::empty())).unwrap();
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // The consumer: stores what arrived, 50 ms late.
+    let (backlog, feed) = engine.take_audit_feed().unwrap();
+    assert!(backlog.is_empty());
+    let consumer = {
+        let (engine, stop) = (engine.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                let mut last = None;
+                while let Ok(batch) = feed.try_recv() {
+                    last = Some((batch.executor, batch.sequence));
+                }
+                if let Some((executor, sequence)) = last {
+                    engine.audit_stored(executor, sequence);
+                }
+            }
+        })
+    };
+    let clients: Vec<_> = (0..4)
+        .map(|client| {
+            let (engine, names, stop) = (engine.clone(), names.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+                let origin = Origin { key_id: Arc::from("k"), request_id: Arc::from(format!("c{client}")) };
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let batch = (0..32)
+                        .map(|i| {
+                            n += 1;
+                            create(
+                                &format!("c{client}-{n}"),
+                                &names[(n as usize + i) % 8],
+                                &names[(n as usize + i + 1) % 8],
+                                1,
+                            )
+                        })
+                        .collect();
+                    for result in runtime.block_on(engine.create_transfers_as(batch, false, Some(origin.clone()))) {
+                        result.unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    let stats = engine.stats();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while stats.log_bytes.load(std::sync::atomic::Ordering::Relaxed) < 1 << 20 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let taken = stats.checkpoints.load(std::sync::atomic::Ordering::Relaxed);
+    let logged = stats.log_bytes.load(std::sync::atomic::Ordering::Relaxed);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for client in clients {
+        client.join().unwrap();
+    }
+    consumer.join().unwrap();
+    let due = logged / (64 * 1024);
+    assert!(taken * 4 >= due, "{taken} checkpoints under load, {due} due ({logged} bytes of log)");
+    engine.shutdown();
+}
