@@ -251,41 +251,7 @@ fn checkpoints_are_taken_under_constant_cross_executor_load() {
     for name in &names {
         engine.create_account_blocking(account(name, AccountFlags::empty())).unwrap();
     }
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let clients: Vec<_> = (0..16)
-        .map(|client| {
-            let (engine, names, stop) = (engine.clone(), names.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let mut n = 0u64;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let batch = (0..32)
-                        .map(|i| {
-                            n += 1;
-                            let debit = &names[(n as usize + i) % names.len()];
-                            let credit = &names[(n as usize + i + 1) % names.len()];
-                            create(&format!("c{client}-{n}"), debit, credit, 1)
-                        })
-                        .collect();
-                    for result in engine.create_transfers_blocking(batch, false) {
-                        result.unwrap();
-                    }
-                }
-            })
-        })
-        .collect();
-    // Load until 4 MiB of log, then count: a checkpoint is due every
-    // 64 KiB an executor logs.
-    let stats = engine.stats();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while stats.log_bytes.load(std::sync::atomic::Ordering::Relaxed) < 4 << 20 && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    let taken = stats.checkpoints.load(std::sync::atomic::Ordering::Relaxed);
-    let logged = stats.log_bytes.load(std::sync::atomic::Ordering::Relaxed);
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for client in clients {
-        client.join().unwrap();
-    }
+    let (taken, logged) = load_until_logged(&engine, &names, 16, None, 4 << 20);
     let due = logged / (64 * 1024);
     assert!(taken * 2 >= due, "{taken} checkpoints under load, {due} due ({logged} bytes of log)");
     engine.shutdown();
@@ -396,26 +362,44 @@ fn checkpoints_keep_coming_under_load_while_the_audit_consumer_lags() {
             }
         })
     };
-    let clients: Vec<_> = (0..4)
+    let origin = Origin { key_id: Arc::from("k"), request_id: Arc::from("load") };
+    let (taken, logged) = load_until_logged(&engine, &names, 4, Some(origin), 1 << 20);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    consumer.join().unwrap();
+    let due = logged / (64 * 1024);
+    assert!(taken * 4 >= due, "{taken} checkpoints under load, {due} due ({logged} bytes of log)");
+    engine.shutdown();
+}
+
+/// `clients` threads move money among `names` in calls of 32 transfers
+/// (on behalf of `origin`, if given) until the engine has logged `bytes`
+/// (or a minute passed); returns the checkpoints written by then and the
+/// bytes logged.
+fn load_until_logged(
+    engine: &Engine,
+    names: &[String],
+    clients: usize,
+    origin: Option<peakstack_engine::Origin>,
+    bytes: u64,
+) -> (u64, u64) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let threads: Vec<_> = (0..clients)
         .map(|client| {
-            let (engine, names, stop) = (engine.clone(), names.clone(), stop.clone());
+            let (engine, names, stop, origin) = (engine.clone(), names.to_vec(), stop.clone(), origin.clone());
             std::thread::spawn(move || {
                 let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
-                let origin = Origin { key_id: Arc::from("k"), request_id: Arc::from(format!("c{client}")) };
                 let mut n = 0u64;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                while !stop.load(Relaxed) {
                     let batch = (0..32)
                         .map(|i| {
                             n += 1;
-                            create(
-                                &format!("c{client}-{n}"),
-                                &names[(n as usize + i) % 8],
-                                &names[(n as usize + i + 1) % 8],
-                                1,
-                            )
+                            let debit = &names[(n as usize + i) % names.len()];
+                            let credit = &names[(n as usize + i + 1) % names.len()];
+                            create(&format!("c{client}-{n}"), debit, credit, 1)
                         })
                         .collect();
-                    for result in runtime.block_on(engine.create_transfers_as(batch, false, Some(origin.clone()))) {
+                    for result in runtime.block_on(engine.create_transfers_as(batch, false, origin.clone())) {
                         result.unwrap();
                     }
                 }
@@ -424,17 +408,14 @@ fn checkpoints_keep_coming_under_load_while_the_audit_consumer_lags() {
         .collect();
     let stats = engine.stats();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while stats.log_bytes.load(std::sync::atomic::Ordering::Relaxed) < 1 << 20 && std::time::Instant::now() < deadline {
+    while stats.log_bytes.load(Relaxed) < bytes && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    let taken = stats.checkpoints.load(std::sync::atomic::Ordering::Relaxed);
-    let logged = stats.log_bytes.load(std::sync::atomic::Ordering::Relaxed);
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for client in clients {
-        client.join().unwrap();
+    let taken = stats.checkpoints.load(Relaxed);
+    let logged = stats.log_bytes.load(Relaxed);
+    stop.store(true, Relaxed);
+    for thread in threads {
+        thread.join().unwrap();
     }
-    consumer.join().unwrap();
-    let due = logged / (64 * 1024);
-    assert!(taken * 4 >= due, "{taken} checkpoints under load, {due} due ({logged} bytes of log)");
-    engine.shutdown();
+    (taken, logged)
 }
