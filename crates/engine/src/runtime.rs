@@ -484,6 +484,17 @@ impl Engine {
         }
     }
 
+    /// How many log batches with audit events the consumer has not stored
+    /// durably yet, summed over executors (counted in batch sequences).
+    pub fn audit_lag(&self) -> u64 {
+        let feed = &self.shared.audit;
+        feed.produced
+            .iter()
+            .zip(&feed.stored)
+            .map(|(p, s)| p.load(Ordering::Acquire).saturating_sub(s.load(Ordering::Acquire)))
+            .sum()
+    }
+
     /// Whether every audit batch of a change already answered is visible
     /// to the consumer's readers (what a read of the audit trail waits for).
     pub fn audit_caught_up(&self) -> bool {

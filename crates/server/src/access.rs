@@ -286,6 +286,7 @@ pub async fn authenticate(State(state): State<AppState>, mut request: Request, n
         }
         Err(error) => {
             let unauthorized = matches!(error, ApiError::Unauthorized(_));
+            metrics::counter!("peakstack_access_refusals_total", "code" => error.code()).increment(1);
             let mut response = error.into_response();
             if unauthorized {
                 response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));

@@ -310,6 +310,14 @@ async fn every_route_refuses_callers_without_a_valid_key_and_scopes_get_exactly_
             }
         }
     }
+    // Refusals are counted by code for the operators.
+    let metrics =
+        h.http.get(format!("{}/metrics", h.base)).bearer_auth(h.key(Who::Admin).unwrap()).send().await.unwrap();
+    let text = metrics.text().await.unwrap();
+    for code in ["unauthorized", "forbidden"] {
+        let counted = text.lines().any(|l| l.starts_with("peakstack_access_refusals_total{") && l.contains(code));
+        assert!(counted, "no refusal counter for {code}");
+    }
     h.stop().await;
 }
 

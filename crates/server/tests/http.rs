@@ -1007,6 +1007,8 @@ async fn health_readiness_metrics_and_openapi() {
         "peakstack_engine_inputs ",
         "peakstack_engine_fsyncs ",
         "peakstack_engine_log_bytes ",
+        "peakstack_engine_checkpoints ",
+        "peakstack_audit_feed_lag_batches ",
     ] {
         assert!(has_line(gauge, &[]), "{gauge} in {text}");
     }
