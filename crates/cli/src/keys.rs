@@ -3,36 +3,26 @@
 //! create --scope admin)` keeps it; everything else goes to stderr.
 
 use anyhow::{bail, Context};
-use peakstack_server::audit::{action, AuditRecord};
-use peakstack_server::keys::{check_note, generate, KeyRecord};
-use peakstack_server::{open_access_store, parse_rfc3339_ms, rfc3339, Scope};
+use peakstack_server::audit::{key_created, key_revoked};
+use peakstack_server::idempotency::now_ms;
+use peakstack_server::keys::{check_note, generate, is_key_id, KeyRing, KEY_PREFIX};
+use peakstack_server::{open_access_store, parse_expiry, rfc3339, Scope};
 
 use crate::KeysAction;
 
 /// The key id the CLI's changes are audited under.
 const CLI_ACTOR: &str = "cli";
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
-
 pub async fn run(action: KeysAction) -> anyhow::Result<()> {
     match action {
         KeysAction::Create { scope, data, expires_at, note } => {
             let scope = Scope::parse(&scope).map_err(anyhow::Error::msg)?;
             let now = now_ms();
-            let expires_at_ms = expires_at
-                .map(|text| parse_rfc3339_ms("--expires-at", &text))
-                .transpose()
-                .map_err(anyhow::Error::msg)?;
-            if expires_at_ms.is_some_and(|at| at <= now) {
-                bail!("--expires-at: must be in the future");
-            }
+            let expires_at_ms = parse_expiry("--expires-at", expires_at.as_deref(), now).map_err(anyhow::Error::msg)?;
             let note = check_note(note).map_err(anyhow::Error::msg)?;
             let (store, _) = open_access_store(&data)?;
             let new = generate(&scope, expires_at_ms, note, CLI_ACTOR, now);
-            let details = serde_json::json!({"scope": scope.to_string(), "expires_at": expires_at_ms.map(rfc3339)});
-            let record = AuditRecord::new(CLI_ACTOR, CLI_ACTOR, action::KEY_CREATE, &new.record.id, details, now);
+            let record = key_created(CLI_ACTOR, CLI_ACTOR, &new.record);
             let stored = store.put_key(new.record.clone(), record).await;
             store.close().await;
             stored.context("storing the key")?;
@@ -47,9 +37,10 @@ pub async fn run(action: KeysAction) -> anyhow::Result<()> {
         KeysAction::List { data } => {
             let (store, keys) = open_access_store(&data)?;
             store.close().await;
+            let keys = KeyRing::new(keys).map_err(anyhow::Error::msg)?;
             let now = now_ms();
             println!("{:<24} {:<20} {:<8} {:<24} {:<24} NOTE", "PREFIX", "SCOPE", "STATUS", "CREATED", "EXPIRES");
-            for key in sorted(keys) {
+            for key in keys.list() {
                 println!(
                     "{:<24} {:<20} {:<8} {:<24} {:<24} {}",
                     key.prefix(),
@@ -67,11 +58,10 @@ pub async fn run(action: KeysAction) -> anyhow::Result<()> {
             // (and echoed), so a pasted secret never reaches a terminal log.
             let id = key_id_of(&id)?;
             let (store, keys) = open_access_store(&data)?;
-            let admins_left = keys
-                .iter()
-                .filter(|k| k.id != id && k.scope == "admin" && k.status(now_ms()).as_str() == "active")
-                .count();
-            let Some(mut key) = keys.into_iter().find(|key| key.id == id) else {
+            let keys = KeyRing::new(keys).map_err(anyhow::Error::msg)?;
+            let now = now_ms();
+            let admins_left = keys.other_active_admins(&id, now);
+            let Some(mut key) = keys.get(&id) else {
                 store.close().await;
                 bail!("no API key with id {id} in {}", data.display());
             };
@@ -80,10 +70,9 @@ pub async fn run(action: KeysAction) -> anyhow::Result<()> {
                 eprintln!("API key {id} was revoked already");
                 return Ok(());
             }
-            let now = now_ms();
             let key_scope_is_admin = key.scope == "admin";
             key.revoked_at_ms = Some(now);
-            let record = AuditRecord::new(CLI_ACTOR, CLI_ACTOR, action::KEY_REVOKE, &id, serde_json::Value::Null, now);
+            let record = key_revoked(CLI_ACTOR, CLI_ACTOR, &key);
             let stored = store.put_key(key, record).await;
             store.close().await;
             stored.context("storing the revocation")?;
@@ -100,17 +89,12 @@ pub async fn run(action: KeysAction) -> anyhow::Result<()> {
 
 /// The key id in `<id>`, `psk_<id>` or `psk_<id>_<secret>`.
 fn key_id_of(text: &str) -> anyhow::Result<String> {
-    let rest = text.strip_prefix(peakstack_server::keys::KEY_PREFIX).unwrap_or(text);
+    let rest = text.strip_prefix(KEY_PREFIX).unwrap_or(text);
     let id = rest.split('_').next().unwrap_or_default();
-    if id.len() != 16 || !id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if !is_key_id(id) {
         bail!("not a key id: expected 16 hex digits (as `peakstack keys list` shows after psk_)");
     }
     Ok(id.to_owned())
-}
-
-fn sorted(mut keys: Vec<KeyRecord>) -> Vec<KeyRecord> {
-    keys.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
-    keys
 }
 
 #[cfg(test)]

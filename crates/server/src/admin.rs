@@ -13,11 +13,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::access::{Caller, Scope};
-use crate::audit::{action, AuditFilter, AuditRecord};
+use crate::audit::{action, key_created, key_revoked, AuditFilter};
 use crate::error::ApiError;
 use crate::handlers::{ApiJson, ApiPath, ApiQuery, DEFAULT_PAGE_LIMIT, MAX_PAGE_LIMIT};
 use crate::idempotency::now_ms;
-use crate::keys::{check_note, generate, KeyRecord, MAX_KEYS};
+use crate::keys::{check_note, generate, is_key_id, KeyRecord, MAX_KEYS};
 use crate::post_guard::ReplayBody;
 use crate::wire::Page;
 use crate::AppState;
@@ -36,6 +36,16 @@ pub fn parse_rfc3339_ms(field: &str, text: &str) -> Result<u64, String> {
         .map_err(|_| format!("{field}: {text:?} is not an RFC 3339 time in UTC, e.g. \"2027-01-31T12:00:00Z\""))?;
     let ms = time.duration_since(UNIX_EPOCH).map_err(|_| format!("{field}: before 1970"))?;
     u64::try_from(ms.as_millis()).map_err(|_| format!("{field}: too far in the future"))
+}
+
+/// Parses an optional expiry, which must lie after `now_ms`.
+pub fn parse_expiry(field: &str, text: Option<&str>, now_ms: u64) -> Result<Option<u64>, String> {
+    let Some(text) = text else { return Ok(None) };
+    let at_ms = parse_rfc3339_ms(field, text)?;
+    if at_ms <= now_ms {
+        return Err(format!("{field}: must be in the future"));
+    }
+    Ok(Some(at_ms))
 }
 
 fn parse_time(field: &str, text: &str) -> Result<u64, ApiError> {
@@ -96,10 +106,8 @@ pub async fn create_key(
 ) -> Result<Response, ApiError> {
     let now = now_ms();
     let scope = Scope::parse(&body.scope).map_err(ApiError::InvalidRequest)?;
-    let expires_at_ms = body.expires_at.as_deref().map(|text| parse_time("expires_at", text)).transpose()?;
-    if expires_at_ms.is_some_and(|at| at <= now) {
-        return Err(ApiError::invalid("expires_at: must be in the future"));
-    }
+    let expires_at_ms =
+        parse_expiry("expires_at", body.expires_at.as_deref(), now).map_err(ApiError::InvalidRequest)?;
     let note = check_note(body.note).map_err(ApiError::InvalidRequest)?;
     let _changing = state.key_changes().lock().await;
     if state.keys().len() >= MAX_KEYS {
@@ -108,15 +116,7 @@ pub async fn create_key(
         )));
     }
     let new = generate(&scope, expires_at_ms, note, &caller.principal.key_id, now);
-    let details = serde_json::json!({"scope": scope.to_string(), "expires_at": expires_at_ms.map(rfc3339)});
-    let record = AuditRecord::new(
-        &caller.principal.key_id,
-        &caller.request_id,
-        action::KEY_CREATE,
-        &new.record.id,
-        details,
-        now,
-    );
+    let record = key_created(&caller.principal.key_id, &caller.request_id, &new.record);
     state.access_store().put_key(new.record.clone(), record).await.map_err(store_failed)?;
     state.keys().put(new.record.clone()).map_err(ApiError::Internal)?;
     tracing::info!(key_id = %new.record.id, scope = %scope, "API key created");
@@ -140,8 +140,7 @@ pub async fn list_keys(State(state): State<AppState>) -> Response {
 fn find_key(state: &AppState, id: &str) -> Result<KeyRecord, ApiError> {
     // Ids are 16 hex digits. Anything else is not echoed: it may be a whole
     // key pasted by mistake.
-    let is_id = id.len() == 16 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-    let detail = if is_id {
+    let detail = if is_key_id(id) {
         format!("API key {id} does not exist")
     } else {
         "no API key has this id (a key id is 16 hex digits)".to_owned()
@@ -173,14 +172,7 @@ pub async fn revoke_key(
         )));
     }
     record.revoked_at_ms = Some(now);
-    let audit = AuditRecord::new(
-        &caller.principal.key_id,
-        &caller.request_id,
-        action::KEY_REVOKE,
-        &record.id,
-        Value::Null,
-        now,
-    );
+    let audit = key_revoked(&caller.principal.key_id, &caller.request_id, &record);
     state.access_store().put_key(record.clone(), audit).await.map_err(store_failed)?;
     state.keys().put(record.clone()).map_err(ApiError::Internal)?;
     tracing::info!(key_id = %record.id, "API key revoked");

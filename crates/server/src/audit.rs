@@ -9,6 +9,9 @@
 //! after a crash until stored (see `Engine::take_audit_feed`).
 
 use peakstack_domain::TransferKind;
+
+use crate::admin::rfc3339;
+use crate::keys::KeyRecord;
 use peakstack_engine::AuditEvent;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -50,6 +53,18 @@ impl AuditRecord {
             details,
         }
     }
+}
+
+/// The record of a key just made, by `actor` (a key id, or `cli`).
+pub fn key_created(actor: &str, request_id: &str, key: &KeyRecord) -> AuditRecord {
+    let details = serde_json::json!({"scope": key.scope, "expires_at": key.expires_at_ms.map(rfc3339)});
+    AuditRecord::new(actor, request_id, action::KEY_CREATE, &key.id, details, key.created_at_ms)
+}
+
+/// The record of a key just revoked, by `actor` (a key id, or `cli`).
+pub fn key_revoked(actor: &str, request_id: &str, key: &KeyRecord) -> AuditRecord {
+    let at_ms = key.revoked_at_ms.unwrap_or(key.created_at_ms);
+    AuditRecord::new(actor, request_id, action::KEY_REVOKE, &key.id, Value::Null, at_ms)
 }
 
 /// The record of a transfer the engine made for a request with an origin.

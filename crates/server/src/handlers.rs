@@ -6,7 +6,7 @@ use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use peakstack_domain::{ErrorCode, Id, Transfer, TransferRequest};
+use peakstack_domain::{Account, ErrorCode, Id, Transfer, TransferRequest};
 use peakstack_engine::TransferResult;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -203,11 +203,16 @@ pub async fn get_account(
     ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     let id = path_id("id", &id)?;
-    match state.engine().account(&id).await.map_err(ApiError::ledger)? {
-        Some(account) if caller.principal.can_see(account.owner.as_ref()) => {
-            Ok(json(StatusCode::OK, &AccountJson::from_account(&account)))
-        }
-        _ => Err(account_not_found(&id)),
+    let account = visible_account(&state, &caller.principal, &id).await?;
+    Ok(json(StatusCode::OK, &AccountJson::from_account(&account)))
+}
+
+/// Account `id`, if it exists and the caller may see it; else the same
+/// `account_not_found` either way.
+async fn visible_account(state: &AppState, principal: &Principal, id: &Id) -> Result<Account, ApiError> {
+    match state.engine().account(id).await.map_err(ApiError::ledger)? {
+        Some(account) if principal.can_see(account.owner.as_ref()) => Ok(account),
+        _ => Err(account_not_found(id)),
     }
 }
 
@@ -240,7 +245,7 @@ async fn tenant_accounts(
     principal: &Principal,
     mut after: Option<Id>,
     limit: usize,
-) -> Result<(Vec<peakstack_domain::Account>, Option<String>), ApiError> {
+) -> Result<(Vec<Account>, Option<String>), ApiError> {
     let mut own = Vec::new();
     let mut scanned = 0;
     loop {
@@ -279,10 +284,7 @@ pub async fn account_transfers(
             return Err(ApiError::invalid("after: not a cursor this server handed out"));
         }
     }
-    match state.engine().account(&id).await.map_err(ApiError::ledger)? {
-        Some(account) if caller.principal.can_see(account.owner.as_ref()) => {}
-        _ => return Err(account_not_found(&id)),
-    }
+    visible_account(&state, &caller.principal, &id).await?;
     let (transfers, next) =
         state.engine().account_transfers(&id, query.after, limit).await.map_err(|code| match code {
             ErrorCode::InvalidRequest => ApiError::invalid("after: not a cursor this server handed out"),

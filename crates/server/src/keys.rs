@@ -135,6 +135,11 @@ fn is_lower_hex(text: &str, len: usize) -> bool {
     text.len() == len && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
+/// Whether `text` has the form of a key id (16 lower-case hex digits).
+pub fn is_key_id(text: &str) -> bool {
+    is_lower_hex(text, ID_HEX_LEN)
+}
+
 /// Splits `Bearer psk_<id>_<secret>` into id and secret.
 pub fn parse_bearer(header: &[u8]) -> Result<(&str, &str), String> {
     let text = std::str::from_utf8(header).map_err(|_| "Authorization: not ASCII".to_owned())?;
@@ -145,7 +150,7 @@ pub fn parse_bearer(header: &[u8]) -> Result<(&str, &str), String> {
     let malformed = || "Authorization: the key is malformed (expected psk_<16 hex>_<64 hex>)".to_owned();
     let rest = token.trim().strip_prefix(KEY_PREFIX).ok_or_else(malformed)?;
     let (id, secret) = rest.split_once('_').ok_or_else(malformed)?;
-    if !is_lower_hex(id, ID_HEX_LEN) || !is_lower_hex(secret, SECRET_HEX_LEN) {
+    if !is_key_id(id) || !is_lower_hex(secret, SECRET_HEX_LEN) {
         return Err(malformed());
     }
     Ok((id, secret))

@@ -67,7 +67,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 
 pub use access::{Access, AuthMode, Principal, Scope, X_BUYER_ID};
 pub use access_store::{AccessStore, AccessStoreError};
-pub use admin::{parse_rfc3339_ms, rfc3339};
+pub use admin::{parse_expiry, parse_rfc3339_ms, rfc3339};
 pub use error::{ApiError, PROBLEM_JSON};
 pub use handlers::{DEFAULT_PAGE_LIMIT, MAX_BATCH_TRANSFERS, MAX_PAGE_LIMIT, OPENAPI_JSON};
 pub use idempotency::{IdempotencyStore, StoreError};
