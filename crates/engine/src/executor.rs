@@ -226,8 +226,7 @@ impl ExecutorCore {
                         if let Some(result) = self.try_fast_path(request, now_ms, fx) {
                             if let (Some(origin), Ok(outcome)) = (origin, &result) {
                                 if outcome.created {
-                                    let transfer = outcome.transfer.clone();
-                                    fx.audit.push(AuditEvent { origin: origin.clone(), time_ms: now_ms, transfer });
+                                    audit_created(origin, outcome.transfer.clone(), fx);
                                 }
                             }
                             if let Some(tag) = client {
@@ -555,8 +554,7 @@ impl ExecutorCore {
             for (item, outcome) in state.items.iter().zip(&state.outcomes) {
                 if let ItemOutcome::Ok { pending } = outcome {
                     if let Some(transfer) = final_record(item, pending.as_ref()) {
-                        let time_ms = transfer.timestamp_ms;
-                        fx.audit.push(AuditEvent { origin: origin.clone(), time_ms, transfer });
+                        audit_created(origin, transfer, fx);
                     }
                 }
             }
@@ -906,6 +904,12 @@ fn commit_ops_of(
             ops
         }
     }
+}
+
+/// The audit event of a transfer just made for a request from `origin`,
+/// stamped with the transfer's own time.
+fn audit_created(origin: &Origin, transfer: Transfer, fx: &mut Effects) {
+    fx.audit.push(AuditEvent { origin: origin.clone(), time_ms: transfer.timestamp_ms, transfer });
 }
 
 /// The `Forget` messages a whole-process crash lost, found after every
