@@ -1,7 +1,8 @@
 //! Client-chosen identifiers and the documented shard hash.
 
 use std::fmt;
-use std::sync::Arc;
+
+use smol_str::SmolStr;
 
 /// Longest id a client may choose.
 pub const MAX_ID_LEN: usize = 64;
@@ -10,15 +11,20 @@ pub const MAX_ID_LEN: usize = 64;
 ///
 /// Ids starting with `_` are reserved for accounts the system creates
 /// (clearing accounts); clients may read them but not create them.
+///
+/// Held inline up to 23 bytes (most ids), else in a shared heap string: a
+/// clone is a copy or a refcount, never an allocation, and hashing or
+/// comparing a short id reads no memory outside the id itself. The apply
+/// loop touches several ids per transfer, so this is worth it.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Id(Arc<str>);
+pub struct Id(SmolStr);
 
 impl Id {
     pub fn parse(text: &str) -> Option<Id> {
         let valid = !text.is_empty()
             && text.len() <= MAX_ID_LEN
             && text.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'));
-        valid.then(|| Id(Arc::from(text)))
+        valid.then(|| Id(SmolStr::new(text)))
     }
 
     pub fn as_str(&self) -> &str {
@@ -38,7 +44,7 @@ impl Id {
 
 impl fmt::Debug for Id {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&*self.0, f)
+        fmt::Debug::fmt(self.0.as_str(), f)
     }
 }
 

@@ -17,6 +17,7 @@ use std::collections::{BTreeSet, VecDeque};
 
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
+use crate::record_table::RecordTable;
 use crate::{Account, Balances, Currency, ErrorCode, Id, NewAccount, Transfer, TransferKind, TransferStatus};
 
 /// Who placed a hold or a lock: the engine's transaction id. 0 = nobody (committed).
@@ -89,11 +90,17 @@ pub struct Booked {
 /// Outcome of [`Ledger::transfer_local`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LocalOutcome {
-    /// Applied; the two accounts' balances right after.
-    Created { debit: Balances, credit: Balances },
+    /// Applied; the two accounts' balances right after, and their slots.
+    Created { debit: Balances, credit: Balances, debit_slot: AccountSlot, credit_slot: AccountSlot },
     /// Same id, same fields: an idempotent retry.
     Exists(Transfer),
 }
+
+/// Where an account sits in its ledger: valid for the ledger's life
+/// (accounts are never removed), so a caller that already found an account
+/// reaches it again without hashing its id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AccountSlot(u32);
 
 /// What resolving needs to know of a pending transfer, read on its home.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -157,7 +164,7 @@ pub struct Ledger {
     by_id: HashMap<Id, u32>,
     ordered: BTreeSet<Id>,
     holds: HashMap<(Id, Side), Hold>,
-    records: HashMap<Id, Record>,
+    records: RecordTable<Record>,
     expiries: BTreeSet<(u64, Id)>,
     /// (shard, currency) -> clearing account index; hashed, it is looked up
     /// twice per cross-shard transfer.
@@ -329,6 +336,8 @@ impl Ledger {
         Ok(LocalOutcome::Created {
             debit: self.accounts[debit as usize].balances,
             credit: self.accounts[credit as usize].balances,
+            debit_slot: AccountSlot(debit),
+            credit_slot: AccountSlot(credit),
         })
     }
 
@@ -425,7 +434,12 @@ impl Ledger {
     /// answers the previous one; `None` for an unknown account.
     pub fn swap_history_head(&mut self, id: &Id, head: u64) -> Option<u64> {
         let index = *self.by_id.get(id)?;
-        Some(std::mem::replace(&mut self.accounts[index as usize].history_head, head))
+        Some(self.swap_history_head_at(AccountSlot(index), head))
+    }
+
+    /// [`Ledger::swap_history_head`] for an account already found.
+    pub fn swap_history_head_at(&mut self, slot: AccountSlot, head: u64) -> u64 {
+        std::mem::replace(&mut self.accounts[slot.0 as usize].history_head, head)
     }
 
     /// Releases a held leg placed by `owner` (cancel). A hold of another owner is left alone.
@@ -637,14 +651,19 @@ impl Ledger {
         let mut evicted = Vec::with_capacity(max.min(self.final_order.len()));
         while evicted.len() < max {
             let Some(id) = self.final_order.pop_front() else { break };
-            let evictable = self.records.get(&id).is_some_and(|r| {
+            let record = self.records.remove_if(id, |r| {
                 r.reserved_by == NO_OWNER && r.locked_by == NO_OWNER && r.transfer.status != TransferStatus::Pending
             });
-            if evictable {
-                evicted.push(self.records.remove(&id).expect("present").transfer);
-            }
+            evicted.extend(record.map(|r| r.transfer));
         }
         evicted
+    }
+
+    /// Makes room for `records` transfer records in memory at once (the
+    /// engine keeps at most about that many), so that the table does not
+    /// grow, and stall the apply loop, while it fills up.
+    pub fn reserve_records(&mut self, records: usize) {
+        self.records.reserve(records);
     }
 
     /// Whether a record of this id is in memory (committed or reserved).
@@ -656,8 +675,8 @@ impl Ledger {
     pub fn restore_record(&mut self, transfer: Transfer) {
         debug_assert!(transfer.status != TransferStatus::Pending, "pending records are never archived");
         let id = transfer.id.clone();
-        if let std::collections::hash_map::Entry::Vacant(slot) = self.records.entry(id.clone()) {
-            slot.insert(Record { transfer, reserved_by: NO_OWNER, locked_by: NO_OWNER });
+        if !self.records.contains_key(&id) {
+            self.records.insert(id.clone(), Record { transfer, reserved_by: NO_OWNER, locked_by: NO_OWNER });
             self.final_order.push_back(id);
         }
     }

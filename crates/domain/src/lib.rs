@@ -12,6 +12,7 @@ mod ids;
 pub mod ledger;
 mod money;
 mod owner;
+mod record_table;
 mod transfer;
 
 pub use account::{Account, AccountFlags, Balances, NewAccount};

@@ -11,13 +11,24 @@
 //! filter ([`Filter`]) so that a new id, the common case, costs a few cache
 //! lines and no I/O.
 //!
-//! Like the history file, runs are derived from the command log: they are
-//! not fsynced, and recovery deletes them and rebuilds them as it replays.
+//! Runs are written by a thread of the archive's own, off the apply
+//! thread: [`Archive::add_run`] only fingerprints and sorts the chunk, adds
+//! it to the filter, and keeps it readable in memory until the writer has
+//! made the file durable (write, fsync). A checkpoint counts on a run only
+//! once it is durable ([`Archive::durable_runs`]); runs past the last
+//! checkpoint are derived from the command log, and recovery deletes them
+//! and rebuilds them as it replays.
 
+use std::collections::VecDeque;
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{unbounded, Receiver, Sender};
 
 use peakstack_domain::{fnv1a64, Id, Transfer};
 
@@ -25,12 +36,17 @@ use crate::codec::{Codec, Reader, Writer};
 
 /// One sparse index point per this many records of a run.
 pub const SPARSE_EVERY: usize = 32;
-/// Bits of filter per archived id: about 0.2% false positives.
-const FILTER_BITS_PER_KEY: usize = 14;
+/// Bits of filter per archived id: about 0.03% false positives per
+/// segment. Each false positive costs a read in every run, so this is worth
+/// its 2.5 bytes per archived transfer.
+const FILTER_BITS_PER_KEY: usize = 20;
 /// Capacity of the first filter segment; each next one doubles.
 const FIRST_SEGMENT_KEYS: usize = 1 << 20;
 /// Largest record a run may hold.
 const MAX_RECORD_BYTES: usize = 4096;
+/// Runs waiting for the writer; past it `add_run` waits for one to finish
+/// (memory stays bounded when the disk falls behind).
+const MAX_PENDING_RUNS: usize = 4;
 
 /// The 64-bit fingerprint of a transfer id in the archive. Not the shard
 /// hash itself: a second, independent mix, so that ids of one shard spread
@@ -151,13 +167,38 @@ impl Run {
     }
 }
 
+/// A run handed to the writer: its records, and (fingerprint, index) in
+/// fingerprint order. Read in memory until the writer answers.
+struct PendingRun {
+    keyed: Vec<(u64, u32)>,
+    records: Vec<Transfer>,
+}
+
+impl PendingRun {
+    fn find(&self, fp: u64, id: &Id) -> Option<Transfer> {
+        let from = self.keyed.partition_point(|(f, _)| *f < fp);
+        self.keyed[from..]
+            .iter()
+            .take_while(|(f, _)| *f == fp)
+            .map(|&(_, index)| &self.records[index as usize])
+            .find(|t| t.id == *id)
+            .cloned()
+    }
+}
+
+type Written = io::Result<Run>;
+
 pub struct Archive {
-    dir: PathBuf,
     runs: Vec<Run>,
+    /// Runs on their way to disk, oldest first; they follow `runs`.
+    pending: VecDeque<Arc<PendingRun>>,
     filter: Filter,
     records: u64,
-    /// Runs written since the last checkpoint took them to sync.
-    unsynced: Vec<PathBuf>,
+    /// Runs durable on disk (written and fsynced), for checkpoints.
+    durable: Arc<AtomicU32>,
+    to_writer: Option<Sender<(u32, Arc<PendingRun>)>>,
+    from_writer: Receiver<Written>,
+    writer: Option<JoinHandle<()>>,
 }
 
 impl Archive {
@@ -168,13 +209,7 @@ impl Archive {
             fs::remove_dir_all(dir)?;
         }
         fs::create_dir_all(dir)?;
-        Ok(Archive {
-            dir: dir.to_path_buf(),
-            runs: Vec::new(),
-            filter: Filter::default(),
-            records: 0,
-            unsynced: Vec::new(),
-        })
+        Archive::start(dir, Vec::new(), Filter::default(), 0)
     }
 
     /// Opens the archive a checkpoint left with `runs` runs: later runs are
@@ -182,13 +217,6 @@ impl Archive {
     /// rebuild the sparse indexes and the filter.
     pub fn open(dir: &Path, runs: u32) -> io::Result<Archive> {
         fs::create_dir_all(dir)?;
-        let mut archive = Archive {
-            dir: dir.to_path_buf(),
-            runs: Vec::new(),
-            filter: Filter::default(),
-            records: 0,
-            unsynced: Vec::new(),
-        };
         for entry in fs::read_dir(dir)? {
             let entry = entry?;
             let name = entry.file_name();
@@ -197,8 +225,11 @@ impl Archive {
                 fs::remove_file(entry.path())?;
             }
         }
+        let mut kept = Vec::new();
+        let mut filter = Filter::default();
+        let mut records = 0u64;
         for index in 0..runs {
-            let path = dir.join(format!("run-{index:06}.dat"));
+            let path = run_path(dir, index);
             let bytes = fs::read(&path)?;
             let mut sparse = Vec::new();
             let mut at = 0usize;
@@ -215,57 +246,96 @@ impl Archive {
                 if count.is_multiple_of(SPARSE_EVERY) {
                     sparse.push((fp, at as u64));
                 }
-                archive.filter.insert(fp);
+                filter.insert(fp);
                 count += 1;
                 at += 12 + len;
             }
-            archive.records += count as u64;
-            archive.runs.push(Run { file: File::open(&path)?, sparse, len: bytes.len() as u64 });
+            records += count as u64;
+            kept.push(Run { file: File::open(&path)?, sparse, len: bytes.len() as u64 });
         }
-        Ok(archive)
+        Archive::start(dir, kept, filter, records)
     }
 
-    /// The runs a checkpoint about to be taken must have on disk; the
-    /// caller syncs them ([`sync_runs`]) before the checkpoint is stored.
-    pub fn take_unsynced(&mut self) -> Vec<PathBuf> {
-        std::mem::take(&mut self.unsynced)
+    fn start(dir: &Path, runs: Vec<Run>, filter: Filter, records: u64) -> io::Result<Archive> {
+        let durable = Arc::new(AtomicU32::new(runs.len() as u32));
+        let (to_writer, writer_rx) = unbounded::<(u32, Arc<PendingRun>)>();
+        let (writer_tx, from_writer) = unbounded::<Written>();
+        let writer = {
+            let (dir, durable) = (dir.to_path_buf(), durable.clone());
+            std::thread::Builder::new().name("archive".into()).spawn(move || {
+                for (index, run) in writer_rx {
+                    let written = write_run(&dir, index, &run);
+                    let failed = written.is_err();
+                    if !failed {
+                        durable.fetch_add(1, Ordering::Release);
+                    }
+                    if writer_tx.send(written).is_err() || failed {
+                        return;
+                    }
+                }
+            })?
+        };
+        Ok(Archive {
+            runs,
+            pending: VecDeque::new(),
+            filter,
+            records,
+            durable,
+            to_writer: Some(to_writer),
+            from_writer,
+            writer: Some(writer),
+        })
     }
 
+    /// How many runs a checkpoint taken now counts on: every run added,
+    /// written or not. It may be stored once [`Archive::durable_runs`]
+    /// reaches this.
     pub fn run_count(&self) -> u32 {
-        self.runs.len() as u32
+        (self.runs.len() + self.pending.len()) as u32
     }
 
-    /// Writes `records` as a new run.
+    /// The count of runs durable on disk, kept up to date by the writer.
+    pub fn durable_runs(&self) -> Arc<AtomicU32> {
+        self.durable.clone()
+    }
+
+    /// Hands `records` to the writer as a new run. The records stay
+    /// readable from memory until their file is durable.
     pub fn add_run(&mut self, records: Vec<Transfer>) -> io::Result<()> {
+        self.poll()?;
         if records.is_empty() {
             return Ok(());
         }
-        let mut keyed: Vec<(u64, Transfer)> = records.into_iter().map(|t| (fingerprint(&t.id), t)).collect();
-        keyed.sort_unstable_by_key(|(fp, _)| *fp);
-        let path = self.dir.join(format!("run-{:06}.dat", self.runs.len()));
-        let mut out = BufWriter::with_capacity(1 << 20, File::create(&path)?);
-        let mut sparse = Vec::with_capacity(keyed.len() / SPARSE_EVERY + 1);
-        let mut offset = 0u64;
-        let mut w = Writer::default();
-        for (index, (fp, t)) in keyed.iter().enumerate() {
-            if index.is_multiple_of(SPARSE_EVERY) {
-                sparse.push((*fp, offset));
-            }
-            w.buf.clear();
-            t.encode(&mut w);
-            out.write_all(&fp.to_le_bytes())?;
-            out.write_all(&(w.buf.len() as u32).to_le_bytes())?;
-            out.write_all(&w.buf)?;
-            offset += 12 + w.buf.len() as u64;
-            self.filter.insert(*fp);
+        while self.pending.len() >= MAX_PENDING_RUNS {
+            let written = self.from_writer.recv().map_err(|_| io::Error::other("archive writer stopped"))?;
+            self.finished(written)?;
         }
-        out.flush()?;
-        // Not synced here (the apply thread must not wait on the disk): the
-        // log thread syncs it before a checkpoint counts on it.
-        self.unsynced.push(path.clone());
-        self.records += keyed.len() as u64;
-        let file = File::open(&path)?;
-        self.runs.push(Run { file, sparse, len: offset });
+        let mut keyed: Vec<(u64, u32)> =
+            records.iter().enumerate().map(|(index, t)| (fingerprint(&t.id), index as u32)).collect();
+        keyed.sort_unstable();
+        for &(fp, _) in &keyed {
+            self.filter.insert(fp);
+        }
+        self.records += records.len() as u64;
+        let run = Arc::new(PendingRun { keyed, records });
+        let index = self.run_count();
+        self.pending.push_back(run.clone());
+        let sender = self.to_writer.as_ref().expect("the writer runs while the archive lives");
+        sender.send((index, run)).map_err(|_| io::Error::other("archive writer stopped"))
+    }
+
+    /// Takes in the runs the writer has finished; an error is the writer's.
+    pub fn poll(&mut self) -> io::Result<()> {
+        while let Ok(written) = self.from_writer.try_recv() {
+            self.finished(written)?;
+        }
+        Ok(())
+    }
+
+    fn finished(&mut self, written: Written) -> io::Result<()> {
+        let run = written?;
+        self.pending.pop_front().expect("the writer answers runs in order");
+        self.runs.push(run);
         Ok(())
     }
 
@@ -280,6 +350,9 @@ impl Archive {
             return Ok(None);
         }
         let fp = fingerprint(id);
+        if let Some(t) = self.pending.iter().rev().find_map(|run| run.find(fp, id)) {
+            return Ok(Some(t));
+        }
         for run in self.runs.iter().rev() {
             if let Some(t) = run.find(fp, id)? {
                 return Ok(Some(t));
@@ -292,21 +365,51 @@ impl Archive {
         self.records
     }
 
-    /// Memory the archive keeps: filter plus sparse indexes.
+    /// Memory the archive keeps: filter plus sparse indexes (runs on their
+    /// way to disk not counted).
     pub fn memory_bytes(&self) -> usize {
         self.filter.bytes() + self.runs.iter().map(|r| r.sparse.len() * 16).sum::<usize>()
     }
 }
 
-/// Makes runs durable (see [`Archive::take_unsynced`]).
-pub fn sync_runs(paths: &[PathBuf]) -> io::Result<()> {
-    for path in paths {
-        File::open(path)?.sync_all()?;
+impl Drop for Archive {
+    /// Lets the writer finish the runs handed to it, then stops it.
+    fn drop(&mut self) {
+        self.to_writer = None;
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
     }
-    if let Some(dir) = paths.first().and_then(|p| p.parent()) {
-        File::open(dir)?.sync_all()?;
+}
+
+fn run_path(dir: &Path, index: u32) -> PathBuf {
+    dir.join(format!("run-{index:06}.dat"))
+}
+
+/// Writes run `index` in fingerprint order and makes it durable (file and
+/// directory entry), on the writer thread.
+fn write_run(dir: &Path, index: u32, run: &PendingRun) -> io::Result<Run> {
+    let path = run_path(dir, index);
+    let file = File::create(&path)?;
+    let mut out = BufWriter::with_capacity(1 << 20, file);
+    let mut sparse = Vec::with_capacity(run.keyed.len() / SPARSE_EVERY + 1);
+    let mut offset = 0u64;
+    let mut w = Writer::default();
+    for (n, &(fp, index)) in run.keyed.iter().enumerate() {
+        if n.is_multiple_of(SPARSE_EVERY) {
+            sparse.push((fp, offset));
+        }
+        w.buf.clear();
+        run.records[index as usize].encode(&mut w);
+        out.write_all(&fp.to_le_bytes())?;
+        out.write_all(&(w.buf.len() as u32).to_le_bytes())?;
+        out.write_all(&w.buf)?;
+        offset += 12 + w.buf.len() as u64;
     }
-    Ok(())
+    let file = out.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()?;
+    File::open(dir)?.sync_all()?;
+    Ok(Run { file: File::open(&path)?, sparse, len: offset })
 }
 
 #[cfg(test)]

@@ -182,6 +182,11 @@ impl ExecutorCore {
         self.ledger.restore_record(transfer);
     }
 
+    /// See [`Ledger::reserve_records`].
+    pub fn reserve_records(&mut self, records: usize) {
+        self.ledger.reserve_records(records);
+    }
+
     /// Takes up to `max` of the oldest final records out of memory.
     pub fn evict_oldest(&mut self, max: usize) -> Vec<Transfer> {
         self.ledger.evict_oldest(max)
@@ -314,22 +319,16 @@ impl ExecutorCore {
         }
         let record = item.record.expect("a create has a record");
         Some(match self.ledger.transfer_local(&record, debit_shard, credit_shard, now_ms) {
-            Ok(LocalOutcome::Created { debit, credit }) => {
+            Ok(LocalOutcome::Created { debit, credit, debit_slot, credit_slot }) => {
                 let amount = record.amount;
-                self.book_history(
-                    &record.debit_account_id,
-                    &record.id,
-                    LegEvent::Posted { side: Side::Debit, amount },
-                    now_ms,
-                    fx,
-                );
-                self.book_history(
-                    &record.credit_account_id,
-                    &record.id,
-                    LegEvent::Posted { side: Side::Credit, amount },
-                    now_ms,
-                    fx,
-                );
+                // Client accounts only: a local transfer never names a clearing account.
+                for (account, slot, side) in [
+                    (&record.debit_account_id, debit_slot, Side::Debit),
+                    (&record.credit_account_id, credit_slot, Side::Credit),
+                ] {
+                    let previous = self.ledger.swap_history_head_at(slot, self.history_len + 1);
+                    self.append_history(previous, account, &record.id, LegEvent::Posted { side, amount }, now_ms, fx);
+                }
                 Ok(TransferOutcome {
                     created: true,
                     transfer: record,
@@ -595,6 +594,20 @@ impl ExecutorCore {
         }
         let head = self.history_len + 1;
         let Some(previous) = self.ledger.swap_history_head(account, head) else { return };
+        self.append_history(previous, account, transfer_id, event, now_ms, fx);
+    }
+
+    /// Appends the entry that became `account`'s history head; `previous` is
+    /// the head it replaced.
+    fn append_history(
+        &mut self,
+        previous: u64,
+        account: &Id,
+        transfer_id: &Id,
+        event: LegEvent,
+        now_ms: u64,
+        fx: &mut Effects,
+    ) {
         let entry = LegEntry {
             previous,
             account: peakstack_domain::fnv1a64(account.as_str().as_bytes()),

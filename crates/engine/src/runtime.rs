@@ -190,26 +190,30 @@ impl Completion {
 }
 
 /// A checkpoint taken, on its way to disk: it covers every batch up to
-/// `covered`, counts on archive `runs` not synced yet, and may be written
-/// only once the audit feed has stored the batches up to `audit_needed`.
+/// `covered`, counts on the first `runs_needed` archive runs, and may be
+/// written only once those runs are durable and the audit feed has stored
+/// the batches up to `audit_needed`.
 struct PendingCheckpoint {
     covered: u64,
     bytes: Vec<u8>,
-    runs: Vec<PathBuf>,
+    runs_needed: u32,
     audit_needed: u64,
 }
 
 struct PendingWrite {
-    frames: Vec<u8>,
-    batch_count: u64,
+    /// The batch's inputs that changed state, in order, to be encoded into
+    /// one log frame by the log thread (off the apply thread); empty when
+    /// the batch logs nothing.
+    logged: Vec<Input>,
+    /// The batch time, written in its frame.
+    time_ms: u64,
     history: Vec<u8>,
     /// A checkpoint covering every batch up to the sequence given, and the
     /// archive runs it counts on that are not synced yet.
     checkpoint: Option<PendingCheckpoint>,
-    inputs: usize,
     completions: Vec<Completion>,
     outbox: Vec<(ExecutorId, PeerMsg)>,
-    /// The audit events of the batch logged in `frames`.
+    /// The audit events of the batch logged in `logged`.
     audit: Vec<AuditEvent>,
     /// That batch's sequence.
     sequence: u64,
@@ -400,14 +404,22 @@ impl Engine {
             cores.into_iter().zip(logs).zip(client_rxs.into_iter().zip(peer_rxs)).zip(last_times)
         {
             let id = core.id();
+            // Eviction keeps the records in memory near the limit; twice
+            // that leaves the table sparse enough never to grow or rehash.
+            let mut core = core;
+            core.reserve_records(config.records_in_memory.saturating_mul(2));
             let (write_tx, write_rx) = bounded::<PendingWrite>(WRITE_QUEUE_CAPACITY);
+            let log_bytes = Arc::new(AtomicU64::new(0));
+            let archive = archives.remove(0);
+            let archive_durable = archive.durable_runs();
             let next_sequence = log.next_sequence();
             let resumed = core.txns_in_flight();
             let applier = Applier {
                 core,
-                archive: archives.remove(0),
+                archive,
                 records_in_memory: config.records_in_memory,
-                log_bytes_since_checkpoint: 0,
+                log_bytes: log_bytes.clone(),
+                log_bytes_at_checkpoint: 0,
                 checkpoint_every_log_bytes: config.checkpoint_every_log_bytes,
                 client_rx,
                 peer_rx,
@@ -429,7 +441,8 @@ impl Engine {
                 write_rx,
                 shared: shared.clone(),
                 history: history_writers.remove(0),
-                unsynced_runs: Vec::new(),
+                log_bytes,
+                archive_durable,
                 waiting_checkpoint: None,
             };
             threads.push(
@@ -776,7 +789,10 @@ struct Applier {
     core: ExecutorCore,
     archive: Archive,
     records_in_memory: usize,
-    log_bytes_since_checkpoint: u64,
+    /// Log bytes written by this executor's log thread, and their count
+    /// when the last checkpoint was taken.
+    log_bytes: Arc<AtomicU64>,
+    log_bytes_at_checkpoint: u64,
     checkpoint_every_log_bytes: u64,
     client_rx: Receiver<Request>,
     peer_rx: Receiver<Inbound>,
@@ -800,13 +816,11 @@ struct Applier {
 impl Applier {
     fn run(mut self) {
         let mut fx = Effects::default();
-        let mut encoded = Writer::default();
         let mut stopping = false;
         let mut clients_open = true;
         loop {
-            let mut inputs_logged = 0usize;
+            let mut logged: Vec<Input> = Vec::new();
             let mut completions = Vec::new();
-            encoded.buf.clear();
             // Wait for the first piece of work, or a tick.
             let mut first: Option<Result<Inbound, Request>> = None;
             if !stopping {
@@ -827,7 +841,7 @@ impl Applier {
 
             let due = self.core.due_expiries(now_ms);
             if !due.is_empty() {
-                self.apply(Input::Expire { pending_ids: due }, now_ms, None, &mut fx, &mut encoded, &mut inputs_logged);
+                self.apply(Input::Expire { pending_ids: due }, now_ms, None, &mut fx, &mut logged);
             }
             let mut taken = 0usize;
             let mut pending_first = first;
@@ -853,23 +867,16 @@ impl Applier {
                 match item {
                     Ok(Inbound::Stop) => stopping = true,
                     Ok(Inbound::Peer { from, messages }) => {
-                        self.apply(
-                            Input::Peer { from, messages },
-                            now_ms,
-                            None,
-                            &mut fx,
-                            &mut encoded,
-                            &mut inputs_logged,
-                        );
+                        self.apply(Input::Peer { from, messages }, now_ms, None, &mut fx, &mut logged);
                     }
                     Err(Request::CreateAccount(new, reply)) => {
-                        let answer = self.open_account(new, now_ms, &mut fx, &mut encoded, &mut inputs_logged);
+                        let answer = self.open_account(new, now_ms, &mut fx, &mut logged);
                         completions.push(Completion::Account(reply, answer));
                     }
                     Err(Request::CreateAccounts(accounts, reply)) => {
                         let answers = accounts
                             .into_iter()
-                            .map(|new| self.open_account(new, now_ms, &mut fx, &mut encoded, &mut inputs_logged))
+                            .map(|new| self.open_account(new, now_ms, &mut fx, &mut logged))
                             .collect();
                         completions.push(Completion::Accounts(reply, answers));
                     }
@@ -883,8 +890,7 @@ impl Applier {
                             now_ms,
                             Some(tag),
                             &mut fx,
-                            &mut encoded,
-                            &mut inputs_logged,
+                            &mut logged,
                         );
                         // Common case: every transfer was local and answered
                         // now, in order. Hand the answers over in one move.
@@ -930,8 +936,9 @@ impl Applier {
             }
             let outbox = std::mem::take(&mut fx.outbox);
             let finishing = stopping && self.peer_rx.is_empty();
-            self.log_bytes_since_checkpoint += encoded.buf.len() as u64;
-            let due = finishing || self.log_bytes_since_checkpoint >= self.checkpoint_every_log_bytes;
+            let log_bytes = self.log_bytes.load(Ordering::Relaxed);
+            let due = finishing || log_bytes - self.log_bytes_at_checkpoint >= self.checkpoint_every_log_bytes;
+            let inputs_logged = logged.len();
             let checkpoint = if due {
                 // The batch being built is covered if it logs anything.
                 let covered = if inputs_logged > 0 { self.next_sequence } else { self.next_sequence - 1 };
@@ -948,40 +955,27 @@ impl Applier {
                     self.last_audit_sequence
                 };
                 taken.map(|c| {
-                    self.log_bytes_since_checkpoint = 0;
-                    PendingCheckpoint { covered, bytes: c.encode(), runs: self.archive.take_unsynced(), audit_needed }
+                    self.log_bytes_at_checkpoint = log_bytes;
+                    PendingCheckpoint { covered, bytes: c.encode(), runs_needed: c.archive_runs, audit_needed }
                 })
             } else {
                 None
             };
             if inputs_logged > 0 || !completions.is_empty() || !outbox.is_empty() || checkpoint.is_some() {
-                let mut frames = Vec::new();
-                let mut batch_count = 0;
                 let sequence = self.next_sequence;
                 if inputs_logged > 0 {
-                    encode_frame(sequence, now_ms, &encoded.buf, inputs_logged, &mut frames);
                     self.next_sequence += 1;
-                    batch_count = 1;
                 }
                 // The next batch likely needs as much room: no regrowth.
                 let room = fx.history.len();
                 let history = std::mem::replace(&mut fx.history, Vec::with_capacity(room));
-                debug_assert!(history.is_empty() || batch_count == 1, "history comes from logged inputs");
+                debug_assert!(history.is_empty() || inputs_logged > 0, "history comes from logged inputs");
                 let audit = std::mem::take(&mut fx.audit);
                 if !audit.is_empty() {
                     self.last_audit_sequence = sequence;
                 }
-                let write = PendingWrite {
-                    frames,
-                    batch_count,
-                    history,
-                    inputs: inputs_logged,
-                    completions,
-                    outbox,
-                    checkpoint,
-                    audit,
-                    sequence,
-                };
+                let write =
+                    PendingWrite { logged, time_ms: now_ms, history, completions, outbox, checkpoint, audit, sequence };
                 if self.write_tx.send(write).is_err() {
                     tracing::error!(executor = self.core.id(), "log thread is gone; executor stops");
                     return;
@@ -1038,11 +1032,9 @@ impl Applier {
         new: NewAccount,
         now_ms: u64,
         fx: &mut Effects,
-        encoded: &mut Writer,
-        inputs_logged: &mut usize,
+        logged: &mut Vec<Input>,
     ) -> AccountReply {
-        self.apply(Input::CreateAccount(new), now_ms, None, fx, encoded, inputs_logged)
-            .unwrap_or(Err(ErrorCode::Unavailable))
+        self.apply(Input::CreateAccount(new), now_ms, None, fx, logged).unwrap_or(Err(ErrorCode::Unavailable))
     }
 
     fn apply(
@@ -1051,8 +1043,7 @@ impl Applier {
         now_ms: u64,
         tag: Option<ClientTag>,
         fx: &mut Effects,
-        encoded: &mut Writer,
-        inputs_logged: &mut usize,
+        logged: &mut Vec<Input>,
     ) -> Option<AccountReply> {
         if let Err(error) = prefetch(&mut self.core, &self.archive, &input) {
             // Deciding without the archived record could answer a retry as
@@ -1062,8 +1053,7 @@ impl Applier {
         }
         let (changed, answer) = self.core.apply(&input, now_ms, tag, fx);
         if changed {
-            input.encode(encoded);
-            *inputs_logged += 1;
+            logged.push(input);
         }
         answer
     }
@@ -1189,9 +1179,13 @@ struct LogWriter {
     write_rx: Receiver<PendingWrite>,
     shared: Arc<Shared>,
     history: HistoryWriter,
-    unsynced_runs: Vec<PathBuf>,
-    /// A checkpoint waiting for the audit feed to store what it covers.
-    waiting_checkpoint: Option<(u64, Vec<u8>, u64)>,
+    /// Log bytes written, for the apply thread's checkpoint schedule.
+    log_bytes: Arc<AtomicU64>,
+    /// Archive runs durable on disk (see `Archive::durable_runs`).
+    archive_durable: Arc<std::sync::atomic::AtomicU32>,
+    /// A checkpoint waiting for the archive runs and the audit batches it
+    /// counts on.
+    waiting_checkpoint: Option<PendingCheckpoint>,
 }
 
 /// How often an idle log thread looks whether a waiting checkpoint may go.
@@ -1201,6 +1195,7 @@ impl LogWriter {
     fn run(mut self) {
         let mut group: Vec<PendingWrite> = Vec::new();
         let mut frames = Vec::new();
+        let mut encoded = Writer::default();
         loop {
             let first = match self.write_rx.recv_timeout(CHECKPOINT_WAIT_POLL) {
                 Ok(first) => first,
@@ -1217,10 +1212,19 @@ impl LogWriter {
             frames.clear();
             let mut batch_count = 0;
             let mut inputs = 0;
-            for write in &group {
-                frames.extend_from_slice(&write.frames);
-                batch_count += write.batch_count;
-                inputs += write.inputs;
+            for write in &mut group {
+                if write.logged.is_empty() {
+                    continue;
+                }
+                encoded.buf.clear();
+                for input in &write.logged {
+                    input.encode(&mut encoded);
+                }
+                encode_frame(write.sequence, write.time_ms, &encoded.buf, write.logged.len(), &mut frames);
+                batch_count += 1;
+                inputs += write.logged.len();
+                // Dropped here, off the apply thread.
+                write.logged = Vec::new();
             }
             if batch_count > 0 {
                 let started = Instant::now();
@@ -1237,6 +1241,7 @@ impl LogWriter {
                 stats.batches.fetch_add(batch_count, Ordering::Relaxed);
                 stats.inputs.fetch_add(inputs as u64, Ordering::Relaxed);
                 stats.log_bytes.fetch_add(frames.len() as u64, Ordering::Relaxed);
+                self.log_bytes.fetch_add(frames.len() as u64, Ordering::Relaxed);
             }
             let executors = self.shared.peers.len();
             let mut by_dest: Vec<Vec<PeerMsg>> = vec![Vec::new(); executors];
@@ -1271,13 +1276,11 @@ impl LogWriter {
                     let _ = self.shared.peers[dest].send(Inbound::Peer { from: self.id, messages });
                 }
             }
-            if let Some(PendingCheckpoint { covered, bytes, runs, audit_needed }) = checkpoint {
-                // Runs of a checkpoint not written are synced with the next one.
-                self.unsynced_runs.extend(runs);
+            if let Some(checkpoint) = checkpoint {
                 // One waits at a time: a newer one would need even more of
                 // the audit stored, and under steady load never get there.
                 if self.waiting_checkpoint.is_none() {
-                    self.waiting_checkpoint = Some((covered, bytes, audit_needed));
+                    self.waiting_checkpoint = Some(checkpoint);
                 }
             }
             self.write_waiting_checkpoint();
@@ -1292,15 +1295,17 @@ impl LogWriter {
         }
     }
 
-    /// Writes the waiting checkpoint once the audit feed has stored every
-    /// batch it covers: after that, no replay will make them again.
+    /// Writes the waiting checkpoint once the archive runs it counts on are
+    /// durable and the audit feed has stored every batch it covers: after
+    /// that, no replay will make them again.
     fn write_waiting_checkpoint(&mut self) {
-        let Some((_, _, audit_needed)) = &self.waiting_checkpoint else { return };
+        let Some(waiting) = &self.waiting_checkpoint else { return };
         let stored = self.shared.audit.stored[usize::from(self.id)].load(Ordering::Acquire);
-        if stored < *audit_needed {
+        let durable_runs = self.archive_durable.load(Ordering::Acquire);
+        if stored < waiting.audit_needed || durable_runs < waiting.runs_needed {
             return;
         }
-        let (covered, bytes, _) = self.waiting_checkpoint.take().expect("checked");
+        let PendingCheckpoint { covered, bytes, .. } = self.waiting_checkpoint.take().expect("checked");
         match self.write_checkpoint(covered, &bytes) {
             Ok(()) => {
                 self.shared.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
@@ -1315,8 +1320,6 @@ impl LogWriter {
     fn write_checkpoint(&mut self, covered: u64, bytes: &[u8]) -> std::io::Result<()> {
         let started = Instant::now();
         self.history.sync()?;
-        crate::archive::sync_runs(&self.unsynced_runs)?;
-        self.unsynced_runs.clear();
         let dir = self.history.path().parent().expect("the history file is in the executor dir").to_path_buf();
         checkpoint::store(&dir, bytes)?;
         let removed = self.log.remove_before(covered + 1).map_err(std::io::Error::other)?;
@@ -1370,6 +1373,7 @@ fn prefetch(core: &mut ExecutorCore, archive: &Archive, input: &Input) -> std::i
 
 /// Archives the oldest final records once memory holds too many.
 fn evict(core: &mut ExecutorCore, archive: &mut Archive, limit: usize) -> std::io::Result<()> {
+    archive.poll()?;
     if core.ledger().transfer_count() > limit {
         let started = Instant::now();
         let chunk = core.evict_oldest(limit.div_ceil(4));
