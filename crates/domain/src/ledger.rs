@@ -705,8 +705,18 @@ pub struct HoldSnapshot {
 pub struct LedgerSnapshot {
     pub accounts: Vec<Account>,
     pub holds: Vec<HoldSnapshot>,
-    /// Committed records in memory, oldest first by time.
+    /// Committed records in memory. [`Ledger::snapshot`] leaves them in
+    /// no particular order (the apply thread takes snapshots, and sorting
+    /// is not its work); [`LedgerSnapshot::sort_records`] puts them oldest
+    /// first, the order in which a rebuilt ledger evicts them.
     pub records: Vec<Transfer>,
+}
+
+impl LedgerSnapshot {
+    /// Puts the records oldest first by time, then by id.
+    pub fn sort_records(&mut self) {
+        self.records.sort_unstable_by(|a, b| (a.timestamp_ms, &a.id).cmp(&(b.timestamp_ms, &b.id)));
+    }
 }
 
 impl Ledger {
@@ -730,13 +740,13 @@ impl Ledger {
             })
             .collect();
         holds.sort_by(|a, b| (&a.transfer_id, a.side).cmp(&(&b.transfer_id, b.side)));
-        let mut records: Vec<Transfer> = self.records.values().map(|r| r.transfer.clone()).collect();
-        records.sort_by(|a, b| (a.timestamp_ms, &a.id).cmp(&(b.timestamp_ms, &b.id)));
+        let records: Vec<Transfer> = self.records.values().map(|r| r.transfer.clone()).collect();
         Some(LedgerSnapshot { accounts: self.accounts.clone(), holds, records })
     }
 
     /// Rebuilds a ledger from a snapshot, checking that it is consistent.
-    pub fn from_snapshot(snapshot: LedgerSnapshot) -> Result<Ledger, &'static str> {
+    pub fn from_snapshot(mut snapshot: LedgerSnapshot) -> Result<Ledger, &'static str> {
+        snapshot.sort_records();
         let mut ledger = Ledger::new();
         for account in snapshot.accounts {
             if ledger.by_id.contains_key(&account.id) {
@@ -842,9 +852,12 @@ mod snapshot_tests {
             ledger.commit_hold(&id("p1"), side, 9);
         }
         ledger.commit_reservation(&id("p1"), 9, None);
-        let snapshot = ledger.snapshot().expect("quiet");
+        let mut snapshot = ledger.snapshot().expect("quiet");
+        snapshot.sort_records();
         let rebuilt = Ledger::from_snapshot(snapshot.clone()).unwrap();
-        assert_eq!(rebuilt.snapshot(), Some(snapshot));
+        let mut again = rebuilt.snapshot().expect("quiet");
+        again.sort_records();
+        assert_eq!(again, snapshot);
         assert_eq!(rebuilt.due_expiries(20, 10), vec![id("p1")]);
         assert_eq!(rebuilt.net_total(), 0);
         let _ = Amount::new(1);

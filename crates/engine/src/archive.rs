@@ -11,10 +11,13 @@
 //! filter ([`Filter`]) so that a new id, the common case, costs a few cache
 //! lines and no I/O.
 //!
-//! Runs are written by a thread of the archive's own, off the apply
-//! thread: [`Archive::add_run`] only fingerprints and sorts the chunk, adds
-//! it to the filter, and keeps it readable in memory until the writer has
-//! made the file durable (write, fsync). A checkpoint counts on a run only
+//! The apply thread hands records over a few at a time ([`Archive::add`]),
+//! as it evicts them, so that no batch stalls on a big eviction; they
+//! gather in a staging run until it is full ([`Archive::seal`]). Runs are
+//! sorted and written by a thread of the archive's own: the apply thread
+//! only fingerprints the records and adds them to the filter, and keeps
+//! them readable in memory until the writer has made the file durable
+//! (write, fsync). A checkpoint counts on a run only
 //! once it is durable ([`Archive::durable_runs`]); runs past the last
 //! checkpoint are derived from the command log, and recovery deletes them
 //! and rebuilds them as it replays.
@@ -44,7 +47,7 @@ const FILTER_BITS_PER_KEY: usize = 20;
 const FIRST_SEGMENT_KEYS: usize = 1 << 20;
 /// Largest record a run may hold.
 const MAX_RECORD_BYTES: usize = 4096;
-/// Runs waiting for the writer; past it `add_run` waits for one to finish
+/// Runs waiting for the writer; past it `seal` waits for one to finish
 /// (memory stays bounded when the disk falls behind).
 const MAX_PENDING_RUNS: usize = 4;
 
@@ -167,22 +170,18 @@ impl Run {
     }
 }
 
-/// A run handed to the writer: its records, and (fingerprint, index) in
-/// fingerprint order. Read in memory until the writer answers.
+/// Records not on disk yet: the staging run, or a sealed run on its way
+/// to the writer, in the order they were evicted. Looked up by a scan of
+/// the fingerprints, which only the filter's rare positives pay for.
+#[derive(Default)]
 struct PendingRun {
-    keyed: Vec<(u64, u32)>,
+    fps: Vec<u64>,
     records: Vec<Transfer>,
 }
 
 impl PendingRun {
     fn find(&self, fp: u64, id: &Id) -> Option<Transfer> {
-        let from = self.keyed.partition_point(|(f, _)| *f < fp);
-        self.keyed[from..]
-            .iter()
-            .take_while(|(f, _)| *f == fp)
-            .map(|&(_, index)| &self.records[index as usize])
-            .find(|t| t.id == *id)
-            .cloned()
+        self.fps.iter().zip(&self.records).rev().find(|(f, t)| **f == fp && t.id == *id).map(|(_, t)| t.clone())
     }
 }
 
@@ -192,6 +191,8 @@ pub struct Archive {
     runs: Vec<Run>,
     /// Runs on their way to disk, oldest first; they follow `runs`.
     pending: VecDeque<Arc<PendingRun>>,
+    /// Records added since the last seal; they follow `pending`.
+    staging: PendingRun,
     filter: Filter,
     records: u64,
     /// Runs durable on disk (written and fsynced), for checkpoints.
@@ -278,6 +279,7 @@ impl Archive {
         Ok(Archive {
             runs,
             pending: VecDeque::new(),
+            staging: PendingRun::default(),
             filter,
             records,
             durable,
@@ -287,9 +289,9 @@ impl Archive {
         })
     }
 
-    /// How many runs a checkpoint taken now counts on: every run added,
-    /// written or not. It may be stored once [`Archive::durable_runs`]
-    /// reaches this.
+    /// How many runs a checkpoint taken now counts on: every sealed run,
+    /// written or not (seal first: staged records are in none). It may be
+    /// stored once [`Archive::durable_runs`] reaches this.
     pub fn run_count(&self) -> u32 {
         (self.runs.len() + self.pending.len()) as u32
     }
@@ -299,29 +301,45 @@ impl Archive {
         self.durable.clone()
     }
 
-    /// Hands `records` to the writer as a new run. The records stay
-    /// readable from memory until their file is durable.
-    pub fn add_run(&mut self, records: Vec<Transfer>) -> io::Result<()> {
+    /// Adds evicted records; once `run_records` are staged they go to the
+    /// writer as a run.
+    pub fn add(&mut self, records: Vec<Transfer>, run_records: usize) -> io::Result<()> {
         self.poll()?;
-        if records.is_empty() {
+        for record in records {
+            let fp = fingerprint(&record.id);
+            self.filter.insert(fp);
+            self.staging.fps.push(fp);
+            self.staging.records.push(record);
+            self.records += 1;
+        }
+        if self.staging.records.len() >= run_records.max(1) {
+            self.seal()?;
+        }
+        Ok(())
+    }
+
+    /// Hands the staged records to the writer as a run (nothing when none
+    /// are staged). They stay readable from memory until their file is durable.
+    pub fn seal(&mut self) -> io::Result<()> {
+        if self.staging.records.is_empty() {
             return Ok(());
         }
         while self.pending.len() >= MAX_PENDING_RUNS {
             let written = self.from_writer.recv().map_err(|_| io::Error::other("archive writer stopped"))?;
             self.finished(written)?;
         }
-        let mut keyed: Vec<(u64, u32)> =
-            records.iter().enumerate().map(|(index, t)| (fingerprint(&t.id), index as u32)).collect();
-        keyed.sort_unstable();
-        for &(fp, _) in &keyed {
-            self.filter.insert(fp);
-        }
-        self.records += records.len() as u64;
-        let run = Arc::new(PendingRun { keyed, records });
+        let run = Arc::new(std::mem::take(&mut self.staging));
         let index = self.run_count();
         self.pending.push_back(run.clone());
         let sender = self.to_writer.as_ref().expect("the writer runs while the archive lives");
         sender.send((index, run)).map_err(|_| io::Error::other("archive writer stopped"))
+    }
+
+    /// Adds `records` as one run of their own (tests).
+    #[cfg(test)]
+    fn add_run(&mut self, records: Vec<Transfer>) -> io::Result<()> {
+        self.add(records, usize::MAX)?;
+        self.seal()
     }
 
     /// Takes in the runs the writer has finished; an error is the writer's.
@@ -350,7 +368,8 @@ impl Archive {
             return Ok(None);
         }
         let fp = fingerprint(id);
-        if let Some(t) = self.pending.iter().rev().find_map(|run| run.find(fp, id)) {
+        let unwritten = std::iter::once(&self.staging).chain(self.pending.iter().rev().map(|run| &**run));
+        if let Some(t) = unwritten.into_iter().find_map(|run| run.find(fp, id)) {
             return Ok(Some(t));
         }
         for run in self.runs.iter().rev() {
@@ -386,16 +405,18 @@ fn run_path(dir: &Path, index: u32) -> PathBuf {
     dir.join(format!("run-{index:06}.dat"))
 }
 
-/// Writes run `index` in fingerprint order and makes it durable (file and
+/// Sorts run `index` by fingerprint, writes it and makes it durable (file and
 /// directory entry), on the writer thread.
 fn write_run(dir: &Path, index: u32, run: &PendingRun) -> io::Result<Run> {
     let path = run_path(dir, index);
     let file = File::create(&path)?;
     let mut out = BufWriter::with_capacity(1 << 20, file);
-    let mut sparse = Vec::with_capacity(run.keyed.len() / SPARSE_EVERY + 1);
+    let mut keyed: Vec<(u64, u32)> = run.fps.iter().enumerate().map(|(index, &fp)| (fp, index as u32)).collect();
+    keyed.sort_unstable();
+    let mut sparse = Vec::with_capacity(keyed.len() / SPARSE_EVERY + 1);
     let mut offset = 0u64;
     let mut w = Writer::default();
-    for (n, &(fp, index)) in run.keyed.iter().enumerate() {
+    for (n, &(fp, index)) in keyed.iter().enumerate() {
         if n.is_multiple_of(SPARSE_EVERY) {
             sparse.push((fp, offset));
         }
@@ -452,6 +473,42 @@ mod tests {
         }
         assert!(false_positives < 100, "filter too loose: {false_positives} of 20000");
         assert_eq!(archive.records(), 15_000);
+    }
+
+    #[test]
+    fn staged_and_unwritten_records_are_found_and_a_reopened_archive_has_every_sealed_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("archive");
+        let id = |n: usize| Id::parse(&format!("s-{n}")).unwrap();
+        let mut archive = Archive::create(&path).unwrap();
+        // Added a few at a time, as the apply loop evicts: runs of 1000.
+        for chunk in (0..2500).collect::<Vec<_>>().chunks(70) {
+            archive.add(chunk.iter().map(|&n| record(&format!("s-{n}"))).collect(), 1000).unwrap();
+        }
+        assert_eq!(archive.run_count(), 2, "two full runs sealed, the rest staged");
+        assert_eq!(archive.records(), 2500);
+        // Found wherever they are: staged, on their way, or on disk.
+        for n in (0..2500).step_by(3) {
+            assert_eq!(archive.get(&id(n)).unwrap().map(|t| t.id), Some(id(n)), "record {n}");
+        }
+        assert_eq!(archive.get(&Id::parse("s-2500").unwrap()).unwrap(), None);
+        archive.seal().unwrap();
+        assert_eq!(archive.run_count(), 3);
+        let durable = archive.durable_runs();
+        drop(archive);
+        // Dropping lets the writer finish: every sealed run is durable.
+        assert_eq!(durable.load(Ordering::Acquire), 3);
+        let reopened = Archive::open(&path, 3).unwrap();
+        assert_eq!(reopened.records(), 2500);
+        for n in 0..2500 {
+            assert_eq!(reopened.get(&id(n)).unwrap(), Some(record(&format!("s-{n}"))), "record {n}");
+        }
+        // A checkpoint that counted two runs drops the third on open.
+        drop(reopened);
+        let older = Archive::open(&path, 2).unwrap();
+        // A run is sealed once it holds at least 1000: 15 chunks of 70.
+        assert_eq!(older.records(), 2100);
+        assert_eq!(older.get(&id(2400)).unwrap(), None);
     }
 
     #[test]

@@ -21,7 +21,7 @@ use peakstack_domain::{Account, ErrorCode, Id, NewAccount, Transfer, TransferReq
 use tokio::sync::oneshot;
 
 use crate::archive::Archive;
-use crate::checkpoint;
+use crate::checkpoint::{self, Checkpoint};
 use crate::clock::Clock;
 use crate::codec::{Codec, Writer};
 use crate::executor::{ClientTag, Effects, ExecutorCore};
@@ -195,7 +195,8 @@ impl Completion {
 /// the batches up to `audit_needed`.
 struct PendingCheckpoint {
     covered: u64,
-    bytes: Vec<u8>,
+    /// Encoded by the log thread, off the apply thread.
+    checkpoint: Checkpoint,
     runs_needed: u32,
     audit_needed: u64,
 }
@@ -942,6 +943,14 @@ impl Applier {
             let checkpoint = if due {
                 // The batch being built is covered if it logs anything.
                 let covered = if inputs_logged > 0 { self.next_sequence } else { self.next_sequence - 1 };
+                // The checkpoint no longer holds the records evicted since
+                // the last one: they must be in a run it counts on.
+                if self.core.txns_in_flight() == 0 && self.core.fence_count() == 0 {
+                    if let Err(error) = self.archive.seal() {
+                        tracing::error!(executor = self.core.id(), %error, "archive write failed; executor stops");
+                        std::process::abort();
+                    }
+                }
                 let taken = self.core.checkpoint(covered, now_ms, self.archive.run_count());
                 if taken.is_some() || finishing {
                     self.lower_barrier();
@@ -956,7 +965,7 @@ impl Applier {
                 };
                 taken.map(|c| {
                     self.log_bytes_at_checkpoint = log_bytes;
-                    PendingCheckpoint { covered, bytes: c.encode(), runs_needed: c.archive_runs, audit_needed }
+                    PendingCheckpoint { covered, runs_needed: c.archive_runs, checkpoint: c, audit_needed }
                 })
             } else {
                 None
@@ -1184,8 +1193,8 @@ struct LogWriter {
     /// Archive runs durable on disk (see `Archive::durable_runs`).
     archive_durable: Arc<std::sync::atomic::AtomicU32>,
     /// A checkpoint waiting for the archive runs and the audit batches it
-    /// counts on.
-    waiting_checkpoint: Option<PendingCheckpoint>,
+    /// counts on, and its encoding.
+    waiting_checkpoint: Option<(PendingCheckpoint, Vec<u8>)>,
 }
 
 /// How often an idle log thread looks whether a waiting checkpoint may go.
@@ -1280,7 +1289,10 @@ impl LogWriter {
                 // One waits at a time: a newer one would need even more of
                 // the audit stored, and under steady load never get there.
                 if self.waiting_checkpoint.is_none() {
-                    self.waiting_checkpoint = Some(checkpoint);
+                    let mut checkpoint = checkpoint;
+                    checkpoint.checkpoint.ledger.sort_records();
+                    let bytes = checkpoint.checkpoint.encode();
+                    self.waiting_checkpoint = Some((checkpoint, bytes));
                 }
             }
             self.write_waiting_checkpoint();
@@ -1299,13 +1311,13 @@ impl LogWriter {
     /// durable and the audit feed has stored every batch it covers: after
     /// that, no replay will make them again.
     fn write_waiting_checkpoint(&mut self) {
-        let Some(waiting) = &self.waiting_checkpoint else { return };
+        let Some((waiting, _)) = &self.waiting_checkpoint else { return };
         let stored = self.shared.audit.stored[usize::from(self.id)].load(Ordering::Acquire);
         let durable_runs = self.archive_durable.load(Ordering::Acquire);
         if stored < waiting.audit_needed || durable_runs < waiting.runs_needed {
             return;
         }
-        let PendingCheckpoint { covered, bytes, .. } = self.waiting_checkpoint.take().expect("checked");
+        let (PendingCheckpoint { covered, .. }, bytes) = self.waiting_checkpoint.take().expect("checked");
         match self.write_checkpoint(covered, &bytes) {
             Ok(()) => {
                 self.shared.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
@@ -1371,20 +1383,17 @@ fn prefetch(core: &mut ExecutorCore, archive: &Archive, input: &Input) -> std::i
     Ok(())
 }
 
-/// Archives the oldest final records once memory holds too many.
+/// Archives the oldest final records once memory holds too many: as many
+/// as went over the limit, and a little more, so that every batch evicts
+/// about what it added and none stalls on a big eviction. Archive runs
+/// hold a quarter of the limit each.
 fn evict(core: &mut ExecutorCore, archive: &mut Archive, limit: usize) -> std::io::Result<()> {
-    archive.poll()?;
-    if core.ledger().transfer_count() > limit {
-        let started = Instant::now();
-        let chunk = core.evict_oldest(limit.div_ceil(4));
-        let count = chunk.len();
-        archive.add_run(chunk)?;
-        tracing::debug!(
-            executor = core.id(),
-            records = count,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "archived records"
-        );
+    let count = core.ledger().transfer_count();
+    if count > limit {
+        let chunk = core.evict_oldest(count - limit + limit / 16);
+        archive.add(chunk, limit.div_ceil(4))?;
+    } else {
+        archive.poll()?;
     }
     Ok(())
 }
