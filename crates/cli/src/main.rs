@@ -148,8 +148,8 @@ enum BenchWorkload {
         /// Share of transfers (0..1) whose debit side is one of a few hot accounts.
         #[arg(long, default_value_t = 0.0)]
         hot: f64,
-        /// Transfers per engine call.
-        #[arg(long, default_value_t = 4096)]
+        /// Transfers per engine call (the latency percentiles are per call).
+        #[arg(long, default_value_t = 1024)]
         batch: usize,
         /// Client threads submitting batches.
         #[arg(long, default_value_t = 4)]
