@@ -190,14 +190,12 @@ impl Completion {
 }
 
 /// A checkpoint taken, on its way to disk: it covers every batch up to
-/// `covered`, counts on the first `runs_needed` archive runs, and may be
-/// written only once those runs are durable and the audit feed has stored
-/// the batches up to `audit_needed`.
+/// `checkpoint.sequence`, counts on the first `checkpoint.archive_runs`
+/// archive runs, and may be written only once those runs are durable and
+/// the audit feed has stored the batches up to `audit_needed`.
 struct PendingCheckpoint {
-    covered: u64,
     /// Encoded by the log thread, off the apply thread.
     checkpoint: Checkpoint,
-    runs_needed: u32,
     audit_needed: u64,
 }
 
@@ -965,7 +963,7 @@ impl Applier {
                 };
                 taken.map(|c| {
                     self.log_bytes_at_checkpoint = log_bytes;
-                    PendingCheckpoint { covered, runs_needed: c.archive_runs, checkpoint: c, audit_needed }
+                    PendingCheckpoint { checkpoint: c, audit_needed }
                 })
             } else {
                 None
@@ -1314,11 +1312,11 @@ impl LogWriter {
         let Some((waiting, _)) = &self.waiting_checkpoint else { return };
         let stored = self.shared.audit.stored[usize::from(self.id)].load(Ordering::Acquire);
         let durable_runs = self.archive_durable.load(Ordering::Acquire);
-        if stored < waiting.audit_needed || durable_runs < waiting.runs_needed {
+        if stored < waiting.audit_needed || durable_runs < waiting.checkpoint.archive_runs {
             return;
         }
-        let (PendingCheckpoint { covered, .. }, bytes) = self.waiting_checkpoint.take().expect("checked");
-        match self.write_checkpoint(covered, &bytes) {
+        let (waiting, bytes) = self.waiting_checkpoint.take().expect("checked");
+        match self.write_checkpoint(waiting.checkpoint.sequence, &bytes) {
             Ok(()) => {
                 self.shared.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
             }
