@@ -40,9 +40,13 @@ impl<R> RecordTable<R> {
 
     /// Inserts or replaces; answers the record replaced.
     pub fn insert(&mut self, id: Id, record: R) -> Option<R> {
-        if let Some(&slot) = self.index.get(&id) {
-            return self.slots[slot as usize].replace(record);
-        }
+        // One probe: this runs for every transfer made.
+        let vacant = match self.index.entry(id) {
+            std::collections::hash_map::Entry::Occupied(entry) => {
+                return self.slots[*entry.get() as usize].replace(record);
+            }
+            std::collections::hash_map::Entry::Vacant(vacant) => vacant,
+        };
         let slot = match self.free.pop() {
             Some(slot) => {
                 self.slots[slot as usize] = Some(record);
@@ -54,7 +58,7 @@ impl<R> RecordTable<R> {
                 slot
             }
         };
-        self.index.insert(id, slot);
+        vacant.insert(slot);
         None
     }
 
