@@ -145,7 +145,7 @@ impl ExecutorCore {
     /// The state for a checkpoint, or `None` while a transaction is in
     /// flight or a fence is kept (checkpoints are taken between them).
     pub fn checkpoint(&self, sequence: u64, time_ms: u64, archive_runs: u32) -> Option<Checkpoint> {
-        if !self.txns.is_empty() || !self.fences.is_empty() {
+        if !self.is_quiet() {
             return None;
         }
         Some(Checkpoint {
@@ -156,6 +156,12 @@ impl ExecutorCore {
             archive_runs,
             ledger: self.ledger.snapshot()?,
         })
+    }
+
+    /// No transaction in flight and no fence kept: a moment a checkpoint
+    /// may be taken at.
+    pub fn is_quiet(&self) -> bool {
+        self.txns.is_empty() && self.fences.is_empty()
     }
 
     /// An executor as a checkpoint left it.

@@ -207,8 +207,7 @@ struct PendingWrite {
     /// The batch time, written in its frame.
     time_ms: u64,
     history: Vec<u8>,
-    /// A checkpoint covering every batch up to the sequence given, and the
-    /// archive runs it counts on that are not synced yet.
+    /// A checkpoint taken at the end of this batch.
     checkpoint: Option<PendingCheckpoint>,
     completions: Vec<Completion>,
     outbox: Vec<(ExecutorId, PeerMsg)>,
@@ -943,7 +942,7 @@ impl Applier {
                 let covered = if inputs_logged > 0 { self.next_sequence } else { self.next_sequence - 1 };
                 // The checkpoint no longer holds the records evicted since
                 // the last one: they must be in a run it counts on.
-                if self.core.txns_in_flight() == 0 && self.core.fence_count() == 0 {
+                if self.core.is_quiet() {
                     if let Err(error) = self.archive.seal() {
                         tracing::error!(executor = self.core.id(), %error, "archive write failed; executor stops");
                         std::process::abort();
