@@ -362,14 +362,15 @@ impl Archive {
         self.records > 0 && self.filter.maybe_contains(fingerprint(id))
     }
 
-    /// The archived record of `id`, newest run first.
+    /// The archived record of `id`, newest run first. Cheap for an id the
+    /// filter rules out (no I/O).
     pub fn get(&self, id: &Id) -> io::Result<Option<Transfer>> {
-        if !self.maybe_contains(id) {
+        let fp = fingerprint(id);
+        if self.records == 0 || !self.filter.maybe_contains(fp) {
             return Ok(None);
         }
-        let fp = fingerprint(id);
-        let unwritten = std::iter::once(&self.staging).chain(self.pending.iter().rev().map(|run| &**run));
-        if let Some(t) = unwritten.into_iter().find_map(|run| run.find(fp, id)) {
+        let mut unwritten = std::iter::once(&self.staging).chain(self.pending.iter().rev().map(|run| &**run));
+        if let Some(t) = unwritten.find_map(|run| run.find(fp, id)) {
             return Ok(Some(t));
         }
         for run in self.runs.iter().rev() {

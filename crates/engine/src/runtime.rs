@@ -1371,7 +1371,7 @@ fn prefetch(core: &mut ExecutorCore, archive: &Archive, input: &Input) -> std::i
         Input::CreateAccount(_) | Input::Expire { .. } => {}
     }
     for id in ids {
-        if !core.ledger().has_record(id) && archive.maybe_contains(id) {
+        if !core.ledger().has_record(id) {
             if let Some(transfer) = archive.get(id)? {
                 core.restore_record(transfer);
             }
