@@ -210,6 +210,14 @@ impl Ledger {
         self.by_id.get(id).map(|&i| &self.accounts[i as usize])
     }
 
+    /// Looks `id` up and starts bringing its account into the cache (see
+    /// [`crate::cache`]): a batch asks for all its accounts before it is applied.
+    pub fn prefetch_account(&self, id: &Id) {
+        if let Some(&index) = self.by_id.get(id) {
+            crate::cache::prefetch(&self.accounts[index as usize].balances);
+        }
+    }
+
     pub fn account_count(&self) -> usize {
         self.accounts.len()
     }

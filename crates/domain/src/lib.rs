@@ -7,6 +7,7 @@
 //! replays to the same ledger.
 
 mod account;
+pub mod cache;
 mod error;
 mod ids;
 pub mod ledger;

@@ -68,9 +68,13 @@ pub struct Filter {
     segments: Vec<Segment>,
 }
 
+/// 512 bits on one cache line (aligned so that a probe touches one line).
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Block([u64; 8]);
+
 struct Segment {
-    /// 512-bit blocks (one cache line each).
-    blocks: Vec<[u64; 8]>,
+    blocks: Vec<Block>,
     keys: usize,
     capacity: usize,
 }
@@ -78,11 +82,15 @@ struct Segment {
 impl Segment {
     fn new(capacity: usize) -> Segment {
         let blocks = (capacity * FILTER_BITS_PER_KEY).div_ceil(512).max(1);
-        Segment { blocks: vec![[0u64; 8]; blocks], keys: 0, capacity }
+        Segment { blocks: vec![Block([0u64; 8]); blocks], keys: 0, capacity }
+    }
+
+    fn block_of(&self, fp: u64) -> usize {
+        ((fp as u128 * self.blocks.len() as u128) >> 64) as usize
     }
 
     fn probes(&self, fp: u64) -> (usize, impl Iterator<Item = u32>) {
-        let block = ((fp as u128 * self.blocks.len() as u128) >> 64) as usize;
+        let block = self.block_of(fp);
         let mut h = fp.rotate_left(32) | 1;
         let bits = (0..7).map(move |_| {
             h = h.wrapping_mul(0x9e37_79b9_7f4a_7c15);
@@ -93,7 +101,7 @@ impl Segment {
 
     fn insert(&mut self, fp: u64) {
         let (block, bits) = self.probes(fp);
-        let block = &mut self.blocks[block];
+        let block = &mut self.blocks[block].0;
         for bit in bits {
             block[(bit / 64) as usize] |= 1 << (bit % 64);
         }
@@ -102,7 +110,7 @@ impl Segment {
 
     fn maybe_contains(&self, fp: u64) -> bool {
         let (block, mut bits) = self.probes(fp);
-        let block = &self.blocks[block];
+        let block = &self.blocks[block].0;
         bits.all(|bit| block[(bit / 64) as usize] & (1 << (bit % 64)) != 0)
     }
 }
@@ -118,6 +126,20 @@ impl Filter {
 
     pub fn maybe_contains(&self, fp: u64) -> bool {
         self.segments.iter().any(|s| s.maybe_contains(fp))
+    }
+
+    /// Starts bringing in the lines a check of `fp` reads (one per segment).
+    pub fn prefetch(&self, fp: u64) {
+        for segment in &self.segments {
+            peakstack_domain::cache::prefetch(&segment.blocks[segment.block_of(fp)]);
+        }
+    }
+
+    /// Starts bringing in the line an insert of `fp` writes.
+    fn prefetch_insert(&self, fp: u64) {
+        if let Some(segment) = self.segments.last() {
+            peakstack_domain::cache::prefetch(&segment.blocks[segment.block_of(fp)]);
+        }
     }
 
     pub fn bytes(&self) -> usize {
@@ -305,13 +327,19 @@ impl Archive {
     /// writer as a run.
     pub fn add(&mut self, records: Vec<Transfer>, run_records: usize) -> io::Result<()> {
         self.poll()?;
-        for record in records {
+        // Fingerprints first, asking for their filter lines, then the
+        // inserts: the cache misses overlap.
+        let from = self.staging.fps.len();
+        for record in &records {
             let fp = fingerprint(&record.id);
-            self.filter.insert(fp);
+            self.filter.prefetch_insert(fp);
             self.staging.fps.push(fp);
-            self.staging.records.push(record);
-            self.records += 1;
         }
+        for &fp in &self.staging.fps[from..] {
+            self.filter.insert(fp);
+        }
+        self.records += records.len() as u64;
+        self.staging.records.extend(records);
         if self.staging.records.len() >= run_records.max(1) {
             self.seal()?;
         }
@@ -365,7 +393,20 @@ impl Archive {
     /// The archived record of `id`, newest run first. Cheap for an id the
     /// filter rules out (no I/O).
     pub fn get(&self, id: &Id) -> io::Result<Option<Transfer>> {
-        let fp = fingerprint(id);
+        self.get_fingerprinted(id, fingerprint(id))
+    }
+
+    /// Starts bringing in the filter lines a lookup of fingerprint `fp`
+    /// reads; a batch asks for all of them before it looks any up.
+    pub fn prefetch(&self, fp: u64) {
+        if self.records > 0 {
+            self.filter.prefetch(fp);
+        }
+    }
+
+    /// [`Archive::get`] for an id whose fingerprint is known.
+    pub fn get_fingerprinted(&self, id: &Id, fp: u64) -> io::Result<Option<Transfer>> {
+        debug_assert_eq!(fp, fingerprint(id));
         if self.records == 0 || !self.filter.maybe_contains(fp) {
             return Ok(None);
         }

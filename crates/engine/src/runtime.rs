@@ -1370,9 +1370,28 @@ fn prefetch(core: &mut ExecutorCore, archive: &Archive, input: &Input) -> std::i
         }
         Input::CreateAccount(_) | Input::Expire { .. } => {}
     }
-    for id in ids {
+    // Ask for every line this input will read (its accounts, the filter's
+    // blocks) before reading any, so that the cache misses overlap instead
+    // of coming one after another.
+    if let Input::Transfers { requests, .. } = input {
+        for request in requests {
+            if let TransferRequest::Create { debit_account_id, credit_account_id, .. } = request {
+                core.ledger().prefetch_account(debit_account_id);
+                core.ledger().prefetch_account(credit_account_id);
+            }
+        }
+    }
+    let fingerprints: Vec<u64> = ids
+        .iter()
+        .map(|id| {
+            let fp = crate::archive::fingerprint(id);
+            archive.prefetch(fp);
+            fp
+        })
+        .collect();
+    for (id, fp) in ids.into_iter().zip(fingerprints) {
         if !core.ledger().has_record(id) {
-            if let Some(transfer) = archive.get(id)? {
+            if let Some(transfer) = archive.get_fingerprinted(id, fp)? {
                 core.restore_record(transfer);
             }
         }
