@@ -30,12 +30,16 @@ pub const MAX_AUDIT_SCAN: usize = 100_000;
 
 const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("keys");
 /// Rows of audit records keyed by the seq of their first record: a write's
-/// records share one row (an engine batch's hundreds of transfers cost one
-/// insert), numbered on from it.
+/// records share rows of up to [`MAX_RECORDS_PER_ROW`] (an engine batch's
+/// hundreds of transfers cost a few inserts), numbered on from it.
 const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+/// Most records one audit row holds. Rows stay a few pages long: one row per
+/// write made values of megabytes under load, which redb writes through
+/// fresh zeroed buffers, and which a query decodes whole to read one record.
+const MAX_RECORDS_PER_ROW: usize = 64;
 
 /// One row of the audit table: a record, or several with consecutive seqs.
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(serde::Deserialize)]
 #[serde(untagged)]
 enum Row {
     One(AuditRecord),
@@ -295,7 +299,7 @@ fn write_group(db: &Database, group: &mut Vec<Write>, next_seq: u64) -> u64 {
             let mut keys = txn.open_table(KEYS).map_err(redb_error)?;
             let mut audit = txn.open_table(AUDIT).map_err(redb_error)?;
             let mut marks = txn.open_table(FEED_MARKS).map_err(redb_error)?;
-            for write in group.iter() {
+            for write in group.iter_mut() {
                 for &(executor, sequence) in &write.marks {
                     marks.insert(executor, sequence).map_err(redb_error)?;
                 }
@@ -304,22 +308,23 @@ fn write_group(db: &Database, group: &mut Vec<Write>, next_seq: u64) -> u64 {
                     keys.insert(key.id.as_str(), bytes.as_slice()).map_err(redb_error)?;
                 }
                 let first_seq = seq;
-                let numbered: Vec<AuditRecord> = write
-                    .audit
-                    .iter()
-                    .map(|record| {
-                        seq += 1;
-                        AuditRecord { seq: seq - 1, ..record.clone() }
-                    })
-                    .collect();
+                // Taken: on failure every writer hears so (the audit feed
+                // sends its batches again).
+                let mut numbered = std::mem::take(&mut write.audit);
+                for record in &mut numbered {
+                    record.seq = seq;
+                    seq += 1;
+                }
                 seqs_of.push((first_seq..seq).collect());
-                let row = match numbered.len() {
-                    0 => continue,
-                    1 => Row::One(numbered.into_iter().next().expect("one")),
-                    _ => Row::Many(numbered),
-                };
-                let bytes = serde_json::to_vec(&row).map_err(|e| AccessStoreError::Failed(e.to_string()))?;
-                audit.insert(first_seq, bytes.as_slice()).map_err(redb_error)?;
+                for chunk in numbered.chunks(MAX_RECORDS_PER_ROW) {
+                    // The shapes `Row` reads: one record, or an array of them.
+                    let bytes = match chunk {
+                        [one] => serde_json::to_vec(one),
+                        many => serde_json::to_vec(many),
+                    }
+                    .map_err(|e| AccessStoreError::Failed(e.to_string()))?;
+                    audit.insert(chunk[0].seq, bytes.as_slice()).map_err(redb_error)?;
+                }
             }
         }
         txn.commit().map_err(redb_error)?;
@@ -389,28 +394,34 @@ mod tests {
     }
 
     #[test]
-    fn a_feed_write_is_one_row_that_queries_read_record_by_record() {
+    fn a_feed_write_fills_rows_that_queries_read_record_by_record() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("access.redb");
         let (store, _) = AccessStore::open(&path).unwrap();
         let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
         runtime.block_on(store.append(record("k", action::KEY_CREATE, "k1", 1))).unwrap();
         let feed: Vec<AuditRecord> =
-            (0..5).map(|i| record("k", action::TRANSFER_CREATE, &format!("t{i}"), 2)).collect();
+            (0..150).map(|i| record("k", action::TRANSFER_CREATE, &format!("t{i}"), 2)).collect();
+        // Seqs 2..=151, in rows of 64, 64 and 22 records.
         store.append_feed_blocking(feed, vec![(0, 7), (1, 3)]).unwrap();
         runtime.block_on(store.append(record("k", action::KEY_REVOKE, "k1", 3))).unwrap();
         assert_eq!(store.feed_marks().unwrap(), vec![(0, 7), (1, 3)]);
-        let all = runtime.block_on(store.query(AuditFilter::default(), 0, 100)).unwrap();
-        assert_eq!(all.records.iter().map(|r| r.seq).collect::<Vec<_>>(), (1..=7).collect::<Vec<_>>());
+        let all = runtime.block_on(store.query(AuditFilter::default(), 0, 1000)).unwrap();
+        assert_eq!(all.records.iter().map(|r| r.seq).collect::<Vec<_>>(), (1..=152).collect::<Vec<_>>());
         assert_eq!(all.records[3].target, "t2");
-        // A cursor in the middle of the row.
+        assert_eq!(all.records[151].action, action::KEY_REVOKE);
+        let targets = |page: &AuditPage| page.records.iter().map(|r| r.target.clone()).collect::<Vec<_>>();
+        // A cursor in the middle of a row.
         let page = runtime.block_on(store.query(AuditFilter::default(), 3, 2)).unwrap();
-        assert_eq!(page.records.iter().map(|r| r.target.as_str()).collect::<Vec<_>>(), vec!["t2", "t3"]);
+        assert_eq!(targets(&page), vec!["t2", "t3"]);
         assert_eq!(page.next, Some(5));
+        // A page across two rows: seq 66 (t64) starts the second one.
+        let page = runtime.block_on(store.query(AuditFilter::default(), 64, 3)).unwrap();
+        assert_eq!(targets(&page), vec!["t63", "t64", "t65"]);
         runtime.block_on(store.close());
         // Seqs go on after a reopen from the last record of the last row.
         let (store, _) = AccessStore::open(&path).unwrap();
-        assert_eq!(runtime.block_on(store.append(record("k", action::KEY_CREATE, "k2", 4))).unwrap(), 8);
+        assert_eq!(runtime.block_on(store.append(record("k", action::KEY_CREATE, "k2", 4))).unwrap(), 153);
         runtime.block_on(store.close());
     }
 
