@@ -408,6 +408,7 @@ impl Engine {
             core.reserve_records(config.records_in_memory.saturating_mul(2));
             let (write_tx, write_rx) = bounded::<PendingWrite>(WRITE_QUEUE_CAPACITY);
             let log_bytes = Arc::new(AtomicU64::new(0));
+            let (spare_history_tx, spare_history_rx) = bounded::<Vec<u8>>(WRITE_QUEUE_CAPACITY);
             let archive = archives.remove(0);
             let archive_durable = archive.durable_runs();
             let next_sequence = log.next_sequence();
@@ -418,6 +419,7 @@ impl Engine {
                 records_in_memory: config.records_in_memory,
                 log_bytes: log_bytes.clone(),
                 log_bytes_at_checkpoint: 0,
+                spare_history: spare_history_rx,
                 checkpoint_every_log_bytes: config.checkpoint_every_log_bytes,
                 client_rx,
                 peer_rx,
@@ -440,6 +442,7 @@ impl Engine {
                 shared: shared.clone(),
                 history: history_writers.remove(0),
                 log_bytes,
+                spare_history: spare_history_tx,
                 archive_durable,
                 waiting_checkpoint: None,
             };
@@ -791,6 +794,8 @@ struct Applier {
     /// when the last checkpoint was taken.
     log_bytes: Arc<AtomicU64>,
     log_bytes_at_checkpoint: u64,
+    /// History buffers the log thread is done with, to write into again.
+    spare_history: Receiver<Vec<u8>>,
     checkpoint_every_log_bytes: u64,
     client_rx: Receiver<Request>,
     peer_rx: Receiver<Inbound>,
@@ -972,9 +977,11 @@ impl Applier {
                 if inputs_logged > 0 {
                     self.next_sequence += 1;
                 }
-                // The next batch likely needs as much room: no regrowth.
-                let room = fx.history.len();
-                let history = std::mem::replace(&mut fx.history, Vec::with_capacity(room));
+                // A buffer the log thread is done with, so that the next
+                // batch writes into memory already mapped (a fresh one of
+                // this size costs page faults on every batch).
+                let spare = self.spare_history.try_recv().unwrap_or_else(|_| Vec::with_capacity(fx.history.len()));
+                let history = std::mem::replace(&mut fx.history, spare);
                 debug_assert!(history.is_empty() || inputs_logged > 0, "history comes from logged inputs");
                 let audit = std::mem::take(&mut fx.audit);
                 if !audit.is_empty() {
@@ -1187,6 +1194,8 @@ struct LogWriter {
     history: HistoryWriter,
     /// Log bytes written, for the apply thread's checkpoint schedule.
     log_bytes: Arc<AtomicU64>,
+    /// History buffers written out, going back to the apply thread.
+    spare_history: Sender<Vec<u8>>,
     /// Archive runs durable on disk (see `Archive::durable_runs`).
     archive_durable: Arc<std::sync::atomic::AtomicU32>,
     /// A checkpoint waiting for the archive runs and the audit batches it
@@ -1261,6 +1270,10 @@ impl LogWriter {
                         std::process::abort();
                     }
                 }
+                let mut spare = write.history;
+                spare.clear();
+                // Back to the apply thread; dropped when it has enough.
+                let _ = self.spare_history.try_send(spare);
                 // Audit before answers: a read of the audit trail after an
                 // answer waits for this batch (see `Engine::audit_caught_up`).
                 if !write.audit.is_empty() {
