@@ -17,6 +17,8 @@ use std::collections::{BTreeSet, VecDeque};
 
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
+use crate::chunked::ChunkedVec;
+use crate::id_index::IdIndex;
 use crate::record_table::RecordTable;
 use crate::{Account, Balances, Currency, ErrorCode, Id, NewAccount, Transfer, TransferKind, TransferStatus};
 
@@ -161,7 +163,7 @@ pub fn clearing_shard(id: &str) -> Option<u32> {
 #[derive(Default)]
 pub struct Ledger {
     accounts: Vec<Account>,
-    by_id: HashMap<Id, u32>,
+    by_id: IdIndex,
     ordered: BTreeSet<Id>,
     holds: HashMap<(Id, Side), Hold>,
     records: RecordTable<Record>,
@@ -172,6 +174,9 @@ pub struct Ledger {
     /// Ids of records that became final, oldest first: the order in which
     /// the engine may evict them (an id may appear twice; eviction checks).
     final_order: VecDeque<Id>,
+    /// Records a transaction has reserved or locked: a snapshot is taken
+    /// only when there are none (counted, so that it need not look).
+    claimed_records: usize,
 }
 
 impl Ledger {
@@ -187,7 +192,7 @@ impl Ledger {
         if new.validate().is_err() {
             return Err(ErrorCode::InvalidRequest);
         }
-        if let Some(&index) = self.by_id.get(&new.id) {
+        if let Some(index) = self.by_id.get(&new.id) {
             let existing = &self.accounts[index as usize];
             if !existing.same_fields(&new) {
                 return Err(ErrorCode::ExistsWithDifferentFields);
@@ -207,15 +212,26 @@ impl Ledger {
     }
 
     pub fn account(&self, id: &Id) -> Option<&Account> {
-        self.by_id.get(id).map(|&i| &self.accounts[i as usize])
+        self.by_id.get(id).map(|i| &self.accounts[i as usize])
     }
 
-    /// Looks `id` up and starts bringing its account into the cache (see
-    /// [`crate::cache`]): a batch asks for all its accounts before it is applied.
+    /// Starts bringing in the index line where account `id` is looked up
+    /// (see [`crate::cache`]). A batch asks for every id's index line, then
+    /// for every account ([`Ledger::prefetch_account`]), then applies.
+    pub fn prefetch_account_index(&self, id: &Id) {
+        self.by_id.prefetch(id);
+    }
+
+    /// Looks `id` up and starts bringing its account into the cache.
     pub fn prefetch_account(&self, id: &Id) {
-        if let Some(&index) = self.by_id.get(id) {
+        if let Some(index) = self.by_id.get(id) {
             crate::cache::prefetch(&self.accounts[index as usize].balances);
         }
+    }
+
+    /// Starts bringing in the index line where record `id` is looked up.
+    pub fn prefetch_record_index(&self, id: &Id) {
+        self.records.prefetch(id);
     }
 
     pub fn account_count(&self) -> usize {
@@ -228,7 +244,7 @@ impl Ledger {
             Some(after) => self.ordered.range::<Id, _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded)),
             None => self.ordered.range::<Id, _>(..),
         };
-        range.take(limit).map(|id| &self.accounts[self.by_id[id] as usize])
+        range.take(limit).map(|id| &self.accounts[self.by_id.get(id).expect("ordered ids are indexed") as usize])
     }
 
     pub fn accounts(&self) -> &[Account] {
@@ -287,8 +303,8 @@ impl Ledger {
         }
         let amount = record.amount;
         let via_clearing = debit_shard != credit_shard;
-        let debit = self.by_id.get(&record.debit_account_id).copied();
-        let credit = self.by_id.get(&record.credit_account_id).copied();
+        let debit = self.by_id.get(&record.debit_account_id);
+        let credit = self.by_id.get(&record.credit_account_id);
         // A clearing account that does not exist yet has zero balances and
         // no constraint: any amount passes its check. It is opened only when
         // the transfer is applied, so a refused transfer leaves nothing behind.
@@ -366,7 +382,7 @@ impl Ledger {
             // this id was used before); the home shard's record decides.
             return Err(ErrorCode::InFlight);
         }
-        let account = *self.by_id.get(&leg.account_id).ok_or(ErrorCode::AccountNotFound)?;
+        let account = self.by_id.get(&leg.account_id).ok_or(ErrorCode::AccountNotFound)?;
         if self.accounts[account as usize].currency != leg.currency {
             return Err(ErrorCode::CurrencyMismatch);
         }
@@ -441,7 +457,7 @@ impl Ledger {
     /// Sets an account's history head (see [`Account::history_head`]) and
     /// answers the previous one; `None` for an unknown account.
     pub fn swap_history_head(&mut self, id: &Id, head: u64) -> Option<u64> {
-        let index = *self.by_id.get(id)?;
+        let index = self.by_id.get(id)?;
         Some(self.swap_history_head_at(AccountSlot(index), head))
     }
 
@@ -522,6 +538,9 @@ impl Ledger {
             }
             return Err(ErrorCode::ExistsWithDifferentFields);
         }
+        if owner != NO_OWNER {
+            self.claimed_records += 1;
+        }
         self.records.insert(transfer.id.clone(), Record { transfer, reserved_by: owner, locked_by: NO_OWNER });
         Ok(Reservation::Reserved)
     }
@@ -531,10 +550,11 @@ impl Ledger {
     /// final fields only during its try (a post learns its accounts then).
     pub fn commit_reservation(&mut self, id: &Id, owner: Owner, filled: Option<Transfer>) -> Option<&Transfer> {
         let record = self.records.get_mut(id)?;
-        if record.reserved_by != owner {
+        if record.reserved_by != owner || owner == NO_OWNER {
             return None;
         }
         record.reserved_by = NO_OWNER;
+        self.claimed_records -= 1;
         if let Some(transfer) = filled {
             debug_assert_eq!(transfer.id, *id);
             record.transfer = transfer;
@@ -551,8 +571,9 @@ impl Ledger {
     }
 
     pub fn cancel_reservation(&mut self, id: &Id, owner: Owner) {
-        if self.records.get(id).is_some_and(|r| r.reserved_by == owner) {
+        if owner != NO_OWNER && self.records.get(id).is_some_and(|r| r.reserved_by == owner) {
             self.records.remove(id);
+            self.claimed_records -= 1;
         }
     }
 
@@ -598,7 +619,10 @@ impl Ledger {
                 return Err(ErrorCode::AmountExceedsPending);
             }
         }
-        record.locked_by = owner;
+        if owner != NO_OWNER {
+            record.locked_by = owner;
+            self.claimed_records += 1;
+        }
         let t = &record.transfer;
         Ok(PendingInfo {
             debit_account_id: t.debit_account_id.clone(),
@@ -612,10 +636,11 @@ impl Ledger {
     /// the updated record.
     pub fn finish_pending(&mut self, pending_id: &Id, owner: Owner, kind: ResolveKind) -> Option<&Transfer> {
         let record = self.records.get_mut(pending_id)?;
-        if record.locked_by != owner {
+        if record.locked_by != owner || owner == NO_OWNER {
             return None;
         }
         record.locked_by = NO_OWNER;
+        self.claimed_records -= 1;
         let t = &mut record.transfer;
         match kind {
             ResolveKind::Post(amount) => {
@@ -634,8 +659,9 @@ impl Ledger {
 
     pub fn unlock_pending(&mut self, pending_id: &Id, owner: Owner) {
         if let Some(record) = self.records.get_mut(pending_id) {
-            if record.locked_by == owner {
+            if record.locked_by == owner && owner != NO_OWNER {
                 record.locked_by = NO_OWNER;
+                self.claimed_records -= 1;
             }
         }
     }
@@ -656,6 +682,11 @@ impl Ledger {
     /// again, through [`Ledger::restore_record`], before any input that
     /// names their ids). Pending, reserved and locked records stay.
     pub fn evict_oldest(&mut self, max: usize) -> Vec<Transfer> {
+        // The oldest records are long out of the cache: ask for their index
+        // lines, then for the records, before taking any.
+        let oldest = || self.final_order.iter().take(max);
+        oldest().for_each(|id| self.records.prefetch(id));
+        oldest().for_each(|id| self.records.prefetch_record(id));
         let mut evicted = Vec::with_capacity(max.min(self.final_order.len()));
         while evicted.len() < max {
             let Some(id) = self.final_order.pop_front() else { break };
@@ -713,10 +744,9 @@ pub struct HoldSnapshot {
 pub struct LedgerSnapshot {
     pub accounts: Vec<Account>,
     pub holds: Vec<HoldSnapshot>,
-    /// Committed records in memory. [`Ledger::snapshot`] leaves them in
-    /// no particular order (the apply thread takes snapshots, and sorting
-    /// is not its work); [`LedgerSnapshot::sort_records`] puts them oldest
-    /// first, the order in which a rebuilt ledger evicts them.
+    /// Committed records in memory, oldest first when sorted
+    /// ([`LedgerSnapshot::sort_records`]): the order in which a rebuilt
+    /// ledger evicts them. [`Ledger::snapshot`] sorts them.
     pub records: Vec<Transfer>,
 }
 
@@ -727,13 +757,53 @@ impl LedgerSnapshot {
     }
 }
 
+/// A quiet ledger's state as [`Ledger::image`] takes it on the apply
+/// thread: the accounts copied, the records shared (see [`ChunkedVec`]).
+/// Whoever encodes it turns it into the same bytes as a [`LedgerSnapshot`]
+/// with its records sorted; dropping it ends the sharing.
+pub struct LedgerImage {
+    pub accounts: Vec<Account>,
+    pub holds: Vec<HoldSnapshot>,
+    records: ChunkedVec<Option<Record>>,
+}
+
+impl LedgerImage {
+    /// The records, oldest first by time, then by id (the order of
+    /// [`LedgerSnapshot::sort_records`]).
+    pub fn sorted_records(&self) -> Vec<&Transfer> {
+        let mut records: Vec<&Transfer> = self.records.iter().flatten().map(|r| &r.transfer).collect();
+        records.sort_unstable_by(|a, b| (a.timestamp_ms, &a.id).cmp(&(b.timestamp_ms, &b.id)));
+        records
+    }
+
+    /// The image as a snapshot (records copied, sorted).
+    pub fn to_snapshot(&self) -> LedgerSnapshot {
+        LedgerSnapshot {
+            accounts: self.accounts.clone(),
+            holds: self.holds.clone(),
+            records: self.sorted_records().into_iter().cloned().collect(),
+        }
+    }
+}
+
 impl Ledger {
     /// The ledger's state, or `None` while a transaction holds or locks
     /// anything (a snapshot is only taken between transactions).
     pub fn snapshot(&self) -> Option<LedgerSnapshot> {
-        if self.holds.values().any(|h| h.owner != NO_OWNER || !h.pending)
-            || self.records.values().any(|r| r.reserved_by != NO_OWNER || r.locked_by != NO_OWNER)
-        {
+        self.image(Vec::new()).map(|image| image.to_snapshot())
+    }
+
+    /// The ledger's state for a checkpoint, or `None` while a transaction
+    /// holds or locks anything. Cheap enough for the apply thread: the
+    /// accounts are copied into `accounts` (a buffer an earlier image
+    /// left, so that its memory is already mapped), the records are shared.
+    pub fn image(&self, mut accounts: Vec<Account>) -> Option<LedgerImage> {
+        debug_assert_eq!(
+            self.claimed_records,
+            self.records.values().filter(|r| r.reserved_by != NO_OWNER || r.locked_by != NO_OWNER).count(),
+            "claimed records are counted"
+        );
+        if self.claimed_records > 0 || self.holds.values().any(|h| h.owner != NO_OWNER || !h.pending) {
             return None;
         }
         let mut holds: Vec<HoldSnapshot> = self
@@ -748,8 +818,8 @@ impl Ledger {
             })
             .collect();
         holds.sort_by(|a, b| (&a.transfer_id, a.side).cmp(&(&b.transfer_id, b.side)));
-        let records: Vec<Transfer> = self.records.values().map(|r| r.transfer.clone()).collect();
-        Some(LedgerSnapshot { accounts: self.accounts.clone(), holds, records })
+        accounts.clone_from(&self.accounts);
+        Some(LedgerImage { accounts, holds, records: self.records.share() })
     }
 
     /// Rebuilds a ledger from a snapshot, checking that it is consistent.

@@ -8,7 +8,9 @@
 
 mod account;
 pub mod cache;
+mod chunked;
 mod error;
+mod id_index;
 mod ids;
 pub mod ledger;
 mod money;

@@ -6,32 +6,48 @@
 //! probe touches one short bucket, and growing or cleaning the table moves
 //! 32-byte entries, not whole records. Freed slots are reused, so the slab
 //! stays as large as the most records ever held at once.
+//!
+//! The slab is a [`ChunkedVec`]: a checkpoint takes the records with
+//! [`RecordTable::share`] in a few pointer copies, and the apply loop copies
+//! a chunk only when it writes to one the checkpoint still reads.
 
+use crate::chunked::ChunkedVec;
+use crate::id_index::IdIndex;
 use crate::Id;
 
-type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
-
 pub(crate) struct RecordTable<R> {
-    index: HashMap<Id, u32>,
-    slots: Vec<Option<R>>,
+    index: IdIndex,
+    slots: ChunkedVec<Option<R>>,
     free: Vec<u32>,
 }
 
 impl<R> Default for RecordTable<R> {
     fn default() -> Self {
-        RecordTable { index: HashMap::default(), slots: Vec::new(), free: Vec::new() }
+        RecordTable { index: IdIndex::default(), slots: ChunkedVec::default(), free: Vec::new() }
     }
 }
 
-impl<R> RecordTable<R> {
+impl<R: Clone> RecordTable<R> {
     pub fn get(&self, id: &Id) -> Option<&R> {
-        let slot = *self.index.get(id)?;
+        let slot = self.index.get(id)?;
         self.slots[slot as usize].as_ref()
     }
 
     pub fn get_mut(&mut self, id: &Id) -> Option<&mut R> {
-        let slot = *self.index.get(id)?;
+        let slot = self.index.get(id)?;
         self.slots[slot as usize].as_mut()
+    }
+
+    /// Starts bringing in the index line a lookup of `id` reads.
+    pub fn prefetch(&self, id: &Id) {
+        self.index.prefetch(id);
+    }
+
+    /// Looks `id` up and starts bringing its record into the cache.
+    pub fn prefetch_record(&self, id: &Id) {
+        if let Some(record) = self.get(id) {
+            crate::cache::prefetch_all(record);
+        }
     }
 
     pub fn contains_key(&self, id: &Id) -> bool {
@@ -41,41 +57,26 @@ impl<R> RecordTable<R> {
     /// Inserts or replaces; answers the record replaced.
     pub fn insert(&mut self, id: Id, record: R) -> Option<R> {
         // One probe: this runs for every transfer made.
-        let vacant = match self.index.entry(id) {
-            std::collections::hash_map::Entry::Occupied(entry) => {
-                return self.slots[*entry.get() as usize].replace(record);
-            }
-            std::collections::hash_map::Entry::Vacant(vacant) => vacant,
-        };
-        let slot = match self.free.pop() {
-            Some(slot) => {
-                self.slots[slot as usize] = Some(record);
-                slot
-            }
+        let (free, slots) = (&mut self.free, &mut self.slots);
+        let (slot, inserted) = self.index.get_or_insert_with(id, || match free.pop() {
+            Some(slot) => slot,
             None => {
-                let slot = u32::try_from(self.slots.len()).expect("fewer than 2^32 records in memory");
-                self.slots.push(Some(record));
+                let slot = u32::try_from(slots.len()).expect("fewer than 2^32 records in memory");
+                slots.push(None);
                 slot
             }
-        };
-        vacant.insert(slot);
-        None
+        });
+        let previous = self.slots[slot as usize].replace(record);
+        debug_assert_eq!(previous.is_none(), inserted);
+        previous
     }
 
     /// Removes `id`'s record if `evictable` says so, in one probe.
     pub fn remove_if(&mut self, id: Id, evictable: impl FnOnce(&R) -> bool) -> Option<R> {
-        match self.index.entry(id) {
-            std::collections::hash_map::Entry::Occupied(entry) => {
-                let slot = *entry.get();
-                if !self.slots[slot as usize].as_ref().is_some_and(evictable) {
-                    return None;
-                }
-                entry.remove();
-                self.free.push(slot);
-                self.slots[slot as usize].take()
-            }
-            std::collections::hash_map::Entry::Vacant(_) => None,
-        }
+        let slots = &self.slots;
+        let slot = self.index.remove_if(&id, |slot| slots[slot as usize].as_ref().is_some_and(evictable))?;
+        self.free.push(slot);
+        self.slots[slot as usize].take()
     }
 
     pub fn remove(&mut self, id: &Id) -> Option<R> {
@@ -92,10 +93,16 @@ impl<R> RecordTable<R> {
         self.slots.iter().flatten()
     }
 
+    /// Every record as it is now, whatever the table does later (a few
+    /// pointer copies; see [`ChunkedVec::share`]).
+    pub fn share(&self) -> ChunkedVec<Option<R>> {
+        self.slots.share()
+    }
+
     /// Makes room for `records` in the index at once, so that it does not
     /// grow (and rehash) record by record while the ledger fills up to that.
     pub fn reserve(&mut self, records: usize) {
-        self.index.reserve(records.saturating_sub(self.index.len()));
+        self.index.reserve(records);
         self.slots.reserve(records.saturating_sub(self.slots.len()));
     }
 }

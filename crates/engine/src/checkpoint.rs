@@ -14,45 +14,73 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use peakstack_domain::ledger::LedgerSnapshot;
+use peakstack_domain::ledger::{LedgerImage, LedgerSnapshot};
 
-use crate::codec::{Codec, Reader, Writer};
+use crate::codec::{self, Codec, Reader, Writer};
 
 pub const CHECKPOINT_FILE: &str = "checkpoint.snap";
 const MAGIC: &[u8; 4] = b"PSCK";
 const FORMAT: u32 = 1;
 
+/// A checkpoint as it is read back (`L` = [`LedgerSnapshot`]), or as the
+/// apply thread takes it (`L` = [`LedgerImage`], records shared with the
+/// live ledger until it is encoded). Both encode to the same bytes.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Checkpoint {
+pub struct Checkpoint<L = LedgerSnapshot> {
     /// The last batch it covers.
     pub sequence: u64,
     pub time_ms: u64,
     pub next_txn: u64,
     pub history_len: u64,
     pub archive_runs: u32,
-    pub ledger: LedgerSnapshot,
+    pub ledger: L,
 }
 
-impl Checkpoint {
+/// The ledger part of a checkpoint, in the one format both forms share.
+pub trait CheckpointLedger {
+    fn encode_ledger(&self, w: &mut Writer);
+}
+
+impl CheckpointLedger for LedgerSnapshot {
+    fn encode_ledger(&self, w: &mut Writer) {
+        self.encode(w);
+    }
+}
+
+impl CheckpointLedger for LedgerImage {
+    fn encode_ledger(&self, w: &mut Writer) {
+        codec::encode_ledger_image(self, w);
+    }
+}
+
+/// Bytes of the file header: magic, format, checksum, payload length.
+const HEADER_BYTES: usize = 20;
+
+impl<L: CheckpointLedger> Checkpoint<L> {
     pub fn encode(&self) -> Vec<u8> {
-        let mut w = Writer::default();
+        // The payload is written after room for the header, which is filled
+        // in last: a checkpoint is tens of megabytes, not worth a second copy.
+        let mut w = Writer { buf: vec![0; HEADER_BYTES] };
         w.u64(self.sequence);
         w.u64(self.time_ms);
         w.u64(self.next_txn);
         w.u64(self.history_len);
         w.varint(u64::from(self.archive_runs));
-        self.ledger.encode(&mut w);
-        let mut out = Vec::with_capacity(w.buf.len() + 20);
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&FORMAT.to_le_bytes());
-        out.extend_from_slice(&crc32c::crc32c(&w.buf).to_le_bytes());
-        out.extend_from_slice(&(w.buf.len() as u64).to_le_bytes());
-        out.extend_from_slice(&w.buf);
+        self.ledger.encode_ledger(&mut w);
+        let mut out = w.buf;
+        let payload_len = (out.len() - HEADER_BYTES) as u64;
+        let crc = crc32c::crc32c(&out[HEADER_BYTES..]);
+        out[..4].copy_from_slice(MAGIC);
+        out[4..8].copy_from_slice(&FORMAT.to_le_bytes());
+        out[8..12].copy_from_slice(&crc.to_le_bytes());
+        out[12..20].copy_from_slice(&payload_len.to_le_bytes());
         out
     }
+}
 
+impl Checkpoint {
     pub fn decode(bytes: &[u8]) -> Result<Checkpoint, String> {
-        if bytes.len() < 20 || &bytes[..4] != MAGIC {
+        if bytes.len() < HEADER_BYTES || &bytes[..4] != MAGIC {
             return Err("not a checkpoint".into());
         }
         let format = u32::from_le_bytes(bytes[4..8].try_into().expect("4"));
@@ -61,7 +89,7 @@ impl Checkpoint {
         }
         let crc = u32::from_le_bytes(bytes[8..12].try_into().expect("4"));
         let len = u64::from_le_bytes(bytes[12..20].try_into().expect("8")) as usize;
-        let payload = bytes.get(20..20 + len).ok_or("checkpoint cut short")?;
+        let payload = bytes.get(HEADER_BYTES..HEADER_BYTES + len).ok_or("checkpoint cut short")?;
         if crc32c::crc32c(payload) != crc {
             return Err("checkpoint fails its checksum".into());
         }
@@ -168,5 +196,64 @@ mod tests {
         assert_eq!(load(dir.path()).unwrap(), None);
         store(dir.path(), &bytes).unwrap();
         assert_eq!(load(dir.path()).unwrap(), Some(checkpoint));
+    }
+
+    /// The apply thread's image of a ledger encodes to the bytes of the
+    /// snapshot taken at the same moment, whatever the ledger does between
+    /// taking the image and encoding it (its records are shared, not copied).
+    #[test]
+    fn an_image_encodes_as_its_snapshot_even_after_the_ledger_moved_on() {
+        let usd = Currency::parse("USD").unwrap();
+        let id = |s: String| Id::parse(&s).unwrap();
+        let mut ledger = peakstack_domain::Ledger::new();
+        for n in 0..50 {
+            let new = NewAccount {
+                id: id(format!("a{n}")),
+                currency: usd,
+                flags: AccountFlags::empty(),
+                overdraft_limit: 0,
+                metadata: None,
+                owner: None,
+            };
+            ledger.create_account(new, 1).unwrap();
+        }
+        let transfer = |n: u64| Transfer {
+            id: id(format!("t{n}")),
+            debit_account_id: id(format!("a{}", n % 50)),
+            credit_account_id: id(format!("a{}", (n * 7 + 1) % 50)),
+            amount: 1 + n,
+            currency: usd,
+            kind: TransferKind::Single,
+            status: TransferStatus::Posted,
+            posted_amount: None,
+            // Not in id order, so the sort shows.
+            timestamp_ms: 1000 - n % 10,
+        };
+        let apply = |ledger: &mut peakstack_domain::Ledger, range: std::ops::Range<u64>| {
+            for n in range {
+                let t = transfer(n);
+                if t.debit_account_id != t.credit_account_id {
+                    ledger.transfer_local(&t, 0, 1, t.timestamp_ms).unwrap();
+                }
+            }
+        };
+        // Enough records for several chunks, some of them evicted so that
+        // freed slots are reused after the image.
+        apply(&mut ledger, 0..700);
+        assert_eq!(ledger.evict_oldest(100).len(), 100);
+        fn header<L>(ledger: L) -> Checkpoint<L> {
+            Checkpoint { sequence: 3, time_ms: 4, next_txn: 5, history_len: 6, archive_runs: 7, ledger }
+        }
+        let snapshot = ledger.snapshot().expect("quiet");
+        let mut sorted = snapshot.clone();
+        sorted.sort_records();
+        assert_eq!((snapshot.records.len(), &sorted), (600, &snapshot), "every record in memory, oldest first");
+        let image = ledger.image(Vec::new()).expect("quiet");
+        apply(&mut ledger, 700..900);
+        ledger.evict_oldest(300);
+        let bytes = header(image).encode();
+        assert_eq!(bytes, header(snapshot.clone()).encode());
+        assert_eq!(Checkpoint::decode(&bytes).unwrap().ledger, snapshot);
+        assert_ne!(ledger.snapshot().unwrap(), snapshot, "the ledger did move on");
     }
 }

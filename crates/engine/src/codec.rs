@@ -812,9 +812,11 @@ mod tests {
     }
 }
 
+pub use snapshot::encode_ledger_image;
+
 mod snapshot {
     use super::*;
-    use peakstack_domain::ledger::{HoldSnapshot, LedgerSnapshot};
+    use peakstack_domain::ledger::{HoldSnapshot, LedgerImage, LedgerSnapshot};
     use peakstack_domain::Account;
 
     impl Codec for Account {
@@ -869,6 +871,18 @@ mod snapshot {
                 clearing: Option::<u64>::decode(r)?.map(index).transpose()?,
                 amount: r.varint()?,
             })
+        }
+    }
+
+    /// Encodes an image exactly as the [`LedgerSnapshot`] it stands for,
+    /// records sorted, without copying them out.
+    pub fn encode_ledger_image(image: &LedgerImage, w: &mut Writer) {
+        image.accounts.encode(w);
+        image.holds.encode(w);
+        let records = image.sorted_records();
+        w.varint(records.len() as u64);
+        for record in records {
+            record.encode(w);
         }
     }
 

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
-use peakstack_domain::ledger::{Booked, Leg, LocalOutcome, PendingInfo, ResolveKind, TxnView};
+use peakstack_domain::ledger::{Booked, LedgerImage, Leg, LocalOutcome, PendingInfo, ResolveKind, TxnView};
 
 use crate::checkpoint::Checkpoint;
 use crate::history::{LegEntry, LegEvent};
@@ -144,7 +144,14 @@ impl ExecutorCore {
 
     /// The state for a checkpoint, or `None` while a transaction is in
     /// flight or a fence is kept (checkpoints are taken between them).
-    pub fn checkpoint(&self, sequence: u64, time_ms: u64, archive_runs: u32) -> Option<Checkpoint> {
+    /// `accounts` is a buffer to copy the accounts into (see [`Ledger::image`]).
+    pub fn checkpoint(
+        &self,
+        sequence: u64,
+        time_ms: u64,
+        archive_runs: u32,
+        accounts: Vec<Account>,
+    ) -> Option<Checkpoint<LedgerImage>> {
         if !self.is_quiet() {
             return None;
         }
@@ -154,7 +161,7 @@ impl ExecutorCore {
             next_txn: self.next_txn,
             history_len: self.history_len,
             archive_runs,
-            ledger: self.ledger.snapshot()?,
+            ledger: self.ledger.image(accounts)?,
         })
     }
 

@@ -131,9 +131,10 @@ impl HistoryWriter {
         Ok(writer)
     }
 
-    /// Makes what was appended durable (before a checkpoint counts on it).
-    pub fn sync(&self) -> io::Result<()> {
-        self.file.sync_data()
+    /// A second handle on the file, to make what was appended durable
+    /// from another thread (before a checkpoint counts on it).
+    pub fn sync_handle(&self) -> io::Result<File> {
+        self.file.try_clone()
     }
 
     pub fn append(&mut self, bytes: &[u8]) -> io::Result<()> {

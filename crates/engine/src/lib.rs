@@ -4,6 +4,7 @@
 
 pub mod archive;
 pub mod checkpoint;
+mod checkpointer;
 pub mod clock;
 pub mod codec;
 pub mod executor;

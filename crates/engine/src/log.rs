@@ -186,22 +186,24 @@ impl Log {
         self.next_sequence += batch_count;
         Ok(())
     }
+}
 
-    /// Deletes closed segments whose batches all precede `sequence`
-    /// (a checkpoint covers them).
-    pub fn remove_before(&mut self, sequence: u64) -> Result<usize, LogError> {
-        let segments = list_segments(&self.dir)?;
-        let mut removed = 0;
-        for window in segments.windows(2) {
-            let (_, path) = &window[0];
-            let (next_first, _) = &window[1];
-            if *next_first <= sequence && *path != self.file_path {
-                fs::remove_file(path).map_err(io_err(path))?;
-                removed += 1;
-            }
+/// Deletes the closed segments in `dir` whose batches all precede
+/// `sequence` (a checkpoint covers them). Safe beside the thread that
+/// appends: a segment is closed once a newer one exists, and the newest is
+/// never deleted.
+pub fn remove_segments_before(dir: &Path, sequence: u64) -> Result<usize, LogError> {
+    let segments = list_segments(dir)?;
+    let mut removed = 0;
+    for window in segments.windows(2) {
+        let (_, path) = &window[0];
+        let (next_first, _) = &window[1];
+        if *next_first <= sequence {
+            fs::remove_file(path).map_err(io_err(path))?;
+            removed += 1;
         }
-        Ok(removed)
     }
+    Ok(removed)
 }
 
 fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, LogError> {

@@ -21,7 +21,8 @@ use peakstack_domain::{Account, ErrorCode, Id, NewAccount, Transfer, TransferReq
 use tokio::sync::oneshot;
 
 use crate::archive::Archive;
-use crate::checkpoint::{self, Checkpoint};
+use crate::checkpoint;
+use crate::checkpointer::{Checkpointer, CheckpointerConfig, PendingCheckpoint};
 use crate::clock::Clock;
 use crate::codec::{Codec, Writer};
 use crate::executor::{ClientTag, Effects, ExecutorCore};
@@ -187,16 +188,6 @@ impl Completion {
             Completion::Query(tx, v) => tx.send(v).map_err(drop),
         };
     }
-}
-
-/// A checkpoint taken, on its way to disk: it covers every batch up to
-/// `checkpoint.sequence`, counts on the first `checkpoint.archive_runs`
-/// archive runs, and may be written only once those runs are durable and
-/// the audit feed has stored the batches up to `audit_needed`.
-struct PendingCheckpoint {
-    /// Encoded by the log thread, off the apply thread.
-    checkpoint: Checkpoint,
-    audit_needed: u64,
 }
 
 struct PendingWrite {
@@ -409,8 +400,25 @@ impl Engine {
             let (write_tx, write_rx) = bounded::<PendingWrite>(WRITE_QUEUE_CAPACITY);
             let log_bytes = Arc::new(AtomicU64::new(0));
             let (spare_history_tx, spare_history_rx) = bounded::<Vec<u8>>(WRITE_QUEUE_CAPACITY);
+            let (spare_accounts_tx, spare_accounts_rx) = bounded::<Vec<Account>>(1);
             let archive = archives.remove(0);
-            let archive_durable = archive.durable_runs();
+            let checkpointer = {
+                let history = &history_writers[0];
+                let shared = shared.clone();
+                let shared_for_stats = shared.clone();
+                Checkpointer::start(CheckpointerConfig {
+                    executor: id,
+                    dir: history.path().parent().expect("the history file is in the executor dir").to_path_buf(),
+                    history: history.sync_handle().map_err(EngineError::History)?,
+                    archive_durable: archive.durable_runs(),
+                    audit_stored: Box::new(move || shared.audit.stored[usize::from(id)].load(Ordering::Acquire)),
+                    on_written: Box::new(move || {
+                        shared_for_stats.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
+                    }),
+                    spare_accounts: spare_accounts_tx,
+                })
+                .map_err(EngineError::Thread)?
+            };
             let next_sequence = log.next_sequence();
             let resumed = core.txns_in_flight();
             let applier = Applier {
@@ -420,6 +428,7 @@ impl Engine {
                 log_bytes: log_bytes.clone(),
                 log_bytes_at_checkpoint: 0,
                 spare_history: spare_history_rx,
+                spare_accounts: spare_accounts_rx,
                 checkpoint_every_log_bytes: config.checkpoint_every_log_bytes,
                 client_rx,
                 peer_rx,
@@ -443,8 +452,7 @@ impl Engine {
                 history: history_writers.remove(0),
                 log_bytes,
                 spare_history: spare_history_tx,
-                archive_durable,
-                waiting_checkpoint: None,
+                checkpointer,
             };
             threads.push(
                 std::thread::Builder::new()
@@ -796,6 +804,9 @@ struct Applier {
     log_bytes_at_checkpoint: u64,
     /// History buffers the log thread is done with, to write into again.
     spare_history: Receiver<Vec<u8>>,
+    /// The accounts buffer of the last checkpoint, once encoded: the next
+    /// one copies the accounts into memory already mapped.
+    spare_accounts: Receiver<Vec<Account>>,
     checkpoint_every_log_bytes: u64,
     client_rx: Receiver<Request>,
     peer_rx: Receiver<Inbound>,
@@ -953,7 +964,8 @@ impl Applier {
                         std::process::abort();
                     }
                 }
-                let taken = self.core.checkpoint(covered, now_ms, self.archive.run_count());
+                let accounts = self.spare_accounts.try_recv().unwrap_or_default();
+                let taken = self.core.checkpoint(covered, now_ms, self.archive.run_count(), accounts);
                 if taken.is_some() || finishing {
                     self.lower_barrier();
                 } else {
@@ -1196,15 +1208,9 @@ struct LogWriter {
     log_bytes: Arc<AtomicU64>,
     /// History buffers written out, going back to the apply thread.
     spare_history: Sender<Vec<u8>>,
-    /// Archive runs durable on disk (see `Archive::durable_runs`).
-    archive_durable: Arc<std::sync::atomic::AtomicU32>,
-    /// A checkpoint waiting for the archive runs and the audit batches it
-    /// counts on, and its encoding.
-    waiting_checkpoint: Option<(PendingCheckpoint, Vec<u8>)>,
+    /// Takes checkpoints on from here once their batches are durable.
+    checkpointer: Checkpointer,
 }
-
-/// How often an idle log thread looks whether a waiting checkpoint may go.
-const CHECKPOINT_WAIT_POLL: Duration = Duration::from_millis(20);
 
 impl LogWriter {
     fn run(mut self) {
@@ -1212,14 +1218,7 @@ impl LogWriter {
         let mut frames = Vec::new();
         let mut encoded = Writer::default();
         loop {
-            let first = match self.write_rx.recv_timeout(CHECKPOINT_WAIT_POLL) {
-                Ok(first) => first,
-                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                    self.write_waiting_checkpoint();
-                    continue;
-                }
-                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
-            };
+            let Ok(first) = self.write_rx.recv() else { break };
             group.push(first);
             while let Ok(more) = self.write_rx.try_recv() {
                 group.push(more);
@@ -1296,64 +1295,11 @@ impl LogWriter {
                 }
             }
             if let Some(checkpoint) = checkpoint {
-                // One waits at a time: a newer one would need even more of
-                // the audit stored, and under steady load never get there.
-                if self.waiting_checkpoint.is_none() {
-                    let mut checkpoint = checkpoint;
-                    checkpoint.checkpoint.ledger.sort_records();
-                    let bytes = checkpoint.checkpoint.encode();
-                    self.waiting_checkpoint = Some((checkpoint, bytes));
-                }
+                self.checkpointer.offer(checkpoint);
             }
-            self.write_waiting_checkpoint();
         }
-        // Stopping: the last checkpoint goes if the audit feed has what it covers.
-        self.write_waiting_checkpoint();
-        if self.waiting_checkpoint.is_some() {
-            tracing::warn!(
-                executor = self.id,
-                "last checkpoint not written: the audit feed has not stored what it covers"
-            );
-        }
-    }
-
-    /// Writes the waiting checkpoint once the archive runs it counts on are
-    /// durable and the audit feed has stored every batch it covers: after
-    /// that, no replay will make them again.
-    fn write_waiting_checkpoint(&mut self) {
-        let Some((waiting, _)) = &self.waiting_checkpoint else { return };
-        let stored = self.shared.audit.stored[usize::from(self.id)].load(Ordering::Acquire);
-        let durable_runs = self.archive_durable.load(Ordering::Acquire);
-        if stored < waiting.audit_needed || durable_runs < waiting.checkpoint.archive_runs {
-            return;
-        }
-        let (waiting, bytes) = self.waiting_checkpoint.take().expect("checked");
-        match self.write_checkpoint(waiting.checkpoint.sequence, &bytes) {
-            Ok(()) => {
-                self.shared.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
-            }
-            // The log still has everything: carry on, recovery replays more.
-            Err(error) => tracing::error!(executor = self.id, %error, "checkpoint failed"),
-        }
-    }
-
-    /// Makes the history durable, writes the checkpoint, then deletes the log
-    /// segments it covers. Its batch and everything before it are durable.
-    fn write_checkpoint(&mut self, covered: u64, bytes: &[u8]) -> std::io::Result<()> {
-        let started = Instant::now();
-        self.history.sync()?;
-        let dir = self.history.path().parent().expect("the history file is in the executor dir").to_path_buf();
-        checkpoint::store(&dir, bytes)?;
-        let removed = self.log.remove_before(covered + 1).map_err(std::io::Error::other)?;
-        metrics::histogram!("peakstack_checkpoint_seconds").record(started.elapsed().as_secs_f64());
-        tracing::debug!(
-            executor = self.id,
-            covered,
-            bytes = bytes.len(),
-            removed_segments = removed,
-            "checkpoint written"
-        );
-        Ok(())
+        // Stopping: dropping the checkpointer lets it write the last
+        // checkpoint, if it may.
     }
 }
 
@@ -1383,25 +1329,40 @@ fn prefetch(core: &mut ExecutorCore, archive: &Archive, input: &Input) -> std::i
         }
         Input::CreateAccount(_) | Input::Expire { .. } => {}
     }
-    // Ask for every line this input will read (its accounts, the filter's
-    // blocks) before reading any, so that the cache misses overlap instead
-    // of coming one after another.
-    if let Input::Transfers { requests, .. } = input {
-        for request in requests {
-            if let TransferRequest::Create { debit_account_id, credit_account_id, .. } = request {
-                core.ledger().prefetch_account(debit_account_id);
-                core.ledger().prefetch_account(credit_account_id);
+    // Ask for every line this input will read before reading any, so that
+    // the cache misses overlap instead of coming one after another: first
+    // the index lines of every id and the filter's blocks (their addresses
+    // come from hashes alone), then the accounts those index lines point to.
+    let ledger = core.ledger();
+    let creates = || {
+        let requests = match input {
+            Input::Transfers { requests, .. } => &requests[..],
+            _ => &[],
+        };
+        requests.iter().filter_map(|request| match request {
+            TransferRequest::Create { debit_account_id, credit_account_id, .. } => {
+                Some((debit_account_id, credit_account_id))
             }
-        }
+            _ => None,
+        })
+    };
+    for (debit, credit) in creates() {
+        ledger.prefetch_account_index(debit);
+        ledger.prefetch_account_index(credit);
     }
     let fingerprints: Vec<u64> = ids
         .iter()
         .map(|id| {
+            ledger.prefetch_record_index(id);
             let fp = crate::archive::fingerprint(id);
             archive.prefetch(fp);
             fp
         })
         .collect();
+    for (debit, credit) in creates() {
+        ledger.prefetch_account(debit);
+        ledger.prefetch_account(credit);
+    }
     for (id, fp) in ids.into_iter().zip(fingerprints) {
         if !core.ledger().has_record(id) {
             if let Some(transfer) = archive.get_fingerprinted(id, fp)? {
