@@ -20,7 +20,7 @@ use parking_lot::Mutex;
 use peakstack_domain::{Account, ErrorCode, Id, NewAccount, Transfer, TransferRequest};
 use tokio::sync::oneshot;
 
-use crate::archive::Archive;
+use crate::archive::{Archive, MergeHorizon};
 use crate::checkpoint::{self, Checkpoint};
 use crate::clock::Clock;
 use crate::codec::{Codec, Writer};
@@ -411,6 +411,7 @@ impl Engine {
             let (spare_history_tx, spare_history_rx) = bounded::<Vec<u8>>(WRITE_QUEUE_CAPACITY);
             let archive = archives.remove(0);
             let archive_durable = archive.durable_runs();
+            let archive_horizon = archive.merge_horizon();
             let next_sequence = log.next_sequence();
             let resumed = core.txns_in_flight();
             let applier = Applier {
@@ -444,6 +445,7 @@ impl Engine {
                 log_bytes,
                 spare_history: spare_history_tx,
                 archive_durable,
+                archive_horizon,
                 waiting_checkpoint: None,
             };
             threads.push(
@@ -1198,6 +1200,9 @@ struct LogWriter {
     spare_history: Sender<Vec<u8>>,
     /// Archive runs durable on disk (see `Archive::durable_runs`).
     archive_durable: Arc<std::sync::atomic::AtomicU32>,
+    /// Raised to the archive runs a stored checkpoint counts on: the archive
+    /// merges only those (see `archive.rs`).
+    archive_horizon: MergeHorizon,
     /// A checkpoint waiting for the archive runs and the audit batches it
     /// counts on, and its encoding.
     waiting_checkpoint: Option<(PendingCheckpoint, Vec<u8>)>,
@@ -1330,6 +1335,7 @@ impl LogWriter {
         let (waiting, bytes) = self.waiting_checkpoint.take().expect("checked");
         match self.write_checkpoint(waiting.checkpoint.sequence, &bytes) {
             Ok(()) => {
+                self.archive_horizon.checkpoint_stored(waiting.checkpoint.archive_runs);
                 self.shared.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
             }
             // The log still has everything: carry on, recovery replays more.
