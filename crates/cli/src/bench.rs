@@ -52,6 +52,9 @@ pub struct BenchSummary {
     pub fsyncs: u64,
     pub log_mib: f64,
     pub rss_mib: f64,
+    /// Archive run files on disk at the end, all executors (each archive
+    /// lookup that the filter lets through reads one block per file).
+    pub archive_files: usize,
     pub invariants_ok: bool,
 }
 
@@ -185,6 +188,7 @@ pub fn run(config: BenchConfig) -> anyhow::Result<BenchSummary> {
         fsyncs: stats.fsyncs.load(Ordering::Relaxed),
         log_mib: stats.log_bytes.load(Ordering::Relaxed) as f64 / (1024.0 * 1024.0),
         rss_mib: rss_mib(),
+        archive_files: archive_files(dir.path()),
         invariants_ok,
     };
     engine.shutdown();
@@ -203,6 +207,19 @@ fn pick_pair(rng: &mut impl Rng, accounts: usize, hot: f64) -> (usize, usize) {
             return (debit, credit);
         }
     }
+}
+
+/// Run files in the archives of the data dir (`executor-*/archive/run-*.dat`).
+fn archive_files(data_dir: &std::path::Path) -> usize {
+    let Ok(executors) = std::fs::read_dir(data_dir) else { return 0 };
+    executors
+        .filter_map(|e| std::fs::read_dir(e.ok()?.path().join("archive")).ok())
+        .flatten()
+        .filter(|f| {
+            f.as_ref()
+                .is_ok_and(|f| f.file_name().to_str().is_some_and(|n| n.starts_with("run-") && n.ends_with(".dat")))
+        })
+        .count()
 }
 
 /// Resident memory of this process, from /proc (Linux).
@@ -234,6 +251,7 @@ impl BenchSummary {
         println!("layout        {} shards on {} executors, {} accounts", self.shards, self.executors, self.accounts);
         println!("durability    {} fsyncs, {:.1} MiB of log", self.fsyncs, self.log_mib);
         println!("memory        {:.0} MiB resident", self.rss_mib);
+        println!("archive       {} run files", self.archive_files);
         println!("invariants    {}", if self.invariants_ok { "ok (all balances sum to zero)" } else { "BROKEN" });
     }
 }

@@ -5,33 +5,67 @@
 //!
 //! A run is written once, when the executor evicts a chunk of its oldest
 //! final records: `[fingerprint: u64 LE][length: u32 LE][record]...` in
-//! fingerprint order. Memory keeps, per run, every [`SPARSE_EVERY`]-th
-//! fingerprint with its offset; a lookup binary-searches that, reads one
-//! small block and scans it. In front of all runs sits a blocked Bloom
-//! filter ([`Filter`]) so that a new id, the common case, costs a few cache
-//! lines and no I/O.
+//! fingerprint order (records of equal fingerprint newest first). Memory
+//! keeps, per file, every [`SPARSE_EVERY`]-th fingerprint with its offset; a
+//! lookup binary-searches that, reads one small block and scans it. In front
+//! of all files sits a blocked Bloom filter ([`Filter`]) so that a new id,
+//! the common case, costs a few cache lines and no I/O.
 //!
 //! The apply thread hands records over a few at a time ([`Archive::add`]),
 //! as it evicts them, so that no batch stalls on a big eviction; they
 //! gather in a staging run until it is full ([`Archive::seal`]). Runs are
-//! sorted and written by a thread of the archive's own: the apply thread
-//! only fingerprints the records and adds them to the filter, and keeps
-//! them readable in memory until the writer has made the file durable
-//! (write, fsync). A checkpoint counts on a run only
-//! once it is durable ([`Archive::durable_runs`]); runs past the last
-//! checkpoint are derived from the command log, and recovery deletes them
-//! and rebuilds them as it replays.
+//! sorted and written by a thread of the archive's own ("archive"): the
+//! apply thread only fingerprints the records and adds them to the filter,
+//! and keeps them readable in memory until the writer has made the file
+//! durable (write, fsync). A checkpoint counts on a run only once it is
+//! durable ([`Archive::durable_runs`]); runs past the last checkpoint are
+//! derived from the command log, and recovery deletes them and rebuilds
+//! them as it replays.
+//!
+//! # Merging
+//!
+//! Runs are numbered 0, 1, 2... in the order they are sealed (logical runs;
+//! a checkpoint counts them). A file holds a contiguous span of them:
+//! `run-NNNNNN.dat` one run, `run-AAAAAA-BBBBBB.dat` runs A..=B merged.
+//! Every filter false positive reads a block in every file, so a third
+//! thread ("archive-merge", at a lower CPU priority) keeps the file count
+//! logarithmic: whenever [`MERGE_FANIN`] adjacent files span the same tier
+//! (`floor(log_FANIN(runs spanned))`), it stream-merges them by fingerprint
+//! (raw bytes, bounded buffers, records of equal fingerprint from the newer
+//! file first, so lookups stay newest first), writes the result under a
+//! `.tmp` name, fsyncs it, renames it, fsyncs the directory, hands the new
+//! file to the apply thread (which swaps it for its inputs in [`Archive::poll`])
+//! and then deletes the inputs (the apply thread reads through descriptors
+//! it already holds; nothing opens an input again). The smallest merges go
+//! first, and writing sealed runs never waits for a merge: about
+//! `(FANIN - 1) * log_FANIN(runs)` files, each record rewritten
+//! `log_FANIN(runs)` times.
+//!
+//! The crash-safety rule: **only runs a stored checkpoint counts on are
+//! merged.** The log thread raises the [`MergeHorizon`] to a checkpoint's
+//! `archive_runs` once that checkpoint is durable, and a merge takes only
+//! files below the horizon. Checkpoints only grow, so every later
+//! [`Archive::open`] is told at least the horizon, and a merged file never
+//! reaches past what recovery keeps (recovery deletes runs past its count;
+//! had a merge swallowed one of those, its inputs below the count would be
+//! gone with it). `open` covers runs `0..runs` with the fewest files (a
+//! merged file before its inputs), and deletes everything else: temporary
+//! files of an unfinished merge, inputs a crash left next to their merged
+//! file, and files past `runs`. A crash at any point of a merge therefore
+//! leaves either the inputs or the merged file (or both) readable. A
+//! file that would have to be cut to fit `runs` is an error, not a guess.
 
 use std::collections::VecDeque;
 use std::fs::{self, File};
-use std::io::{self, BufWriter, Write};
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
-use crossbeam_channel::{unbounded, Receiver, Sender};
+use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 
 use peakstack_domain::{fnv1a64, Id, Transfer};
 
@@ -40,16 +74,37 @@ use crate::codec::{Codec, Reader, Writer};
 /// One sparse index point per this many records of a run.
 pub const SPARSE_EVERY: usize = 32;
 /// Bits of filter per archived id: about 0.03% false positives per
-/// segment. Each false positive costs a read in every run, so this is worth
+/// segment. Each false positive costs a read in every file, so this is worth
 /// its 2.5 bytes per archived transfer.
 const FILTER_BITS_PER_KEY: usize = 20;
 /// Capacity of the first filter segment; each next one doubles.
 const FIRST_SEGMENT_KEYS: usize = 1 << 20;
 /// Largest record a run may hold.
 const MAX_RECORD_BYTES: usize = 4096;
+/// Bytes of a record's frame before the record: fingerprint and length.
+const FRAME_HEADER_BYTES: usize = 12;
 /// Runs waiting for the writer; past it `seal` waits for one to finish
 /// (memory stays bounded when the disk falls behind).
 const MAX_PENDING_RUNS: usize = 4;
+/// Files merged into one: at most `MERGE_FANIN - 1` files per tier, and a
+/// record is rewritten once per tier. 8 rather than 4: a few more files
+/// (a false positive reads each) for a third less rewriting.
+pub const MERGE_FANIN: usize = 8;
+/// Merges under way at once, the smallest stepped first, so that small
+/// merges do not wait behind a big one.
+const MAX_MERGES_IN_PROGRESS: usize = 3;
+/// Bytes a merge writes before the merge thread looks at its news again.
+const MERGE_STEP_BYTES: u64 = 1 << 20;
+/// Read buffer per merge input, write buffer per merge output.
+const MERGE_READ_BUFFER_BYTES: usize = 128 << 10;
+const MERGE_WRITE_BUFFER_BYTES: usize = 1 << 20;
+/// A merge starts the write-back of its output every this many bytes, so
+/// that its final fsync is short.
+const MERGE_WRITEBACK_BYTES: u64 = 8 << 20;
+/// How often an idle merge thread looks whether the horizon moved.
+const MERGE_IDLE_POLL: Duration = Duration::from_millis(50);
+/// The merge thread's nice value: merging is deferrable, applying is not.
+const MERGE_THREAD_NICE: i32 = 10;
 
 /// The 64-bit fingerprint of a transfer id in the archive. Not the shard
 /// hash itself: a second, independent mix, so that ids of one shard spread
@@ -147,7 +202,69 @@ impl Filter {
     }
 }
 
+/// The logical runs `first..=last` that one file holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Span {
+    first: u32,
+    last: u32,
+}
+
+impl Span {
+    fn single(run: u32) -> Span {
+        Span { first: run, last: run }
+    }
+
+    fn runs(self) -> u32 {
+        self.last - self.first + 1
+    }
+
+    /// `floor(log_FANIN(runs))`: files of one tier are merged together.
+    fn tier(self) -> u32 {
+        let mut runs = self.runs();
+        let mut tier = 0;
+        while runs >= MERGE_FANIN as u32 {
+            runs /= MERGE_FANIN as u32;
+            tier += 1;
+        }
+        tier
+    }
+
+    fn path(self, dir: &Path) -> PathBuf {
+        if self.first == self.last {
+            dir.join(format!("run-{:06}.dat", self.first))
+        } else {
+            dir.join(format!("run-{:06}-{:06}.dat", self.first, self.last))
+        }
+    }
+
+    /// Where a merge writes before its output is durable; `open` deletes it.
+    fn tmp_path(self, dir: &Path) -> PathBuf {
+        dir.join(format!("run-{:06}-{:06}.tmp", self.first, self.last))
+    }
+
+    /// The span a file name holds (the inverse of [`Span::path`]); `None`
+    /// for any other name.
+    fn parse(name: &str) -> Option<Span> {
+        let number = |s: &str| {
+            if s.len() >= 6 && s.bytes().all(|b| b.is_ascii_digit()) {
+                s.parse::<u32>().ok()
+            } else {
+                None
+            }
+        };
+        let stem = name.strip_prefix("run-")?.strip_suffix(".dat")?;
+        match stem.split_once('-') {
+            None => Some(Span::single(number(stem)?)),
+            Some((first, last)) => {
+                let span = Span { first: number(first)?, last: number(last)? };
+                (span.first < span.last).then_some(span)
+            }
+        }
+    }
+}
+
 struct Run {
+    span: Span,
     file: File,
     /// (fingerprint, offset) of every SPARSE_EVERY-th record, and the end.
     sparse: Vec<(u64, u64)>,
@@ -169,26 +286,401 @@ impl Run {
         self.file.read_exact_at(&mut bytes, start)?;
         let mut at = 0usize;
         while at < bytes.len() {
-            if bytes.len() - at < 12 {
+            if bytes.len() - at < FRAME_HEADER_BYTES {
                 return Err(io::Error::other("archive run cut short"));
             }
             let f = u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8"));
             let len = u32::from_le_bytes(bytes[at + 8..at + 12].try_into().expect("4")) as usize;
-            if len > MAX_RECORD_BYTES || bytes.len() - at - 12 < len {
+            if len > MAX_RECORD_BYTES || bytes.len() - at - FRAME_HEADER_BYTES < len {
                 return Err(io::Error::other("archive record cut short"));
             }
             if f > fp {
                 break;
             }
             if f == fp {
-                let t = Transfer::decode(&mut Reader::new(&bytes[at + 12..at + 12 + len])).map_err(io::Error::other)?;
+                let record = &bytes[at + FRAME_HEADER_BYTES..at + FRAME_HEADER_BYTES + len];
+                let t = Transfer::decode(&mut Reader::new(record)).map_err(io::Error::other)?;
                 if t.id == *id {
                     return Ok(Some(t));
                 }
             }
-            at += 12 + len;
+            at += FRAME_HEADER_BYTES + len;
         }
         Ok(None)
+    }
+}
+
+/// Reads a run file's records in order through a bounded buffer, checking
+/// their framing and their order. Raw frames: nothing is decoded.
+struct RunReader {
+    reader: BufReader<File>,
+    path: PathBuf,
+    /// Where the current record's frame starts, and where the next one does.
+    offset: u64,
+    next_offset: u64,
+    /// The current record's frame, header included.
+    frame: Vec<u8>,
+    fingerprint: u64,
+    file_len: u64,
+}
+
+impl RunReader {
+    fn open(path: &Path) -> io::Result<RunReader> {
+        let file = File::open(path)?;
+        let file_len = file.metadata()?.len();
+        Ok(RunReader {
+            reader: BufReader::with_capacity(MERGE_READ_BUFFER_BYTES, file),
+            path: path.to_path_buf(),
+            offset: 0,
+            next_offset: 0,
+            frame: Vec::with_capacity(FRAME_HEADER_BYTES + MAX_RECORD_BYTES),
+            fingerprint: 0,
+            file_len,
+        })
+    }
+
+    /// Moves to the next record; false at the end of the file.
+    fn advance(&mut self) -> io::Result<bool> {
+        let previous = (self.next_offset > 0).then_some(self.fingerprint);
+        self.offset = self.next_offset;
+        if self.reader.fill_buf()?.is_empty() {
+            self.frame.clear();
+            return Ok(false);
+        }
+        let (path, offset) = (&self.path, self.offset);
+        let cut_short = |e: io::Error| match e.kind() {
+            io::ErrorKind::UnexpectedEof => {
+                io::Error::other(format!("{} is cut short at byte {offset}", path.display()))
+            }
+            _ => e,
+        };
+        self.frame.resize(FRAME_HEADER_BYTES, 0);
+        self.reader.read_exact(&mut self.frame).map_err(cut_short)?;
+        let fingerprint = u64::from_le_bytes(self.frame[..8].try_into().expect("8"));
+        let len = u32::from_le_bytes(self.frame[8..12].try_into().expect("4")) as usize;
+        if len > MAX_RECORD_BYTES {
+            return Err(io::Error::other(format!("{}: a record of {len} bytes at byte {offset}", path.display())));
+        }
+        if previous.is_some_and(|p| p > fingerprint) {
+            return Err(io::Error::other(format!("{} is out of order at byte {offset}", path.display())));
+        }
+        self.frame.resize(FRAME_HEADER_BYTES + len, 0);
+        self.reader.read_exact(&mut self.frame[FRAME_HEADER_BYTES..]).map_err(cut_short)?;
+        self.fingerprint = fingerprint;
+        self.next_offset += self.frame.len() as u64;
+        Ok(true)
+    }
+}
+
+/// Reads a whole file at open: its sparse index, and its fingerprints into
+/// the filter. Returns the run and its count of records.
+fn scan(dir: &Path, span: Span, filter: &mut Filter) -> io::Result<(Run, u64)> {
+    let mut reader = RunReader::open(&span.path(dir))?;
+    let mut sparse = Vec::new();
+    let mut records = 0u64;
+    while reader.advance()? {
+        if records.is_multiple_of(SPARSE_EVERY as u64) {
+            sparse.push((reader.fingerprint, reader.offset));
+        }
+        filter.insert(reader.fingerprint);
+        records += 1;
+    }
+    let len = reader.next_offset;
+    Ok((Run { span, file: reader.reader.into_inner(), sparse, len }, records))
+}
+
+/// The fewest files that hold runs `0..runs` exactly, oldest first (a
+/// merged file rather than its inputs), or the first run that none holds.
+/// Files are never partly overlapping (each merges adjacent whole files), so
+/// taking the widest file at each step finds a cover whenever one exists.
+fn cover(found: &[Span], runs: u32) -> Result<Vec<Span>, u32> {
+    let mut sorted = found.to_vec();
+    sorted.sort_unstable_by_key(|s| (s.first, std::cmp::Reverse(s.last)));
+    let mut cover = Vec::new();
+    let mut next = 0u32;
+    let mut at = 0usize;
+    while next < runs {
+        while sorted.get(at).is_some_and(|s| s.first < next) {
+            at += 1;
+        }
+        let mut widest = None;
+        while let Some(&span) = sorted.get(at).filter(|s| s.first == next) {
+            if span.last < runs && widest.is_none() {
+                widest = Some(span);
+            }
+            at += 1;
+        }
+        let span = widest.ok_or(next)?;
+        cover.push(span);
+        next = span.last + 1;
+    }
+    Ok(cover)
+}
+
+/// Where the next merge starts in `files` (oldest first): the first of
+/// [`MERGE_FANIN`] adjacent files of one tier, none being merged, all below
+/// the horizon; the lowest tier first (the cheapest, and the most files
+/// removed per byte written).
+fn next_merge(files: &[DiskFile], horizon: u32) -> Option<usize> {
+    files
+        .windows(MERGE_FANIN)
+        .enumerate()
+        .filter(|(_, window)| {
+            let tier = window[0].span.tier();
+            window.iter().all(|f| !f.merging && f.span.last < horizon && f.span.tier() == tier)
+        })
+        .min_by_key(|(at, window)| (window[0].span.tier(), *at))
+        .map(|(at, _)| at)
+}
+
+/// A merge under way: adjacent files into one, streamed by fingerprint.
+struct Merge {
+    span: Span,
+    input_spans: Vec<Span>,
+    /// Oldest first, each on its current record (or done).
+    inputs: Vec<RunReader>,
+    live: Vec<bool>,
+    input_bytes: u64,
+    tmp: PathBuf,
+    out: BufWriter<File>,
+    sparse: Vec<(u64, u64)>,
+    written: u64,
+    records: u64,
+    /// Bytes up to here have been handed to write-back.
+    writeback_from: u64,
+}
+
+impl Merge {
+    fn start(dir: &Path, inputs: &[Span]) -> io::Result<Merge> {
+        assert!(inputs.len() >= 2 && inputs.windows(2).all(|w| w[0].last + 1 == w[1].first), "{inputs:?}");
+        let span = Span { first: inputs[0].first, last: inputs[inputs.len() - 1].last };
+        let mut readers = Vec::with_capacity(inputs.len());
+        let mut live = Vec::with_capacity(inputs.len());
+        let mut input_bytes = 0;
+        for input in inputs {
+            let mut reader = RunReader::open(&input.path(dir))?;
+            input_bytes += reader.file_len;
+            live.push(reader.advance()?);
+            readers.push(reader);
+        }
+        let tmp = span.tmp_path(dir);
+        let out = BufWriter::with_capacity(MERGE_WRITE_BUFFER_BYTES, File::create(&tmp)?);
+        Ok(Merge {
+            span,
+            input_spans: inputs.to_vec(),
+            inputs: readers,
+            live,
+            input_bytes,
+            tmp,
+            out,
+            sparse: Vec::new(),
+            written: 0,
+            records: 0,
+            writeback_from: 0,
+        })
+    }
+
+    /// Writes about `budget_bytes` more; true once every input is done.
+    fn step(&mut self, budget_bytes: u64) -> io::Result<bool> {
+        let until = self.written + budget_bytes;
+        while self.written < until {
+            // The smallest fingerprint; of equal ones the newest file's, so
+            // that a lookup meets the newest record of an id first.
+            let mut next: Option<usize> = None;
+            for (at, input) in self.inputs.iter().enumerate() {
+                if self.live[at] && next.is_none_or(|n| input.fingerprint <= self.inputs[n].fingerprint) {
+                    next = Some(at);
+                }
+            }
+            let Some(at) = next else { return Ok(true) };
+            let input = &mut self.inputs[at];
+            if self.records.is_multiple_of(SPARSE_EVERY as u64) {
+                self.sparse.push((input.fingerprint, self.written));
+            }
+            self.out.write_all(&input.frame)?;
+            self.written += input.frame.len() as u64;
+            self.records += 1;
+            self.live[at] = input.advance()?;
+        }
+        self.start_writeback()?;
+        Ok(!self.live.contains(&true))
+    }
+
+    /// Starts writing back what is written so far, without waiting for it,
+    /// so that the final fsync has little left to do and holds nothing up.
+    fn start_writeback(&mut self) -> io::Result<()> {
+        if self.written - self.writeback_from < MERGE_WRITEBACK_BYTES {
+            return Ok(());
+        }
+        self.out.flush()?;
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            // SAFETY: no pointers; the descriptor is open for as long as
+            // `self.out` lives. Only a hint: the result does not matter, as
+            // the final fsync makes the file durable either way.
+            unsafe {
+                libc::sync_file_range(
+                    self.out.get_ref().as_raw_fd(),
+                    self.writeback_from as libc::off64_t,
+                    (self.written - self.writeback_from) as libc::off64_t,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                );
+            }
+        }
+        self.writeback_from = self.written;
+        Ok(())
+    }
+
+    /// Makes the merged file durable under its own name (fsync, rename,
+    /// fsync of the directory) and opens it for reading. The inputs are
+    /// still there: deleting them is the caller's next step.
+    fn finish(self, dir: &Path) -> io::Result<Run> {
+        // Frames are copied whole: every input byte must be in the output
+        // once. Anything else lost or doubled a record.
+        if self.written != self.input_bytes {
+            return Err(io::Error::other(format!(
+                "merging runs {}..={} wrote {} bytes of {}",
+                self.span.first, self.span.last, self.written, self.input_bytes
+            )));
+        }
+        let file = self.out.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        let path = self.span.path(dir);
+        fs::rename(&self.tmp, &path)?;
+        File::open(dir)?.sync_all()?;
+        Ok(Run { span: self.span, file: File::open(&path)?, sparse: self.sparse, len: self.written })
+    }
+
+    /// Gives up; the temporary file goes (after a crash, `open` deletes it).
+    fn abandon(self) {
+        let tmp = self.tmp.clone();
+        drop(self);
+        let _ = fs::remove_file(tmp);
+    }
+}
+
+/// Merges `inputs` whole, at once, and deletes them (tests: the merge
+/// thread does the same a step at a time).
+#[cfg(test)]
+fn merge_now(dir: &Path, inputs: &[Span], delete_inputs: bool) -> io::Result<Span> {
+    let mut merge = Merge::start(dir, inputs)?;
+    while !merge.step(u64::MAX)? {}
+    let run = merge.finish(dir)?;
+    if delete_inputs {
+        for input in inputs {
+            fs::remove_file(input.path(dir))?;
+        }
+    }
+    Ok(run.span)
+}
+
+/// A file on disk as the merge thread sees it.
+struct DiskFile {
+    span: Span,
+    merging: bool,
+}
+
+/// How many runs the newest stored checkpoint counts on: the runs the
+/// archive may merge (see the module doc). Whoever stores checkpoints
+/// raises it once one is durable.
+#[derive(Clone)]
+pub struct MergeHorizon(Arc<AtomicU32>);
+
+impl MergeHorizon {
+    /// A checkpoint that counts on the first `archive_runs` runs is durable:
+    /// no recovery will be told fewer.
+    pub fn checkpoint_stored(&self, archive_runs: u32) {
+        self.0.fetch_max(archive_runs, Ordering::Release);
+    }
+
+    fn runs(&self) -> u32 {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// The merge thread: the files on disk, oldest first, and the merges under way.
+struct Merger {
+    dir: PathBuf,
+    files: Vec<DiskFile>,
+    merges: Vec<Merge>,
+    horizon: MergeHorizon,
+    stop: Arc<AtomicBool>,
+    /// Runs the writer has made durable (after telling the apply thread).
+    written: Receiver<Span>,
+    to_apply: Sender<Finished>,
+}
+
+impl Merger {
+    fn run(mut self) {
+        lower_thread_priority();
+        let result = self.merge_until_stopped();
+        for merge in self.merges.drain(..) {
+            merge.abandon();
+        }
+        if let Err(error) = result {
+            let _ = self.to_apply.send(Err(error));
+        }
+    }
+
+    fn merge_until_stopped(&mut self) -> io::Result<()> {
+        while !self.stop.load(Ordering::Acquire) {
+            if self.merges.is_empty() {
+                match self.written.recv_timeout(MERGE_IDLE_POLL) {
+                    Ok(span) => self.files.push(DiskFile { span, merging: false }),
+                    Err(RecvTimeoutError::Timeout) => {}
+                    // The writer stopped: the archive is closing or failed.
+                    Err(RecvTimeoutError::Disconnected) => return Ok(()),
+                }
+            }
+            while let Ok(span) = self.written.try_recv() {
+                self.files.push(DiskFile { span, merging: false });
+            }
+            while self.merges.len() < MAX_MERGES_IN_PROGRESS {
+                let Some(at) = next_merge(&self.files, self.horizon.runs()) else { break };
+                let inputs: Vec<Span> = self.files[at..at + MERGE_FANIN].iter().map(|f| f.span).collect();
+                self.merges.push(Merge::start(&self.dir, &inputs)?);
+                self.files[at..at + MERGE_FANIN].iter_mut().for_each(|f| f.merging = true);
+            }
+            let Some(smallest) = (0..self.merges.len()).min_by_key(|&m| self.merges[m].span.runs()) else {
+                continue;
+            };
+            if self.merges[smallest].step(MERGE_STEP_BYTES)? {
+                let merge = self.merges.swap_remove(smallest);
+                self.finish(merge)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, merge: Merge) -> io::Result<()> {
+        let inputs = merge.input_spans.clone();
+        let run = merge.finish(&self.dir)?;
+        let span = run.span;
+        let at = self.files.iter().position(|f| f.span == inputs[0]).expect("a merge's inputs stay listed");
+        assert!(self.files[at..at + inputs.len()].iter().map(|f| f.span).eq(inputs.iter().copied()));
+        self.files.splice(at..at + inputs.len(), [DiskFile { span, merging: false }]);
+        // The apply thread reads the inputs through descriptors it holds
+        // until it swaps the new file in, and nothing opens them again: they
+        // may go at once.
+        if self.to_apply.send(Ok(Done::Merged(run))).is_err() {
+            return Ok(());
+        }
+        for input in inputs {
+            fs::remove_file(input.path(&self.dir))?;
+        }
+        Ok(())
+    }
+}
+
+/// Merging is work that can wait; applying cannot. On Linux `setpriority`
+/// with a thread id changes that thread alone.
+fn lower_thread_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: plain system calls, no pointers.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, MERGE_THREAD_NICE);
     }
 }
 
@@ -207,9 +699,18 @@ impl PendingRun {
     }
 }
 
-type Written = io::Result<Run>;
+/// What the archive's threads hand the apply thread.
+enum Done {
+    /// The next sealed run is durable.
+    Written(Run),
+    /// A merged file is durable; it takes the place of the files it spans.
+    Merged(Run),
+}
+
+type Finished = io::Result<Done>;
 
 pub struct Archive {
+    /// Files on disk, oldest first, spanning runs `0..` without gaps.
     runs: Vec<Run>,
     /// Runs on their way to disk, oldest first; they follow `runs`.
     pending: VecDeque<Arc<PendingRun>>,
@@ -219,9 +720,12 @@ pub struct Archive {
     records: u64,
     /// Runs durable on disk (written and fsynced), for checkpoints.
     durable: Arc<AtomicU32>,
+    horizon: MergeHorizon,
+    stop_merging: Arc<AtomicBool>,
     to_writer: Option<Sender<(u32, Arc<PendingRun>)>>,
-    from_writer: Receiver<Written>,
+    from_writer: Receiver<Finished>,
     writer: Option<JoinHandle<()>>,
+    merger: Option<JoinHandle<()>>,
 }
 
 impl Archive {
@@ -232,68 +736,81 @@ impl Archive {
             fs::remove_dir_all(dir)?;
         }
         fs::create_dir_all(dir)?;
-        Archive::start(dir, Vec::new(), Filter::default(), 0)
+        Archive::start(dir, Vec::new(), Filter::default(), 0, 0)
     }
 
-    /// Opens the archive a checkpoint left with `runs` runs: later runs are
-    /// deleted (replay writes them again) and the kept ones are read to
-    /// rebuild the sparse indexes and the filter.
+    /// Opens the archive a checkpoint left with `runs` runs: the fewest
+    /// files that hold them are read to rebuild the sparse indexes and the
+    /// filter, and every other file is deleted (later runs: replay writes
+    /// them again; inputs of a finished merge; an unfinished merge).
     pub fn open(dir: &Path, runs: u32) -> io::Result<Archive> {
         fs::create_dir_all(dir)?;
+        let mut found = Vec::new();
+        let mut others = Vec::new();
         for entry in fs::read_dir(dir)? {
             let entry = entry?;
-            let name = entry.file_name();
-            let index = name.to_str().and_then(|n| n.strip_prefix("run-")?.strip_suffix(".dat")?.parse::<u32>().ok());
-            if index.is_none_or(|i| i >= runs) {
-                fs::remove_file(entry.path())?;
+            match entry.file_name().to_str().and_then(Span::parse) {
+                Some(span) => found.push(span),
+                None => others.push(entry.path()),
             }
         }
-        let mut kept = Vec::new();
+        let cover = cover(&found, runs).map_err(|missing| {
+            io::Error::other(format!("{}: no file holds archive run {missing} of {runs}", dir.display()))
+        })?;
+        let mut kept = Vec::with_capacity(cover.len());
         let mut filter = Filter::default();
         let mut records = 0u64;
-        for index in 0..runs {
-            let path = run_path(dir, index);
-            let bytes = fs::read(&path)?;
-            let mut sparse = Vec::new();
-            let mut at = 0usize;
-            let mut count = 0usize;
-            while at < bytes.len() {
-                if bytes.len() - at < 12 {
-                    return Err(io::Error::other(format!("{} is cut short", path.display())));
-                }
-                let fp = u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8"));
-                let len = u32::from_le_bytes(bytes[at + 8..at + 12].try_into().expect("4")) as usize;
-                if len > MAX_RECORD_BYTES || bytes.len() - at - 12 < len {
-                    return Err(io::Error::other(format!("{} is cut short", path.display())));
-                }
-                if count.is_multiple_of(SPARSE_EVERY) {
-                    sparse.push((fp, at as u64));
-                }
-                filter.insert(fp);
-                count += 1;
-                at += 12 + len;
-            }
-            records += count as u64;
-            kept.push(Run { file: File::open(&path)?, sparse, len: bytes.len() as u64 });
+        for &span in &cover {
+            let (run, count) = scan(dir, span, &mut filter)?;
+            records += count;
+            kept.push(run);
         }
-        Archive::start(dir, kept, filter, records)
+        // Only once the kept files have been read: a failure above deletes nothing.
+        for span in found.iter().filter(|span| cover.binary_search(span).is_err()) {
+            fs::remove_file(span.path(dir))?;
+        }
+        for path in others {
+            fs::remove_file(path)?;
+        }
+        Archive::start(dir, kept, filter, records, runs)
     }
 
-    fn start(dir: &Path, runs: Vec<Run>, filter: Filter, records: u64) -> io::Result<Archive> {
-        let durable = Arc::new(AtomicU32::new(runs.len() as u32));
+    fn start(dir: &Path, runs: Vec<Run>, filter: Filter, records: u64, run_count: u32) -> io::Result<Archive> {
+        debug_assert!(runs.windows(2).all(|w| w[0].span.last + 1 == w[1].span.first));
+        debug_assert_eq!(runs.last().map_or(0, |r| r.span.last + 1), run_count);
+        let durable = Arc::new(AtomicU32::new(run_count));
+        // The caller's checkpoint counts on these runs (none for `create`).
+        let horizon = MergeHorizon(Arc::new(AtomicU32::new(run_count)));
+        let stop_merging = Arc::new(AtomicBool::new(false));
         let (to_writer, writer_rx) = unbounded::<(u32, Arc<PendingRun>)>();
-        let (writer_tx, from_writer) = unbounded::<Written>();
+        let (done_tx, from_writer) = unbounded::<Finished>();
+        let (to_merger, merger_rx) = unbounded::<Span>();
+        let merger = Merger {
+            dir: dir.to_path_buf(),
+            files: runs.iter().map(|r| DiskFile { span: r.span, merging: false }).collect(),
+            merges: Vec::new(),
+            horizon: horizon.clone(),
+            stop: stop_merging.clone(),
+            written: merger_rx,
+            to_apply: done_tx.clone(),
+        };
+        let merger = std::thread::Builder::new().name("archive-merge".into()).spawn(move || merger.run())?;
         let writer = {
             let (dir, durable) = (dir.to_path_buf(), durable.clone());
             std::thread::Builder::new().name("archive".into()).spawn(move || {
                 for (index, run) in writer_rx {
                     let written = write_run(&dir, index, &run);
-                    let failed = written.is_err();
-                    if !failed {
+                    let span = written.as_ref().ok().map(|run| run.span);
+                    if span.is_some() {
                         durable.fetch_add(1, Ordering::Release);
                     }
-                    if writer_tx.send(written).is_err() || failed {
+                    if done_tx.send(written.map(Done::Written)).is_err() {
                         return;
+                    }
+                    // The apply thread hears of the run before any merge of it.
+                    match span {
+                        Some(span) => drop(to_merger.send(span)),
+                        None => return,
                     }
                 }
             })?
@@ -305,9 +822,12 @@ impl Archive {
             filter,
             records,
             durable,
+            horizon,
+            stop_merging,
             to_writer: Some(to_writer),
             from_writer,
             writer: Some(writer),
+            merger: Some(merger),
         })
     }
 
@@ -315,12 +835,17 @@ impl Archive {
     /// written or not (seal first: staged records are in none). It may be
     /// stored once [`Archive::durable_runs`] reaches this.
     pub fn run_count(&self) -> u32 {
-        (self.runs.len() + self.pending.len()) as u32
+        self.runs.last().map_or(0, |r| r.span.last + 1) + self.pending.len() as u32
     }
 
     /// The count of runs durable on disk, kept up to date by the writer.
     pub fn durable_runs(&self) -> Arc<AtomicU32> {
         self.durable.clone()
+    }
+
+    /// The runs the archive may merge; raise it when a checkpoint is stored.
+    pub fn merge_horizon(&self) -> MergeHorizon {
+        self.horizon.clone()
     }
 
     /// Adds evicted records; once `run_records` are staged they go to the
@@ -347,14 +872,16 @@ impl Archive {
     }
 
     /// Hands the staged records to the writer as a run (nothing when none
-    /// are staged). They stay readable from memory until their file is durable.
+    /// are staged). They stay readable from memory until their file is
+    /// durable. Waits only when [`MAX_PENDING_RUNS`] runs are unwritten
+    /// (merges run on a thread of their own and never hold up the writer).
     pub fn seal(&mut self) -> io::Result<()> {
         if self.staging.records.is_empty() {
             return Ok(());
         }
         while self.pending.len() >= MAX_PENDING_RUNS {
-            let written = self.from_writer.recv().map_err(|_| io::Error::other("archive writer stopped"))?;
-            self.finished(written)?;
+            let done = self.from_writer.recv().map_err(|_| io::Error::other("archive writer stopped"))?;
+            self.finished(done)?;
         }
         let run = Arc::new(std::mem::take(&mut self.staging));
         let index = self.run_count();
@@ -370,18 +897,33 @@ impl Archive {
         self.seal()
     }
 
-    /// Takes in the runs the writer has finished; an error is the writer's.
+    /// Takes in the runs the writer has finished and the files the merge
+    /// thread has made; an error is theirs.
     pub fn poll(&mut self) -> io::Result<()> {
-        while let Ok(written) = self.from_writer.try_recv() {
-            self.finished(written)?;
+        while let Ok(done) = self.from_writer.try_recv() {
+            self.finished(done)?;
         }
         Ok(())
     }
 
-    fn finished(&mut self, written: Written) -> io::Result<()> {
-        let run = written?;
-        self.pending.pop_front().expect("the writer answers runs in order");
-        self.runs.push(run);
+    fn finished(&mut self, done: Finished) -> io::Result<()> {
+        match done? {
+            Done::Written(run) => {
+                self.pending.pop_front().expect("the writer answers runs in order");
+                assert_eq!(run.span, Span::single(self.runs.last().map_or(0, |r| r.span.last + 1)));
+                self.runs.push(run);
+            }
+            Done::Merged(merged) => {
+                // Its inputs are whole files, from the one it starts with to
+                // the one it ends with; their descriptors close here.
+                let from = self.runs.iter().position(|r| r.span.first == merged.span.first);
+                let to = self.runs.iter().position(|r| r.span.last == merged.span.last);
+                let (Some(from), Some(to)) = (from, to) else {
+                    panic!("merged runs {:?} are not whole files of the archive", merged.span);
+                };
+                self.runs.splice(from..=to, [merged]);
+            }
+        }
         Ok(())
     }
 
@@ -426,6 +968,12 @@ impl Archive {
         self.records
     }
 
+    /// Files the archive reads from (each filter false positive reads one
+    /// block of each).
+    pub fn file_count(&self) -> usize {
+        self.runs.len()
+    }
+
     /// Memory the archive keeps: filter plus sparse indexes (runs on their
     /// way to disk not counted).
     pub fn memory_bytes(&self) -> usize {
@@ -434,31 +982,35 @@ impl Archive {
 }
 
 impl Drop for Archive {
-    /// Lets the writer finish the runs handed to it, then stops it.
+    /// Lets the writer finish the runs handed to it, gives up the merges
+    /// under way (their inputs stay), then stops both threads.
     fn drop(&mut self) {
+        self.stop_merging.store(true, Ordering::Release);
         self.to_writer = None;
         if let Some(writer) = self.writer.take() {
             let _ = writer.join();
         }
+        if let Some(merger) = self.merger.take() {
+            let _ = merger.join();
+        }
     }
 }
 
-fn run_path(dir: &Path, index: u32) -> PathBuf {
-    dir.join(format!("run-{index:06}.dat"))
-}
-
-/// Sorts run `index` by fingerprint, writes it and makes it durable (file and
-/// directory entry), on the writer thread.
+/// Sorts run `index` by fingerprint (of equal ones, the newest record
+/// first), writes it and makes it durable (file and directory entry), on
+/// the writer thread.
 fn write_run(dir: &Path, index: u32, run: &PendingRun) -> io::Result<Run> {
-    let path = run_path(dir, index);
+    let span = Span::single(index);
+    let path = span.path(dir);
     let file = File::create(&path)?;
     let mut out = BufWriter::with_capacity(1 << 20, file);
-    let mut keyed: Vec<(u64, u32)> = run.fps.iter().enumerate().map(|(index, &fp)| (fp, index as u32)).collect();
+    let mut keyed: Vec<(u64, std::cmp::Reverse<u32>)> =
+        run.fps.iter().enumerate().map(|(index, &fp)| (fp, std::cmp::Reverse(index as u32))).collect();
     keyed.sort_unstable();
     let mut sparse = Vec::with_capacity(keyed.len() / SPARSE_EVERY + 1);
     let mut offset = 0u64;
     let mut w = Writer::default();
-    for (n, &(fp, index)) in keyed.iter().enumerate() {
+    for (n, &(fp, std::cmp::Reverse(index))) in keyed.iter().enumerate() {
         if n.is_multiple_of(SPARSE_EVERY) {
             sparse.push((fp, offset));
         }
@@ -467,18 +1019,20 @@ fn write_run(dir: &Path, index: u32, run: &PendingRun) -> io::Result<Run> {
         out.write_all(&fp.to_le_bytes())?;
         out.write_all(&(w.buf.len() as u32).to_le_bytes())?;
         out.write_all(&w.buf)?;
-        offset += 12 + w.buf.len() as u64;
+        offset += (FRAME_HEADER_BYTES + w.buf.len()) as u64;
     }
     let file = out.into_inner().map_err(|e| e.into_error())?;
     file.sync_all()?;
     File::open(dir)?.sync_all()?;
-    Ok(Run { file: File::open(&path)?, sparse, len: offset })
+    Ok(Run { span, file: File::open(&path)?, sparse, len: offset })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use peakstack_domain::{Currency, TransferKind, TransferStatus};
+    use proptest::prelude::*;
+    use std::time::Instant;
 
     fn record(id: &str) -> Transfer {
         Transfer {
@@ -562,5 +1116,280 @@ mod tests {
         }
         assert!(filter.segments.len() >= 2);
         assert!(keys.iter().all(|&k| filter.maybe_contains(k)));
+    }
+
+    fn id(s: &str) -> Id {
+        Id::parse(s).unwrap()
+    }
+
+    /// Polls until `done` holds (the merge thread works on its own time).
+    fn wait_for(archive: &mut Archive, what: &str, done: impl Fn(&Archive) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            archive.poll().unwrap();
+            if done(archive) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// The files in `dir`, sorted, once their count is `expected` (inputs
+    /// of a merge are deleted just after the apply thread hears of it).
+    fn files_once(dir: &Path, expected: usize) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut names: Vec<String> =
+                fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+            names.sort();
+            if names.len() == expected || Instant::now() >= deadline {
+                return names;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// An archive of `runs` runs of `per_run` records `r{run}-{n}` made
+    /// durable, merged below `horizon`, then closed.
+    fn archive_of_runs(path: &Path, runs: u32, per_run: usize, horizon: u32, files: usize) {
+        let mut archive = Archive::create(path).unwrap();
+        archive.merge_horizon().checkpoint_stored(horizon);
+        for run in 0..runs {
+            archive.add_run((0..per_run).map(|n| record(&format!("r{run}-{n}"))).collect()).unwrap();
+        }
+        wait_for(&mut archive, "the merges", |a| a.file_count() == files && a.pending.is_empty());
+        assert_eq!(files_once(path, files).len(), files);
+    }
+
+    /// Whether the archive holds exactly the records of runs `0..runs`.
+    fn check_holds_runs(archive: &Archive, runs: u32, of: u32, per_run: usize) {
+        assert_eq!(archive.run_count(), runs);
+        assert_eq!(archive.records(), u64::from(runs) * per_run as u64);
+        for run in 0..of {
+            for n in (0..per_run).step_by(3) {
+                let name = format!("r{run}-{n}");
+                let expected = (run < runs).then(|| record(&name));
+                assert_eq!(archive.get(&id(&name)).unwrap(), expected, "{name} (runs {runs})");
+            }
+        }
+    }
+
+    #[test]
+    fn merged_runs_find_every_record_and_no_absent_one_and_the_newest_of_a_repeated_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("archive");
+        let mut archive = Archive::create(&path).unwrap();
+        archive.merge_horizon().checkpoint_stored(1000);
+        let repeated = |amount| Transfer { amount, ..record("repeated") };
+        for run in 0..70u32 {
+            let mut records: Vec<Transfer> = (0..40).map(|n| record(&format!("r{run}-{n}"))).collect();
+            if run == 3 || run == 5 {
+                records.push(repeated(u64::from(run)));
+            }
+            archive.add_run(records).unwrap();
+        }
+        // 70 runs are 1*64 + 0*8 + 6*1: one file of tier 2 and six single runs.
+        wait_for(&mut archive, "the merges", |a| a.file_count() == 7);
+        assert_eq!(archive.run_count(), 70);
+        assert_eq!(archive.durable_runs().load(Ordering::Acquire), 70);
+        let mut expected: Vec<String> = (64..70).map(|n| format!("run-{n:06}.dat")).collect();
+        expected.insert(0, "run-000000-000063.dat".into());
+        assert_eq!(files_once(&path, 7), expected);
+        for run in 0..70 {
+            for n in 0..40 {
+                let name = format!("r{run}-{n}");
+                assert_eq!(archive.get(&id(&name)).unwrap(), Some(record(&name)), "{name}");
+            }
+        }
+        for n in 0..20_000 {
+            assert_eq!(archive.get(&id(&format!("absent-{n}"))).unwrap(), None);
+        }
+        assert_eq!(archive.get(&id("repeated")).unwrap(), Some(repeated(5)), "the newer run's record");
+        assert_eq!(archive.records(), 70 * 40 + 2);
+    }
+
+    #[test]
+    fn only_runs_below_the_horizon_merge_and_a_reopened_archive_keeps_its_runs_and_drops_later_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("archive");
+        // Below 20: two files of eight runs and four single runs; 50 more single.
+        archive_of_runs(&path, 70, 20, 20, 56);
+        // Runs 30..70 go; the 30 kept are all below the new horizon, so
+        // 16..=23 merge too.
+        let mut reopened = Archive::open(&path, 30).unwrap();
+        check_holds_runs(&reopened, 30, 70, 20);
+        wait_for(&mut reopened, "the merges", |a| a.file_count() == 9);
+        check_holds_runs(&reopened, 30, 70, 20);
+        drop(reopened);
+        let names = files_once(&path, 9);
+        assert_eq!(names[..3], ["run-000000-000007.dat", "run-000008-000015.dat", "run-000016-000023.dat"]);
+        assert_eq!(names[8], "run-000029.dat");
+        // The horizon promised no checkpoint would count fewer than 20 runs:
+        // a count that cuts a merged file is refused, and nothing is deleted.
+        let refused = Archive::open(&path, 10).err().expect("runs 8..=15 are one file");
+        assert!(refused.to_string().contains("no file holds archive run 8 of 10"), "{refused}");
+        assert_eq!(files_once(&path, 9), names);
+    }
+
+    #[test]
+    fn a_reopened_archive_merges_what_its_checkpoint_counts_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("archive");
+        archive_of_runs(&path, 12, 10, 0, 12);
+        let mut reopened = Archive::open(&path, 12).unwrap();
+        wait_for(&mut reopened, "the merge", |a| a.file_count() == 5);
+        check_holds_runs(&reopened, 12, 12, 10);
+        assert_eq!(files_once(&path, 5)[0], "run-000000-000007.dat");
+    }
+
+    /// What a crash left of a merge of runs 0..=7 of eight runs of 30
+    /// records, and the files an archive opened with `runs` must use.
+    fn check_crash(stage: &str, runs: u32, leave: impl Fn(&Path), expected_files: &[&str]) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("archive");
+        archive_of_runs(&path, 8, 30, 0, 8);
+        leave(&path);
+        let mut reopened = Archive::open(&path, runs).unwrap();
+        check_holds_runs(&reopened, runs, 8, 30);
+        // Runs below the count may merge again once open.
+        wait_for(&mut reopened, "the merges", |a| a.file_count() == expected_files.len());
+        check_holds_runs(&reopened, runs, 8, 30);
+        drop(reopened);
+        assert_eq!(files_once(&path, expected_files.len()), expected_files, "{stage}");
+    }
+
+    #[test]
+    fn a_crash_at_any_step_of_a_merge_reopens_with_every_record_once() {
+        let eight: Vec<Span> = (0..8).map(Span::single).collect();
+        let merged = ["run-000000-000007.dat"];
+        check_crash(
+            "merged file partly written",
+            8,
+            |path| fs::write(Span { first: 0, last: 7 }.tmp_path(path), b"partial").unwrap(),
+            &merged,
+        );
+        check_crash(
+            "merged file durable, no input deleted",
+            8,
+            |path| {
+                merge_now(path, &eight, false).unwrap();
+            },
+            &merged,
+        );
+        check_crash(
+            "merged file durable, some inputs deleted",
+            8,
+            |path| {
+                merge_now(path, &eight, false).unwrap();
+                fs::remove_file(Span::single(2).path(path)).unwrap();
+                fs::remove_file(Span::single(0).path(path)).unwrap();
+            },
+            &merged,
+        );
+        check_crash(
+            "merged file past the checkpoint's runs (never made: only a defence)",
+            5,
+            |path| {
+                merge_now(path, &eight, false).unwrap();
+            },
+            &["run-000000.dat", "run-000001.dat", "run-000002.dat", "run-000003.dat", "run-000004.dat"],
+        );
+    }
+
+    #[test]
+    fn run_file_names_round_trip_and_other_names_are_not_runs() {
+        for span in [Span::single(0), Span::single(12), Span { first: 0, last: 7 }, Span { first: 8, last: 1_234_567 }]
+        {
+            let name = span.path(Path::new("")).to_str().unwrap().to_string();
+            assert_eq!(Span::parse(&name), Some(span), "{name}");
+        }
+        for name in ["run-000003-000003.dat", "run-000009-000002.dat", "run-000000-000007.tmp", "run-12.dat", "x.dat"] {
+            assert_eq!(Span::parse(name), None, "{name}");
+        }
+    }
+
+    #[test]
+    fn cover_takes_the_widest_files_that_fit() {
+        fn check(found: &[(u32, u32)], runs: u32, expected: Result<&[(u32, u32)], u32>) {
+            let spans: Vec<Span> = found.iter().map(|&(first, last)| Span { first, last }).collect();
+            let got = cover(&spans, runs).map(|c| c.iter().map(|s| (s.first, s.last)).collect::<Vec<_>>());
+            assert_eq!(got, expected.map(|e| e.to_vec()), "{found:?} runs {runs}");
+        }
+        check(&[], 0, Ok(&[]));
+        check(&[(0, 0), (1, 1)], 2, Ok(&[(0, 0), (1, 1)]));
+        check(&[(0, 0), (1, 1), (0, 1), (2, 2)], 3, Ok(&[(0, 1), (2, 2)]));
+        check(&[(0, 0), (1, 1), (0, 1), (2, 2)], 1, Ok(&[(0, 0)]));
+        check(&[(0, 0), (1, 1), (0, 1), (2, 2)], 4, Err(3));
+        check(&[(0, 7), (8, 8), (1, 1)], 8, Ok(&[(0, 7)]));
+        check(&[(0, 7), (8, 8)], 5, Err(0));
+        check(&[(0, 63), (0, 7), (8, 15), (64, 64)], 65, Ok(&[(0, 63), (64, 64)]));
+    }
+
+    #[test]
+    fn the_next_merge_is_of_the_lowest_tier_below_the_horizon() {
+        fn check(files: &[(u32, u32, bool)], horizon: u32, expected: Option<usize>) {
+            let files: Vec<DiskFile> =
+                files.iter().map(|&(first, last, merging)| DiskFile { span: Span { first, last }, merging }).collect();
+            assert_eq!(next_merge(&files, horizon), expected);
+        }
+        let singles = |from: u32, count: u32| (from..from + count).map(|n| (n, n, false)).collect::<Vec<_>>();
+        check(&singles(0, 8), 8, Some(0));
+        check(&singles(0, 8), 7, None);
+        check(&singles(0, 7), 100, None);
+        check(&[[(0, 7, false)].as_slice(), &singles(8, 8)].concat(), 16, Some(1));
+        let mut one_merging = singles(0, 9);
+        one_merging[3].2 = true;
+        check(&one_merging, 100, None);
+        let tier_one: Vec<_> = (0..8).map(|n| (n * 8, n * 8 + 7, false)).collect();
+        check(&[tier_one.clone(), singles(64, 8)].concat(), 100, Some(8));
+        check(&[tier_one, singles(64, 8)].concat(), 70, Some(0));
+        check(&[(0, 63, false), (64, 71, false), (72, 79, false)], 100, None);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// A merge keeps every frame once, in fingerprint order, and of equal
+        /// fingerprints the newer file's first (each file's own order kept).
+        #[test]
+        fn a_merge_keeps_every_record_in_order_newest_first(
+            runs in proptest::collection::vec(proptest::collection::vec(0u64..40, 0..60), 2..=MERGE_FANIN),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let mut frames_by_run = Vec::new();
+            for (index, fps) in runs.iter().enumerate() {
+                let run = PendingRun {
+                    fps: fps.clone(),
+                    records: (0..fps.len()).map(|n| record(&format!("p{index}-{n}"))).collect(),
+                };
+                let written = write_run(dir.path(), index as u32, &run).unwrap();
+                prop_assert_eq!(written.span, Span::single(index as u32));
+                let mut reader = RunReader::open(&Span::single(index as u32).path(dir.path())).unwrap();
+                let mut frames = Vec::new();
+                while reader.advance().unwrap() {
+                    frames.push((reader.fingerprint, reader.frame.clone()));
+                }
+                frames_by_run.push(frames);
+            }
+            let mut expected: Vec<(u64, Vec<u8>)> = frames_by_run.iter().rev().flatten().cloned().collect();
+            expected.sort_by_key(|(fp, _)| *fp);
+            let inputs: Vec<Span> = (0..runs.len() as u32).map(Span::single).collect();
+            let span = merge_now(dir.path(), &inputs, true).unwrap();
+            prop_assert_eq!(span, Span { first: 0, last: runs.len() as u32 - 1 });
+            let mut filter = Filter::default();
+            let (merged, count) = scan(dir.path(), span, &mut filter).unwrap();
+            prop_assert_eq!(count as usize, expected.len());
+            let mut reader = RunReader::open(&span.path(dir.path())).unwrap();
+            let mut got = Vec::new();
+            while reader.advance().unwrap() {
+                got.push((reader.fingerprint, reader.frame.clone()));
+            }
+            prop_assert_eq!(got, expected);
+            prop_assert_eq!(merged.len, reader.next_offset);
+            let names: Vec<String> =
+                fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+            prop_assert_eq!(names, vec![span.path(Path::new("")).to_str().unwrap().to_string()]);
+        }
     }
 }

@@ -26,6 +26,7 @@ use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendErro
 use peakstack_domain::ledger::LedgerImage;
 use peakstack_domain::Account;
 
+use crate::archive::MergeHorizon;
 use crate::checkpoint::{self, Checkpoint};
 use crate::log;
 use crate::protocol::ExecutorId;
@@ -51,6 +52,9 @@ pub(crate) struct CheckpointerConfig {
     pub history: File,
     /// Archive runs durable on disk (see `Archive::durable_runs`).
     pub archive_durable: Arc<AtomicU32>,
+    /// Raised to the archive runs a stored checkpoint counts on: the
+    /// archive merges only those (see `archive.rs`).
+    pub archive_horizon: MergeHorizon,
     /// Up to which batch the audit consumer has stored this executor's events.
     pub audit_stored: Box<dyn Fn() -> u64 + Send>,
     /// Called after each checkpoint written.
@@ -170,7 +174,10 @@ impl Worker {
         }
         let waiting = self.waiting.take().expect("checked");
         match self.write(&waiting) {
-            Ok(()) => (self.config.on_written)(),
+            Ok(()) => {
+                self.config.archive_horizon.checkpoint_stored(waiting.archive_runs);
+                (self.config.on_written)();
+            }
             // The log still has everything: carry on, recovery replays more.
             Err(error) => tracing::error!(executor = self.config.executor, %error, "checkpoint failed"),
         }

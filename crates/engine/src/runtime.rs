@@ -411,6 +411,7 @@ impl Engine {
                     dir: history.path().parent().expect("the history file is in the executor dir").to_path_buf(),
                     history: history.sync_handle().map_err(EngineError::History)?,
                     archive_durable: archive.durable_runs(),
+                    archive_horizon: archive.merge_horizon(),
                     audit_stored: Box::new(move || shared.audit.stored[usize::from(id)].load(Ordering::Acquire)),
                     on_written: Box::new(move || {
                         shared_for_stats.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
