@@ -225,7 +225,9 @@ impl Ledger {
     /// Looks `id` up and starts bringing its account into the cache.
     pub fn prefetch_account(&self, id: &Id) {
         if let Some(index) = self.by_id.get(id) {
-            crate::cache::prefetch(&self.accounts[index as usize].balances);
+            // All of it: the checks read its currency, flags and limit, the
+            // booking its balances and history head, wherever they lie.
+            crate::cache::prefetch_all(&self.accounts[index as usize]);
         }
     }
 
@@ -682,20 +684,31 @@ impl Ledger {
     /// again, through [`Ledger::restore_record`], before any input that
     /// names their ids). Pending, reserved and locked records stay.
     pub fn evict_oldest(&mut self, max: usize) -> Vec<Transfer> {
+        let mut evicted = Vec::with_capacity(max.min(self.final_order.len()));
+        self.evict_oldest_into(max, &mut evicted);
+        evicted
+    }
+
+    /// [`Ledger::evict_oldest`], appending to `out` (the archive's staging
+    /// run: each record moves once).
+    pub fn evict_oldest_into(&mut self, max: usize, out: &mut Vec<Transfer>) {
         // The oldest records are long out of the cache: ask for their index
         // lines, then for the records, before taking any.
         let oldest = || self.final_order.iter().take(max);
         oldest().for_each(|id| self.records.prefetch(id));
         oldest().for_each(|id| self.records.prefetch_record(id));
-        let mut evicted = Vec::with_capacity(max.min(self.final_order.len()));
-        while evicted.len() < max {
+        out.reserve(max.min(self.final_order.len()));
+        let mut taken = 0;
+        while taken < max {
             let Some(id) = self.final_order.pop_front() else { break };
             let record = self.records.remove_if(id, |r| {
                 r.reserved_by == NO_OWNER && r.locked_by == NO_OWNER && r.transfer.status != TransferStatus::Pending
             });
-            evicted.extend(record.map(|r| r.transfer));
+            if let Some(record) = record {
+                out.push(record.transfer);
+                taken += 1;
+            }
         }
-        evicted
     }
 
     /// Makes room for `records` transfer records in memory at once (the

@@ -716,6 +716,10 @@ pub struct Archive {
     pending: VecDeque<Arc<PendingRun>>,
     /// Records added since the last seal; they follow `pending`.
     staging: PendingRun,
+    /// A written run's buffers, emptied, for the next staging run: a fresh
+    /// one grew by doubling (copying the records each time) into memory
+    /// that had to be faulted in.
+    spare: Option<PendingRun>,
     filter: Filter,
     records: u64,
     /// Runs durable on disk (written and fsynced), for checkpoints.
@@ -819,6 +823,7 @@ impl Archive {
             runs,
             pending: VecDeque::new(),
             staging: PendingRun::default(),
+            spare: None,
             filter,
             records,
             durable,
@@ -851,11 +856,19 @@ impl Archive {
     /// Adds evicted records; once `run_records` are staged they go to the
     /// writer as a run.
     pub fn add(&mut self, records: Vec<Transfer>, run_records: usize) -> io::Result<()> {
+        self.add_from(run_records, |staging| staging.extend(records))
+    }
+
+    /// Adds the records `fill` appends to the staging run (an eviction
+    /// writes them there directly, without a vector of its own); once
+    /// `run_records` are staged they go to the writer as a run.
+    pub fn add_from(&mut self, run_records: usize, fill: impl FnOnce(&mut Vec<Transfer>)) -> io::Result<()> {
         self.poll()?;
+        let from = self.staging.records.len();
+        fill(&mut self.staging.records);
         // Fingerprints first, asking for their filter lines, then the
         // inserts: the cache misses overlap.
-        let from = self.staging.fps.len();
-        for record in &records {
+        for record in &self.staging.records[from..] {
             let fp = fingerprint(&record.id);
             self.filter.prefetch_insert(fp);
             self.staging.fps.push(fp);
@@ -863,8 +876,7 @@ impl Archive {
         for &fp in &self.staging.fps[from..] {
             self.filter.insert(fp);
         }
-        self.records += records.len() as u64;
-        self.staging.records.extend(records);
+        self.records += (self.staging.records.len() - from) as u64;
         if self.staging.records.len() >= run_records.max(1) {
             self.seal()?;
         }
@@ -872,9 +884,7 @@ impl Archive {
     }
 
     /// Hands the staged records to the writer as a run (nothing when none
-    /// are staged). They stay readable from memory until their file is
-    /// durable. Waits only when [`MAX_PENDING_RUNS`] runs are unwritten
-    /// (merges run on a thread of their own and never hold up the writer).
+    /// are staged). They stay readable from memory until their file is durable.
     pub fn seal(&mut self) -> io::Result<()> {
         if self.staging.records.is_empty() {
             return Ok(());
@@ -883,7 +893,11 @@ impl Archive {
             let done = self.from_writer.recv().map_err(|_| io::Error::other("archive writer stopped"))?;
             self.finished(done)?;
         }
-        let run = Arc::new(std::mem::take(&mut self.staging));
+        let next = self.spare.take().unwrap_or_else(|| PendingRun {
+            fps: Vec::with_capacity(self.staging.fps.capacity()),
+            records: Vec::with_capacity(self.staging.records.capacity()),
+        });
+        let run = Arc::new(std::mem::replace(&mut self.staging, next));
         let index = self.run_count();
         self.pending.push_back(run.clone());
         let sender = self.to_writer.as_ref().expect("the writer runs while the archive lives");
@@ -909,7 +923,13 @@ impl Archive {
     fn finished(&mut self, done: Finished) -> io::Result<()> {
         match done? {
             Done::Written(run) => {
-                self.pending.pop_front().expect("the writer answers runs in order");
+                let written = self.pending.pop_front().expect("the writer answers runs in order");
+                // The writer is done with it, usually already gone.
+                if let Ok(mut buffers) = Arc::try_unwrap(written) {
+                    buffers.fps.clear();
+                    buffers.records.clear();
+                    self.spare = Some(buffers);
+                }
                 assert_eq!(run.span, Span::single(self.runs.last().map_or(0, |r| r.span.last + 1)));
                 self.runs.push(run);
             }

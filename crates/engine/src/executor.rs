@@ -200,9 +200,10 @@ impl ExecutorCore {
         self.ledger.reserve_records(records);
     }
 
-    /// Takes up to `max` of the oldest final records out of memory.
-    pub fn evict_oldest(&mut self, max: usize) -> Vec<Transfer> {
-        self.ledger.evict_oldest(max)
+    /// Takes up to `max` of the oldest final records out of memory,
+    /// appending them to `out`.
+    pub fn evict_oldest_into(&mut self, max: usize, out: &mut Vec<Transfer>) {
+        self.ledger.evict_oldest_into(max, out);
     }
 
     pub fn txns_in_flight(&self) -> usize {

@@ -1381,8 +1381,9 @@ fn prefetch(core: &mut ExecutorCore, archive: &Archive, input: &Input) -> std::i
 fn evict(core: &mut ExecutorCore, archive: &mut Archive, limit: usize) -> std::io::Result<()> {
     let count = core.ledger().transfer_count();
     if count > limit {
-        let chunk = core.evict_oldest(count - limit + limit / 16);
-        archive.add(chunk, limit.div_ceil(4))?;
+        // As many as the batch added, so that every batch pays its share
+        // (an eviction of thousands at once is a stall of milliseconds).
+        archive.add_from(limit.div_ceil(4), |staging| core.evict_oldest_into(count - limit, staging))?;
     } else {
         archive.poll()?;
     }
