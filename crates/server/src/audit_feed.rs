@@ -16,8 +16,8 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use parking_lot::Mutex;
 use peakstack_engine::{AuditBatch, Engine};
 
-use crate::access_store::{AccessStore, AccessStoreError};
-use crate::audit::transfer_record;
+use crate::access_store::{AccessStore, AccessStoreError, MAX_RECORDS_PER_ROW};
+use crate::audit_rows::RowPacker;
 
 /// Most engine batches stored in one write.
 pub const MAX_BATCHES_PER_WRITE: usize = 256;
@@ -119,20 +119,20 @@ impl Consumer {
             }
             let take = pending.len().min(MAX_BATCHES_PER_WRITE);
             let batches: Vec<AuditBatch> = pending.drain(..take).collect();
-            let mut records = Vec::new();
+            let mut rows = RowPacker::new(MAX_RECORDS_PER_ROW);
             let mut marks: BTreeMap<u16, u64> = BTreeMap::new();
             for batch in &batches {
                 if batch.sequence <= self.marks.get(&batch.executor).copied().unwrap_or(0) {
                     continue; // stored before a crash, made again by the replay
                 }
-                records.extend(batch.events.iter().map(transfer_record));
+                batch.events.iter().for_each(|event| rows.push(event));
                 let mark = marks.entry(batch.executor).or_default();
                 *mark = (*mark).max(batch.sequence);
             }
             if marks.is_empty() {
                 continue;
             }
-            match self.store.append_feed_blocking(records, marks.iter().map(|(&e, &s)| (e, s)).collect()) {
+            match self.store.append_feed_blocking(rows.finish(), marks.iter().map(|(&e, &s)| (e, s)).collect()) {
                 Ok(()) => {
                     for (executor, sequence) in marks {
                         self.marks.insert(executor, sequence);

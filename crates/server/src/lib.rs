@@ -36,6 +36,7 @@ pub mod access_store;
 mod admin;
 pub mod audit;
 mod audit_feed;
+mod audit_rows;
 mod error;
 mod handlers;
 pub mod idempotency;
