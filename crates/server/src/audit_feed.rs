@@ -24,6 +24,12 @@ pub const MAX_BATCHES_PER_WRITE: usize = 256;
 /// How often an idle consumer looks for the stop flag; also the pause
 /// before a failed write is tried again.
 const POLL: Duration = Duration::from_millis(50);
+/// How long the batches after a first one gather before they are written
+/// together. One write per engine batch cost, under one transfer per
+/// request, a wake-up of this thread and one of the store's, and a redb
+/// commit, for every fsync of the engine: 13% of the server's CPU. Audit
+/// reads wait at most this much longer for the records of recent changes.
+pub const GATHER: Duration = Duration::from_millis(5);
 /// Records are written without waiting for the disk (they are readable at
 /// once) and made durable together this often: only then does the engine
 /// hear they are stored, and may checkpoint past them.
@@ -106,7 +112,12 @@ impl Consumer {
             }
             if pending.is_empty() {
                 match self.feed.recv_timeout(POLL) {
-                    Ok(batch) => pending.push_back(batch),
+                    Ok(batch) => {
+                        pending.push_back(batch);
+                        // Asleep, not waiting on the channel, so the batches
+                        // of the next moment gather without waking anyone.
+                        std::thread::sleep(GATHER);
+                    }
                     Err(RecvTimeoutError::Timeout) => continue,
                     Err(RecvTimeoutError::Disconnected) => return,
                 }
