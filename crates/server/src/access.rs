@@ -3,7 +3,8 @@
 //!
 //! Two levels, both decided here and nowhere else:
 //! - per route, [`Access`] (declared in the route table in `lib.rs`) says
-//!   which scopes may call it at all; the [`authenticate`] middleware checks
+//!   which scopes may call it at all; [`admit`], called by the one
+//!   middleware in front of the handlers (`observe::front`), checks
 //!   the key and the route before anything else runs (before the
 //!   Idempotency-Key guard, so a replay is never shown to another key);
 //! - per object, [`Principal`]'s methods say whether the caller may see an
@@ -14,10 +15,9 @@
 use std::fmt;
 use std::sync::Arc;
 
-use axum::extract::{FromRequestParts, MatchedPath, Request, State};
+use axum::extract::{FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderName, HeaderValue, Method};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use peakstack_domain::{Id, Owner};
 
@@ -265,24 +265,22 @@ pub enum AuthMode {
     InsecureNoAuth,
 }
 
-/// The middleware that authenticates every request and checks its route's
-/// [`Access`]; on success the handlers find the [`Principal`] in the
-/// request's extensions.
-pub async fn authenticate(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
-    let access = request
-        .extensions()
-        .get::<MatchedPath>()
-        .and_then(|path| state.route_access().of(request.method(), path.as_str()));
+/// Authenticates a request and checks its route's [`Access`] (`route`:
+/// the matched path, if any). On success the handlers find the
+/// [`Principal`] in the request's extensions; otherwise the refusal is the
+/// answer.
+pub fn admit(state: &AppState, request: &mut Request, route: Option<&str>) -> Result<(), Box<Response>> {
+    let access = route.and_then(|path| state.route_access().of(request.method(), path));
     // Unknown routes and wrong methods answer 404/405 to anyone.
-    let Some(access) = access else { return next.run(request).await };
+    let Some(access) = access else { return Ok(()) };
     if access == Access::Public {
-        return next.run(request).await;
+        return Ok(());
     }
-    match principal_of(&state, &request, access) {
+    match principal_of(state, request, access) {
         Ok(principal) => {
             tracing::Span::current().record("key_id", &*principal.key_id);
             request.extensions_mut().insert(principal);
-            next.run(request).await
+            Ok(())
         }
         Err(error) => {
             let unauthorized = matches!(error, ApiError::Unauthorized(_));
@@ -291,7 +289,7 @@ pub async fn authenticate(State(state): State<AppState>, mut request: Request, n
             if unauthorized {
                 response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
-            response
+            Err(Box::new(response))
         }
     }
 }

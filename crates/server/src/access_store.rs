@@ -8,6 +8,7 @@
 //! one write, so they land together or not at all. Reads run on their own
 //! read transactions, beside the writer.
 
+use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -17,6 +18,7 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinitio
 use tokio::sync::{mpsc, oneshot};
 
 use crate::audit::{AuditFilter, AuditPage, AuditRecord};
+use crate::audit_rows::{self, PackedRow, PACKED_ROW_TAG};
 use crate::keys::KeyRecord;
 
 /// Most writes applied in one group (one write transaction).
@@ -36,9 +38,11 @@ const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 /// Most records one audit row holds. Rows stay a few pages long: one row per
 /// write made values of megabytes under load, which redb writes through
 /// fresh zeroed buffers, and which a query decodes whole to read one record.
-const MAX_RECORDS_PER_ROW: usize = 64;
+pub const MAX_RECORDS_PER_ROW: usize = 64;
 
-/// One row of the audit table: a record, or several with consecutive seqs.
+/// One row of the audit table: a JSON record, a JSON array of records
+/// with consecutive seqs, or transfer records packed by the audit feed
+/// ([`crate::audit_rows`]; numbered from the row's key).
 #[derive(serde::Deserialize)]
 #[serde(untagged)]
 enum Row {
@@ -48,10 +52,14 @@ enum Row {
 
 impl Row {
     fn decode(first_seq: u64, bytes: &[u8]) -> Result<Vec<AuditRecord>, AccessStoreError> {
+        let corrupt = |e: &dyn std::fmt::Display| AccessStoreError::Corrupt(format!("audit row {first_seq}: {e}"));
+        if bytes.first() == Some(&PACKED_ROW_TAG) {
+            return audit_rows::decode(first_seq, bytes).map_err(|e| corrupt(&e));
+        }
         match serde_json::from_slice(bytes) {
             Ok(Row::One(record)) => Ok(vec![record]),
             Ok(Row::Many(records)) => Ok(records),
-            Err(e) => Err(AccessStoreError::Corrupt(format!("audit row {first_seq}: {e}"))),
+            Err(e) => Err(corrupt(&e)),
         }
     }
 }
@@ -79,17 +87,19 @@ fn redb_error(error: impl Into<redb::Error>) -> AccessStoreError {
 }
 
 /// One write: maybe a key (new or changed), and the audit records that go
-/// with it.
+/// with it (as records, or as rows the audit feed packed).
 struct Write {
     key: Option<KeyRecord>,
     audit: Vec<AuditRecord>,
+    packed: Vec<PackedRow>,
     /// (executor, sequence) of the engine audit batches these records are.
     marks: Vec<(u16, u64)>,
     /// Whether the answer waits for the disk. Feed writes do not: the
     /// engine's log keeps their batches until a later durable commit (see
     /// [`AccessStore::sync_blocking`]) has made them safe here.
     durable: bool,
-    reply: oneshot::Sender<Result<Vec<u64>, AccessStoreError>>,
+    /// The seqs the write's records got.
+    reply: oneshot::Sender<Result<Range<u64>, AccessStoreError>>,
 }
 
 enum Op {
@@ -135,9 +145,9 @@ impl AccessStore {
         Ok((AccessStore { db: Mutex::new(Some(db)), ops: tx, thread: Mutex::new(Some(thread)) }, keys))
     }
 
-    async fn write(&self, key: Option<KeyRecord>, audit: Vec<AuditRecord>) -> Result<Vec<u64>, AccessStoreError> {
+    async fn write(&self, key: Option<KeyRecord>, audit: Vec<AuditRecord>) -> Result<Range<u64>, AccessStoreError> {
         let (reply, answer) = oneshot::channel();
-        let write = Write { key, audit, marks: Vec::new(), durable: true, reply };
+        let write = Write { key, audit, packed: Vec::new(), marks: Vec::new(), durable: true, reply };
         self.ops.send(Op::Write(Box::new(write))).await.map_err(|_| AccessStoreError::Closed)?;
         answer.await.map_err(|_| AccessStoreError::Closed)?
     }
@@ -147,23 +157,21 @@ impl AccessStore {
         Ok(())
     }
 
-    /// Appends the records of engine audit batches with their marks, from
-    /// a thread outside the async runtime; returns once readable, not
-    /// durable (a crash rolls it back whole: records and marks together).
-    pub fn append_feed_blocking(
-        &self,
-        records: Vec<AuditRecord>,
-        marks: Vec<(u16, u64)>,
-    ) -> Result<(), AccessStoreError> {
+    /// Appends the records of engine audit batches, packed into rows, with
+    /// their marks, from a thread outside the async runtime; returns once
+    /// readable, not durable (a crash rolls it back whole: records and marks
+    /// together).
+    pub fn append_feed_blocking(&self, rows: Vec<PackedRow>, marks: Vec<(u16, u64)>) -> Result<(), AccessStoreError> {
         let (reply, answer) = oneshot::channel();
-        self.write_blocking(Write { key: None, audit: records, marks, durable: false, reply })?;
+        self.write_blocking(Write { key: None, audit: Vec::new(), packed: rows, marks, durable: false, reply })?;
         answer.blocking_recv().map_err(|_| AccessStoreError::Closed)?.map(|_| ())
     }
 
     /// Makes every write so far durable (one commit that waits for the disk).
     pub fn sync_blocking(&self) -> Result<(), AccessStoreError> {
         let (reply, answer) = oneshot::channel();
-        self.write_blocking(Write { key: None, audit: Vec::new(), marks: Vec::new(), durable: true, reply })?;
+        let write = Write { key: None, audit: Vec::new(), packed: Vec::new(), marks: Vec::new(), durable: true, reply };
+        self.write_blocking(write)?;
         answer.blocking_recv().map_err(|_| AccessStoreError::Closed)?.map(|_| ())
     }
 
@@ -184,13 +192,13 @@ impl AccessStore {
     /// both are durable.
     pub async fn put_key(&self, key: KeyRecord, audit: AuditRecord) -> Result<u64, AccessStoreError> {
         let seqs = self.write(Some(key), vec![audit]).await?;
-        seqs.first().copied().ok_or(AccessStoreError::Closed)
+        Ok(seqs.start)
     }
 
     /// Appends one audit record; returns its seq once it is durable.
     pub async fn append(&self, record: AuditRecord) -> Result<u64, AccessStoreError> {
         let seqs = self.write(None, vec![record]).await?;
-        seqs.first().copied().ok_or(AccessStoreError::Closed)
+        Ok(seqs.start)
     }
 
     /// Records with seq > `after` that match `filter`, oldest first, at most
@@ -315,7 +323,6 @@ fn write_group(db: &Database, group: &mut Vec<Write>, next_seq: u64) -> u64 {
                     record.seq = seq;
                     seq += 1;
                 }
-                seqs_of.push((first_seq..seq).collect());
                 for chunk in numbered.chunks(MAX_RECORDS_PER_ROW) {
                     // The shapes `Row` reads: one record, or an array of them.
                     let bytes = match chunk {
@@ -325,6 +332,11 @@ fn write_group(db: &Database, group: &mut Vec<Write>, next_seq: u64) -> u64 {
                     .map_err(|e| AccessStoreError::Failed(e.to_string()))?;
                     audit.insert(chunk[0].seq, bytes.as_slice()).map_err(redb_error)?;
                 }
+                for row in &write.packed {
+                    audit.insert(seq, row.bytes.as_slice()).map_err(redb_error)?;
+                    seq += u64::from(row.records);
+                }
+                seqs_of.push(first_seq..seq);
             }
         }
         txn.commit().map_err(redb_error)?;
@@ -393,6 +405,25 @@ mod tests {
         store.close().await;
     }
 
+    fn transfer_event(transfer_id: &str, time_ms: u64) -> peakstack_engine::AuditEvent {
+        let id = |text: &str| peakstack_domain::Id::parse(text).unwrap();
+        peakstack_engine::AuditEvent {
+            origin: peakstack_engine::Origin { key_id: Arc::from("k"), request_id: Arc::from("req") },
+            time_ms,
+            transfer: peakstack_domain::Transfer {
+                id: id(transfer_id),
+                debit_account_id: id("a"),
+                credit_account_id: id("b"),
+                amount: 5,
+                currency: peakstack_domain::Currency::parse("USD").unwrap(),
+                kind: peakstack_domain::TransferKind::Single,
+                status: peakstack_domain::TransferStatus::Posted,
+                posted_amount: None,
+                timestamp_ms: time_ms,
+            },
+        }
+    }
+
     #[test]
     fn a_feed_write_fills_rows_that_queries_read_record_by_record() {
         let dir = tempfile::tempdir().unwrap();
@@ -400,16 +431,28 @@ mod tests {
         let (store, _) = AccessStore::open(&path).unwrap();
         let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
         runtime.block_on(store.append(record("k", action::KEY_CREATE, "k1", 1))).unwrap();
-        let feed: Vec<AuditRecord> =
-            (0..150).map(|i| record("k", action::TRANSFER_CREATE, &format!("t{i}"), 2)).collect();
+        let mut packer = crate::audit_rows::RowPacker::new(MAX_RECORDS_PER_ROW);
+        for i in 0..150 {
+            packer.push(&transfer_event(&format!("t{i}"), 2));
+        }
         // Seqs 2..=151, in rows of 64, 64 and 22 records.
-        store.append_feed_blocking(feed, vec![(0, 7), (1, 3)]).unwrap();
+        store.append_feed_blocking(packer.finish(), vec![(0, 7), (1, 3)]).unwrap();
+        // Rows of JSON records (as stores before packed rows wrote them)
+        // read on beside packed ones: seqs 152..=153 in one row.
+        let json_rows =
+            vec![record("k", action::TRANSFER_CREATE, "j1", 3), record("k", action::TRANSFER_CREATE, "j2", 3)];
+        assert_eq!(runtime.block_on(store.write(None, json_rows)).unwrap(), 152..154);
         runtime.block_on(store.append(record("k", action::KEY_REVOKE, "k1", 3))).unwrap();
         assert_eq!(store.feed_marks().unwrap(), vec![(0, 7), (1, 3)]);
         let all = runtime.block_on(store.query(AuditFilter::default(), 0, 1000)).unwrap();
-        assert_eq!(all.records.iter().map(|r| r.seq).collect::<Vec<_>>(), (1..=152).collect::<Vec<_>>());
+        assert_eq!(all.records.iter().map(|r| r.seq).collect::<Vec<_>>(), (1..=154).collect::<Vec<_>>());
         assert_eq!(all.records[3].target, "t2");
-        assert_eq!(all.records[151].action, action::KEY_REVOKE);
+        assert_eq!(
+            all.records[3].details,
+            json!({"debit_account_id": "a", "credit_account_id": "b", "amount": 5, "currency": "USD"})
+        );
+        assert_eq!(all.records[152].target, "j2");
+        assert_eq!(all.records[153].action, action::KEY_REVOKE);
         let targets = |page: &AuditPage| page.records.iter().map(|r| r.target.clone()).collect::<Vec<_>>();
         // A cursor in the middle of a row.
         let page = runtime.block_on(store.query(AuditFilter::default(), 3, 2)).unwrap();
@@ -418,10 +461,21 @@ mod tests {
         // A page across two rows: seq 66 (t64) starts the second one.
         let page = runtime.block_on(store.query(AuditFilter::default(), 64, 3)).unwrap();
         assert_eq!(targets(&page), vec!["t63", "t64", "t65"]);
+        // Across a packed row and a JSON one.
+        let page = runtime.block_on(store.query(AuditFilter::default(), 150, 3)).unwrap();
+        assert_eq!(targets(&page), vec!["t149", "j1", "j2"]);
         runtime.block_on(store.close());
-        // Seqs go on after a reopen from the last record of the last row.
+        // Seqs go on after a reopen from the last record of the last row,
+        // packed or not.
         let (store, _) = AccessStore::open(&path).unwrap();
-        assert_eq!(runtime.block_on(store.append(record("k", action::KEY_CREATE, "k2", 4))).unwrap(), 153);
+        assert_eq!(runtime.block_on(store.append(record("k", action::KEY_CREATE, "k2", 4))).unwrap(), 155);
+        let mut packer = crate::audit_rows::RowPacker::new(MAX_RECORDS_PER_ROW);
+        packer.push(&transfer_event("t150", 5));
+        packer.push(&transfer_event("t151", 5));
+        store.append_feed_blocking(packer.finish(), vec![(0, 8)]).unwrap();
+        runtime.block_on(store.close());
+        let (store, _) = AccessStore::open(&path).unwrap();
+        assert_eq!(runtime.block_on(store.append(record("k", action::KEY_CREATE, "k3", 6))).unwrap(), 158);
         runtime.block_on(store.close());
     }
 

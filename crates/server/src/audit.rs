@@ -8,7 +8,7 @@
 //! one record per transfer made into the store, after the answer, and again
 //! after a crash until stored (see `Engine::take_audit_feed`).
 
-use peakstack_domain::TransferKind;
+use peakstack_domain::{Currency, TransferKind};
 
 use crate::admin::rfc3339;
 use crate::keys::KeyRecord;
@@ -67,31 +67,68 @@ pub fn key_revoked(actor: &str, request_id: &str, key: &KeyRecord) -> AuditRecor
     AuditRecord::new(actor, request_id, action::KEY_REVOKE, &key.id, Value::Null, at_ms)
 }
 
-/// The record of a transfer the engine made for a request with an origin.
-pub fn transfer_record(event: &AuditEvent) -> AuditRecord {
-    let transfer = &event.transfer;
+/// What an audit record keeps of a transfer, whether it comes from an
+/// engine event or from a stored row.
+pub struct TransferFacts<'a> {
+    pub debit: &'a str,
+    pub credit: &'a str,
+    pub amount: u64,
+    pub currency: Currency,
+    pub kind: TransferFactsKind,
+}
+
+pub enum TransferFactsKind {
+    Single,
+    Pending { timeout_ms: u64 },
+    Post { pending_id: String },
+    Void { pending_id: String },
+}
+
+/// The action and the `details` of a transfer's audit record.
+pub fn transfer_details(facts: &TransferFacts) -> (&'static str, Value) {
     let mut details = serde_json::json!({
-        "debit_account_id": transfer.debit_account_id.as_str(),
-        "credit_account_id": transfer.credit_account_id.as_str(),
-        "amount": transfer.amount,
-        "currency": transfer.currency.to_string(),
+        "debit_account_id": facts.debit,
+        "credit_account_id": facts.credit,
+        "amount": facts.amount,
+        "currency": facts.currency.as_str(),
     });
-    let action = match &transfer.kind {
-        TransferKind::Single => action::TRANSFER_CREATE,
-        TransferKind::Pending { timeout_ms, .. } => {
+    let action = match &facts.kind {
+        TransferFactsKind::Single => action::TRANSFER_CREATE,
+        TransferFactsKind::Pending { timeout_ms } => {
             details["pending"] = Value::Bool(true);
             details["timeout_ms"] = Value::from(*timeout_ms);
             action::TRANSFER_CREATE
         }
-        TransferKind::Post { pending_id, .. } => {
+        TransferFactsKind::Post { pending_id } => {
             details["pending_id"] = Value::from(pending_id.as_str());
             action::TRANSFER_POST
         }
-        TransferKind::Void { pending_id } => {
+        TransferFactsKind::Void { pending_id } => {
             details["pending_id"] = Value::from(pending_id.as_str());
             action::TRANSFER_VOID
         }
     };
+    (action, details)
+}
+
+/// The record of a transfer the engine made for a request with an origin
+/// (as the audit feed stores it: see [`crate::audit_rows`]).
+pub fn transfer_record(event: &AuditEvent) -> AuditRecord {
+    let transfer = &event.transfer;
+    let kind = match &transfer.kind {
+        TransferKind::Single => TransferFactsKind::Single,
+        TransferKind::Pending { timeout_ms, .. } => TransferFactsKind::Pending { timeout_ms: *timeout_ms },
+        TransferKind::Post { pending_id, .. } => TransferFactsKind::Post { pending_id: pending_id.to_string() },
+        TransferKind::Void { pending_id } => TransferFactsKind::Void { pending_id: pending_id.to_string() },
+    };
+    let facts = TransferFacts {
+        debit: transfer.debit_account_id.as_str(),
+        credit: transfer.credit_account_id.as_str(),
+        amount: transfer.amount,
+        currency: transfer.currency,
+        kind,
+    };
+    let (action, details) = transfer_details(&facts);
     AuditRecord::new(
         &event.origin.key_id,
         &event.origin.request_id,

@@ -6,21 +6,23 @@ use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use bytes::Bytes;
 use peakstack_domain::{Account, ErrorCode, Id, Transfer, TransferRequest};
-use peakstack_engine::TransferResult;
 use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::access::{AuthMode, Caller, Denied, Principal, Scope};
 use crate::audit::{action, AuditRecord};
-use crate::error::{is_transient_code, ledger_detail, ApiError, Transient};
+use crate::error::{is_transient_code, ApiError, Transient};
 use crate::idempotency::now_ms;
+use crate::post_guard::BATCH_BODY_LIMIT_BYTES;
 use crate::wire::{
-    parse_id, AccountBody, AccountJson, BatchAnswer, BatchBody, BatchItem, Page, PageQuery, PostBody, TransferBody,
-    TransferJson, VoidBody,
+    parse_id, AccountBody, AccountJson, BatchAnswer, BatchBody, Page, PageQuery, PostBody, TransferBody, TransferJson,
+    VoidBody,
 };
-use crate::AppState;
+use crate::{buffers, AppState};
 
 /// Default page size of the list routes.
 pub const DEFAULT_PAGE_LIMIT: usize = 100;
@@ -47,6 +49,51 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
             Ok(Json(value)) => Ok(ApiJson(value)),
             Err(rejection) => Err(json_rejection(rejection)),
         }
+    }
+}
+
+/// A JSON body whose strings a handler may borrow (see
+/// [`JsonBody::borrowed`]). Answers exactly like [`ApiJson`]: only what
+/// `ApiJson` would accept is read borrowed, everything else goes through it.
+pub struct JsonBody {
+    parts: Parts,
+    bytes: Bytes,
+}
+
+impl<S: Send + Sync> FromRequest<S> for JsonBody {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, _: &S) -> Result<Self, ApiError> {
+        let (parts, body) = request.into_parts();
+        // The POST guard has read and bounded the body: this takes its bytes.
+        let bytes = axum::body::to_bytes(body, BATCH_BODY_LIMIT_BYTES).await.map_err(|_| {
+            ApiError::BodyTooLarge(format!("the request body is larger than {BATCH_BODY_LIMIT_BYTES} bytes"))
+        })?;
+        Ok(JsonBody { parts, bytes })
+    }
+}
+
+impl JsonBody {
+    /// The body as `T`, with strings borrowed from it, when it says it is
+    /// `application/json` and parses as `T` (with no escapes in the strings
+    /// `T` borrows); `None` otherwise: then [`JsonBody::owned`] answers.
+    pub fn borrowed<'a, T: Deserialize<'a>>(&'a self) -> Option<T> {
+        let content_type = self.parts.headers.get(header::CONTENT_TYPE)?;
+        if content_type.as_bytes() != b"application/json" {
+            return None;
+        }
+        serde_json::from_slice(&self.bytes).ok()
+    }
+
+    /// The body as [`ApiJson`] reads it: the value, or its rejection.
+    pub async fn owned<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
+        let mut request = Request::new(axum::body::Body::from(self.bytes.clone()));
+        *request.method_mut() = self.parts.method.clone();
+        *request.uri_mut() = self.parts.uri.clone();
+        *request.version_mut() = self.parts.version;
+        *request.headers_mut() = self.parts.headers.clone();
+        *request.extensions_mut() = self.parts.extensions.clone();
+        ApiJson::<T>::from_request(request, &()).await.map(|ApiJson(value)| value)
     }
 }
 
@@ -85,8 +132,27 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
     }
 }
 
+/// About the size of one transfer's JSON answer.
+const TRANSFER_JSON_BYTES: usize = 512;
+/// About the size of one item of a batch's answer.
+const BATCH_ITEM_BYTES: usize = 320;
+
 fn json<T: Serialize>(status: StatusCode, body: &T) -> Response {
-    (status, Json(body)).into_response()
+    json_sized(status, body, TRANSFER_JSON_BYTES)
+}
+
+/// A JSON answer serialized into one buffer of about `size_hint` bytes
+/// (axum's `Json` starts at 128 bytes and grows by copying).
+fn json_sized<T: Serialize>(status: StatusCode, body: &T, size_hint: usize) -> Response {
+    let mut buffer = buffers::take(size_hint);
+    match serde_json::to_writer(&mut buffer, body) {
+        Ok(()) => {
+            let mut response = (status, buffers::into_bytes(buffer)).into_response();
+            response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            response
+        }
+        Err(error) => ApiError::Internal(format!("the answer could not be serialized: {error}")).into_response(),
+    }
 }
 
 fn page_limit(limit: Option<&str>) -> Result<usize, ApiError> {
@@ -368,10 +434,13 @@ async fn one_transfer(state: &AppState, caller: &Caller, request: TransferReques
 pub async fn create_transfer(
     State(state): State<AppState>,
     caller: Caller,
-    ApiJson(body): ApiJson<TransferBody>,
+    body: JsonBody,
 ) -> Result<Response, ApiError> {
-    let request = body.into_request().map_err(ApiError::InvalidRequest)?;
-    one_transfer(&state, &caller, request).await
+    let request = match body.borrowed::<TransferBody<&str>>() {
+        Some(fields) => fields.into_request(),
+        None => body.owned::<TransferBody>().await?.into_request(),
+    };
+    one_transfer(&state, &caller, request.map_err(ApiError::InvalidRequest)?).await
 }
 
 pub async fn post_pending(
@@ -396,23 +465,32 @@ pub async fn void_pending(
     one_transfer(&state, &caller, request).await
 }
 
-pub async fn create_batch(
-    State(state): State<AppState>,
-    caller: Caller,
-    ApiJson(body): ApiJson<BatchBody>,
-) -> Result<Response, ApiError> {
-    let count = body.transfers.len();
+pub async fn create_batch(State(state): State<AppState>, caller: Caller, body: JsonBody) -> Result<Response, ApiError> {
+    let owned: BatchBody;
+    let (transfers, atomic): (Vec<&RawValue>, bool) = match body.borrowed::<BatchBody<&RawValue>>() {
+        Some(borrowed) => (borrowed.transfers, borrowed.atomic),
+        None => {
+            owned = body.owned().await?;
+            (owned.transfers.iter().map(AsRef::as_ref).collect(), owned.atomic)
+        }
+    };
+    let count = transfers.len();
     if count == 0 || count > MAX_BATCH_TRANSFERS {
         return Err(ApiError::invalid(format!(
             "transfers: must hold 1 to {MAX_BATCH_TRANSFERS} transfers, got {count}"
         )));
     }
     let mut requests = Vec::with_capacity(count);
-    for (index, raw) in body.transfers.iter().enumerate() {
-        let request = serde_json::from_str::<TransferBody>(raw.get())
-            .map_err(|e| e.to_string())
-            .and_then(TransferBody::into_request)
-            .map_err(|detail| ApiError::invalid(format!("transfers[{index}]: {detail}")))?;
+    for (index, raw) in transfers.iter().enumerate() {
+        let request = match serde_json::from_str::<TransferBody<&str>>(raw.get()) {
+            Ok(fields) => fields.into_request(),
+            // Escapes in a string, or not a transfer: read it owned, for
+            // the value or the error it always gave.
+            Err(_) => serde_json::from_str::<TransferBody>(raw.get())
+                .map_err(|e| e.to_string())
+                .and_then(TransferBody::into_request),
+        }
+        .map_err(|detail| ApiError::invalid(format!("transfers[{index}]: {detail}")))?;
         requests.push(request);
     }
     // Every transfer is checked before any is made: a batch the caller may
@@ -420,10 +498,9 @@ pub async fn create_batch(
     for (index, request) in requests.iter().enumerate() {
         authorize_transfer(&state, &caller.principal, request).await.map_err(|error| at_index(index, error))?;
     }
-    let results = state.engine().create_transfers_as(requests, body.atomic, Some(caller.origin())).await;
+    let results = state.engine().create_transfers_as(requests, atomic, Some(caller.origin())).await;
     let transient = results.iter().any(|r| matches!(r, Err(code) if is_transient_code(*code)));
-    let answer = BatchAnswer { results: results.iter().enumerate().map(|(index, r)| batch_item(index, r)).collect() };
-    let mut response = json(StatusCode::OK, &answer);
+    let mut response = json_sized(StatusCode::OK, &BatchAnswer { results: &results }, BATCH_ITEM_BYTES * count);
     if transient {
         response.extensions_mut().insert(Transient);
     }
@@ -436,25 +513,6 @@ fn at_index(index: usize, error: ApiError) -> ApiError {
         ApiError::Ledger(code, detail) => ApiError::Ledger(code, format!("transfers[{index}]: {detail}")),
         ApiError::Forbidden(detail) => ApiError::Forbidden(format!("transfers[{index}]: {detail}")),
         other => other,
-    }
-}
-
-fn batch_item(index: usize, result: &TransferResult) -> BatchItem {
-    match result {
-        Ok(outcome) => BatchItem {
-            index,
-            status: if outcome.created { "created" } else { "exists" },
-            transfer: Some(TransferJson::from_transfer(&outcome.transfer)),
-            code: None,
-            detail: None,
-        },
-        Err(code) => BatchItem {
-            index,
-            status: "error",
-            transfer: None,
-            code: Some(code.as_str()),
-            detail: Some(ledger_detail(*code)),
-        },
     }
 }
 

@@ -5,10 +5,10 @@
 //! validates, calls the [`Engine`], and maps the result; every error is one
 //! [`ApiError`] rendered as `application/problem+json` with a stable `code`.
 //!
-//! Layers, outermost first: one gives every request an `X-Request-Id`, a
-//! tracing span carrying it, and its metrics; [`access::authenticate`]
-//! checks the API key against the [`access::Access`] the route declares in
-//! the route table (before anything else runs); the POST guard bounds bodies
+//! One middleware runs, in this order: an `X-Request-Id` for every request,
+//! a tracing span carrying it, and its metrics; [`access::admit`] checks
+//! the API key against the [`access::Access`] the route declares in the
+//! route table (before anything else runs); the POST guard bounds bodies
 //! (64 KiB, 4 MiB for a batch) and implements `Idempotency-Key` over a
 //! durable redb store (`<data_dir>/idempotency.redb`, see [`idempotency`]);
 //! innermost, a panic becomes a 500 problem.
@@ -36,6 +36,8 @@ pub mod access_store;
 mod admin;
 pub mod audit;
 mod audit_feed;
+mod audit_rows;
+mod buffers;
 mod error;
 mod handlers;
 pub mod idempotency;
@@ -54,7 +56,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::extract::DefaultBodyLimit;
-use axum::middleware::{from_fn, from_fn_with_state};
+use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, MethodRouter};
 use axum::Router;
@@ -307,11 +309,10 @@ pub fn router(state: AppState) -> Router {
         .layer(CatchPanicLayer::custom(panic_answer))
         // The POST guard has bounded and buffered the body already.
         .layer(DefaultBodyLimit::max(BATCH_BODY_LIMIT_BYTES))
-        .layer(from_fn_with_state(state.clone(), post_guard::post_guard))
-        // Before the POST guard: a replay is shown only to a caller who
-        // may call the route, under the key it was stored for.
-        .layer(from_fn_with_state(state.clone(), access::authenticate))
-        .layer(from_fn(observe::observe))
+        // Request id, span and metrics; then access control; then, before
+        // the handler, the POST guard (a replay is shown only to a caller
+        // who may call the route, under the key it was stored for).
+        .layer(from_fn_with_state(state.clone(), observe::front))
         .with_state(state)
 }
 

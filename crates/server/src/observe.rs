@@ -1,18 +1,24 @@
 //! What every request leaves behind: an `X-Request-Id`, a tracing span, a
-//! counter and a latency histogram. And the process's Prometheus recorder.
+//! counter and a latency histogram; the one middleware that runs them, access
+//! control and the POST guard ([`front`]). And the process's Prometheus
+//! recorder.
 
+use std::cell::RefCell;
 use std::collections::hash_map::RandomState;
-use std::hash::{BuildHasher, Hasher};
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::Instant;
 
-use axum::extract::{MatchedPath, Request};
-use axum::http::{HeaderName, HeaderValue};
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderName, HeaderValue, Method};
 use axum::middleware::Next;
 use axum::response::Response;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing::Instrument;
+
+use crate::{access, post_guard, AppState};
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Longest request id taken from a client.
@@ -65,11 +71,21 @@ pub fn generate_request_id() -> HeaderValue {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let prefix = *PREFIX.get_or_init(|| RandomState::new().build_hasher().finish());
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    HeaderValue::from_str(&format!("{prefix:016x}{n:016x}")).expect("hex is a valid header value")
+    let mut text = [0u8; 32];
+    for (i, byte) in text.iter_mut().enumerate() {
+        let word = if i < 16 { prefix } else { n };
+        let nibble = (word >> (4 * (15 - i % 16))) & 0xf;
+        *byte = b"0123456789abcdef"[nibble as usize];
+    }
+    HeaderValue::from_bytes(&text).expect("hex is a valid header value")
 }
 
-/// The outermost middleware: request id, span, metrics.
-pub async fn observe(mut request: Request, next: Next) -> Response {
+/// The one middleware in front of the handlers. Outermost first: the
+/// request id, its span and metrics (here); access control
+/// ([`access::admit`]); the POST guard ([`post_guard::post_guard`]). One
+/// layer instead of three: each layer costs a boxed future and a clone of
+/// the service below it on every request.
+pub async fn front(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
     let started = Instant::now();
     let request_id = match request.headers().get(&X_REQUEST_ID) {
         Some(value) if valid_request_id(value) => value.clone(),
@@ -77,33 +93,88 @@ pub async fn observe(mut request: Request, next: Next) -> Response {
     };
     request.headers_mut().insert(X_REQUEST_ID.clone(), request_id.clone());
     // Unknown paths share one label, so a scan cannot blow up the series.
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|m| m.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".to_owned());
-    let method = request.method().as_str().to_owned();
+    let route = request.extensions().get::<MatchedPath>().cloned();
+    let route_label = route.as_ref().map_or(UNMATCHED, MatchedPath::as_str);
+    let method = request.method().clone();
     let span = tracing::info_span!(
         "request",
-        request_id = %String::from_utf8_lossy(request_id.as_bytes()),
-        method = %method,
-        route = %route,
+        request_id = request_id.to_str().unwrap_or_default(),
+        method = method.as_str(),
+        route = route_label,
         key_id = tracing::field::Empty,
     );
-    let mut response = next.run(request).instrument(span.clone()).await;
+    let answer = async {
+        match access::admit(&state, &mut request, route.as_ref().map(MatchedPath::as_str)) {
+            Ok(()) => post_guard::post_guard(&state, request, next).await,
+            Err(refusal) => *refusal,
+        }
+    };
+    let mut response = answer.instrument(span.clone()).await;
     response.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
-    metrics::counter!(
-        "peakstack_http_requests_total",
-        "route" => route.clone(),
-        "method" => method,
-        "status" => status.to_string()
-    )
-    .increment(1);
-    metrics::histogram!("peakstack_http_request_duration_seconds", "route" => route).record(elapsed.as_secs_f64());
+    record_request(route_label, &method, status, elapsed.as_secs_f64());
     span.in_scope(|| tracing::debug!(status, latency_us = elapsed.as_micros() as u64, "answered"));
     response
+}
+
+const UNMATCHED: &str = "unmatched";
+/// Most (route, method, status) metric handles a worker thread keeps; past
+/// it, requests are counted through the recorder's registry (slower).
+const MAX_CACHED_METRIC_HANDLES: usize = 512;
+
+/// The handles of one (route, method, status): incrementing a handle is an
+/// atomic add, where `metrics::counter!` builds its labels and looks the
+/// series up in the registry on every call.
+struct RequestHandles {
+    route: Box<str>,
+    method: Method,
+    status: u16,
+    requests: metrics::Counter,
+    duration_seconds: metrics::Histogram,
+}
+
+thread_local! {
+    static HANDLES: RefCell<HashMap<u64, RequestHandles>> = RefCell::new(HashMap::new());
+}
+
+fn handles_key(route: &str, method: &Method, status: u16) -> u64 {
+    static KEYS: OnceLock<RandomState> = OnceLock::new();
+    let mut hasher = KEYS.get_or_init(RandomState::new).build_hasher();
+    route.hash(&mut hasher);
+    method.hash(&mut hasher);
+    status.hash(&mut hasher);
+    hasher.finish()
+}
+
+fn request_handles(route: &str, method: &Method, status: u16) -> RequestHandles {
+    let requests = metrics::counter!(
+        "peakstack_http_requests_total",
+        "route" => route.to_owned(),
+        "method" => method.as_str().to_owned(),
+        "status" => status.to_string()
+    );
+    let duration_seconds = metrics::histogram!("peakstack_http_request_duration_seconds", "route" => route.to_owned());
+    RequestHandles { route: route.into(), method: method.clone(), status, requests, duration_seconds }
+}
+
+/// Counts a request and its latency.
+fn record_request(route: &str, method: &Method, status: u16, elapsed_seconds: f64) {
+    let key = handles_key(route, method, status);
+    HANDLES.with_borrow_mut(|handles| {
+        let cached = handles.get(&key).filter(|h| h.status == status && h.method == method && &*h.route == route);
+        if let Some(cached) = cached {
+            cached.requests.increment(1);
+            cached.duration_seconds.record(elapsed_seconds);
+            return;
+        }
+        let fresh = request_handles(route, method, status);
+        fresh.requests.increment(1);
+        fresh.duration_seconds.record(elapsed_seconds);
+        if handles.len() < MAX_CACHED_METRIC_HANDLES && !handles.contains_key(&key) {
+            handles.insert(key, fresh);
+        }
+    });
 }
 
 #[cfg(test)]

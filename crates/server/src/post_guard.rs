@@ -1,9 +1,10 @@
-//! The middleware in front of every POST: it bounds the body and, when the
-//! request carries an `Idempotency-Key`, answers a replay from the store or
-//! stores the first answer (durably) before it is returned.
+//! The guard in front of every POST (run by the one middleware,
+//! `observe::front`, after access control): it bounds the body and, when
+//! the request carries an `Idempotency-Key`, answers a replay from the
+//! store or stores the first answer (durably) before it is returned.
 
-use axum::body::Body;
-use axum::extract::{MatchedPath, Request, State};
+use axum::body::{Body, HttpBody};
+use axum::extract::{MatchedPath, Request};
 use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -13,7 +14,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use crate::access::{Principal, INSECURE_KEY_ID};
 use crate::error::{ApiError, Transient};
 use crate::idempotency::{fingerprint, now_ms, valid_key, Busy, StoredAnswer, MAX_KEY_LEN, MAX_STORED_ANSWER_BYTES};
-use crate::AppState;
+use crate::{buffers, AppState};
 
 /// Largest body of a single-object request.
 pub const SINGLE_BODY_LIMIT_BYTES: usize = 64 * 1024;
@@ -41,7 +42,8 @@ pub fn body_limit(path: &str) -> usize {
     }
 }
 
-pub async fn post_guard(State(state): State<AppState>, request: Request, next: Next) -> Response {
+/// Runs a request through the guard if it is a POST, else straight on.
+pub async fn post_guard(state: &AppState, request: Request, next: Next) -> Response {
     if request.method() != Method::POST {
         return next.run(request).await;
     }
@@ -49,14 +51,16 @@ pub async fn post_guard(State(state): State<AppState>, request: Request, next: N
 }
 
 async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
-    let read = tokio::time::timeout(BODY_READ_TIMEOUT, Limited::new(body, limit).collect()).await.map_err(|_| {
-        ApiError::RequestTimeout(format!(
-            "the request body took longer than {} s to arrive",
-            BODY_READ_TIMEOUT.as_secs()
-        ))
-    })?;
+    let expected = usize::try_from(HttpBody::size_hint(&body).lower()).unwrap_or(usize::MAX).min(limit);
+    let read =
+        tokio::time::timeout(BODY_READ_TIMEOUT, collect(Limited::new(body, limit), expected)).await.map_err(|_| {
+            ApiError::RequestTimeout(format!(
+                "the request body took longer than {} s to arrive",
+                BODY_READ_TIMEOUT.as_secs()
+            ))
+        })?;
     match read {
-        Ok(collected) => Ok(collected.to_bytes()),
+        Ok(bytes) => Ok(bytes),
         Err(error) if error.is::<LengthLimitError>() => {
             Err(ApiError::BodyTooLarge(format!("the request body is larger than {limit} bytes")))
         }
@@ -64,7 +68,24 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     }
 }
 
-async fn guarded(state: AppState, request: Request, next: Next) -> Result<Response, ApiError> {
+/// The whole body; one of `expected` bytes (its Content-Length) or more
+/// is read into a pooled buffer instead of being gathered in fresh ones.
+async fn collect(mut body: Limited<Body>, expected: usize) -> Result<Bytes, BoxError> {
+    if expected < buffers::MIN_POOLED_BYTES {
+        return Ok(body.collect().await?.to_bytes());
+    }
+    let mut buffer = buffers::take(expected);
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            buffer.extend_from_slice(&data);
+        }
+    }
+    Ok(buffers::into_bytes(buffer))
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+async fn guarded(state: &AppState, request: Request, next: Next) -> Result<Response, ApiError> {
     let mut keys = request.headers().get_all(&IDEMPOTENCY_KEY).iter();
     let key = match (keys.next(), keys.next()) {
         (None, _) => None,

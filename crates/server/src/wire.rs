@@ -6,7 +6,9 @@ use peakstack_domain::{
     Account, AccountFlags, Amount, Balances, Currency, Id, NewAccount, Owner, Transfer, TransferKind, TransferRequest,
     MAX_TRANSFER_AMOUNT,
 };
-use peakstack_engine::TransferOutcome;
+use peakstack_engine::{TransferOutcome, TransferResult};
+
+use crate::error::ledger_detail;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -102,27 +104,29 @@ impl AccountBody {
     }
 }
 
+/// A transfer as a client sends it. `S` is `String`, or `&str` to borrow
+/// the strings from a body that has no escapes in them (no copies).
 #[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields)]
-pub struct TransferBody {
-    pub id: String,
-    pub debit_account_id: String,
-    pub credit_account_id: String,
+pub struct TransferBody<S = String> {
+    pub id: S,
+    pub debit_account_id: S,
+    pub credit_account_id: S,
     pub amount: u64,
-    pub currency: String,
+    pub currency: S,
     #[serde(default)]
     pub pending: bool,
     #[serde(default)]
     pub timeout_ms: u64,
 }
 
-impl TransferBody {
+impl<S: AsRef<str>> TransferBody<S> {
     pub fn into_request(self) -> Result<TransferRequest, String> {
-        let id = parse_client_id("id", &self.id)?;
-        let debit_account_id = parse_client_id("debit_account_id", &self.debit_account_id)?;
-        let credit_account_id = parse_client_id("credit_account_id", &self.credit_account_id)?;
+        let id = parse_client_id("id", self.id.as_ref())?;
+        let debit_account_id = parse_client_id("debit_account_id", self.debit_account_id.as_ref())?;
+        let credit_account_id = parse_client_id("credit_account_id", self.credit_account_id.as_ref())?;
         let amount = parse_amount("amount", self.amount)?;
-        let currency = parse_currency(&self.currency)?;
+        let currency = parse_currency(self.currency.as_ref())?;
         if self.timeout_ms > 0 && !self.pending {
             return Err("timeout_ms: only allowed with \"pending\": true".to_owned());
         }
@@ -172,11 +176,12 @@ impl VoidBody {
 
 /// A batch keeps its transfers as raw JSON text (no intermediate tree) so
 /// that each is parsed once, straight into a [`TransferBody`], and a bad one
-/// is reported with its index.
+/// is reported with its index. `R` is boxed, or `&RawValue` to borrow from
+/// the body.
 #[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields)]
-pub struct BatchBody {
-    pub transfers: Vec<Box<serde_json::value::RawValue>>,
+pub struct BatchBody<R = Box<serde_json::value::RawValue>> {
+    pub transfers: Vec<R>,
     #[serde(default)]
     pub atomic: bool,
 }
@@ -257,26 +262,28 @@ pub struct BalancesPair {
     pub credit_account: Option<BalancesJson>,
 }
 
+/// A transfer as answered. Borrows from the record: an answer is
+/// serialized straight from it, with no string copied on the way.
 #[derive(Serialize, Debug)]
-pub struct TransferJson {
-    pub id: String,
-    pub debit_account_id: String,
-    pub credit_account_id: String,
+pub struct TransferJson<'a> {
+    pub id: &'a str,
+    pub debit_account_id: &'a str,
+    pub credit_account_id: &'a str,
     pub amount: u64,
-    pub currency: String,
+    pub currency: &'a str,
     pub pending: bool,
     pub timeout_ms: u64,
     pub expires_at_ms: Option<u64>,
     pub status: &'static str,
-    pub pending_id: Option<String>,
+    pub pending_id: Option<&'a str>,
     pub posted_amount: Option<u64>,
     pub timestamp_ms: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub balances: Option<BalancesPair>,
 }
 
-impl TransferJson {
-    pub fn from_transfer(t: &Transfer) -> TransferJson {
+impl<'a> TransferJson<'a> {
+    pub fn from_transfer(t: &'a Transfer) -> TransferJson<'a> {
         let (pending, timeout_ms, expires_at_ms) = match t.kind {
             TransferKind::Pending { timeout_ms, expires_at_ms } => {
                 (true, timeout_ms, (expires_at_ms > 0).then_some(expires_at_ms))
@@ -284,16 +291,16 @@ impl TransferJson {
             _ => (false, 0, None),
         };
         TransferJson {
-            id: t.id.to_string(),
-            debit_account_id: t.debit_account_id.to_string(),
-            credit_account_id: t.credit_account_id.to_string(),
+            id: t.id.as_str(),
+            debit_account_id: t.debit_account_id.as_str(),
+            credit_account_id: t.credit_account_id.as_str(),
             amount: t.amount,
-            currency: t.currency.to_string(),
+            currency: t.currency.as_str(),
             pending,
             timeout_ms,
             expires_at_ms,
             status: t.status.as_str(),
-            pending_id: t.pending_id().map(Id::to_string),
+            pending_id: t.pending_id().map(Id::as_str),
             posted_amount: t.posted_amount,
             timestamp_ms: t.timestamp_ms,
             balances: None,
@@ -302,7 +309,7 @@ impl TransferJson {
 
     /// The answer to a create: the record, plus the balances right after it
     /// when this request created it.
-    pub fn from_outcome(outcome: &TransferOutcome) -> TransferJson {
+    pub fn from_outcome(outcome: &'a TransferOutcome) -> TransferJson<'a> {
         let mut json = TransferJson::from_transfer(&outcome.transfer);
         if outcome.debit_balances.is_some() || outcome.credit_balances.is_some() {
             json.balances = Some(BalancesPair {
@@ -321,20 +328,61 @@ pub struct Page<T: Serialize> {
 }
 
 #[derive(Serialize, Debug)]
-pub struct BatchItem {
+pub struct BatchItem<'a> {
     pub index: usize,
     pub status: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub transfer: Option<TransferJson>,
+    pub transfer: Option<TransferJson<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub code: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<&'static str>,
 }
 
-#[derive(Serialize, Debug)]
-pub struct BatchAnswer {
-    pub results: Vec<BatchItem>,
+/// The answer to a batch: one item per transfer, serialized as it is
+/// made (no vector of items in between).
+pub struct BatchAnswer<'a> {
+    pub results: &'a [TransferResult],
+}
+
+impl Serialize for BatchAnswer<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeSeq, SerializeStruct};
+        struct Items<'a>(&'a [TransferResult]);
+        impl Serialize for Items<'_> {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                let mut seq = serializer.serialize_seq(Some(self.0.len()))?;
+                for (index, result) in self.0.iter().enumerate() {
+                    seq.serialize_element(&BatchItem::of(index, result))?;
+                }
+                seq.end()
+            }
+        }
+        let mut answer = serializer.serialize_struct("BatchAnswer", 1)?;
+        answer.serialize_field("results", &Items(self.results))?;
+        answer.end()
+    }
+}
+
+impl<'a> BatchItem<'a> {
+    pub fn of(index: usize, result: &'a TransferResult) -> BatchItem<'a> {
+        match result {
+            Ok(outcome) => BatchItem {
+                index,
+                status: if outcome.created { "created" } else { "exists" },
+                transfer: Some(TransferJson::from_transfer(&outcome.transfer)),
+                code: None,
+                detail: None,
+            },
+            Err(code) => BatchItem {
+                index,
+                status: "error",
+                transfer: None,
+                code: Some(code.as_str()),
+                detail: Some(ledger_detail(*code)),
+            },
+        }
+    }
 }
 
 #[cfg(test)]

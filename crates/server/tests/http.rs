@@ -548,6 +548,58 @@ async fn batches_atomic_and_not() {
     s.stop().await;
 }
 
+/// Bodies are read with their strings borrowed when they can be; escaped
+/// strings and content types with parameters take the other path and must
+/// answer the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn escaped_strings_and_content_type_parameters_read_as_plain_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(dir.path()).await;
+    s.account("a", &[]).await;
+    s.account("b", &[]).await;
+    let escaped =
+        br#"{"id":"e\u0031","debit_account_id":"\u0061","credit_account_id":"b","amount":3,"currency":"US\u0044"}"#;
+    let answer = s.raw("POST", "/v1/transfers", Some(escaped.to_vec()), &[]).await;
+    assert_eq!(answer.status, 201, "{}", answer.body);
+    assert_eq!(
+        (answer.body["id"].as_str(), answer.body["debit_account_id"].as_str(), answer.body["currency"].as_str()),
+        (Some("e1"), Some("a"), Some("USD"))
+    );
+    let charset = serde_json::to_vec(&transfer("e2", "a", "b", 4)).unwrap();
+    let headers = [("content-type", "application/json; charset=utf-8")];
+    assert_eq!(s.raw("POST", "/v1/transfers", Some(charset.clone()), &headers).await.status, 201);
+    // A retry of each, through the other path, finds the transfer made.
+    let plain_retry = serde_json::to_vec(&transfer("e1", "a", "b", 3)).unwrap();
+    assert_eq!(s.raw("POST", "/v1/transfers", Some(plain_retry), &[]).await.status, 200);
+    assert_eq!(s.raw("POST", "/v1/transfers", Some(charset), &[]).await.status, 200);
+
+    let batch =
+        br#"{"transfers":[{"id":"e3","debit_account_id":"a","credit_account_id":"b","amount":1,"currency":"USD"},
+        {"id":"e\u0034","debit_account_id":"a","credit_account_id":"b","amount":1,"currency":"USD"}],"atomic":true}"#;
+    for (headers, statuses) in [
+        (vec![], ["created", "created"]),
+        (vec![("content-type", "application/json; charset=utf-8")], ["exists", "exists"]),
+    ] {
+        let answer = s.raw("POST", "/v1/transfers/batch", Some(batch.to_vec()), &headers).await;
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        let results: Vec<(&str, &str)> = answer.body["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| (r["status"].as_str().unwrap(), r["transfer"]["id"].as_str().unwrap()))
+            .collect();
+        assert_eq!(results, vec![(statuses[0], "e3"), (statuses[1], "e4")]);
+    }
+    // An escaped item that is not a valid transfer is reported at its index.
+    let bad = br#"{"transfers":[{"id":"e5","debit_account_id":"a","credit_account_id":"b","amount":1,"currency":"USD"},
+        {"id":"e\u0036","debit_account_id":"a","credit_account_id":"b","amount":0,"currency":"USD"}]}"#;
+    let answer = s.raw("POST", "/v1/transfers/batch", Some(bad.to_vec()), &[]).await;
+    answer.assert_problem(400, "invalid_request", "escaped bad item");
+    assert!(answer.body["detail"].as_str().unwrap().starts_with("transfers[1]: amount"), "{}", answer.body);
+    assert_eq!(s.balance("a").await["debits_posted"], 9);
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_ledger_refusal_is_a_problem_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
