@@ -100,7 +100,7 @@ const MERGE_READ_BUFFER_BYTES: usize = 128 << 10;
 const MERGE_WRITE_BUFFER_BYTES: usize = 1 << 20;
 /// A merge starts the write-back of its output every this many bytes, so
 /// that its final fsync is short.
-const MERGE_WRITEBACK_BYTES: u64 = 8 << 20;
+const MERGE_WRITEBACK_BYTES: u64 = crate::writeback::WRITEBACK_EVERY_BYTES;
 /// How often an idle merge thread looks whether the horizon moved.
 const MERGE_IDLE_POLL: Duration = Duration::from_millis(50);
 /// The merge thread's nice value: merging is deferrable, applying is not.
@@ -513,21 +513,7 @@ impl Merge {
             return Ok(());
         }
         self.out.flush()?;
-        #[cfg(target_os = "linux")]
-        {
-            use std::os::fd::AsRawFd;
-            // SAFETY: no pointers; the descriptor is open for as long as
-            // `self.out` lives. Only a hint: the result does not matter, as
-            // the final fsync makes the file durable either way.
-            unsafe {
-                libc::sync_file_range(
-                    self.out.get_ref().as_raw_fd(),
-                    self.writeback_from as libc::off64_t,
-                    (self.written - self.writeback_from) as libc::off64_t,
-                    libc::SYNC_FILE_RANGE_WRITE,
-                );
-            }
-        }
+        crate::writeback::start(self.out.get_ref(), self.writeback_from, self.written - self.writeback_from);
         self.writeback_from = self.written;
         Ok(())
     }

@@ -125,7 +125,14 @@ pub fn store(dir: &Path, bytes: &[u8]) -> io::Result<PathBuf> {
     let path = dir.join(CHECKPOINT_FILE);
     let tmp = dir.join(format!("{CHECKPOINT_FILE}.tmp"));
     let mut file = File::create(&tmp)?;
-    file.write_all(bytes)?;
+    // In pieces, each handed to write-back as it is written, so that the
+    // final fsync does not flood the disk under the log (`writeback.rs`).
+    let mut offset = 0u64;
+    for piece in bytes.chunks(crate::writeback::WRITEBACK_EVERY_BYTES as usize) {
+        file.write_all(piece)?;
+        crate::writeback::start(&file, offset, piece.len() as u64);
+        offset += piece.len() as u64;
+    }
     file.sync_all()?;
     fs::rename(&tmp, &path)?;
     File::open(dir)?.sync_all()?;

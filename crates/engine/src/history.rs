@@ -105,6 +105,10 @@ impl LegEntry {
 pub struct HistoryWriter {
     file: File,
     path: PathBuf,
+    /// Bytes in the file, and up to where write-back was started (the file
+    /// is synced only before a checkpoint; see `writeback.rs`).
+    len: u64,
+    writeback_from: u64,
 }
 
 impl HistoryWriter {
@@ -112,7 +116,7 @@ impl HistoryWriter {
     pub fn create(dir: &Path) -> io::Result<HistoryWriter> {
         let path = dir.join(HISTORY_FILE);
         let file = OpenOptions::new().create(true).write(true).truncate(true).open(&path)?;
-        Ok(HistoryWriter { file, path })
+        Ok(HistoryWriter { file, path, len: 0, writeback_from: 0 })
     }
 
     /// Continues the file a checkpoint left at `len` bytes (anything after
@@ -125,7 +129,7 @@ impl HistoryWriter {
             return Err(io::Error::other(format!("{} has {actual} bytes, the checkpoint needs {len}", path.display())));
         }
         file.set_len(len)?;
-        let mut writer = HistoryWriter { file, path };
+        let mut writer = HistoryWriter { file, path, len, writeback_from: len };
         use std::io::Seek;
         writer.file.seek(io::SeekFrom::End(0))?;
         Ok(writer)
@@ -138,7 +142,13 @@ impl HistoryWriter {
     }
 
     pub fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.file.write_all(bytes)
+        self.file.write_all(bytes)?;
+        self.len += bytes.len() as u64;
+        if self.len - self.writeback_from >= crate::writeback::WRITEBACK_EVERY_BYTES {
+            crate::writeback::start(&self.file, self.writeback_from, self.len - self.writeback_from);
+            self.writeback_from = self.len;
+        }
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {

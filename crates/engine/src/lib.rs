@@ -14,6 +14,7 @@ pub mod log;
 pub mod meta;
 pub mod protocol;
 pub mod runtime;
+mod writeback;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use layout::Layout;
