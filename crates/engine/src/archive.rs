@@ -103,8 +103,6 @@ const MERGE_WRITE_BUFFER_BYTES: usize = 1 << 20;
 const MERGE_WRITEBACK_BYTES: u64 = crate::writeback::WRITEBACK_EVERY_BYTES;
 /// How often an idle merge thread looks whether the horizon moved.
 const MERGE_IDLE_POLL: Duration = Duration::from_millis(50);
-/// The merge thread's nice value: merging is deferrable, applying is not.
-const MERGE_THREAD_NICE: i32 = 10;
 
 /// The 64-bit fingerprint of a transfer id in the archive. Not the shard
 /// hash itself: a second, independent mix, so that ids of one shard spread
@@ -599,7 +597,7 @@ struct Merger {
 
 impl Merger {
     fn run(mut self) {
-        lower_thread_priority();
+        crate::background::lower_this_thread();
         let result = self.merge_until_stopped();
         for merge in self.merges.drain(..) {
             merge.abandon();
@@ -656,17 +654,6 @@ impl Merger {
             fs::remove_file(input.path(&self.dir))?;
         }
         Ok(())
-    }
-}
-
-/// Merging is work that can wait; applying cannot. On Linux `setpriority`
-/// with a thread id changes that thread alone.
-fn lower_thread_priority() {
-    #[cfg(target_os = "linux")]
-    // SAFETY: plain system calls, no pointers.
-    unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, MERGE_THREAD_NICE);
     }
 }
 

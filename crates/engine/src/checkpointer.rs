@@ -73,7 +73,12 @@ impl Checkpointer {
     pub fn start(config: CheckpointerConfig) -> std::io::Result<Checkpointer> {
         let (to_thread, rx) = bounded(1);
         let name = format!("checkpoint-{}", config.executor);
-        let thread = std::thread::Builder::new().name(name).spawn(move || Worker::new(config).run(rx))?;
+        let thread = std::thread::Builder::new().name(name).spawn(move || {
+            // Encoding a checkpoint takes tens of milliseconds of CPU; the
+            // apply and log threads go first.
+            crate::background::lower_this_thread();
+            Worker::new(config).run(rx)
+        })?;
         Ok(Checkpointer { to_thread: Some(to_thread), thread: Some(thread) })
     }
 

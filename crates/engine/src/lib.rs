@@ -3,6 +3,7 @@
 //! that carries work across executors.
 
 pub mod archive;
+mod background;
 pub mod checkpoint;
 mod checkpointer;
 pub mod clock;
