@@ -64,24 +64,30 @@ impl IdIndex {
         }
     }
 
-    /// Where `id` is, or `None`.
-    fn find(&self, id: &Id) -> Option<usize> {
-        if self.len == 0 {
-            return None;
-        }
-        let tag = self.tag(id);
+    /// The probe every operation shares: `Ok(entry)` where `id` is, or
+    /// `Err(entry)`, the free entry that ends its probe (where it would go).
+    /// The table must have a free entry.
+    fn probe(&self, tag: u32, id: &Id) -> Result<usize, usize> {
         let mask = self.entries.len() - 1;
         let mut at = self.home(tag);
         loop {
             let entry = &self.entries[at];
             if entry.value == EMPTY {
-                return None;
+                return Err(at);
             }
             if entry.tag == tag && entry.id == *id {
-                return Some(at);
+                return Ok(at);
             }
             at = (at + 1) & mask;
         }
+    }
+
+    /// Where `id` is, or `None`.
+    fn find(&self, id: &Id) -> Option<usize> {
+        if self.len == 0 {
+            return None;
+        }
+        self.probe(self.tag(id), id).ok()
     }
 
     pub fn get(&self, id: &Id) -> Option<u32> {
@@ -94,54 +100,48 @@ impl IdIndex {
 
     /// Inserts or replaces; answers the value replaced. One probe.
     pub fn insert(&mut self, id: Id, value: u32) -> Option<u32> {
-        debug_assert_ne!(value, EMPTY, "u32::MAX marks free entries");
-        if (self.len + 1) * 2 > self.entries.len() {
-            self.grow((self.len + 1) * 2);
-        }
+        self.make_room();
         let tag = self.tag(&id);
         self.insert_tagged(tag, id, value)
     }
 
     fn insert_tagged(&mut self, tag: u32, id: Id, value: u32) -> Option<u32> {
-        let mask = self.entries.len() - 1;
-        let mut at = self.home(tag);
-        loop {
-            let entry = &mut self.entries[at];
-            if entry.value == EMPTY {
-                *entry = Entry { tag, value, id };
-                self.len += 1;
-                return None;
+        debug_assert_ne!(value, EMPTY, "u32::MAX marks free entries");
+        match self.probe(tag, &id) {
+            Ok(at) => Some(std::mem::replace(&mut self.entries[at].value, value)),
+            Err(at) => {
+                self.fill(at, Entry { tag, value, id });
+                None
             }
-            if entry.tag == tag && entry.id == id {
-                return Some(std::mem::replace(&mut entry.value, value));
-            }
-            at = (at + 1) & mask;
         }
     }
 
     /// The value of `id`, or the one `make` gives, inserted now; and
     /// whether it was inserted. One probe.
     pub fn get_or_insert_with(&mut self, id: Id, make: impl FnOnce() -> u32) -> (u32, bool) {
+        self.make_room();
+        let tag = self.tag(&id);
+        match self.probe(tag, &id) {
+            Ok(at) => (self.entries[at].value, false),
+            Err(at) => {
+                let value = make();
+                self.fill(at, Entry { tag, value, id });
+                (value, true)
+            }
+        }
+    }
+
+    /// Grows the table if one more entry would fill it past half.
+    fn make_room(&mut self) {
         if (self.len + 1) * 2 > self.entries.len() {
             self.grow((self.len + 1) * 2);
         }
-        let tag = self.tag(&id);
-        let mask = self.entries.len() - 1;
-        let mut at = self.home(tag);
-        loop {
-            let entry = &mut self.entries[at];
-            if entry.value == EMPTY {
-                let value = make();
-                debug_assert_ne!(value, EMPTY, "u32::MAX marks free entries");
-                *entry = Entry { tag, value, id };
-                self.len += 1;
-                return (value, true);
-            }
-            if entry.tag == tag && entry.id == id {
-                return (entry.value, false);
-            }
-            at = (at + 1) & mask;
-        }
+    }
+
+    fn fill(&mut self, at: usize, entry: Entry) {
+        debug_assert_ne!(entry.value, EMPTY, "u32::MAX marks free entries");
+        self.entries[at] = entry;
+        self.len += 1;
     }
 
     /// Removes `id` if `removable` says so of its value; answers the value.
