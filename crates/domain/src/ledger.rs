@@ -680,17 +680,10 @@ impl Ledger {
     }
 
     /// Removes up to `max` of the oldest final records from memory and
-    /// answers them (the engine archives them first and looks them up there
-    /// again, through [`Ledger::restore_record`], before any input that
-    /// names their ids). Pending, reserved and locked records stay.
-    pub fn evict_oldest(&mut self, max: usize) -> Vec<Transfer> {
-        let mut evicted = Vec::with_capacity(max.min(self.final_order.len()));
-        self.evict_oldest_into(max, &mut evicted);
-        evicted
-    }
-
-    /// [`Ledger::evict_oldest`], appending to `out` (the archive's staging
-    /// run: each record moves once).
+    /// appends them to `out`: the archive's staging run, so each record
+    /// moves once. The engine looks them up there again, through
+    /// [`Ledger::restore_record`], before any input that names their ids.
+    /// Pending, reserved and locked records stay.
     pub fn evict_oldest_into(&mut self, max: usize, out: &mut Vec<Transfer>) {
         // The oldest records are long out of the cache: ask for their index
         // lines, then for the records, before taking any.

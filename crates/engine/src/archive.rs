@@ -826,9 +826,10 @@ impl Archive {
         self.horizon.clone()
     }
 
-    /// Adds evicted records; once `run_records` are staged they go to the
-    /// writer as a run.
-    pub fn add(&mut self, records: Vec<Transfer>, run_records: usize) -> io::Result<()> {
+    /// Adds `records`; once `run_records` are staged they go to the writer
+    /// as a run (tests; the engine evicts through [`Archive::add_from`]).
+    #[cfg(test)]
+    fn add(&mut self, records: Vec<Transfer>, run_records: usize) -> io::Result<()> {
         self.add_from(run_records, |staging| staging.extend(records))
     }
 

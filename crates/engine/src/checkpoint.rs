@@ -247,7 +247,9 @@ mod tests {
         // Enough records for several chunks, some of them evicted so that
         // freed slots are reused after the image.
         apply(&mut ledger, 0..700);
-        assert_eq!(ledger.evict_oldest(100).len(), 100);
+        let mut evicted = Vec::new();
+        ledger.evict_oldest_into(100, &mut evicted);
+        assert_eq!(evicted.len(), 100);
         fn header<L>(ledger: L) -> Checkpoint<L> {
             Checkpoint { sequence: 3, time_ms: 4, next_txn: 5, history_len: 6, archive_runs: 7, ledger }
         }
@@ -257,7 +259,7 @@ mod tests {
         assert_eq!((snapshot.records.len(), &sorted), (600, &snapshot), "every record in memory, oldest first");
         let image = ledger.image(Vec::new()).expect("quiet");
         apply(&mut ledger, 700..900);
-        ledger.evict_oldest(300);
+        ledger.evict_oldest_into(300, &mut evicted);
         let bytes = header(image).encode();
         assert_eq!(bytes, header(snapshot.clone()).encode());
         assert_eq!(Checkpoint::decode(&bytes).unwrap().ledger, snapshot);
