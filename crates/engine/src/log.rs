@@ -3,25 +3,50 @@
 //! A frame is `[payload length: u32 LE][crc32c of payload: u32 LE][payload]`.
 //! The payload of a batch is `[sequence: u64][time_ms: u64][input count][inputs]`.
 //! Sequences start at 1 and have no gaps. Segments are named by the first
-//! sequence they hold (`00000000000000000001.log`) and rotated past
-//! [`SEGMENT_BYTES`]. One `fdatasync` makes a whole group of batches durable.
+//! sequence they hold (`00000000000000000001.log`). One `fdatasync` makes a
+//! whole group of batches durable.
 //!
-//! Recovery reads every segment in order. A frame cut short or failing its
-//! checksum at the end of the newest segment is a torn write: the file is
-//! cut back to the last whole batch. Anything wrong anywhere else, or a gap
-//! in the sequences, is corruption and stops the executor loudly.
+//! **Prepared segments.** An `fdatasync` that grows a file must also commit
+//! the file system's journal (the new size and blocks): on this machine's
+//! disk that is two more round trips, and a log fdatasync took 0.55 ms
+//! appending against 0.27-0.33 ms overwriting blocks already written
+//! (64 KiB writes, nothing else on the disk). So a background thread
+//! (`log-prep-N`) writes a whole segment of zeros ahead of time and syncs
+//! it, and the log writes its frames over those zeros in place. The log
+//! asks for a prepared segment once it has written [`PREPARE_AFTER_BYTES`]
+//! since it opened (a data dir that sees a few batches never pays for one),
+//! and for the next one when its current segment is half full. When none
+//! is ready the log appends to a plain file, as it would without any.
+//!
+//! Recovery reads every segment in order. A segment's frames end at its end
+//! or where the zeros of its prepared tail start. A frame cut short or
+//! failing its checksum at the end of the newest segment, or bytes after
+//! zeros there, are a torn write: the file is cut back to the last whole
+//! batch, so nothing of the torn write can be read later. Anything wrong
+//! anywhere else, or a gap in the sequences, is corruption and stops the
+//! executor loudly.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
 
 use crate::codec::{Codec, Reader, Writer};
 use crate::protocol::Input;
+use crate::{background, writeback};
 
-/// A segment is closed and a new one started past this size.
-pub const SEGMENT_BYTES: u64 = 256 << 20;
+/// Size of a prepared segment; an unprepared one is closed past this size.
+pub const SEGMENT_BYTES: u64 = 64 << 20;
 /// Largest batch payload a frame may carry.
 pub const MAX_FRAME_BYTES: usize = 64 << 20;
+/// The log asks for its first prepared segment once it has written this
+/// much since it opened.
+pub const PREPARE_AFTER_BYTES: u64 = 1 << 20;
+/// The segment being prepared, until the log takes it and names it.
+const SPARE_NAME: &str = "next-segment.zeros";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
@@ -73,12 +98,77 @@ fn decode_payload(payload: &[u8]) -> Result<Batch, String> {
     Ok(Batch { sequence, time_ms, inputs })
 }
 
+fn all_zero(bytes: &[u8]) -> bool {
+    // OR-folding fixed chunks vectorizes; a prepared tail is megabytes.
+    bytes.chunks(4096).all(|chunk| chunk.iter().fold(0u8, |acc, &b| acc | b) == 0)
+}
+
+/// How the frames of one segment ended.
+enum SegmentEnd {
+    /// At the end of the file or of the frames, only zeros after: `at` is
+    /// where the next frame goes.
+    Clean { at: usize },
+    /// At a frame that is cut short, fails its checksum, or is zeros with
+    /// written bytes after them.
+    Torn { at: usize, reason: &'static str },
+}
+
+/// Reads the frames of one segment in order, handing each batch to
+/// `on_batch` and checking that sequences follow `*next_sequence`.
+fn read_segment(
+    path: &Path,
+    bytes: &[u8],
+    next_sequence: &mut u64,
+    on_batch: &mut impl FnMut(Batch) -> Result<(), String>,
+) -> Result<SegmentEnd, LogError> {
+    let corrupt =
+        |offset: usize, reason: String| LogError::Corrupt { path: path.to_path_buf(), offset: offset as u64, reason };
+    let mut offset = 0usize;
+    loop {
+        let rest = &bytes[offset..];
+        if rest.len() < 8 || rest[..4] == [0; 4] {
+            // A payload is never empty: a zero length is where a prepared
+            // tail starts.
+            return Ok(if all_zero(rest) {
+                SegmentEnd::Clean { at: offset }
+            } else if rest.len() < 8 {
+                SegmentEnd::Torn { at: offset, reason: "frame header cut short" }
+            } else {
+                SegmentEnd::Torn { at: offset, reason: "written bytes after unwritten ones" }
+            });
+        }
+        let len = u32::from_le_bytes(rest[..4].try_into().expect("4")) as usize;
+        let crc = u32::from_le_bytes(rest[4..8].try_into().expect("4"));
+        if len > MAX_FRAME_BYTES || rest.len() - 8 < len {
+            return Ok(SegmentEnd::Torn { at: offset, reason: "frame cut short" });
+        }
+        let payload = &rest[8..8 + len];
+        if crc32c::crc32c(payload) != crc {
+            return Ok(SegmentEnd::Torn { at: offset, reason: "checksum mismatch" });
+        }
+        let batch = decode_payload(payload).map_err(|reason| corrupt(offset, reason))?;
+        if batch.sequence != *next_sequence {
+            return Err(corrupt(offset, format!("batch {} where {} was expected", batch.sequence, next_sequence)));
+        }
+        *next_sequence += 1;
+        on_batch(batch).map_err(|reason| corrupt(offset, reason))?;
+        offset += 8 + len;
+    }
+}
+
 pub struct Log {
     dir: PathBuf,
     file: File,
     file_path: PathBuf,
-    file_bytes: u64,
+    /// Where the next frame is written.
+    offset: u64,
+    /// Bytes of the file already written (zeros of a prepared segment):
+    /// frames below this overwrite them without growing the file.
+    capacity: u64,
     next_sequence: u64,
+    written_since_open: u64,
+    spare: Arc<Spare>,
+    preparer: Option<JoinHandle<()>>,
 }
 
 impl Log {
@@ -86,9 +176,16 @@ impl Log {
     /// and cuts a torn tail. `on_batch` sees each batch in order.
     pub fn open(dir: &Path, mut on_batch: impl FnMut(Batch) -> Result<(), String>) -> Result<Log, LogError> {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
-        let mut segments = list_segments(dir)?;
+        // A segment being prepared when the process stopped is unfinished.
+        let spare_path = dir.join(SPARE_NAME);
+        if let Err(error) = fs::remove_file(&spare_path) {
+            if error.kind() != io::ErrorKind::NotFound {
+                return Err(io_err(&spare_path)(error));
+            }
+        }
+        let segments = list_segments(dir)?;
         let mut next_sequence = 1;
-        let last_index = segments.len().checked_sub(1);
+        let mut tail = None;
         for (index, (first, path)) in segments.iter().enumerate() {
             if *first != next_sequence && !(index == 0 && *first > 0) {
                 return Err(LogError::Corrupt {
@@ -101,69 +198,59 @@ impl Log {
                 next_sequence = *first;
             }
             let bytes = fs::read(path).map_err(io_err(path))?;
-            let mut offset = 0usize;
-            loop {
-                if offset == bytes.len() {
-                    break;
-                }
-                let torn = |reason: &str| -> Result<Option<u64>, LogError> {
-                    if Some(index) == last_index {
-                        Ok(Some(offset as u64))
-                    } else {
-                        Err(LogError::Corrupt { path: path.clone(), offset: offset as u64, reason: reason.to_string() })
-                    }
-                };
-                let cut = if bytes.len() - offset < 8 {
-                    torn("frame header cut short")?
-                } else {
-                    let len = u32::from_le_bytes(bytes[offset..offset + 4].try_into().expect("4")) as usize;
-                    let crc = u32::from_le_bytes(bytes[offset + 4..offset + 8].try_into().expect("4"));
-                    if len > MAX_FRAME_BYTES || bytes.len() - offset - 8 < len {
-                        torn("frame cut short")?
-                    } else if crc32c::crc32c(&bytes[offset + 8..offset + 8 + len]) != crc {
-                        torn("checksum mismatch")?
-                    } else {
-                        let batch = decode_payload(&bytes[offset + 8..offset + 8 + len]).map_err(|reason| {
-                            LogError::Corrupt { path: path.clone(), offset: offset as u64, reason }
-                        })?;
-                        if batch.sequence != next_sequence {
-                            return Err(LogError::Corrupt {
-                                path: path.clone(),
-                                offset: offset as u64,
-                                reason: format!("batch {} where {} was expected", batch.sequence, next_sequence),
-                            });
-                        }
-                        next_sequence += 1;
-                        on_batch(batch).map_err(|reason| LogError::Corrupt {
-                            path: path.clone(),
-                            offset: offset as u64,
-                            reason,
-                        })?;
-                        offset += 8 + len;
-                        None
-                    }
-                };
-                if let Some(cut_at) = cut {
-                    tracing::warn!(path = %path.display(), offset = cut_at, "cutting torn log tail");
+            let end = read_segment(path, &bytes, &mut next_sequence, &mut on_batch)?;
+            let newest = index + 1 == segments.len();
+            let at = match end {
+                SegmentEnd::Clean { at } => at,
+                SegmentEnd::Torn { at, reason } if newest => {
+                    tracing::warn!(path = %path.display(), offset = at, reason, "cutting torn log tail");
                     let file = OpenOptions::new().write(true).open(path).map_err(io_err(path))?;
-                    file.set_len(cut_at).map_err(io_err(path))?;
+                    file.set_len(at as u64).map_err(io_err(path))?;
                     file.sync_all().map_err(io_err(path))?;
-                    break;
+                    at
                 }
+                SegmentEnd::Torn { at, reason } => {
+                    return Err(LogError::Corrupt { path: path.clone(), offset: at as u64, reason: reason.to_string() })
+                }
+            };
+            if newest {
+                tail = Some((path.clone(), at as u64));
             }
         }
-        let (file_path, file, file_bytes) = match segments.pop() {
-            Some((_, path)) => {
-                let file = OpenOptions::new().append(true).open(&path).map_err(io_err(&path))?;
-                let len = file.metadata().map_err(io_err(&path))?.len();
-                (path, file, len)
+        let (file_path, file, offset) = match tail {
+            Some((path, offset)) => {
+                let file = OpenOptions::new().write(true).open(&path).map_err(io_err(&path))?;
+                (path, file, offset)
             }
             None => {
                 let (path, file) = create_segment(dir, next_sequence)?;
                 (path, file, 0)
             }
         };
-        Ok(Log { dir: dir.to_path_buf(), file, file_path, file_bytes, next_sequence })
+        let capacity = file.metadata().map_err(io_err(&file_path))?.len();
+        let spare = Arc::new(Spare::default());
+        let preparer = {
+            let (spare, dir) = (spare.clone(), dir.to_path_buf());
+            // `executor-003` prepares on `log-prep-3`.
+            let number =
+                dir.file_name().and_then(|n| n.to_str()).and_then(|n| n.rsplit('-').next()?.parse::<u64>().ok());
+            let name = number.map_or_else(|| "log-prep".to_string(), |n| format!("log-prep-{n}"));
+            std::thread::Builder::new()
+                .name(name)
+                .spawn(move || spare.run(&dir))
+                .map_err(io_err(dir_path(&file_path)))?
+        };
+        Ok(Log {
+            dir: dir.to_path_buf(),
+            file,
+            file_path,
+            offset,
+            capacity,
+            next_sequence,
+            written_since_open: 0,
+            spare,
+            preparer: Some(preparer),
+        })
     }
 
     /// The sequence the next batch must carry.
@@ -174,17 +261,146 @@ impl Log {
     /// Appends frames (built with [`encode_frame`] for sequences starting at
     /// [`Log::next_sequence`]) and makes them durable with one fdatasync.
     pub fn append(&mut self, frames: &[u8], batch_count: u64) -> Result<(), LogError> {
-        if self.file_bytes >= SEGMENT_BYTES {
-            let (path, file) = create_segment(&self.dir, self.next_sequence)?;
-            self.file = file;
-            self.file_path = path;
-            self.file_bytes = 0;
+        let len = frames.len() as u64;
+        if self.offset + len > self.capacity {
+            if let Some(prepared) = self.spare.take() {
+                self.start_prepared_segment(prepared)?;
+            } else if self.offset >= SEGMENT_BYTES {
+                let (path, file) = create_segment(&self.dir, self.next_sequence)?;
+                (self.file, self.file_path, self.offset, self.capacity) = (file, path, 0, 0);
+            }
         }
-        self.file.write_all(frames).map_err(io_err(&self.file_path))?;
+        self.file.write_all_at(frames, self.offset).map_err(io_err(&self.file_path))?;
         self.file.sync_data().map_err(io_err(&self.file_path))?;
-        self.file_bytes += frames.len() as u64;
+        self.offset += len;
         self.next_sequence += batch_count;
+        self.written_since_open += len;
+        if self.written_since_open >= PREPARE_AFTER_BYTES && self.offset * 2 >= self.capacity {
+            self.spare.want();
+        }
         Ok(())
+    }
+
+    /// Names the prepared segment after the next sequence and writes into
+    /// it from now on. When the current segment holds no frame yet it has
+    /// that same name and the rename replaces it.
+    fn start_prepared_segment(&mut self, file: File) -> Result<(), LogError> {
+        let path = self.dir.join(segment_name(self.next_sequence));
+        fs::rename(self.dir.join(SPARE_NAME), &path).map_err(io_err(&path))?;
+        sync_dir(&self.dir)?;
+        let capacity = file.metadata().map_err(io_err(&path))?.len();
+        (self.file, self.file_path, self.offset, self.capacity) = (file, path, 0, capacity);
+        Ok(())
+    }
+}
+
+impl Drop for Log {
+    fn drop(&mut self) {
+        self.spare.stop();
+        if let Some(preparer) = self.preparer.take() {
+            let _ = preparer.join();
+        }
+    }
+}
+
+fn dir_path(file: &Path) -> &Path {
+    file.parent().unwrap_or(file)
+}
+
+/// The hand-over of one prepared segment between the log and its
+/// preparing thread.
+#[derive(Default)]
+struct Spare {
+    state: Mutex<SpareState>,
+    changed: Condvar,
+    stopping: AtomicBool,
+}
+
+#[derive(Default)]
+enum SpareState {
+    #[default]
+    Idle,
+    Wanted,
+    Ready(File),
+    /// Preparing failed (a full disk, say): the log goes on appending to
+    /// plain segments.
+    Unavailable,
+}
+
+impl Spare {
+    fn want(&self) {
+        let mut state = self.state.lock().expect("spare lock");
+        if matches!(*state, SpareState::Idle) {
+            *state = SpareState::Wanted;
+            self.changed.notify_one();
+        }
+    }
+
+    fn take(&self) -> Option<File> {
+        let mut state = self.state.lock().expect("spare lock");
+        match std::mem::take(&mut *state) {
+            SpareState::Ready(file) => Some(file),
+            other => {
+                *state = other;
+                None
+            }
+        }
+    }
+
+    fn stop(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+        let _state = self.state.lock().expect("spare lock");
+        self.changed.notify_one();
+    }
+
+    /// The preparing thread: prepares a segment each time one is wanted.
+    fn run(&self, dir: &Path) {
+        background::lower_this_thread();
+        loop {
+            {
+                let mut state = self.state.lock().expect("spare lock");
+                while !matches!(*state, SpareState::Wanted) && !self.stopping.load(Ordering::Relaxed) {
+                    state = self.changed.wait(state).expect("spare lock");
+                }
+            }
+            if self.stopping.load(Ordering::Relaxed) {
+                return;
+            }
+            let prepared = self.prepare(&dir.join(SPARE_NAME));
+            let mut state = self.state.lock().expect("spare lock");
+            *state = match prepared {
+                Ok(Some(file)) => SpareState::Ready(file),
+                Ok(None) => return,
+                Err(error) => {
+                    tracing::warn!(dir = %dir.display(), %error, "cannot prepare a log segment; appending instead");
+                    let _ = fs::remove_file(dir.join(SPARE_NAME));
+                    SpareState::Unavailable
+                }
+            };
+        }
+    }
+
+    /// Writes a segment of zeros and makes it durable; `None` when the log
+    /// closed meanwhile.
+    fn prepare(&self, path: &Path) -> io::Result<Option<File>> {
+        const CHUNK: usize = 1 << 20;
+        let file = OpenOptions::new().create(true).truncate(true).write(true).open(path)?;
+        let zeros = vec![0u8; CHUNK];
+        let mut written = 0u64;
+        while written < SEGMENT_BYTES {
+            if self.stopping.load(Ordering::Relaxed) {
+                drop(file);
+                fs::remove_file(path)?;
+                return Ok(None);
+            }
+            file.write_all_at(&zeros, written)?;
+            written += CHUNK as u64;
+            if written.is_multiple_of(writeback::WRITEBACK_EVERY_BYTES) {
+                writeback::start(&file, written - writeback::WRITEBACK_EVERY_BYTES, writeback::WRITEBACK_EVERY_BYTES);
+            }
+        }
+        file.sync_all()?;
+        Ok(Some(file))
     }
 }
 
@@ -206,6 +422,10 @@ pub fn remove_segments_before(dir: &Path, sequence: u64) -> Result<usize, LogErr
     Ok(removed)
 }
 
+fn segment_name(first_sequence: u64) -> String {
+    format!("{first_sequence:020}.log")
+}
+
 fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, LogError> {
     let mut segments = Vec::new();
     for entry in fs::read_dir(dir).map_err(io_err(dir))? {
@@ -220,11 +440,15 @@ fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, LogError> {
     Ok(segments)
 }
 
+fn sync_dir(dir: &Path) -> Result<(), LogError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
+}
+
 fn create_segment(dir: &Path, first_sequence: u64) -> Result<(PathBuf, File), LogError> {
-    let path = dir.join(format!("{first_sequence:020}.log"));
-    let file = OpenOptions::new().create(true).append(true).open(&path).map_err(io_err(&path))?;
+    let path = dir.join(segment_name(first_sequence));
+    let file = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io_err(&path))?;
     // The new name must be durable before anything in it counts.
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))?;
+    sync_dir(dir)?;
     Ok((path, file))
 }
 
@@ -306,6 +530,113 @@ mod tests {
         log.append(&frame(1, &["a"]), 1).unwrap();
         log.append(&frame(3, &["c"]), 1).unwrap();
         drop(log);
+        assert!(matches!(read_all(dir.path()), Err(LogError::Corrupt { .. })));
+    }
+
+    fn file_len(path: &Path) -> u64 {
+        fs::metadata(path).unwrap().len()
+    }
+
+    #[test]
+    fn a_busy_log_moves_to_prepared_segments_and_writes_over_their_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = Log::open(dir.path(), |_| Ok(())).unwrap();
+        let ids: Vec<String> = (0..2000).map(|i| format!("pending-transfer-{i:06}")).collect();
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let mut sequence = 1;
+        let mut written = 0;
+        while written < PREPARE_AFTER_BYTES {
+            let frame = frame(sequence, &ids);
+            written += frame.len() as u64;
+            log.append(&frame, 1).unwrap();
+            sequence += 1;
+        }
+        assert_eq!(list_segments(dir.path()).unwrap().len(), 1);
+        // The first segment was a plain file, grown by every append.
+        let first = list_segments(dir.path()).unwrap()[0].1.clone();
+        assert_eq!(file_len(&first), written);
+        // Small batches until the prepared segment is ready and taken.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let second_starts_at = loop {
+            log.append(&frame(sequence, &["a"]), 1).unwrap();
+            sequence += 1;
+            let segments = list_segments(dir.path()).unwrap();
+            if segments.len() == 2 {
+                break segments[1].0;
+            }
+            assert!(std::time::Instant::now() < deadline, "no prepared segment after 30 s");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        assert_eq!(second_starts_at, sequence - 1);
+        let second = dir.path().join(segment_name(second_starts_at));
+        assert_eq!(file_len(&second), SEGMENT_BYTES, "frames overwrite the zeros, the file does not grow");
+        log.append(&frame(sequence, &["b", "c"]), 1).unwrap();
+        sequence += 1;
+        assert_eq!(file_len(&second), SEGMENT_BYTES);
+        drop(log);
+        assert!(!dir.path().join(SPARE_NAME).exists(), "the log took its spare or removed it on close");
+
+        let all: Vec<u64> = (1..sequence).collect();
+        assert_eq!(read_all(dir.path()).unwrap(), all);
+        // Reopened, it goes on writing in place after the last frame.
+        let mut log = Log::open(dir.path(), |_| Ok(())).unwrap();
+        assert_eq!(log.next_sequence(), sequence);
+        log.append(&frame(sequence, &["d"]), 1).unwrap();
+        drop(log);
+        assert_eq!(file_len(&second), SEGMENT_BYTES);
+        assert_eq!(read_all(dir.path()).unwrap(), (1..=sequence).collect::<Vec<_>>());
+    }
+
+    /// Writes `frames` at the start of a prepared segment named for `first`.
+    fn prepared_segment(dir: &Path, first: u64, frames: &[Vec<u8>]) -> PathBuf {
+        let mut bytes: Vec<u8> = frames.concat();
+        bytes.resize(1 << 20, 0);
+        let path = dir.join(segment_name(first));
+        fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_torn_write_over_zeros_is_cut_so_no_part_of_it_comes_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let frames: Vec<Vec<u8>> = (1..=4).map(|s| frame(s, &["x"])).collect();
+        let path = prepared_segment(dir.path(), 1, &frames);
+        // Batches 3 and 4 were written but never synced; the crash kept
+        // batch 4 and lost the first page of batch 3 (zeros there).
+        let mut bytes = fs::read(&path).unwrap();
+        let at = frames[0].len() + frames[1].len();
+        bytes[at..at + 8].fill(0);
+        fs::write(&path, bytes).unwrap();
+
+        assert_eq!(read_all(dir.path()).unwrap(), vec![1, 2]);
+        assert_eq!(file_len(&path), at as u64, "the torn write is cut off");
+        // A new batch 3 of the same length lands where the old one was;
+        // the old batch 4 after it must not come back.
+        let mut log = Log::open(dir.path(), |_| Ok(())).unwrap();
+        let again = frame(3, &["y"]);
+        assert_eq!(again.len(), frames[2].len());
+        log.append(&again, 1).unwrap();
+        drop(log);
+        let mut seen = Vec::new();
+        Log::open(dir.path(), |b| {
+            seen.push((b.sequence, b.inputs));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen.len(), 3);
+        assert_eq!(seen[2].1, vec![Input::Expire { pending_ids: vec![Id::parse("y").unwrap()] }]);
+    }
+
+    #[test]
+    fn closed_segments_end_at_their_zeros_and_a_half_prepared_spare_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        prepared_segment(dir.path(), 1, &[frame(1, &["a"]), frame(2, &["b"])]);
+        prepared_segment(dir.path(), 3, &[frame(3, &["c"])]);
+        fs::write(dir.path().join(SPARE_NAME), vec![0u8; 4096]).unwrap();
+        assert_eq!(read_all(dir.path()).unwrap(), vec![1, 2, 3]);
+        assert!(!dir.path().join(SPARE_NAME).exists());
+        // A closed segment that ends before its successor starts lost batches.
+        prepared_segment(dir.path(), 1, &[frame(1, &["a"])]);
         assert!(matches!(read_all(dir.path()), Err(LogError::Corrupt { .. })));
     }
 }

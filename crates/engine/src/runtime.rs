@@ -436,6 +436,7 @@ impl Engine {
                 log_bytes_at_checkpoint: 0,
                 spare_history: spare_history_rx,
                 spare_accounts: spare_accounts_rx,
+                spare_audit: shared.audit.spares[usize::from(id)].1.clone(),
                 checkpoint_every_log_bytes: config.checkpoint_every_log_bytes,
                 client_rx,
                 peer_rx,
@@ -502,6 +503,16 @@ impl Engine {
         self.audit_visible(executor, sequence);
         if let Some(stored) = self.shared.audit.stored.get(usize::from(executor)) {
             stored.fetch_max(sequence, Ordering::AcqRel);
+        }
+    }
+
+    /// Hands back the events of an audit batch once consumed: the executor
+    /// fills the buffer again. The events are dropped here, on the caller's
+    /// thread.
+    pub fn recycle_audit_events(&self, executor: ExecutorId, mut events: Vec<AuditEvent>) {
+        events.clear();
+        if let Some((spares, _)) = self.shared.audit.spares.get(usize::from(executor)) {
+            let _ = spares.try_send(events);
         }
     }
 
@@ -814,6 +825,8 @@ struct Applier {
     /// The accounts buffer of the last checkpoint, once encoded: the next
     /// one copies the accounts into memory already mapped.
     spare_accounts: Receiver<Vec<Account>>,
+    /// Audit event buffers the audit consumer is done with.
+    spare_audit: Receiver<Vec<AuditEvent>>,
     checkpoint_every_log_bytes: u64,
     client_rx: Receiver<Request>,
     peer_rx: Receiver<Inbound>,
@@ -1004,7 +1017,11 @@ impl Applier {
                 let spare = self.spare_history.try_recv().unwrap_or_else(|_| Vec::with_capacity(fx.history.len()));
                 let history = std::mem::replace(&mut fx.history, spare);
                 debug_assert!(history.is_empty() || inputs_logged > 0, "history comes from logged inputs");
-                let audit = std::mem::take(&mut fx.audit);
+                let audit = if fx.audit.is_empty() {
+                    Vec::new()
+                } else {
+                    std::mem::replace(&mut fx.audit, self.spare_audit.try_recv().unwrap_or_default())
+                };
                 if !audit.is_empty() {
                     self.last_audit_sequence = sequence;
                 }
@@ -1134,6 +1151,10 @@ pub const AUDIT_FEED_CAPACITY: usize = 4096;
 /// How long a log thread waits for room in a full audit feed before it
 /// gives up on the feed until the next restart (see [`AuditFeed::publish`]).
 pub const AUDIT_FEED_SEND_TIMEOUT: Duration = Duration::from_secs(5);
+type AuditEvents = Vec<AuditEvent>;
+
+/// Most consumed audit event buffers kept per executor for reuse.
+pub const SPARE_AUDIT_BUFFERS: usize = 16;
 
 /// The audit batches on their way to one consumer. Before it attaches they
 /// wait in memory (a recovery's included); then they go through a bounded
@@ -1148,6 +1169,10 @@ struct AuditFeed {
     stored: Vec<AtomicU64>,
     /// Per executor: up to where the consumer's readers see them.
     visible: Vec<AtomicU64>,
+    /// Per executor: event buffers the consumer is done with, for the apply
+    /// thread to fill again (a fresh one grows by reallocation and page
+    /// faults: a quarter of the apply thread under `loadtest --batch 1000`).
+    spares: Vec<(Sender<AuditEvents>, Receiver<AuditEvents>)>,
 }
 
 #[derive(Default)]
@@ -1174,6 +1199,7 @@ impl AuditFeed {
             produced,
             stored: (0..executors).map(|_| AtomicU64::new(0)).collect(),
             visible: (0..executors).map(|_| AtomicU64::new(0)).collect(),
+            spares: (0..executors).map(|_| bounded(SPARE_AUDIT_BUFFERS)).collect(),
         }
     }
 

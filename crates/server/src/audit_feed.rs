@@ -150,6 +150,9 @@ impl Consumer {
                         self.unsynced.insert(executor, sequence);
                         self.engine.audit_visible(executor, sequence);
                     }
+                    for batch in batches {
+                        self.engine.recycle_audit_events(batch.executor, batch.events);
+                    }
                 }
                 Err(AccessStoreError::Closed) => return,
                 Err(error) => {
