@@ -16,19 +16,29 @@ use parking_lot::Mutex;
 pub const MIN_POOLED_BYTES: usize = 64 * 1024;
 /// Buffers larger than this are not kept (a 4 MiB batch is rare).
 pub const MAX_POOLED_BYTES: usize = 1024 * 1024;
-/// Most buffers kept (so at most 64 MiB held): enough for a request and
-/// an answer per connection of a load of 32 concurrent batches.
-pub const MAX_POOLED_BUFFERS: usize = 64;
+/// Most buffers kept: a request and an answer for each of 128 concurrent
+/// batches (64 were too few for `loadtest --batch 1000` at its default 64
+/// connections, and every miss paid the page faults again).
+pub const MAX_POOLED_BUFFERS: usize = 256;
+/// Most bytes the kept buffers may hold together.
+pub const MAX_POOLED_TOTAL_BYTES: usize = 96 << 20;
 
-static POOL: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+struct Pool {
+    buffers: Vec<Vec<u8>>,
+    bytes: usize,
+}
+
+static POOL: Mutex<Pool> = Mutex::new(Pool { buffers: Vec::new(), bytes: 0 });
 
 /// An empty buffer of at least `capacity` bytes: a kept one if there is one
 /// (for capacities the pool keeps), else a fresh one.
 pub fn take(capacity: usize) -> Vec<u8> {
     if (MIN_POOLED_BYTES..=MAX_POOLED_BYTES).contains(&capacity) {
         let mut pool = POOL.lock();
-        if let Some(at) = pool.iter().position(|buffer| buffer.capacity() >= capacity) {
-            return pool.swap_remove(at);
+        if let Some(at) = pool.buffers.iter().position(|buffer| buffer.capacity() >= capacity) {
+            let buffer = pool.buffers.swap_remove(at);
+            pool.bytes -= buffer.capacity();
+            return buffer;
         }
     }
     Vec::with_capacity(capacity)
@@ -42,8 +52,9 @@ pub fn give_back(mut buffer: Vec<u8>) {
     }
     buffer.clear();
     let mut pool = POOL.lock();
-    if pool.len() < MAX_POOLED_BUFFERS {
-        pool.push(buffer);
+    if pool.buffers.len() < MAX_POOLED_BUFFERS && pool.bytes + buffer.capacity() <= MAX_POOLED_TOTAL_BYTES {
+        pool.bytes += buffer.capacity();
+        pool.buffers.push(buffer);
     }
 }
 
@@ -92,7 +103,10 @@ mod tests {
         give_back(Vec::with_capacity(MAX_POOLED_BYTES + 1));
         taken.extend((0..8).map(|_| Vec::with_capacity(MIN_POOLED_BYTES)));
         taken.into_iter().for_each(give_back);
-        assert!(POOL.lock().len() <= MAX_POOLED_BUFFERS);
-        assert!(POOL.lock().iter().all(|b| (MIN_POOLED_BYTES..=MAX_POOLED_BYTES).contains(&b.capacity())));
+        let pool = POOL.lock();
+        assert!(pool.buffers.len() <= MAX_POOLED_BUFFERS);
+        assert!(pool.buffers.iter().all(|b| (MIN_POOLED_BYTES..=MAX_POOLED_BYTES).contains(&b.capacity())));
+        assert_eq!(pool.bytes, pool.buffers.iter().map(Vec::capacity).sum::<usize>());
+        assert!(pool.bytes <= MAX_POOLED_TOTAL_BYTES);
     }
 }
