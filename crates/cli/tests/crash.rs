@@ -32,6 +32,36 @@ struct Sent {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_transfers_survive_sigkill() {
+    kill_under_load_and_recover(Moment::AfterCheckpoints).await;
+}
+
+/// The same, killed while both logs write over the zeros of a prepared
+/// segment: recovery must find the frames before the zeros and cut
+/// whatever the kill left after them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_transfers_survive_sigkill_in_prepared_log_segments() {
+    kill_under_load_and_recover(Moment::InPreparedSegments).await;
+}
+
+/// When the server is killed, besides both executors having checkpointed.
+#[derive(Clone, Copy, PartialEq)]
+enum Moment {
+    AfterCheckpoints,
+    InPreparedSegments,
+}
+
+/// Whether the executor's newest log segment is a prepared one (written
+/// zeros of the full segment size, frames over them).
+fn writes_in_prepared_segment(executor_dir: &std::path::Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(executor_dir) else { return false };
+    let newest = entries
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_str().is_some_and(|n| n.ends_with(".log")))
+        .max_by_key(|e| e.file_name());
+    newest.is_some_and(|e| e.metadata().is_ok_and(|m| m.len() == peakstack_engine::log::SEGMENT_BYTES))
+}
+
+async fn kill_under_load_and_recover(moment: Moment) {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
@@ -82,9 +112,14 @@ async fn acknowledged_transfers_survive_sigkill() {
     // Kill once both executors have checkpointed under load (so recovery
     // starts from a checkpoint and replays the log after it), at a moment
     // that depends on the run.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !(0..2).all(|e| dir.path().join(format!("executor-{e:03}/checkpoint.snap")).exists()) {
-        assert!(Instant::now() < deadline, "no checkpoint was written under load");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let ready = |e: usize| {
+        let executor_dir = dir.path().join(format!("executor-{e:03}"));
+        executor_dir.join("checkpoint.snap").exists()
+            && (moment == Moment::AfterCheckpoints || writes_in_prepared_segment(&executor_dir))
+    };
+    while !(0..2).all(ready) {
+        assert!(Instant::now() < deadline, "not ready to kill after 60 s under load");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let wait_ms = 100 + (std::process::id() as u64 % 500);

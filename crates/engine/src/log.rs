@@ -10,21 +10,24 @@
 //! the file system's journal (the new size and blocks): on this machine's
 //! disk that is two more round trips, and a log fdatasync took 0.55 ms
 //! appending against 0.27-0.33 ms overwriting blocks already written
-//! (64 KiB writes, nothing else on the disk). So a background thread
-//! (`log-prep-N`) writes a whole segment of zeros ahead of time and syncs
-//! it, and the log writes its frames over those zeros in place. The log
-//! asks for a prepared segment once it has written [`PREPARE_AFTER_BYTES`]
-//! since it opened (a data dir that sees a few batches never pays for one),
-//! and for the next one when its current segment is half full. When none
-//! is ready the log appends to a plain file, as it would without any.
+//! (64 KiB writes, nothing else on the disk). So the log writes its frames
+//! in place over a segment whose blocks are all written already: a segment
+//! a checkpoint covered, reused instead of deleted
+//! ([`remove_segments_before`] keeps one as `recycled.segment`), or else
+//! one a background thread (`log-prep-N`) fills with zeros and syncs. The
+//! log asks for a prepared segment once it has written
+//! [`PREPARE_AFTER_BYTES`] since it opened (a data dir that sees a few
+//! batches never pays for one), and for the next one when its current
+//! segment is half full. When none is ready it appends to a plain file.
 //!
-//! Recovery reads every segment in order. A segment's frames end at its end
-//! or where the zeros of its prepared tail start. A frame cut short or
-//! failing its checksum at the end of the newest segment, or bytes after
-//! zeros there, are a torn write: the file is cut back to the last whole
-//! batch, so nothing of the torn write can be read later. Anything wrong
-//! anywhere else, or a gap in the sequences, is corruption and stops the
-//! executor loudly.
+//! Recovery reads every segment in order. A segment's frames end at the end
+//! of the file, where zeros start, or at the first frame that is not whole,
+//! fails its checksum, or is older than the segment (what a reused segment
+//! held before). A closed segment must end where the next one starts (its
+//! name), else batches were lost: corruption, which stops the executor
+//! loudly, as does a gap in the sequences. In the newest segment, bytes
+//! after its last whole batch may be a torn write: the file is cut there,
+//! so nothing of it can be read later.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -46,7 +49,9 @@ pub const MAX_FRAME_BYTES: usize = 64 << 20;
 /// much since it opened.
 pub const PREPARE_AFTER_BYTES: u64 = 1 << 20;
 /// The segment being prepared, until the log takes it and names it.
-const SPARE_NAME: &str = "next-segment.zeros";
+const SPARE_NAME: &str = "next.segment";
+/// A segment a checkpoint covered, kept to be reused as the next spare.
+const RECYCLED_NAME: &str = "recycled.segment";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
@@ -108,15 +113,19 @@ enum SegmentEnd {
     /// At the end of the file or of the frames, only zeros after: `at` is
     /// where the next frame goes.
     Clean { at: usize },
+    /// At a whole frame older than the segment: what a reused segment held.
+    Reused { at: usize },
     /// At a frame that is cut short, fails its checksum, or is zeros with
-    /// written bytes after them.
+    /// written bytes after them: a torn write, or older bytes of a reused
+    /// segment.
     Torn { at: usize, reason: &'static str },
 }
 
-/// Reads the frames of one segment in order, handing each batch to
+/// Reads the frames of segment `first` in order, handing each batch to
 /// `on_batch` and checking that sequences follow `*next_sequence`.
 fn read_segment(
     path: &Path,
+    first: u64,
     bytes: &[u8],
     next_sequence: &mut u64,
     on_batch: &mut impl FnMut(Batch) -> Result<(), String>,
@@ -147,6 +156,9 @@ fn read_segment(
             return Ok(SegmentEnd::Torn { at: offset, reason: "checksum mismatch" });
         }
         let batch = decode_payload(payload).map_err(|reason| corrupt(offset, reason))?;
+        if batch.sequence < first {
+            return Ok(SegmentEnd::Reused { at: offset });
+        }
         if batch.sequence != *next_sequence {
             return Err(corrupt(offset, format!("batch {} where {} was expected", batch.sequence, next_sequence)));
         }
@@ -198,24 +210,29 @@ impl Log {
                 next_sequence = *first;
             }
             let bytes = fs::read(path).map_err(io_err(path))?;
-            let end = read_segment(path, &bytes, &mut next_sequence, &mut on_batch)?;
-            let newest = index + 1 == segments.len();
+            let end = read_segment(path, *first, &bytes, &mut next_sequence, &mut on_batch)?;
+            if index + 1 < segments.len() {
+                // Closed: where it ends is checked against the next name.
+                continue;
+            }
             let at = match end {
                 SegmentEnd::Clean { at } => at,
-                SegmentEnd::Torn { at, reason } if newest => {
-                    tracing::warn!(path = %path.display(), offset = at, reason, "cutting torn log tail");
+                SegmentEnd::Reused { at } | SegmentEnd::Torn { at, .. } => {
+                    if let SegmentEnd::Torn { reason, .. } = end {
+                        tracing::warn!(
+                            path = %path.display(),
+                            offset = at,
+                            reason,
+                            "cutting the log after its last whole batch (a torn write, or older bytes of a reused segment)"
+                        );
+                    }
                     let file = OpenOptions::new().write(true).open(path).map_err(io_err(path))?;
                     file.set_len(at as u64).map_err(io_err(path))?;
                     file.sync_all().map_err(io_err(path))?;
                     at
                 }
-                SegmentEnd::Torn { at, reason } => {
-                    return Err(LogError::Corrupt { path: path.clone(), offset: at as u64, reason: reason.to_string() })
-                }
             };
-            if newest {
-                tail = Some((path.clone(), at as u64));
-            }
+            tail = Some((path.clone(), at as u64));
         }
         let (file_path, file, offset) = match tail {
             Some((path, offset)) => {
@@ -380,10 +397,22 @@ impl Spare {
         }
     }
 
-    /// Writes a segment of zeros and makes it durable; `None` when the log
-    /// closed meanwhile.
+    /// A segment whose blocks are all written: the recycled one if there is
+    /// one, else zeros written and made durable; `None` when the log closed
+    /// meanwhile.
     fn prepare(&self, path: &Path) -> io::Result<Option<File>> {
         const CHUNK: usize = 1 << 20;
+        let recycled = path.with_file_name(RECYCLED_NAME);
+        match fs::rename(&recycled, path) {
+            Ok(()) => {
+                let file = OpenOptions::new().write(true).open(path)?;
+                if file.metadata()?.len() == SEGMENT_BYTES {
+                    return Ok(Some(file));
+                }
+            }
+            Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+            Err(error) => return Err(error),
+        }
         let file = OpenOptions::new().create(true).truncate(true).write(true).open(path)?;
         let zeros = vec![0u8; CHUNK];
         let mut written = 0u64;
@@ -404,18 +433,25 @@ impl Spare {
     }
 }
 
-/// Deletes the closed segments in `dir` whose batches all precede
-/// `sequence` (a checkpoint covers them). Safe beside the thread that
-/// appends: a segment is closed once a newer one exists, and the newest is
-/// never deleted.
+/// Removes the closed segments in `dir` whose batches all precede
+/// `sequence` (a checkpoint covers them): one of full size is kept as
+/// `recycled.segment` for the log to reuse, unless one is kept already;
+/// the others are deleted. Safe beside the thread that appends: a segment
+/// is closed once a newer one exists, and the newest is never removed.
 pub fn remove_segments_before(dir: &Path, sequence: u64) -> Result<usize, LogError> {
     let segments = list_segments(dir)?;
+    let recycled = dir.join(RECYCLED_NAME);
     let mut removed = 0;
     for window in segments.windows(2) {
         let (_, path) = &window[0];
         let (next_first, _) = &window[1];
         if *next_first <= sequence {
-            fs::remove_file(path).map_err(io_err(path))?;
+            let full = fs::metadata(path).map_err(io_err(path))?.len() == SEGMENT_BYTES;
+            if full && !recycled.exists() {
+                fs::rename(path, &recycled).map_err(io_err(path))?;
+            } else {
+                fs::remove_file(path).map_err(io_err(path))?;
+            }
             removed += 1;
         }
     }
@@ -638,5 +674,69 @@ mod tests {
         // A closed segment that ends before its successor starts lost batches.
         prepared_segment(dir.path(), 1, &[frame(1, &["a"])]);
         assert!(matches!(read_all(dir.path()), Err(LogError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn a_covered_segment_is_reused_and_its_old_frames_never_come_back() {
+        let dir = tempfile::tempdir().unwrap();
+        // A full closed segment of batches 1-3 and the newest, from batch 4.
+        let mut old: Vec<u8> = (1..=3).flat_map(|s| frame(s, &["old"])).collect();
+        old.resize(SEGMENT_BYTES as usize, 0xab);
+        fs::write(dir.path().join(segment_name(1)), &old).unwrap();
+        fs::write(dir.path().join(segment_name(4)), frame(4, &["d"])).unwrap();
+        drop(old);
+        // A checkpoint covers batches 1-3: their segment is kept for reuse.
+        assert_eq!(remove_segments_before(dir.path(), 4).unwrap(), 1);
+        assert_eq!(list_segments(dir.path()).unwrap().len(), 1);
+        assert_eq!(file_len(&dir.path().join(RECYCLED_NAME)), SEGMENT_BYTES);
+
+        let mut log = Log::open(dir.path(), |_| Ok(())).unwrap();
+        let ids: Vec<String> = (0..2000).map(|i| format!("pending-transfer-{i:06}")).collect();
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let mut sequence = 5;
+        let mut written = 0;
+        while written < PREPARE_AFTER_BYTES {
+            let frame = frame(sequence, &ids);
+            written += frame.len() as u64;
+            log.append(&frame, 1).unwrap();
+            sequence += 1;
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let reused = loop {
+            log.append(&frame(sequence, &["new"]), 1).unwrap();
+            sequence += 1;
+            let segments = list_segments(dir.path()).unwrap();
+            if segments.len() == 2 {
+                break segments[1].1.clone();
+            }
+            assert!(std::time::Instant::now() < deadline, "the recycled segment was not taken");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        assert!(!dir.path().join(RECYCLED_NAME).exists());
+        // Written over in place: the old bytes are still there past the new frame.
+        let bytes = fs::read(&reused).unwrap();
+        assert_eq!(bytes.len() as u64, SEGMENT_BYTES);
+        assert_eq!(*bytes.last().unwrap(), 0xab, "no zeros were written: the segment was reused");
+        drop(log);
+
+        // Read back: the new batches only, then the old bytes are cut off.
+        assert_eq!(read_all(dir.path()).unwrap(), (4..sequence).collect::<Vec<_>>());
+        assert!(file_len(&reused) < SEGMENT_BYTES);
+        let mut log = Log::open(dir.path(), |_| Ok(())).unwrap();
+        log.append(&frame(sequence, &["e"]), 1).unwrap();
+        drop(log);
+        assert_eq!(read_all(dir.path()).unwrap(), (4..=sequence).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_whole_old_frame_after_the_new_ones_ends_a_reused_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        // Segment 10 reused: batch 10 written over the start, old batch 2 after it.
+        prepared_segment(dir.path(), 10, &[frame(10, &["x"]), frame(2, &["y"])]);
+        assert_eq!(read_all(dir.path()).unwrap(), vec![10]);
+        // Closed, such a segment ends there too, when the next one follows on.
+        prepared_segment(dir.path(), 11, &[frame(11, &["z"])]);
+        prepared_segment(dir.path(), 10, &[frame(10, &["x"]), frame(2, &["y"])]);
+        assert_eq!(read_all(dir.path()).unwrap(), vec![10, 11]);
     }
 }
