@@ -19,10 +19,9 @@ use crate::error::{is_transient_code, ApiError, Transient};
 use crate::idempotency::now_ms;
 use crate::post_guard::BATCH_BODY_LIMIT_BYTES;
 use crate::wire::{
-    parse_id, AccountBody, AccountJson, BatchAnswer, BatchBody, Page, PageQuery, PostBody, TransferBody, TransferJson,
-    VoidBody,
+    parse_id, AccountBody, AccountJson, BatchBody, Page, PageQuery, PostBody, TransferBody, TransferJson, VoidBody,
 };
-use crate::{buffers, AppState};
+use crate::{answer_json, buffers, AppState};
 
 /// Default page size of the list routes.
 pub const DEFAULT_PAGE_LIMIT: usize = 100;
@@ -148,13 +147,27 @@ fn json<T: Serialize>(status: StatusCode, body: &T) -> Response {
 fn json_sized<T: Serialize>(status: StatusCode, body: &T, size_hint: usize) -> Response {
     let mut buffer = buffers::take(size_hint);
     match serde_json::to_writer(&mut buffer, body) {
-        Ok(()) => {
-            let mut response = (status, buffers::into_bytes(buffer)).into_response();
-            response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            response
-        }
+        Ok(()) => json_bytes(status, buffer),
         Err(error) => ApiError::Internal(format!("the answer could not be serialized: {error}")).into_response(),
     }
+}
+
+/// A JSON answer written by hand ([`answer_json`]) into one buffer of about
+/// `size_hint` bytes.
+fn json_written(status: StatusCode, size_hint: usize, write: impl FnOnce(&mut Vec<u8>)) -> Response {
+    let mut buffer = buffers::take(size_hint);
+    write(&mut buffer);
+    json_bytes(status, buffer)
+}
+
+fn json_bytes(status: StatusCode, buffer: Vec<u8>) -> Response {
+    let mut response = (status, buffers::into_bytes(buffer)).into_response();
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+fn transfer_answer(status: StatusCode, transfer: &TransferJson<'_>) -> Response {
+    json_written(status, TRANSFER_JSON_BYTES, |out| answer_json::transfer(out, transfer))
 }
 
 fn page_limit(limit: Option<&str>) -> Result<usize, ApiError> {
@@ -376,7 +389,7 @@ pub async fn get_transfer(
             return Err(not_found());
         }
     }
-    Ok(json(StatusCode::OK, &TransferJson::from_transfer(&transfer)))
+    Ok(transfer_answer(StatusCode::OK, &TransferJson::from_transfer(&transfer)))
 }
 
 /// The owners of a transfer's two accounts (which exist: the ledger
@@ -427,9 +440,9 @@ async fn one_transfer(state: &AppState, caller: &Caller, request: TransferReques
     let results = state.engine().create_transfers_as(vec![request], false, Some(caller.origin())).await;
     let outcome = results.into_iter().next().unwrap_or(Err(ErrorCode::Unavailable)).map_err(ApiError::ledger)?;
     if outcome.created {
-        Ok(json(StatusCode::CREATED, &TransferJson::from_outcome(&outcome)))
+        Ok(transfer_answer(StatusCode::CREATED, &TransferJson::from_outcome(&outcome)))
     } else {
-        Ok(json(StatusCode::OK, &TransferJson::from_transfer(&outcome.transfer)))
+        Ok(transfer_answer(StatusCode::OK, &TransferJson::from_transfer(&outcome.transfer)))
     }
 }
 
@@ -502,7 +515,8 @@ pub async fn create_batch(State(state): State<AppState>, caller: Caller, body: J
     }
     let results = state.engine().create_transfers_as(requests, atomic, Some(caller.origin())).await;
     let transient = results.iter().any(|r| matches!(r, Err(code) if is_transient_code(*code)));
-    let mut response = json_sized(StatusCode::OK, &BatchAnswer { results: &results }, BATCH_ITEM_BYTES * count);
+    let mut response =
+        json_written(StatusCode::OK, BATCH_ITEM_BYTES * count, |out| answer_json::batch_answer(out, &results));
     if transient {
         response.extensions_mut().insert(Transient);
     }

@@ -34,6 +34,7 @@
 pub mod access;
 pub mod access_store;
 mod admin;
+mod answer_json;
 pub mod audit;
 mod audit_feed;
 mod audit_rows;

@@ -6,9 +6,8 @@ use peakstack_domain::{
     Account, AccountFlags, Amount, Balances, Currency, Id, NewAccount, Owner, Transfer, TransferKind, TransferRequest,
     MAX_TRANSFER_AMOUNT,
 };
-use peakstack_engine::{TransferOutcome, TransferResult};
+use peakstack_engine::TransferOutcome;
 
-use crate::error::ledger_detail;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -325,64 +324,6 @@ impl<'a> TransferJson<'a> {
 pub struct Page<T: Serialize> {
     pub data: Vec<T>,
     pub next: Option<String>,
-}
-
-#[derive(Serialize, Debug)]
-pub struct BatchItem<'a> {
-    pub index: usize,
-    pub status: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub transfer: Option<TransferJson<'a>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub code: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub detail: Option<&'static str>,
-}
-
-/// The answer to a batch: one item per transfer, serialized as it is
-/// made (no vector of items in between).
-pub struct BatchAnswer<'a> {
-    pub results: &'a [TransferResult],
-}
-
-impl Serialize for BatchAnswer<'_> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::{SerializeSeq, SerializeStruct};
-        struct Items<'a>(&'a [TransferResult]);
-        impl Serialize for Items<'_> {
-            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-                let mut seq = serializer.serialize_seq(Some(self.0.len()))?;
-                for (index, result) in self.0.iter().enumerate() {
-                    seq.serialize_element(&BatchItem::of(index, result))?;
-                }
-                seq.end()
-            }
-        }
-        let mut answer = serializer.serialize_struct("BatchAnswer", 1)?;
-        answer.serialize_field("results", &Items(self.results))?;
-        answer.end()
-    }
-}
-
-impl<'a> BatchItem<'a> {
-    pub fn of(index: usize, result: &'a TransferResult) -> BatchItem<'a> {
-        match result {
-            Ok(outcome) => BatchItem {
-                index,
-                status: if outcome.created { "created" } else { "exists" },
-                transfer: Some(TransferJson::from_transfer(&outcome.transfer)),
-                code: None,
-                detail: None,
-            },
-            Err(code) => BatchItem {
-                index,
-                status: "error",
-                transfer: None,
-                code: Some(code.as_str()),
-                detail: Some(ledger_detail(*code)),
-            },
-        }
-    }
 }
 
 #[cfg(test)]
