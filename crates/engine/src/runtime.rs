@@ -630,15 +630,11 @@ impl Engine {
                 waits.push((indices, rx));
             }
         }
-        // A part that could not be submitted, or whose executor went away,
-        // stays `unavailable`.
-        let mut results: Vec<TransferResult> = vec![Err(ErrorCode::Unavailable); count];
+        let mut answered = Vec::with_capacity(waits.len());
         for (indices, rx) in waits {
-            if let Ok(answers) = rx.await {
-                place(&mut results, indices, answers);
-            }
+            answered.push((indices, rx.await.ok()));
         }
-        results
+        gather(count, answered)
     }
 
     /// The blocking twin of [`Engine::create_transfers`], for callers on
@@ -653,13 +649,8 @@ impl Engine {
                 waits.push((indices, rx));
             }
         }
-        let mut results: Vec<TransferResult> = vec![Err(ErrorCode::Unavailable); count];
-        for (indices, rx) in waits {
-            if let Ok(answers) = rx.blocking_recv() {
-                place(&mut results, indices, answers);
-            }
-        }
-        results
+        let answered = waits.into_iter().map(|(indices, rx)| (indices, rx.blocking_recv().ok())).collect();
+        gather(count, answered)
     }
 
     async fn query(&self, executor: ExecutorId, query: Query) -> Result<QueryAnswer, ErrorCode> {
@@ -800,6 +791,26 @@ fn place<T>(results: &mut [T], indices: Vec<usize>, answers: Vec<T>) {
     for (index, answer) in indices.into_iter().zip(answers) {
         results[index] = answer;
     }
+}
+
+/// The results of `count` transfers in request order, from the answers of
+/// the executors they went to (`None`: the executor went away). A part
+/// that was not answered stays `unavailable`. One part holding every
+/// transfer in order (always so with one executor) is the answer as it
+/// came: no second vector of a whole batch's results is made and filled.
+fn gather(count: usize, mut parts: Vec<(Vec<usize>, Option<Vec<TransferResult>>)>) -> Vec<TransferResult> {
+    if let [(indices, Some(answers))] = parts.as_slice() {
+        if answers.len() == count && indices.iter().enumerate().all(|(i, &index)| i == index) {
+            return parts.pop().and_then(|(_, answers)| answers).expect("checked above");
+        }
+    }
+    let mut results: Vec<TransferResult> = vec![Err(ErrorCode::Unavailable); count];
+    for (indices, answers) in parts {
+        if let Some(answers) = answers {
+            place(&mut results, indices, answers);
+        }
+    }
+    results
 }
 
 pub fn executor_dir(data_dir: &Path, executor: ExecutorId) -> PathBuf {
@@ -1422,4 +1433,28 @@ fn evict(core: &mut ExecutorCore, archive: &mut Archive, limit: usize) -> std::i
         archive.poll()?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn results(codes: &[ErrorCode]) -> Vec<TransferResult> {
+        codes.iter().map(|&code| Err(code)).collect()
+    }
+
+    #[test]
+    fn gather_puts_each_answer_at_its_request() {
+        use ErrorCode::{AccountNotFound as A, ExceedsCredits as E, Overflow as O, Unavailable as U};
+        // One part in order: the answer as it came.
+        assert_eq!(gather(3, vec![(vec![0, 1, 2], Some(results(&[A, E, O])))]), results(&[A, E, O]));
+        // One part out of order, parts interleaved, a part never answered.
+        assert_eq!(gather(2, vec![(vec![1, 0], Some(results(&[A, E])))]), results(&[E, A]));
+        assert_eq!(
+            gather(4, vec![(vec![0, 2], Some(results(&[A, E]))), (vec![1, 3], Some(results(&[O, A])))]),
+            results(&[A, O, E, A])
+        );
+        assert_eq!(gather(3, vec![(vec![0, 2], Some(results(&[A, E]))), (vec![1], None)]), results(&[A, U, E]));
+        assert_eq!(gather(2, vec![(vec![0, 1], None)]), results(&[U, U]));
+    }
 }
