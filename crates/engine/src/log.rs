@@ -573,13 +573,12 @@ mod tests {
         fs::metadata(path).unwrap().len()
     }
 
-    #[test]
-    fn a_busy_log_moves_to_prepared_segments_and_writes_over_their_zeros() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut log = Log::open(dir.path(), |_| Ok(())).unwrap();
+    /// Appends big batches from `sequence` until the log has written enough
+    /// to ask for a prepared segment; answers the next sequence and the
+    /// bytes written.
+    fn append_until_prepare_is_wanted(log: &mut Log, mut sequence: u64) -> (u64, u64) {
         let ids: Vec<String> = (0..2000).map(|i| format!("pending-transfer-{i:06}")).collect();
         let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-        let mut sequence = 1;
         let mut written = 0;
         while written < PREPARE_AFTER_BYTES {
             let frame = frame(sequence, &ids);
@@ -587,24 +586,37 @@ mod tests {
             log.append(&frame, 1).unwrap();
             sequence += 1;
         }
+        (sequence, written)
+    }
+
+    /// Appends small batches from `sequence` until the log moves to a second
+    /// segment; answers the next sequence and that segment.
+    fn append_until_a_second_segment(log: &mut Log, dir: &Path, mut sequence: u64) -> (u64, (u64, PathBuf)) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            log.append(&frame(sequence, &["a"]), 1).unwrap();
+            sequence += 1;
+            let mut segments = list_segments(dir).unwrap();
+            if segments.len() == 2 {
+                return (sequence, segments.pop().unwrap());
+            }
+            assert!(std::time::Instant::now() < deadline, "no prepared segment taken after 30 s");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn a_busy_log_moves_to_prepared_segments_and_writes_over_their_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = Log::open(dir.path(), |_| Ok(())).unwrap();
+        let (sequence, written) = append_until_prepare_is_wanted(&mut log, 1);
         assert_eq!(list_segments(dir.path()).unwrap().len(), 1);
         // The first segment was a plain file, grown by every append.
         let first = list_segments(dir.path()).unwrap()[0].1.clone();
         assert_eq!(file_len(&first), written);
         // Small batches until the prepared segment is ready and taken.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        let second_starts_at = loop {
-            log.append(&frame(sequence, &["a"]), 1).unwrap();
-            sequence += 1;
-            let segments = list_segments(dir.path()).unwrap();
-            if segments.len() == 2 {
-                break segments[1].0;
-            }
-            assert!(std::time::Instant::now() < deadline, "no prepared segment after 30 s");
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        };
+        let (mut sequence, (second_starts_at, second)) = append_until_a_second_segment(&mut log, dir.path(), sequence);
         assert_eq!(second_starts_at, sequence - 1);
-        let second = dir.path().join(segment_name(second_starts_at));
         assert_eq!(file_len(&second), SEGMENT_BYTES, "frames overwrite the zeros, the file does not grow");
         log.append(&frame(sequence, &["b", "c"]), 1).unwrap();
         sequence += 1;
@@ -691,27 +703,8 @@ mod tests {
         assert_eq!(file_len(&dir.path().join(RECYCLED_NAME)), SEGMENT_BYTES);
 
         let mut log = Log::open(dir.path(), |_| Ok(())).unwrap();
-        let ids: Vec<String> = (0..2000).map(|i| format!("pending-transfer-{i:06}")).collect();
-        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-        let mut sequence = 5;
-        let mut written = 0;
-        while written < PREPARE_AFTER_BYTES {
-            let frame = frame(sequence, &ids);
-            written += frame.len() as u64;
-            log.append(&frame, 1).unwrap();
-            sequence += 1;
-        }
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        let reused = loop {
-            log.append(&frame(sequence, &["new"]), 1).unwrap();
-            sequence += 1;
-            let segments = list_segments(dir.path()).unwrap();
-            if segments.len() == 2 {
-                break segments[1].1.clone();
-            }
-            assert!(std::time::Instant::now() < deadline, "the recycled segment was not taken");
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        };
+        let (sequence, _) = append_until_prepare_is_wanted(&mut log, 5);
+        let (sequence, (_, reused)) = append_until_a_second_segment(&mut log, dir.path(), sequence);
         assert!(!dir.path().join(RECYCLED_NAME).exists());
         // Written over in place: the old bytes are still there past the new frame.
         let bytes = fs::read(&reused).unwrap();
