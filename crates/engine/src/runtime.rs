@@ -509,7 +509,7 @@ impl Engine {
     /// Hands back the events of an audit batch once consumed: the executor
     /// fills the buffer again. The events are dropped here, on the caller's
     /// thread.
-    pub fn recycle_audit_events(&self, executor: ExecutorId, mut events: Vec<AuditEvent>) {
+    pub fn recycle_audit_events(&self, executor: ExecutorId, mut events: AuditEvents) {
         events.clear();
         if let Some((spares, _)) = self.shared.audit.spares.get(usize::from(executor)) {
             let _ = spares.try_send(events);
@@ -837,7 +837,7 @@ struct Applier {
     /// one copies the accounts into memory already mapped.
     spare_accounts: Receiver<Vec<Account>>,
     /// Audit event buffers the audit consumer is done with.
-    spare_audit: Receiver<Vec<AuditEvent>>,
+    spare_audit: Receiver<AuditEvents>,
     checkpoint_every_log_bytes: u64,
     client_rx: Receiver<Request>,
     peer_rx: Receiver<Inbound>,
@@ -1162,10 +1162,11 @@ pub const AUDIT_FEED_CAPACITY: usize = 4096;
 /// How long a log thread waits for room in a full audit feed before it
 /// gives up on the feed until the next restart (see [`AuditFeed::publish`]).
 pub const AUDIT_FEED_SEND_TIMEOUT: Duration = Duration::from_secs(5);
-type AuditEvents = Vec<AuditEvent>;
-
 /// Most consumed audit event buffers kept per executor for reuse.
 pub const SPARE_AUDIT_BUFFERS: usize = 16;
+
+/// The events of one audit batch (a buffer handed back and forth).
+type AuditEvents = Vec<AuditEvent>;
 
 /// The audit batches on their way to one consumer. Before it attaches they
 /// wait in memory (a recovery's included); then they go through a bounded
