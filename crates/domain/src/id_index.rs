@@ -106,7 +106,6 @@ impl IdIndex {
     }
 
     fn insert_tagged(&mut self, tag: u32, id: Id, value: u32) -> Option<u32> {
-        debug_assert_ne!(value, EMPTY, "u32::MAX marks free entries");
         match self.probe(tag, &id) {
             Ok(at) => Some(std::mem::replace(&mut self.entries[at].value, value)),
             Err(at) => {
@@ -133,9 +132,7 @@ impl IdIndex {
 
     /// Grows the table if one more entry would fill it past half.
     fn make_room(&mut self) {
-        if (self.len + 1) * 2 > self.entries.len() {
-            self.grow((self.len + 1) * 2);
-        }
+        self.reserve(self.len + 1);
     }
 
     fn fill(&mut self, at: usize, entry: Entry) {
@@ -171,7 +168,7 @@ impl IdIndex {
             }
             // The entry at `next` may move to the hole at `at` if its home
             // is not in the cyclic range (at, next].
-            let home = entry.tag as usize & mask;
+            let home = self.home(entry.tag);
             let distance_to_home = next.wrapping_sub(home) & mask;
             let distance_to_hole = next.wrapping_sub(at) & mask;
             if distance_to_home >= distance_to_hole {

@@ -759,8 +759,14 @@ pub struct LedgerSnapshot {
 impl LedgerSnapshot {
     /// Puts the records oldest first by time, then by id.
     pub fn sort_records(&mut self) {
-        self.records.sort_unstable_by(|a, b| (a.timestamp_ms, &a.id).cmp(&(b.timestamp_ms, &b.id)));
+        self.records.sort_unstable_by(eviction_order);
     }
+}
+
+/// Oldest first by time, then by id: the order a rebuilt ledger evicts
+/// its records in, and so the order a snapshot keeps them in.
+fn eviction_order(a: &Transfer, b: &Transfer) -> std::cmp::Ordering {
+    (a.timestamp_ms, &a.id).cmp(&(b.timestamp_ms, &b.id))
 }
 
 /// A quiet ledger's state as [`Ledger::image`] takes it on the apply
@@ -778,7 +784,7 @@ impl LedgerImage {
     /// [`LedgerSnapshot::sort_records`]).
     pub fn sorted_records(&self) -> Vec<&Transfer> {
         let mut records: Vec<&Transfer> = self.records.iter().flatten().map(|r| &r.transfer).collect();
-        records.sort_unstable_by(|a, b| (a.timestamp_ms, &a.id).cmp(&(b.timestamp_ms, &b.id)));
+        records.sort_unstable_by(|a, b| eviction_order(a, b));
         records
     }
 
