@@ -11,7 +11,7 @@
 //! of all files sits a blocked Bloom filter ([`Filter`]) so that a new id,
 //! the common case, costs a few cache lines and no I/O.
 //!
-//! The apply thread hands records over a few at a time ([`Archive::add`]),
+//! The apply thread hands records over a few at a time ([`Archive::add_from`]),
 //! as it evicts them, so that no batch stalls on a big eviction; they
 //! gather in a staging run until it is full ([`Archive::seal`]). Runs are
 //! sorted and written by a thread of the archive's own ("archive"): the
@@ -259,6 +259,11 @@ impl Span {
             }
         }
     }
+}
+
+/// The runs `files` hold (they span `0..` without gaps, oldest first).
+fn runs_spanned(files: &[Run]) -> u32 {
+    files.last().map_or(0, |r| r.span.last + 1)
 }
 
 struct Run {
@@ -754,7 +759,7 @@ impl Archive {
 
     fn start(dir: &Path, runs: Vec<Run>, filter: Filter, records: u64, run_count: u32) -> io::Result<Archive> {
         debug_assert!(runs.windows(2).all(|w| w[0].span.last + 1 == w[1].span.first));
-        debug_assert_eq!(runs.last().map_or(0, |r| r.span.last + 1), run_count);
+        debug_assert_eq!(runs_spanned(&runs), run_count);
         let durable = Arc::new(AtomicU32::new(run_count));
         // The caller's checkpoint counts on these runs (none for `create`).
         let horizon = MergeHorizon(Arc::new(AtomicU32::new(run_count)));
@@ -813,7 +818,7 @@ impl Archive {
     /// written or not (seal first: staged records are in none). It may be
     /// stored once [`Archive::durable_runs`] reaches this.
     pub fn run_count(&self) -> u32 {
-        self.runs.last().map_or(0, |r| r.span.last + 1) + self.pending.len() as u32
+        runs_spanned(&self.runs) + self.pending.len() as u32
     }
 
     /// The count of runs durable on disk, kept up to date by the writer.
@@ -904,7 +909,7 @@ impl Archive {
                     buffers.records.clear();
                     self.spare = Some(buffers);
                 }
-                assert_eq!(run.span, Span::single(self.runs.last().map_or(0, |r| r.span.last + 1)));
+                assert_eq!(run.span, Span::single(runs_spanned(&self.runs)));
                 self.runs.push(run);
             }
             Done::Merged(merged) => {

@@ -247,15 +247,12 @@ impl Log {
         let capacity = file.metadata().map_err(io_err(&file_path))?.len();
         let spare = Arc::new(Spare::default());
         let preparer = {
-            let (spare, dir) = (spare.clone(), dir.to_path_buf());
+            let (spare, prep_dir) = (spare.clone(), dir.to_path_buf());
             // `executor-003` prepares on `log-prep-3`.
             let number =
                 dir.file_name().and_then(|n| n.to_str()).and_then(|n| n.rsplit('-').next()?.parse::<u64>().ok());
             let name = number.map_or_else(|| "log-prep".to_string(), |n| format!("log-prep-{n}"));
-            std::thread::Builder::new()
-                .name(name)
-                .spawn(move || spare.run(&dir))
-                .map_err(io_err(dir_path(&file_path)))?
+            std::thread::Builder::new().name(name).spawn(move || spare.run(&prep_dir)).map_err(io_err(dir))?
         };
         Ok(Log {
             dir: dir.to_path_buf(),
@@ -318,10 +315,6 @@ impl Drop for Log {
             let _ = preparer.join();
         }
     }
-}
-
-fn dir_path(file: &Path) -> &Path {
-    file.parent().unwrap_or(file)
 }
 
 /// The hand-over of one prepared segment between the log and its
