@@ -6,6 +6,7 @@
 //! them touching a few hot accounts) and wait for the durable answer. Prints
 //! throughput and the latency of the batch calls, then checks the books.
 
+use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -55,6 +56,10 @@ pub struct BenchSummary {
     /// Archive run files on disk at the end, all executors (each archive
     /// lookup that the filter lets through reads one block per file).
     pub archive_files: usize,
+    /// CPU time per transfer made, microseconds, by thread name (numbered
+    /// threads summed: `apply`, `log`, `client`, ...), over the timed run.
+    /// On a noisy machine this is steadier than the throughput.
+    pub cpu_us_per_transfer: BTreeMap<String, f64>,
     pub invariants_ok: bool,
 }
 
@@ -104,6 +109,7 @@ pub fn run(config: BenchConfig) -> anyhow::Result<BenchSummary> {
     let stop = Arc::new(AtomicBool::new(false));
     let ops = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
+    let cpu_before = thread_cpu();
     let run_started = Instant::now();
     let deadline = run_started + Duration::from_secs_f64(config.seconds);
     let mut threads = Vec::new();
@@ -112,46 +118,49 @@ pub fn run(config: BenchConfig) -> anyhow::Result<BenchSummary> {
         let names = names.clone();
         let (stop, ops, errors) = (stop.clone(), ops.clone(), errors.clone());
         let (batch, hot) = (config.batch, config.hot);
-        threads.push(std::thread::spawn(move || -> Histogram<u64> {
-            let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
-            let mut rng = rand::rngs::SmallRng::seed_from_u64(client as u64 + 1);
-            let mut counter = 0u64;
-            // Transfer ids `c{client}-{counter}`, written into one buffer
-            // (a `format!` per transfer was a tenth of the bench's CPU).
-            let prefix = format!("c{client}-");
-            let mut id_text = String::with_capacity(prefix.len() + 20);
-            let mut digits = itoa::Buffer::new();
-            // Bounded by the deadline: every iteration checks it.
-            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                let requests: Vec<TransferRequest> = (0..batch)
-                    .map(|_| {
-                        counter += 1;
-                        let (debit, credit) = pick_pair(&mut rng, names.len(), hot);
-                        TransferRequest::Create {
-                            id: {
-                                id_text.clear();
-                                id_text.push_str(&prefix);
-                                id_text.push_str(digits.format(counter));
-                                Id::parse(&id_text).expect("valid")
-                            },
-                            debit_account_id: names[debit].clone(),
-                            credit_account_id: names[credit].clone(),
-                            amount: Amount::new(rng.random_range(1..=1000)).expect("positive"),
-                            currency: usd,
-                            pending: false,
-                            timeout_ms: 0,
-                        }
-                    })
-                    .collect();
-                let sent = Instant::now();
-                let results = engine.create_transfers_blocking(requests, false);
-                histogram.saturating_record(sent.elapsed().as_micros() as u64);
-                let failed = results.iter().filter(|r| !r.as_ref().is_ok_and(|o| o.created)).count() as u64;
-                ops.fetch_add(results.len() as u64 - failed, Ordering::Relaxed);
-                errors.fetch_add(failed, Ordering::Relaxed);
-            }
-            histogram
-        }));
+        let spawned =
+            std::thread::Builder::new().name(format!("client-{client}")).spawn(move || -> (Histogram<u64>, f64) {
+                let cpu_started = this_thread_cpu_seconds();
+                let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+                let mut rng = rand::rngs::SmallRng::seed_from_u64(client as u64 + 1);
+                let mut counter = 0u64;
+                // Transfer ids `c{client}-{counter}`, written into one buffer
+                // (a `format!` per transfer was a tenth of the bench's CPU).
+                let prefix = format!("c{client}-");
+                let mut id_text = String::with_capacity(prefix.len() + 20);
+                let mut digits = itoa::Buffer::new();
+                // Bounded by the deadline: every iteration checks it.
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    let requests: Vec<TransferRequest> = (0..batch)
+                        .map(|_| {
+                            counter += 1;
+                            let (debit, credit) = pick_pair(&mut rng, names.len(), hot);
+                            TransferRequest::Create {
+                                id: {
+                                    id_text.clear();
+                                    id_text.push_str(&prefix);
+                                    id_text.push_str(digits.format(counter));
+                                    Id::parse(&id_text).expect("valid")
+                                },
+                                debit_account_id: names[debit].clone(),
+                                credit_account_id: names[credit].clone(),
+                                amount: Amount::new(rng.random_range(1..=1000)).expect("positive"),
+                                currency: usd,
+                                pending: false,
+                                timeout_ms: 0,
+                            }
+                        })
+                        .collect();
+                    let sent = Instant::now();
+                    let results = engine.create_transfers_blocking(requests, false);
+                    histogram.saturating_record(sent.elapsed().as_micros() as u64);
+                    let failed = results.iter().filter(|r| !r.as_ref().is_ok_and(|o| o.created)).count() as u64;
+                    ops.fetch_add(results.len() as u64 - failed, Ordering::Relaxed);
+                    errors.fetch_add(failed, Ordering::Relaxed);
+                }
+                (histogram, this_thread_cpu_seconds() - cpu_started)
+            });
+        threads.push(spawned.context("starting a client thread")?);
     }
     let progress = (!config.json && std::io::stderr().is_terminal()).then(|| {
         let bar = indicatif::ProgressBar::new((config.seconds * 10.0) as u64);
@@ -168,10 +177,15 @@ pub fn run(config: BenchConfig) -> anyhow::Result<BenchSummary> {
             bar.set_message(format!("{:.0} transfers/s", ops.load(Ordering::Relaxed) as f64 / elapsed));
         }
     }
+    let mut cpu_after = thread_cpu();
+    // Clients may end before that reading: each counts its own time.
+    cpu_after.remove("client");
     stop.store(true, Ordering::Relaxed);
     let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
     for thread in threads {
-        histogram.add(thread.join().expect("client thread")).expect("same bounds");
+        let (client_histogram, client_cpu) = thread.join().expect("client thread");
+        histogram.add(client_histogram).expect("same bounds");
+        *cpu_after.entry("client".to_string()).or_insert(0.0) += client_cpu;
     }
     let seconds = run_started.elapsed().as_secs_f64();
     if let Some(bar) = progress {
@@ -199,6 +213,7 @@ pub fn run(config: BenchConfig) -> anyhow::Result<BenchSummary> {
         log_mib: stats.log_bytes.load(Ordering::Relaxed) as f64 / (1024.0 * 1024.0),
         rss_mib: rss_mib(),
         archive_files: archive_files(dir.path()),
+        cpu_us_per_transfer: cpu_per_transfer(&cpu_before, &cpu_after, ops.load(Ordering::Relaxed)),
         invariants_ok,
     };
     engine.shutdown();
@@ -232,6 +247,52 @@ fn archive_files(data_dir: &std::path::Path) -> usize {
         .count()
 }
 
+/// CPU seconds each thread of this process has used, by thread name with
+/// its number dropped (`apply-0` and `apply-1` count as `apply`), from
+/// /proc (Linux; empty elsewhere). Threads that ended are not counted.
+fn thread_cpu() -> BTreeMap<String, f64> {
+    let mut seconds = BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return seconds };
+    // SAFETY: sysconf has no preconditions.
+    let ticks_per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else { continue };
+        // `pid (comm) state ...`: the name may hold spaces, so split after
+        // its closing parenthesis; utime and stime are fields 14 and 15.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        let ticks = |at: usize| fields.get(at).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+        let name = stat[open + 1..close].trim_end_matches(|c: char| c.is_ascii_digit()).trim_end_matches('-');
+        *seconds.entry(name.to_string()).or_insert(0.0) += (ticks(11) + ticks(12)) as f64 / ticks_per_s;
+    }
+    seconds
+}
+
+/// CPU seconds the calling thread has used.
+fn this_thread_cpu_seconds() -> f64 {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `now` is a valid timespec for the call to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
+    now.tv_sec as f64 + now.tv_nsec as f64 / 1e9
+}
+
+/// Microseconds of CPU per transfer made, by thread name, between two
+/// readings of [`thread_cpu`]; rounded to hundredths.
+fn cpu_per_transfer(
+    before: &BTreeMap<String, f64>,
+    after: &BTreeMap<String, f64>,
+    transfers: u64,
+) -> BTreeMap<String, f64> {
+    let transfers = transfers.max(1) as f64;
+    after
+        .iter()
+        .map(|(name, &spent)| {
+            let used = spent - before.get(name).copied().unwrap_or(0.0);
+            (name.clone(), (used * 1e6 / transfers * 100.0).round() / 100.0)
+        })
+        .collect()
+}
+
 /// Resident memory of this process, from /proc (Linux).
 pub fn rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
@@ -261,6 +322,12 @@ impl BenchSummary {
         println!("layout        {} shards on {} executors, {} accounts", self.shards, self.executors, self.accounts);
         println!("durability    {} fsyncs, {:.1} MiB of log", self.fsyncs, self.log_mib);
         println!("memory        {:.0} MiB resident", self.rss_mib);
+        if !self.cpu_us_per_transfer.is_empty() {
+            let total: f64 = self.cpu_us_per_transfer.values().sum();
+            let threads: Vec<String> =
+                self.cpu_us_per_transfer.iter().map(|(name, us)| format!("{name} {us:.2}")).collect();
+            println!("cpu           {total:.2} us per transfer ({})", threads.join(", "));
+        }
         println!("archive       {} run files", self.archive_files);
         println!("invariants    {}", if self.invariants_ok { "ok (all balances sum to zero)" } else { "BROKEN" });
     }

@@ -598,6 +598,9 @@ struct Merger {
     /// Runs the writer has made durable (after telling the apply thread).
     written: Receiver<Span>,
     to_apply: Sender<Finished>,
+    /// Files a merge replaced, handed back by the apply thread to be closed
+    /// here: see [`Archive::finished`].
+    retired: Receiver<Vec<Run>>,
 }
 
 impl Merger {
@@ -614,6 +617,9 @@ impl Merger {
 
     fn merge_until_stopped(&mut self) -> io::Result<()> {
         while !self.stop.load(Ordering::Acquire) {
+            while let Ok(runs) = self.retired.try_recv() {
+                drop(runs);
+            }
             if self.merges.is_empty() {
                 match self.written.recv_timeout(MERGE_IDLE_POLL) {
                     Ok(span) => self.files.push(DiskFile { span, merging: false }),
@@ -708,6 +714,8 @@ pub struct Archive {
     from_writer: Receiver<Finished>,
     writer: Option<JoinHandle<()>>,
     merger: Option<JoinHandle<()>>,
+    /// To the merge thread: files a merge replaced, to close there.
+    retire: Sender<Vec<Run>>,
 }
 
 impl Archive {
@@ -767,6 +775,7 @@ impl Archive {
         let (to_writer, writer_rx) = unbounded::<(u32, Arc<PendingRun>)>();
         let (done_tx, from_writer) = unbounded::<Finished>();
         let (to_merger, merger_rx) = unbounded::<Span>();
+        let (retire, retired) = unbounded::<Vec<Run>>();
         let merger = Merger {
             dir: dir.to_path_buf(),
             files: runs.iter().map(|r| DiskFile { span: r.span, merging: false }).collect(),
@@ -775,6 +784,7 @@ impl Archive {
             stop: stop_merging.clone(),
             written: merger_rx,
             to_apply: done_tx.clone(),
+            retired,
         };
         let merger = std::thread::Builder::new().name("archive-merge".into()).spawn(move || merger.run())?;
         let writer = {
@@ -811,6 +821,7 @@ impl Archive {
             from_writer,
             writer: Some(writer),
             merger: Some(merger),
+            retire,
         })
     }
 
@@ -914,13 +925,19 @@ impl Archive {
             }
             Done::Merged(merged) => {
                 // Its inputs are whole files, from the one it starts with to
-                // the one it ends with; their descriptors close here.
+                // the one it ends with. Their descriptors close on the merge
+                // thread, which also unlinks them: the last of the two frees
+                // the file's blocks, and on a disk mounted with `discard`
+                // that waits for the device (the apply thread had stalled
+                // here for milliseconds).
                 let from = self.runs.iter().position(|r| r.span.first == merged.span.first);
                 let to = self.runs.iter().position(|r| r.span.last == merged.span.last);
                 let (Some(from), Some(to)) = (from, to) else {
                     panic!("merged runs {:?} are not whole files of the archive", merged.span);
                 };
-                self.runs.splice(from..=to, [merged]);
+                let replaced: Vec<Run> = self.runs.splice(from..=to, [merged]).collect();
+                // A merger that stopped leaves them to close here.
+                let _ = self.retire.send(replaced);
             }
         }
         Ok(())
