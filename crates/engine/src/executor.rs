@@ -33,6 +33,9 @@ pub type ClientTag = u64;
 
 /// How many pending transfers one tick may start expiring.
 pub const MAX_EXPIRIES_PER_TICK: usize = 1024;
+/// How many requests ahead the apply loop asks for the accounts a request
+/// reads (and twice as far ahead for the index lines that find them).
+const LOOKAHEAD: usize = 8;
 
 #[derive(Default)]
 pub struct Effects {
@@ -241,7 +244,20 @@ impl ExecutorCore {
                     let indices = (0..requests.len()).collect();
                     self.start_txn(items, client.map(|c| (c, indices)), origin.clone(), now_ms, fx);
                 } else {
+                    // A software pipeline over the memory each request
+                    // reads: index lines `2 * LOOKAHEAD` requests ahead, the
+                    // accounts they point to `LOOKAHEAD` ahead, so that the
+                    // misses overlap and the lines are still cached when
+                    // the request is applied.
+                    requests.iter().take(2 * LOOKAHEAD).for_each(|r| self.prefetch_index_lines(r));
+                    requests.iter().take(LOOKAHEAD).for_each(|r| self.prefetch_accounts(r));
                     for (index, request) in requests.iter().enumerate() {
+                        if let Some(ahead) = requests.get(index + 2 * LOOKAHEAD) {
+                            self.prefetch_index_lines(ahead);
+                        }
+                        if let Some(ahead) = requests.get(index + LOOKAHEAD) {
+                            self.prefetch_accounts(ahead);
+                        }
                         if let Some(result) = self.try_fast_path(request, now_ms, fx) {
                             if let (Some(origin), Ok(outcome)) = (origin, &result) {
                                 if outcome.created {
@@ -277,6 +293,24 @@ impl ExecutorCore {
                 }
                 (true, None)
             }
+        }
+    }
+
+    /// Asks for the index lines through which a request's record and
+    /// accounts are found (see [`ExecutorCore::apply`]).
+    fn prefetch_index_lines(&self, request: &TransferRequest) {
+        if let TransferRequest::Create { id, debit_account_id, credit_account_id, .. } = request {
+            self.ledger.prefetch_record_index(id);
+            self.ledger.prefetch_account_index(debit_account_id);
+            self.ledger.prefetch_account_index(credit_account_id);
+        }
+    }
+
+    /// Asks for a request's accounts; their index lines should be in by now.
+    fn prefetch_accounts(&self, request: &TransferRequest) {
+        if let TransferRequest::Create { debit_account_id, credit_account_id, .. } = request {
+            self.ledger.prefetch_account(debit_account_id);
+            self.ledger.prefetch_account(credit_account_id);
         }
     }
 

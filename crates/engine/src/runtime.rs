@@ -1376,41 +1376,23 @@ fn prefetch(core: &mut ExecutorCore, archive: &Archive, input: &Input) -> std::i
         }
         Input::CreateAccount(_) | Input::Expire { .. } => {}
     }
-    // Ask for every line this input will read before reading any, so that
-    // the cache misses overlap instead of coming one after another: first
-    // the index lines of every id and the filter's blocks (their addresses
-    // come from hashes alone), then the accounts those index lines point to.
-    let ledger = core.ledger();
-    let creates = || {
-        let requests = match input {
-            Input::Transfers { requests, .. } => &requests[..],
-            _ => &[],
-        };
-        requests.iter().filter_map(|request| match request {
-            TransferRequest::Create { debit_account_id, credit_account_id, .. } => {
-                Some((debit_account_id, credit_account_id))
-            }
-            _ => None,
-        })
-    };
-    for (debit, credit) in creates() {
-        ledger.prefetch_account_index(debit);
-        ledger.prefetch_account_index(credit);
-    }
-    let fingerprints: Vec<u64> = ids
-        .iter()
-        .map(|id| {
-            ledger.prefetch_record_index(id);
-            let fp = crate::archive::fingerprint(id);
+    // A software pipeline: the lines an id's check reads (its index line
+    // and the filter's blocks, whose addresses come from hashes alone) are
+    // asked for `LOOKAHEAD` ids before the check, so that misses overlap
+    // and what was fetched is still in the cache when it is read. Asking
+    // for a whole batch's lines first (thousands of ids) overflowed the
+    // cache before the first was read. The accounts are fetched the same
+    // way by the apply loop (`ExecutorCore::apply`).
+    let fingerprints: Vec<u64> = ids.iter().map(|id| crate::archive::fingerprint(id)).collect();
+    let ask = |core: &ExecutorCore, at: usize| {
+        if let (Some(id), Some(&fp)) = (ids.get(at), fingerprints.get(at)) {
+            core.ledger().prefetch_record_index(id);
             archive.prefetch(fp);
-            fp
-        })
-        .collect();
-    for (debit, credit) in creates() {
-        ledger.prefetch_account(debit);
-        ledger.prefetch_account(credit);
-    }
-    for (id, fp) in ids.into_iter().zip(fingerprints) {
+        }
+    };
+    (0..LOOKAHEAD).for_each(|at| ask(core, at));
+    for (at, (id, &fp)) in ids.iter().zip(&fingerprints).enumerate() {
+        ask(core, at + LOOKAHEAD);
         if !core.ledger().has_record(id) {
             if let Some(transfer) = archive.get_fingerprinted(id, fp)? {
                 core.restore_record(transfer);
@@ -1419,6 +1401,9 @@ fn prefetch(core: &mut ExecutorCore, archive: &Archive, input: &Input) -> std::i
     }
     Ok(())
 }
+
+/// How many ids ahead [`prefetch`] asks for the lines an id's check reads.
+const LOOKAHEAD: usize = 16;
 
 /// Archives the oldest final records once memory holds too many: as many
 /// as went over the limit, and a little more, so that every batch evicts
