@@ -56,10 +56,12 @@ pub struct LegEntry {
 
 impl LegEntry {
     /// Appends the framed entry to `out`; answers its length. Encodes in
-    /// place (no buffer of its own): this runs twice per transfer.
+    /// place (no buffer of its own): this runs twice per transfer, on the
+    /// apply thread. The checksum is left zero for
+    /// [`HistoryWriter::append`] to fill in on the log thread.
     pub fn encode_framed(&self, out: &mut Vec<u8>) -> u64 {
         let start = out.len();
-        out.extend_from_slice(&[0u8; 8]); // length and checksum, patched below
+        out.extend_from_slice(&[0u8; 8]); // length, patched below, and checksum
         let mut w = Writer { buf: std::mem::take(out) };
         w.u64(self.previous);
         w.u64(self.account);
@@ -76,9 +78,7 @@ impl LegEntry {
         w.varint(b);
         *out = w.buf;
         let payload_len = out.len() - start - 8;
-        let crc = crc32c::crc32c(&out[start + 8..]);
         out[start..start + 4].copy_from_slice(&(payload_len as u32).to_le_bytes());
-        out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
         (out.len() - start) as u64
     }
 
@@ -141,7 +141,10 @@ impl HistoryWriter {
         self.file.try_clone()
     }
 
-    pub fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+    /// Appends whole entries as [`LegEntry::encode_framed`] left them,
+    /// filling in their checksums first.
+    pub fn append(&mut self, bytes: &mut [u8]) -> io::Result<()> {
+        checksum_entries(bytes)?;
         self.file.write_all(bytes)?;
         self.len += bytes.len() as u64;
         if self.len - self.writeback_from >= crate::writeback::WRITEBACK_EVERY_BYTES {
@@ -154,6 +157,27 @@ impl HistoryWriter {
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// Fills in the checksum of each entry in `bytes`, walking them by their
+/// lengths. Done here, on the log thread: on the apply thread it was a
+/// tenth of the time a transfer took.
+fn checksum_entries(bytes: &mut [u8]) -> io::Result<()> {
+    let mut at = 0;
+    while at < bytes.len() {
+        let Some(header) = bytes.get(at..at + 8) else {
+            return Err(io::Error::other(format!("history bytes end inside an entry header at {at}")));
+        };
+        let len = u32::from_le_bytes(header[..4].try_into().expect("4")) as usize;
+        let end = at + 8 + len;
+        let Some(payload) = bytes.get(at + 8..end) else {
+            return Err(io::Error::other(format!("history entry at {at} runs past the bytes given")));
+        };
+        let crc = crc32c::crc32c(payload);
+        bytes[at + 4..at + 8].copy_from_slice(&crc.to_le_bytes());
+        at = end;
+    }
+    Ok(())
 }
 
 /// The reading end; any thread, positional reads.
@@ -210,11 +234,36 @@ mod tests {
             event: LegEvent::Settled { side: Side::Credit, held: 9, posted: 4 },
         };
         second.encode_framed(&mut bytes);
-        writer.append(&bytes).unwrap();
+        writer.append(&mut bytes).unwrap();
         let reader = HistoryReader::open(dir.path()).unwrap();
         assert_eq!(reader.entry(first_len + 1).unwrap(), second);
         assert_eq!(reader.entry(second.previous).unwrap(), first);
         assert!(reader.entry(0).is_err());
         assert!(reader.entry(3).is_err(), "a head that is not an entry start is refused");
+    }
+
+    #[test]
+    fn checksums_are_filled_in_on_append_and_checked_on_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut writer = HistoryWriter::create(dir.path()).unwrap();
+        let entry = LegEntry {
+            previous: 0,
+            account: 3,
+            time_ms: 1,
+            transfer_id: Id::parse("t9").unwrap(),
+            event: LegEvent::Held { side: Side::Debit, amount: 70 },
+        };
+        let mut bytes = Vec::new();
+        let len = entry.encode_framed(&mut bytes) as usize;
+        // A cut entry is refused whole, and nothing is written.
+        assert!(writer.append(&mut bytes[..len - 1].to_vec()).is_err());
+        writer.append(&mut bytes).unwrap();
+        let reader = HistoryReader::open(dir.path()).unwrap();
+        assert_eq!(reader.entry(1).unwrap(), entry);
+        // One flipped payload byte on disk fails the checksum.
+        let file = OpenOptions::new().write(true).open(dir.path().join(HISTORY_FILE)).unwrap();
+        file.write_all_at(&[bytes[len - 1] ^ 1], (len - 1) as u64).unwrap();
+        let error = reader.entry(1).unwrap_err().to_string();
+        assert!(error.contains("checksum"), "{error}");
     }
 }

@@ -312,8 +312,9 @@ impl Engine {
                     recovered_audit.push(AuditBatch { executor: e, sequence: batch.sequence, events });
                     last_audit_sequences[usize::from(e)] = batch.sequence;
                 }
-                if let Err(error) =
-                    history.append(&fx.history).and_then(|()| evict(&mut core, &mut archive, config.records_in_memory))
+                if let Err(error) = history
+                    .append(&mut fx.history)
+                    .and_then(|()| evict(&mut core, &mut archive, config.records_in_memory))
                 {
                     history_error.get_or_insert(error);
                 }
@@ -1307,11 +1308,11 @@ impl LogWriter {
             let executors = self.shared.peers.len();
             let mut by_dest: Vec<Vec<PeerMsg>> = vec![Vec::new(); executors];
             let checkpoint = group.iter_mut().filter_map(|w| w.checkpoint.take()).next_back();
-            for write in group.drain(..) {
+            for mut write in group.drain(..) {
                 // History is appended before anyone is answered, so a history
                 // read after an answer finds it.
                 if !write.history.is_empty() {
-                    if let Err(error) = self.history.append(&write.history) {
+                    if let Err(error) = self.history.append(&mut write.history) {
                         tracing::error!(executor = self.id, path = %self.history.path().display(), %error, "history append failed; executor stops");
                         std::process::abort();
                     }
