@@ -220,8 +220,7 @@ pub async fn run(config: LoadtestConfig) -> anyhow::Result<LoadtestSummary> {
     let mut probe = HttpConn::new(endpoint.clone());
     check_health(&mut probe).await?;
 
-    // Random so repeated runs against the same data dir never collide.
-    let run_id = format!("{:016x}", rand::random::<u64>());
+    let run_id = new_run_id();
     if config.scenario == Scenario::Transfers {
         create_accounts(&endpoint, &run_id, config.accounts, progress).await?;
     }
@@ -591,6 +590,15 @@ async fn check_health(conn: &mut HttpConn) -> anyhow::Result<()> {
 // ---------------------------------------------------------------------------
 // Request bodies. Ids are built from hex run ids and decimal numbers only, so
 // none of them needs JSON escaping.
+
+/// The prefix of every id a run makes: 8 random hex digits, so that runs
+/// against the same data dir do not collide, and short enough that the ids
+/// of a run of the default size stay within [`peakstack_domain::INLINE_ID_LEN`] bytes, as most
+/// real ids do (a longer id costs the server a heap allocation, and every
+/// copy of it an atomic count: with 16 digits the ids were 26-31 bytes).
+fn new_run_id() -> String {
+    format!("{:08x}", rand::random::<u32>())
+}
 
 fn write_account_id(out: &mut String, run_id: &str, account: usize) {
     let _infallible = write!(out, "lt-{run_id}-{account}");
@@ -1073,6 +1081,7 @@ async fn ledger_balanced(conn: &mut HttpConn) -> anyhow::Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use peakstack_domain::INLINE_ID_LEN;
 
     fn spec(worker: usize, counter: u64, debit: usize, credit: usize, amount_minor: u64) -> TransferSpec {
         TransferSpec { worker, counter, debit_account: debit, credit_account: credit, amount_minor }
@@ -1149,9 +1158,23 @@ mod tests {
     }
 
     #[test]
+    fn ids_of_a_default_sized_run_are_held_inline() {
+        let run_id = new_run_id();
+        assert_eq!(run_id.len(), 8);
+        // 64 workers (the default concurrency), ten million transfers each,
+        // a million accounts.
+        let body = transfer_body(&run_id, &spec(63, 9_999_999, 999_999, 0, 1));
+        let parsed: serde_json::Value = serde_json::from_str(&body).unwrap();
+        for field in ["id", "debit_account_id", "credit_account_id"] {
+            let id = parsed[field].as_str().unwrap();
+            assert!(id.len() <= INLINE_ID_LEN, "{field} {id} is longer than {INLINE_ID_LEN} bytes");
+        }
+    }
+
+    #[test]
     fn ids_fit_the_server_limit() {
         // The server accepts ids of at most 64 characters.
-        let run_id = format!("{:016x}", u64::MAX);
+        let run_id = format!("{:08x}", u32::MAX);
         let body = transfer_body(&run_id, &spec(MAX_CONCURRENCY, u64::MAX, MAX_ACCOUNTS, 0, 1));
         let parsed: serde_json::Value = serde_json::from_str(&body).unwrap();
         for field in ["id", "debit_account_id", "credit_account_id"] {

@@ -6,13 +6,15 @@ use smol_str::SmolStr;
 
 /// Longest id a client may choose.
 pub const MAX_ID_LEN: usize = 64;
+/// Longest id held inline, without a heap allocation (see [`Id`]).
+pub const INLINE_ID_LEN: usize = 23;
 
 /// An account or transfer id: 1-64 characters of `[A-Za-z0-9_.:-]`.
 ///
 /// Ids starting with `_` are reserved for accounts the system creates
 /// (clearing accounts); clients may read them but not create them.
 ///
-/// Held inline up to 23 bytes (most ids), else in a shared heap string: a
+/// Held inline up to [`INLINE_ID_LEN`] bytes (most ids), else in a shared heap string: a
 /// clone is a copy or a refcount, never an allocation, and hashing or
 /// comparing a short id reads no memory outside the id itself. The apply
 /// loop touches several ids per transfer, so this is worth it.
@@ -100,6 +102,14 @@ mod tests {
             assert_eq!(Id::parse(input).is_some(), ok, "{input:?}");
         }
         assert!(Id::parse("_clearing").unwrap().is_reserved());
+    }
+
+    #[test]
+    fn ids_up_to_the_inline_length_are_not_on_the_heap() {
+        let inline = Id::parse(&"a".repeat(INLINE_ID_LEN)).unwrap();
+        let heap = Id::parse(&"a".repeat(INLINE_ID_LEN + 1)).unwrap();
+        assert!(!inline.0.is_heap_allocated());
+        assert!(heap.0.is_heap_allocated());
     }
 
     #[test]

@@ -20,7 +20,7 @@ mod transfer;
 
 pub use account::{Account, AccountFlags, Balances, NewAccount};
 pub use error::ErrorCode;
-pub use ids::{fnv1a64, shard_of, Id, MAX_ID_LEN};
+pub use ids::{fnv1a64, shard_of, Id, INLINE_ID_LEN, MAX_ID_LEN};
 pub use ledger::{Ledger, Side};
 pub use money::{Amount, Currency, MAX_TRANSFER_AMOUNT};
 pub use owner::Owner;
