@@ -119,7 +119,7 @@ impl AccessStore {
     /// Opens (or creates) the store at `path`, starts its writer, and
     /// returns it with every key it holds.
     pub fn open(path: &Path) -> Result<(AccessStore, Vec<KeyRecord>), AccessStoreError> {
-        let db = match Database::create(path) {
+        let db = match crate::open_redb(path) {
             Ok(db) => db,
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
                 return Err(AccessStoreError::InUse(path.display().to_string()))

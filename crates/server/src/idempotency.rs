@@ -173,7 +173,7 @@ pub enum Busy {
 impl IdempotencyStore {
     /// Opens (or creates) the database at `path` and starts its thread.
     pub fn open(path: &Path) -> Result<IdempotencyStore, StoreError> {
-        let db = Database::create(path).map_err(redb::Error::from)?;
+        let db = crate::open_redb(path).map_err(redb::Error::from)?;
         // Create the tables so that readers always find them.
         let mut txn = db.begin_write().map_err(redb::Error::from)?;
         txn.set_durability(Durability::Immediate).map_err(redb::Error::from)?;
