@@ -854,6 +854,12 @@ impl Archive {
     /// `run_records` are staged they go to the writer as a run.
     pub fn add_from(&mut self, run_records: usize, fill: impl FnOnce(&mut Vec<Transfer>)) -> io::Result<()> {
         self.poll()?;
+        // The first run's buffers are sized once: grown by doubling, the
+        // apply thread copied megabytes of records at a time (later runs
+        // reuse a written run's buffers).
+        let room = run_records.saturating_sub(self.staging.records.len());
+        self.staging.records.reserve(room);
+        self.staging.fps.reserve(room);
         let from = self.staging.records.len();
         fill(&mut self.staging.records);
         // Fingerprints first, asking for their filter lines, then the
@@ -897,7 +903,8 @@ impl Archive {
     /// Adds `records` as one run of their own (tests).
     #[cfg(test)]
     fn add_run(&mut self, records: Vec<Transfer>) -> io::Result<()> {
-        self.add(records, usize::MAX)?;
+        let count = records.len();
+        self.add(records, count)?;
         self.seal()
     }
 
