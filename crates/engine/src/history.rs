@@ -213,26 +213,18 @@ impl HistoryReader {
 mod tests {
     use super::*;
 
+    fn leg(previous: u64, account: u64, time_ms: u64, transfer_id: &str, event: LegEvent) -> LegEntry {
+        LegEntry { previous, account, time_ms, transfer_id: Id::parse(transfer_id).unwrap(), event }
+    }
+
     #[test]
     fn entries_chain_back() {
         let dir = tempfile::tempdir().unwrap();
         let mut writer = HistoryWriter::create(dir.path()).unwrap();
         let mut bytes = Vec::new();
-        let first = LegEntry {
-            previous: 0,
-            account: 11,
-            time_ms: 5,
-            transfer_id: Id::parse("t1").unwrap(),
-            event: LegEvent::Posted { side: Side::Debit, amount: 7 },
-        };
+        let first = leg(0, 11, 5, "t1", LegEvent::Posted { side: Side::Debit, amount: 7 });
         let first_len = first.encode_framed(&mut bytes);
-        let second = LegEntry {
-            previous: 1,
-            account: 11,
-            time_ms: 6,
-            transfer_id: Id::parse("t2").unwrap(),
-            event: LegEvent::Settled { side: Side::Credit, held: 9, posted: 4 },
-        };
+        let second = leg(1, 11, 6, "t2", LegEvent::Settled { side: Side::Credit, held: 9, posted: 4 });
         second.encode_framed(&mut bytes);
         writer.append(&mut bytes).unwrap();
         let reader = HistoryReader::open(dir.path()).unwrap();
@@ -246,13 +238,7 @@ mod tests {
     fn checksums_are_filled_in_on_append_and_checked_on_read() {
         let dir = tempfile::tempdir().unwrap();
         let mut writer = HistoryWriter::create(dir.path()).unwrap();
-        let entry = LegEntry {
-            previous: 0,
-            account: 3,
-            time_ms: 1,
-            transfer_id: Id::parse("t9").unwrap(),
-            event: LegEvent::Held { side: Side::Debit, amount: 70 },
-        };
+        let entry = leg(0, 3, 1, "t9", LegEvent::Held { side: Side::Debit, amount: 70 });
         let mut bytes = Vec::new();
         let len = entry.encode_framed(&mut bytes) as usize;
         // A cut entry is refused whole, and nothing is written.
