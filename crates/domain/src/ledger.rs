@@ -686,21 +686,21 @@ impl Ledger {
     /// Pending, reserved and locked records stay.
     pub fn evict_oldest_into(&mut self, max: usize, out: &mut Vec<Transfer>) {
         // The oldest records are long out of the cache. A software pipeline
-        // asks for the index line of the id `2 * LOOKAHEAD` places ahead and
-        // for the record `LOOKAHEAD` ahead (found through its index line,
+        // asks for the index line of the id `2 * EVICT_LOOKAHEAD` places ahead and
+        // for the record `EVICT_LOOKAHEAD` ahead (found through its index line,
         // in by then) before taking the next one; asking for all of them
         // first overflowed the cache before the first was taken.
-        const LOOKAHEAD: usize = 8;
+        const EVICT_LOOKAHEAD: usize = 8;
         let (order, records) = (&self.final_order, &self.records);
-        order.iter().take(2 * LOOKAHEAD).for_each(|id| records.prefetch(id));
-        order.iter().take(LOOKAHEAD).for_each(|id| records.prefetch_record(id));
+        order.iter().take(2 * EVICT_LOOKAHEAD).for_each(|id| records.prefetch(id));
+        order.iter().take(EVICT_LOOKAHEAD).for_each(|id| records.prefetch_record(id));
         out.reserve(max.min(self.final_order.len()));
         let mut taken = 0;
         while taken < max {
-            if let Some(id) = self.final_order.get(2 * LOOKAHEAD) {
+            if let Some(id) = self.final_order.get(2 * EVICT_LOOKAHEAD) {
                 self.records.prefetch(id);
             }
-            if let Some(id) = self.final_order.get(LOOKAHEAD) {
+            if let Some(id) = self.final_order.get(EVICT_LOOKAHEAD) {
                 self.records.prefetch_record(id);
             }
             let Some(id) = self.final_order.pop_front() else { break };

@@ -35,7 +35,7 @@ pub type ClientTag = u64;
 pub const MAX_EXPIRIES_PER_TICK: usize = 1024;
 /// How many requests ahead the apply loop asks for the accounts a request
 /// reads (and twice as far ahead for the index lines that find them).
-const LOOKAHEAD: usize = 8;
+const APPLY_LOOKAHEAD: usize = 8;
 
 #[derive(Default)]
 pub struct Effects {
@@ -245,17 +245,17 @@ impl ExecutorCore {
                     self.start_txn(items, client.map(|c| (c, indices)), origin.clone(), now_ms, fx);
                 } else {
                     // A software pipeline over the memory each request
-                    // reads: index lines `2 * LOOKAHEAD` requests ahead, the
-                    // accounts they point to `LOOKAHEAD` ahead, so that the
+                    // reads: index lines `2 * APPLY_LOOKAHEAD` requests ahead, the
+                    // accounts they point to `APPLY_LOOKAHEAD` ahead, so that the
                     // misses overlap and the lines are still cached when
                     // the request is applied.
-                    requests.iter().take(2 * LOOKAHEAD).for_each(|r| self.prefetch_index_lines(r));
-                    requests.iter().take(LOOKAHEAD).for_each(|r| self.prefetch_accounts(r));
+                    requests.iter().take(2 * APPLY_LOOKAHEAD).for_each(|r| self.prefetch_index_lines(r));
+                    requests.iter().take(APPLY_LOOKAHEAD).for_each(|r| self.prefetch_accounts(r));
                     for (index, request) in requests.iter().enumerate() {
-                        if let Some(ahead) = requests.get(index + 2 * LOOKAHEAD) {
+                        if let Some(ahead) = requests.get(index + 2 * APPLY_LOOKAHEAD) {
                             self.prefetch_index_lines(ahead);
                         }
-                        if let Some(ahead) = requests.get(index + LOOKAHEAD) {
+                        if let Some(ahead) = requests.get(index + APPLY_LOOKAHEAD) {
                             self.prefetch_accounts(ahead);
                         }
                         if let Some(result) = self.try_fast_path(request, now_ms, fx) {

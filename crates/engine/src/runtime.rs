@@ -1379,7 +1379,7 @@ fn prefetch(core: &mut ExecutorCore, archive: &Archive, input: &Input) -> std::i
     }
     // A software pipeline: the lines an id's check reads (its index line
     // and the filter's blocks, whose addresses come from hashes alone) are
-    // asked for `LOOKAHEAD` ids before the check, so that misses overlap
+    // asked for `ARCHIVE_CHECK_LOOKAHEAD` ids before the check, so that misses overlap
     // and what was fetched is still in the cache when it is read. Asking
     // for a whole batch's lines first (thousands of ids) overflowed the
     // cache before the first was read. The accounts are fetched the same
@@ -1391,9 +1391,9 @@ fn prefetch(core: &mut ExecutorCore, archive: &Archive, input: &Input) -> std::i
             archive.prefetch(fp);
         }
     };
-    (0..LOOKAHEAD).for_each(|at| ask(core, at));
+    (0..ARCHIVE_CHECK_LOOKAHEAD).for_each(|at| ask(core, at));
     for (at, (id, &fp)) in ids.iter().zip(&fingerprints).enumerate() {
-        ask(core, at + LOOKAHEAD);
+        ask(core, at + ARCHIVE_CHECK_LOOKAHEAD);
         if !core.ledger().has_record(id) {
             if let Some(transfer) = archive.get_fingerprinted(id, fp)? {
                 core.restore_record(transfer);
@@ -1404,7 +1404,7 @@ fn prefetch(core: &mut ExecutorCore, archive: &Archive, input: &Input) -> std::i
 }
 
 /// How many ids ahead [`prefetch`] asks for the lines an id's check reads.
-const LOOKAHEAD: usize = 16;
+const ARCHIVE_CHECK_LOOKAHEAD: usize = 16;
 
 /// Archives the oldest final records once memory holds too many: as many
 /// as went over the limit, and a little more, so that every batch evicts
