@@ -262,7 +262,13 @@ fn thread_cpu() -> BTreeMap<String, f64> {
         let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
         let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
         let ticks = |at: usize| fields.get(at).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
-        let name = stat[open + 1..close].trim_end_matches(|c: char| c.is_ascii_digit()).trim_end_matches('-');
+        // The main thread carries the program's name: call it `main`.
+        let main = task.file_name().to_str() == Some(&std::process::id().to_string());
+        let name = if main {
+            "main"
+        } else {
+            stat[open + 1..close].trim_end_matches(|c: char| c.is_ascii_digit()).trim_end_matches('-')
+        };
         *seconds.entry(name.to_string()).or_insert(0.0) += (ticks(11) + ticks(12)) as f64 / ticks_per_s;
     }
     seconds

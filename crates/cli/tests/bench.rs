@@ -34,7 +34,7 @@ fn a_short_bench_reports_its_figures_and_balanced_books() {
     assert!(summary["rss_mib"].as_f64().unwrap() > 1.0);
     // The CPU breakdown names the engine's threads and the clients.
     let cpu = summary["cpu_us_per_transfer"].as_object().expect("a map of thread names");
-    for thread in ["apply", "log", "client"] {
+    for thread in ["apply", "log", "client", "main"] {
         assert!(cpu.get(thread).and_then(Value::as_f64).is_some_and(|us| us >= 0.0), "{thread} missing in {cpu:?}");
     }
     assert!(cpu["client"].as_f64().unwrap() > 0.0, "clients spent time making requests: {cpu:?}");
