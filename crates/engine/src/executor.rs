@@ -41,8 +41,13 @@ const APPLY_LOOKAHEAD: usize = 8;
 pub struct Effects {
     /// Messages to other executors, to be sent once this batch is durable.
     pub outbox: Vec<(ExecutorId, PeerMsg)>,
-    /// Finished client work: (tag, index in the call, result).
-    pub finished: Vec<(ClientTag, usize, TransferResult)>,
+    /// Finished client work: the results, and beside them (tag, index in
+    /// the call) of each. Two vectors rather than one of triples: when one
+    /// call's answers come out whole and in order (the common case), the
+    /// results vector is handed to the caller as it is, without copying
+    /// each answer out of a triple.
+    pub finished: Vec<TransferResult>,
+    pub finished_for: Vec<(ClientTag, usize)>,
     /// Encoded account history entries, to append to the history file in
     /// order once the batch is durable (see `history.rs`).
     pub history: Vec<u8>,
@@ -53,9 +58,21 @@ pub struct Effects {
 }
 
 impl Effects {
+    /// Records the answer to transfer `index` of client call `tag`.
+    pub fn finish(&mut self, tag: ClientTag, index: usize, result: TransferResult) {
+        self.finished.push(result);
+        self.finished_for.push((tag, index));
+    }
+
+    /// Takes every finished answer, in the order they were made.
+    pub fn drain_finished(&mut self) -> impl Iterator<Item = (ClientTag, usize, TransferResult)> + '_ {
+        self.finished_for.drain(..).zip(self.finished.drain(..)).map(|((tag, index), result)| (tag, index, result))
+    }
+
     pub fn clear(&mut self) {
         self.outbox.clear();
         self.finished.clear();
+        self.finished_for.clear();
         self.history.clear();
         self.audit.clear();
     }
@@ -249,6 +266,11 @@ impl ExecutorCore {
                     // accounts they point to `APPLY_LOOKAHEAD` ahead, so that the
                     // misses overlap and the lines are still cached when
                     // the request is applied.
+                    if client.is_some() {
+                        // Sized once: the caller may take this vector whole.
+                        fx.finished.reserve(requests.len());
+                        fx.finished_for.reserve(requests.len());
+                    }
                     requests.iter().take(2 * APPLY_LOOKAHEAD).for_each(|r| self.prefetch_index_lines(r));
                     requests.iter().take(APPLY_LOOKAHEAD).for_each(|r| self.prefetch_accounts(r));
                     for (index, request) in requests.iter().enumerate() {
@@ -265,7 +287,7 @@ impl ExecutorCore {
                                 }
                             }
                             if let Some(tag) = client {
-                                fx.finished.push((tag, index, result));
+                                fx.finish(tag, index, result);
                             }
                             continue;
                         }
@@ -629,7 +651,7 @@ impl ExecutorCore {
                     })
                 }
             };
-            fx.finished.push((tag, index, result));
+            fx.finish(tag, index, result);
         }
     }
 

@@ -932,7 +932,7 @@ impl Applier {
                         let tag = self.next_tag;
                         self.next_tag += 1;
                         let n = requests.len();
-                        let finished_before = fx.finished.len();
+                        let finished_before = fx.finished_for.len();
                         self.apply(
                             Input::Transfers { requests, atomic, origin },
                             now_ms,
@@ -942,11 +942,16 @@ impl Applier {
                         );
                         // Common case: every transfer was local and answered
                         // now, in order. Hand the answers over in one move.
-                        let answered = &fx.finished[finished_before..];
+                        let answered = &fx.finished_for[finished_before..];
                         let in_order = answered.len() == n
-                            && answered.iter().enumerate().all(|(i, (t, index, _))| *t == tag && *index == i);
-                        if in_order {
-                            let results = fx.finished.drain(finished_before..).map(|(_, _, r)| r).collect();
+                            && answered.iter().enumerate().all(|(i, (t, index))| *t == tag && *index == i);
+                        if in_order && finished_before == 0 {
+                            // The answers vector goes to the caller as it is.
+                            fx.finished_for.clear();
+                            completions.push(Completion::Transfers(reply, std::mem::take(&mut fx.finished)));
+                        } else if in_order {
+                            fx.finished_for.truncate(finished_before);
+                            let results = fx.finished.split_off(finished_before);
                             completions.push(Completion::Transfers(reply, results));
                         } else {
                             self.clients.insert(tag, ClientBatch { results: vec![None; n], remaining: n, reply });
@@ -957,7 +962,7 @@ impl Applier {
                     }
                 }
                 // Finished client work from this input (or from peer messages).
-                for (tag, index, result) in fx.finished.drain(..) {
+                for (tag, index, result) in fx.drain_finished() {
                     let done = match self.clients.get_mut(&tag) {
                         Some(batch) => {
                             if batch.results[index].replace(result).is_none() {

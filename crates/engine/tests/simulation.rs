@@ -320,7 +320,7 @@ impl Sim {
         }
         node.held_audit.append(&mut fx.audit);
         node.held_outbox.append(&mut fx.outbox);
-        node.held_finished.append(&mut fx.finished);
+        node.held_finished.extend(fx.drain_finished());
         answer
     }
 
