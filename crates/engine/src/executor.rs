@@ -383,11 +383,12 @@ impl ExecutorCore {
         if !local {
             return None;
         }
-        let item = self.build_item(request, now_ms);
-        if let Some(error) = item.static_error {
-            return Some(Err(error));
-        }
-        let record = item.record.expect("a create has a record");
+        // The record straight from the request: no `Item` around it to be
+        // built and taken apart again (each a copy of the record).
+        let record = match create_record(request, now_ms) {
+            (record, None) => record,
+            (_, Some(error)) => return Some(Err(error)),
+        };
         Some(match self.ledger.transfer_local(&record, debit_shard, credit_shard, now_ms) {
             Ok(LocalOutcome::Created { debit, credit, debit_slot, credit_slot }) => {
                 let amount = record.amount;
@@ -415,45 +416,8 @@ impl ExecutorCore {
 
     fn build_item(&self, request: &TransferRequest, now_ms: u64) -> Item {
         match request {
-            TransferRequest::Create {
-                id,
-                debit_account_id,
-                credit_account_id,
-                amount,
-                currency,
-                pending,
-                timeout_ms,
-            } => {
-                let mut static_error = None;
-                if debit_account_id == credit_account_id {
-                    static_error = Some(ErrorCode::AccountsMustBeDifferent);
-                }
-                if id.is_reserved() || debit_account_id.is_reserved() || credit_account_id.is_reserved() {
-                    static_error = Some(ErrorCode::InvalidRequest);
-                }
-                let expires_at_ms = if *pending && *timeout_ms > 0 {
-                    now_ms.checked_add(*timeout_ms).unwrap_or_else(|| {
-                        static_error = Some(ErrorCode::Overflow);
-                        0
-                    })
-                } else {
-                    0
-                };
-                let record = Transfer {
-                    id: id.clone(),
-                    debit_account_id: debit_account_id.clone(),
-                    credit_account_id: credit_account_id.clone(),
-                    amount: amount.get(),
-                    currency: *currency,
-                    kind: if *pending {
-                        TransferKind::Pending { timeout_ms: *timeout_ms, expires_at_ms }
-                    } else {
-                        TransferKind::Single
-                    },
-                    status: if *pending { TransferStatus::Pending } else { TransferStatus::Posted },
-                    posted_amount: None,
-                    timestamp_ms: now_ms,
-                };
+            TransferRequest::Create { .. } => {
+                let (record, static_error) = create_record(request, now_ms);
                 Item { kind: ItemKind::Create, record: Some(record), op_refs: Vec::new(), static_error }
             }
             TransferRequest::Post { id, pending_id, amount } => {
@@ -864,6 +828,48 @@ impl ExecutorCore {
             }
         }
     }
+}
+
+/// The record a create request makes, and the error that refuses it before
+/// any state is read (same accounts, a reserved id, an expiry past the
+/// clock's range), if any. Only for [`TransferRequest::Create`].
+fn create_record(request: &TransferRequest, now_ms: u64) -> (Transfer, Option<ErrorCode>) {
+    let TransferRequest::Create { id, debit_account_id, credit_account_id, amount, currency, pending, timeout_ms } =
+        request
+    else {
+        unreachable!("create_record is called for creates only")
+    };
+    let mut static_error = None;
+    if debit_account_id == credit_account_id {
+        static_error = Some(ErrorCode::AccountsMustBeDifferent);
+    }
+    if id.is_reserved() || debit_account_id.is_reserved() || credit_account_id.is_reserved() {
+        static_error = Some(ErrorCode::InvalidRequest);
+    }
+    let expires_at_ms = if *pending && *timeout_ms > 0 {
+        now_ms.checked_add(*timeout_ms).unwrap_or_else(|| {
+            static_error = Some(ErrorCode::Overflow);
+            0
+        })
+    } else {
+        0
+    };
+    let record = Transfer {
+        id: id.clone(),
+        debit_account_id: debit_account_id.clone(),
+        credit_account_id: credit_account_id.clone(),
+        amount: amount.get(),
+        currency: *currency,
+        kind: if *pending {
+            TransferKind::Pending { timeout_ms: *timeout_ms, expires_at_ms }
+        } else {
+            TransferKind::Single
+        },
+        status: if *pending { TransferStatus::Pending } else { TransferStatus::Posted },
+        posted_amount: None,
+        timestamp_ms: now_ms,
+    };
+    (record, static_error)
 }
 
 /// A post's or void's record before its try has read the pending transfer:
