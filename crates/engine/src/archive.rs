@@ -16,11 +16,17 @@
 //! gather in a staging run until it is full ([`Archive::seal`]). Runs are
 //! sorted and written by a thread of the archive's own ("archive"): the
 //! apply thread only fingerprints the records and adds them to the filter,
-//! and keeps them readable in memory until the writer has made the file
-//! durable (write, fsync). A checkpoint counts on a run only once it is
-//! durable ([`Archive::durable_runs`]); runs past the last checkpoint are
-//! derived from the command log, and recovery deletes them and rebuilds
-//! them as it replays.
+//! and keeps them readable in memory until the writer has written the file
+//! (and started its write-back). The writer does not fsync it: runs past
+//! the last checkpoint are derived from the command log, and recovery
+//! deletes them and rebuilds them as it replays, so a run needs to be
+//! durable only once a checkpoint counts on it. The checkpoint thread
+//! makes the runs a checkpoint counts on durable just before it stores it
+//! ([`RunSyncer::make_durable`]): one fdatasync per run (its pages mostly
+//! on disk by then) and one of the directory, instead of a file and a
+//! directory fsync per run on the writer. Every fsync here flushes the
+//! disk's cache, and each log fsync waits for the writes queued before it:
+//! the fewer the better.
 //!
 //! # Merging
 //!
@@ -690,7 +696,7 @@ impl PendingRun {
 
 /// What the archive's threads hand the apply thread.
 enum Done {
-    /// The next sealed run is durable.
+    /// The next sealed run is written (not yet durable: see the module doc).
     Written(Run),
     /// A merged file is durable; it takes the place of the files it spans.
     Merged(Run),
@@ -711,8 +717,11 @@ pub struct Archive {
     spare: Option<PendingRun>,
     filter: Filter,
     records: u64,
-    /// Runs durable on disk (written and fsynced), for checkpoints.
-    durable: Arc<AtomicU32>,
+    /// Runs written to their files, for checkpoints (see [`RunSyncer`]).
+    written: Arc<AtomicU32>,
+    /// Runs durable on disk when the archive opened.
+    durable_at_start: u32,
+    dir: PathBuf,
     horizon: MergeHorizon,
     stop_merging: Arc<AtomicBool>,
     to_writer: Option<Sender<(u32, Arc<PendingRun>)>>,
@@ -773,7 +782,7 @@ impl Archive {
     fn start(dir: &Path, runs: Vec<Run>, filter: Filter, records: u64, run_count: u32) -> io::Result<Archive> {
         debug_assert!(runs.windows(2).all(|w| w[0].span.last + 1 == w[1].span.first));
         debug_assert_eq!(runs_spanned(&runs), run_count);
-        let durable = Arc::new(AtomicU32::new(run_count));
+        let written = Arc::new(AtomicU32::new(run_count));
         // The caller's checkpoint counts on these runs (none for `create`).
         let horizon = MergeHorizon(Arc::new(AtomicU32::new(run_count)));
         let stop_merging = Arc::new(AtomicBool::new(false));
@@ -793,13 +802,13 @@ impl Archive {
         };
         let merger = std::thread::Builder::new().name("archive-merge".into()).spawn(move || merger.run())?;
         let writer = {
-            let (dir, durable) = (dir.to_path_buf(), durable.clone());
+            let (dir, written_runs) = (dir.to_path_buf(), written.clone());
             std::thread::Builder::new().name("archive".into()).spawn(move || {
                 for (index, run) in writer_rx {
                     let written = write_run(&dir, index, &run);
                     let span = written.as_ref().ok().map(|run| run.span);
                     if span.is_some() {
-                        durable.fetch_add(1, Ordering::Release);
+                        written_runs.fetch_add(1, Ordering::Release);
                     }
                     if done_tx.send(written.map(Done::Written)).is_err() {
                         return;
@@ -819,7 +828,9 @@ impl Archive {
             spare: None,
             filter,
             records,
-            durable,
+            written,
+            durable_at_start: run_count,
+            dir: dir.to_path_buf(),
             horizon,
             stop_merging,
             to_writer: Some(to_writer),
@@ -832,14 +843,19 @@ impl Archive {
 
     /// How many runs a checkpoint taken now counts on: every sealed run,
     /// written or not (seal first: staged records are in none). It may be
-    /// stored once [`Archive::durable_runs`] reaches this.
+    /// stored once the runs are written and made durable ([`RunSyncer`]).
     pub fn run_count(&self) -> u32 {
         runs_spanned(&self.runs) + self.pending.len() as u32
     }
 
-    /// The count of runs durable on disk, kept up to date by the writer.
-    pub fn durable_runs(&self) -> Arc<AtomicU32> {
-        self.durable.clone()
+    /// The count of runs written to their files, kept up to date by the writer.
+    pub fn written_runs(&self) -> Arc<AtomicU32> {
+        self.written.clone()
+    }
+
+    /// The checkpoint thread's handle for making written runs durable.
+    pub fn run_syncer(&self) -> RunSyncer {
+        RunSyncer { dir: self.dir.clone(), written: self.written.clone(), durable: self.durable_at_start }
     }
 
     /// The runs the archive may merge; raise it when a checkpoint is stored.
@@ -1024,9 +1040,42 @@ impl Drop for Archive {
     }
 }
 
+/// Makes written runs durable, for the checkpoint thread: a checkpoint may
+/// count on a run only once its file and directory entry are on disk.
+pub struct RunSyncer {
+    dir: PathBuf,
+    written: Arc<AtomicU32>,
+    /// Runs below this are durable.
+    durable: u32,
+}
+
+impl RunSyncer {
+    /// Runs written to their files so far.
+    pub fn written(&self) -> u32 {
+        self.written.load(Ordering::Acquire)
+    }
+
+    /// Makes runs `0..runs` durable; they must be written. The runs not
+    /// durable yet are at or past the merge horizon (it is raised only after
+    /// a checkpoint counting on them is stored, and this comes first), so no
+    /// merge has taken them: each is still the file its writer made.
+    pub fn make_durable(&mut self, runs: u32) -> io::Result<()> {
+        if runs <= self.durable {
+            return Ok(());
+        }
+        assert!(runs <= self.written(), "runs {runs} made durable, {} written", self.written());
+        for run in self.durable..runs {
+            File::open(Span::single(run).path(&self.dir))?.sync_data()?;
+        }
+        File::open(&self.dir)?.sync_all()?;
+        self.durable = runs;
+        Ok(())
+    }
+}
+
 /// Sorts run `index` by fingerprint (of equal ones, the newest record
-/// first), writes it and makes it durable (file and directory entry), on
-/// the writer thread.
+/// first), writes it and starts its write-back, on the writer thread. Not
+/// durable yet: see [`RunSyncer`].
 fn write_run(dir: &Path, index: u32, run: &PendingRun) -> io::Result<Run> {
     let span = Span::single(index);
     let path = span.path(dir);
@@ -1060,8 +1109,7 @@ fn write_run(dir: &Path, index: u32, run: &PendingRun) -> io::Result<Run> {
         offset += frame.len() as u64;
     }
     let file = out.into_inner().map_err(|e| e.into_error())?;
-    file.sync_all()?;
-    File::open(dir)?.sync_all()?;
+    crate::writeback::start(&file, 0, offset);
     Ok(Run { span, file: File::open(&path)?, sparse, len: offset })
 }
 
@@ -1128,10 +1176,11 @@ mod tests {
         assert_eq!(archive.get(&Id::parse("s-2500").unwrap()).unwrap(), None);
         archive.seal().unwrap();
         assert_eq!(archive.run_count(), 3);
-        let durable = archive.durable_runs();
+        let mut syncer = archive.run_syncer();
         drop(archive);
-        // Dropping lets the writer finish: every sealed run is durable.
-        assert_eq!(durable.load(Ordering::Acquire), 3);
+        // Dropping lets the writer finish: every sealed run is written.
+        assert_eq!(syncer.written(), 3);
+        syncer.make_durable(3).unwrap();
         let reopened = Archive::open(&path, 3).unwrap();
         assert_eq!(reopened.records(), 2500);
         for n in 0..2500 {
@@ -1239,7 +1288,7 @@ mod tests {
         }
         wait_for(&mut archive, "the merges", |a| a.file_count() == 7);
         assert_eq!(archive.run_count(), runs);
-        assert_eq!(archive.durable_runs().load(Ordering::Acquire), runs);
+        assert_eq!(archive.written_runs().load(Ordering::Acquire), runs);
         let mut expected: Vec<String> = (F * F..runs).map(|n| file_name(n, n)).collect();
         expected.insert(0, file_name(0, F * F - 1));
         assert_eq!(files_once(&path, 7), expected);

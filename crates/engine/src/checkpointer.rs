@@ -17,8 +17,6 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -26,7 +24,7 @@ use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendErro
 use peakstack_domain::ledger::LedgerImage;
 use peakstack_domain::Account;
 
-use crate::archive::MergeHorizon;
+use crate::archive::{MergeHorizon, RunSyncer};
 use crate::checkpoint::{self, Checkpoint};
 use crate::log;
 use crate::protocol::ExecutorId;
@@ -50,8 +48,9 @@ pub(crate) struct CheckpointerConfig {
     /// A handle on the history file, to make it durable before a
     /// checkpoint counts on it (the log thread appends through another).
     pub history: File,
-    /// Archive runs durable on disk (see `Archive::durable_runs`).
-    pub archive_durable: Arc<AtomicU32>,
+    /// The archive runs written, made durable here before a checkpoint
+    /// counts on them (see `archive::RunSyncer`).
+    pub archive_runs: RunSyncer,
     /// Raised to the archive runs a stored checkpoint counts on: the
     /// archive merges only those (see `archive.rs`).
     pub archive_horizon: MergeHorizon,
@@ -173,8 +172,7 @@ impl Worker {
     fn write_if_ready(&mut self) {
         let Some(waiting) = &self.waiting else { return };
         let stored = (self.config.audit_stored)();
-        let durable_runs = self.config.archive_durable.load(Ordering::Acquire);
-        if stored < waiting.audit_needed || durable_runs < waiting.archive_runs {
+        if stored < waiting.audit_needed || self.config.archive_runs.written() < waiting.archive_runs {
             return;
         }
         let waiting = self.waiting.take().expect("checked");
@@ -188,11 +186,12 @@ impl Worker {
         }
     }
 
-    /// Makes the history durable, writes the checkpoint, then deletes the log
-    /// segments it covers.
-    fn write(&self, waiting: &Waiting) -> std::io::Result<()> {
+    /// Makes the history and the archive runs it counts on durable, writes
+    /// the checkpoint, then deletes the log segments it covers.
+    fn write(&mut self, waiting: &Waiting) -> std::io::Result<()> {
         let started = Instant::now();
         self.config.history.sync_data()?;
+        self.config.archive_runs.make_durable(waiting.archive_runs)?;
         checkpoint::store(&self.config.dir, &waiting.bytes)?;
         let removed = remove_covered_segments(&self.config.dir, waiting.sequence)?;
         metrics::histogram!("peakstack_checkpoint_seconds").record(started.elapsed().as_secs_f64());

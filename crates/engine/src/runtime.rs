@@ -417,7 +417,7 @@ impl Engine {
                     executor: id,
                     dir: history.path().parent().expect("the history file is in the executor dir").to_path_buf(),
                     history: history.sync_handle().map_err(EngineError::History)?,
-                    archive_durable: archive.durable_runs(),
+                    archive_runs: archive.run_syncer(),
                     archive_horizon: archive.merge_horizon(),
                     audit_stored: Box::new(move || shared.audit.stored[usize::from(id)].load(Ordering::Acquire)),
                     on_written: Box::new(move || {
