@@ -33,12 +33,6 @@ impl Id {
         &self.0
     }
 
-    /// The empty id, which [`Id::parse`] never gives: a filler for free
-    /// entries of a table (`id_index.rs`), never seen outside this crate.
-    pub(crate) fn filler() -> Id {
-        Id(SmolStr::default())
-    }
-
     /// Reserved for system accounts (clearing accounts).
     pub fn is_reserved(&self) -> bool {
         self.0.starts_with('_')

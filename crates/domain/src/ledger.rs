@@ -19,7 +19,7 @@ type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState
 
 use crate::chunked::ChunkedVec;
 use crate::id_index::IdIndex;
-use crate::record_table::RecordTable;
+use crate::record_table::{Keyed, RecordTable};
 use crate::{Account, Balances, Currency, ErrorCode, Id, NewAccount, Transfer, TransferKind, TransferStatus};
 
 /// Who placed a hold or a lock: the engine's transaction id. 0 = nobody (committed).
@@ -65,6 +65,17 @@ struct Record {
     reserved_by: Owner,
     /// A transaction is resolving this pending transfer.
     locked_by: Owner,
+}
+
+impl Keyed for Record {
+    fn key(&self) -> &Id {
+        &self.transfer.id
+    }
+}
+
+/// Whether account `index` of `accounts` is `id`'s (for [`IdIndex`]).
+fn holds<'a>(accounts: &'a [Account], id: &'a Id) -> impl Fn(u32) -> bool + 'a {
+    move |index| accounts[index as usize].id == *id
 }
 
 /// Outcome of reserving a transfer id on its home shard.
@@ -192,7 +203,7 @@ impl Ledger {
         if new.validate().is_err() {
             return Err(ErrorCode::InvalidRequest);
         }
-        if let Some(index) = self.by_id.get(&new.id) {
+        if let Some(index) = self.account_index(&new.id) {
             let existing = &self.accounts[index as usize];
             if !existing.same_fields(&new) {
                 return Err(ErrorCode::ExistsWithDifferentFields);
@@ -205,14 +216,19 @@ impl Ledger {
 
     fn push_account(&mut self, account: Account) -> u32 {
         let index = u32::try_from(self.accounts.len()).expect("fewer than 2^32 accounts per executor");
-        self.by_id.insert(account.id.clone(), index);
+        self.by_id.insert(&account.id, index, holds(&self.accounts, &account.id));
         self.ordered.insert(account.id.clone());
         self.accounts.push(account);
         index
     }
 
     pub fn account(&self, id: &Id) -> Option<&Account> {
-        self.by_id.get(id).map(|i| &self.accounts[i as usize])
+        self.account_index(id).map(|i| &self.accounts[i as usize])
+    }
+
+    /// Where account `id` is in `accounts`.
+    fn account_index(&self, id: &Id) -> Option<u32> {
+        self.by_id.get(id, holds(&self.accounts, id))
     }
 
     /// Starts bringing in the index line where account `id` is looked up
@@ -224,7 +240,9 @@ impl Ledger {
 
     /// Looks `id` up and starts bringing its account into the cache.
     pub fn prefetch_account(&self, id: &Id) {
-        if let Some(index) = self.by_id.get(id) {
+        // By the hash bits only (a wrong guess is a useless prefetch): a
+        // full lookup would wait here for the account line it compares.
+        if let Some(index) = self.by_id.guess(id) {
             // All of it: the checks read its currency, flags and limit, the
             // booking its balances and history head, wherever they lie.
             crate::cache::prefetch_all(&self.accounts[index as usize]);
@@ -246,7 +264,7 @@ impl Ledger {
             Some(after) => self.ordered.range::<Id, _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded)),
             None => self.ordered.range::<Id, _>(..),
         };
-        range.take(limit).map(|id| &self.accounts[self.by_id.get(id).expect("ordered ids are indexed") as usize])
+        range.take(limit).map(|id| &self.accounts[self.account_index(id).expect("ordered ids are indexed") as usize])
     }
 
     pub fn accounts(&self) -> &[Account] {
@@ -305,8 +323,8 @@ impl Ledger {
         }
         let amount = record.amount;
         let via_clearing = debit_shard != credit_shard;
-        let debit = self.by_id.get(&record.debit_account_id);
-        let credit = self.by_id.get(&record.credit_account_id);
+        let debit = self.account_index(&record.debit_account_id);
+        let credit = self.account_index(&record.credit_account_id);
         // A clearing account that does not exist yet has zero balances and
         // no constraint: any amount passes its check. It is opened only when
         // the transfer is applied, so a refused transfer leaves nothing behind.
@@ -384,7 +402,7 @@ impl Ledger {
             // this id was used before); the home shard's record decides.
             return Err(ErrorCode::InFlight);
         }
-        let account = self.by_id.get(&leg.account_id).ok_or(ErrorCode::AccountNotFound)?;
+        let account = self.account_index(&leg.account_id).ok_or(ErrorCode::AccountNotFound)?;
         if self.accounts[account as usize].currency != leg.currency {
             return Err(ErrorCode::CurrencyMismatch);
         }
@@ -459,7 +477,7 @@ impl Ledger {
     /// Sets an account's history head (see [`Account::history_head`]) and
     /// answers the previous one; `None` for an unknown account.
     pub fn swap_history_head(&mut self, id: &Id, head: u64) -> Option<u64> {
-        let index = self.by_id.get(id)?;
+        let index = self.account_index(id)?;
         Some(self.swap_history_head_at(AccountSlot(index), head))
     }
 
@@ -849,7 +867,7 @@ impl Ledger {
         snapshot.sort_records();
         let mut ledger = Ledger::new();
         for account in snapshot.accounts {
-            if ledger.by_id.contains_key(&account.id) {
+            if ledger.account_index(&account.id).is_some() {
                 return Err("an account appears twice");
             }
             if account.system {
