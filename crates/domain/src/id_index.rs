@@ -275,8 +275,10 @@ mod tests {
                 let id = id(key);
                 prop_assert_eq!(index.get(&id, slab.holds(&id)), model.get(&key).copied());
                 if let Some(&slot) = model.get(&key) {
-                    // 300 ids: their 32 hash bits do not collide.
-                    prop_assert_eq!(index.guess(&id), Some(slot));
+                    // The guess is the id's own slot, unless another id has
+                    // the same 32 hash bits (rare, and then still a slot).
+                    let guess = index.guess(&id).expect("an indexed id has a guess");
+                    prop_assert!(guess == slot || index.tag(&slab.0[guess as usize]) == index.tag(&id));
                 }
             }
         }
