@@ -374,8 +374,7 @@ impl Ledger {
             self.accounts[dc as usize].balances.credits_posted += amount;
             self.accounts[cc as usize].balances.debits_posted += amount;
         }
-        self.records
-            .insert(record.id.clone(), Record { transfer: record.clone(), reserved_by: NO_OWNER, locked_by: NO_OWNER });
+        self.records.insert(Record { transfer: record.clone(), reserved_by: NO_OWNER, locked_by: NO_OWNER });
         self.final_order.push_back(record.id.clone());
         Ok(LocalOutcome::Created {
             debit: self.accounts[debit as usize].balances,
@@ -561,7 +560,7 @@ impl Ledger {
         if owner != NO_OWNER {
             self.claimed_records += 1;
         }
-        self.records.insert(transfer.id.clone(), Record { transfer, reserved_by: owner, locked_by: NO_OWNER });
+        self.records.insert(Record { transfer, reserved_by: owner, locked_by: NO_OWNER });
         Ok(Reservation::Reserved)
     }
 
@@ -749,7 +748,7 @@ impl Ledger {
         debug_assert!(transfer.status != TransferStatus::Pending, "pending records are never archived");
         let id = transfer.id.clone();
         if !self.records.contains_key(&id) {
-            self.records.insert(id.clone(), Record { transfer, reserved_by: NO_OWNER, locked_by: NO_OWNER });
+            self.records.insert(Record { transfer, reserved_by: NO_OWNER, locked_by: NO_OWNER });
             self.final_order.push_back(id);
         }
     }
@@ -906,7 +905,7 @@ impl Ledger {
                 _ => ledger.final_order.push_back(id.clone()),
             }
             let record = Record { transfer, reserved_by: NO_OWNER, locked_by: NO_OWNER };
-            if ledger.records.insert(id, record).is_some() {
+            if ledger.records.insert(record).is_some() {
                 return Err("a record appears twice");
             }
         }

@@ -67,12 +67,14 @@ impl<R: Clone + Keyed> RecordTable<R> {
         self.get(id).is_some()
     }
 
-    /// Inserts or replaces; answers the record replaced.
-    pub fn insert(&mut self, id: Id, record: R) -> Option<R> {
+    /// Inserts or replaces the record of `record`'s id; answers the record
+    /// replaced.
+    pub fn insert(&mut self, record: R) -> Option<R> {
         // One probe: this runs for every transfer made.
         let (free, slots) = (&mut self.free, &self.slots);
         let mut grow_slab = false;
-        let (slot, inserted) = self.index.get_or_insert_with(&id, holds(slots, &id), || match free.pop() {
+        let id = record.key();
+        let (slot, inserted) = self.index.get_or_insert_with(id, holds(slots, id), || match free.pop() {
             Some(slot) => slot,
             None => {
                 grow_slab = true;
@@ -151,16 +153,16 @@ mod tests {
     fn records_come_and_go_and_slots_are_reused() {
         let mut table: RecordTable<R> = RecordTable::default();
         for n in 0..100 {
-            assert_eq!(table.insert(id(n), r(n, n)), None);
+            assert_eq!(table.insert(r(n, n)), None);
         }
-        assert_eq!(table.insert(id(7), r(7, 700)), Some(r(7, 7)));
+        assert_eq!(table.insert(r(7, 700)), Some(r(7, 7)));
         for n in (0..100).step_by(2) {
             assert_eq!(table.remove(&id(n)), Some(r(n, n)));
         }
         assert_eq!(table.remove(&id(0)), None);
         assert_eq!(table.len(), 50);
         for n in 100..150 {
-            table.insert(id(n), r(n, n));
+            table.insert(r(n, n));
         }
         // Every freed slot was taken again: the slab did not grow.
         assert_eq!(table.slots.len(), 100);
