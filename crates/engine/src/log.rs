@@ -359,10 +359,15 @@ impl Log {
 /// blocks), with the bytes of its block holding `offset` up to it; `None`
 /// when it is not, or when the file system refuses direct writes.
 fn open_direct(path: &Path, offset: u64, capacity: u64) -> Result<(Option<File>, Vec<u8>), LogError> {
+    #[cfg(target_os = "linux")]
+    const DIRECT_FLAGS: Option<i32> = Some(libc::O_DIRECT | libc::O_DSYNC);
+    #[cfg(not(target_os = "linux"))]
+    const DIRECT_FLAGS: Option<i32> = None;
+    let Some(flags) = DIRECT_FLAGS else { return Ok((None, Vec::new())) };
     if capacity < SEGMENT_BYTES || !capacity.is_multiple_of(BLOCK as u64) || offset >= capacity {
         return Ok((None, Vec::new()));
     }
-    let opened = OpenOptions::new().write(true).custom_flags(libc::O_DIRECT | libc::O_DSYNC).open(path);
+    let opened = OpenOptions::new().write(true).custom_flags(flags).open(path);
     let direct = match opened {
         Ok(file) => file,
         Err(error) => {
