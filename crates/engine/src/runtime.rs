@@ -942,17 +942,15 @@ impl Applier {
                         );
                         // Common case: every transfer was local and answered
                         // now, in order. Hand the answers over in one move.
-                        let answered = &fx.finished_for[finished_before..];
-                        let in_order = answered.len() == n
-                            && answered.iter().enumerate().all(|(i, (t, index))| *t == tag && *index == i);
-                        if in_order && finished_before == 0 {
+                        // (Nothing is left over from an earlier input: the
+                        // loop below takes every answer after each.)
+                        let in_order = finished_before == 0
+                            && fx.finished_for.len() == n
+                            && fx.finished_for.iter().enumerate().all(|(i, (t, index))| *t == tag && *index == i);
+                        if in_order {
                             // The answers vector goes to the caller as it is.
                             fx.finished_for.clear();
                             completions.push(Completion::Transfers(reply, std::mem::take(&mut fx.finished)));
-                        } else if in_order {
-                            fx.finished_for.truncate(finished_before);
-                            let results = fx.finished.split_off(finished_before);
-                            completions.push(Completion::Transfers(reply, results));
                         } else {
                             self.clients.insert(tag, ClientBatch { results: vec![None; n], remaining: n, reply });
                         }
