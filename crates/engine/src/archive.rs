@@ -848,11 +848,6 @@ impl Archive {
         runs_spanned(&self.runs) + self.pending.len() as u32
     }
 
-    /// The count of runs written to their files, kept up to date by the writer.
-    pub fn written_runs(&self) -> Arc<AtomicU32> {
-        self.written.clone()
-    }
-
     /// The checkpoint thread's handle for making written runs durable.
     pub fn run_syncer(&self) -> RunSyncer {
         RunSyncer { dir: self.dir.clone(), written: self.written.clone(), durable: self.durable_at_start }
@@ -1288,7 +1283,7 @@ mod tests {
         }
         wait_for(&mut archive, "the merges", |a| a.file_count() == 7);
         assert_eq!(archive.run_count(), runs);
-        assert_eq!(archive.written_runs().load(Ordering::Acquire), runs);
+        assert_eq!(archive.run_syncer().written(), runs);
         let mut expected: Vec<String> = (F * F..runs).map(|n| file_name(n, n)).collect();
         expected.insert(0, file_name(0, F * F - 1));
         assert_eq!(files_once(&path, 7), expected);
