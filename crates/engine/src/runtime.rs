@@ -932,7 +932,7 @@ impl Applier {
                         let tag = self.next_tag;
                         self.next_tag += 1;
                         let n = requests.len();
-                        let finished_before = fx.finished_for.len();
+                        let nothing_before = fx.finished_for.is_empty();
                         self.apply(
                             Input::Transfers { requests, atomic, origin },
                             now_ms,
@@ -944,7 +944,7 @@ impl Applier {
                         // now, in order. Hand the answers over in one move.
                         // (Nothing is left over from an earlier input: the
                         // loop below takes every answer after each.)
-                        let in_order = finished_before == 0
+                        let in_order = nothing_before
                             && fx.finished_for.len() == n
                             && fx.finished_for.iter().enumerate().all(|(i, (t, index))| *t == tag && *index == i);
                         if in_order {
