@@ -14,8 +14,8 @@
 //! when the hash bits match: for a new id, the common case, almost never;
 //! for an existing one, in memory the caller reads next anyway. With the id
 //! inline the entries were 32 bytes: the records' index alone took 32 MiB at
-//! the bench's 200k records in memory (sized for twice that, half full),
-//! now 8 MiB, which the 32 MiB L3 of this machine can hold. Growing or
+//! 200k records in memory (sized for twice that, half full), now 8 MiB,
+//! which the 32 MiB L3 of this machine can hold. Growing or
 //! deleting never hashes an id again.
 //! The hash is foldhash with a per-process random seed, so that clients
 //! choosing ids cannot aim them at one bucket.
