@@ -171,8 +171,10 @@ enum BenchWorkload {
         /// Transfers per engine call (the latency percentiles are per call).
         #[arg(long, default_value_t = 1024)]
         batch: usize,
-        /// Client threads submitting batches.
-        #[arg(long, default_value_t = 4)]
+        /// Client threads submitting batches. Three keep one executor busy
+        /// (4096 transfers in flight queued behind each other, the same
+        /// throughput, and a p99 about 2 ms higher).
+        #[arg(long, default_value_t = 3)]
         clients: usize,
         #[arg(long, default_value_t = 64)]
         shards: u32,
