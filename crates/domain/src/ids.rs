@@ -21,9 +21,9 @@ pub const INLINE_ID_LEN: usize = 39;
 /// a snowflake (19), a short prefix and a UUID. An inline id is 40 bytes
 /// that a clone copies and a comparison reads in place; a heap id costs an
 /// allocation, a refcount on every clone and drop, and a cache miss to
-/// read. With 23 bytes inline (as before), `bench` with UUID ids did
-/// 0.69-0.73M transfers/s against 0.96-1.05M with short ids, and spent a
-/// quarter of the apply thread in refcounts; with 39, 0.75-0.77M.
+/// read. With 23 bytes inline (as before), UUID ids took the bench from
+/// 1.04-1.08M to 0.60-0.65M transfers/s, a third of the apply thread's
+/// time in refcounts.
 #[derive(Clone)]
 pub struct Id(Repr);
 
