@@ -82,9 +82,8 @@ fn holds<'a>(accounts: &'a [Account], id: &'a Id) -> impl Fn(u32) -> bool + 'a {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Reservation {
     Reserved,
-    /// Same id, same fields: an idempotent retry. Carries the record
-    /// (boxed: the common answer, `Reserved`, stays small).
-    Exists(Box<Transfer>),
+    /// Same id, same fields: an idempotent retry. Carries the record.
+    Exists(Transfer),
 }
 
 /// A movement booked on a client account when a hold commits or settles.
@@ -554,7 +553,7 @@ impl Ledger {
                 return Err(ErrorCode::InFlight);
             }
             if record.transfer.same_request_as(&transfer) {
-                return Ok(Reservation::Exists(Box::new(record.transfer.clone())));
+                return Ok(Reservation::Exists(record.transfer.clone()));
             }
             return Err(ErrorCode::ExistsWithDifferentFields);
         }

@@ -713,7 +713,7 @@ impl ExecutorCore {
             .map(|op| match op {
                 TryOp::Reserve(t) => match self.ledger.reserve(t.clone(), txn) {
                     Ok(peakstack_domain::ledger::Reservation::Reserved) => OpResult::Ok,
-                    Ok(peakstack_domain::ledger::Reservation::Exists(t)) => OpResult::Exists(*t),
+                    Ok(peakstack_domain::ledger::Reservation::Exists(t)) => OpResult::Exists(t),
                     Err(e) => OpResult::Err(e),
                 },
                 TryOp::Hold(leg) => {

@@ -209,7 +209,7 @@ impl Node {
 enum Expect {
     Anything,
     /// The id was acknowledged with this record and the retry asks the same.
-    Exists(Box<Transfer>),
+    Exists(Transfer),
     ExistsWithDifferentFields,
 }
 
@@ -335,7 +335,7 @@ impl Sim {
     fn expectation(&self, request: &TransferRequest) -> Expect {
         match self.acked_transfers.get(request.id()) {
             None => Expect::Anything,
-            Some(acked) if asks_for(request, acked) => Expect::Exists(Box::new(acked.clone())),
+            Some(acked) if asks_for(request, acked) => Expect::Exists(acked.clone()),
             Some(_) => Expect::ExistsWithDifferentFields,
         }
     }
