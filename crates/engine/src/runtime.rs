@@ -44,6 +44,18 @@ pub const MAX_BATCH_TRANSFERS: usize = 2048;
 pub const CLIENT_QUEUE_CAPACITY: usize = 16_384;
 /// Applied batches waiting for their fsync, per executor.
 pub const WRITE_QUEUE_CAPACITY: usize = 8;
+/// A batch of at most this many transfers, applied while the log thread has
+/// nothing queued, is written by the apply thread itself instead of handed
+/// over: two thread wake-ups saved per batch (the log thread's, and the
+/// callers' wake of an apply thread parked waiting for them), against
+/// applying the next batch while this one syncs, which for a small batch is
+/// a few tens of microseconds out of a sync of hundreds. One transfer per
+/// HTTP request (`loadtest transfers`, 64 connections, the same build with
+/// and without): server CPU 28.1 -> 25.3 us a request (apply and log
+/// threads 6.6 -> 5.1, tokio workers 20.5 -> 19.2), 39.8k -> 42.8k
+/// requests/s. Large batches (`bench`, `--batch 1000`) still go to the log
+/// thread and keep apply and sync overlapped.
+pub const INLINE_WRITE_MAX_TRANSFERS: usize = 64;
 /// Most transactions one executor coordinates at once; past it, it stops
 /// taking client requests until some finish.
 pub const MAX_TXNS_IN_FLIGHT: usize = 100_000;
@@ -229,6 +241,9 @@ pub struct EngineStats {
     pub batches: AtomicU64,
     pub inputs: AtomicU64,
     pub fsyncs: AtomicU64,
+    /// Batches the apply thread made durable itself instead of handing them
+    /// to the log thread (small ones, with nothing queued for it).
+    pub inline_writes: AtomicU64,
     pub log_bytes: AtomicU64,
     /// Checkpoints written (each lets the log segments before it go).
     pub checkpoints: AtomicU64,
@@ -438,6 +453,19 @@ impl Engine {
             };
             let next_sequence = log.next_sequence();
             let resumed = core.txns_in_flight();
+            let writer = Arc::new(Mutex::new(LogWriter {
+                id,
+                log,
+                group: Vec::new(),
+                frames: Vec::new(),
+                encoded: Writer::default(),
+                shared: shared.clone(),
+                history: history_writers.remove(0),
+                log_bytes: log_bytes.clone(),
+                spare_history: spare_history_tx,
+                checkpointer,
+            }));
+            let queued = Arc::new(AtomicUsize::new(0));
             let applier = Applier {
                 core,
                 archive,
@@ -450,7 +478,7 @@ impl Engine {
                 checkpoint_every_log_bytes: config.checkpoint_every_log_bytes,
                 client_rx,
                 peer_rx,
-                write_tx,
+                log: LogHandOff { writer: writer.clone(), queued: queued.clone(), tx: write_tx },
                 clock: config.clock.clone(),
                 shared: shared.clone(),
                 next_sequence,
@@ -462,16 +490,7 @@ impl Engine {
                 barrier_retry_at: None,
                 last_audit_sequence: last_audit_sequences[usize::from(id)],
             };
-            let writer = LogWriter {
-                id,
-                log,
-                write_rx,
-                shared: shared.clone(),
-                history: history_writers.remove(0),
-                log_bytes,
-                spare_history: spare_history_tx,
-                checkpointer,
-            };
+            let log_thread = LogThread { writer, queued, rx: write_rx };
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("apply-{id}"))
@@ -481,7 +500,7 @@ impl Engine {
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("log-{id}"))
-                    .spawn(move || writer.run())
+                    .spawn(move || log_thread.run())
                     .map_err(EngineError::Thread)?,
             );
         }
@@ -851,7 +870,7 @@ struct Applier {
     checkpoint_every_log_bytes: u64,
     client_rx: Receiver<Request>,
     peer_rx: Receiver<Inbound>,
-    write_tx: Sender<PendingWrite>,
+    log: LogHandOff,
     clock: Arc<dyn Clock>,
     shared: Arc<Shared>,
     next_sequence: u64,
@@ -1051,7 +1070,7 @@ impl Applier {
                 }
                 let write =
                     PendingWrite { logged, time_ms: now_ms, history, completions, outbox, checkpoint, audit, sequence };
-                if self.write_tx.send(write).is_err() {
+                if self.log.hand_over(write, transfers_taken).is_err() {
                     tracing::error!(executor = self.core.id(), "log thread is gone; executor stops");
                     return;
                 }
@@ -1258,10 +1277,73 @@ impl AuditFeed {
     }
 }
 
+/// Where an applied batch goes to be made durable: written in place by the
+/// apply thread when it is small and nothing is queued, else queued for the
+/// log thread.
+///
+/// Batches reach the log in sequence order because only the apply thread
+/// makes them: it counts a batch in `queued` before it sends it, and the
+/// log thread counts it out only once it is written and its answers are
+/// delivered. When `queued` reads zero (Acquire, against the log thread's
+/// Release), every earlier batch is written and the log thread holds no
+/// lock nor will take one before the next send, so the apply thread may
+/// write in place.
+struct LogHandOff {
+    writer: Arc<Mutex<LogWriter>>,
+    queued: Arc<AtomicUsize>,
+    tx: Sender<PendingWrite>,
+}
+
+impl LogHandOff {
+    fn hand_over(&self, write: PendingWrite, transfers: usize) -> Result<(), ()> {
+        if transfers <= INLINE_WRITE_MAX_TRANSFERS && self.queued.load(Ordering::Acquire) == 0 {
+            let mut writer = self.writer.lock();
+            writer.group.push(write);
+            writer.write_group();
+            writer.shared.stats.inline_writes.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        self.queued.fetch_add(1, Ordering::AcqRel);
+        self.tx.send(write).map_err(|_| ())
+    }
+}
+
+/// The log thread: writes the batches queued for it, many to a group.
+struct LogThread {
+    writer: Arc<Mutex<LogWriter>>,
+    queued: Arc<AtomicUsize>,
+    rx: Receiver<PendingWrite>,
+}
+
+impl LogThread {
+    fn run(self) {
+        while let Ok(first) = self.rx.recv() {
+            let mut writer = self.writer.lock();
+            writer.group.push(first);
+            while let Ok(more) = self.rx.try_recv() {
+                writer.group.push(more);
+            }
+            let written = writer.group.len();
+            writer.write_group();
+            drop(writer);
+            self.queued.fetch_sub(written, Ordering::Release);
+        }
+        // Stopping: the last holder of the writer drops its checkpointer,
+        // which writes the last checkpoint, if it may.
+    }
+}
+
+/// The durable side of an executor: its log and history file, the
+/// checkpoints offered once their batch is durable, and the delivery of a
+/// group's answers and messages once it is written. Used by the log thread,
+/// or by the apply thread for a small batch (see [`LogHandOff`]).
 struct LogWriter {
     id: ExecutorId,
     log: Log,
-    write_rx: Receiver<PendingWrite>,
+    /// The group being written, and buffers kept for the next one.
+    group: Vec<PendingWrite>,
+    frames: Vec<u8>,
+    encoded: Writer,
     shared: Arc<Shared>,
     history: HistoryWriter,
     /// Log bytes written, for the apply thread's checkpoint schedule.
@@ -1273,16 +1355,14 @@ struct LogWriter {
 }
 
 impl LogWriter {
-    fn run(mut self) {
-        let mut group: Vec<PendingWrite> = Vec::new();
-        let mut frames = Vec::new();
-        let mut encoded = Writer::default();
-        loop {
-            let Ok(first) = self.write_rx.recv() else { break };
-            group.push(first);
-            while let Ok(more) = self.write_rx.try_recv() {
-                group.push(more);
-            }
+    /// Writes `self.group` in one durable append, then appends its history,
+    /// publishes its audit events, answers its callers, sends its messages
+    /// and offers its checkpoint. Leaves the group empty.
+    fn write_group(&mut self) {
+        let mut group = std::mem::take(&mut self.group);
+        let mut frames = std::mem::take(&mut self.frames);
+        let mut encoded = std::mem::take(&mut self.encoded);
+        {
             frames.clear();
             let mut batch_count = 0;
             let mut inputs = 0;
@@ -1358,8 +1438,9 @@ impl LogWriter {
                 self.checkpointer.offer(checkpoint);
             }
         }
-        // Stopping: dropping the checkpointer lets it write the last
-        // checkpoint, if it may.
+        self.group = group;
+        self.frames = frames;
+        self.encoded = encoded;
     }
 }
 

@@ -208,6 +208,7 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
     metrics::gauge!("peakstack_engine_batches").set(load(&stats.batches));
     metrics::gauge!("peakstack_engine_inputs").set(load(&stats.inputs));
     metrics::gauge!("peakstack_engine_fsyncs").set(load(&stats.fsyncs));
+    metrics::gauge!("peakstack_engine_inline_writes").set(load(&stats.inline_writes));
     metrics::gauge!("peakstack_engine_log_bytes").set(load(&stats.log_bytes));
     metrics::gauge!("peakstack_engine_checkpoints").set(load(&stats.checkpoints));
     metrics::gauge!("peakstack_audit_feed_lag_batches").set(state.engine().audit_lag() as f64);
