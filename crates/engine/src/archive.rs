@@ -99,8 +99,8 @@ const FRAME_HEADER_BYTES: usize = 12;
 const MAX_PENDING_RUNS: usize = 4;
 /// Files merged into one: at most `MERGE_FANIN - 1` files per tier, and a
 /// record is rewritten once per tier. 16 rather than 8: a few more files
-/// (a false positive, 0.03% of new ids, reads each) for a quarter less
-/// rewriting. The merges were the engine's largest disk writer (about 140
+/// (a false positive, under 0.01% of new ids a segment, reads each) for a
+/// quarter less rewriting. The merges were the engine's largest disk writer (about 140
 /// bytes a transfer against 60 for the runs themselves), and every log
 /// fsync waits for the writes queued before it. `peakstack bench` over 30 s,
 /// two alternating pairs: merge thread 0.27 -> 0.20 us a transfer,
