@@ -1359,88 +1359,83 @@ impl LogWriter {
     /// publishes its audit events, answers its callers, sends its messages
     /// and offers its checkpoint. Leaves the group empty.
     fn write_group(&mut self) {
-        let mut group = std::mem::take(&mut self.group);
-        let mut frames = std::mem::take(&mut self.frames);
-        let mut encoded = std::mem::take(&mut self.encoded);
-        {
-            frames.clear();
-            let mut batch_count = 0;
-            let mut inputs = 0;
-            for write in &mut group {
-                if write.logged.is_empty() {
-                    continue;
-                }
-                encoded.buf.clear();
-                for input in &write.logged {
-                    input.encode(&mut encoded);
-                }
-                encode_frame(write.sequence, write.time_ms, &encoded.buf, write.logged.len(), &mut frames);
-                batch_count += 1;
-                inputs += write.logged.len();
-                // Dropped here, off the apply thread.
-                write.logged = Vec::new();
+        let group = &mut self.group;
+        let frames = &mut self.frames;
+        let encoded = &mut self.encoded;
+        frames.clear();
+        let mut batch_count = 0;
+        let mut inputs = 0;
+        for write in group.iter_mut() {
+            if write.logged.is_empty() {
+                continue;
             }
-            if batch_count > 0 {
-                let started = Instant::now();
-                if let Err(error) = self.log.append(&frames, batch_count) {
-                    // Nothing of this group was acknowledged; stop loudly
-                    // rather than answer from state that is not durable.
-                    tracing::error!(executor = self.id, %error, "log append failed; executor stops");
+            encoded.buf.clear();
+            for input in &write.logged {
+                input.encode(encoded);
+            }
+            encode_frame(write.sequence, write.time_ms, &encoded.buf, write.logged.len(), frames);
+            batch_count += 1;
+            inputs += write.logged.len();
+            // Dropped here, off the apply thread.
+            write.logged = Vec::new();
+        }
+        if batch_count > 0 {
+            let started = Instant::now();
+            if let Err(error) = self.log.append(frames, batch_count) {
+                // Nothing of this group was acknowledged; stop loudly
+                // rather than answer from state that is not durable.
+                tracing::error!(executor = self.id, %error, "log append failed; executor stops");
+                std::process::abort();
+            }
+            metrics::histogram!("peakstack_log_fsync_seconds").record(started.elapsed().as_secs_f64());
+            metrics::histogram!("peakstack_batch_inputs").record(inputs as f64);
+            let stats = &self.shared.stats;
+            stats.fsyncs.fetch_add(1, Ordering::Relaxed);
+            stats.batches.fetch_add(batch_count, Ordering::Relaxed);
+            stats.inputs.fetch_add(inputs as u64, Ordering::Relaxed);
+            stats.log_bytes.fetch_add(frames.len() as u64, Ordering::Relaxed);
+            self.log_bytes.fetch_add(frames.len() as u64, Ordering::Relaxed);
+        }
+        let executors = self.shared.peers.len();
+        let mut by_dest: Vec<Vec<PeerMsg>> = vec![Vec::new(); executors];
+        let checkpoint = group.iter_mut().filter_map(|w| w.checkpoint.take()).next_back();
+        for mut write in group.drain(..) {
+            // History is appended before anyone is answered, so a history
+            // read after an answer finds it.
+            if !write.history.is_empty() {
+                if let Err(error) = self.history.append(&mut write.history) {
+                    tracing::error!(executor = self.id, path = %self.history.path().display(), %error, "history append failed; executor stops");
                     std::process::abort();
                 }
-                metrics::histogram!("peakstack_log_fsync_seconds").record(started.elapsed().as_secs_f64());
-                metrics::histogram!("peakstack_batch_inputs").record(inputs as f64);
-                let stats = &self.shared.stats;
-                stats.fsyncs.fetch_add(1, Ordering::Relaxed);
-                stats.batches.fetch_add(batch_count, Ordering::Relaxed);
-                stats.inputs.fetch_add(inputs as u64, Ordering::Relaxed);
-                stats.log_bytes.fetch_add(frames.len() as u64, Ordering::Relaxed);
-                self.log_bytes.fetch_add(frames.len() as u64, Ordering::Relaxed);
             }
-            let executors = self.shared.peers.len();
-            let mut by_dest: Vec<Vec<PeerMsg>> = vec![Vec::new(); executors];
-            let checkpoint = group.iter_mut().filter_map(|w| w.checkpoint.take()).next_back();
-            for mut write in group.drain(..) {
-                // History is appended before anyone is answered, so a history
-                // read after an answer finds it.
-                if !write.history.is_empty() {
-                    if let Err(error) = self.history.append(&mut write.history) {
-                        tracing::error!(executor = self.id, path = %self.history.path().display(), %error, "history append failed; executor stops");
-                        std::process::abort();
-                    }
-                }
-                let mut spare = write.history;
-                spare.clear();
-                // Back to the apply thread; dropped when it has enough.
-                let _ = self.spare_history.try_send(spare);
-                // Audit before answers: a read of the audit trail after an
-                // answer waits for this batch (see `Engine::audit_caught_up`).
-                if !write.audit.is_empty() {
-                    self.shared.audit.publish(AuditBatch {
-                        executor: self.id,
-                        sequence: write.sequence,
-                        events: write.audit,
-                    });
-                }
-                for completion in write.completions {
-                    completion.deliver();
-                }
-                for (dest, msg) in write.outbox {
-                    by_dest[usize::from(dest)].push(msg);
-                }
+            let mut spare = write.history;
+            spare.clear();
+            // Back to the apply thread; dropped when it has enough.
+            let _ = self.spare_history.try_send(spare);
+            // Audit before answers: a read of the audit trail after an
+            // answer waits for this batch (see `Engine::audit_caught_up`).
+            if !write.audit.is_empty() {
+                self.shared.audit.publish(AuditBatch {
+                    executor: self.id,
+                    sequence: write.sequence,
+                    events: write.audit,
+                });
             }
-            for (dest, messages) in by_dest.into_iter().enumerate() {
-                if !messages.is_empty() {
-                    let _ = self.shared.peers[dest].send(Inbound::Peer { from: self.id, messages });
-                }
+            for completion in write.completions {
+                completion.deliver();
             }
-            if let Some(checkpoint) = checkpoint {
-                self.checkpointer.offer(checkpoint);
+            for (dest, msg) in write.outbox {
+                by_dest[usize::from(dest)].push(msg);
             }
         }
-        self.group = group;
-        self.frames = frames;
-        self.encoded = encoded;
+        for (dest, messages) in by_dest.into_iter().enumerate() {
+            if !messages.is_empty() {
+                let _ = self.shared.peers[dest].send(Inbound::Peer { from: self.id, messages });
+            }
+        }
+        if let Some(checkpoint) = checkpoint {
+            self.checkpointer.offer(checkpoint);
+        }
     }
 }
 
