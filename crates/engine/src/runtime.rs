@@ -44,9 +44,9 @@ pub const MAX_BATCH_TRANSFERS: usize = 2048;
 pub const CLIENT_QUEUE_CAPACITY: usize = 16_384;
 /// Applied batches waiting for their fsync, per executor.
 pub const WRITE_QUEUE_CAPACITY: usize = 8;
-/// A batch of at most this many transfers, applied while the log thread has
-/// nothing queued, is written by the apply thread itself instead of handed
-/// over: two thread wake-ups saved per batch (the log thread's, and the
+/// A batch of at most this many client transfers and peer messages, applied
+/// while the log thread has nothing queued, is written by the apply thread
+/// itself instead of handed over: two thread wake-ups saved per batch (the log thread's, and the
 /// callers' wake of an apply thread parked waiting for them), against
 /// applying the next batch while this one syncs, which for a small batch is
 /// a few tens of microseconds out of a sync of hundreds. One transfer per
@@ -55,7 +55,7 @@ pub const WRITE_QUEUE_CAPACITY: usize = 8;
 /// threads 6.6 -> 5.1, tokio workers 20.5 -> 19.2), 39.8k -> 42.8k
 /// requests/s. Large batches (`bench`, `--batch 1000`) still go to the log
 /// thread and keep apply and sync overlapped.
-pub const INLINE_WRITE_MAX_TRANSFERS: usize = 64;
+pub const INLINE_WRITE_MAX_ITEMS: usize = 64;
 /// Most transactions one executor coordinates at once; past it, it stops
 /// taking client requests until some finish.
 pub const MAX_TXNS_IN_FLIGHT: usize = 100_000;
@@ -919,6 +919,7 @@ impl Applier {
             }
             let mut taken = 0usize;
             let mut transfers_taken = 0usize;
+            let mut messages_taken = 0usize;
             let mut pending_first = first;
             loop {
                 let next = match pending_first.take() {
@@ -942,6 +943,7 @@ impl Applier {
                 match item {
                     Ok(Inbound::Stop) => stopping = true,
                     Ok(Inbound::Peer { from, messages }) => {
+                        messages_taken += messages.len();
                         self.apply(Input::Peer { from, messages }, now_ms, None, &mut fx, &mut logged);
                     }
                     Err(Request::CreateAccount(new, reply)) => {
@@ -1070,7 +1072,7 @@ impl Applier {
                 }
                 let write =
                     PendingWrite { logged, time_ms: now_ms, history, completions, outbox, checkpoint, audit, sequence };
-                if self.log.hand_over(write, transfers_taken).is_err() {
+                if self.log.hand_over(write, transfers_taken + messages_taken).is_err() {
                     tracing::error!(executor = self.core.id(), "log thread is gone; executor stops");
                     return;
                 }
@@ -1295,8 +1297,9 @@ struct LogHandOff {
 }
 
 impl LogHandOff {
-    fn hand_over(&self, write: PendingWrite, transfers: usize) -> Result<(), ()> {
-        if transfers <= INLINE_WRITE_MAX_TRANSFERS && self.queued.load(Ordering::Acquire) == 0 {
+    /// `items`: the client transfers and peer messages the batch applied.
+    fn hand_over(&self, write: PendingWrite, items: usize) -> Result<(), ()> {
+        if items <= INLINE_WRITE_MAX_ITEMS && self.queued.load(Ordering::Acquire) == 0 {
             let mut writer = self.writer.lock();
             writer.group.push(write);
             writer.write_group();
