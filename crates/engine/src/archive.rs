@@ -100,9 +100,9 @@ const MAX_PENDING_RUNS: usize = 4;
 /// Files merged into one: at most `MERGE_FANIN - 1` files per tier, and a
 /// record is rewritten once per tier. 16 rather than 8: a few more files
 /// (a false positive, under 0.01% of new ids a segment, reads each) for a
-/// quarter less rewriting. The merges were the engine's largest disk writer (about 140
-/// bytes a transfer against 60 for the runs themselves), and every log
-/// fsync waits for the writes queued before it. `peakstack bench` over 30 s,
+/// quarter less rewriting. The merges were the engine's largest disk
+/// writer (about 140 bytes a transfer against 60 for the runs themselves),
+/// and every log fsync waits for the writes queued before it. `peakstack bench` over 30 s,
 /// two alternating pairs: merge thread 0.27 -> 0.20 us a transfer,
 /// 0.99-1.02M -> 1.04-1.06M transfers/s.
 pub const MERGE_FANIN: usize = 16;
