@@ -102,9 +102,9 @@ const MAX_PENDING_RUNS: usize = 4;
 /// (a false positive, under 0.01% of new ids a segment, reads each) for a
 /// quarter less rewriting. The merges were the engine's largest disk
 /// writer (about 140 bytes a transfer against 60 for the runs themselves),
-/// and every log fsync waits for the writes queued before it. `peakstack bench` over 30 s,
-/// two alternating pairs: merge thread 0.27 -> 0.20 us a transfer,
-/// 0.99-1.02M -> 1.04-1.06M transfers/s.
+/// and every log fsync waits for the writes queued before it. `peakstack
+/// bench` over 30 s, two alternating pairs: merge thread 0.27 -> 0.20 us a
+/// transfer, 0.99-1.02M -> 1.04-1.06M transfers/s.
 pub const MERGE_FANIN: usize = 16;
 /// Merges under way at once, the smallest stepped first, so that small
 /// merges do not wait behind a big one.
