@@ -1058,12 +1058,21 @@ async fn health_readiness_metrics_and_openapi() {
         "peakstack_engine_batches ",
         "peakstack_engine_inputs ",
         "peakstack_engine_fsyncs ",
+        "peakstack_engine_inline_writes ",
         "peakstack_engine_log_bytes ",
         "peakstack_engine_checkpoints ",
         "peakstack_audit_feed_lag_batches ",
     ] {
         assert!(has_line(gauge, &[]), "{gauge} in {text}");
     }
+    // One request at a time: nothing is ever queued for the log thread, so
+    // the apply thread wrote every batch itself.
+    let inline_writes: f64 = text
+        .lines()
+        .find_map(|line| line.strip_prefix("peakstack_engine_inline_writes "))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(|| panic!("peakstack_engine_inline_writes in {text}"));
+    assert!(inline_writes >= 3.0, "{inline_writes} batches written by the apply thread");
 
     // The OpenAPI document names exactly the routes the router serves.
     let doc = s.get("/openapi.json").await;
