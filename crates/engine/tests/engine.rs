@@ -464,13 +464,15 @@ async fn small_and_large_batches_at_once_are_all_durable_after_a_restart() {
                 let mut acknowledged = Vec::new();
                 for call in 0..CALLS {
                     let size = SIZES[(caller + call) % SIZES.len()];
-                    let requests: Vec<TransferRequest> = (0..size)
-                        .map(|i| create(&format!("t-{caller}-{call}-{i}"), "bank", &sinks[i % sinks.len()], 1))
-                        .collect();
-                    for (i, result) in engine.create_transfers_blocking(requests, false).into_iter().enumerate() {
+                    let batch: Vec<(String, usize)> =
+                        (0..size).map(|i| (format!("t-{caller}-{call}-{i}"), i % sinks.len())).collect();
+                    let requests = batch.iter().map(|(tid, sink)| create(tid, "bank", &sinks[*sink], 1)).collect();
+                    let results = engine.create_transfers_blocking(requests, false);
+                    assert_eq!(results.len(), batch.len());
+                    for result in results {
                         assert!(result.unwrap().created);
-                        acknowledged.push((format!("t-{caller}-{call}-{i}"), i % sinks.len()));
                     }
+                    acknowledged.extend(batch);
                 }
                 acknowledged
             })
