@@ -638,7 +638,10 @@ impl Merger {
             }
             if self.merges.is_empty() {
                 match self.written.recv_timeout(MERGE_IDLE_POLL) {
-                    Ok(span) => self.files.push(DiskFile { span, merging: false }),
+                    Ok(span) => {
+                        crate::failstop::fault_point();
+                        self.files.push(DiskFile { span, merging: false })
+                    }
                     Err(RecvTimeoutError::Timeout) => {}
                     // The writer stopped: the archive is closing or failed.
                     Err(RecvTimeoutError::Disconnected) => return Ok(()),
@@ -805,11 +808,12 @@ impl Archive {
             to_apply: done_tx.clone(),
             retired,
         };
-        let merger = std::thread::Builder::new().name("archive-merge".into()).spawn(move || merger.run())?;
+        let merger = crate::failstop::spawn("archive-merge", move || merger.run())?;
         let writer = {
             let (dir, written_runs) = (dir.to_path_buf(), written.clone());
-            std::thread::Builder::new().name("archive".into()).spawn(move || {
+            crate::failstop::spawn("archive", move || {
                 for (index, run) in writer_rx {
+                    crate::failstop::fault_point();
                     let written = write_run(&dir, index, &run);
                     let span = written.as_ref().ok().map(|run| run.span);
                     if span.is_some() {

@@ -72,7 +72,7 @@ impl Checkpointer {
     pub fn start(config: CheckpointerConfig) -> std::io::Result<Checkpointer> {
         let (to_thread, rx) = bounded(1);
         let name = format!("checkpoint-{}", config.executor);
-        let thread = std::thread::Builder::new().name(name).spawn(move || {
+        let thread = crate::failstop::spawn(name, move || {
             // Encoding a checkpoint takes tens of milliseconds of CPU; the
             // apply and log threads go first.
             crate::background::lower_this_thread();
@@ -87,9 +87,8 @@ impl Checkpointer {
         let sender = self.to_thread.as_ref().expect("the thread runs while the checkpointer lives");
         match sender.try_send(pending) {
             Ok(()) | Err(TrySendError::Full(_)) => {}
-            Err(TrySendError::Disconnected(_)) => {
-                tracing::error!("checkpoint thread is gone; checkpoints stop");
-            }
+            // Without checkpoints the log would grow for good.
+            Err(TrySendError::Disconnected(_)) => crate::failstop::stop("the checkpoint thread is gone"),
         }
     }
 }
@@ -126,7 +125,10 @@ impl Worker {
         loop {
             if self.waiting.is_none() {
                 match rx.recv() {
-                    Ok(pending) => self.encode(pending),
+                    Ok(pending) => {
+                        crate::failstop::fault_point();
+                        self.encode(pending)
+                    }
                     Err(_) => return,
                 }
             }

@@ -9,6 +9,7 @@ mod checkpointer;
 pub mod clock;
 pub mod codec;
 pub mod executor;
+pub mod failstop;
 pub mod history;
 pub mod layout;
 pub mod log;

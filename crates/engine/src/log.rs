@@ -265,7 +265,7 @@ impl Log {
             let number =
                 dir.file_name().and_then(|n| n.to_str()).and_then(|n| n.rsplit('-').next()?.parse::<u64>().ok());
             let name = number.map_or_else(|| "log-prep".to_string(), |n| format!("log-prep-{n}"));
-            std::thread::Builder::new().name(name).spawn(move || spare.run(&prep_dir)).map_err(io_err(dir))?
+            crate::failstop::spawn(name, move || spare.run(&prep_dir)).map_err(io_err(dir))?
         };
         Ok(Log {
             dir: dir.to_path_buf(),
@@ -465,6 +465,7 @@ impl Spare {
             if self.stopping.load(Ordering::Relaxed) {
                 return;
             }
+            crate::failstop::fault_point();
             let prepared = self.prepare(&dir.join(SPARE_NAME));
             let mut state = self.state.lock().expect("spare lock");
             *state = match prepared {

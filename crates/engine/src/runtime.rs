@@ -26,6 +26,7 @@ use crate::checkpointer::{Checkpointer, CheckpointerConfig, PendingCheckpoint};
 use crate::clock::Clock;
 use crate::codec::{Codec, Writer};
 use crate::executor::{ClientTag, Effects, ExecutorCore};
+use crate::failstop;
 use crate::history::{HistoryReader, HistoryWriter};
 use crate::layout::Layout;
 use crate::log::{encode_frame, Log, LogError};
@@ -275,6 +276,7 @@ impl Engine {
     /// Opens (or creates) the data dir, replays every executor's log and
     /// starts the executors.
     pub fn open(config: EngineConfig) -> Result<Engine, EngineError> {
+        failstop::arm_from_env();
         let meta = Meta::load_or_create(&config.data_dir, config.shards, config.executors)?;
         let layout = meta.layout();
         let mut history_writers = Vec::with_capacity(usize::from(layout.executors()));
@@ -404,7 +406,7 @@ impl Engine {
             }
             for (dest, messages) in by_dest.into_iter().enumerate() {
                 if !messages.is_empty() {
-                    let _ = shared.peers[dest].send(Inbound::Peer { from: core.id(), messages });
+                    send_to_peer(&shared, dest, Inbound::Peer { from: core.id(), messages });
                 }
             }
             shared.txns_in_flight.fetch_add(core.txns_in_flight(), Ordering::SeqCst);
@@ -414,8 +416,8 @@ impl Engine {
         let core_refs: Vec<&ExecutorCore> = cores.iter().collect();
         for (participant, coordinator, message) in crate::executor::lost_forgets(&core_refs) {
             if usize::from(coordinator) < executor_count {
-                let _ = shared.peers[usize::from(participant)]
-                    .send(Inbound::Peer { from: coordinator, messages: vec![message] });
+                let forget = Inbound::Peer { from: coordinator, messages: vec![message] };
+                send_to_peer(&shared, usize::from(participant), forget);
             }
         }
 
@@ -491,18 +493,8 @@ impl Engine {
                 last_audit_sequence: last_audit_sequences[usize::from(id)],
             };
             let log_thread = LogThread { writer, queued, rx: write_rx };
-            threads.push(
-                std::thread::Builder::new()
-                    .name(format!("apply-{id}"))
-                    .spawn(move || applier.run())
-                    .map_err(EngineError::Thread)?,
-            );
-            threads.push(
-                std::thread::Builder::new()
-                    .name(format!("log-{id}"))
-                    .spawn(move || log_thread.run())
-                    .map_err(EngineError::Thread)?,
-            );
+            threads.push(failstop::spawn(format!("apply-{id}"), move || applier.run()).map_err(EngineError::Thread)?);
+            threads.push(failstop::spawn(format!("log-{id}"), move || log_thread.run()).map_err(EngineError::Thread)?);
         }
         *shared.threads.lock() = threads;
         Ok(Engine { shared })
@@ -842,6 +834,15 @@ fn gather(count: usize, mut parts: Vec<(Vec<usize>, Option<Vec<TransferResult>>)
     results
 }
 
+/// Sends to an executor's peer queue. Only a stopping engine may lose a
+/// message (it is in its sender's log, and recovery sends it again); a
+/// running one that lost it would leave a transaction hanging.
+fn send_to_peer(shared: &Shared, dest: usize, inbound: Inbound) {
+    if shared.peers[dest].send(inbound).is_err() && !shared.closed.load(Ordering::Acquire) {
+        failstop::stop(&format!("executor {dest} is gone while the engine runs"));
+    }
+}
+
 pub fn executor_dir(data_dir: &Path, executor: ExecutorId) -> PathBuf {
     data_dir.join(format!("executor-{executor:03}"))
 }
@@ -909,6 +910,9 @@ impl Applier {
                     },
                     default(TICK) => {}
                 }
+            }
+            if first.is_some() {
+                failstop::fault_point();
             }
             let now_ms = self.clock.now_ms().max(self.last_time_ms);
             self.last_time_ms = now_ms;
@@ -1073,8 +1077,8 @@ impl Applier {
                 let write =
                     PendingWrite { logged, time_ms: now_ms, history, completions, outbox, checkpoint, audit, sequence };
                 if self.log.hand_over(write, transfers_taken + messages_taken).is_err() {
-                    tracing::error!(executor = self.core.id(), "log thread is gone; executor stops");
-                    return;
+                    // Its answers would never come: callers and peers would hang.
+                    failstop::stop(&format!("the log thread of executor {} is gone", self.core.id()));
                 }
             }
             if finishing {
@@ -1321,6 +1325,7 @@ struct LogThread {
 impl LogThread {
     fn run(self) {
         while let Ok(first) = self.rx.recv() {
+            failstop::fault_point();
             let mut writer = self.writer.lock();
             writer.group.push(first);
             while let Ok(more) = self.rx.try_recv() {
@@ -1433,7 +1438,7 @@ impl LogWriter {
         }
         for (dest, messages) in by_dest.into_iter().enumerate() {
             if !messages.is_empty() {
-                let _ = self.shared.peers[dest].send(Inbound::Peer { from: self.id, messages });
+                send_to_peer(&self.shared, dest, Inbound::Peer { from: self.id, messages });
             }
         }
         if let Some(checkpoint) = checkpoint {

@@ -138,10 +138,11 @@ impl AccessStore {
         let next_seq = last_seq(&db)? + 1;
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
         let writer_db = db.clone();
-        let thread = std::thread::Builder::new()
-            .name("access-store".to_owned())
-            .spawn(move || run(&writer_db, rx, next_seq))
-            .map_err(|e| AccessStoreError::Failed(format!("cannot start its thread: {e}")))?;
+        let thread = peakstack_engine::failstop::spawn("access-store", move || {
+            peakstack_engine::failstop::fault_point();
+            run(&writer_db, rx, next_seq)
+        })
+        .map_err(|e| AccessStoreError::Failed(format!("cannot start its thread: {e}")))?;
         Ok((AccessStore { db: Mutex::new(Some(db)), ops: tx, thread: Mutex::new(Some(thread)) }, keys))
     }
 

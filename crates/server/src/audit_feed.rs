@@ -61,10 +61,11 @@ impl AuditFeed {
             last_sync: Instant::now(),
             stop: stop.clone(),
         };
-        let thread = std::thread::Builder::new()
-            .name("audit-feed".to_owned())
-            .spawn(move || consumer.run(backlog.into()))
-            .map_err(|e| AccessStoreError::Failed(format!("cannot start the audit feed: {e}")))?;
+        let thread = peakstack_engine::failstop::spawn("audit-feed", move || {
+            peakstack_engine::failstop::fault_point();
+            consumer.run(backlog.into())
+        })
+        .map_err(|e| AccessStoreError::Failed(format!("cannot start the audit feed: {e}")))?;
         Ok(AuditFeed { stop, thread: Mutex::new(Some(thread)) })
     }
 

@@ -182,10 +182,11 @@ impl IdempotencyStore {
         txn.commit().map_err(redb::Error::from)?;
 
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
-        let thread = std::thread::Builder::new()
-            .name("idempotency".to_owned())
-            .spawn(move || run(db, rx))
-            .map_err(StoreError::Thread)?;
+        let thread = peakstack_engine::failstop::spawn("idempotency", move || {
+            peakstack_engine::failstop::fault_point();
+            run(db, rx)
+        })
+        .map_err(StoreError::Thread)?;
         Ok(IdempotencyStore {
             ops: tx,
             thread: Mutex::new(Some(thread)),

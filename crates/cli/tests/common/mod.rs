@@ -12,15 +12,19 @@ pub fn free_port() -> u16 {
 /// Starts `peakstack serve` on 127.0.0.1:`port` with the data dir and any
 /// further flags.
 pub fn start(data: &Path, port: u16, flags: &[&str]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_peakstack"))
+    serve_command(data, port, flags).stderr(Stdio::inherit()).spawn().expect("start peakstack serve")
+}
+
+/// The command [`start`] runs, for a test that sets more on it.
+pub fn serve_command(data: &Path, port: u16, flags: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_peakstack"));
+    command
         .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data"])
         .arg(data)
         .args(flags)
         .env("PEAKSTACK_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start peakstack serve")
+        .stdout(Stdio::null());
+    command
 }
 
 /// Waits (at most 30 s) until `/readyz` answers 200.
