@@ -2,7 +2,9 @@
 //!
 //! A frame is `[payload length: u32 LE][crc32c of payload: u32 LE][payload]`.
 //! The payload of a batch is `[sequence: u64][time_ms: u64][input count][inputs]`.
-//! Sequences start at 1 and have no gaps. Segments are named by the first
+//! Sequences start at 1 and have no gaps. The top bit of the sequence field
+//! ([`WRITE_START`]) marks the first frame of each durable write (logs
+//! written before it existed have it nowhere). Segments are named by the first
 //! sequence they hold (`00000000000000000001.log`). One durable write makes
 //! a whole group of batches durable: a direct, synchronous write into a
 //! prepared segment (see [`Log::append`]), else a write and an `fdatasync`.
@@ -28,7 +30,12 @@
 //! name), else batches were lost: corruption, which stops the executor
 //! loudly, as does a gap in the sequences. In the newest segment, bytes
 //! after its last whole batch may be a torn write: the file is cut there,
-//! so nothing of it can be read later.
+//! so nothing of it can be read later. Only the last write can be torn: a
+//! frame that is not whole but is followed by a whole frame that starts a
+//! later write (marked, and of a sequence not yet read: what a reused
+//! segment held is older) was damaged after it was durable, and acknowledged
+//! batches follow it. That is corruption, and opening fails, naming the file
+//! and offset (see [`LogError::Corrupt`]).
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -53,6 +60,10 @@ pub const PREPARE_AFTER_BYTES: u64 = 1 << 20;
 const SPARE_NAME: &str = "next.segment";
 /// A segment a checkpoint covered, kept to be reused as the next spare.
 const RECYCLED_NAME: &str = "recycled.segment";
+/// In the sequence field of a frame: the frame starts a durable write.
+pub const WRITE_START: u64 = 1 << 63;
+/// The smallest frame: header, sequence, time and a one-byte input count.
+const MIN_FRAME_BYTES: usize = 8 + 8 + 8 + 1;
 /// The unit of a direct write: offsets, lengths and buffer addresses are
 /// multiples of it (the disk's physical block; its logical one is smaller).
 const BLOCK: usize = 4096;
@@ -61,6 +72,8 @@ const BLOCK: usize = 4096;
 pub enum LogError {
     #[error("log i/o at {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
+    /// Opening stops here: the executor does not start. Unless the reason
+    /// says otherwise, restore its directory from a backup or a replica.
     #[error("log corrupt at {path} offset {offset}: {reason}")]
     Corrupt { path: PathBuf, offset: u64, reason: String },
 }
@@ -77,10 +90,19 @@ pub struct Batch {
     pub inputs: Vec<Input>,
 }
 
-/// Encodes a batch payload into a frame appended to `out`.
-pub fn encode_frame(sequence: u64, time_ms: u64, inputs_encoded: &[u8], input_count: usize, out: &mut Vec<u8>) {
+/// Encodes a batch payload into a frame appended to `out`; `starts_write`
+/// for the first frame of each [`Log::append`].
+pub fn encode_frame(
+    sequence: u64,
+    time_ms: u64,
+    inputs_encoded: &[u8],
+    input_count: usize,
+    starts_write: bool,
+    out: &mut Vec<u8>,
+) {
+    assert!(sequence & WRITE_START == 0, "batch sequence {sequence} reaches the write-start bit");
     let mut header = Writer::default();
-    header.u64(sequence);
+    header.u64(if starts_write { sequence | WRITE_START } else { sequence });
     header.u64(time_ms);
     header.varint(input_count as u64);
     let len = header.buf.len() + inputs_encoded.len();
@@ -94,7 +116,7 @@ pub fn encode_frame(sequence: u64, time_ms: u64, inputs_encoded: &[u8], input_co
 
 fn decode_payload(payload: &[u8]) -> Result<Batch, String> {
     let mut r = Reader::new(payload);
-    let sequence = r.u64().map_err(|e| e.to_string())?;
+    let sequence = r.u64().map_err(|e| e.to_string())? & !WRITE_START;
     let time_ms = r.u64().map_err(|e| e.to_string())?;
     let count = r.len().map_err(|e| e.to_string())?;
     let mut inputs = Vec::with_capacity(count.min(65536));
@@ -172,6 +194,50 @@ fn read_segment(
     }
 }
 
+/// The first whole frame after `from` that starts a write of a batch from
+/// `expected` on (at most one per byte after it): its offset and sequence.
+/// Frames start anywhere, so every offset is tried; the cheap tests come
+/// first (the marked top byte of the sequence, a plausible length and
+/// sequence), the checksum last.
+fn later_write(bytes: &[u8], from: usize, expected: u64) -> Option<(usize, u64)> {
+    let most = expected.saturating_add(bytes.len() as u64);
+    let mut at = from + 1;
+    while at + MIN_FRAME_BYTES <= bytes.len() {
+        let frame = &bytes[at..];
+        if frame[15] & 0x80 != 0 {
+            let len = u32::from_le_bytes(frame[..4].try_into().expect("4")) as usize;
+            let marked = u64::from_le_bytes(frame[8..16].try_into().expect("8"));
+            let sequence = marked & !WRITE_START;
+            if (MIN_FRAME_BYTES - 8..=MAX_FRAME_BYTES).contains(&len)
+                && len <= frame.len() - 8
+                && (expected..most).contains(&sequence)
+                && crc32c::crc32c(&frame[8..8 + len]) == u32::from_le_bytes(frame[4..8].try_into().expect("4"))
+            {
+                return Some((at, sequence));
+            }
+        }
+        at += 1;
+    }
+    None
+}
+
+/// The error for a newest segment whose frames stop at `at` (for `reason`)
+/// although a later write follows: what to do about it is in the message.
+fn damaged_before_later_write(path: &Path, at: usize, reason: &str, later: (usize, u64)) -> LogError {
+    let (later_at, later_sequence) = later;
+    LogError::Corrupt {
+        path: path.to_path_buf(),
+        offset: at as u64,
+        reason: format!(
+            "{reason}, but a later write follows (batch {later_sequence} at offset {later_at}): this is damage \
+             to batches already acknowledged, not a torn last write, so the log is not cut. Restore this \
+             executor's directory from a backup or a replica; or, accepting the loss of every batch from \
+             offset {at} on, cut the file there (truncate -s {at} {}) and start again",
+            path.display()
+        ),
+    }
+}
+
 pub struct Log {
     dir: PathBuf,
     file: File,
@@ -210,12 +276,24 @@ impl Log {
         let segments = list_segments(dir)?;
         let mut next_sequence = 1;
         let mut tail = None;
+        // Where the previous segment's frames stopped short, if they did.
+        let mut torn_before: Option<(&Path, usize, &'static str)> = None;
         for (index, (first, path)) in segments.iter().enumerate() {
             if *first != next_sequence && !(index == 0 && *first > 0) {
-                return Err(LogError::Corrupt {
-                    path: path.clone(),
-                    offset: 0,
-                    reason: format!("segment starts at {first}, expected {next_sequence}"),
+                return Err(match torn_before {
+                    Some((torn_path, at, reason)) => LogError::Corrupt {
+                        path: torn_path.to_path_buf(),
+                        offset: at as u64,
+                        reason: format!(
+                            "{reason} in a closed segment: batch {next_sequence} is lost ({} starts at {first})",
+                            path.display()
+                        ),
+                    },
+                    None => LogError::Corrupt {
+                        path: path.clone(),
+                        offset: 0,
+                        reason: format!("segment starts at {first}, expected {next_sequence}"),
+                    },
                 });
             }
             if index == 0 {
@@ -225,8 +303,18 @@ impl Log {
             let end = read_segment(path, *first, &bytes, &mut next_sequence, &mut on_batch)?;
             if index + 1 < segments.len() {
                 // Closed: where it ends is checked against the next name.
+                torn_before = match end {
+                    SegmentEnd::Torn { at, reason } => Some((path, at, reason)),
+                    _ => None,
+                };
                 continue;
             }
+            if let SegmentEnd::Torn { at, reason } = end {
+                if let Some(later) = later_write(&bytes, at, next_sequence) {
+                    return Err(damaged_before_later_write(path, at, reason, later));
+                }
+            }
+            drop(bytes);
             let at = match end {
                 SegmentEnd::Clean { at } => at,
                 SegmentEnd::Reused { at } | SegmentEnd::Torn { at, .. } => {
@@ -303,6 +391,8 @@ impl Log {
     /// else (a plain file, or where direct writes are refused), a write and
     /// one fdatasync.
     pub fn append(&mut self, frames: &[u8], batch_count: u64) -> Result<(), LogError> {
+        // Recovery tells a torn last write from damage by this mark.
+        assert!(frames.len() >= 16 && frames[15] & 0x80 != 0, "a log write must start with a frame marked WRITE_START");
         let len = frames.len() as u64;
         if self.offset + len > self.capacity {
             if let Some(prepared) = self.spare.take() {
@@ -585,7 +675,16 @@ mod tests {
             input.encode(&mut w);
         }
         let mut out = Vec::new();
-        encode_frame(sequence, 1000 + sequence, &w.buf, inputs.len(), &mut out);
+        encode_frame(sequence, 1000 + sequence, &w.buf, inputs.len(), true, &mut out);
+        out
+    }
+
+    /// A frame that continues a write (not its first).
+    fn continuing(sequence: u64, ids: &[&str]) -> Vec<u8> {
+        let mut out = frame(sequence, ids);
+        out[15] &= 0x7f;
+        let crc = crc32c::crc32c(&out[8..]);
+        out[4..8].copy_from_slice(&crc.to_le_bytes());
         out
     }
 
@@ -741,10 +840,10 @@ mod tests {
     #[test]
     fn a_torn_write_over_zeros_is_cut_so_no_part_of_it_comes_back() {
         let dir = tempfile::tempdir().unwrap();
-        let frames: Vec<Vec<u8>> = (1..=4).map(|s| frame(s, &["x"])).collect();
-        let path = prepared_segment(dir.path(), 1, &frames);
-        // Batches 3 and 4 were written but never synced; the crash kept
+        // Batches 3 and 4 were one write, never synced; the crash kept
         // batch 4 and lost the first page of batch 3 (zeros there).
+        let frames = vec![frame(1, &["x"]), frame(2, &["x"]), frame(3, &["x"]), continuing(4, &["x"])];
+        let path = prepared_segment(dir.path(), 1, &frames);
         let mut bytes = fs::read(&path).unwrap();
         let at = frames[0].len() + frames[1].len();
         bytes[at..at + 8].fill(0);
@@ -825,5 +924,94 @@ mod tests {
         prepared_segment(dir.path(), 11, &[frame(11, &["z"])]);
         prepared_segment(dir.path(), 10, &[frame(10, &["x"]), frame(2, &["y"])]);
         assert_eq!(read_all(dir.path()).unwrap(), vec![10, 11]);
+    }
+
+    /// Appends batches 1..=10, one write each, and answers the segment and
+    /// the offsets where each frame starts.
+    fn ten_writes(dir: &Path) -> (PathBuf, Vec<usize>) {
+        let mut log = Log::open(dir, |_| Ok(())).unwrap();
+        let mut starts = Vec::new();
+        for sequence in 1..=10 {
+            starts.push(log.offset as usize);
+            log.append(&frame(sequence, &["a", "b"]), 1).unwrap();
+        }
+        drop(log);
+        (list_segments(dir).unwrap()[0].1.clone(), starts)
+    }
+
+    #[test]
+    fn a_damaged_frame_before_a_later_write_is_corruption_not_a_torn_tail() {
+        // A flipped byte in frame 5's length, checksum, marked sequence and
+        // inputs: batches 5-10 were acknowledged, none may go silently.
+        for within in [0, 5, 15, 30] {
+            let dir = tempfile::tempdir().unwrap();
+            let (segment, starts) = ten_writes(dir.path());
+            let mut bytes = fs::read(&segment).unwrap();
+            bytes[starts[4] + within] ^= 0x10;
+            fs::write(&segment, &bytes).unwrap();
+            let error = read_all(dir.path()).unwrap_err();
+            let LogError::Corrupt { path, offset, .. } = &error else { panic!("{error}") };
+            assert_eq!((path, *offset), (&segment, starts[4] as u64), "byte {within}: {error}");
+            let message = error.to_string();
+            assert!(message.contains(&format!("batch 6 at offset {}", starts[5])), "{message}");
+            assert!(message.contains("backup") && message.contains("truncate -s"), "{message}");
+            assert_eq!(fs::read(&segment).unwrap(), bytes, "nothing was cut");
+        }
+    }
+
+    #[test]
+    fn a_damaged_frame_in_a_prepared_segment_before_a_later_write_is_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let frames: Vec<Vec<u8>> = (1..=6).map(|s| frame(s, &["x"])).collect();
+        let path = prepared_segment(dir.path(), 1, &frames);
+        let mut bytes = fs::read(&path).unwrap();
+        let at = frames[0].len() + frames[1].len();
+        bytes[at + 20] ^= 1;
+        fs::write(&path, bytes).unwrap();
+        let error = read_all(dir.path()).unwrap_err();
+        assert!(matches!(&error, LogError::Corrupt { offset, .. } if *offset == at as u64), "{error}");
+    }
+
+    #[test]
+    fn a_cut_last_write_still_opens_with_every_batch_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (segment, starts) = ten_writes(dir.path());
+        let whole = fs::read(&segment).unwrap();
+        fs::write(&segment, &whole[..starts[9] + 11]).unwrap();
+        assert_eq!(read_all(dir.path()).unwrap(), (1..=9).collect::<Vec<_>>());
+        assert_eq!(file_len(&segment), starts[9] as u64);
+    }
+
+    #[test]
+    fn old_frames_of_a_reused_segment_after_a_torn_write_are_not_a_later_write() {
+        let dir = tempfile::tempdir().unwrap();
+        // Segment 10 reused over one that held batches 2-5 (each its own
+        // write, so marked); batches 10 and 11 written over its start, and
+        // batch 12 torn after them: its first half, then old bytes.
+        let old: Vec<u8> = (2..=5).flat_map(|s| frame(s, &["old-batch-with-longer-ids"])).collect();
+        let new: Vec<u8> = [frame(10, &["x"]), frame(11, &["y"])].concat();
+        let torn = frame(12, &["z"]);
+        let mut bytes = old.clone();
+        bytes[..new.len()].copy_from_slice(&new);
+        bytes[new.len()..new.len() + torn.len() / 2].copy_from_slice(&torn[..torn.len() / 2]);
+        let old_whole_after = old.len() - frame(5, &["old-batch-with-longer-ids"]).len();
+        assert!(old_whole_after > new.len() + torn.len(), "an old whole frame follows the torn one");
+        let path = prepared_segment(dir.path(), 10, &[bytes]);
+        assert_eq!(read_all(dir.path()).unwrap(), vec![10, 11]);
+        assert_eq!(file_len(&path), new.len() as u64);
+    }
+
+    #[test]
+    fn damage_in_a_closed_segment_names_that_segment_and_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let frames: Vec<Vec<u8>> = (1..=3).map(|s| frame(s, &["x"])).collect();
+        let first = prepared_segment(dir.path(), 1, &frames);
+        prepared_segment(dir.path(), 4, &[frame(4, &["y"])]);
+        let mut bytes = fs::read(&first).unwrap();
+        bytes[frames[0].len() + 20] ^= 1;
+        fs::write(&first, bytes).unwrap();
+        let error = read_all(dir.path()).unwrap_err();
+        let LogError::Corrupt { path, offset, .. } = &error else { panic!("{error}") };
+        assert_eq!((path, *offset), (&first, frames[0].len() as u64), "{error}");
     }
 }

@@ -1381,7 +1381,8 @@ impl LogWriter {
             for input in &write.logged {
                 input.encode(encoded);
             }
-            encode_frame(write.sequence, write.time_ms, &encoded.buf, write.logged.len(), frames);
+            let starts_write = batch_count == 0;
+            encode_frame(write.sequence, write.time_ms, &encoded.buf, write.logged.len(), starts_write, frames);
             batch_count += 1;
             inputs += write.logged.len();
             // Dropped here, off the apply thread.
