@@ -129,6 +129,9 @@ enum ItemOutcome {
     Err(ErrorCode),
 }
 
+/// Bits of a [`TxnId`] below the coordinator's executor id: its counter.
+const TXN_COUNTER_BITS: u32 = 48;
+
 pub struct ExecutorCore {
     id: ExecutorId,
     layout: Layout,
@@ -236,7 +239,7 @@ impl ExecutorCore {
 
     /// The executor that coordinates `txn` (its id is in the top 16 bits).
     pub fn coordinator_of(txn: TxnId) -> ExecutorId {
-        (txn >> 48) as ExecutorId
+        (txn >> TXN_COUNTER_BITS) as ExecutorId
     }
 
     /// Applies one input. Returns the answer to an account creation, if it
@@ -454,8 +457,7 @@ impl ExecutorCore {
         now_ms: u64,
         fx: &mut Effects,
     ) {
-        let txn: TxnId = (u64::from(self.id) << 48) | self.next_txn;
-        self.next_txn += 1;
+        let txn = self.take_txn_id();
         let mut parts: BTreeMap<ExecutorId, Part> = BTreeMap::new();
         let any_static_error = items.iter().any(|i| i.static_error.is_some());
         if !any_static_error {
@@ -482,6 +484,16 @@ impl ExecutorCore {
         }
         self.txns.insert(txn, state);
         self.maybe_decide(txn, now_ms, fx);
+    }
+
+    /// A new transaction id: this executor's id over its counter. A
+    /// counter that reached the executor bits would make ids of another
+    /// coordinator, or repeat old ones: stop instead.
+    fn take_txn_id(&mut self) -> TxnId {
+        let counter = self.next_txn;
+        assert!(counter < 1 << TXN_COUNTER_BITS, "executor {}: the transaction id counter is exhausted", self.id);
+        self.next_txn = counter + 1;
+        (u64::from(self.id) << TXN_COUNTER_BITS) | counter
     }
 
     fn try_ops_of(&self, item: &Item) -> Vec<(ExecutorId, TryOp)> {
@@ -757,6 +769,14 @@ impl ExecutorCore {
         match self.fences.remove(&txn) {
             Some(Fence::Tried { ops, results }) => {
                 if commit {
+                    // The coordinator commits only when every try succeeded:
+                    // a commit over a refused try would book money never held.
+                    let refused = results.iter().position(|r| matches!(r, OpResult::Err(_) | OpResult::Exists(_)));
+                    assert!(
+                        refused.is_none(),
+                        "executor {}: commit of txn {txn:#x} at a fence whose try {refused:?} did not succeed",
+                        self.id
+                    );
                     self.apply_commit_ops(txn, commit_ops, now_ms, &mut balances, fx);
                 } else {
                     for (op, result) in ops.iter().zip(&results).rev() {
@@ -766,12 +786,21 @@ impl ExecutorCore {
             }
             Some(Fence::Decided) => {}
             Some(Fence::Suspended) => {
+                // Suspended refuses the try, so no coordinator can commit.
+                assert!(!commit, "executor {}: commit of txn {txn:#x} at a suspended fence", self.id);
                 self.fences.insert(txn, Fence::Suspended);
                 return balances;
             }
             None => {
                 if commit {
-                    // A participant with commit work only (it settles a pending hold).
+                    // A participant with commit work only (it settles a
+                    // pending hold): every other commit op follows a try here.
+                    let untried = commit_ops.iter().find(|op| !matches!(op, CommitOp::Settle { .. }));
+                    assert!(
+                        untried.is_none(),
+                        "executor {}: commit of txn {txn:#x} without a fence, for {untried:?}",
+                        self.id
+                    );
                     self.apply_commit_ops(txn, commit_ops, now_ms, &mut balances, fx);
                 } else {
                     self.fences.insert(txn, Fence::Suspended);
@@ -1027,4 +1056,89 @@ pub fn lost_forgets(cores: &[&ExecutorCore]) -> Vec<(ExecutorId, ExecutorId, Pee
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use peakstack_domain::{AccountFlags, NewAccount};
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+
+    /// A transaction that executor 0 coordinates.
+    const TXN: TxnId = 7;
+
+    /// A participant on executor 1 of 2 with one open account, and a debit
+    /// leg of `amount` on it.
+    fn participant(amount: u64) -> (ExecutorCore, Leg) {
+        let layout = Layout::new(8, 2).expect("valid layout");
+        let mut core = ExecutorCore::new(1, layout);
+        let account = (0..1000)
+            .map(|n| Id::parse(&format!("acct{n}")).expect("valid id"))
+            .find(|id| layout.executor_of_account(id) == 1)
+            .expect("an account on executor 1");
+        let new = NewAccount {
+            id: account.clone(),
+            currency: Currency::parse("USD").expect("valid"),
+            flags: AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS,
+            overdraft_limit: 0,
+            metadata: None,
+            owner: None,
+        };
+        core.apply(&Input::CreateAccount(new), 1_000, None, &mut Effects::default());
+        let leg = Leg {
+            transfer_id: Id::parse("t1").expect("valid id"),
+            side: Side::Debit,
+            account_id: account,
+            currency: Currency::parse("USD").expect("valid"),
+            amount,
+            via_clearing: true,
+            pending: false,
+        };
+        (core, leg)
+    }
+
+    fn feed(core: &mut ExecutorCore, message: PeerMsg) {
+        core.apply(&Input::Peer { from: 0, messages: vec![message] }, 1_000, None, &mut Effects::default());
+    }
+
+    fn commit(leg: &Leg) -> PeerMsg {
+        let hold = CommitOp::CommitHold {
+            transfer_id: leg.transfer_id.clone(),
+            side: leg.side,
+            account_id: leg.account_id.clone(),
+        };
+        PeerMsg::Decide { txn: TXN, commit: true, ops: vec![hold] }
+    }
+
+    /// Whether feeding `messages` in order stops (panics) at the last.
+    fn stops_at_last(amount: u64, messages: impl Fn(&Leg) -> Vec<PeerMsg>) -> bool {
+        let (mut core, leg) = participant(amount);
+        let mut messages = messages(&leg);
+        let last = messages.pop().expect("a message");
+        for message in messages {
+            feed(&mut core, message);
+        }
+        catch_unwind(AssertUnwindSafe(|| feed(&mut core, last))).is_err()
+    }
+
+    #[test]
+    fn a_commit_arrives_only_at_a_fence_whose_tries_succeeded() {
+        let try_hold = |leg: &Leg| PeerMsg::Try { txn: TXN, ops: vec![TryOp::Hold(leg.clone())] };
+        let cancel = PeerMsg::Decide { txn: TXN, commit: false, ops: vec![] };
+        // Holding 0 on an account that must not go below zero succeeds;
+        // holding 10 is refused.
+        assert!(!stops_at_last(0, |leg| vec![try_hold(leg), commit(leg)]), "a commit after a good try");
+        assert!(stops_at_last(10, |leg| vec![try_hold(leg), commit(leg)]), "a commit after a refused try");
+        assert!(!stops_at_last(10, |leg| vec![try_hold(leg), cancel.clone()]), "a cancel after a refused try");
+        assert!(stops_at_last(0, |leg| vec![cancel.clone(), commit(leg)]), "a commit at a suspended fence");
+        assert!(stops_at_last(0, |leg| vec![commit(leg)]), "a commit of a hold never tried");
+    }
+
+    #[test]
+    fn the_transaction_id_counter_stops_before_it_reaches_the_executor_bits() {
+        let (mut core, _) = participant(0);
+        core.next_txn = (1 << TXN_COUNTER_BITS) - 1;
+        assert_eq!(core.take_txn_id(), (1 << TXN_COUNTER_BITS) | ((1 << TXN_COUNTER_BITS) - 1));
+        assert!(catch_unwind(AssertUnwindSafe(|| core.take_txn_id())).is_err());
+    }
 }
