@@ -196,29 +196,54 @@ fn read_segment(
 
 /// The first whole frame after `from` that starts a write of a batch from
 /// `expected` on (at most one per byte after it): its offset and sequence.
-/// Frames start anywhere, so every offset is tried; the cheap tests come
-/// first (the marked top byte of the sequence, a plausible length and
-/// sequence), the checksum last.
+/// Frames start anywhere, so every offset is a candidate; but a marked
+/// sequence below 2^56 has 0x80 for its top byte, so only offsets 15
+/// bytes before such a byte are tried (found a word at a time: a reused
+/// segment's tail is megabytes), the checksum last.
 fn later_write(bytes: &[u8], from: usize, expected: u64) -> Option<(usize, u64)> {
-    let most = expected.saturating_add(bytes.len() as u64);
-    let mut at = from + 1;
-    while at + MIN_FRAME_BYTES <= bytes.len() {
-        let frame = &bytes[at..];
-        if frame[15] & 0x80 != 0 {
-            let len = u32::from_le_bytes(frame[..4].try_into().expect("4")) as usize;
-            let marked = u64::from_le_bytes(frame[8..16].try_into().expect("8"));
-            let sequence = marked & !WRITE_START;
-            if (MIN_FRAME_BYTES - 8..=MAX_FRAME_BYTES).contains(&len)
-                && len <= frame.len() - 8
-                && (expected..most).contains(&sequence)
-                && crc32c::crc32c(&frame[8..8 + len]) == u32::from_le_bytes(frame[4..8].try_into().expect("4"))
-            {
-                return Some((at, sequence));
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let first_mark = from + 1 + 15;
+    if first_mark >= bytes.len() {
+        return None;
+    }
+    for (index, word) in bytes[first_mark..].chunks(8).enumerate() {
+        if let Ok(word) = <[u8; 8]>::try_from(word) {
+            // Zero bytes of `x` are 0x80 bytes of the word.
+            let x = u64::from_le_bytes(word) ^ HIGHS;
+            if x.wrapping_sub(ONES) & !x & HIGHS == 0 {
+                continue;
             }
         }
-        at += 1;
+        let word_at = first_mark + index * 8;
+        for (offset, &byte) in word.iter().enumerate() {
+            let at = word_at + offset - 15;
+            if byte == 0x80 {
+                if let Some(sequence) = whole_marked_frame(&bytes[at..], expected) {
+                    return Some((at, sequence));
+                }
+            }
+        }
     }
     None
+}
+
+/// The sequence of `frame` when it starts with a whole frame, marked
+/// [`WRITE_START`], of a sequence from `expected` on (and not beyond what
+/// the bytes could hold).
+fn whole_marked_frame(frame: &[u8], expected: u64) -> Option<u64> {
+    if frame.len() < MIN_FRAME_BYTES {
+        return None;
+    }
+    let len = u32::from_le_bytes(frame[..4].try_into().expect("4")) as usize;
+    let marked = u64::from_le_bytes(frame[8..16].try_into().expect("8"));
+    let sequence = marked & !WRITE_START;
+    let plausible = marked & WRITE_START != 0
+        && (MIN_FRAME_BYTES - 8..=MAX_FRAME_BYTES).contains(&len)
+        && len <= frame.len() - 8
+        && (expected..expected.saturating_add(frame.len() as u64)).contains(&sequence);
+    let crc = u32::from_le_bytes(frame[4..8].try_into().expect("4"));
+    (plausible && crc32c::crc32c(&frame[8..8 + len]) == crc).then_some(sequence)
 }
 
 /// The error for a newest segment whose frames stop at `at` (for `reason`)
