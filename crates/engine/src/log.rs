@@ -195,8 +195,7 @@ fn read_segment(
 }
 
 /// The first whole frame after `from` that starts a write of a batch from
-/// `expected` on (at most one per byte after it): its offset and sequence.
-/// Frames start anywhere, so every offset is a candidate; but a marked
+/// `expected` on: its offset and sequence. Frames start anywhere, so every offset is a candidate; but a marked
 /// sequence below 2^56 has 0x80 for its top byte, so only offsets 15
 /// bytes before such a byte are tried (found a word at a time: a reused
 /// segment's tail is megabytes), the checksum last.
