@@ -2,7 +2,8 @@
 //! (made to, by the `PEAKSTACK_FAULT_PANIC` test hook) stops the whole
 //! process with exit status 70 and a log line naming the thread and the
 //! panic, instead of leaving the other threads serving around a dead one. A
-//! restart without the hook recovers everything acknowledged before.
+//! restart without the hook recovers everything acknowledged before. The
+//! server's store threads stop it the same way.
 
 use std::io::Read;
 use std::process::{Child, Command, Stdio};
@@ -40,6 +41,25 @@ async fn a_panic_on_a_log_thread_stops_the_process() {
 async fn a_panic_on_a_checkpoint_thread_stops_the_process() {
     // A checkpoint after every batch that logs anything.
     check("checkpoint-0", &["--executors", "1", "--checkpoint-log-bytes", "1"], Trigger::Accounts).await;
+}
+
+#[test]
+fn a_panic_on_a_server_store_thread_stops_the_process() {
+    // The store threads reach their fault point when they start.
+    for thread in ["idempotency", "access-store", "audit-feed"] {
+        let dir = tempfile::tempdir().unwrap();
+        create_key(dir.path(), "admin");
+        let mut faulty = serve_command(dir.path(), free_port(), &[])
+            .env("PEAKSTACK_FAULT_PANIC", thread)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start peakstack serve");
+        let stderr = collect_stderr(&mut faulty);
+        let status = wait_exit(&mut faulty, Duration::from_secs(20));
+        let log = stderr.join().unwrap();
+        assert_eq!(status.code(), Some(70), "{thread}: exit status {status}; stderr:\n{log}");
+        assert!(log.contains(&format!("fatal: thread {thread} panicked")), "{thread}: stderr:\n{log}");
+    }
 }
 
 async fn check(thread: &str, flags: &[&str], trigger: Trigger) {
