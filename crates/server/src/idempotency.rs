@@ -12,6 +12,12 @@
 //! in an in-memory set until its answer is stored, and the second is told
 //! `idempotency_key_in_use`. That is also why reads need not wait for writes
 //! of the same group: a read of key K is only made by the holder of K.
+//!
+//! A request the engine did not decide within its deadline is answered 503
+//! `deadline_exceeded` at once, but it still runs (see [`LateAnswer`]): its
+//! key stays in flight until the real answer is stored, so a retry hears
+//! `idempotency_key_in_use` meanwhile and the real answer afterwards, never
+//! a replay of the 503 nor a second run of the request.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -139,6 +145,25 @@ enum Op {
     Put { key: String, answer: StoredAnswer, reply: oneshot::Sender<Result<(), StoreError>> },
     Purge { cutoff_ms: u64, limit: usize, reply: oneshot::Sender<Result<usize, StoreError>> },
     Close,
+}
+
+/// The answer-to-be of a request answered `deadline_exceeded` while the
+/// engine still decides it: the handler sets it on that 503, and the POST
+/// guard, if the request has an Idempotency-Key, keeps the key in flight
+/// until it arrives and stores it as the key's answer.
+#[derive(Clone)]
+pub struct LateAnswer(Arc<Mutex<Option<tokio::task::JoinHandle<axum::response::Response>>>>);
+
+impl LateAnswer {
+    /// `task` makes the answer; it runs on whether or not anyone awaits it.
+    pub fn new(task: tokio::task::JoinHandle<axum::response::Response>) -> LateAnswer {
+        LateAnswer(Arc::new(Mutex::new(Some(task))))
+    }
+
+    /// Takes the answer-to-be off `response`, if it has one.
+    pub fn take(response: &mut axum::response::Response) -> Option<tokio::task::JoinHandle<axum::response::Response>> {
+        response.extensions_mut().remove::<LateAnswer>().and_then(|late| late.0.lock().take())
+    }
 }
 
 /// The durable map key -> answer, and the set of keys in flight.
