@@ -49,6 +49,10 @@ pub const QUEUE_CAPACITY: usize = 4096;
 pub const MAX_KEYS_IN_FLIGHT: usize = 65_536;
 /// Largest answer remembered (a full batch answer is a few MiB).
 pub const MAX_STORED_ANSWER_BYTES: usize = 32 << 20;
+/// How long closing the store waits for the keys still in flight: after
+/// the server drained its requests, those are requests past their deadline
+/// whose real answer is still to be stored (see [`LateAnswer`]).
+pub const CLOSE_WAIT_FOR_KEYS: Duration = Duration::from_secs(10);
 
 const ANSWERS: TableDefinition<&str, &[u8]> = TableDefinition::new("answers");
 /// (created_at_ms, key): the purge walks this in age order.
@@ -170,19 +174,30 @@ impl LateAnswer {
 pub struct IdempotencyStore {
     ops: mpsc::Sender<Op>,
     thread: Mutex<Option<JoinHandle<()>>>,
-    in_flight: Arc<Mutex<HashSet<String>>>,
+    in_flight: Arc<InFlight>,
+}
+
+#[derive(Default)]
+struct InFlight {
+    keys: Mutex<HashSet<String>>,
+    /// Told whenever the last key in flight is let go.
+    none_left: tokio::sync::Notify,
 }
 
 /// Holds a key in flight; dropping it (also when a request is cancelled)
 /// lets the next request with the key in.
 pub struct KeyGuard {
     key: String,
-    in_flight: Arc<Mutex<HashSet<String>>>,
+    in_flight: Arc<InFlight>,
 }
 
 impl Drop for KeyGuard {
     fn drop(&mut self) {
-        self.in_flight.lock().remove(&self.key);
+        let mut keys = self.in_flight.keys.lock();
+        keys.remove(&self.key);
+        if keys.is_empty() {
+            self.in_flight.none_left.notify_waiters();
+        }
     }
 }
 
@@ -214,13 +229,13 @@ impl IdempotencyStore {
         Ok(IdempotencyStore {
             ops: tx,
             thread: Mutex::new(Some(thread)),
-            in_flight: Arc::new(Mutex::new(HashSet::new())),
+            in_flight: Arc::new(InFlight::default()),
         })
     }
 
     /// Takes `key` for one request.
     pub fn begin(&self, key: &str) -> Result<KeyGuard, Busy> {
-        let mut in_flight = self.in_flight.lock();
+        let mut in_flight = self.in_flight.keys.lock();
         if in_flight.contains(key) {
             return Err(Busy::KeyInUse);
         }
@@ -254,9 +269,22 @@ impl IdempotencyStore {
         self.call(|reply| Op::Purge { cutoff_ms, limit, reply }).await
     }
 
-    /// Stops the thread after the operations already queued and closes the
+    /// Waits (up to [`CLOSE_WAIT_FOR_KEYS`]) until no key is in flight, then
+    /// stops the thread after the operations already queued and closes the
     /// database (so that it can be opened again, in this process too).
     pub async fn close(&self) {
+        let none_left = async {
+            loop {
+                let notified = self.in_flight.none_left.notified();
+                if self.in_flight.keys.lock().is_empty() {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        if tokio::time::timeout(CLOSE_WAIT_FOR_KEYS, none_left).await.is_err() {
+            tracing::warn!("closing the idempotency store with keys still in flight: their answers are not stored");
+        }
         let _ = self.ops.send(Op::Close).await;
         let thread = self.thread.lock().take();
         if let Some(thread) = thread {

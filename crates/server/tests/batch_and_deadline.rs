@@ -308,3 +308,36 @@ async fn a_keyed_retry_after_the_deadline_gets_the_real_answer() {
     assert_eq!(s.credits_posted("b").await, 8);
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_answer_is_stored_before_the_server_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = TestServer::start(dir.path(), 1, DEADLINE).await;
+    s.account("a", &[]).await;
+    s.account("b", &[]).await;
+    let body = transfer("s1", "a", "b", 3);
+    post_stalled(&s, 0, "/v1/transfers", &body, Some("key-s")).await;
+    // Stop serving while the engine has not decided; once the listener is
+    // gone the server is closing its stores, and only then may it decide.
+    let _ = s.stop.take().unwrap().send(());
+    let mut refused = false;
+    for _ in 0..POLL_STEPS {
+        if s.client.get(format!("{}/healthz", s.base)).send().await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(POLL_STEP).await;
+    }
+    assert!(refused, "the server kept serving");
+    s.engine.test_batch_gate(0).open();
+    s.task.take().unwrap().await.unwrap().unwrap();
+    let engine = s.engine.clone();
+    tokio::task::spawn_blocking(move || engine.shutdown()).await.unwrap();
+
+    let s = TestServer::start(dir.path(), 1, DEADLINE).await;
+    let answer = s.post_keyed("/v1/transfers", &body, "key-s").await;
+    assert_eq!(answer.status, 201, "{}", answer.body);
+    assert_eq!(answer.header("idempotent-replayed"), Some("true"));
+    assert_eq!(s.credits_posted("b").await, 3);
+    s.stop().await;
+}
