@@ -21,7 +21,6 @@ use peakstack_domain::{Account, ErrorCode, Id, NewAccount, Transfer, TransferReq
 use tokio::sync::oneshot;
 
 use crate::archive::Archive;
-use crate::test_hooks::TestBatchGate;
 use crate::batch_ids;
 use crate::checkpoint;
 use crate::checkpointer::{Checkpointer, CheckpointerConfig, PendingCheckpoint};
@@ -33,6 +32,7 @@ use crate::layout::Layout;
 use crate::log::{encode_frame, Log, LogError};
 use crate::meta::{Meta, MetaError};
 use crate::protocol::{AuditBatch, AuditEvent, ExecutorId, Input, Origin, PeerMsg, TransferResult};
+use crate::test_hooks::TestBatchGate;
 
 /// Most inputs one batch applies.
 pub const MAX_BATCH_INPUTS: usize = 8192;

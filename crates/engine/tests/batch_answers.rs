@@ -68,7 +68,12 @@ fn duplicate_ids_in_one_call_answer_the_same_with_any_executor_count() {
         let dir = tempfile::tempdir().unwrap();
         let engine = engine_with_accounts(dir.path(), executors);
         let call = |first: &str| {
-            vec![create(first, "a", "b", 1), create("y", "b", "a", 1), create(first, "a", "b", 1), create(first, "a", "b", 2)]
+            vec![
+                create(first, "a", "b", 1),
+                create("y", "b", "a", 1),
+                create(first, "a", "b", 1),
+                create(first, "a", "b", 2),
+            ]
         };
         let answers = engine.create_transfers_blocking(call("x"), false);
         let dup = "duplicate_id_in_batch";

@@ -7,12 +7,12 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
-use std::future::Future;
 use peakstack_domain::{Account, ErrorCode, Id, Transfer, TransferRequest};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::Value;
+use std::future::Future;
 
 use crate::access::{AuthMode, Caller, Denied, Principal, Scope};
 use crate::audit::{action, AuditRecord};

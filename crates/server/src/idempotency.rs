@@ -226,11 +226,7 @@ impl IdempotencyStore {
             .name("idempotency".to_owned())
             .spawn(move || run(db, rx))
             .map_err(StoreError::Thread)?;
-        Ok(IdempotencyStore {
-            ops: tx,
-            thread: Mutex::new(Some(thread)),
-            in_flight: Arc::new(InFlight::default()),
-        })
+        Ok(IdempotencyStore { ops: tx, thread: Mutex::new(Some(thread)), in_flight: Arc::new(InFlight::default()) })
     }
 
     /// Takes `key` for one request.

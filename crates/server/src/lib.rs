@@ -363,7 +363,8 @@ impl Server {
     /// keys checked but no key that opens the API.
     pub async fn bind(config: ServerConfig, engine: Engine) -> anyhow::Result<Server> {
         let tls = tls_of(&config)?;
-        let state = AppState::new(engine, &config.data_dir, config.auth)?.with_request_deadline(config.request_deadline);
+        let state =
+            AppState::new(engine, &config.data_dir, config.auth)?.with_request_deadline(config.request_deadline);
         if let Err(error) = check_keys(&config, state.keys()) {
             state.close().await;
             return Err(error);

@@ -136,7 +136,8 @@ async fn guarded(state: &AppState, request: Request, next: Next) -> Result<Respo
         // flight until the real answer is, so a retry gets that one.
         let state = state.clone();
         tokio::spawn(async move {
-            let answer = late.await.unwrap_or_else(|_| ApiError::Internal("the request failed".to_owned()).into_response());
+            let answer =
+                late.await.unwrap_or_else(|_| ApiError::Internal("the request failed".to_owned()).into_response());
             if let Err(error) = remember(state.idempotency(), &key, fingerprint, answer).await {
                 tracing::warn!(%error, "the late answer of a keyed request was not stored");
             }
