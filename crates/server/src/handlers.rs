@@ -7,7 +7,8 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
-use peakstack_domain::{Account, ErrorCode, Id, Transfer, TransferRequest};
+use peakstack_domain::{Account, ErrorCode, Id, NewAccount, Transfer, TransferRequest};
+use peakstack_engine::{Engine, Origin};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -313,27 +314,29 @@ pub async fn create_account(
     let deadline = Deadline::of(&state);
     let pending = format!("account {id} may still be opened: read it at /v1/accounts/{id}, or retry");
     let caller = Caller { principal: caller.principal.clone(), request_id: caller.request_id.clone() };
-    decide_within(deadline, &pending, async move {
-        match state.engine().create_account(new).await {
-            Ok((account, created)) => {
-                if created {
-                    let details = serde_json::json!({
-                        "currency": account.currency.to_string(),
-                        "owner": account.owner.as_ref().map(ToString::to_string),
-                    });
-                    audit(&state, &caller, action::ACCOUNT_CREATE, id.as_str(), details).await?;
-                }
-                let status = if created { StatusCode::CREATED } else { StatusCode::OK };
-                Ok(json(status, &AccountJson::from_account(&account)))
+    decide_within(deadline, &pending, open_account(state, caller, id, new)).await
+}
+
+/// The engine's part of `create_account` (run by [`decide_within`]).
+async fn open_account(state: AppState, caller: Caller, id: Id, new: NewAccount) -> Result<Response, ApiError> {
+    match state.engine().create_account(new).await {
+        Ok((account, created)) => {
+            if created {
+                let details = serde_json::json!({
+                    "currency": account.currency.to_string(),
+                    "owner": account.owner.as_ref().map(ToString::to_string),
+                });
+                audit(&state, &caller, action::ACCOUNT_CREATE, id.as_str(), details).await?;
             }
-            Err(ErrorCode::ExistsWithDifferentFields) => Err(ApiError::Ledger(
-                ErrorCode::ExistsWithDifferentFields,
-                format!("account {id} exists already, with different fields"),
-            )),
-            Err(code) => Err(ApiError::ledger(code)),
+            let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+            Ok(json(status, &AccountJson::from_account(&account)))
         }
-    })
-    .await
+        Err(ErrorCode::ExistsWithDifferentFields) => Err(ApiError::Ledger(
+            ErrorCode::ExistsWithDifferentFields,
+            format!("account {id} exists already, with different fields"),
+        )),
+        Err(code) => Err(ApiError::ledger(code)),
+    }
 }
 
 pub async fn get_account(
@@ -514,17 +517,18 @@ async fn one_transfer(state: &AppState, caller: &Caller, request: TransferReques
     let pending = format!(
         "transfer {id} may still be made: read it at /v1/transfers/{id}, or retry with the same id or Idempotency-Key"
     );
-    let (engine, origin) = (state.engine().clone(), caller.origin());
-    decide_within(deadline, &pending, async move {
-        let results = engine.create_transfers_as(vec![request], false, Some(origin)).await;
-        let outcome = results.into_iter().next().unwrap_or(Err(ErrorCode::Unavailable)).map_err(ApiError::ledger)?;
-        if outcome.created {
-            Ok(transfer_answer(StatusCode::CREATED, &TransferJson::from_outcome(&outcome)))
-        } else {
-            Ok(transfer_answer(StatusCode::OK, &TransferJson::from_transfer(&outcome.transfer)))
-        }
-    })
-    .await
+    decide_within(deadline, &pending, make_transfer(state.engine().clone(), request, caller.origin())).await
+}
+
+/// The engine's part of [`one_transfer`] (run by [`decide_within`]).
+async fn make_transfer(engine: Engine, request: TransferRequest, origin: Origin) -> Result<Response, ApiError> {
+    let results = engine.create_transfers_as(vec![request], false, Some(origin)).await;
+    let outcome = results.into_iter().next().unwrap_or(Err(ErrorCode::Unavailable)).map_err(ApiError::ledger)?;
+    if outcome.created {
+        Ok(transfer_answer(StatusCode::CREATED, &TransferJson::from_outcome(&outcome)))
+    } else {
+        Ok(transfer_answer(StatusCode::OK, &TransferJson::from_transfer(&outcome.transfer)))
+    }
 }
 
 pub async fn create_transfer(
