@@ -347,3 +347,15 @@ async fn a_late_answer_is_stored_before_the_server_stops() {
     assert_eq!(s.credits_posted("b").await, "3");
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_not_opened_in_time_is_opened_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(dir.path(), 1, DEADLINE).await;
+    post_stalled(&s, 0, "/v1/accounts", &json!({"id": "late", "currency": "USD"}), None).await;
+    s.engine.test_batch_gate(0).open();
+    let answer = s.get_until_not("/v1/accounts/late", &[503]).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(answer.body["currency"], "USD");
+    s.stop().await;
+}
