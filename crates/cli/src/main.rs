@@ -89,6 +89,11 @@ enum Command {
         /// a proxy that terminates TLS).
         #[arg(long, env = "PEAKSTACK_ALLOW_PLAIN_HTTP")]
         allow_plain_http: bool,
+        /// Milliseconds a request waits for the engine to decide; past it
+        /// the answer is 503 `deadline_exceeded` (the request still runs:
+        /// read its outcome by its id, or retry with its Idempotency-Key).
+        #[arg(long, env = "PEAKSTACK_REQUEST_DEADLINE_MS", default_value_t = peakstack_server::DEFAULT_REQUEST_DEADLINE.as_millis() as u64, value_parser = clap::value_parser!(u64).range(1..))]
+        request_deadline_ms: u64,
     },
     /// Manage API keys in a data dir whose server is stopped (a running
     /// server manages them over HTTP: POST/GET/DELETE /v1/keys).
@@ -239,12 +244,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tls_cert,
             tls_key,
             allow_plain_http,
+            request_deadline_ms,
         } => {
             init_tracing(false);
             let mut config = ServerConfig::new(listen, data.clone());
             config.auth = if insecure_no_auth { AuthMode::InsecureNoAuth } else { AuthMode::ApiKeys };
             config.tls = tls_cert.zip(tls_key).map(|(cert, key)| TlsFiles { cert, key });
             config.allow_plain_http = allow_plain_http;
+            config.request_deadline = std::time::Duration::from_millis(request_deadline_ms);
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(peakstack_server::preflight(&config))?;
             let engine = Engine::open(EngineConfig {

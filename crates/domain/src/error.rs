@@ -30,10 +30,13 @@ pub enum ErrorCode {
     InFlight,
     /// The engine is shutting down or overloaded beyond its bounds.
     Unavailable,
+    /// Two transfers of one call carry the same id: the later one is
+    /// refused, whatever the executors (it can never succeed on a retry).
+    DuplicateIdInBatch,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 18] = [
+    pub const ALL: [ErrorCode; 19] = [
         ErrorCode::InvalidRequest,
         ErrorCode::AccountNotFound,
         ErrorCode::TransferNotFound,
@@ -52,6 +55,8 @@ impl ErrorCode {
         ErrorCode::LinkedEventFailed,
         ErrorCode::Unavailable,
         ErrorCode::InFlight,
+        // Append only: the position is the tag in the log.
+        ErrorCode::DuplicateIdInBatch,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -74,6 +79,7 @@ impl ErrorCode {
             ErrorCode::LinkedEventFailed => "linked_event_failed",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::InFlight => "transfer_in_flight",
+            ErrorCode::DuplicateIdInBatch => "duplicate_id_in_batch",
         }
     }
 
@@ -91,7 +97,7 @@ impl ErrorCode {
     /// accounts live.
     pub fn precedence(self) -> u8 {
         match self {
-            ErrorCode::InvalidRequest => 0,
+            ErrorCode::InvalidRequest | ErrorCode::DuplicateIdInBatch => 0,
             ErrorCode::AccountsMustBeDifferent => 1,
             ErrorCode::ExistsWithDifferentFields => 2,
             ErrorCode::PendingTransferNotFound

@@ -601,6 +601,11 @@ impl Ledger {
         self.records.get(id).filter(|r| r.reserved_by == NO_OWNER).map(|r| &r.transfer)
     }
 
+    /// Whether a transaction not decided yet holds `id`'s record reserved.
+    pub fn is_undecided(&self, id: &Id) -> bool {
+        self.records.get(id).is_some_and(|r| r.reserved_by != NO_OWNER)
+    }
+
     pub fn transfer_count(&self) -> usize {
         self.records.len()
     }

@@ -4,6 +4,7 @@
 
 pub mod archive;
 mod background;
+pub mod batch_ids;
 pub mod checkpoint;
 mod checkpointer;
 pub mod clock;
@@ -16,6 +17,7 @@ pub mod log;
 pub mod meta;
 pub mod protocol;
 pub mod runtime;
+pub mod test_hooks;
 mod writeback;
 
 pub use clock::{Clock, ManualClock, SystemClock};

@@ -21,6 +21,7 @@ use peakstack_domain::{Account, ErrorCode, Id, NewAccount, Transfer, TransferReq
 use tokio::sync::oneshot;
 
 use crate::archive::Archive;
+use crate::batch_ids;
 use crate::checkpoint;
 use crate::checkpointer::{Checkpointer, CheckpointerConfig, PendingCheckpoint};
 use crate::clock::Clock;
@@ -32,6 +33,7 @@ use crate::layout::Layout;
 use crate::log::{encode_frame, Log, LogError};
 use crate::meta::{Meta, MetaError};
 use crate::protocol::{AuditBatch, AuditEvent, ExecutorId, Input, Origin, PeerMsg, TransferResult};
+use crate::test_hooks::TestBatchGate;
 
 /// Most inputs one batch applies.
 pub const MAX_BATCH_INPUTS: usize = 8192;
@@ -146,6 +148,8 @@ pub enum QueryAnswer {
     Account(Option<Account>),
     Accounts(Vec<Account>),
     Transfer(Option<Transfer>),
+    /// The transfer's record is reserved by a transaction in flight.
+    TransferUndecided,
     Totals(Totals),
 }
 
@@ -264,6 +268,8 @@ struct Shared {
     stats: EngineStats,
     /// Per executor: the account history file, for reads.
     history: Vec<HistoryReader>,
+    /// Per executor, for tests only: see [`Engine::test_batch_gate`].
+    test_gates: Vec<TestBatchGate>,
 }
 
 /// A handle on a running engine; clone it freely.
@@ -396,6 +402,7 @@ impl Engine {
             threads: Mutex::new(Vec::new()),
             stats: EngineStats::default(),
             history: history_readers,
+            test_gates: (0..executor_count).map(|_| TestBatchGate::default()).collect(),
         });
 
         // Unfinished transactions resume: their messages go out again.
@@ -506,6 +513,12 @@ impl Engine {
 
     pub fn stats(&self) -> &EngineStats {
         &self.shared.stats
+    }
+
+    /// Tests only: the gate in front of executor `executor`'s batches, to
+    /// stall it for real (see `test_hooks.rs`).
+    pub fn test_batch_gate(&self, executor: ExecutorId) -> &TestBatchGate {
+        &self.shared.test_gates[usize::from(executor)]
     }
 
     /// The audit trail of transfers made with an origin, for one consumer:
@@ -626,6 +639,9 @@ impl Engine {
 
     /// Creates transfers (or posts and voids pending ones). Answers one
     /// result per request, in order, once every outcome is final and durable.
+    /// A request whose id an earlier one of the call has is refused with
+    /// `duplicate_id_in_batch` (in an atomic call, with the whole call; see
+    /// `batch_ids.rs`).
     pub async fn create_transfers(&self, requests: Vec<TransferRequest>, atomic: bool) -> Vec<TransferResult> {
         self.create_transfers_as(requests, atomic, None).await
     }
@@ -634,6 +650,24 @@ impl Engine {
     /// makes comes out of [`Engine::take_audit_feed`] with it, logged with
     /// the request (so durable with the change, and made again by a replay).
     pub async fn create_transfers_as(
+        &self,
+        requests: Vec<TransferRequest>,
+        atomic: bool,
+        origin: Option<Origin>,
+    ) -> Vec<TransferResult> {
+        let duplicates = batch_ids::duplicates(&requests);
+        if duplicates.is_empty() {
+            return self.submit_transfers(requests, atomic, origin).await;
+        }
+        if atomic {
+            return batch_ids::refuse_atomic(requests.len(), &duplicates);
+        }
+        let count = requests.len();
+        let (kept, positions) = batch_ids::without(requests, &duplicates);
+        batch_ids::merge(count, positions, self.submit_transfers(kept, false, origin).await)
+    }
+
+    async fn submit_transfers(
         &self,
         requests: Vec<TransferRequest>,
         atomic: bool,
@@ -661,6 +695,19 @@ impl Engine {
     /// The blocking twin of [`Engine::create_transfers`], for callers on
     /// their own threads (the in-process benchmark).
     pub fn create_transfers_blocking(&self, requests: Vec<TransferRequest>, atomic: bool) -> Vec<TransferResult> {
+        let duplicates = batch_ids::duplicates(&requests);
+        if duplicates.is_empty() {
+            return self.submit_transfers_blocking(requests, atomic);
+        }
+        if atomic {
+            return batch_ids::refuse_atomic(requests.len(), &duplicates);
+        }
+        let count = requests.len();
+        let (kept, positions) = batch_ids::without(requests, &duplicates);
+        batch_ids::merge(count, positions, self.submit_transfers_blocking(kept, false))
+    }
+
+    fn submit_transfers_blocking(&self, requests: Vec<TransferRequest>, atomic: bool) -> Vec<TransferResult> {
         let count = requests.len();
         let mut waits = Vec::new();
         for (executor, indices, group) in self.shared.layout.route(requests, atomic) {
@@ -693,9 +740,12 @@ impl Engine {
         }
     }
 
+    /// A decided transfer; `transfer_in_flight` while a transaction that
+    /// makes it is not decided yet (it may still be made or refused).
     pub async fn transfer(&self, id: &Id) -> Result<Option<Transfer>, ErrorCode> {
         match self.query(self.shared.layout.executor_of_transfer(id), Query::Transfer(id.clone())).await? {
             QueryAnswer::Transfer(t) => Ok(t),
+            QueryAnswer::TransferUndecided => Err(ErrorCode::InFlight),
             _ => Err(ErrorCode::Unavailable),
         }
     }
@@ -760,8 +810,11 @@ impl Engine {
         let (ids, next) = walk.await.map_err(|_| ErrorCode::Unavailable)??;
         let mut transfers = Vec::with_capacity(ids.len());
         for id in &ids {
-            if let Some(t) = self.transfer(id).await? {
-                transfers.push(t);
+            // A post's history may name it just before its record is decided.
+            match self.transfer(id).await {
+                Ok(Some(t)) => transfers.push(t),
+                Ok(None) | Err(ErrorCode::InFlight) => {}
+                Err(code) => return Err(code),
             }
         }
         Ok((transfers, next))
@@ -910,6 +963,7 @@ impl Applier {
                     },
                     default(TICK) => {}
                 }
+                self.shared.test_gates[usize::from(self.core.id())].pass();
             }
             if first.is_some() {
                 failstop::fault_point();
@@ -1165,6 +1219,7 @@ impl Applier {
             Query::Accounts { after, limit } => {
                 QueryAnswer::Accounts(ledger.accounts_after(after.as_ref(), limit).cloned().collect())
             }
+            Query::Transfer(id) if ledger.is_undecided(&id) => QueryAnswer::TransferUndecided,
             Query::Transfer(id) => QueryAnswer::Transfer(ledger.transfer(&id).cloned().or_else(|| {
                 self.archive.get(&id).unwrap_or_else(|error| {
                     tracing::error!(%error, "archive read failed");

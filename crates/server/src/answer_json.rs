@@ -12,6 +12,7 @@
 //! tests hold it to the `Serialize` definitions (`wire::TransferJson`, and
 //! for a batch the one in the tests).
 
+use peakstack_domain::ErrorCode;
 use peakstack_engine::TransferResult;
 
 use crate::error::ledger_detail;
@@ -60,8 +61,9 @@ pub fn transfer(out: &mut Vec<u8>, t: &TransferJson<'_>) {
     out.push(b'}');
 }
 
-/// Appends a batch's answer, `{"results": [...]}`, one item per result.
-pub fn batch_answer(out: &mut Vec<u8>, results: &[TransferResult]) {
+/// Appends a batch's answer, `{"results": [...]}`, one item per result;
+/// each `linked_event_failed` item names `cause_index`, if given.
+pub fn batch_answer(out: &mut Vec<u8>, results: &[TransferResult], cause_index: Option<usize>) {
     out.extend_from_slice(b"{\"results\":[");
     for (index, result) in results.iter().enumerate() {
         if index > 0 {
@@ -83,6 +85,10 @@ pub fn batch_answer(out: &mut Vec<u8>, results: &[TransferResult]) {
                 string(out, code.as_str());
                 out.extend_from_slice(b",\"detail\":");
                 string(out, ledger_detail(*code));
+                if let (ErrorCode::LinkedEventFailed, Some(cause)) = (code, cause_index) {
+                    out.extend_from_slice(b",\"cause_index\":");
+                    integer(out, cause as u64);
+                }
             }
         }
         out.push(b'}');
@@ -148,6 +154,8 @@ mod tests {
         code: Option<&'static str>,
         #[serde(skip_serializing_if = "Option::is_none")]
         detail: Option<&'static str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        cause_index: Option<usize>,
     }
 
     /// The answer to a batch: one item per transfer, serialized as it is
@@ -155,29 +163,30 @@ mod tests {
     /// `answer_json` writes by hand are tested against.
     struct BatchAnswer<'a> {
         results: &'a [TransferResult],
+        cause_index: Option<usize>,
     }
 
     impl Serialize for BatchAnswer<'_> {
         fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
             use serde::ser::{SerializeSeq, SerializeStruct};
-            struct Items<'a>(&'a [TransferResult]);
+            struct Items<'a>(&'a [TransferResult], Option<usize>);
             impl Serialize for Items<'_> {
                 fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
                     let mut seq = serializer.serialize_seq(Some(self.0.len()))?;
                     for (index, result) in self.0.iter().enumerate() {
-                        seq.serialize_element(&BatchItem::of(index, result))?;
+                        seq.serialize_element(&BatchItem::of(index, result, self.1))?;
                     }
                     seq.end()
                 }
             }
             let mut answer = serializer.serialize_struct("BatchAnswer", 1)?;
-            answer.serialize_field("results", &Items(self.results))?;
+            answer.serialize_field("results", &Items(self.results, self.cause_index))?;
             answer.end()
         }
     }
 
     impl<'a> BatchItem<'a> {
-        fn of(index: usize, result: &'a TransferResult) -> BatchItem<'a> {
+        fn of(index: usize, result: &'a TransferResult, cause_index: Option<usize>) -> BatchItem<'a> {
             match result {
                 Ok(outcome) => BatchItem {
                     index,
@@ -185,6 +194,7 @@ mod tests {
                     transfer: Some(TransferJson::from_transfer(&outcome.transfer)),
                     code: None,
                     detail: None,
+                    cause_index: None,
                 },
                 Err(code) => BatchItem {
                     index,
@@ -192,6 +202,7 @@ mod tests {
                     transfer: None,
                     code: Some(code.as_str()),
                     detail: Some(ledger_detail(*code)),
+                    cause_index: cause_index.filter(|_| *code == ErrorCode::LinkedEventFailed),
                 },
             }
         }
@@ -253,6 +264,7 @@ mod tests {
                 Just(ErrorCode::AccountNotFound),
                 Just(ErrorCode::ExistsWithDifferentFields),
                 Just(ErrorCode::Overflow),
+                Just(ErrorCode::LinkedEventFailed),
             ]
             .prop_map(Err),
         ]
@@ -279,10 +291,14 @@ mod tests {
         }
 
         #[test]
-        fn a_batch_answer_is_written_as_serde_json_writes_it(results in proptest::collection::vec(a_result(), 0..20)) {
+        fn a_batch_answer_is_written_as_serde_json_writes_it(
+            results in proptest::collection::vec(a_result(), 0..20),
+            cause_index in proptest::option::of(0usize..20),
+        ) {
             let mut out = Vec::new();
-            batch_answer(&mut out, &results);
-            prop_assert_eq!(String::from_utf8(out).unwrap(), serde_json::to_string(&BatchAnswer { results: &results }).unwrap());
+            batch_answer(&mut out, &results, cause_index);
+            let expected = serde_json::to_string(&BatchAnswer { results: &results, cause_index }).unwrap();
+            prop_assert_eq!(String::from_utf8(out).unwrap(), expected);
         }
     }
 

@@ -7,6 +7,9 @@ use peakstack_domain::ErrorCode;
 use serde::Serialize;
 
 pub const PROBLEM_JSON: &str = "application/problem+json";
+/// `Retry-After` of a `deadline_exceeded` answer: about when the outcome
+/// of a slow request is worth asking for again.
+pub const RETRY_AFTER_SECONDS: &str = "1";
 
 /// Marks an answer that says "try again later" (a request or key in
 /// flight, an engine or store that is unavailable). Such answers are never
@@ -54,6 +57,10 @@ pub enum ApiError {
     /// The client was too slow sending its request.
     #[error("{0}")]
     RequestTimeout(String),
+    /// The engine did not decide within the request's deadline; the
+    /// request was not cancelled (see `handlers::decide_within`).
+    #[error("{0}")]
+    DeadlineExceeded(String),
 }
 
 impl ApiError {
@@ -81,6 +88,7 @@ impl ApiError {
             ApiError::KeyNotFound(_) => "key_not_found",
             ApiError::LastAdminKey(_) => "last_admin_key",
             ApiError::RequestTimeout(_) => "request_timeout",
+            ApiError::DeadlineExceeded(_) => "deadline_exceeded",
         }
     }
 
@@ -100,6 +108,7 @@ impl ApiError {
             ApiError::KeyNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::LastAdminKey(_) => StatusCode::CONFLICT,
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ApiError::DeadlineExceeded(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -110,7 +119,8 @@ impl ApiError {
             ApiError::IdempotencyKeyInUse
             | ApiError::Unavailable(_)
             | ApiError::Internal(_)
-            | ApiError::RequestTimeout(_) => true,
+            | ApiError::RequestTimeout(_)
+            | ApiError::DeadlineExceeded(_) => true,
             _ => false,
         }
     }
@@ -140,7 +150,8 @@ pub fn ledger_status(code: ErrorCode) -> StatusCode {
         | ErrorCode::PendingTransferExpired
         | ErrorCode::AmountExceedsPending
         | ErrorCode::Overflow
-        | ErrorCode::LinkedEventFailed => StatusCode::UNPROCESSABLE_ENTITY,
+        | ErrorCode::LinkedEventFailed
+        | ErrorCode::DuplicateIdInBatch => StatusCode::UNPROCESSABLE_ENTITY,
     }
 }
 
@@ -162,9 +173,12 @@ pub fn ledger_detail(code: ErrorCode) -> &'static str {
         ErrorCode::PendingTransferExpired => "the pending transfer expired",
         ErrorCode::AmountExceedsPending => "the amount to post exceeds the pending amount",
         ErrorCode::Overflow => "a balance would overflow",
-        ErrorCode::LinkedEventFailed => "another transfer of this atomic batch failed, so this one was not applied",
+        ErrorCode::LinkedEventFailed => {
+            "the transfer at cause_index failed or exists already, and an atomic batch is applied whole or not at all"
+        }
         ErrorCode::InFlight => "another request for this transfer is being processed right now; retry shortly",
         ErrorCode::Unavailable => "the ledger is shutting down or overloaded; retry later",
+        ErrorCode::DuplicateIdInBatch => "another transfer of this batch has the same id",
     }
 }
 
@@ -197,6 +211,8 @@ fn title(code: &str) -> &'static str {
         "key_not_found" => "API key not found",
         "last_admin_key" => "Last admin key",
         "request_timeout" => "Request timeout",
+        "deadline_exceeded" => "Deadline exceeded",
+        "duplicate_id_in_batch" => "Duplicate id in batch",
         _ => "Internal error",
     }
 }
@@ -229,7 +245,11 @@ pub fn problem(status: StatusCode, code: &str, detail: String) -> Response {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let transient = self.is_transient();
+        let retry_after = matches!(self, ApiError::DeadlineExceeded(_));
         let mut response = problem(self.status(), self.code(), self.to_string());
+        if retry_after {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECONDS));
+        }
         if transient {
             response.extensions_mut().insert(Transient);
         }

@@ -7,16 +7,18 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
-use peakstack_domain::{Account, ErrorCode, Id, Transfer, TransferRequest};
+use peakstack_domain::{Account, ErrorCode, Id, NewAccount, Transfer, TransferRequest};
+use peakstack_engine::{Engine, Origin};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::Value;
+use std::future::Future;
 
 use crate::access::{AuthMode, Caller, Denied, Principal, Scope};
 use crate::audit::{action, AuditRecord};
 use crate::error::{is_transient_code, ApiError, Transient};
-use crate::idempotency::now_ms;
+use crate::idempotency::{now_ms, LateAnswer};
 use crate::post_guard::BATCH_BODY_LIMIT_BYTES;
 use crate::wire::{
     parse_id, AccountBody, AccountJson, BatchBody, Page, PageQuery, PostBody, TransferBody, TransferJson, VoidBody,
@@ -178,6 +180,56 @@ fn page_limit(limit: Option<&str>) -> Result<usize, ApiError> {
     }
 }
 
+/// When a request's engine calls must be decided by: the server's
+/// `request_deadline` after the handler started.
+#[derive(Clone, Copy)]
+struct Deadline {
+    at: tokio::time::Instant,
+    after: std::time::Duration,
+}
+
+impl Deadline {
+    fn of(state: &AppState) -> Deadline {
+        let after = state.request_deadline();
+        Deadline { at: tokio::time::Instant::now() + after, after }
+    }
+
+    fn exceeded(self, what: &str) -> ApiError {
+        ApiError::DeadlineExceeded(format!("the ledger did not answer within {} ms; {what}", self.after.as_millis()))
+    }
+}
+
+/// Engine reads by `deadline`: a read that comes too late is dropped
+/// (it changes nothing) and answered `deadline_exceeded`.
+async fn read_within<T>(deadline: Deadline, read: impl Future<Output = Result<T, ApiError>>) -> Result<T, ApiError> {
+    match tokio::time::timeout_at(deadline.at, read).await {
+        Ok(answer) => answer,
+        Err(_) => Err(deadline.exceeded("nothing changed: retry shortly")),
+    }
+}
+
+/// A change by `deadline`. `work` (the engine call and the answer made of
+/// its result) runs in a task of its own, so the engine's decision is never
+/// cancelled: the change is made or refused as usual. If it is not decided
+/// in time the answer is `deadline_exceeded` (with `pending`, saying how to
+/// learn the outcome), carrying the answer-to-be for the Idempotency-Key.
+async fn decide_within(
+    deadline: Deadline,
+    pending: &str,
+    work: impl Future<Output = Result<Response, ApiError>> + Send + 'static,
+) -> Result<Response, ApiError> {
+    let mut task = tokio::spawn(async move { work.await.unwrap_or_else(IntoResponse::into_response) });
+    match tokio::time::timeout_at(deadline.at, &mut task).await {
+        Ok(Ok(answer)) => Ok(answer),
+        Ok(Err(_)) => Err(ApiError::Internal("the request failed while the ledger decided it".to_owned())),
+        Err(_) => {
+            let mut answer = deadline.exceeded(pending).into_response();
+            answer.extensions_mut().insert(LateAnswer::new(task));
+            Ok(answer)
+        }
+    }
+}
+
 fn path_id(field: &str, text: &str) -> Result<Id, ApiError> {
     parse_id(field, text).map_err(ApiError::InvalidRequest)
 }
@@ -259,6 +311,14 @@ pub async fn create_account(
     let id = new.id.clone();
     new.owner =
         caller.principal.owner_for_new_account(new.owner.take()).map_err(|d| refused(d, || account_not_found(&id)))?;
+    let deadline = Deadline::of(&state);
+    let pending = format!("account {id} may still be opened: read it at /v1/accounts/{id}, or retry");
+    let caller = Caller { principal: caller.principal.clone(), request_id: caller.request_id.clone() };
+    decide_within(deadline, &pending, open_account(state, caller, id, new)).await
+}
+
+/// The engine's part of `create_account` (run by [`decide_within`]).
+async fn open_account(state: AppState, caller: Caller, id: Id, new: NewAccount) -> Result<Response, ApiError> {
     match state.engine().create_account(new).await {
         Ok((account, created)) => {
             if created {
@@ -285,7 +345,7 @@ pub async fn get_account(
     ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     let id = path_id("id", &id)?;
-    let account = visible_account(&state, &caller.principal, &id).await?;
+    let account = read_within(Deadline::of(&state), visible_account(&state, &caller.principal, &id)).await?;
     Ok(json(StatusCode::OK, &AccountJson::from_account(&account)))
 }
 
@@ -309,12 +369,14 @@ pub async fn list_accounts(
 ) -> Result<Response, ApiError> {
     let limit = page_limit(query.limit.as_deref())?;
     let after = query.after.as_deref().map(|after| path_id("after", after)).transpose()?;
+    let deadline = Deadline::of(&state);
     let (accounts, next) = if caller.principal.sees_everything() {
-        let accounts = state.engine().accounts(after, limit).await.map_err(ApiError::ledger)?;
+        let read = async { state.engine().accounts(after, limit).await.map_err(ApiError::ledger) };
+        let accounts = read_within(deadline, read).await?;
         let next = (accounts.len() == limit).then(|| accounts.last().map(|a| a.id.to_string())).flatten();
         (accounts, next)
     } else {
-        tenant_accounts(&state, &caller.principal, after, limit).await?
+        read_within(deadline, tenant_accounts(&state, &caller.principal, after, limit)).await?
     };
     let data = accounts.iter().map(AccountJson::from_account).collect();
     Ok(json(StatusCode::OK, &Page { data, next }))
@@ -366,12 +428,14 @@ pub async fn account_transfers(
             return Err(ApiError::invalid("after: not a cursor this server handed out"));
         }
     }
-    visible_account(&state, &caller.principal, &id).await?;
-    let (transfers, next) =
+    let read = async {
+        visible_account(&state, &caller.principal, &id).await?;
         state.engine().account_transfers(&id, query.after, limit).await.map_err(|code| match code {
             ErrorCode::InvalidRequest => ApiError::invalid("after: not a cursor this server handed out"),
             code => ApiError::ledger(code),
-        })?;
+        })
+    };
+    let (transfers, next) = read_within(Deadline::of(&state), read).await?;
     let data = transfers.iter().map(TransferJson::from_transfer).collect();
     Ok(json(StatusCode::OK, &Page { data, next }))
 }
@@ -383,13 +447,23 @@ pub async fn get_transfer(
 ) -> Result<Response, ApiError> {
     let id = path_id("id", &id)?;
     let not_found = || ApiError::Ledger(ErrorCode::TransferNotFound, format!("transfer {id} does not exist"));
-    let Some(transfer) = state.engine().transfer(&id).await.map_err(ApiError::ledger)? else { return Err(not_found()) };
-    if !caller.principal.sees_everything() {
-        let (debit, credit) = transfer_owners(&state, &transfer).await?;
-        if !caller.principal.can_see_transfer(debit.as_ref(), credit.as_ref()) {
-            return Err(not_found());
+    let read = async {
+        let transfer = state.engine().transfer(&id).await.map_err(|code| match code {
+            ErrorCode::InFlight => {
+                ApiError::Ledger(code, format!("transfer {id} is being decided right now; ask again shortly"))
+            }
+            code => ApiError::ledger(code),
+        })?;
+        let Some(transfer) = transfer else { return Err(not_found()) };
+        if !caller.principal.sees_everything() {
+            let (debit, credit) = transfer_owners(&state, &transfer).await?;
+            if !caller.principal.can_see_transfer(debit.as_ref(), credit.as_ref()) {
+                return Err(not_found());
+            }
         }
-    }
+        Ok(transfer)
+    };
+    let transfer = read_within(Deadline::of(&state), read).await?;
     Ok(transfer_answer(StatusCode::OK, &TransferJson::from_transfer(&transfer)))
 }
 
@@ -437,8 +511,18 @@ async fn authorize_transfer(
 
 /// One transfer request through the engine, answered like POST /v1/transfers.
 async fn one_transfer(state: &AppState, caller: &Caller, request: TransferRequest) -> Result<Response, ApiError> {
-    authorize_transfer(state, &caller.principal, &request).await?;
-    let results = state.engine().create_transfers_as(vec![request], false, Some(caller.origin())).await;
+    let deadline = Deadline::of(state);
+    read_within(deadline, authorize_transfer(state, &caller.principal, &request)).await?;
+    let id = request.id();
+    let pending = format!(
+        "transfer {id} may still be made: read it at /v1/transfers/{id}, or retry with the same id or Idempotency-Key"
+    );
+    decide_within(deadline, &pending, make_transfer(state.engine().clone(), request, caller.origin())).await
+}
+
+/// The engine's part of [`one_transfer`] (run by [`decide_within`]).
+async fn make_transfer(engine: Engine, request: TransferRequest, origin: Origin) -> Result<Response, ApiError> {
+    let results = engine.create_transfers_as(vec![request], false, Some(origin)).await;
     let outcome = results.into_iter().next().unwrap_or(Err(ErrorCode::Unavailable)).map_err(ApiError::ledger)?;
     if outcome.created {
         Ok(transfer_answer(StatusCode::CREATED, &TransferJson::from_outcome(&outcome)))
@@ -509,19 +593,68 @@ pub async fn create_batch(State(state): State<AppState>, caller: Caller, body: J
         .map_err(|detail| ApiError::invalid(format!("transfers[{index}]: {detail}")))?;
         requests.push(request);
     }
+    refuse_duplicate_ids(&requests)?;
+    let deadline = Deadline::of(&state);
     // Every transfer is checked before any is made: a batch the caller may
     // not make in full changes nothing.
-    for (index, request) in requests.iter().enumerate() {
-        authorize_transfer(&state, &caller.principal, request).await.map_err(|error| at_index(index, error))?;
+    let authorized = async {
+        for (index, request) in requests.iter().enumerate() {
+            authorize_transfer(&state, &caller.principal, request).await.map_err(|error| at_index(index, error))?;
+        }
+        Ok(())
+    };
+    read_within(deadline, authorized).await?;
+    let pending = "its transfers may still be made: read them by id, or retry the batch with the same ids or \
+                   Idempotency-Key";
+    let (engine, origin) = (state.engine().clone(), caller.origin());
+    decide_within(deadline, pending, async move {
+        let results = engine.create_transfers_as(requests, atomic, Some(origin)).await;
+        Ok(batch_response(&results, atomic))
+    })
+    .await
+}
+
+/// A batch naming one id twice is refused whole, before the engine: the
+/// later transfer could never be made (see `peakstack_engine::batch_ids`).
+fn refuse_duplicate_ids(requests: &[TransferRequest]) -> Result<(), ApiError> {
+    match peakstack_engine::batch_ids::duplicates(requests).first() {
+        None => Ok(()),
+        Some(duplicate) => Err(ApiError::Ledger(
+            ErrorCode::DuplicateIdInBatch,
+            format!(
+                "transfers[{}]: id {} is also the id of transfers[{}]; the ids of a batch must differ",
+                duplicate.index,
+                requests[duplicate.index].id(),
+                duplicate.first
+            ),
+        )),
     }
-    let results = state.engine().create_transfers_as(requests, atomic, Some(caller.origin())).await;
+}
+
+fn batch_response(results: &[peakstack_engine::TransferResult], atomic: bool) -> Response {
     let transient = results.iter().any(|r| matches!(r, Err(code) if is_transient_code(*code)));
-    let mut response =
-        json_written(StatusCode::OK, BATCH_ITEM_BYTES * count, |out| answer_json::batch_answer(out, &results));
+    let cause = if atomic { atomic_failure_cause(results) } else { None };
+    let mut response = json_written(StatusCode::OK, BATCH_ITEM_BYTES * results.len(), |out| {
+        answer_json::batch_answer(out, results, cause)
+    });
     if transient {
         response.extensions_mut().insert(Transient);
     }
-    Ok(response)
+    response
+}
+
+/// Why an atomic batch was not applied: the first item that failed, or
+/// that exists already while others do not (a batch is made whole or not
+/// at all, so one item made earlier keeps the new ones from being made).
+/// `None` when the batch was applied, or when every item exists (a retry).
+fn atomic_failure_cause(results: &[peakstack_engine::TransferResult]) -> Option<usize> {
+    if !results.iter().any(|r| matches!(r, Err(ErrorCode::LinkedEventFailed))) {
+        return None;
+    }
+    results.iter().position(|r| match r {
+        Ok(outcome) => !outcome.created,
+        Err(code) => *code != ErrorCode::LinkedEventFailed,
+    })
 }
 
 /// An error about the batch's transfer `index`, saying so.

@@ -12,6 +12,12 @@
 //! in an in-memory set until its answer is stored, and the second is told
 //! `idempotency_key_in_use`. That is also why reads need not wait for writes
 //! of the same group: a read of key K is only made by the holder of K.
+//!
+//! A request the engine did not decide within its deadline is answered 503
+//! `deadline_exceeded` at once, but it still runs (see [`LateAnswer`]): its
+//! key stays in flight until the real answer is stored, so a retry hears
+//! `idempotency_key_in_use` meanwhile and the real answer afterwards, never
+//! a replay of the 503 nor a second run of the request.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -43,6 +49,10 @@ pub const QUEUE_CAPACITY: usize = 4096;
 pub const MAX_KEYS_IN_FLIGHT: usize = 65_536;
 /// Largest answer remembered (a full batch answer is a few MiB).
 pub const MAX_STORED_ANSWER_BYTES: usize = 32 << 20;
+/// How long closing the store waits for the keys still in flight: after
+/// the server drained its requests, those are requests past their deadline
+/// whose real answer is still to be stored (see [`LateAnswer`]).
+pub const CLOSE_WAIT_FOR_KEYS: Duration = Duration::from_secs(10);
 
 const ANSWERS: TableDefinition<&str, &[u8]> = TableDefinition::new("answers");
 /// (created_at_ms, key): the purge walks this in age order.
@@ -141,23 +151,53 @@ enum Op {
     Close,
 }
 
+/// The answer-to-be of a request answered `deadline_exceeded` while the
+/// engine still decides it: the handler sets it on that 503, and the POST
+/// guard, if the request has an Idempotency-Key, keeps the key in flight
+/// until it arrives and stores it as the key's answer.
+#[derive(Clone)]
+pub struct LateAnswer(Arc<Mutex<Option<tokio::task::JoinHandle<axum::response::Response>>>>);
+
+impl LateAnswer {
+    /// `task` makes the answer; it runs on whether or not anyone awaits it.
+    pub fn new(task: tokio::task::JoinHandle<axum::response::Response>) -> LateAnswer {
+        LateAnswer(Arc::new(Mutex::new(Some(task))))
+    }
+
+    /// Takes the answer-to-be off `response`, if it has one.
+    pub fn take(response: &mut axum::response::Response) -> Option<tokio::task::JoinHandle<axum::response::Response>> {
+        response.extensions_mut().remove::<LateAnswer>().and_then(|late| late.0.lock().take())
+    }
+}
+
 /// The durable map key -> answer, and the set of keys in flight.
 pub struct IdempotencyStore {
     ops: mpsc::Sender<Op>,
     thread: Mutex<Option<JoinHandle<()>>>,
-    in_flight: Arc<Mutex<HashSet<String>>>,
+    in_flight: Arc<InFlight>,
+}
+
+#[derive(Default)]
+struct InFlight {
+    keys: Mutex<HashSet<String>>,
+    /// Told whenever the last key in flight is let go.
+    none_left: tokio::sync::Notify,
 }
 
 /// Holds a key in flight; dropping it (also when a request is cancelled)
 /// lets the next request with the key in.
 pub struct KeyGuard {
     key: String,
-    in_flight: Arc<Mutex<HashSet<String>>>,
+    in_flight: Arc<InFlight>,
 }
 
 impl Drop for KeyGuard {
     fn drop(&mut self) {
-        self.in_flight.lock().remove(&self.key);
+        let mut keys = self.in_flight.keys.lock();
+        keys.remove(&self.key);
+        if keys.is_empty() {
+            self.in_flight.none_left.notify_waiters();
+        }
     }
 }
 
@@ -187,16 +227,12 @@ impl IdempotencyStore {
             run(db, rx)
         })
         .map_err(StoreError::Thread)?;
-        Ok(IdempotencyStore {
-            ops: tx,
-            thread: Mutex::new(Some(thread)),
-            in_flight: Arc::new(Mutex::new(HashSet::new())),
-        })
+        Ok(IdempotencyStore { ops: tx, thread: Mutex::new(Some(thread)), in_flight: Arc::new(InFlight::default()) })
     }
 
     /// Takes `key` for one request.
     pub fn begin(&self, key: &str) -> Result<KeyGuard, Busy> {
-        let mut in_flight = self.in_flight.lock();
+        let mut in_flight = self.in_flight.keys.lock();
         if in_flight.contains(key) {
             return Err(Busy::KeyInUse);
         }
@@ -230,9 +266,22 @@ impl IdempotencyStore {
         self.call(|reply| Op::Purge { cutoff_ms, limit, reply }).await
     }
 
-    /// Stops the thread after the operations already queued and closes the
+    /// Waits (up to [`CLOSE_WAIT_FOR_KEYS`]) until no key is in flight, then
+    /// stops the thread after the operations already queued and closes the
     /// database (so that it can be opened again, in this process too).
     pub async fn close(&self) {
+        let none_left = async {
+            loop {
+                let notified = self.in_flight.none_left.notified();
+                if self.in_flight.keys.lock().is_empty() {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        if tokio::time::timeout(CLOSE_WAIT_FOR_KEYS, none_left).await.is_err() {
+            tracing::warn!("closing the idempotency store with keys still in flight: their answers are not stored");
+        }
         let _ = self.ops.send(Op::Close).await;
         let thread = self.thread.lock().take();
         if let Some(thread) = thread {

@@ -114,7 +114,13 @@ pub struct ServerConfig {
     /// that terminates TLS). Without it, plain HTTP is loopback only.
     pub allow_plain_http: bool,
     pub limits: ConnectionLimits,
+    /// How long a request waits for the engine to decide; past it the
+    /// answer is 503 `deadline_exceeded` ([`DEFAULT_REQUEST_DEADLINE`]).
+    pub request_deadline: Duration,
 }
+
+/// The default of [`ServerConfig::request_deadline`].
+pub const DEFAULT_REQUEST_DEADLINE: Duration = Duration::from_secs(5);
 
 /// PEM files of a certificate chain and its private key.
 #[derive(Clone, Debug)]
@@ -134,6 +140,7 @@ impl ServerConfig {
             tls: None,
             allow_plain_http: false,
             limits: ConnectionLimits::default(),
+            request_deadline: DEFAULT_REQUEST_DEADLINE,
         }
     }
 }
@@ -165,6 +172,7 @@ struct Inner {
     key_changes: tokio::sync::Mutex<()>,
     metrics: PrometheusHandle,
     ready: AtomicBool,
+    request_deadline: Duration,
 }
 
 impl AppState {
@@ -192,8 +200,19 @@ impl AppState {
                 key_changes: tokio::sync::Mutex::new(()),
                 metrics: metrics_handle(),
                 ready: AtomicBool::new(false),
+                request_deadline: DEFAULT_REQUEST_DEADLINE,
             }),
         })
+    }
+
+    /// [`ServerConfig::request_deadline`].
+    pub fn request_deadline(&self) -> Duration {
+        self.inner.request_deadline
+    }
+
+    fn with_request_deadline(mut self, deadline: Duration) -> AppState {
+        Arc::get_mut(&mut self.inner).expect("not shared yet").request_deadline = deadline;
+        self
     }
 
     pub fn engine(&self) -> &Engine {
@@ -344,7 +363,8 @@ impl Server {
     /// keys checked but no key that opens the API.
     pub async fn bind(config: ServerConfig, engine: Engine) -> anyhow::Result<Server> {
         let tls = tls_of(&config)?;
-        let state = AppState::new(engine, &config.data_dir, config.auth)?;
+        let state =
+            AppState::new(engine, &config.data_dir, config.auth)?.with_request_deadline(config.request_deadline);
         if let Err(error) = check_keys(&config, state.keys()) {
             state.close().await;
             return Err(error);

@@ -13,7 +13,10 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 
 use crate::access::{Principal, INSECURE_KEY_ID};
 use crate::error::{ApiError, Transient};
-use crate::idempotency::{fingerprint, now_ms, valid_key, Busy, StoredAnswer, MAX_KEY_LEN, MAX_STORED_ANSWER_BYTES};
+use crate::idempotency::{
+    fingerprint, now_ms, valid_key, Busy, IdempotencyStore, LateAnswer, StoredAnswer, MAX_KEY_LEN,
+    MAX_STORED_ANSWER_BYTES,
+};
 use crate::{buffers, AppState};
 
 /// Largest body of a single-object request.
@@ -115,7 +118,7 @@ async fn guarded(state: &AppState, request: Request, next: Next) -> Result<Respo
         _ => key,
     };
     let store = state.idempotency();
-    let _key_guard = store.begin(&key).map_err(|busy| match busy {
+    let key_guard = store.begin(&key).map_err(|busy| match busy {
         Busy::KeyInUse => ApiError::IdempotencyKeyInUse,
         Busy::Full => ApiError::Unavailable("too many requests with an Idempotency-Key in flight".to_owned()),
     })?;
@@ -127,7 +130,33 @@ async fn guarded(state: &AppState, request: Request, next: Next) -> Result<Respo
         return Ok(replay(stored));
     }
 
-    let response = next.run(request).await;
+    let mut response = next.run(request).await;
+    if let Some(late) = LateAnswer::take(&mut response) {
+        // Not decided in time (a 503 not to remember): the key stays in
+        // flight until the real answer is, so a retry gets that one.
+        let state = state.clone();
+        tokio::spawn(async move {
+            let answer =
+                late.await.unwrap_or_else(|_| ApiError::Internal("the request failed".to_owned()).into_response());
+            if let Err(error) = remember(state.idempotency(), &key, fingerprint, answer).await {
+                tracing::warn!(%error, "the late answer of a keyed request was not stored");
+            }
+            drop(key_guard);
+        });
+        return Ok(response);
+    }
+    let answer = remember(store, &key, fingerprint, response).await;
+    drop(key_guard);
+    answer
+}
+
+/// Stores `response` as `key`'s answer if it is final, and returns it.
+async fn remember(
+    store: &IdempotencyStore,
+    key: &str,
+    fingerprint: [u8; 32],
+    response: Response,
+) -> Result<Response, ApiError> {
     let status = response.status();
     let final_answer = status.is_success() || status.is_client_error();
     if !final_answer || response.extensions().get::<Transient>().is_some() {
@@ -148,7 +177,7 @@ async fn guarded(state: &AppState, request: Request, next: Next) -> Result<Respo
         body: replay_body.unwrap_or_else(|| body.clone()),
         created_at_ms: now_ms(),
     };
-    store.put(&key, answer).await.map_err(|e| {
+    store.put(key, answer).await.map_err(|e| {
         ApiError::Unavailable(format!(
             "the answer could not be stored ({e}); the request may have taken effect: retry with the same Idempotency-Key"
         ))
