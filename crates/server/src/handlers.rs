@@ -1,11 +1,10 @@
 //! Thin handlers: parse and validate, call the engine, map the result.
 
-use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use bytes::Bytes;
 use peakstack_domain::{Account, ErrorCode, Id, Transfer, TransferRequest};
 use serde::de::DeserializeOwned;
@@ -21,7 +20,7 @@ use crate::post_guard::BATCH_BODY_LIMIT_BYTES;
 use crate::wire::{
     parse_id, AccountBody, AccountJson, BatchBody, Page, PageQuery, PostBody, TransferBody, TransferJson, VoidBody,
 };
-use crate::{answer_json, buffers, AppState};
+use crate::{answer_json, buffers, json_errors, AppState};
 
 /// Default page size of the list routes.
 pub const DEFAULT_PAGE_LIMIT: usize = 100;
@@ -37,17 +36,15 @@ const TENANT_SCAN_PAGE: usize = 1000;
 /// early (possibly short) with a `next` cursor to continue from.
 pub const MAX_TENANT_SCAN: usize = 100_000;
 
-/// `axum::Json`, with its rejections as problem+json.
+/// A JSON body as `T`: a content type other than JSON is 415, a body that
+/// is not a `T` says which field breaks which rule ([`json_errors`]).
 pub struct ApiJson<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
-        match Json::<T>::from_request(request, state).await {
-            Ok(Json(value)) => Ok(ApiJson(value)),
-            Err(rejection) => Err(json_rejection(rejection)),
-        }
+        JsonBody::from_request(request, state).await?.owned().await.map(ApiJson)
     }
 }
 
@@ -64,6 +61,7 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
 
     async fn from_request(request: Request, _: &S) -> Result<Self, ApiError> {
         let (parts, body) = request.into_parts();
+        check_json_content_type(&parts.headers)?;
         // The POST guard has read and bounded the body: this takes its bytes.
         let bytes = axum::body::to_bytes(body, BATCH_BODY_LIMIT_BYTES).await.map_err(|_| {
             ApiError::BodyTooLarge(format!("the request body is larger than {BATCH_BODY_LIMIT_BYTES} bytes"))
@@ -84,23 +82,40 @@ impl JsonBody {
         serde_json::from_slice(&self.bytes).ok()
     }
 
-    /// The body as [`ApiJson`] reads it: the value, or its rejection.
+    /// The body as [`ApiJson`] reads it: the value, or why it is not one.
     pub async fn owned<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
-        let mut request = Request::new(axum::body::Body::from(self.bytes.clone()));
-        *request.method_mut() = self.parts.method.clone();
-        *request.uri_mut() = self.parts.uri.clone();
-        *request.version_mut() = self.parts.version;
-        *request.headers_mut() = self.parts.headers.clone();
-        *request.extensions_mut() = self.parts.extensions.clone();
-        ApiJson::<T>::from_request(request, &()).await.map(|ApiJson(value)| value)
+        json_errors::parse(&self.bytes).map_err(ApiError::InvalidRequest)
     }
 }
 
-fn json_rejection(rejection: JsonRejection) -> ApiError {
-    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        return ApiError::BodyTooLarge(rejection.body_text());
+/// Whether a Content-Type names JSON: `application/json`, with at most a
+/// `charset=utf-8` parameter (JSON is UTF-8, RFC 8259), in any case.
+pub fn is_json_content_type(value: &HeaderValue) -> bool {
+    let Ok(text) = value.to_str() else { return false };
+    let mut parts = text.split(';');
+    let essence = parts.next().unwrap_or_default().trim();
+    essence.eq_ignore_ascii_case("application/json")
+        && parts.all(|parameter| {
+            let parameter = parameter.trim();
+            parameter.split_once('=').is_some_and(|(name, value)| {
+                name.trim().eq_ignore_ascii_case("charset")
+                    && value.trim().trim_matches('"').eq_ignore_ascii_case("utf-8")
+            })
+        })
+}
+
+/// 415 unless the request says its body is JSON.
+pub fn check_json_content_type(headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
+    match headers.get(header::CONTENT_TYPE) {
+        Some(value) if is_json_content_type(value) => Ok(()),
+        Some(value) => Err(ApiError::UnsupportedMediaType(format!(
+            "Content-Type: the body must be application/json (optionally with charset=utf-8), not {:?}",
+            String::from_utf8_lossy(value.as_bytes())
+        ))),
+        None => {
+            Err(ApiError::UnsupportedMediaType("Content-Type: missing; the body must be application/json".to_owned()))
+        }
     }
-    ApiError::InvalidRequest(rejection.body_text())
 }
 
 /// `axum::extract::Path`, with its rejections as problem+json.
@@ -203,15 +218,7 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 pub async fn metrics(State(state): State<AppState>) -> Response {
-    let stats = state.engine().stats();
-    let load = |counter: &std::sync::atomic::AtomicU64| counter.load(std::sync::atomic::Ordering::Relaxed) as f64;
-    metrics::gauge!("peakstack_engine_batches").set(load(&stats.batches));
-    metrics::gauge!("peakstack_engine_inputs").set(load(&stats.inputs));
-    metrics::gauge!("peakstack_engine_fsyncs").set(load(&stats.fsyncs));
-    metrics::gauge!("peakstack_engine_inline_writes").set(load(&stats.inline_writes));
-    metrics::gauge!("peakstack_engine_log_bytes").set(load(&stats.log_bytes));
-    metrics::gauge!("peakstack_engine_checkpoints").set(load(&stats.checkpoints));
-    metrics::gauge!("peakstack_audit_feed_lag_batches").set(state.engine().audit_lag() as f64);
+    crate::observe::record_engine_stats(state.engine());
     let handle = state.metrics();
     handle.run_upkeep();
     let mut response = handle.render().into_response();
@@ -439,6 +446,7 @@ async fn authorize_transfer(
 async fn one_transfer(state: &AppState, caller: &Caller, request: TransferRequest) -> Result<Response, ApiError> {
     authorize_transfer(state, &caller.principal, &request).await?;
     let results = state.engine().create_transfers_as(vec![request], false, Some(caller.origin())).await;
+    crate::observe::count_ledger_results(&results);
     let outcome = results.into_iter().next().unwrap_or(Err(ErrorCode::Unavailable)).map_err(ApiError::ledger)?;
     if outcome.created {
         Ok(transfer_answer(StatusCode::CREATED, &TransferJson::from_outcome(&outcome)))
@@ -502,11 +510,15 @@ pub async fn create_batch(State(state): State<AppState>, caller: Caller, body: J
             Ok(fields) => fields.into_request(),
             // Escapes in a string, or not a transfer: read it owned, for
             // the value or the error it always gave.
-            Err(_) => serde_json::from_str::<TransferBody>(raw.get())
-                .map_err(|e| e.to_string())
-                .and_then(TransferBody::into_request),
+            Err(_) => match serde_json::from_str::<TransferBody>(raw.get()) {
+                Ok(fields) => fields.into_request(),
+                Err(_) => {
+                    let at = format!("transfers[{index}]");
+                    return Err(ApiError::invalid(json_errors::explain::<TransferBody>(&at, raw.get())));
+                }
+            },
         }
-        .map_err(|detail| ApiError::invalid(format!("transfers[{index}]: {detail}")))?;
+        .map_err(|detail| ApiError::invalid(format!("transfers[{index}].{detail}")))?;
         requests.push(request);
     }
     // Every transfer is checked before any is made: a batch the caller may
@@ -515,6 +527,7 @@ pub async fn create_batch(State(state): State<AppState>, caller: Caller, body: J
         authorize_transfer(&state, &caller.principal, request).await.map_err(|error| at_index(index, error))?;
     }
     let results = state.engine().create_transfers_as(requests, atomic, Some(caller.origin())).await;
+    crate::observe::count_ledger_results(&results);
     let transient = results.iter().any(|r| matches!(r, Err(code) if is_transient_code(*code)));
     let mut response =
         json_written(StatusCode::OK, BATCH_ITEM_BYTES * count, |out| answer_json::batch_answer(out, &results));

@@ -98,6 +98,11 @@ async fn guarded(state: &AppState, request: Request, next: Next) -> Result<Respo
             )))
         }
     };
+    // Before the body is read, and never remembered under a key: the same
+    // request with a JSON content type must still be answered.
+    if request.extensions().get::<MatchedPath>().is_some() {
+        crate::handlers::check_json_content_type(request.headers())?;
+    }
     let limit = body_limit(request.uri().path());
     let (parts, body) = request.into_parts();
     let bytes = read_body(body, limit).await?;
@@ -157,6 +162,7 @@ async fn guarded(state: &AppState, request: Request, next: Next) -> Result<Respo
 }
 
 fn replay(stored: StoredAnswer) -> Response {
+    metrics::counter!(crate::observe::IDEMPOTENT_REPLAYS_TOTAL).increment(1);
     let status = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut response = (status, stored.body).into_response();
     let headers = response.headers_mut();
