@@ -171,10 +171,13 @@ impl ApiError {
     pub fn is_transient(&self) -> bool {
         match self {
             ApiError::Ledger(code, _) => is_transient_code(*code),
+            // The key's fingerprint does not cover the Content-Type: the
+            // same body sent as JSON must still get its own answer.
             ApiError::IdempotencyKeyInUse
             | ApiError::Unavailable(_)
             | ApiError::Internal(_)
-            | ApiError::RequestTimeout(_) => true,
+            | ApiError::RequestTimeout(_)
+            | ApiError::UnsupportedMediaType(_) => true,
             _ => false,
         }
     }

@@ -8,6 +8,9 @@
 //! answer (its status line, and no `x-request-id`, which every answer of
 //! the router carries) is replaced by the same status with a problem+json
 //! body. Every other write passes unchanged, after a prefix comparison.
+//!
+//! The read side follows the request stream ([`Framing`]) and makes hyper
+//! refuse a head with both `Content-Length` and `Transfer-Encoding`.
 
 use std::io;
 use std::pin::Pin;
@@ -18,6 +21,7 @@ use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::error::{problem_body, ApiError, PROBLEM_JSON};
+use crate::framing::Framing;
 
 /// The status lines of hyper's automatic answers (`on_error` in hyper's
 /// `proto::h1::role`), always HTTP/1.1.
@@ -40,19 +44,24 @@ pub struct HeadBounds {
 pub struct HeadErrors<IO> {
     io: IO,
     bounds: HeadBounds,
+    framing: Framing,
     /// The replacement answer, still to be written.
     pending: Bytes,
 }
 
 impl<IO> HeadErrors<IO> {
     pub fn new(io: IO, bounds: HeadBounds) -> HeadErrors<IO> {
-        HeadErrors { io, bounds, pending: Bytes::new() }
+        HeadErrors { io, bounds, framing: Framing::new(bounds.max_header_bytes), pending: Bytes::new() }
     }
 }
 
 /// The error an automatic answer with `status` stands for.
-fn error_for(status: StatusCode, bounds: HeadBounds) -> ApiError {
+fn error_for(status: StatusCode, bounds: HeadBounds, smuggling: bool) -> ApiError {
     match status {
+        StatusCode::BAD_REQUEST if smuggling => ApiError::invalid(
+            "the request has both Content-Length and Transfer-Encoding, which can smuggle a request past a proxy; \
+             refused, and the connection is closed",
+        ),
         StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => ApiError::HeadTooLarge(format!(
             "the request head is larger than {} bytes or has more than {} header fields",
             bounds.max_header_bytes, bounds.max_headers
@@ -66,14 +75,14 @@ fn error_for(status: StatusCode, bounds: HeadBounds) -> ApiError {
 
 /// If `buf` starts with an automatic answer's head: its length and the
 /// answer to write instead.
-fn replacement(buf: &[u8], bounds: HeadBounds) -> Option<(usize, Bytes)> {
+fn replacement(buf: &[u8], bounds: HeadBounds, smuggling: bool) -> Option<(usize, Bytes)> {
     let &(line, status) = AUTOMATIC.iter().find(|(line, _)| buf.starts_with(line))?;
     let head_len = buf.windows(HEAD_END.len()).position(|w| w == HEAD_END)? + HEAD_END.len();
     let head = &buf[..head_len];
     if head.windows(REQUEST_ID_LINE.len()).any(|w| w.eq_ignore_ascii_case(REQUEST_ID_LINE)) {
         return None;
     }
-    let error = error_for(status, bounds);
+    let error = error_for(status, bounds, smuggling);
     let body = problem_body(status, error.code(), error.to_string());
     let request_id = crate::observe::generate_request_id();
     let mut answer = Vec::with_capacity(256 + body.len());
@@ -107,7 +116,7 @@ impl<IO: AsyncWrite + Unpin> HeadErrors<IO> {
     /// the replacement is written now as far as the socket takes it, the
     /// rest before anything else (flush and shutdown included).
     fn intercept(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Option<io::Result<usize>> {
-        let (consumed, answer) = replacement(buf, self.bounds)?;
+        let (consumed, answer) = replacement(buf, self.bounds, self.framing.refused())?;
         self.pending = answer;
         match self.poll_pending(cx) {
             Poll::Ready(Err(error)) => Some(Err(error)),
@@ -118,7 +127,11 @@ impl<IO: AsyncWrite + Unpin> HeadErrors<IO> {
 
 impl<IO: AsyncRead + Unpin> AsyncRead for HeadErrors<IO> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let this = &mut *self;
+        ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
+        this.framing.read(&mut buf.filled_mut()[before..]);
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -169,7 +182,7 @@ mod tests {
     #[test]
     fn only_automatic_answers_are_replaced() {
         let automatic = b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\ndate: x\r\n\r\n";
-        let (consumed, answer) = replacement(automatic, BOUNDS).expect("replaced");
+        let (consumed, answer) = replacement(automatic, BOUNDS, false).expect("replaced");
         assert_eq!(consumed, automatic.len());
         let text = String::from_utf8(answer.to_vec()).unwrap();
         assert!(text.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"), "{text}");
@@ -179,8 +192,8 @@ mod tests {
         assert!(head.contains(&format!("content-length: {}", body.len())), "{text}");
 
         let ours = b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/problem+json\r\nx-request-id: a\r\n\r\n{}";
-        assert!(replacement(ours, BOUNDS).is_none());
-        assert!(replacement(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", BOUNDS).is_none());
-        assert!(replacement(b"HTTP/1.1 400 Bad Request\r\ncontent-le", BOUNDS).is_none(), "a partial head");
+        assert!(replacement(ours, BOUNDS, false).is_none());
+        assert!(replacement(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", BOUNDS, false).is_none());
+        assert!(replacement(b"HTTP/1.1 400 Bad Request\r\ncontent-le", BOUNDS, false).is_none(), "a partial head");
     }
 }

@@ -12,6 +12,9 @@ use peakstack_domain::MAX_TRANSFER_AMOUNT;
 
 /// `bytes` as `T`, or a detail saying which field breaks which rule.
 pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    if let Some(detail) = not_an_object("", bytes) {
+        return Err(detail);
+    }
     let mut deserializer = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|e| describe("", &e))?;
     deserializer.end().map_err(|e| syntax(&e))?;
@@ -21,6 +24,9 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
 /// Why `text` is not a `T`, its fields' paths under `prefix` (for example
 /// `transfers[3]`). For a text already known not to parse.
 pub fn explain<T: DeserializeOwned>(prefix: &str, text: &str) -> String {
+    if let Some(detail) = not_an_object(prefix, text.as_bytes()) {
+        return detail;
+    }
     let mut deserializer = serde_json::Deserializer::from_str(text);
     match serde_path_to_error::deserialize::<_, T>(&mut deserializer) {
         Err(error) => describe(prefix, &error),
@@ -29,6 +35,26 @@ pub fn explain<T: DeserializeOwned>(prefix: &str, text: &str) -> String {
             Ok(()) => format!("{prefix}: not valid here"),
         },
     }
+}
+
+/// Every body (and batch item) is an object; serde would also read a
+/// struct from an array, and then blame its first element.
+fn not_an_object(path: &str, bytes: &[u8]) -> Option<String> {
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace())?;
+    if *first == b'{' {
+        return None;
+    }
+    if let Err(error) = serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
+        return Some(syntax(&error));
+    }
+    let got = match first {
+        b'[' => "an array",
+        b'"' => "a string",
+        b't' | b'f' => "a boolean",
+        b'n' => "null",
+        _ => "a number",
+    };
+    Some(format!("{}: must be a JSON object, got {got}", shown(path)))
 }
 
 fn describe(prefix: &str, error: &serde_path_to_error::Error<serde_json::Error>) -> String {
@@ -45,7 +71,9 @@ fn describe(prefix: &str, error: &serde_path_to_error::Error<serde_json::Error>)
         let known = message.split_once(", expected ").map_or(String::new(), |(_, known)| {
             format!(" (the fields are {})", known.trim_start_matches("one of ").replace('`', ""))
         });
-        return format!("{}: is not a field of this request{known}", join(&path, field));
+        // The path names the unknown field already.
+        let path = if path.rsplit(['.', '[']).next() == Some(field) { path.clone() } else { join(&path, field) };
+        return format!("{path}: is not a field of this request{known}");
     }
     let got = message
         .strip_prefix("invalid type: ")
@@ -92,6 +120,9 @@ fn describe_value(unexpected: &str) -> String {
             Ok(value) if value.fract() == 0.0 => format!("{number} (written as a decimal)"),
             _ => format!("the fraction {number}"),
         };
+    }
+    if let Some(boolean) = between(unexpected, "boolean `", "`") {
+        return boolean.to_owned();
     }
     if let Some(text) = unexpected.strip_prefix("string ") {
         return format!("the string {text}");
@@ -181,7 +212,7 @@ mod tests {
         check(r#"{"id":"a","amount":-1}"#, &format!("amount: must be an integer from 1 to {max}, got -1"));
         check(
             r#"{"id":"a","amount":18446744073709551616}"#,
-            &format!("amount: must be an integer from 1 to {max}, got a number too large (1.8446744073709552e19)"),
+            &format!("amount: must be an integer from 1 to {max}, got a number too large (1.8446744073709552e+19)"),
         );
         check(
             r#"{"id":"a","amount":1.5}"#,
@@ -206,10 +237,10 @@ mod tests {
         check(r#"[1]"#, "the body: must be a JSON object, got an array");
         check(
             r#"{"id":"a","amount":1"#,
-            "the body is not valid JSON: it ends too early (EOF while parsing an object) at line 1 column 21",
+            "the body is not valid JSON: it ends too early (EOF while parsing an object) at line 1 column 20",
         );
         check("not json", "the body is not valid JSON: expected ident at line 1 column 2");
-        check(r#"{"id":"a","amount":1} x"#, "the body is not valid JSON: trailing characters at line 1 column 24");
+        check(r#"{"id":"a","amount":1} x"#, "the body is not valid JSON: trailing characters at line 1 column 23");
         assert_eq!(
             explain::<Item>("transfers[3]", r#"{"amount":0.5}"#),
             format!("transfers[3].amount: must be an integer from 1 to {max}, got the fraction 0.5")

@@ -198,7 +198,7 @@ pub async fn front(State(state): State<AppState>, mut request: Request, next: Ne
         if let Err(refusal) = access::admit(&state, &mut request, route) {
             return *refusal;
         }
-        if let Err(error) = route.map_or(Ok(()), |route| crate::check_query(route, request.uri())) {
+        if let Err(error) = route.map_or(Ok(()), |route| crate::check_query(&method, route, request.uri())) {
             return error.into_response();
         }
         post_guard::post_guard(&state, request, next).await

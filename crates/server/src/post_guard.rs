@@ -98,11 +98,6 @@ async fn guarded(state: &AppState, request: Request, next: Next) -> Result<Respo
             )))
         }
     };
-    // Before the body is read, and never remembered under a key: the same
-    // request with a JSON content type must still be answered.
-    if request.extensions().get::<MatchedPath>().is_some() {
-        crate::handlers::check_json_content_type(request.headers())?;
-    }
     let limit = body_limit(request.uri().path());
     let (parts, body) = request.into_parts();
     let bytes = read_body(body, limit).await?;

@@ -484,6 +484,28 @@ async fn malformed_heads_get_a_400_problem_and_a_close() {
         let answer = String::from_utf8(read_until_close(&mut stream).await).expect("utf-8");
         assert_problem(&answer, 400, "invalid_request");
     }
+    // Both framings (request smuggling), in either order, also after a
+    // chunked request on the same connection: refused before any route runs.
+    for head in [
+        &b"POST /hello HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"[..],
+        b"POST /hello HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n",
+    ] {
+        let mut stream = server.connect().await;
+        stream.write_all(head).await.expect("send");
+        let answer = String::from_utf8(read_until_close(&mut stream).await).expect("utf-8");
+        assert_problem(&answer, 400, "invalid_request");
+        assert!(answer.contains("Content-Length and Transfer-Encoding"), "{answer}");
+    }
+    let mut stream = server.connect().await;
+    let chunked = b"GET /hello HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n0\r\n\r\n";
+    let smuggled =
+        b"GET /hello HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+    stream.write_all(&[&chunked[..], smuggled].concat()).await.expect("send");
+    let answer = String::from_utf8(read_until_close(&mut stream).await).expect("utf-8");
+    let (first, rest) = answer.split_once("hi").unwrap_or_else(|| panic!("{answer}"));
+    assert!(first.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert_problem(rest, 400, "invalid_request");
+
     // The connection's earlier answers are untouched, the bad one replaced.
     let mut stream = server.connect().await;
     stream.write_all(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\nBROKEN\r\n\r\n").await.expect("send");
