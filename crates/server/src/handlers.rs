@@ -197,6 +197,16 @@ fn path_id(field: &str, text: &str) -> Result<Id, ApiError> {
     parse_id(field, text).map_err(ApiError::InvalidRequest)
 }
 
+/// The pending transfer a post or void names: never a reserved id, which
+/// only the system's own transfers have.
+fn pending_path_id(text: &str) -> Result<Id, ApiError> {
+    let id = path_id("pending_id", text)?;
+    if id.is_reserved() {
+        return Err(ApiError::invalid("pending_id: ids starting with '_' are reserved for the system"));
+    }
+    Ok(id)
+}
+
 pub async fn healthz() -> Response {
     json(StatusCode::OK, &serde_json::json!({"status": "ok"}))
 }
@@ -473,7 +483,7 @@ pub async fn post_pending(
     ApiPath(pending_id): ApiPath<String>,
     ApiJson(body): ApiJson<PostBody>,
 ) -> Result<Response, ApiError> {
-    let pending_id = path_id("pending_id", &pending_id)?;
+    let pending_id = pending_path_id(&pending_id)?;
     let request = body.into_request(pending_id).map_err(ApiError::InvalidRequest)?;
     one_transfer(&state, &caller, request).await
 }
@@ -484,7 +494,7 @@ pub async fn void_pending(
     ApiPath(pending_id): ApiPath<String>,
     ApiJson(body): ApiJson<VoidBody>,
 ) -> Result<Response, ApiError> {
-    let pending_id = path_id("pending_id", &pending_id)?;
+    let pending_id = pending_path_id(&pending_id)?;
     let request = body.into_request(pending_id).map_err(ApiError::InvalidRequest)?;
     one_transfer(&state, &caller, request).await
 }

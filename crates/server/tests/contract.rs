@@ -262,6 +262,9 @@ async fn unknown_query_parameters_are_refused_on_every_route() {
             assert!(answer.detail().starts_with("at: unknown query parameter"), "{context}: {}", answer.raw);
         }
     }
+    // A method the path does not have is 405 whatever the query.
+    let answer = s.send("PATCH", "/v1/accounts?limit=1&at=1", None, &[]).await;
+    answer.assert_problem(405, "method_not_allowed", "PATCH with a query");
     // What a route takes still works, and nothing else answered as if it had.
     assert_eq!(s.get("/v1/accounts?limit=1").await.status, 200);
     assert_eq!(s.get("/v1/accounts/a?").await.status, 200);
@@ -386,4 +389,37 @@ async fn metrics_count_ledger_results_and_replays_as_counters() {
         assert!(text.contains(&format!("# HELP {series} ")), "{series} in {text}");
     }
     s.stop().await;
+}
+
+#[test]
+fn the_openapi_currencies_are_the_ones_the_ledger_moves() {
+    let doc: Value = serde_json::from_str(OPENAPI_JSON).unwrap();
+    let documented: BTreeSet<String> = doc["components"]["schemas"]["Currency"]["enum"]
+        .as_array()
+        .expect("a currency enum")
+        .iter()
+        .map(|code| code.as_str().unwrap().to_owned())
+        .collect();
+    let letters = b'A'..=b'Z';
+    let moved: BTreeSet<String> = letters
+        .clone()
+        .flat_map(|a| letters.clone().flat_map(move |b| (b'A'..=b'Z').map(move |c| [a, b, c])))
+        .map(|code| String::from_utf8(code.to_vec()).unwrap())
+        .filter(|code| peakstack_domain::Currency::parse(code).is_some())
+        .collect();
+    assert_eq!(documented, moved);
+}
+
+#[test]
+fn the_openapi_audit_actions_are_the_ones_recorded() {
+    let doc: Value = serde_json::from_str(OPENAPI_JSON).unwrap();
+    let action = doc["paths"]["/v1/audit"]["get"]["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|parameter| parameter["name"] == "action")
+        .expect("an action parameter");
+    let documented: Vec<&str> =
+        action["schema"]["enum"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+    assert_eq!(documented, peakstack_server::audit::action::ALL);
 }
