@@ -167,6 +167,11 @@ pub fn plain_http_allowed(addr: &SocketAddr, allow_plain_http: bool) -> bool {
 /// always `Ok` once `shutdown` has resolved and the connections are drained.
 /// Connection upgrades (WebSocket) are not offered: an upgraded stream would
 /// escape the connection bound and the drain.
+///
+/// hyper's own HTTP/1.1 answers to heads it cannot parse become problem+json
+/// (`head_errors`): an answer of `router` with status 400, 414 or 431 must
+/// carry an `x-request-id` header (the API's middleware sets one on every
+/// answer), or it is taken for hyper's and replaced.
 pub async fn serve(
     listener: TcpListener,
     router: Router,

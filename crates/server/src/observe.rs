@@ -217,8 +217,7 @@ const UNMATCHED: &str = "unmatched";
 const UNPARSED: &str = "unparsed";
 
 /// Counts a request answered by the connection layer because its head did
-/// not parse (no method known: labelled `GET`, which no such answer is
-/// told apart by anyway).
+/// not parse (its method is not known: the label is empty).
 pub fn count_unparsed_request(status: u16) {
     metrics::counter!(
         "peakstack_http_requests_total",
