@@ -90,34 +90,62 @@ impl Framing {
         }
     }
 
-    /// Takes head bytes up to the head's end; returns how many it took.
+    /// Takes head bytes up to the head's end; returns how many it took. A
+    /// head that arrives in one read (the usual case) is parsed where it
+    /// lies; one split across reads is gathered first.
     fn head_bytes(&mut self, bytes: &mut [u8]) -> usize {
-        let mut taken = 0;
+        let mut start = 0;
         if self.head.is_empty() {
             // Empty lines before a request line are allowed (RFC 9112 §2.2).
-            taken = bytes.iter().take_while(|b| matches!(b, b'\r' | b'\n')).count();
+            start = bytes.iter().take_while(|b| matches!(b, b'\r' | b'\n')).count();
         }
-        for (index, &byte) in bytes.iter().enumerate().skip(taken) {
-            self.head.push(byte);
-            if self.head.ends_with(b"\r\n\r\n") || self.head.ends_with(b"\n\n") {
-                if self.end_of_head() {
-                    bytes[index] = POISON;
-                }
-                return index + 1;
-            }
+        let Some(end) = self.head_end(&bytes[start..]).map(|end| start + end) else {
+            self.head.extend_from_slice(&bytes[start..]);
             if self.head.len() > self.max_head_bytes {
                 self.state = State::Lost;
-                return bytes.len();
+            }
+            return bytes.len();
+        };
+        let refuse = if self.head.is_empty() {
+            self.end_of_head(&bytes[start..=end])
+        } else {
+            let mut head = std::mem::take(&mut self.head);
+            head.extend_from_slice(&bytes[start..=end]);
+            let refuse = self.end_of_head(&head);
+            head.clear();
+            self.head = head;
+            refuse
+        };
+        if refuse {
+            bytes[end] = POISON;
+        }
+        end + 1
+    }
+
+    /// The index in `bytes` of the `\n` that ends the head begun in
+    /// `self.head` (an empty line: `\n\n` or `\n\r\n`).
+    fn head_end(&self, bytes: &[u8]) -> Option<usize> {
+        let before = |index: usize, back: usize| -> Option<u8> {
+            match index.checked_sub(back) {
+                Some(at) => Some(bytes[at]),
+                None => self.head.len().checked_sub(back - index).map(|at| self.head[at]),
+            }
+        };
+        let mut from = 0;
+        while let Some(found) = bytes[from..].iter().position(|&b| b == b'\n') {
+            let index = from + found;
+            match before(index, 1) {
+                Some(b'\n') => return Some(index),
+                Some(b'\r') if before(index, 2) == Some(b'\n') => return Some(index),
+                _ => from = index + 1,
             }
         }
-        bytes.len()
+        None
     }
 
     /// A whole head: the next state; true if the head must be refused.
-    fn end_of_head(&mut self) -> bool {
-        let framing = body_framing(&self.head);
-        self.head.clear();
-        match framing {
+    fn end_of_head(&mut self, head: &[u8]) -> bool {
+        match body_framing(head) {
             Some(BodyFraming { length: Some(_), chunked: true }) => {
                 self.refused = true;
                 self.state = State::Lost;
