@@ -142,7 +142,17 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
         Query::<T>::from_request_parts(parts, state)
             .await
             .map(|Query(value)| ApiQuery(value))
-            .map_err(|rejection: QueryRejection| ApiError::InvalidRequest(rejection.body_text()))
+            .map_err(|rejection: QueryRejection| ApiError::InvalidRequest(query_detail(&rejection.body_text())))
+    }
+}
+
+/// A query string that does not parse, in the API's terms. (Unknown
+/// parameters never get here: the front middleware refuses them.)
+fn query_detail(text: &str) -> String {
+    let inner = text.strip_prefix("Failed to deserialize query string: ").unwrap_or(text);
+    match inner.strip_prefix("duplicate field `").and_then(|rest| rest.split_once('`')) {
+        Some((name, _)) => format!("{name}: given more than once"),
+        None => format!("the query string: {inner}"),
     }
 }
 

@@ -262,6 +262,9 @@ async fn unknown_query_parameters_are_refused_on_every_route() {
             assert!(answer.detail().starts_with("at: unknown query parameter"), "{context}: {}", answer.raw);
         }
     }
+    let answer = s.get("/v1/accounts?limit=1&limit=2").await;
+    answer.assert_problem(400, "invalid_request", "a repeated parameter");
+    assert_eq!(answer.detail(), "limit: given more than once");
     // A method the path does not have is 405 whatever the query.
     let answer = s.send("PATCH", "/v1/accounts?limit=1&at=1", None, &[]).await;
     answer.assert_problem(405, "method_not_allowed", "PATCH with a query");
