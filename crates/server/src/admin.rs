@@ -226,7 +226,7 @@ pub async fn audit(State(state): State<AppState>, ApiQuery(query): ApiQuery<Audi
         }
     }
     for (field, value) in [("key_id", &query.key_id), ("target", &query.target), ("request_id", &query.request_id)] {
-        if value.as_ref().is_some_and(|v| v.is_empty() || v.len() > 255) {
+        if value.as_ref().is_some_and(|v| v.is_empty() || v.chars().count() > 255) {
             return Err(ApiError::invalid(format!("{field}: 1 to 255 characters")));
         }
     }

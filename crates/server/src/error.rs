@@ -61,9 +61,69 @@ pub enum ApiError {
     /// request was not cancelled (see `handlers::decide_within`).
     #[error("{0}")]
     DeadlineExceeded(String),
+    /// A body that does not say it is JSON.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// A request head over the connection's bound (answered by the
+    /// connection layer, before any route).
+    #[error("{0}")]
+    HeadTooLarge(String),
+    /// A request target over hyper's bound (answered by the connection layer).
+    #[error("{0}")]
+    UriTooLong(String),
 }
 
 impl ApiError {
+    /// One error of every variant: the codes the server answers besides the
+    /// ledger's (the OpenAPI test checks they are all documented).
+    pub fn examples() -> Vec<ApiError> {
+        let all = vec![
+            ApiError::InvalidRequest(String::new()),
+            ApiError::BodyTooLarge(String::new()),
+            ApiError::Ledger(ErrorCode::InvalidRequest, String::new()),
+            ApiError::RouteNotFound(String::new()),
+            ApiError::MethodNotAllowed(String::new()),
+            ApiError::IdempotencyKeyReused,
+            ApiError::IdempotencyKeyInUse,
+            ApiError::Unavailable(String::new()),
+            ApiError::Internal(String::new()),
+            ApiError::Unauthorized(String::new()),
+            ApiError::Forbidden(String::new()),
+            ApiError::KeyNotFound(String::new()),
+            ApiError::LastAdminKey(String::new()),
+            ApiError::RequestTimeout(String::new()),
+            ApiError::UnsupportedMediaType(String::new()),
+            ApiError::HeadTooLarge(String::new()),
+            ApiError::UriTooLong(String::new()),
+            ApiError::DeadlineExceeded(String::new()),
+        ];
+        // No wildcard: a new variant fails to compile here until it is
+        // listed above.
+        for error in &all {
+            match error {
+                ApiError::InvalidRequest(_)
+                | ApiError::BodyTooLarge(_)
+                | ApiError::Ledger(..)
+                | ApiError::RouteNotFound(_)
+                | ApiError::MethodNotAllowed(_)
+                | ApiError::IdempotencyKeyReused
+                | ApiError::IdempotencyKeyInUse
+                | ApiError::Unavailable(_)
+                | ApiError::Internal(_)
+                | ApiError::Unauthorized(_)
+                | ApiError::Forbidden(_)
+                | ApiError::KeyNotFound(_)
+                | ApiError::LastAdminKey(_)
+                | ApiError::RequestTimeout(_)
+                | ApiError::UnsupportedMediaType(_)
+                | ApiError::HeadTooLarge(_)
+                | ApiError::UriTooLong(_)
+                | ApiError::DeadlineExceeded(_) => {}
+            }
+        }
+        all
+    }
+
     pub fn invalid(detail: impl Into<String>) -> ApiError {
         ApiError::InvalidRequest(detail.into())
     }
@@ -89,6 +149,9 @@ impl ApiError {
             ApiError::LastAdminKey(_) => "last_admin_key",
             ApiError::RequestTimeout(_) => "request_timeout",
             ApiError::DeadlineExceeded(_) => "deadline_exceeded",
+            ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
+            ApiError::HeadTooLarge(_) => "request_header_fields_too_large",
+            ApiError::UriTooLong(_) => "uri_too_long",
         }
     }
 
@@ -109,6 +172,9 @@ impl ApiError {
             ApiError::LastAdminKey(_) => StatusCode::CONFLICT,
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::DeadlineExceeded(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::HeadTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ApiError::UriTooLong(_) => StatusCode::URI_TOO_LONG,
         }
     }
 
@@ -116,11 +182,14 @@ impl ApiError {
     pub fn is_transient(&self) -> bool {
         match self {
             ApiError::Ledger(code, _) => is_transient_code(*code),
+            // The key's fingerprint does not cover the Content-Type: the
+            // same body sent as JSON must still get its own answer.
             ApiError::IdempotencyKeyInUse
             | ApiError::Unavailable(_)
             | ApiError::Internal(_)
             | ApiError::RequestTimeout(_)
-            | ApiError::DeadlineExceeded(_) => true,
+            | ApiError::DeadlineExceeded(_)
+            | ApiError::UnsupportedMediaType(_) => true,
             _ => false,
         }
     }
@@ -213,6 +282,9 @@ fn title(code: &str) -> &'static str {
         "request_timeout" => "Request timeout",
         "deadline_exceeded" => "Deadline exceeded",
         "duplicate_id_in_batch" => "Duplicate id in batch",
+        "unsupported_media_type" => "Unsupported media type",
+        "request_header_fields_too_large" => "Request header fields too large",
+        "uri_too_long" => "URI too long",
         _ => "Internal error",
     }
 }
@@ -227,8 +299,8 @@ struct Problem<'a> {
     code: &'a str,
 }
 
-/// Renders a problem+json answer.
-pub fn problem(status: StatusCode, code: &str, detail: String) -> Response {
+/// The problem+json body of an answer.
+pub fn problem_body(status: StatusCode, code: &str, detail: String) -> Vec<u8> {
     let body = Problem {
         kind: format!("urn:peakstack:problem:{code}"),
         title: title(code),
@@ -236,7 +308,12 @@ pub fn problem(status: StatusCode, code: &str, detail: String) -> Response {
         detail,
         code,
     };
-    let bytes = serde_json::to_vec(&body).expect("a problem serializes");
+    serde_json::to_vec(&body).expect("a problem serializes")
+}
+
+/// Renders a problem+json answer.
+pub fn problem(status: StatusCode, code: &str, detail: String) -> Response {
+    let bytes = problem_body(status, code, detail);
     let mut response = (status, bytes).into_response();
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
     response

@@ -1,11 +1,10 @@
 //! Thin handlers: parse and validate, call the engine, map the result.
 
-use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use bytes::Bytes;
 use peakstack_domain::{Account, ErrorCode, Id, NewAccount, Transfer, TransferRequest};
 use peakstack_engine::{Engine, Origin};
@@ -23,7 +22,7 @@ use crate::post_guard::BATCH_BODY_LIMIT_BYTES;
 use crate::wire::{
     parse_id, AccountBody, AccountJson, BatchBody, Page, PageQuery, PostBody, TransferBody, TransferJson, VoidBody,
 };
-use crate::{answer_json, buffers, AppState};
+use crate::{answer_json, buffers, json_errors, AppState};
 
 /// Default page size of the list routes.
 pub const DEFAULT_PAGE_LIMIT: usize = 100;
@@ -39,17 +38,15 @@ const TENANT_SCAN_PAGE: usize = 1000;
 /// early (possibly short) with a `next` cursor to continue from.
 pub const MAX_TENANT_SCAN: usize = 100_000;
 
-/// `axum::Json`, with its rejections as problem+json.
+/// A JSON body as `T`: a content type other than JSON is 415, a body that
+/// is not a `T` says which field breaks which rule ([`json_errors`]).
 pub struct ApiJson<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
-        match Json::<T>::from_request(request, state).await {
-            Ok(Json(value)) => Ok(ApiJson(value)),
-            Err(rejection) => Err(json_rejection(rejection)),
-        }
+        JsonBody::from_request(request, state).await?.owned().await.map(ApiJson)
     }
 }
 
@@ -66,6 +63,7 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
 
     async fn from_request(request: Request, _: &S) -> Result<Self, ApiError> {
         let (parts, body) = request.into_parts();
+        check_json_content_type(&parts.headers)?;
         // The POST guard has read and bounded the body: this takes its bytes.
         let bytes = axum::body::to_bytes(body, BATCH_BODY_LIMIT_BYTES).await.map_err(|_| {
             ApiError::BodyTooLarge(format!("the request body is larger than {BATCH_BODY_LIMIT_BYTES} bytes"))
@@ -86,23 +84,40 @@ impl JsonBody {
         serde_json::from_slice(&self.bytes).ok()
     }
 
-    /// The body as [`ApiJson`] reads it: the value, or its rejection.
+    /// The body as [`ApiJson`] reads it: the value, or why it is not one.
     pub async fn owned<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
-        let mut request = Request::new(axum::body::Body::from(self.bytes.clone()));
-        *request.method_mut() = self.parts.method.clone();
-        *request.uri_mut() = self.parts.uri.clone();
-        *request.version_mut() = self.parts.version;
-        *request.headers_mut() = self.parts.headers.clone();
-        *request.extensions_mut() = self.parts.extensions.clone();
-        ApiJson::<T>::from_request(request, &()).await.map(|ApiJson(value)| value)
+        json_errors::parse(&self.bytes).map_err(ApiError::InvalidRequest)
     }
 }
 
-fn json_rejection(rejection: JsonRejection) -> ApiError {
-    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        return ApiError::BodyTooLarge(rejection.body_text());
+/// Whether a Content-Type names JSON: `application/json`, with at most a
+/// `charset=utf-8` parameter (JSON is UTF-8, RFC 8259), in any case.
+pub fn is_json_content_type(value: &HeaderValue) -> bool {
+    let Ok(text) = value.to_str() else { return false };
+    let mut parts = text.split(';');
+    let essence = parts.next().unwrap_or_default().trim();
+    essence.eq_ignore_ascii_case("application/json")
+        && parts.all(|parameter| {
+            let parameter = parameter.trim();
+            parameter.split_once('=').is_some_and(|(name, value)| {
+                name.trim().eq_ignore_ascii_case("charset")
+                    && value.trim().trim_matches('"').eq_ignore_ascii_case("utf-8")
+            })
+        })
+}
+
+/// 415 unless the request says its body is JSON.
+pub fn check_json_content_type(headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
+    match headers.get(header::CONTENT_TYPE) {
+        Some(value) if is_json_content_type(value) => Ok(()),
+        Some(value) => Err(ApiError::UnsupportedMediaType(format!(
+            "Content-Type: the body must be application/json (optionally with charset=utf-8), not {:?}",
+            String::from_utf8_lossy(value.as_bytes())
+        ))),
+        None => {
+            Err(ApiError::UnsupportedMediaType("Content-Type: missing; the body must be application/json".to_owned()))
+        }
     }
-    ApiError::InvalidRequest(rejection.body_text())
 }
 
 /// `axum::extract::Path`, with its rejections as problem+json.
@@ -129,7 +144,17 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
         Query::<T>::from_request_parts(parts, state)
             .await
             .map(|Query(value)| ApiQuery(value))
-            .map_err(|rejection: QueryRejection| ApiError::InvalidRequest(rejection.body_text()))
+            .map_err(|rejection: QueryRejection| ApiError::InvalidRequest(query_detail(&rejection.body_text())))
+    }
+}
+
+/// A query string that does not parse, in the API's terms. (Unknown
+/// parameters never get here: the front middleware refuses them.)
+fn query_detail(text: &str) -> String {
+    let inner = text.strip_prefix("Failed to deserialize query string: ").unwrap_or(text);
+    match inner.strip_prefix("duplicate field `").and_then(|rest| rest.split_once('`')) {
+        Some((name, _)) => format!("{name}: given more than once"),
+        None => format!("the query string: {inner}"),
     }
 }
 
@@ -234,6 +259,16 @@ fn path_id(field: &str, text: &str) -> Result<Id, ApiError> {
     parse_id(field, text).map_err(ApiError::InvalidRequest)
 }
 
+/// The pending transfer a post or void names: never a reserved id, which
+/// only the system's own transfers have.
+fn pending_path_id(text: &str) -> Result<Id, ApiError> {
+    let id = path_id("pending_id", text)?;
+    if id.is_reserved() {
+        return Err(ApiError::invalid("pending_id: ids starting with '_' are reserved for the system"));
+    }
+    Ok(id)
+}
+
 pub async fn healthz() -> Response {
     json(StatusCode::OK, &serde_json::json!({"status": "ok"}))
 }
@@ -255,15 +290,7 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 pub async fn metrics(State(state): State<AppState>) -> Response {
-    let stats = state.engine().stats();
-    let load = |counter: &std::sync::atomic::AtomicU64| counter.load(std::sync::atomic::Ordering::Relaxed) as f64;
-    metrics::gauge!("peakstack_engine_batches").set(load(&stats.batches));
-    metrics::gauge!("peakstack_engine_inputs").set(load(&stats.inputs));
-    metrics::gauge!("peakstack_engine_fsyncs").set(load(&stats.fsyncs));
-    metrics::gauge!("peakstack_engine_inline_writes").set(load(&stats.inline_writes));
-    metrics::gauge!("peakstack_engine_log_bytes").set(load(&stats.log_bytes));
-    metrics::gauge!("peakstack_engine_checkpoints").set(load(&stats.checkpoints));
-    metrics::gauge!("peakstack_audit_feed_lag_batches").set(state.engine().audit_lag() as f64);
+    crate::observe::record_engine_stats(state.engine());
     let handle = state.metrics();
     handle.run_upkeep();
     let mut response = handle.render().into_response();
@@ -523,6 +550,7 @@ async fn one_transfer(state: &AppState, caller: &Caller, request: TransferReques
 /// The engine's part of [`one_transfer`] (run by [`decide_within`]).
 async fn make_transfer(engine: Engine, request: TransferRequest, origin: Origin) -> Result<Response, ApiError> {
     let results = engine.create_transfers_as(vec![request], false, Some(origin)).await;
+    crate::observe::count_ledger_results(&results);
     let outcome = results.into_iter().next().unwrap_or(Err(ErrorCode::Unavailable)).map_err(ApiError::ledger)?;
     if outcome.created {
         Ok(transfer_answer(StatusCode::CREATED, &TransferJson::from_outcome(&outcome)))
@@ -549,7 +577,7 @@ pub async fn post_pending(
     ApiPath(pending_id): ApiPath<String>,
     ApiJson(body): ApiJson<PostBody>,
 ) -> Result<Response, ApiError> {
-    let pending_id = path_id("pending_id", &pending_id)?;
+    let pending_id = pending_path_id(&pending_id)?;
     let request = body.into_request(pending_id).map_err(ApiError::InvalidRequest)?;
     one_transfer(&state, &caller, request).await
 }
@@ -560,7 +588,7 @@ pub async fn void_pending(
     ApiPath(pending_id): ApiPath<String>,
     ApiJson(body): ApiJson<VoidBody>,
 ) -> Result<Response, ApiError> {
-    let pending_id = path_id("pending_id", &pending_id)?;
+    let pending_id = pending_path_id(&pending_id)?;
     let request = body.into_request(pending_id).map_err(ApiError::InvalidRequest)?;
     one_transfer(&state, &caller, request).await
 }
@@ -586,11 +614,15 @@ pub async fn create_batch(State(state): State<AppState>, caller: Caller, body: J
             Ok(fields) => fields.into_request(),
             // Escapes in a string, or not a transfer: read it owned, for
             // the value or the error it always gave.
-            Err(_) => serde_json::from_str::<TransferBody>(raw.get())
-                .map_err(|e| e.to_string())
-                .and_then(TransferBody::into_request),
+            Err(_) => match serde_json::from_str::<TransferBody>(raw.get()) {
+                Ok(fields) => fields.into_request(),
+                Err(_) => {
+                    let at = format!("transfers[{index}]");
+                    return Err(ApiError::invalid(json_errors::explain::<TransferBody>(&at, raw.get())));
+                }
+            },
         }
-        .map_err(|detail| ApiError::invalid(format!("transfers[{index}]: {detail}")))?;
+        .map_err(|detail| ApiError::invalid(format!("transfers[{index}].{detail}")))?;
         requests.push(request);
     }
     refuse_duplicate_ids(&requests)?;
@@ -609,6 +641,7 @@ pub async fn create_batch(State(state): State<AppState>, caller: Caller, body: J
     let (engine, origin) = (state.engine().clone(), caller.origin());
     decide_within(deadline, pending, async move {
         let results = engine.create_transfers_as(requests, atomic, Some(origin)).await;
+        crate::observe::count_ledger_results(&results);
         Ok(batch_response(&results, atomic))
     })
     .await

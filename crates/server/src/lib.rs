@@ -40,8 +40,11 @@ mod audit_feed;
 mod audit_rows;
 mod buffers;
 mod error;
+mod framing;
 mod handlers;
+mod head_errors;
 pub mod idempotency;
+mod json_errors;
 pub mod keys;
 pub mod listener;
 mod observe;
@@ -309,6 +312,47 @@ fn route_table() -> Routes {
         ("DELETE", "/v1/keys/{id}", Admin, axum::routing::delete(admin::revoke_key)),
         ("GET", "/v1/audit", Admin, get(admin::audit)),
     ]
+}
+
+/// The query parameters each route takes (by its path in the route table);
+/// any other is refused, so that a parameter this server does not know
+/// (`?at=...` on an account) is never silently taken to mean something.
+fn query_parameters(method: &str, path: &str) -> &'static [&'static str] {
+    match (method, path) {
+        ("GET", "/v1/accounts" | "/v1/accounts/{id}/transfers") => &["limit", "after"],
+        ("GET", "/v1/audit") => &["key_id", "action", "target", "request_id", "since", "until", "after", "limit"],
+        _ => &[],
+    }
+}
+
+/// (method, path, query parameters) of every route.
+pub fn api_query_parameters() -> Vec<(&'static str, &'static str, &'static [&'static str])> {
+    route_table().into_iter().map(|(method, path, _, _)| (method, path, query_parameters(method, path))).collect()
+}
+
+/// Refuses a query parameter the route does not take, naming it.
+pub(crate) fn check_query(method: &axum::http::Method, route: &str, uri: &axum::http::Uri) -> Result<(), ApiError> {
+    if uri.query().is_none_or(str::is_empty) {
+        return Ok(());
+    }
+    // HEAD is answered by the GET route.
+    let method = if method == axum::http::Method::HEAD { "GET" } else { method.as_str() };
+    static ROUTES: std::sync::OnceLock<Vec<(&'static str, &'static str)>> = std::sync::OnceLock::new();
+    if !ROUTES.get_or_init(api_routes).contains(&(method, route)) {
+        return Ok(()); // a method the path does not have: 405 says so
+    }
+    let allowed = query_parameters(method, route);
+    let pairs = axum::extract::Query::<Vec<(String, String)>>::try_from_uri(uri)
+        .map_err(|_| ApiError::invalid("the query string is not valid form encoding"))?;
+    match pairs.0.iter().find(|(name, _)| !allowed.contains(&name.as_str())) {
+        None => Ok(()),
+        Some((name, _)) if allowed.is_empty() => {
+            Err(ApiError::invalid(format!("{name}: unknown query parameter; {method} {route} takes none")))
+        }
+        Some((name, _)) => {
+            Err(ApiError::invalid(format!("{name}: unknown query parameter; {route} takes {}", allowed.join(", "))))
+        }
+    }
 }
 
 /// (method, path) of every route the router serves, paths in the router's

@@ -11,7 +11,7 @@
 //! | TLS handshake | [`ConnectionLimits::tls_handshake_timeout`] |
 //! | first bytes (telling HTTP/2 from HTTP/1.1) | [`ConnectionLimits::header_read_timeout`] |
 //! | each HTTP/1.1 request head, and the idle time before it | `header_read_timeout`; then hyper closes the connection without an answer |
-//! | HTTP/1.1 head size and field count | [`ConnectionLimits::max_header_bytes`], [`ConnectionLimits::max_headers`]; past them hyper answers 431 and closes |
+//! | HTTP/1.1 head size and field count | [`ConnectionLimits::max_header_bytes`], [`ConnectionLimits::max_headers`]; past them the answer is 431 problem+json and the connection closes |
 //! | HTTP/2 header list | `max_header_bytes`; streams per connection; a peer that stops answering pings is dropped |
 //! | shutdown | [`ConnectionLimits::drain_timeout`]; then connections still busy are cut |
 //!
@@ -43,6 +43,8 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinError, JoinSet};
 use tokio_rustls::TlsAcceptor;
 use tower::Layer;
+
+use crate::head_errors::{HeadBounds, HeadErrors};
 
 /// Bounds on every connection.
 #[derive(Clone, Debug)]
@@ -165,6 +167,11 @@ pub fn plain_http_allowed(addr: &SocketAddr, allow_plain_http: bool) -> bool {
 /// always `Ok` once `shutdown` has resolved and the connections are drained.
 /// Connection upgrades (WebSocket) are not offered: an upgraded stream would
 /// escape the connection bound and the drain.
+///
+/// hyper's own HTTP/1.1 answers to heads it cannot parse become problem+json
+/// (`head_errors`): an answer of `router` with status 400, 414 or 431 must
+/// carry an `x-request-id` header (the API's middleware sets one on every
+/// answer), or it is taken for hyper's and replaced.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
@@ -248,6 +255,7 @@ struct Shared {
     http2: http2::Builder<TokioExecutor>,
     header_read_timeout: Duration,
     tls_handshake_timeout: Duration,
+    head_bounds: HeadBounds,
 }
 
 impl Shared {
@@ -273,6 +281,7 @@ impl Shared {
             http2,
             header_read_timeout: limits.header_read_timeout,
             tls_handshake_timeout: limits.tls_handshake_timeout,
+            head_bounds: HeadBounds { max_header_bytes: limits.max_header_bytes, max_headers: limits.max_headers },
         }
     }
 }
@@ -352,11 +361,14 @@ async fn serve_io<IO>(
             }
         }
     };
-    let io = TokioIo::new(Rewind { prefix, io });
+    let io = Rewind { prefix, io };
     let service = TowerToHyperService::new(Extension(ConnectInfo(peer)).layer(shared.router.clone()));
     let served = match protocol {
-        Protocol::Http1 => drive(shared.http1.serve_connection(io, service), stop).await,
-        Protocol::Http2 => drive(shared.http2.serve_connection(io, service), stop).await,
+        Protocol::Http1 => {
+            let io = TokioIo::new(HeadErrors::new(io, shared.head_bounds));
+            drive(shared.http1.serve_connection(io, service), stop).await
+        }
+        Protocol::Http2 => drive(shared.http2.serve_connection(TokioIo::new(io), service), stop).await,
     };
     if let Err(error) = served {
         // Client-side failures (resets, header timeouts, malformed heads) are

@@ -14,7 +14,7 @@ use std::time::Instant;
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderName, HeaderValue, Method};
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing::Instrument;
 
@@ -47,12 +47,102 @@ pub fn metrics_handle() -> PrometheusHandle {
                 .expect("bucket lists are not empty")
                 .build_recorder();
             let handle = recorder.handle();
-            if let Err(error) = metrics::set_global_recorder(recorder) {
-                tracing::warn!(%error, "a metrics recorder was installed already; /metrics will be empty");
+            match metrics::set_global_recorder(recorder) {
+                Ok(()) => describe_metrics(),
+                Err(error) => {
+                    tracing::warn!(%error, "a metrics recorder was installed already; /metrics will be empty")
+                }
             }
             handle
         })
         .clone()
+}
+
+/// Answers replayed from the idempotency store.
+pub const IDEMPOTENT_REPLAYS_TOTAL: &str = "peakstack_idempotent_replays_total";
+/// Transfer requests (single, post, void and batch items) by result code.
+pub const LEDGER_RESULTS_TOTAL: &str = "peakstack_ledger_results_total";
+
+/// Every series the process exports, with its `# HELP` text: (name, help).
+/// Counters end in `_total`; the engine's counters are read from
+/// `EngineStats` on each scrape ([`record_engine_stats`]).
+const COUNTERS: &[(&str, &str)] = &[
+    ("peakstack_http_requests_total", "HTTP requests answered, by route, method and status."),
+    ("peakstack_access_refusals_total", "Requests refused by access control, by code."),
+    (IDEMPOTENT_REPLAYS_TOTAL, "Answers replayed from the Idempotency-Key store instead of being made again."),
+    (
+        LEDGER_RESULTS_TOTAL,
+        "Transfer requests (single, post, void and batch items) by result: created, exists, or the refusal code.",
+    ),
+    ("peakstack_engine_batches_total", "Batches the engine's executors applied and made durable."),
+    ("peakstack_engine_inputs_total", "Inputs (requests and messages between executors) in those batches."),
+    ("peakstack_engine_fsyncs_total", "Durable writes of the command logs."),
+    ("peakstack_engine_inline_writes_total", "Batches the apply thread made durable itself, not the log thread."),
+    ("peakstack_engine_log_bytes_total", "Bytes appended to the command logs."),
+    ("peakstack_engine_checkpoints_total", "Checkpoints written."),
+];
+const GAUGES: &[(&str, &str)] =
+    &[("peakstack_audit_feed_lag_batches", "Durable batches whose audit events are not stored yet.")];
+const HISTOGRAMS: &[(&str, &str)] = &[
+    ("peakstack_http_request_duration_seconds", "Time from a request's head to its answer, by route."),
+    ("peakstack_log_fsync_seconds", "Duration of one durable write of a command log."),
+    ("peakstack_batch_inputs", "Inputs per engine batch."),
+    ("peakstack_checkpoint_seconds", "Time to encode and write one checkpoint."),
+];
+
+fn describe_metrics() {
+    for &(name, help) in COUNTERS {
+        metrics::describe_counter!(name, help);
+    }
+    for &(name, help) in GAUGES {
+        metrics::describe_gauge!(name, help);
+    }
+    for &(name, help) in HISTOGRAMS {
+        metrics::describe_histogram!(name, help);
+    }
+}
+
+/// Copies the engine's own counters into the recorder (they are kept as
+/// plain atomics on the hot path), for a scrape.
+pub fn record_engine_stats(engine: &peakstack_engine::Engine) {
+    let stats = engine.stats();
+    let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+    metrics::counter!("peakstack_engine_batches_total").absolute(load(&stats.batches));
+    metrics::counter!("peakstack_engine_inputs_total").absolute(load(&stats.inputs));
+    metrics::counter!("peakstack_engine_fsyncs_total").absolute(load(&stats.fsyncs));
+    metrics::counter!("peakstack_engine_inline_writes_total").absolute(load(&stats.inline_writes));
+    metrics::counter!("peakstack_engine_log_bytes_total").absolute(load(&stats.log_bytes));
+    metrics::counter!("peakstack_engine_checkpoints_total").absolute(load(&stats.checkpoints));
+    metrics::gauge!("peakstack_audit_feed_lag_batches").set(engine.audit_lag() as f64);
+}
+
+/// Counts transfer results by code: one registry lookup per code present,
+/// not per transfer (a batch holds up to 8,190).
+pub fn count_ledger_results(results: &[Result<peakstack_engine::TransferOutcome, peakstack_domain::ErrorCode>]) {
+    let mut created = 0u64;
+    let mut exists = 0u64;
+    let mut refused = [0u64; peakstack_domain::ErrorCode::ALL.len()];
+    for result in results {
+        match result {
+            Ok(outcome) if outcome.created => created += 1,
+            Ok(_) => exists += 1,
+            Err(code) => {
+                if let Some(index) = peakstack_domain::ErrorCode::ALL.iter().position(|c| c == code) {
+                    refused[index] += 1;
+                }
+            }
+        }
+    }
+    let count = |code: &'static str, n: u64| {
+        if n > 0 {
+            metrics::counter!(LEDGER_RESULTS_TOTAL, "code" => code).increment(n);
+        }
+    };
+    count("created", created);
+    count("exists", exists);
+    for (code, n) in peakstack_domain::ErrorCode::ALL.iter().zip(refused) {
+        count(code.as_str(), n);
+    }
 }
 
 /// Takes a client's request id when it is 1-128 characters of
@@ -104,10 +194,14 @@ pub async fn front(State(state): State<AppState>, mut request: Request, next: Ne
         key_id = tracing::field::Empty,
     );
     let answer = async {
-        match access::admit(&state, &mut request, route.as_ref().map(MatchedPath::as_str)) {
-            Ok(()) => post_guard::post_guard(&state, request, next).await,
-            Err(refusal) => *refusal,
+        let route = route.as_ref().map(MatchedPath::as_str);
+        if let Err(refusal) = access::admit(&state, &mut request, route) {
+            return *refusal;
         }
+        if let Err(error) = route.map_or(Ok(()), |route| crate::check_query(&method, route, request.uri())) {
+            return error.into_response();
+        }
+        post_guard::post_guard(&state, request, next).await
     };
     let mut response = answer.instrument(span.clone()).await;
     response.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
@@ -119,6 +213,20 @@ pub async fn front(State(state): State<AppState>, mut request: Request, next: Ne
 }
 
 const UNMATCHED: &str = "unmatched";
+/// The route label of a request whose head did not parse.
+const UNPARSED: &str = "unparsed";
+
+/// Counts a request answered by the connection layer because its head did
+/// not parse (its method is not known: the label is empty).
+pub fn count_unparsed_request(status: u16) {
+    metrics::counter!(
+        "peakstack_http_requests_total",
+        "route" => UNPARSED,
+        "method" => "",
+        "status" => status.to_string()
+    )
+    .increment(1);
+}
 /// Most (route, method, status) metric handles a worker thread keeps; past
 /// it, requests are counted through the recorder's registry (slower).
 const MAX_CACHED_METRIC_HANDLES: usize = 512;

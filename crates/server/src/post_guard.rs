@@ -186,6 +186,7 @@ async fn remember(
 }
 
 fn replay(stored: StoredAnswer) -> Response {
+    metrics::counter!(crate::observe::IDEMPOTENT_REPLAYS_TOTAL).increment(1);
     let status = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut response = (status, stored.body).into_response();
     let headers = response.headers_mut();

@@ -424,9 +424,8 @@ async fn heads_beyond_the_byte_or_field_limit_get_431_and_a_close() {
     let mut stream = server.connect().await;
     stream.write_all(&head_of_len(1025)).await.expect("send");
     let answer = String::from_utf8(read_until_close(&mut stream).await).expect("utf-8");
-    // hyper's own answer: no body, and the connection is closed after it.
-    assert!(answer.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\n"), "{answer}");
-    assert!(answer.contains("content-length: 0\r\n") && answer.ends_with("\r\n\r\n"), "{answer}");
+    // A problem+json answer, and the connection is closed after it.
+    assert_problem(&answer, 431, "request_header_fields_too_large");
 
     // The field limit is exact too: 10 fields pass, 11 do not.
     assert_eq!(status_of(&server, &head_with_fields(10), false).await, 200);
@@ -446,8 +445,74 @@ async fn the_default_head_limit_is_32_kib() {
     let mut stream = server.connect().await;
     let _ = stream.write_all(&head_of_len(1024 * 1024)).await;
     let answer = String::from_utf8(read_until_close(&mut stream).await).expect("utf-8");
-    assert!(answer.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\n"), "{answer}");
+    assert_problem(&answer, 431, "request_header_fields_too_large");
 
+    server.stop().await;
+}
+
+/// Asserts a whole answer (read to the close) is a problem+json `status`
+/// with `code`, announced as the connection's last.
+fn assert_problem(answer: &str, status: u16, code: &str) {
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no head end in {answer:?}"));
+    assert_eq!(head.get(9..12), Some(status.to_string().as_str()), "{answer}");
+    let head = head.to_ascii_lowercase();
+    assert!(head.contains("\r\ncontent-type: application/problem+json\r\n"), "{answer}");
+    assert!(head.contains("\r\nconnection: close\r\n"), "{answer}");
+    assert!(head.contains(&format!("\r\ncontent-length: {}\r\n", body.len())), "{answer}");
+    let problem: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {answer}"));
+    assert_eq!(problem["code"], code, "{answer}");
+    assert_eq!(problem["status"], status, "{answer}");
+    assert!(problem["type"].as_str().is_some_and(|t| t.ends_with(code)), "{answer}");
+    for field in ["title", "detail"] {
+        assert!(problem[field].as_str().is_some_and(|t| !t.is_empty()), "{field} in {answer}");
+    }
+}
+
+#[tokio::test]
+async fn malformed_heads_get_a_400_problem_and_a_close() {
+    let server = Running::start(ConnectionLimits::default(), None).await;
+    for head in [
+        &b"GARBAGE\r\n\r\n"[..],
+        b"GET /hello HTTP/9.9\r\nHost: x\r\n\r\n",
+        b"GET /hello HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+        b"GET /hel lo HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"POST /hello HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello",
+        b"POST /hello HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n",
+    ] {
+        let mut stream = server.connect().await;
+        stream.write_all(head).await.expect("send");
+        let answer = String::from_utf8(read_until_close(&mut stream).await).expect("utf-8");
+        assert_problem(&answer, 400, "invalid_request");
+    }
+    // Both framings (request smuggling), in either order, also after a
+    // chunked request on the same connection: refused before any route runs.
+    for head in [
+        &b"POST /hello HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"[..],
+        b"POST /hello HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n",
+    ] {
+        let mut stream = server.connect().await;
+        stream.write_all(head).await.expect("send");
+        let answer = String::from_utf8(read_until_close(&mut stream).await).expect("utf-8");
+        assert_problem(&answer, 400, "invalid_request");
+        assert!(answer.contains("Content-Length and Transfer-Encoding"), "{answer}");
+    }
+    let mut stream = server.connect().await;
+    let chunked = b"GET /hello HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n0\r\n\r\n";
+    let smuggled =
+        b"GET /hello HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+    stream.write_all(&[&chunked[..], smuggled].concat()).await.expect("send");
+    let answer = String::from_utf8(read_until_close(&mut stream).await).expect("utf-8");
+    let (first, rest) = answer.split_once("hi").unwrap_or_else(|| panic!("{answer}"));
+    assert!(first.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert_problem(rest, 400, "invalid_request");
+
+    // The connection's earlier answers are untouched, the bad one replaced.
+    let mut stream = server.connect().await;
+    stream.write_all(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\nBROKEN\r\n\r\n").await.expect("send");
+    let answer = String::from_utf8(read_until_close(&mut stream).await).expect("utf-8");
+    let (first, rest) = answer.split_once("hi").unwrap_or_else(|| panic!("{answer}"));
+    assert!(first.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert_problem(rest, 400, "invalid_request");
     server.stop().await;
 }
 
