@@ -149,6 +149,17 @@ impl Net {
     pub fn magnitude(self) -> u128 {
         self.magnitude
     }
+
+    /// As an `i128`, when it fits.
+    pub fn to_i128(self) -> Option<i128> {
+        let magnitude = i128::try_from(self.magnitude).ok();
+        if self.negative {
+            // -2^127 fits although its magnitude does not.
+            magnitude.map(|m| -m).or((self.magnitude == 1 << 127).then_some(i128::MIN))
+        } else {
+            magnitude
+        }
+    }
 }
 
 impl std::fmt::Display for Net {
