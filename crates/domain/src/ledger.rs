@@ -967,6 +967,16 @@ impl Ledger {
 }
 
 #[cfg(test)]
+impl Ledger {
+    /// Books `amount` on one side of one account only, as a bug would: the
+    /// way for a test to break the double entry and see the check fire.
+    pub(crate) fn book_one_side_for_test(&mut self, id: &Id, side: Side, amount: u64) {
+        let index = self.account_index(id).expect("an account of this ledger");
+        self.book_posted(index, side, amount);
+    }
+}
+
+#[cfg(test)]
 mod snapshot_tests {
     use super::*;
     use crate::{AccountFlags, Amount};
@@ -1031,15 +1041,5 @@ mod snapshot_tests {
         assert_eq!(rebuilt.due_expiries(20, 10), vec![id("p1")]);
         assert_eq!(rebuilt.net_total(), 0);
         let _ = Amount::new(1);
-    }
-}
-
-#[cfg(test)]
-impl Ledger {
-    /// Books `amount` on one side of one account only, as a bug would: the
-    /// way for a test to break the double entry and see the check fire.
-    pub(crate) fn book_one_side_for_test(&mut self, id: &Id, side: Side, amount: u64) {
-        let index = self.account_index(id).expect("an account of this ledger");
-        self.book_posted(index, side, amount);
     }
 }
