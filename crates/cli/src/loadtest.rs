@@ -981,16 +981,32 @@ struct AccountsPage {
     next: Option<String>,
 }
 
+/// An account's balances: u128, sent as strings of decimal digits (a JSON
+/// number past 2^53 is not exact in many clients).
 #[derive(Deserialize)]
 struct AccountRow {
-    debits_pending: u64,
-    debits_posted: u64,
-    credits_pending: u64,
-    credits_posted: u64,
+    #[serde(deserialize_with = "digits")]
+    debits_pending: u128,
+    #[serde(deserialize_with = "digits")]
+    debits_posted: u128,
+    #[serde(deserialize_with = "digits")]
+    credits_pending: u128,
+    #[serde(deserialize_with = "digits")]
+    credits_posted: u128,
 }
 
-/// Totals in minor units; u128 cannot overflow for any realistic number of
-/// u64 balances (2^64 accounts at u64::MAX each).
+/// A balance: a JSON string of decimal digits, nothing else.
+fn digits<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u128, D::Error> {
+    let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(serde::de::Error::custom(format!("a balance is a string of decimal digits, not {text:?}")));
+    }
+    text.parse().map_err(|_| serde::de::Error::custom(format!("balance {text:?} is past 2^128")))
+}
+
+/// Totals in minor units, modulo 2^128 as the engine's own check: balances
+/// are u128, so their sum can pass it, and equal totals modulo 2^128 are
+/// equal totals for any run of transfers.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 struct LedgerTotals {
     accounts: u64,
@@ -1002,8 +1018,8 @@ impl LedgerTotals {
     fn add_page(&mut self, rows: &[AccountRow]) {
         for row in rows {
             self.accounts += 1;
-            self.debits_minor += u128::from(row.debits_posted) + u128::from(row.debits_pending);
-            self.credits_minor += u128::from(row.credits_posted) + u128::from(row.credits_pending);
+            self.debits_minor = self.debits_minor.wrapping_add(row.debits_posted).wrapping_add(row.debits_pending);
+            self.credits_minor = self.credits_minor.wrapping_add(row.credits_posted).wrapping_add(row.credits_pending);
         }
     }
 
@@ -1285,11 +1301,11 @@ mod tests {
     }
 
     #[test]
-    fn sums_ledger_pages_without_overflow() {
+    fn sums_ledger_pages_of_u128_balances() {
         let page: AccountsPage = serde_json::from_str(
             r#"{"data":[
-                {"id":"a","balance":-5,"debits_pending":1,"debits_posted":18446744073709551615,"credits_pending":0,"credits_posted":0},
-                {"id":"_clearing.USD","balance":5,"debits_pending":0,"debits_posted":0,"credits_pending":1,"credits_posted":18446744073709551615}
+                {"id":"a","balance":"-5","debits_pending":"1","debits_posted":"36893488147419103232","credits_pending":"0","credits_posted":"0"},
+                {"id":"_clearing.USD","balance":"5","debits_pending":"0","debits_posted":"0","credits_pending":"1","credits_posted":"36893488147419103232"}
             ],"next":null}"#,
         )
         .unwrap();
@@ -1298,10 +1314,16 @@ mod tests {
         totals.add_page(&page.data);
         totals.add_page(&page.data);
         assert_eq!(totals.accounts, 4);
-        assert_eq!(totals.debits_minor, 2 * (u128::from(u64::MAX) + 1));
+        assert_eq!(totals.debits_minor, 2 * ((1u128 << 65) + 1), "exact past 2^64");
         assert!(totals.balanced());
         totals.add_page(&page.data[..1]);
         assert!(!totals.balanced());
+        // Numbers, signs and junk are not balances.
+        for bad in [r#"1"#, r#""-1""#, r#""""#, r#""1e3""#, r#""340282366920938463463374607431768211456""#] {
+            let row =
+                format!(r#"{{"debits_pending":{bad},"debits_posted":"0","credits_pending":"0","credits_posted":"0"}}"#);
+            assert!(serde_json::from_str::<AccountRow>(&row).is_err(), "{bad} accepted");
+        }
     }
 
     #[test]
@@ -1449,11 +1471,11 @@ mod tests {
                     let skew = u64::from(self.skew && after.is_none() && index == 0);
                     serde_json::json!({
                         "id": id,
-                        "balance": i128::from(*credits) - i128::from(*debits),
-                        "debits_pending": 0,
-                        "debits_posted": debits + skew,
-                        "credits_pending": 0,
-                        "credits_posted": credits,
+                        "balance": (i128::from(*credits) - i128::from(*debits)).to_string(),
+                        "debits_pending": "0",
+                        "debits_posted": (debits + skew).to_string(),
+                        "credits_pending": "0",
+                        "credits_posted": credits.to_string(),
                     })
                 })
                 .collect();

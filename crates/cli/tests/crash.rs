@@ -189,10 +189,11 @@ async fn kill_under_load_and_recover(moment: Moment) {
             };
             let page: Value = client.get(url).send().await.unwrap().json().await.unwrap();
             for a in page["data"].as_array().unwrap() {
-                let net = a["credits_posted"].as_i64().unwrap() as i128
-                    + a["credits_pending"].as_i64().unwrap() as i128
-                    - a["debits_posted"].as_i64().unwrap() as i128
-                    - a["debits_pending"].as_i64().unwrap() as i128;
+                // Balances are strings of digits; these stay far below 2^127.
+                let balance = |field: &str| -> i128 { a[field].as_str().unwrap().parse().unwrap() };
+                let net = balance("credits_posted") + balance("credits_pending")
+                    - balance("debits_posted")
+                    - balance("debits_pending");
                 total += net;
                 let id = a["id"].as_str().unwrap().to_string();
                 if id.starts_with("_clearing.") {

@@ -72,7 +72,7 @@ async fn the_binary_serves_the_ledger_and_keeps_idempotency_keys_across_a_restar
     let fund = r#"{"id":"t1","debit_account_id":"bob","credit_account_id":"alice","amount":10000,"currency":"USD"}"#;
     let first = call(&client, "POST", &transfers, Some(fund), Some("fund-1")).await;
     assert_eq!(first.status, 201, "{}", first.raw);
-    assert_eq!(first.body["balances"]["credit_account"]["credits_posted"], 10000);
+    assert_eq!(first.body["balances"]["credit_account"]["credits_posted"], "10000");
 
     // Refusals: problem+json with a stable code, and nothing changes.
     let before = call(&client, "GET", &format!("{accounts}?limit=100"), None, None).await.raw;
@@ -123,6 +123,6 @@ async fn the_binary_serves_the_ledger_and_keeps_idempotency_keys_across_a_restar
     let reused = call(&client, "POST", &transfers, Some(&fund.replace("10000", "5")), Some("fund-1")).await;
     assert_eq!((reused.status, reused.body["code"].as_str()), (422, Some("idempotency_key_reused")));
     let alice_now = call(&client, "GET", &format!("{accounts}/alice"), None, None).await;
-    assert_eq!(alice_now.body["credits_posted"], 10000, "the replay moved no money");
+    assert_eq!(alice_now.body["credits_posted"], "10000", "the replay moved no money");
     terminate(server);
 }

@@ -89,25 +89,85 @@ impl NewAccount {
     }
 }
 
+/// An account's cumulative sums, in minor units. u128, as TigerBeetle's:
+/// a transfer moves at most 2^53-1, so u64 sums were saturated by 2,048
+/// maximal transfers, and the clearing account of a shard, which takes
+/// every cross-shard leg of every tenant, could be exhausted by one. For
+/// each side, posted + pending fits a u128 (checked before every booking).
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
 pub struct Balances {
-    pub debits_pending: u64,
-    pub debits_posted: u64,
-    pub credits_pending: u64,
-    pub credits_posted: u64,
+    pub debits_pending: u128,
+    pub debits_posted: u128,
+    pub credits_pending: u128,
+    pub credits_posted: u128,
 }
 
 impl Balances {
     /// credits_posted - debits_posted (posted only, as a bank statement shows).
-    pub fn balance(&self) -> i128 {
-        i128::from(self.credits_posted) - i128::from(self.debits_posted)
+    pub fn balance(&self) -> Net {
+        Net::difference(self.credits_posted, self.debits_posted)
     }
 
-    /// The whole balance including pending amounts; sums to zero over all accounts.
+    /// The whole balance including pending amounts; sums to zero over all
+    /// accounts. Modulo 2^128 as an `i128`: exact whenever it lies within
+    /// ±2^127, and a sum of them is zero exactly when the books balance
+    /// (modulo 2^128, a difference no run of transfers can make).
     pub fn net_including_pending(&self) -> i128 {
-        i128::from(self.credits_posted) + i128::from(self.credits_pending)
-            - i128::from(self.debits_posted)
-            - i128::from(self.debits_pending)
+        let credits = self.credits_posted.wrapping_add(self.credits_pending);
+        let debits = self.debits_posted.wrapping_add(self.debits_pending);
+        credits.wrapping_sub(debits) as i128
+    }
+
+    /// Whether each side's posted + pending fits (what every booking keeps).
+    pub fn in_range(&self) -> bool {
+        self.debits_posted.checked_add(self.debits_pending).is_some()
+            && self.credits_posted.checked_add(self.credits_pending).is_some()
+    }
+}
+
+/// A difference of two u128 sums, exact: a sign and a magnitude (it can lie
+/// beyond `i128`). Zero is never negative.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct Net {
+    negative: bool,
+    magnitude: u128,
+}
+
+impl Net {
+    pub fn difference(plus: u128, minus: u128) -> Net {
+        if plus >= minus {
+            Net { negative: false, magnitude: plus - minus }
+        } else {
+            Net { negative: true, magnitude: minus - plus }
+        }
+    }
+
+    pub fn is_negative(self) -> bool {
+        self.negative
+    }
+
+    pub fn magnitude(self) -> u128 {
+        self.magnitude
+    }
+
+    /// As an `i128`, when it fits.
+    pub fn to_i128(self) -> Option<i128> {
+        let magnitude = i128::try_from(self.magnitude).ok();
+        if self.negative {
+            // -2^127 fits although its magnitude does not.
+            magnitude.map(|m| -m).or((self.magnitude == 1 << 127).then_some(i128::MIN))
+        } else {
+            magnitude
+        }
+    }
+}
+
+impl std::fmt::Display for Net {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.negative {
+            f.write_str("-")?;
+        }
+        write!(f, "{}", self.magnitude)
     }
 }
 
@@ -154,53 +214,41 @@ impl Account {
     }
 
     /// What can still be debited; `None` when debits are not limited.
-    pub fn available(&self) -> Option<u64> {
+    pub fn available(&self) -> Option<u128> {
         if !self.flags.contains(AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS) {
             return None;
         }
         let b = &self.balances;
-        let limit = u128::from(b.credits_posted) + u128::from(self.overdraft_limit);
-        let used = u128::from(b.debits_posted) + u128::from(b.debits_pending);
-        Some(u64::try_from(limit.saturating_sub(used)).unwrap_or(u64::MAX))
-    }
-
-    /// Places a hold of `amount` on the debit side, checking the constraint.
-    /// `extra_credits` are credits of the same transaction not yet posted,
-    /// which an atomic batch may spend.
-    pub(crate) fn hold_debit(&mut self, amount: u64, extra_credits: u64) -> Result<(), ErrorCode> {
-        self.check_debit(amount, extra_credits)?;
-        self.balances.debits_pending += amount;
-        Ok(())
-    }
-
-    pub(crate) fn hold_credit(&mut self, amount: u64, extra_debits: u64) -> Result<(), ErrorCode> {
-        self.check_credit(amount, extra_debits)?;
-        self.balances.credits_pending += amount;
-        Ok(())
+        let limit = b.credits_posted.saturating_add(u128::from(self.overdraft_limit));
+        let used = b.debits_posted.saturating_add(b.debits_pending);
+        Some(limit.saturating_sub(used))
     }
 
     /// Whether `amount` more may be debited: the account's constraint holds
-    /// and no sum overflows. Holding and posting check the same way, so a
-    /// transfer gets the same answer on every path.
-    pub(crate) fn check_debit(&self, amount: u64, extra_credits: u64) -> Result<(), ErrorCode> {
+    /// and no sum overflows. `extra_credits` are credits of the same
+    /// transaction not yet posted, which an atomic batch may spend. Holding
+    /// and posting check the same way, so a transfer gets the same answer
+    /// on every path.
+    pub(crate) fn check_debit(&self, amount: u64, extra_credits: u128) -> Result<(), ErrorCode> {
         let b = &self.balances;
-        let new_pending = b.debits_pending.checked_add(amount).ok_or(ErrorCode::Overflow)?;
+        let new_pending = b.debits_pending.checked_add(u128::from(amount)).ok_or(ErrorCode::Overflow)?;
         let new_total = b.debits_posted.checked_add(new_pending).ok_or(ErrorCode::Overflow)?;
         if self.flags.contains(AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS) {
-            let limit = u128::from(b.credits_posted) + u128::from(self.overdraft_limit) + u128::from(extra_credits);
-            if u128::from(new_total) > limit {
+            // Saturating: a limit past u128::MAX limits nothing a u128 total can reach.
+            let limit = b.credits_posted.saturating_add(u128::from(self.overdraft_limit)).saturating_add(extra_credits);
+            if new_total > limit {
                 return Err(ErrorCode::ExceedsCredits);
             }
         }
         Ok(())
     }
 
-    pub(crate) fn check_credit(&self, amount: u64, extra_debits: u64) -> Result<(), ErrorCode> {
+    pub(crate) fn check_credit(&self, amount: u64, extra_debits: u128) -> Result<(), ErrorCode> {
         let b = &self.balances;
-        let new_pending = b.credits_pending.checked_add(amount).ok_or(ErrorCode::Overflow)?;
+        let new_pending = b.credits_pending.checked_add(u128::from(amount)).ok_or(ErrorCode::Overflow)?;
         let new_total = b.credits_posted.checked_add(new_pending).ok_or(ErrorCode::Overflow)?;
         if self.flags.contains(AccountFlags::CREDITS_MUST_NOT_EXCEED_DEBITS)
-            && u128::from(new_total) > u128::from(b.debits_posted) + u128::from(extra_debits)
+            && new_total > b.debits_posted.saturating_add(extra_debits)
         {
             return Err(ErrorCode::ExceedsDebits);
         }

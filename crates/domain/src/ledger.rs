@@ -17,6 +17,7 @@ use std::collections::{BTreeSet, VecDeque};
 
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
+use crate::balance_sums::{BalanceSums, Unbalanced};
 use crate::chunked::ChunkedVec;
 use crate::id_index::IdIndex;
 use crate::record_table::{Keyed, RecordTable};
@@ -30,6 +31,16 @@ pub const NO_OWNER: Owner = 0;
 pub enum Side {
     Debit,
     Credit,
+}
+
+impl Side {
+    /// The side a clearing account books a leg on: the mirror of the leg's.
+    pub fn other(self) -> Side {
+        match self {
+            Side::Debit => Side::Credit,
+            Side::Credit => Side::Debit,
+        }
+    }
 }
 
 /// One side of a money movement, on the executor that owns `account_id`.
@@ -135,15 +146,18 @@ pub enum ResolveKind {
 /// later leg of the same atomic batch may spend them (sequential semantics).
 #[derive(Default, Debug)]
 pub struct TxnView {
-    moved: Vec<(u32, u64, u64)>,
+    /// (account, credits, debits): u128, as a batch of 8190 maximal
+    /// transfers into one account passes u64.
+    moved: Vec<(u32, u128, u128)>,
 }
 
 impl TxnView {
-    fn get(&self, account: u32) -> (u64, u64) {
+    fn get(&self, account: u32) -> (u128, u128) {
         self.moved.iter().find(|m| m.0 == account).map(|m| (m.1, m.2)).unwrap_or((0, 0))
     }
 
     fn add(&mut self, account: u32, credits: u64, debits: u64) {
+        let (credits, debits) = (u128::from(credits), u128::from(debits));
         match self.moved.iter_mut().find(|m| m.0 == account) {
             Some(m) => {
                 m.1 = m.1.saturating_add(credits);
@@ -188,6 +202,9 @@ pub struct Ledger {
     /// Records a transaction has reserved or locked: a snapshot is taken
     /// only when there are none (counted, so that it need not look).
     claimed_records: usize,
+    /// Every account's balances summed per currency, kept by every booking
+    /// (see [`Ledger::check_balanced`]).
+    sums: BalanceSums,
 }
 
 impl Ledger {
@@ -365,14 +382,13 @@ impl Ledger {
             return Err(e);
         }
         let (debit, credit) = (debit.expect("checked"), credit.expect("checked"));
-        // Checked above: posted + pending + amount fits, so these cannot overflow.
-        self.accounts[debit as usize].balances.debits_posted += amount;
-        self.accounts[credit as usize].balances.credits_posted += amount;
+        self.book_posted(debit, Side::Debit, amount);
+        self.book_posted(credit, Side::Credit, amount);
         if via_clearing {
             let dc = self.clearing_for(debit_shard, record.currency, now_ms);
             let cc = self.clearing_for(credit_shard, record.currency, now_ms);
-            self.accounts[dc as usize].balances.credits_posted += amount;
-            self.accounts[cc as usize].balances.debits_posted += amount;
+            self.book_posted(dc, Side::Credit, amount);
+            self.book_posted(cc, Side::Debit, amount);
         }
         self.records.insert(Record { transfer: record.clone(), reserved_by: NO_OWNER, locked_by: NO_OWNER });
         self.final_order.push_back(record.id.clone());
@@ -424,25 +440,14 @@ impl Ledger {
             }
         }
         let clearing = leg.via_clearing.then(|| self.clearing_for(shard, leg.currency, now_ms));
-        let checked = "checked above";
-        match leg.side {
-            Side::Debit => {
-                self.accounts[account as usize].hold_debit(leg.amount, credits_seen).expect(checked);
-                if let Some(c) = clearing {
-                    self.accounts[c as usize].hold_credit(leg.amount, 0).expect(checked);
-                }
-                if !leg.pending {
-                    view.add(account, 0, leg.amount);
-                }
-            }
-            Side::Credit => {
-                self.accounts[account as usize].hold_credit(leg.amount, debits_seen).expect(checked);
-                if let Some(c) = clearing {
-                    self.accounts[c as usize].hold_debit(leg.amount, 0).expect(checked);
-                }
-                if !leg.pending {
-                    view.add(account, leg.amount, 0);
-                }
+        self.book_held(account, leg.side, leg.amount);
+        if let Some(c) = clearing {
+            self.book_held(c, leg.side.other(), leg.amount);
+        }
+        if !leg.pending {
+            match leg.side {
+                Side::Debit => view.add(account, 0, leg.amount),
+                Side::Credit => view.add(account, leg.amount, 0),
             }
         }
         self.holds
@@ -497,24 +502,64 @@ impl Ledger {
     /// Removes `hold.amount` from pending and posts `post_amount` of it.
     fn settle(&mut self, hold: &Hold, post_amount: u64) {
         assert!(post_amount <= hold.amount, "posting more than held");
-        let mut book = |index: u32, side: Side| {
-            let b = &mut self.accounts[index as usize].balances;
-            match side {
-                Side::Debit => {
-                    b.debits_pending = b.debits_pending.checked_sub(hold.amount).expect("hold is in pending");
-                    // Cannot overflow: posted + pending was checked when held.
-                    b.debits_posted += post_amount;
-                }
-                Side::Credit => {
-                    b.credits_pending = b.credits_pending.checked_sub(hold.amount).expect("hold is in pending");
-                    b.credits_posted += post_amount;
-                }
-            }
-        };
-        book(hold.account, hold.side);
+        self.book_settled(hold.account, hold.side, hold.amount, post_amount);
         if let Some(c) = hold.clearing {
-            let mirrored = if hold.side == Side::Debit { Side::Credit } else { Side::Debit };
-            book(c, mirrored);
+            self.book_settled(c, hold.side.other(), hold.amount, post_amount);
+        }
+    }
+
+    // ---- bookings: every change to a balance, with the sums --------------
+
+    /// Posts `amount` on `side` of account `index`; the caller checked that
+    /// it fits (`Account::check_debit` / `check_credit`).
+    fn book_posted(&mut self, index: u32, side: Side, amount: u64) {
+        let account = &mut self.accounts[index as usize];
+        let b = &mut account.balances;
+        let posted = match side {
+            Side::Debit => &mut b.debits_posted,
+            Side::Credit => &mut b.credits_posted,
+        };
+        *posted = posted.checked_add(u128::from(amount)).expect("checked before booking");
+        self.sums.post(account.currency, side, amount);
+    }
+
+    /// Holds `amount` on `side` of account `index`; the caller checked it.
+    fn book_held(&mut self, index: u32, side: Side, amount: u64) {
+        let account = &mut self.accounts[index as usize];
+        let b = &mut account.balances;
+        let pending = match side {
+            Side::Debit => &mut b.debits_pending,
+            Side::Credit => &mut b.credits_pending,
+        };
+        *pending = pending.checked_add(u128::from(amount)).expect("checked before booking");
+        self.sums.hold(account.currency, side, amount);
+    }
+
+    /// Resolves a hold of `held` on `side` of account `index`, posting
+    /// `posted` of it. Cannot overflow: posted + pending was checked when held.
+    fn book_settled(&mut self, index: u32, side: Side, held: u64, posted: u64) {
+        let account = &mut self.accounts[index as usize];
+        let b = &mut account.balances;
+        let (pending, total) = match side {
+            Side::Debit => (&mut b.debits_pending, &mut b.debits_posted),
+            Side::Credit => (&mut b.credits_pending, &mut b.credits_posted),
+        };
+        *pending = pending.checked_sub(u128::from(held)).expect("hold is in pending");
+        *total = total.checked_add(u128::from(posted)).expect("posted + pending fits");
+        self.sums.settle(account.currency, side, held, posted);
+    }
+
+    /// Whether the ledger still balances: per currency, debits equal
+    /// credits, pending and posted apart (from running sums: no scan).
+    pub fn check_balanced(&self) -> Result<(), Unbalanced> {
+        self.sums.check()
+    }
+
+    /// [`Ledger::check_balanced`], as the engine asserts it after every
+    /// batch: a ledger that no longer balances must stop, loudly.
+    pub fn assert_balanced(&self) {
+        if let Err(broken) = self.check_balanced() {
+            panic!("broken invariant, double entry: {broken}");
         }
     }
 
@@ -760,8 +805,9 @@ impl Ledger {
 
     /// Sum over all accounts of credits - debits, pending included. Zero when
     /// every in-flight movement is booked on both sides of this ledger.
+    /// Modulo 2^128, as [`Balances::net_including_pending`].
     pub fn net_total(&self) -> i128 {
-        self.accounts.iter().map(|a| a.balances.net_including_pending()).sum()
+        self.accounts.iter().fold(0i128, |sum, a| sum.wrapping_add(a.balances.net_including_pending()))
     }
 }
 
@@ -874,6 +920,10 @@ impl Ledger {
             if ledger.account_index(&account.id).is_some() {
                 return Err("an account appears twice");
             }
+            if !account.balances.in_range() {
+                return Err("an account's posted and pending sums pass 2^128");
+            }
+            ledger.sums.add_account(account.currency, &account.balances);
             if account.system {
                 let shard =
                     clearing_shard(account.id.as_str()).ok_or("a system account that is not a clearing account")?;
@@ -914,7 +964,20 @@ impl Ledger {
                 return Err("a record appears twice");
             }
         }
+        // Taken between transactions, a snapshot balances: one that does
+        // not is damaged, and replaying onto it would stop at the first batch.
+        ledger.check_balanced().map_err(|_| "the accounts' balances do not net to zero per currency")?;
         Ok(ledger)
+    }
+}
+
+#[cfg(test)]
+impl Ledger {
+    /// Books `amount` on one side of one account only, as a bug would: the
+    /// way for a test to break the double entry and see the check fire.
+    pub(crate) fn book_one_side_for_test(&mut self, id: &Id, side: Side, amount: u64) {
+        let index = self.account_index(id).expect("an account of this ledger");
+        self.book_posted(index, side, amount);
     }
 }
 

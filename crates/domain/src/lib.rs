@@ -7,6 +7,9 @@
 //! replays to the same ledger.
 
 mod account;
+mod balance_sums;
+#[cfg(test)]
+mod balance_tests;
 pub mod cache;
 mod chunked;
 mod error;
@@ -18,7 +21,8 @@ mod owner;
 mod record_table;
 mod transfer;
 
-pub use account::{Account, AccountFlags, Balances, NewAccount};
+pub use account::{Account, AccountFlags, Balances, Net, NewAccount};
+pub use balance_sums::Unbalanced;
 pub use error::ErrorCode;
 pub use ids::{fnv1a64, shard_of, Id, INLINE_ID_LEN, MAX_ID_LEN};
 pub use ledger::{Ledger, Side};

@@ -20,7 +20,12 @@ use crate::codec::{self, Codec, Reader, Writer};
 
 pub const CHECKPOINT_FILE: &str = "checkpoint.snap";
 const MAGIC: &[u8; 4] = b"PSCK";
-const FORMAT: u32 = 1;
+/// 2: balances are u128. Their varints are the same bytes as format 1's u64
+/// ones below 2^64, so format 1 reads as it is; a build that knows only
+/// format 1 refuses a format 2 file instead of misreading a balance past u64.
+const FORMAT: u32 = 2;
+/// The oldest format this build reads.
+const OLDEST_FORMAT: u32 = 1;
 
 /// A checkpoint as it is read back (`L` = [`LedgerSnapshot`]), or as the
 /// apply thread takes it (`L` = [`LedgerImage`], records shared with the
@@ -84,8 +89,16 @@ impl Checkpoint {
             return Err("not a checkpoint".into());
         }
         let format = u32::from_le_bytes(bytes[4..8].try_into().expect("4"));
-        if format != FORMAT {
-            return Err(format!("checkpoint format {format} is not supported"));
+        if format > FORMAT {
+            return Err(format!(
+                "checkpoint format {format} was written by a newer peakstack; this build reads formats \
+                 {OLDEST_FORMAT}-{FORMAT} (run the newer build, or restore a data dir it has not written)"
+            ));
+        }
+        if format < OLDEST_FORMAT {
+            return Err(format!(
+                "checkpoint format {format} is not supported (this build reads {OLDEST_FORMAT}-{FORMAT})"
+            ));
         }
         let crc = u32::from_le_bytes(bytes[8..12].try_into().expect("4"));
         let len = u64::from_le_bytes(bytes[12..20].try_into().expect("8")) as usize;
@@ -202,7 +215,48 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(load(dir.path()).unwrap(), None);
         store(dir.path(), &bytes).unwrap();
-        assert_eq!(load(dir.path()).unwrap(), Some(checkpoint));
+        assert_eq!(load(dir.path()).unwrap(), Some(checkpoint.clone()));
+
+        // Format 1 (u64 balances) has the same payload bytes for balances
+        // below 2^64 and still reads; a format past this build's is refused.
+        let with_format = |format: u32| {
+            let mut bytes = bytes.clone();
+            bytes[4..8].copy_from_slice(&format.to_le_bytes());
+            Checkpoint::decode(&bytes)
+        };
+        assert_eq!(u32::from_le_bytes(bytes[4..8].try_into().unwrap()), 2, "written as format 2");
+        assert_eq!(with_format(1).unwrap(), checkpoint);
+        let newer = with_format(3).unwrap_err();
+        assert!(newer.contains("format 3 was written by a newer peakstack"), "{newer}");
+        assert!(with_format(0).is_err());
+    }
+
+    #[test]
+    fn balances_past_u64_round_trip() {
+        let usd = Currency::parse("USD").unwrap();
+        let new = |name: &str| NewAccount {
+            id: Id::parse(name).unwrap(),
+            currency: usd,
+            flags: AccountFlags::empty(),
+            overdraft_limit: 0,
+            metadata: None,
+            owner: None,
+        };
+        let (mut debtor, mut creditor) = (Account::open(new("d"), 1), Account::open(new("c"), 1));
+        debtor.balances = Balances { debits_posted: u128::MAX - 9, debits_pending: 9, ..Balances::default() };
+        creditor.balances = Balances { credits_posted: u128::MAX - 9, credits_pending: 9, ..Balances::default() };
+        let checkpoint = Checkpoint {
+            sequence: 1,
+            time_ms: 2,
+            next_txn: 3,
+            history_len: 0,
+            archive_runs: 0,
+            ledger: LedgerSnapshot { accounts: vec![debtor, creditor], holds: vec![], records: vec![] },
+        };
+        let decoded = Checkpoint::decode(&checkpoint.encode()).unwrap();
+        assert_eq!(decoded, checkpoint);
+        let ledger = peakstack_domain::Ledger::from_snapshot(decoded.ledger).unwrap();
+        assert_eq!(ledger.check_balanced(), Ok(()));
     }
 
     /// The apply thread's image of a ledger encodes to the bytes of the

@@ -43,6 +43,15 @@ impl Writer {
         }
         self.buf.push(v as u8);
     }
+    /// A u128 as the same LEB128 varint: a value below 2^64 is the bytes
+    /// [`Writer::varint`] writes, so balances logged as u64 read as they are.
+    pub fn varint_u128(&mut self, mut v: u128) {
+        while v >= 0x80 {
+            self.buf.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        self.buf.push(v as u8);
+    }
     pub fn str(&mut self, s: &str) {
         self.varint(s.len() as u64);
         self.buf.extend_from_slice(s.as_bytes());
@@ -82,6 +91,23 @@ impl<'a> Reader<'a> {
         for shift in (0..64).step_by(7) {
             let byte = self.u8()?;
             value |= u64::from(byte & 0x7f) << shift;
+            if byte < 0x80 {
+                return Ok(value);
+            }
+        }
+        Err(CodecError("varint too long"))
+    }
+    /// Reads what [`Writer::varint_u128`] (or [`Writer::varint`]) wrote;
+    /// bits past 2^128 are corrupt, not dropped.
+    pub fn varint_u128(&mut self) -> Result<u128> {
+        let mut value = 0u128;
+        for shift in (0..128).step_by(7) {
+            let byte = self.u8()?;
+            let bits = u128::from(byte & 0x7f);
+            if shift == 126 && bits > 0b11 {
+                return Err(CodecError("varint out of range"));
+            }
+            value |= bits << shift;
             if byte < 0x80 {
                 return Ok(value);
             }
@@ -204,19 +230,21 @@ impl Codec for Side {
     }
 }
 
+/// Varints of u128: the bytes of u64 varints for values below 2^64, so a
+/// log or checkpoint written when balances were u64 reads unchanged.
 impl Codec for Balances {
     fn encode(&self, w: &mut Writer) {
-        w.varint(self.debits_pending);
-        w.varint(self.debits_posted);
-        w.varint(self.credits_pending);
-        w.varint(self.credits_posted);
+        w.varint_u128(self.debits_pending);
+        w.varint_u128(self.debits_posted);
+        w.varint_u128(self.credits_pending);
+        w.varint_u128(self.credits_posted);
     }
     fn decode(r: &mut Reader<'_>) -> Result<Self> {
         Ok(Balances {
-            debits_pending: r.varint()?,
-            debits_posted: r.varint()?,
-            credits_pending: r.varint()?,
-            credits_posted: r.varint()?,
+            debits_pending: r.varint_u128()?,
+            debits_posted: r.varint_u128()?,
+            credits_pending: r.varint_u128()?,
+            credits_posted: r.varint_u128()?,
         })
     }
 }
@@ -804,11 +832,61 @@ mod tests {
                 },
                 PeerMsg::Acked {
                     txn: 9,
-                    balances: vec![(id("a"), Balances { debits_posted: 5, ..Default::default() })],
+                    balances: vec![
+                        (id("a"), Balances { debits_posted: 5, ..Default::default() }),
+                        (
+                            id("b"),
+                            Balances {
+                                debits_pending: u128::MAX,
+                                debits_posted: 1 << 64,
+                                credits_pending: u128::from(u64::MAX),
+                                credits_posted: (1 << 127) + 3,
+                            },
+                        ),
+                    ],
                 },
                 PeerMsg::Forget { txn: 9 },
             ],
         });
+    }
+
+    proptest::proptest! {
+        /// A u64 written as balances were written before they were u128
+        /// reads back the same as a u128: old logs and checkpoints open.
+        #[test]
+        fn a_u64_varint_reads_as_the_same_u128(value in proptest::num::u64::ANY) {
+            let mut w = Writer::default();
+            w.varint(value);
+            let mut wide = Writer::default();
+            wide.varint_u128(u128::from(value));
+            proptest::prop_assert_eq!(&w.buf, &wide.buf);
+            let mut r = Reader::new(&w.buf);
+            proptest::prop_assert_eq!(r.varint_u128(), Ok(u128::from(value)));
+            proptest::prop_assert!(r.is_empty());
+        }
+
+        #[test]
+        fn a_u128_varint_round_trips(value in proptest::num::u128::ANY) {
+            let mut w = Writer::default();
+            w.varint_u128(value);
+            let mut r = Reader::new(&w.buf);
+            proptest::prop_assert_eq!(r.varint_u128(), Ok(value));
+            proptest::prop_assert!(r.is_empty());
+        }
+    }
+
+    #[test]
+    fn a_u128_varint_past_2_to_the_128_is_corrupt() {
+        let mut w = Writer::default();
+        w.varint_u128(u128::MAX);
+        assert_eq!(w.buf.len(), 19);
+        let mut past = w.buf.clone();
+        *past.last_mut().unwrap() = 0x04; // bit 128
+        assert_eq!(Reader::new(&past).varint_u128(), Err(CodecError("varint out of range")));
+        let mut longer = w.buf.clone();
+        *longer.last_mut().unwrap() |= 0x80;
+        longer.push(0);
+        assert!(Reader::new(&longer).varint_u128().is_err());
     }
 }
 

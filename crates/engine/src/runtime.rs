@@ -1065,6 +1065,8 @@ impl Applier {
                     }
                 }
             }
+            // Double entry, before the batch is logged: a broken one stops here.
+            self.core.ledger().assert_balanced();
             let previous = self.in_flight_reported();
             self.shared.txns_in_flight.fetch_add(self.core.txns_in_flight(), Ordering::SeqCst);
             self.shared.txns_in_flight.fetch_sub(previous, Ordering::SeqCst);

@@ -183,7 +183,10 @@ async fn transfers_across_executors_balance_and_survive_restart() {
     let before = engine.account(&id(&names[1])).await.unwrap().unwrap().available().unwrap();
     let results = engine
         .create_transfers(
-            vec![create("b1", "bank", &names[1], 50), create("b2", &names[1], &names[2], before + 50)],
+            vec![
+                create("b1", "bank", &names[1], 50),
+                create("b2", &names[1], &names[2], u64::try_from(before).unwrap() + 50),
+            ],
             true,
         )
         .await;
@@ -498,9 +501,9 @@ async fn small_and_large_batches_at_once_are_all_durable_after_a_restart() {
     }
     for (sink, expected) in sinks.iter().zip(per_sink) {
         let account = engine.account(&id(sink)).await.unwrap().unwrap();
-        assert_eq!(account.balances.credits_posted, expected, "{sink}");
+        assert_eq!(account.balances.credits_posted, u128::from(expected), "{sink}");
     }
     let bank = engine.account(&id("bank")).await.unwrap().unwrap();
-    assert_eq!(bank.balances.debits_posted, acknowledged.len() as u64 + 5);
+    assert_eq!(bank.balances.debits_posted, acknowledged.len() as u128 + 5);
     engine.shutdown();
 }

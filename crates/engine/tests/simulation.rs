@@ -635,6 +635,7 @@ impl Sim {
             let ledger = node.core.ledger();
             // (1) Double entry, per executor: clearing accounts book every cross-shard leg.
             assert_eq!(ledger.net_total(), 0, "executor {e} does not balance");
+            assert_eq!(ledger.check_balanced(), Ok(()), "executor {e}: the running sums do not balance");
             total += ledger.net_total();
             for account in ledger.accounts() {
                 assert_eq!(self.layout.executor_of_account(&account.id) as usize, e, "{account:?} on executor {e}");
@@ -748,7 +749,7 @@ impl Sim {
                 );
                 if account.system {
                     clearing_net += account.balances.net_including_pending();
-                    clearing_posted += account.balances.balance();
+                    clearing_posted += account.balances.balance().to_i128().expect("small balances");
                 }
             }
             assert_eq!(ledger.hold_count(), holds[e], "executor {e} keeps holds that no pending transfer explains");
@@ -870,6 +871,7 @@ fn new_of(account: &Account) -> NewAccount {
 }
 
 fn book(expected: &mut BTreeMap<Id, Balances>, account: &Id, side: Side, posted: u64, held: u64) {
+    let (posted, held) = (u128::from(posted), u128::from(held));
     let b = expected.entry(account.clone()).or_default();
     match side {
         Side::Debit => {
@@ -887,16 +889,16 @@ fn book(expected: &mut BTreeMap<Id, Balances>, account: &Id, side: Side, posted:
 /// amounts are checked (see `Sim::tainted`).
 fn check_constraint(account: &Account, strict: bool) {
     let b = &account.balances;
-    let wide = |x: u64| u128::from(x);
+    // The simulation's sums stay far below 2^128: plain sums cannot overflow.
     if account.flags.contains(AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS) {
-        let limit = wide(b.credits_posted) + wide(account.overdraft_limit);
-        assert!(wide(b.debits_posted) <= limit, "overdrawn (posted): {account:?}");
-        assert!(!strict || wide(b.debits_posted) + wide(b.debits_pending) <= limit, "overdrawn: {account:?}");
+        let limit = b.credits_posted + u128::from(account.overdraft_limit);
+        assert!(b.debits_posted <= limit, "overdrawn (posted): {account:?}");
+        assert!(!strict || b.debits_posted + b.debits_pending <= limit, "overdrawn: {account:?}");
     }
     if account.flags.contains(AccountFlags::CREDITS_MUST_NOT_EXCEED_DEBITS) {
-        let limit = wide(b.debits_posted);
-        assert!(wide(b.credits_posted) <= limit, "over-credited (posted): {account:?}");
-        assert!(!strict || wide(b.credits_posted) + wide(b.credits_pending) <= limit, "over-credited: {account:?}");
+        let limit = b.debits_posted;
+        assert!(b.credits_posted <= limit, "over-credited (posted): {account:?}");
+        assert!(!strict || b.credits_posted + b.credits_pending <= limit, "over-credited: {account:?}");
     }
 }
 

@@ -96,18 +96,26 @@ pub fn batch_answer(out: &mut Vec<u8>, results: &[TransferResult], cause_index: 
     out.extend_from_slice(b"]}");
 }
 
+/// Balances are strings of digits (see `wire::Decimal`).
 fn balances_object(out: &mut Vec<u8>, b: &BalancesJson) {
     out.extend_from_slice(b"{\"debits_pending\":");
-    integer(out, b.debits_pending);
+    decimal(out, false, b.debits_pending.0);
     out.extend_from_slice(b",\"debits_posted\":");
-    integer(out, b.debits_posted);
+    decimal(out, false, b.debits_posted.0);
     out.extend_from_slice(b",\"credits_pending\":");
-    integer(out, b.credits_pending);
+    decimal(out, false, b.credits_pending.0);
     out.extend_from_slice(b",\"credits_posted\":");
-    integer(out, b.credits_posted);
+    decimal(out, false, b.credits_posted.0);
     out.extend_from_slice(b",\"balance\":");
-    integer(out, b.balance);
+    decimal(out, b.balance.0.is_negative(), b.balance.0.magnitude());
     out.push(b'}');
+}
+
+/// A JSON string of decimal digits, `-` first when `negative`.
+fn decimal(out: &mut Vec<u8>, negative: bool, magnitude: u128) {
+    out.extend_from_slice(if negative { b"\"-" } else { b"\"" });
+    integer(out, magnitude);
+    out.push(b'"');
 }
 
 fn integer(out: &mut Vec<u8>, value: impl itoa::Integer) {
@@ -246,8 +254,12 @@ mod tests {
     }
 
     fn some_balances() -> impl Strategy<Value = Option<Balances>> {
-        proptest::option::of((any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(a, b, c, d)| {
-            Balances { debits_pending: a, debits_posted: b, credits_pending: c, credits_posted: d }
+        let sum = prop_oneof![any::<u128>(), any::<u64>().prop_map(u128::from), Just(0), Just(u128::MAX)];
+        proptest::option::of((sum.clone(), sum.clone(), sum.clone(), sum).prop_map(|(a, b, c, d)| Balances {
+            debits_pending: a,
+            debits_posted: b,
+            credits_pending: c,
+            credits_posted: d,
         }))
     }
 
@@ -300,6 +312,20 @@ mod tests {
             let expected = serde_json::to_string(&BatchAnswer { results: &results, cause_index }).unwrap();
             prop_assert_eq!(String::from_utf8(out).unwrap(), expected);
         }
+    }
+
+    #[test]
+    fn balances_are_strings_of_digits_exact_past_2_to_the_64() {
+        let b = Balances { debits_pending: 0, debits_posted: u128::MAX, credits_pending: 1 << 64, credits_posted: 7 };
+        let mut out = Vec::new();
+        balances_object(&mut out, &BalancesJson::from(&b));
+        let expected = format!(
+            r#"{{"debits_pending":"0","debits_posted":"{max}","credits_pending":"18446744073709551616","credits_posted":"7","balance":"-{}"}}"#,
+            u128::MAX - 7,
+            max = u128::MAX
+        );
+        assert_eq!(String::from_utf8(out).unwrap(), expected);
+        assert_eq!(serde_json::to_string(&BalancesJson::from(&b)).unwrap(), expected);
     }
 
     #[test]

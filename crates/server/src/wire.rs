@@ -3,8 +3,8 @@
 //! module knows field names.
 
 use peakstack_domain::{
-    Account, AccountFlags, Amount, Balances, Currency, Id, NewAccount, Owner, Transfer, TransferKind, TransferRequest,
-    MAX_TRANSFER_AMOUNT,
+    Account, AccountFlags, Amount, Balances, Currency, Id, Net, NewAccount, Owner, Transfer, TransferKind,
+    TransferRequest, MAX_TRANSFER_AMOUNT,
 };
 use peakstack_engine::TransferOutcome;
 
@@ -192,6 +192,19 @@ pub struct PageQuery {
     pub after: Option<String>,
 }
 
+/// A balance in the JSON: a string of decimal digits (`"-"` first when
+/// negative). Balances are u128 and pass 2^53, past which a JSON number
+/// loses precision in JavaScript and in every client that reads numbers as
+/// doubles. Amounts, at most 2^53-1, stay numbers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decimal<T>(pub T);
+
+impl<T: std::fmt::Display> Serialize for Decimal<T> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&self.0)
+    }
+}
+
 #[derive(Serialize, Debug)]
 pub struct AccountJson {
     pub id: String,
@@ -200,12 +213,12 @@ pub struct AccountJson {
     pub overdraft_limit: u64,
     pub metadata: Option<Value>,
     pub owner: Option<String>,
-    pub debits_pending: u64,
-    pub debits_posted: u64,
-    pub credits_pending: u64,
-    pub credits_posted: u64,
-    pub balance: i128,
-    pub available: Option<u64>,
+    pub debits_pending: Decimal<u128>,
+    pub debits_posted: Decimal<u128>,
+    pub credits_pending: Decimal<u128>,
+    pub credits_posted: Decimal<u128>,
+    pub balance: Decimal<Net>,
+    pub available: Option<Decimal<u128>>,
     pub system: bool,
     pub created_at_ms: u64,
 }
@@ -220,12 +233,12 @@ impl AccountJson {
             overdraft_limit: account.overdraft_limit,
             metadata: account.metadata.as_deref().and_then(|text| serde_json::from_str(text).ok()),
             owner: account.owner.as_ref().map(ToString::to_string),
-            debits_pending: b.debits_pending,
-            debits_posted: b.debits_posted,
-            credits_pending: b.credits_pending,
-            credits_posted: b.credits_posted,
-            balance: b.balance(),
-            available: account.available(),
+            debits_pending: Decimal(b.debits_pending),
+            debits_posted: Decimal(b.debits_posted),
+            credits_pending: Decimal(b.credits_pending),
+            credits_posted: Decimal(b.credits_posted),
+            balance: Decimal(b.balance()),
+            available: account.available().map(Decimal),
             system: account.system,
             created_at_ms: account.created_at_ms,
         }
@@ -234,21 +247,21 @@ impl AccountJson {
 
 #[derive(Serialize, Debug)]
 pub struct BalancesJson {
-    pub debits_pending: u64,
-    pub debits_posted: u64,
-    pub credits_pending: u64,
-    pub credits_posted: u64,
-    pub balance: i128,
+    pub debits_pending: Decimal<u128>,
+    pub debits_posted: Decimal<u128>,
+    pub credits_pending: Decimal<u128>,
+    pub credits_posted: Decimal<u128>,
+    pub balance: Decimal<Net>,
 }
 
 impl From<&Balances> for BalancesJson {
     fn from(b: &Balances) -> BalancesJson {
         BalancesJson {
-            debits_pending: b.debits_pending,
-            debits_posted: b.debits_posted,
-            credits_pending: b.credits_pending,
-            credits_posted: b.credits_posted,
-            balance: b.balance(),
+            debits_pending: Decimal(b.debits_pending),
+            debits_posted: Decimal(b.debits_posted),
+            credits_pending: Decimal(b.credits_pending),
+            credits_posted: Decimal(b.credits_posted),
+            balance: Decimal(b.balance()),
         }
     }
 }

@@ -254,8 +254,24 @@ fn pending(id: &str, debit: &str, credit: &str, amount: u64, timeout_ms: u64) ->
     body
 }
 
-fn balances_of(account: &Value) -> [u64; 4] {
-    ["debits_pending", "debits_posted", "credits_pending", "credits_posted"].map(|f| account[f].as_u64().unwrap())
+/// A balance of the JSON: a string of decimal digits (exact past 2^53).
+fn digits(balance: &Value) -> u128 {
+    let text = balance.as_str().unwrap_or_else(|| panic!("a balance is a string of digits, not {balance}"));
+    assert!(!text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()), "{text:?}");
+    text.parse().unwrap()
+}
+
+/// A signed balance of the JSON (`"-"` first when negative).
+fn signed_digits(balance: &Value) -> (bool, u128) {
+    let text = balance.as_str().unwrap_or_else(|| panic!("a balance is a string of digits, not {balance}"));
+    match text.strip_prefix('-') {
+        Some(magnitude) => (true, digits(&json!(magnitude))),
+        None => (false, digits(balance)),
+    }
+}
+
+fn balances_of(account: &Value) -> [u128; 4] {
+    ["debits_pending", "debits_posted", "credits_pending", "credits_posted"].map(|f| digits(&account[f]))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -279,12 +295,12 @@ async fn accounts_create_get_and_list_with_pagination() {
         ("flags", json!(["debits_must_not_exceed_credits"])),
         ("overdraft_limit", json!(500)),
         ("metadata", json!({"owner": "Alice", "tier": 2})),
-        ("debits_pending", json!(0)),
-        ("debits_posted", json!(0)),
-        ("credits_pending", json!(0)),
-        ("credits_posted", json!(0)),
-        ("balance", json!(0)),
-        ("available", json!(500)),
+        ("debits_pending", json!("0")),
+        ("debits_posted", json!("0")),
+        ("credits_pending", json!("0")),
+        ("credits_posted", json!("0")),
+        ("balance", json!("0")),
+        ("available", json!("500")),
         ("system", json!(false)),
     ] {
         assert_eq!(alice[field], expected, "{field}");
@@ -391,11 +407,11 @@ async fn transfers_created_then_existing_with_balances_in_the_answer() {
     assert!(t["timestamp_ms"].as_u64().unwrap() > 0);
     assert_eq!(
         t["balances"]["debit_account"],
-        json!({"debits_pending": 0, "debits_posted": 300, "credits_pending": 0, "credits_posted": 1000, "balance": 700})
+        json!({"debits_pending": "0", "debits_posted": "300", "credits_pending": "0", "credits_posted": "1000", "balance": "700"})
     );
     assert_eq!(
         t["balances"]["credit_account"],
-        json!({"debits_pending": 0, "debits_posted": 0, "credits_pending": 0, "credits_posted": 300, "balance": 300})
+        json!({"debits_pending": "0", "debits_posted": "0", "credits_pending": "0", "credits_posted": "300", "balance": "300"})
     );
 
     // The retry answers 200 with the transfer and no balances; nothing moves twice.
@@ -407,8 +423,8 @@ async fn transfers_created_then_existing_with_balances_in_the_answer() {
     assert_eq!(again.body, without_balances);
     assert_eq!(s.get("/v1/transfers/t1").await.body, without_balances);
     assert_eq!(balances_of(&s.balance(&debit).await), [0, 300, 0, 1000]);
-    assert_eq!(s.balance(&debit).await["balance"], 700);
-    assert_eq!(s.balance(&debit).await["available"], 700);
+    assert_eq!(s.balance(&debit).await["balance"], "700");
+    assert_eq!(s.balance(&debit).await["available"], "700");
     s.check_refused("GET", "/v1/transfers/nothing", None, 404, "transfer_not_found").await;
 
     // The books balance across all accounts, clearing accounts included.
@@ -418,7 +434,7 @@ async fn transfers_created_then_existing_with_balances_in_the_answer() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|a| a["credits_posted"].as_u64().unwrap() as i128 - a["debits_posted"].as_u64().unwrap() as i128)
+        .map(|a| digits(&a["credits_posted"]) as i128 - digits(&a["debits_posted"]) as i128)
         .sum();
     assert_eq!(total, 0);
     s.stop().await;
@@ -438,15 +454,15 @@ async fn pending_transfers_post_in_full_in_part_void_and_expire() {
     assert_eq!(hold.status, 201, "{}", hold.body);
     assert_eq!((hold.body["pending"].clone(), hold.body["status"].clone()), (json!(true), json!("pending")));
     assert_eq!(hold.body["expires_at_ms"], Value::Null);
-    assert_eq!(hold.body["balances"]["debit_account"]["debits_pending"], 400);
-    assert_eq!(s.balance("buyer").await["available"], 600);
+    assert_eq!(hold.body["balances"]["debit_account"]["debits_pending"], "400");
+    assert_eq!(s.balance("buyer").await["available"], "600");
     let posted = s.post("/v1/transfers/h1/post", &json!({"id": "h1-post", "amount": 250})).await;
     assert_eq!(posted.status, 201, "{}", posted.body);
     assert_eq!(posted.body["pending_id"], "h1");
     assert_eq!(posted.body["amount"], 250);
     assert_eq!(posted.body["status"], "posted");
-    assert_eq!(posted.body["balances"]["debit_account"]["debits_posted"], 250);
-    assert_eq!(posted.body["balances"]["debit_account"]["debits_pending"], 0);
+    assert_eq!(posted.body["balances"]["debit_account"]["debits_posted"], "250");
+    assert_eq!(posted.body["balances"]["debit_account"]["debits_pending"], "0");
     let again = s.post("/v1/transfers/h1/post", &json!({"id": "h1-post", "amount": 250})).await;
     assert_eq!(again.status, 200, "{}", again.body);
     let h1 = s.get("/v1/transfers/h1").await.body;
@@ -461,7 +477,7 @@ async fn pending_transfers_post_in_full_in_part_void_and_expire() {
 
     // Hold 50, void it.
     assert_eq!(s.post("/v1/transfers", &pending("h3", "buyer", "shop", 50, 0)).await.status, 201);
-    assert_eq!(s.balance("buyer").await["debits_pending"], 50);
+    assert_eq!(s.balance("buyer").await["debits_pending"], "50");
     let voided = s.post("/v1/transfers/h3/void", &json!({"id": "h3-void"})).await;
     assert_eq!(voided.status, 201, "{}", voided.body);
     assert_eq!(voided.body["pending_id"], "h3");
@@ -544,7 +560,7 @@ async fn batches_atomic_and_not() {
     let results = answer.body["results"].as_array().unwrap();
     assert_eq!(results.len(), MAX_BATCH_TRANSFERS);
     assert!(results.iter().all(|r| r["status"] == "created"));
-    assert_eq!(s.balance("b").await["credits_posted"], 100 + MAX_BATCH_TRANSFERS as u64);
+    assert_eq!(digits(&s.balance("b").await["credits_posted"]), 100 + MAX_BATCH_TRANSFERS as u128);
     s.stop().await;
 }
 
@@ -596,7 +612,7 @@ async fn escaped_strings_and_content_type_parameters_read_as_plain_ones() {
     let answer = s.raw("POST", "/v1/transfers/batch", Some(bad.to_vec()), &[]).await;
     answer.assert_problem(400, "invalid_request", "escaped bad item");
     assert!(answer.body["detail"].as_str().unwrap().starts_with("transfers[1].amount"), "{}", answer.body);
-    assert_eq!(s.balance("a").await["debits_posted"], 9);
+    assert_eq!(s.balance("a").await["debits_posted"], "9");
     s.stop().await;
 }
 
@@ -665,24 +681,80 @@ async fn every_ledger_refusal_is_a_problem_and_changes_nothing() {
     s.stop().await;
 }
 
+/// Names of accounts on `shard`, and on shards other than it.
+fn names_on(s: &TestServer, prefix: &str, shard: u32, on: bool, count: usize) -> Vec<String> {
+    let layout = s.engine.layout();
+    (0..)
+        .map(|n| format!("{prefix}-{n}"))
+        .filter(|name| (layout.shard_of_account(&Id::parse(name).unwrap()) == shard) == on)
+        .take(count)
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn overflow_is_refused_and_big_balances_stay_integers() {
+async fn a_clearing_account_past_2_to_the_64_takes_another_tenants_transfer_and_balances_stay_exact() {
     let dir = tempfile::tempdir().unwrap();
     let s = TestServer::start(dir.path()).await;
-    s.account("source", &[]).await;
-    s.account("sink", &[]).await;
-    // 2048 transfers of 2^53-1 bring the sink to 2^64-2048: one more overflows.
-    let batch: Vec<Value> = (0..2048).map(|n| transfer(&format!("big-{n}"), "source", "sink", MAX_AMOUNT)).collect();
-    let answer = s.post("/v1/transfers/batch", &json!({"transfers": batch})).await;
-    assert_eq!(answer.status, 200);
-    assert!(answer.body["results"].as_array().unwrap().iter().all(|r| r["status"] == "created"), "{}", answer.body);
-    let sink = s.get("/v1/accounts/sink").await;
-    let huge = 2048 * u128::from(MAX_AMOUNT);
-    assert_eq!(u128::from(sink.body["credits_posted"].as_u64().unwrap()), huge);
-    let raw = String::from_utf8(s.get("/v1/accounts/source").await.raw.to_vec()).unwrap();
-    assert!(raw.contains(&format!("\"balance\":-{huge}")), "an i128 balance is a JSON integer: {raw}");
-    s.check_refused("POST", "/v1/transfers", Some(transfer("one-more", "source", "sink", MAX_AMOUNT)), 422, "overflow")
-        .await;
+    let key_of = |scope: &'static str| {
+        let s = &s;
+        async move {
+            let created = s.post("/v1/keys", &json!({"scope": scope, "note": "tenant"})).await;
+            assert_eq!(created.status, 201, "{}", created.body);
+            format!("Bearer {}", created.body["key"].as_str().unwrap())
+        }
+    };
+    let (m1, m2) = (key_of("merchant:m1").await, key_of("merchant:m2").await);
+    let as_tenant = |key: &str, path: &str, body: Value| {
+        let (s, key, path) = (&s, key.to_owned(), path.to_owned());
+        async move { s.raw("POST", &path, Some(serde_json::to_vec(&body).unwrap()), &[("authorization", &key)]).await }
+    };
+    // Tenant m1 moves money out of shard 0 to another shard, tenant m2 too.
+    let shard = 0;
+    let m1_out = names_on(&s, "m1-out", shard, true, 1).remove(0);
+    let m1_in = names_on(&s, "m1-in", shard, false, 1).remove(0);
+    let m2_out = names_on(&s, "m2-out", shard, true, 1).remove(0);
+    let m2_in = names_on(&s, "m2-in", shard, false, 1).remove(0);
+    for (key, name) in [(&m1, &m1_out), (&m1, &m1_in), (&m2, &m2_out), (&m2, &m2_in)] {
+        let created = as_tenant(key, "/v1/accounts", json!({"id": name, "currency": "USD"})).await;
+        assert_eq!(created.status, 201, "{}", created.body);
+    }
+
+    // 2,100 maximal transfers: past 2^64 on m1's accounts and on shard 0's
+    // clearing account, which u64 balances refused after 2,048.
+    let count: u128 = 2100;
+    for batch in 0..3 {
+        let transfers: Vec<Value> =
+            (0..700).map(|n| transfer(&format!("big-{batch}-{n}"), &m1_out, &m1_in, MAX_AMOUNT)).collect();
+        let answer = as_tenant(&m1, "/v1/transfers/batch", json!({"transfers": transfers})).await;
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        assert!(answer.body["results"].as_array().unwrap().iter().all(|r| r["status"] == "created"), "{}", answer.body);
+    }
+    let moved = count * u128::from(MAX_AMOUNT);
+    assert!(moved > u128::from(u64::MAX));
+    let clearing = format!("_clearing.{shard}.USD");
+    assert_eq!(digits(&s.balance(&clearing).await["credits_posted"]), moved);
+
+    // m2's ordinary 10,000.00 out of the same shard goes through.
+    let other = as_tenant(&m2, "/v1/transfers", transfer("m2-pay", &m2_out, &m2_in, 1_000_000)).await;
+    assert_eq!(other.status, 201, "{}", other.body);
+    assert_eq!(other.body["balances"]["debit_account"]["balance"], "-1000000");
+
+    // Read back exact, as strings of digits, in the answer and the account.
+    let raw = String::from_utf8(s.get(&format!("/v1/accounts/{m1_out}")).await.raw.to_vec()).unwrap();
+    assert!(raw.contains(&format!("\"debits_posted\":\"{moved}\"")), "{raw}");
+    assert!(raw.contains(&format!("\"balance\":\"-{moved}\"")), "{raw}");
+    assert_eq!(balances_of(&s.balance(&m1_in).await), [0, 0, 0, moved]);
+    let clearing_account = s.balance(&clearing).await;
+    assert_eq!(balances_of(&clearing_account), [0, 0, 0, moved + 1_000_000]);
+    assert_eq!(signed_digits(&clearing_account["balance"]), (false, moved + 1_000_000));
+    // The books still balance, every account and clearing account counted.
+    let (mut credits, mut debits) = (0u128, 0u128);
+    for account in s.accounts().await.as_array().unwrap() {
+        let [debits_pending, debits_posted, credits_pending, credits_posted] = balances_of(account);
+        debits += debits_pending + debits_posted;
+        credits += credits_pending + credits_posted;
+    }
+    assert_eq!(credits, debits);
     s.stop().await;
 }
 
@@ -729,7 +801,7 @@ async fn concurrent_retries_of_one_transfer_are_in_flight_or_exist_and_move_mone
         }
     }
     assert!(in_flight_seen > 0, "no transfer_in_flight in {rounds} rounds of 12 concurrent retries");
-    assert_eq!(s.balance(&accounts[1]).await["credits_posted"], rounds);
+    assert_eq!(digits(&s.balance(&accounts[1]).await["credits_posted"]), rounds as u128);
     let s = Arc::into_inner(s).unwrap();
     s.stop().await;
 }
@@ -911,7 +983,7 @@ async fn idempotency_keys_replay_refuse_reuse_and_survive_a_restart() {
     assert_eq!(replay.raw, first.raw);
     assert_eq!(replay.content_type(), "application/json");
     assert_eq!(replay.header("idempotent-replayed"), Some("true"));
-    assert_eq!(s.balance("shop").await["credits_posted"], 25);
+    assert_eq!(s.balance("shop").await["credits_posted"], "25");
 
     // The same key with another body or path is refused, and changes nothing.
     let before = s.snapshot().await;
@@ -987,7 +1059,7 @@ async fn idempotency_keys_replay_refuse_reuse_and_survive_a_restart() {
         "idempotency_key_reused",
         "after restart",
     );
-    assert_eq!(s.balance("late").await["credits_posted"], 0);
+    assert_eq!(s.balance("late").await["credits_posted"], "0");
     s.stop().await;
 }
 
