@@ -7,12 +7,12 @@
 //!   every transfer before it.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 mod common;
 
-use common::{client, create_key, free_port, serve_command, start, wait_ready};
+use common::{client, create_key, free_port, serve_command, start, terminate, wait_exit, wait_ready};
 use serde_json::json;
 
 const TRANSFERS: usize = 300;
@@ -104,26 +104,4 @@ fn run_to_exit(mut command: Command) -> (std::process::ExitStatus, String) {
     let reader = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default());
     let status = wait_exit(&mut child, Duration::from_secs(30));
     (status, reader.join().unwrap())
-}
-
-fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if Instant::now() >= deadline {
-            child.kill().unwrap();
-            panic!("serve still runs after {within:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// SIGTERM, then wait (bounded) for a clean exit.
-fn terminate(mut child: Child) {
-    let pid = child.id().to_string();
-    Command::new("kill").args(["-TERM", &pid]).status().expect("kill -TERM");
-    let status = wait_exit(&mut child, Duration::from_secs(20));
-    assert!(status.success(), "serve exited with {status} after SIGTERM");
 }

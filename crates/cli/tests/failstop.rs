@@ -6,12 +6,12 @@
 //! server's store threads stop it the same way.
 
 use std::io::Read;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, Stdio};
+use std::time::Duration;
 
 mod common;
 
-use common::{client, create_key, free_port, serve_command, start, wait_ready};
+use common::{client, create_key, free_port, serve_command, start, terminate, wait_exit, wait_ready};
 use serde_json::{json, Value};
 
 /// What makes the faulty thread reach its first fault point.
@@ -140,26 +140,4 @@ fn collect_stderr(child: &mut Child) -> std::thread::JoinHandle<String> {
         let _ = pipe.read_to_end(&mut bytes);
         String::from_utf8_lossy(&bytes).into_owned()
     })
-}
-
-fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if Instant::now() >= deadline {
-            child.kill().unwrap();
-            panic!("serve still runs {within:?} after the fault");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// SIGTERM, then wait (bounded) for a clean exit.
-fn terminate(mut child: Child) {
-    let pid = child.id().to_string();
-    Command::new("kill").args(["-TERM", &pid]).status().expect("kill -TERM");
-    let status = wait_exit(&mut child, Duration::from_secs(20));
-    assert!(status.success(), "serve exited with {status} after SIGTERM");
 }

@@ -3,28 +3,10 @@
 //! refused request changes nothing. The full matrix of error codes and bad
 //! inputs runs against the same server code in `crates/server/tests/http.rs`.
 
-use std::process::{Child, Command};
-use std::time::{Duration, Instant};
-
 mod common;
 
-use common::{client, create_key, free_port, start, wait_ready};
+use common::{client, create_key, free_port, start, terminate, wait_ready};
 use serde_json::Value;
-
-/// SIGTERM, then wait (bounded) for a clean exit.
-fn terminate(mut child: Child) {
-    let pid = child.id().to_string();
-    Command::new("kill").args(["-TERM", &pid]).status().expect("kill -TERM");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            assert!(status.success(), "serve exited with {status} after SIGTERM");
-            return;
-        }
-        assert!(Instant::now() < deadline, "serve did not stop after SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 struct Answer {
     status: u16,

@@ -61,3 +61,28 @@ pub fn client(key: &str) -> reqwest::Client {
     headers.insert("authorization", format!("Bearer {key}").parse().unwrap());
     reqwest::Client::builder().timeout(Duration::from_secs(10)).default_headers(headers).build().unwrap()
 }
+
+/// Waits (bounded) for `child` to exit; kills it and fails past `within`.
+#[allow(dead_code)] // not every test binary stops a server this way
+pub fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() >= deadline {
+            child.kill().unwrap();
+            panic!("serve still runs after {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// SIGTERM, then wait (bounded) for a clean exit.
+#[allow(dead_code)] // not every test binary stops a server this way
+pub fn terminate(mut child: Child) {
+    let pid = child.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().expect("kill -TERM");
+    let status = wait_exit(&mut child, Duration::from_secs(20));
+    assert!(status.success(), "serve exited with {status} after SIGTERM");
+}
