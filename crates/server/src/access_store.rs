@@ -18,6 +18,7 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinitio
 use tokio::sync::{mpsc, oneshot};
 
 use crate::audit::{AuditFilter, AuditPage, AuditRecord};
+use crate::audit_index::{self, IndexBuilder};
 use crate::audit_rows::{self, PackedRow, PACKED_ROW_TAG};
 use crate::keys::KeyRecord;
 
@@ -65,6 +66,17 @@ impl Row {
 }
 /// Per engine executor: the last audit batch of its feed stored here.
 const FEED_MARKS: TableDefinition<u16, u64> = TableDefinition::new("feed_marks");
+/// The audit records by target ([`crate::audit_index`]), written in the
+/// same transaction as the records: `(bucket, last seq)` to packed pairs.
+const AUDIT_INDEX: TableDefinition<(u16, u64), &[u8]> = TableDefinition::new("audit_index");
+/// `INDEX_FROM`: the first seq the index covers. A store made before the
+/// index existed gets the seq after its last record at its first open;
+/// queries by target scan the records before it, as they all once did.
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const INDEX_FROM: &str = "audit_index_from";
+/// Most index pairs and records one query by target reads before its page
+/// ends early with a `next` cursor.
+pub const MAX_INDEX_SCAN: usize = 100_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AccessStoreError {
@@ -129,13 +141,24 @@ impl AccessStore {
         let mut txn = db.begin_write().map_err(redb_error)?;
         txn.set_durability(Durability::Immediate).map_err(redb_error)?;
         txn.open_table(KEYS).map_err(redb_error)?;
-        txn.open_table(AUDIT).map_err(redb_error)?;
         txn.open_table(FEED_MARKS).map_err(redb_error)?;
+        txn.open_table(AUDIT_INDEX).map_err(redb_error)?;
+        {
+            let audit = txn.open_table(AUDIT).map_err(redb_error)?;
+            let mut meta = txn.open_table(META).map_err(redb_error)?;
+            if meta.get(INDEX_FROM).map_err(redb_error)?.is_none() {
+                let index_from = last_seq(&audit)? + 1;
+                meta.insert(INDEX_FROM, index_from).map_err(redb_error)?;
+            }
+        }
         txn.commit().map_err(redb_error)?;
 
         let db = Arc::new(db);
         let keys = load_keys(&db)?;
-        let next_seq = last_seq(&db)? + 1;
+        let next_seq = {
+            let txn = db.begin_read().map_err(redb_error)?;
+            last_seq(&txn.open_table(AUDIT).map_err(redb_error)?)? + 1
+        };
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
         let writer_db = db.clone();
         let thread = peakstack_engine::failstop::spawn("access-store", move || {
@@ -206,7 +229,7 @@ impl AccessStore {
     /// `limit`.
     pub async fn query(&self, filter: AuditFilter, after: u64, limit: usize) -> Result<AuditPage, AccessStoreError> {
         let db = self.db.lock().clone().ok_or(AccessStoreError::Closed)?;
-        tokio::task::spawn_blocking(move || query(&db, &filter, after, limit))
+        tokio::task::spawn_blocking(move || query(&db, &filter, after, limit, &mut QueryWork::default()))
             .await
             .map_err(|e| AccessStoreError::Failed(e.to_string()))?
     }
@@ -235,17 +258,57 @@ fn load_keys(db: &Database) -> Result<Vec<KeyRecord>, AccessStoreError> {
     Ok(keys)
 }
 
-fn last_seq(db: &Database) -> Result<u64, AccessStoreError> {
-    let txn = db.begin_read().map_err(redb_error)?;
-    let table = txn.open_table(AUDIT).map_err(redb_error)?;
+fn last_seq(table: &impl ReadableTable<u64, &'static [u8]>) -> Result<u64, AccessStoreError> {
     let Some((first, row)) = table.last().map_err(redb_error)? else { return Ok(0) };
     let records = Row::decode(first.value(), row.value())?;
     Ok(records.last().map_or(first.value(), |record| record.seq))
 }
 
-fn query(db: &Database, filter: &AuditFilter, after: u64, limit: usize) -> Result<AuditPage, AccessStoreError> {
+/// What a query read, for tests to bound.
+#[derive(Debug, Default)]
+struct QueryWork {
+    rows_read: usize,
+    index_entries_read: usize,
+}
+
+type AuditTable = redb::ReadOnlyTable<u64, &'static [u8]>;
+
+fn query(
+    db: &Database,
+    filter: &AuditFilter,
+    after: u64,
+    limit: usize,
+    work: &mut QueryWork,
+) -> Result<AuditPage, AccessStoreError> {
     let txn = db.begin_read().map_err(redb_error)?;
-    let table = txn.open_table(AUDIT).map_err(redb_error)?;
+    let audit = txn.open_table(AUDIT).map_err(redb_error)?;
+    let Some(target) = filter.target.as_deref() else { return scan(&audit, filter, after, u64::MAX, limit, work) };
+    let index_from = txn.open_table(META).map_err(redb_error)?.get(INDEX_FROM).map_err(redb_error)?;
+    let index_from = index_from.map_or(1, |seq| seq.value());
+    let mut records = Vec::new();
+    if after.saturating_add(1) < index_from {
+        // Written before the index existed: scanned, then the index goes on.
+        let page = scan(&audit, filter, after, index_from, limit, work)?;
+        if page.next.is_some() {
+            return Ok(page);
+        }
+        records = page.records;
+    }
+    let index = txn.open_table(AUDIT_INDEX).map_err(redb_error)?;
+    let lookup = Lookup { audit: &audit, filter, limit, work, row: None };
+    lookup.run(&index, target, after.max(index_from - 1), records)
+}
+
+/// Records with `after` < seq < `before` that match `filter`, reading
+/// every one of them (at most [`MAX_AUDIT_SCAN`] a page).
+fn scan(
+    table: &AuditTable,
+    filter: &AuditFilter,
+    after: u64,
+    before: u64,
+    limit: usize,
+    work: &mut QueryWork,
+) -> Result<AuditPage, AccessStoreError> {
     let mut records = Vec::new();
     let mut scanned = 0;
     // From the row holding record `after + 1` (rows hold several records).
@@ -253,12 +316,16 @@ fn query(db: &Database, filter: &AuditFilter, after: u64, limit: usize) -> Resul
         Some(entry) => entry.map_err(redb_error)?.0.value(),
         None => 0,
     };
-    for entry in table.range(start..).map_err(redb_error)? {
+    for entry in table.range(start..before).map_err(redb_error)? {
         let (first, row) = entry.map_err(redb_error)?;
+        work.rows_read += 1;
         for record in Row::decode(first.value(), row.value())? {
             let seq = record.seq;
             if seq <= after {
                 continue;
+            }
+            if seq >= before {
+                break;
             }
             scanned += 1;
             if filter.matches(&record) {
@@ -275,8 +342,75 @@ fn query(db: &Database, filter: &AuditFilter, after: u64, limit: usize) -> Resul
     Ok(AuditPage { records, next: None })
 }
 
+/// A query by target through the index.
+struct Lookup<'a> {
+    audit: &'a AuditTable,
+    filter: &'a AuditFilter,
+    limit: usize,
+    work: &'a mut QueryWork,
+    /// The last row read (candidates often share one).
+    row: Option<(u64, Vec<AuditRecord>)>,
+}
+
+impl Lookup<'_> {
+    /// Appends to `records` the matches with seq > `after`, oldest first.
+    fn run(
+        mut self,
+        index: &redb::ReadOnlyTable<(u16, u64), &'static [u8]>,
+        target: &str,
+        after: u64,
+        mut records: Vec<AuditRecord>,
+    ) -> Result<AuditPage, AccessStoreError> {
+        let (bucket, tag) = audit_index::bucket_and_tag(audit_index::target_hash(target));
+        let mut scanned = 0;
+        for entry in index.range((bucket, after.saturating_add(1))..=(bucket, u64::MAX)).map_err(redb_error)? {
+            let (key, pairs) = entry.map_err(redb_error)?;
+            let last_seq = key.value().1;
+            self.work.index_entries_read += 1;
+            let (pair_count, seqs) = audit_index::matching_seqs(pairs.value(), tag, last_seq)
+                .map_err(|e| AccessStoreError::Corrupt(format!("audit index entry {bucket}/{last_seq}: {e}")))?;
+            scanned += pair_count;
+            for seq in seqs.into_iter().filter(|&seq| seq > after) {
+                let record = self.record(seq)?;
+                scanned += 1;
+                // The target itself, not its hash, decides.
+                if self.filter.matches(&record) {
+                    records.push(record);
+                    if records.len() == self.limit {
+                        return Ok(AuditPage { records, next: Some(seq) });
+                    }
+                }
+            }
+            if scanned >= MAX_INDEX_SCAN {
+                return Ok(AuditPage { records, next: Some(last_seq) });
+            }
+        }
+        Ok(AuditPage { records, next: None })
+    }
+
+    /// The record `seq`, which the index says exists.
+    fn record(&mut self, seq: u64) -> Result<AuditRecord, AccessStoreError> {
+        let holds = |row: &Option<(u64, Vec<AuditRecord>)>| {
+            row.as_ref().is_some_and(|(first, records)| (*first..*first + records.len() as u64).contains(&seq))
+        };
+        if !holds(&self.row) {
+            let entry = self.audit.range(..=seq).map_err(redb_error)?.next_back().transpose().map_err(redb_error)?;
+            let (first, bytes) =
+                entry.ok_or_else(|| AccessStoreError::Corrupt(format!("the audit index names seq {seq}, before every row")))?;
+            self.work.rows_read += 1;
+            self.row = Some((first.value(), Row::decode(first.value(), bytes.value())?));
+        }
+        let (first, records) = self.row.as_ref().expect("read above");
+        match records.get((seq - first) as usize) {
+            Some(record) if record.seq == seq => Ok(record.clone()),
+            _ => Err(AccessStoreError::Corrupt(format!("the audit index names seq {seq}, which no row holds"))),
+        }
+    }
+}
+
 fn run(db: &Database, mut rx: mpsc::Receiver<Op>, mut next_seq: u64) {
     let mut group = Vec::with_capacity(MAX_GROUP_WRITES);
+    let mut index = IndexBuilder::default();
     let mut close = false;
     while !close {
         let Some(first) = rx.blocking_recv() else { break };
@@ -290,13 +424,15 @@ fn run(db: &Database, mut rx: mpsc::Receiver<Op>, mut next_seq: u64) {
             }
         }
         if !group.is_empty() {
-            next_seq = write_group(db, &mut group, next_seq);
+            next_seq = write_group(db, &mut group, &mut index, next_seq);
         }
     }
 }
 
 /// Applies one group in one transaction; returns the next free seq.
-fn write_group(db: &Database, group: &mut Vec<Write>, next_seq: u64) -> u64 {
+fn write_group(db: &Database, group: &mut Vec<Write>, index: &mut IndexBuilder, next_seq: u64) -> u64 {
+    // A failed group may have left its pairs.
+    index.clear();
     let mut seq = next_seq;
     let mut seqs_of = Vec::with_capacity(group.len());
     let outcome = (|| -> Result<(), AccessStoreError> {
@@ -322,6 +458,7 @@ fn write_group(db: &Database, group: &mut Vec<Write>, next_seq: u64) -> u64 {
                 let mut numbered = std::mem::take(&mut write.audit);
                 for record in &mut numbered {
                     record.seq = seq;
+                    index.push(audit_index::target_hash(&record.target), seq);
                     seq += 1;
                 }
                 for chunk in numbered.chunks(MAX_RECORDS_PER_ROW) {
@@ -334,10 +471,18 @@ fn write_group(db: &Database, group: &mut Vec<Write>, next_seq: u64) -> u64 {
                     audit.insert(chunk[0].seq, bytes.as_slice()).map_err(redb_error)?;
                 }
                 for row in &write.packed {
+                    assert_eq!(row.target_hashes.len(), row.records as usize, "a packed row's hashes are its records'");
                     audit.insert(seq, row.bytes.as_slice()).map_err(redb_error)?;
+                    for (&hash, record_seq) in row.target_hashes.iter().zip(seq..) {
+                        index.push(hash, record_seq);
+                    }
                     seq += u64::from(row.records);
                 }
                 seqs_of.push(first_seq..seq);
+            }
+            let mut index_table = txn.open_table(AUDIT_INDEX).map_err(redb_error)?;
+            for (key, pairs) in index.drain() {
+                index_table.insert(key, pairs.as_slice()).map_err(redb_error)?;
             }
         }
         txn.commit().map_err(redb_error)?;
