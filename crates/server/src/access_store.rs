@@ -625,6 +625,165 @@ mod tests {
         runtime.block_on(store.close());
     }
 
+    /// Pages through `query` for `filter` from the start, `limit` a page;
+    /// returns the seqs found and the work done.
+    fn pages(store: &AccessStore, filter: &AuditFilter, limit: usize) -> (Vec<u64>, QueryWork) {
+        let db = store.db.lock().clone().unwrap();
+        let mut work = QueryWork::default();
+        let (mut seqs, mut after) = (Vec::new(), 0);
+        for _ in 0..1000 {
+            let page = query(&db, filter, after, limit, &mut work).unwrap();
+            assert!(page.records.len() <= limit);
+            assert!(page.records.iter().all(|record| filter.matches(record)));
+            seqs.extend(page.records.iter().map(|record| record.seq));
+            match page.next {
+                Some(next) => after = next,
+                None => return (seqs, work),
+            }
+        }
+        panic!("more than 1000 pages");
+    }
+
+    /// What a scan of every record finds for `filter`.
+    fn scanned(store: &AccessStore, filter: &AuditFilter) -> Vec<u64> {
+        let db = store.db.lock().clone().unwrap();
+        let txn = db.begin_read().unwrap();
+        let audit = txn.open_table(AUDIT).unwrap();
+        let (mut seqs, mut after) = (Vec::new(), 0);
+        loop {
+            let page = scan(&audit, filter, after, u64::MAX, usize::MAX, &mut QueryWork::default()).unwrap();
+            seqs.extend(page.records.iter().map(|record| record.seq));
+            match page.next {
+                Some(next) => after = next,
+                None => return seqs,
+            }
+        }
+    }
+
+    fn by_target(target: &str) -> AuditFilter {
+        AuditFilter { target: Some(target.into()), ..Default::default() }
+    }
+
+    /// Feeds `count` transfers named `t<i>` in writes of 1000, except that
+    /// those at `needles` are named `needle`.
+    fn feed(store: &AccessStore, count: usize, needles: &[usize]) {
+        for start in (0..count).step_by(1000) {
+            let mut packer = crate::audit_rows::RowPacker::new(MAX_RECORDS_PER_ROW);
+            for i in start..count.min(start + 1000) {
+                let name = if needles.contains(&i) { "needle".to_owned() } else { format!("t{i}") };
+                packer.push(&transfer_event(&name, i as u64));
+            }
+            store.append_feed_blocking(packer.finish(), vec![(0, start as u64 + 1)]).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_query_by_target_among_100k_records_reads_the_index_and_the_rows_it_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = AccessStore::open(&dir.path().join("access.redb")).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        // Records 1..=100_000 from the feed, needles among them; then JSON
+        // rows: the needle's key records, and a target that only shares a
+        // prefix with it.
+        let needles = [17, 20_000, 20_001, 63_999, 99_999];
+        feed(&store, 100_000, &needles);
+        runtime.block_on(store.append(record("k", action::KEY_CREATE, "needle", 9))).unwrap();
+        runtime.block_on(store.append(record("k", action::KEY_CREATE, "needle-2", 9))).unwrap();
+        runtime.block_on(store.append(record("k", action::KEY_REVOKE, "needle", 10))).unwrap();
+        let expected: Vec<u64> = needles.iter().map(|&i| i as u64 + 1).chain([100_001, 100_003]).collect();
+        assert_eq!(scanned(&store, &by_target("needle")), expected);
+        for limit in [1, 2, 3, 100] {
+            let (seqs, work) = pages(&store, &by_target("needle"), limit);
+            assert_eq!(seqs, expected, "limit {limit}");
+            // At most one row read per record found (a scan reads every one
+            // of 1565 rows), and the entries of one bucket: one per write
+            // (103 writes), plus the one each page ends in.
+            let pages = expected.len().div_ceil(limit) + 1;
+            assert!(work.rows_read <= expected.len(), "limit {limit}: {work:?}");
+            assert!(work.index_entries_read <= 103 + pages, "limit {limit}: {work:?}");
+        }
+        // The other filters still apply.
+        let revoked = AuditFilter { action: Some(action::KEY_REVOKE.into()), ..by_target("needle") };
+        assert_eq!(pages(&store, &revoked, 10).0, vec![100_003]);
+        let late = AuditFilter { since_ms: Some(20_001), until_ms: Some(99_999), ..by_target("needle") };
+        assert_eq!(pages(&store, &late, 10).0, vec![20_002, 64_000]);
+        assert_eq!(pages(&store, &by_target("t5"), 10).0, vec![6]);
+        let (seqs, work) = pages(&store, &by_target("nobody"), 10);
+        assert_eq!((seqs, work.rows_read), (vec![], 0));
+        // A cursor inside the needles' run.
+        let db = store.db.lock().clone().unwrap();
+        let page = query(&db, &by_target("needle"), 20_001, 2, &mut QueryWork::default()).unwrap();
+        assert_eq!(page.records.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![20_002, 64_000]);
+        drop(db);
+        runtime.block_on(store.close());
+    }
+
+    #[test]
+    fn a_hash_collision_in_the_index_shows_no_record_of_another_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = AccessStore::open(&dir.path().join("access.redb")).unwrap();
+        feed(&store, 10, &[]);
+        // An entry that names t3 (seq 4) under the hash of "ghost", as a
+        // collision of hashes would.
+        let db = store.db.lock().clone().unwrap();
+        let mut index = IndexBuilder::default();
+        index.push(audit_index::target_hash("ghost"), 4);
+        let txn = db.begin_write().unwrap();
+        {
+            let mut table = txn.open_table(AUDIT_INDEX).unwrap();
+            for (key, pairs) in index.drain() {
+                table.insert(key, pairs.as_slice()).unwrap();
+            }
+        }
+        txn.commit().unwrap();
+        let (seqs, work) = pages(&store, &by_target("ghost"), 10);
+        assert_eq!((seqs, work.rows_read), (vec![], 1));
+        assert_eq!(pages(&store, &by_target("t3"), 10).0, vec![4]);
+    }
+
+    #[test]
+    fn a_store_from_before_the_index_answers_by_target_from_its_scan_then_the_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.redb");
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let (store, _) = AccessStore::open(&path).unwrap();
+        // Seqs 1..=300, needles at 6 and 201; then 301 in a JSON row.
+        feed(&store, 300, &[5, 200]);
+        runtime.block_on(store.append(record("k", action::KEY_CREATE, "needle", 1))).unwrap();
+        runtime.block_on(store.close());
+        // As a store written before the index existed: no index, no mark.
+        {
+            let db = crate::open_redb(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.delete_table(AUDIT_INDEX).unwrap();
+            txn.delete_table(META).unwrap();
+            txn.commit().unwrap();
+        }
+        let (store, _) = AccessStore::open(&path).unwrap();
+        // Seqs from 302 on are indexed.
+        runtime.block_on(store.append(record("k", action::KEY_REVOKE, "needle", 2))).unwrap();
+        let mut packer = crate::audit_rows::RowPacker::new(MAX_RECORDS_PER_ROW);
+        packer.push(&transfer_event("other", 3));
+        packer.push(&transfer_event("needle", 3));
+        store.append_feed_blocking(packer.finish(), vec![(0, 999)]).unwrap();
+        let expected = vec![6, 201, 301, 302, 304];
+        assert_eq!(scanned(&store, &by_target("needle")), expected);
+        for limit in [1, 2, 10] {
+            assert_eq!(pages(&store, &by_target("needle"), limit).0, expected, "limit {limit}");
+        }
+        // A cursor past the scanned part reads only the index.
+        let db = store.db.lock().clone().unwrap();
+        let mut work = QueryWork::default();
+        let page = query(&db, &by_target("needle"), 302, 10, &mut work).unwrap();
+        assert_eq!((page.records.len(), page.records[0].seq, work.rows_read), (1, 304, 1));
+        drop(db);
+        runtime.block_on(store.close());
+        // The mark stays where it was set.
+        let (store, _) = AccessStore::open(&path).unwrap();
+        assert_eq!(pages(&store, &by_target("needle"), 2).0, expected);
+        runtime.block_on(store.close());
+    }
+
     #[tokio::test]
     async fn concurrent_appends_get_distinct_seqs() {
         let dir = tempfile::tempdir().unwrap();
