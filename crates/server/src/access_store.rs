@@ -395,8 +395,9 @@ impl Lookup<'_> {
         };
         if !holds(&self.row) {
             let entry = self.audit.range(..=seq).map_err(redb_error)?.next_back().transpose().map_err(redb_error)?;
-            let (first, bytes) =
-                entry.ok_or_else(|| AccessStoreError::Corrupt(format!("the audit index names seq {seq}, before every row")))?;
+            let (first, bytes) = entry.ok_or_else(|| {
+                AccessStoreError::Corrupt(format!("the audit index names seq {seq}, before every row"))
+            })?;
             self.work.rows_read += 1;
             self.row = Some((first.value(), Row::decode(first.value(), bytes.value())?));
         }

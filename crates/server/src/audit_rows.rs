@@ -20,8 +20,8 @@
 use peakstack_domain::{Currency, TransferKind};
 use peakstack_engine::AuditEvent;
 
-use crate::audit_index::target_hash;
 use crate::audit::{transfer_details, AuditRecord, TransferFacts, TransferFactsKind};
+use crate::audit_index::target_hash;
 
 /// The first byte of a packed row. JSON rows start with `{` or `[`.
 pub const PACKED_ROW_TAG: u8 = 0x01;

@@ -27,7 +27,8 @@ impl Harness {
         let (store, _) = peakstack_server::open_access_store(dir).unwrap();
         let scope = peakstack_server::Scope::parse("admin").unwrap();
         let new = peakstack_server::keys::generate(&scope, None, None, "test", 1);
-        let audit = peakstack_server::audit::AuditRecord::new("test", "test", "key.create", &new.record.id, Value::Null, 1);
+        let audit =
+            peakstack_server::audit::AuditRecord::new("test", "test", "key.create", &new.record.id, Value::Null, 1);
         store.put_key(new.record, audit).await.unwrap();
         store.close().await;
         let engine = Engine::open(EngineConfig {
@@ -70,7 +71,13 @@ impl Harness {
             .as_array()
             .unwrap()
             .iter()
-            .map(|r| (r["seq"].as_u64().unwrap(), r["action"].as_str().unwrap().to_owned(), r["target"].as_str().unwrap().to_owned()))
+            .map(|r| {
+                (
+                    r["seq"].as_u64().unwrap(),
+                    r["action"].as_str().unwrap().to_owned(),
+                    r["target"].as_str().unwrap().to_owned(),
+                )
+            })
             .collect();
         (records, body["next"].clone())
     }
@@ -92,7 +99,8 @@ async fn a_target_among_100k_records_is_found_in_one_page() {
     let dir = tempfile::tempdir().unwrap();
     let h = Harness::start(dir.path()).await;
     for id in ["bank", "shop"] {
-        let (status, body) = h.call(reqwest::Method::POST, "/v1/accounts", Some(json!({"id": id, "currency": "USD"}))).await;
+        let (status, body) =
+            h.call(reqwest::Method::POST, "/v1/accounts", Some(json!({"id": id, "currency": "USD"}))).await;
         assert_eq!(status, 201, "{body}");
     }
     for start in (0..TRANSFERS).step_by(BATCH) {
