@@ -74,9 +74,10 @@ const AUDIT_INDEX: TableDefinition<(u16, u64), &[u8]> = TableDefinition::new("au
 /// queries by target scan the records before it, as they all once did.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const INDEX_FROM: &str = "audit_index_from";
-/// Most index pairs and records one query by target reads before its page
-/// ends early with a `next` cursor.
-pub const MAX_INDEX_SCAN: usize = 100_000;
+/// Most index pairs one query by target reads before its page ends early
+/// with a `next` cursor (8 MB of pairs, 16 million records of the log at
+/// 16 buckets); a row read counts as many pairs as a row holds records.
+pub const MAX_INDEX_SCAN: usize = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AccessStoreError {
@@ -372,7 +373,7 @@ impl Lookup<'_> {
             scanned += pair_count;
             for seq in seqs.into_iter().filter(|&seq| seq > after) {
                 let record = self.record(seq)?;
-                scanned += 1;
+                scanned += MAX_RECORDS_PER_ROW;
                 // The target itself, not its hash, decides.
                 if self.filter.matches(&record) {
                     records.push(record);
