@@ -24,7 +24,7 @@
 /// More make a query read less of the index, but each is an insert of its
 /// own for a busy group (redb costs about a microsecond an insert): with 64
 /// the store's thread spent 0.40 us per transfer under `loadtest --batch
-/// 1000` against 0.26 without the index; with 16, see ARCHITECTURE.md.
+/// 1000` against 0.26 without the index; with 16, 0.36 (ARCHITECTURE.md).
 pub const BUCKETS: u16 = 16;
 
 const PAIR_BYTES: usize = 8;
