@@ -74,18 +74,6 @@ const AUDIT_INDEX: TableDefinition<(u16, u64), &[u8]> = TableDefinition::new("au
 /// queries by target scan the records before it, as they all once did.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const INDEX_FROM: &str = "audit_index_from";
-/// `INDEXED_TO`: the index holds the records before this seq. The writer
-/// keeps the pairs of later ones in memory and writes them with the next
-/// durable group (the audit feed's, every 200 ms) or once there are
-/// [`MAX_UNINDEXED_PAIRS`]: a feed group of 5 ms wrote an entry per bucket,
-/// a redb insert each. Queries scan the records from it on; the writer
-/// gathers their pairs again at open (a crash may have kept non-durable
-/// rows or not).
-const INDEXED_TO: &str = "audit_indexed_to";
-/// Most records past [`INDEXED_TO`] before the writer writes their index
-/// entries in a non-durable group too; a query by target scans about
-/// this many records at most beside the index.
-pub const MAX_UNINDEXED_PAIRS: usize = 8192;
 /// Most index pairs one query by target reads before its page ends early
 /// with a `next` cursor (8 MB of pairs, 16 million records of the log at
 /// 16 buckets); a row read counts as many pairs as a row holds records.
@@ -162,24 +150,21 @@ impl AccessStore {
             if meta.get(INDEX_FROM).map_err(redb_error)?.is_none() {
                 let index_from = last_seq(&audit)? + 1;
                 meta.insert(INDEX_FROM, index_from).map_err(redb_error)?;
-                meta.insert(INDEXED_TO, index_from).map_err(redb_error)?;
             }
         }
         txn.commit().map_err(redb_error)?;
 
         let db = Arc::new(db);
         let keys = load_keys(&db)?;
-        let (next_seq, index) = {
+        let next_seq = {
             let txn = db.begin_read().map_err(redb_error)?;
-            let audit = txn.open_table(AUDIT).map_err(redb_error)?;
-            let indexed_to = meta_seq(&txn, INDEXED_TO)?;
-            (last_seq(&audit)? + 1, unindexed_pairs(&audit, indexed_to)?)
+            last_seq(&txn.open_table(AUDIT).map_err(redb_error)?)? + 1
         };
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
         let writer_db = db.clone();
         let thread = peakstack_engine::failstop::spawn("access-store", move || {
             peakstack_engine::failstop::fault_point();
-            run(&writer_db, rx, index, next_seq)
+            run(&writer_db, rx, next_seq)
         })
         .map_err(|e| AccessStoreError::Failed(format!("cannot start its thread: {e}")))?;
         Ok((AccessStore { db: Mutex::new(Some(db)), ops: tx, thread: Mutex::new(Some(thread)) }, keys))
@@ -280,28 +265,6 @@ fn last_seq(table: &impl ReadableTable<u64, &'static [u8]>) -> Result<u64, Acces
     Ok(records.last().map_or(first.value(), |record| record.seq))
 }
 
-/// A seq kept in [`META`]; 1 if not there.
-fn meta_seq(txn: &redb::ReadTransaction, name: &str) -> Result<u64, AccessStoreError> {
-    let meta = txn.open_table(META).map_err(redb_error)?;
-    Ok(meta.get(name).map_err(redb_error)?.map_or(1, |seq| seq.value()))
-}
-
-/// The index pairs of the records from `indexed_to` on.
-fn unindexed_pairs(audit: &AuditTable, indexed_to: u64) -> Result<IndexBuilder, AccessStoreError> {
-    let mut index = IndexBuilder::default();
-    let start = audit.range(..=indexed_to).map_err(redb_error)?.next_back().transpose().map_err(redb_error)?;
-    let start = start.map_or(0, |(first, _)| first.value());
-    for entry in audit.range(start..).map_err(redb_error)? {
-        let (first, row) = entry.map_err(redb_error)?;
-        for record in Row::decode(first.value(), row.value())? {
-            if record.seq >= indexed_to {
-                index.push(audit_index::target_hash(&record.target), record.seq);
-            }
-        }
-    }
-    Ok(index)
-}
-
 /// What a query read, for tests to bound.
 #[derive(Debug, Default)]
 struct QueryWork {
@@ -321,8 +284,8 @@ fn query(
     let txn = db.begin_read().map_err(redb_error)?;
     let audit = txn.open_table(AUDIT).map_err(redb_error)?;
     let Some(target) = filter.target.as_deref() else { return scan(&audit, filter, after, u64::MAX, limit, work) };
-    let index_from = meta_seq(&txn, INDEX_FROM)?;
-    let indexed_to = meta_seq(&txn, INDEXED_TO)?;
+    let index_from = txn.open_table(META).map_err(redb_error)?.get(INDEX_FROM).map_err(redb_error)?;
+    let index_from = index_from.map_or(1, |seq| seq.value());
     let mut records = Vec::new();
     if after.saturating_add(1) < index_from {
         // Written before the index existed: scanned, then the index goes on.
@@ -333,20 +296,8 @@ fn query(
         records = page.records;
     }
     let index = txn.open_table(AUDIT_INDEX).map_err(redb_error)?;
-    let lookup = Lookup { audit: &audit, filter, limit, work: &mut *work, row: None };
-    let page = lookup.run(&index, target, after.max(index_from - 1), records)?;
-    if page.next.is_some() {
-        return Ok(page);
-    }
-    // The records the index does not hold yet (none: no row starts at or
-    // after `indexed_to`, a group's end, which no row straddles).
-    let mut records = page.records;
-    if audit.range(indexed_to..).map_err(redb_error)?.next().is_none() {
-        return Ok(AuditPage { records, next: None });
-    }
-    let tail = scan(&audit, filter, after.max(indexed_to - 1), u64::MAX, limit - records.len(), work)?;
-    records.extend(tail.records);
-    Ok(AuditPage { records, next: tail.next })
+    let lookup = Lookup { audit: &audit, filter, limit, work, row: None };
+    lookup.run(&index, target, after.max(index_from - 1), records)
 }
 
 /// Records with `after` < seq < `before` that match `filter`, reading
@@ -459,8 +410,9 @@ impl Lookup<'_> {
     }
 }
 
-fn run(db: &Database, mut rx: mpsc::Receiver<Op>, mut index: IndexBuilder, mut next_seq: u64) {
+fn run(db: &Database, mut rx: mpsc::Receiver<Op>, mut next_seq: u64) {
     let mut group = Vec::with_capacity(MAX_GROUP_WRITES);
+    let mut index = IndexBuilder::default();
     let mut close = false;
     while !close {
         let Some(first) = rx.blocking_recv() else { break };
@@ -481,9 +433,9 @@ fn run(db: &Database, mut rx: mpsc::Receiver<Op>, mut index: IndexBuilder, mut n
 
 /// Applies one group in one transaction; returns the next free seq.
 fn write_group(db: &Database, group: &mut Vec<Write>, index: &mut IndexBuilder, next_seq: u64) -> u64 {
-    let index_mark = index.mark();
+    // A failed group may have left its pairs.
+    index.clear();
     let mut seq = next_seq;
-    let mut indexed = false;
     let mut seqs_of = Vec::with_capacity(group.len());
     let outcome = (|| -> Result<(), AccessStoreError> {
         let mut txn = db.begin_write().map_err(redb_error)?;
@@ -530,13 +482,9 @@ fn write_group(db: &Database, group: &mut Vec<Write>, index: &mut IndexBuilder, 
                 }
                 seqs_of.push(first_seq..seq);
             }
-            if durable || index.pair_count() >= MAX_UNINDEXED_PAIRS {
-                let mut index_table = txn.open_table(AUDIT_INDEX).map_err(redb_error)?;
-                for (key, pairs) in index.entries() {
-                    index_table.insert(key, pairs.as_slice()).map_err(redb_error)?;
-                }
-                txn.open_table(META).map_err(redb_error)?.insert(INDEXED_TO, seq).map_err(redb_error)?;
-                indexed = true;
+            let mut index_table = txn.open_table(AUDIT_INDEX).map_err(redb_error)?;
+            for (key, pairs) in index.drain() {
+                index_table.insert(key, pairs.as_slice()).map_err(redb_error)?;
             }
         }
         txn.commit().map_err(redb_error)?;
@@ -544,9 +492,6 @@ fn write_group(db: &Database, group: &mut Vec<Write>, index: &mut IndexBuilder, 
     })();
     match outcome {
         Ok(()) => {
-            if indexed {
-                index.clear();
-            }
             for (write, seqs) in group.drain(..).zip(seqs_of) {
                 let _ = write.reply.send(Ok(seqs));
             }
@@ -554,8 +499,7 @@ fn write_group(db: &Database, group: &mut Vec<Write>, index: &mut IndexBuilder, 
         }
         Err(error) => {
             // Nothing of the group was stored: every writer hears so, and
-            // the seqs (and their index pairs) are handed out again.
-            index.truncate(&index_mark);
+            // the seqs are handed out again.
             tracing::error!(%error, "access store write failed");
             let text = error.to_string();
             for write in group.drain(..) {
@@ -754,8 +698,8 @@ mod tests {
             let (seqs, work) = pages(&store, &by_target("needle"), limit);
             assert_eq!(seqs, expected, "limit {limit}");
             // At most one row read per record found (a scan reads every one
-            // of 1565 rows), and the entries of one bucket: at most one per
-            // write (103 writes), plus the one each page ends in.
+            // of 1565 rows), and the entries of one bucket: one per write
+            // (103 writes), plus the one each page ends in.
             let pages = expected.len().div_ceil(limit) + 1;
             assert!(work.rows_read <= expected.len(), "limit {limit}: {work:?}");
             assert!(work.index_entries_read <= 103 + pages, "limit {limit}: {work:?}");
@@ -773,45 +717,7 @@ mod tests {
         let page = query(&db, &by_target("needle"), 20_001, 2, &mut QueryWork::default()).unwrap();
         assert_eq!(page.records.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![20_002, 64_000]);
         drop(db);
-        // Feed writes not yet indexed (no durable write since) are scanned.
-        let mut packer = crate::audit_rows::RowPacker::new(MAX_RECORDS_PER_ROW);
-        packer.push(&transfer_event("other", 1));
-        packer.push(&transfer_event("needle", 1));
-        store.append_feed_blocking(packer.finish(), vec![(0, 200_000)]).unwrap();
-        let expected: Vec<u64> = expected.into_iter().chain([100_005]).collect();
-        let (seqs, work) = pages(&store, &by_target("needle"), 3);
-        assert_eq!(seqs, expected);
-        assert!(work.rows_read <= expected.len() + 4, "{work:?}");
-        // And after a reopen, which gathers their pairs again, then writes
-        // them with the next durable write.
         runtime.block_on(store.close());
-        let (store, _) = AccessStore::open(&dir.path().join("access.redb")).unwrap();
-        let (seqs, _) = pages(&store, &by_target("needle"), 3);
-        let kept = seqs.last() == Some(&100_005);
-        assert_eq!(seqs, expected[..expected.len() - usize::from(!kept)]);
-        runtime.block_on(store.append(record("k", action::KEY_CREATE, "needle", 11))).unwrap();
-        let db = store.db.lock().clone().unwrap();
-        let indexed_to = meta_seq(&db.begin_read().unwrap(), INDEXED_TO).unwrap();
-        assert_eq!(indexed_to, if kept { 100_007 } else { 100_005 });
-        let (seqs, work) = pages(&store, &by_target("needle"), 100);
-        assert_eq!(seqs.len(), expected.len() + usize::from(kept));
-        assert!(work.rows_read <= seqs.len(), "all from the index: {work:?}");
-        drop(db);
-        runtime.block_on(store.close());
-    }
-
-    #[test]
-    fn feed_writes_are_indexed_once_enough_wait() {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, _) = AccessStore::open(&dir.path().join("access.redb")).unwrap();
-        let indexed_to = || meta_seq(&store.db.lock().clone().unwrap().begin_read().unwrap(), INDEXED_TO).unwrap();
-        feed(&store, 1000, &[]);
-        assert_eq!(indexed_to(), 1, "not yet");
-        feed(&store, MAX_UNINDEXED_PAIRS, &[]);
-        assert!(indexed_to() > 1000, "{}", indexed_to());
-        store.sync_blocking().unwrap();
-        assert_eq!(indexed_to(), MAX_UNINDEXED_PAIRS as u64 + 1001);
-        assert_eq!(pages(&store, &by_target("t999"), 10).0, vec![1000, 1 + 1000 + 999]);
     }
 
     #[test]
@@ -819,7 +725,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (store, _) = AccessStore::open(&dir.path().join("access.redb")).unwrap();
         feed(&store, 10, &[]);
-        store.sync_blocking().unwrap();
         // An entry that names t3 (seq 4) under the hash of "ghost", as a
         // collision of hashes would.
         let db = store.db.lock().clone().unwrap();
@@ -828,7 +733,7 @@ mod tests {
         let txn = db.begin_write().unwrap();
         {
             let mut table = txn.open_table(AUDIT_INDEX).unwrap();
-            for (key, pairs) in index.entries() {
+            for (key, pairs) in index.drain() {
                 table.insert(key, pairs.as_slice()).unwrap();
             }
         }

@@ -86,27 +86,12 @@ impl IndexBuilder {
         self.buckets.iter_mut().for_each(Vec::clear);
     }
 
-    /// Pairs gathered since the last clear.
-    pub fn pair_count(&self) -> usize {
-        self.buckets.iter().map(Vec::len).sum()
-    }
-
-    /// Where each bucket ends, to [`IndexBuilder::truncate`] back to.
-    pub fn mark(&self) -> Vec<usize> {
-        self.buckets.iter().map(Vec::len).collect()
-    }
-
-    /// Forgets the pairs pushed since `mark` (their write failed).
-    pub fn truncate(&mut self, mark: &[usize]) {
-        self.buckets.iter_mut().zip(mark).for_each(|(pairs, &len)| pairs.truncate(len));
-    }
-
-    /// The entries (`(bucket, last seq)`, bytes) of the pairs, in key
-    /// order. An entry whose seqs would span more than a u32 of offsets is
-    /// split.
-    pub fn entries(&self) -> Vec<((u16, u64), Vec<u8>)> {
+    /// The entries (`(bucket, last seq)`, bytes), in key order, and clears
+    /// the builder. An entry whose seqs would span more than a u32 of
+    /// offsets is split.
+    pub fn drain(&mut self) -> Vec<((u16, u64), Vec<u8>)> {
         let mut entries = Vec::new();
-        for (bucket, pairs) in self.buckets.iter().enumerate() {
+        for (bucket, pairs) in self.buckets.iter_mut().enumerate() {
             let bucket = bucket as u16;
             let mut rest = pairs.as_slice();
             while let Some(&(_, first_seq)) = rest.first() {
@@ -121,6 +106,7 @@ impl IndexBuilder {
                 entries.push(((bucket, entry[entry.len() - 1].1), bytes));
                 rest = later;
             }
+            pairs.clear();
         }
         entries
     }
@@ -177,10 +163,7 @@ mod tests {
         // A seq too far from the entry's first to be an offset: a new entry.
         let far = 10 + u64::from(u32::MAX) + 1;
         builder.push(target_hash("a"), far);
-        let mark = builder.mark();
-        builder.push(target_hash("a"), far + 1);
-        builder.truncate(&mark);
-        let entries = builder.entries();
+        let entries = builder.drain();
         let (bucket, tag) = bucket_and_tag(target_hash("a"));
         let of_a: Vec<_> = entries.iter().filter(|((b, _), _)| *b == bucket).collect();
         assert_eq!(of_a.len(), 2);
@@ -190,8 +173,7 @@ mod tests {
         assert_eq!(seqs, vec![10, 12, 14]);
         assert_eq!(matching_seqs(&of_a[1].1, tag, far).unwrap(), (1, vec![far]));
         assert!(entries.windows(2).all(|w| w[0].0 < w[1].0), "in key order");
-        builder.clear();
-        assert_eq!((builder.pair_count(), builder.entries().len()), (0, 0));
+        assert!(builder.drain().is_empty(), "drained");
         // Corrupt entries are refused.
         assert!(matching_seqs(&bytes[..bytes.len() - 1], tag, *last).is_err());
         assert!(matching_seqs(&bytes[..HEADER_BYTES], tag, *last).is_err());
