@@ -18,6 +18,7 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinitio
 use tokio::sync::{mpsc, oneshot};
 
 use crate::audit::{AuditFilter, AuditPage, AuditRecord};
+use crate::audit_index::{self, IndexBuilder};
 use crate::audit_rows::{self, PackedRow, PACKED_ROW_TAG};
 use crate::keys::KeyRecord;
 
@@ -65,6 +66,18 @@ impl Row {
 }
 /// Per engine executor: the last audit batch of its feed stored here.
 const FEED_MARKS: TableDefinition<u16, u64> = TableDefinition::new("feed_marks");
+/// The audit records by target ([`crate::audit_index`]), written in the
+/// same transaction as the records: `(bucket, last seq)` to packed pairs.
+const AUDIT_INDEX: TableDefinition<(u16, u64), &[u8]> = TableDefinition::new("audit_index");
+/// `INDEX_FROM`: the first seq the index covers. A store made before the
+/// index existed gets the seq after its last record at its first open;
+/// queries by target scan the records before it, as they all once did.
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const INDEX_FROM: &str = "audit_index_from";
+/// Most index pairs one query by target reads before its page ends early
+/// with a `next` cursor (8 MB of pairs, 16 million records of the log at
+/// 16 buckets); a row read counts as many pairs as a row holds records.
+pub const MAX_INDEX_SCAN: usize = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AccessStoreError {
@@ -129,13 +142,24 @@ impl AccessStore {
         let mut txn = db.begin_write().map_err(redb_error)?;
         txn.set_durability(Durability::Immediate).map_err(redb_error)?;
         txn.open_table(KEYS).map_err(redb_error)?;
-        txn.open_table(AUDIT).map_err(redb_error)?;
         txn.open_table(FEED_MARKS).map_err(redb_error)?;
+        txn.open_table(AUDIT_INDEX).map_err(redb_error)?;
+        {
+            let audit = txn.open_table(AUDIT).map_err(redb_error)?;
+            let mut meta = txn.open_table(META).map_err(redb_error)?;
+            if meta.get(INDEX_FROM).map_err(redb_error)?.is_none() {
+                let index_from = last_seq(&audit)? + 1;
+                meta.insert(INDEX_FROM, index_from).map_err(redb_error)?;
+            }
+        }
         txn.commit().map_err(redb_error)?;
 
         let db = Arc::new(db);
         let keys = load_keys(&db)?;
-        let next_seq = last_seq(&db)? + 1;
+        let next_seq = {
+            let txn = db.begin_read().map_err(redb_error)?;
+            last_seq(&txn.open_table(AUDIT).map_err(redb_error)?)? + 1
+        };
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
         let writer_db = db.clone();
         let thread = peakstack_engine::failstop::spawn("access-store", move || {
@@ -206,7 +230,7 @@ impl AccessStore {
     /// `limit`.
     pub async fn query(&self, filter: AuditFilter, after: u64, limit: usize) -> Result<AuditPage, AccessStoreError> {
         let db = self.db.lock().clone().ok_or(AccessStoreError::Closed)?;
-        tokio::task::spawn_blocking(move || query(&db, &filter, after, limit))
+        tokio::task::spawn_blocking(move || query(&db, &filter, after, limit, &mut QueryWork::default()))
             .await
             .map_err(|e| AccessStoreError::Failed(e.to_string()))?
     }
@@ -235,17 +259,57 @@ fn load_keys(db: &Database) -> Result<Vec<KeyRecord>, AccessStoreError> {
     Ok(keys)
 }
 
-fn last_seq(db: &Database) -> Result<u64, AccessStoreError> {
-    let txn = db.begin_read().map_err(redb_error)?;
-    let table = txn.open_table(AUDIT).map_err(redb_error)?;
+fn last_seq(table: &impl ReadableTable<u64, &'static [u8]>) -> Result<u64, AccessStoreError> {
     let Some((first, row)) = table.last().map_err(redb_error)? else { return Ok(0) };
     let records = Row::decode(first.value(), row.value())?;
     Ok(records.last().map_or(first.value(), |record| record.seq))
 }
 
-fn query(db: &Database, filter: &AuditFilter, after: u64, limit: usize) -> Result<AuditPage, AccessStoreError> {
+/// What a query read, for tests to bound.
+#[derive(Debug, Default)]
+struct QueryWork {
+    rows_read: usize,
+    index_entries_read: usize,
+}
+
+type AuditTable = redb::ReadOnlyTable<u64, &'static [u8]>;
+
+fn query(
+    db: &Database,
+    filter: &AuditFilter,
+    after: u64,
+    limit: usize,
+    work: &mut QueryWork,
+) -> Result<AuditPage, AccessStoreError> {
     let txn = db.begin_read().map_err(redb_error)?;
-    let table = txn.open_table(AUDIT).map_err(redb_error)?;
+    let audit = txn.open_table(AUDIT).map_err(redb_error)?;
+    let Some(target) = filter.target.as_deref() else { return scan(&audit, filter, after, u64::MAX, limit, work) };
+    let index_from = txn.open_table(META).map_err(redb_error)?.get(INDEX_FROM).map_err(redb_error)?;
+    let index_from = index_from.map_or(1, |seq| seq.value());
+    let mut records = Vec::new();
+    if after.saturating_add(1) < index_from {
+        // Written before the index existed: scanned, then the index goes on.
+        let page = scan(&audit, filter, after, index_from, limit, work)?;
+        if page.next.is_some() {
+            return Ok(page);
+        }
+        records = page.records;
+    }
+    let index = txn.open_table(AUDIT_INDEX).map_err(redb_error)?;
+    let lookup = Lookup { audit: &audit, filter, limit, work, row: None };
+    lookup.run(&index, target, after.max(index_from - 1), records)
+}
+
+/// Records with `after` < seq < `before` that match `filter`, reading
+/// every one of them (at most [`MAX_AUDIT_SCAN`] a page).
+fn scan(
+    table: &AuditTable,
+    filter: &AuditFilter,
+    after: u64,
+    before: u64,
+    limit: usize,
+    work: &mut QueryWork,
+) -> Result<AuditPage, AccessStoreError> {
     let mut records = Vec::new();
     let mut scanned = 0;
     // From the row holding record `after + 1` (rows hold several records).
@@ -253,12 +317,16 @@ fn query(db: &Database, filter: &AuditFilter, after: u64, limit: usize) -> Resul
         Some(entry) => entry.map_err(redb_error)?.0.value(),
         None => 0,
     };
-    for entry in table.range(start..).map_err(redb_error)? {
+    for entry in table.range(start..before).map_err(redb_error)? {
         let (first, row) = entry.map_err(redb_error)?;
+        work.rows_read += 1;
         for record in Row::decode(first.value(), row.value())? {
             let seq = record.seq;
             if seq <= after {
                 continue;
+            }
+            if seq >= before {
+                break;
             }
             scanned += 1;
             if filter.matches(&record) {
@@ -275,8 +343,76 @@ fn query(db: &Database, filter: &AuditFilter, after: u64, limit: usize) -> Resul
     Ok(AuditPage { records, next: None })
 }
 
+/// A query by target through the index.
+struct Lookup<'a> {
+    audit: &'a AuditTable,
+    filter: &'a AuditFilter,
+    limit: usize,
+    work: &'a mut QueryWork,
+    /// The last row read (candidates often share one).
+    row: Option<(u64, Vec<AuditRecord>)>,
+}
+
+impl Lookup<'_> {
+    /// Appends to `records` the matches with seq > `after`, oldest first.
+    fn run(
+        mut self,
+        index: &redb::ReadOnlyTable<(u16, u64), &'static [u8]>,
+        target: &str,
+        after: u64,
+        mut records: Vec<AuditRecord>,
+    ) -> Result<AuditPage, AccessStoreError> {
+        let (bucket, tag) = audit_index::bucket_and_tag(audit_index::target_hash(target));
+        let mut scanned = 0;
+        for entry in index.range((bucket, after.saturating_add(1))..=(bucket, u64::MAX)).map_err(redb_error)? {
+            let (key, pairs) = entry.map_err(redb_error)?;
+            let last_seq = key.value().1;
+            self.work.index_entries_read += 1;
+            let (pair_count, seqs) = audit_index::matching_seqs(pairs.value(), tag, last_seq)
+                .map_err(|e| AccessStoreError::Corrupt(format!("audit index entry {bucket}/{last_seq}: {e}")))?;
+            scanned += pair_count;
+            for seq in seqs.into_iter().filter(|&seq| seq > after) {
+                let record = self.record(seq)?;
+                scanned += MAX_RECORDS_PER_ROW;
+                // The target itself, not its hash, decides.
+                if self.filter.matches(&record) {
+                    records.push(record);
+                    if records.len() == self.limit {
+                        return Ok(AuditPage { records, next: Some(seq) });
+                    }
+                }
+            }
+            if scanned >= MAX_INDEX_SCAN {
+                return Ok(AuditPage { records, next: Some(last_seq) });
+            }
+        }
+        Ok(AuditPage { records, next: None })
+    }
+
+    /// The record `seq`, which the index says exists.
+    fn record(&mut self, seq: u64) -> Result<AuditRecord, AccessStoreError> {
+        let holds = |row: &Option<(u64, Vec<AuditRecord>)>| {
+            row.as_ref().is_some_and(|(first, records)| (*first..*first + records.len() as u64).contains(&seq))
+        };
+        if !holds(&self.row) {
+            let entry = self.audit.range(..=seq).map_err(redb_error)?.next_back().transpose().map_err(redb_error)?;
+            let (first, bytes) = entry.ok_or_else(|| {
+                AccessStoreError::Corrupt(format!("the audit index names seq {seq}, before every row"))
+            })?;
+            self.work.rows_read += 1;
+            self.row = Some((first.value(), Row::decode(first.value(), bytes.value())?));
+        }
+        let (first, records) = self.row.as_ref().expect("read above");
+        match records.get((seq - first) as usize) {
+            Some(record) if record.seq == seq => Ok(record.clone()),
+            _ => Err(AccessStoreError::Corrupt(format!("the audit index names seq {seq}, which no row holds"))),
+        }
+    }
+}
+
 fn run(db: &Database, mut rx: mpsc::Receiver<Op>, mut next_seq: u64) {
     let mut group = Vec::with_capacity(MAX_GROUP_WRITES);
+    let mut index = IndexBuilder::default();
     let mut close = false;
     while !close {
         let Some(first) = rx.blocking_recv() else { break };
@@ -290,13 +426,15 @@ fn run(db: &Database, mut rx: mpsc::Receiver<Op>, mut next_seq: u64) {
             }
         }
         if !group.is_empty() {
-            next_seq = write_group(db, &mut group, next_seq);
+            next_seq = write_group(db, &mut group, &mut index, next_seq);
         }
     }
 }
 
 /// Applies one group in one transaction; returns the next free seq.
-fn write_group(db: &Database, group: &mut Vec<Write>, next_seq: u64) -> u64 {
+fn write_group(db: &Database, group: &mut Vec<Write>, index: &mut IndexBuilder, next_seq: u64) -> u64 {
+    // A failed group may have left its pairs.
+    index.clear();
     let mut seq = next_seq;
     let mut seqs_of = Vec::with_capacity(group.len());
     let outcome = (|| -> Result<(), AccessStoreError> {
@@ -322,6 +460,7 @@ fn write_group(db: &Database, group: &mut Vec<Write>, next_seq: u64) -> u64 {
                 let mut numbered = std::mem::take(&mut write.audit);
                 for record in &mut numbered {
                     record.seq = seq;
+                    index.push(audit_index::target_hash(&record.target), seq);
                     seq += 1;
                 }
                 for chunk in numbered.chunks(MAX_RECORDS_PER_ROW) {
@@ -334,10 +473,18 @@ fn write_group(db: &Database, group: &mut Vec<Write>, next_seq: u64) -> u64 {
                     audit.insert(chunk[0].seq, bytes.as_slice()).map_err(redb_error)?;
                 }
                 for row in &write.packed {
+                    assert_eq!(row.target_hashes.len(), row.records as usize, "a packed row's hashes are its records'");
                     audit.insert(seq, row.bytes.as_slice()).map_err(redb_error)?;
+                    for (&hash, record_seq) in row.target_hashes.iter().zip(seq..) {
+                        index.push(hash, record_seq);
+                    }
                     seq += u64::from(row.records);
                 }
                 seqs_of.push(first_seq..seq);
+            }
+            let mut index_table = txn.open_table(AUDIT_INDEX).map_err(redb_error)?;
+            for (key, pairs) in index.drain() {
+                index_table.insert(key, pairs.as_slice()).map_err(redb_error)?;
             }
         }
         txn.commit().map_err(redb_error)?;
@@ -477,6 +624,165 @@ mod tests {
         runtime.block_on(store.close());
         let (store, _) = AccessStore::open(&path).unwrap();
         assert_eq!(runtime.block_on(store.append(record("k", action::KEY_CREATE, "k3", 6))).unwrap(), 158);
+        runtime.block_on(store.close());
+    }
+
+    /// Pages through `query` for `filter` from the start, `limit` a page;
+    /// returns the seqs found and the work done.
+    fn pages(store: &AccessStore, filter: &AuditFilter, limit: usize) -> (Vec<u64>, QueryWork) {
+        let db = store.db.lock().clone().unwrap();
+        let mut work = QueryWork::default();
+        let (mut seqs, mut after) = (Vec::new(), 0);
+        for _ in 0..1000 {
+            let page = query(&db, filter, after, limit, &mut work).unwrap();
+            assert!(page.records.len() <= limit);
+            assert!(page.records.iter().all(|record| filter.matches(record)));
+            seqs.extend(page.records.iter().map(|record| record.seq));
+            match page.next {
+                Some(next) => after = next,
+                None => return (seqs, work),
+            }
+        }
+        panic!("more than 1000 pages");
+    }
+
+    /// What a scan of every record finds for `filter`.
+    fn scanned(store: &AccessStore, filter: &AuditFilter) -> Vec<u64> {
+        let db = store.db.lock().clone().unwrap();
+        let txn = db.begin_read().unwrap();
+        let audit = txn.open_table(AUDIT).unwrap();
+        let (mut seqs, mut after) = (Vec::new(), 0);
+        loop {
+            let page = scan(&audit, filter, after, u64::MAX, usize::MAX, &mut QueryWork::default()).unwrap();
+            seqs.extend(page.records.iter().map(|record| record.seq));
+            match page.next {
+                Some(next) => after = next,
+                None => return seqs,
+            }
+        }
+    }
+
+    fn by_target(target: &str) -> AuditFilter {
+        AuditFilter { target: Some(target.into()), ..Default::default() }
+    }
+
+    /// Feeds `count` transfers named `t<i>` in writes of 1000, except that
+    /// those at `needles` are named `needle`.
+    fn feed(store: &AccessStore, count: usize, needles: &[usize]) {
+        for start in (0..count).step_by(1000) {
+            let mut packer = crate::audit_rows::RowPacker::new(MAX_RECORDS_PER_ROW);
+            for i in start..count.min(start + 1000) {
+                let name = if needles.contains(&i) { "needle".to_owned() } else { format!("t{i}") };
+                packer.push(&transfer_event(&name, i as u64));
+            }
+            store.append_feed_blocking(packer.finish(), vec![(0, start as u64 + 1)]).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_query_by_target_among_100k_records_reads_the_index_and_the_rows_it_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = AccessStore::open(&dir.path().join("access.redb")).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        // Records 1..=100_000 from the feed, needles among them; then JSON
+        // rows: the needle's key records, and a target that only shares a
+        // prefix with it.
+        let needles = [17, 20_000, 20_001, 63_999, 99_999];
+        feed(&store, 100_000, &needles);
+        runtime.block_on(store.append(record("k", action::KEY_CREATE, "needle", 9))).unwrap();
+        runtime.block_on(store.append(record("k", action::KEY_CREATE, "needle-2", 9))).unwrap();
+        runtime.block_on(store.append(record("k", action::KEY_REVOKE, "needle", 10))).unwrap();
+        let expected: Vec<u64> = needles.iter().map(|&i| i as u64 + 1).chain([100_001, 100_003]).collect();
+        assert_eq!(scanned(&store, &by_target("needle")), expected);
+        for limit in [1, 2, 3, 100] {
+            let (seqs, work) = pages(&store, &by_target("needle"), limit);
+            assert_eq!(seqs, expected, "limit {limit}");
+            // At most one row read per record found (a scan reads every one
+            // of 1565 rows), and the entries of one bucket: one per write
+            // (103 writes), plus the one each page ends in.
+            let pages = expected.len().div_ceil(limit) + 1;
+            assert!(work.rows_read <= expected.len(), "limit {limit}: {work:?}");
+            assert!(work.index_entries_read <= 103 + pages, "limit {limit}: {work:?}");
+        }
+        // The other filters still apply.
+        let revoked = AuditFilter { action: Some(action::KEY_REVOKE.into()), ..by_target("needle") };
+        assert_eq!(pages(&store, &revoked, 10).0, vec![100_003]);
+        let late = AuditFilter { since_ms: Some(20_001), until_ms: Some(99_999), ..by_target("needle") };
+        assert_eq!(pages(&store, &late, 10).0, vec![20_002, 64_000]);
+        assert_eq!(pages(&store, &by_target("t5"), 10).0, vec![6]);
+        let (seqs, work) = pages(&store, &by_target("nobody"), 10);
+        assert_eq!((seqs, work.rows_read), (vec![], 0));
+        // A cursor inside the needles' run.
+        let db = store.db.lock().clone().unwrap();
+        let page = query(&db, &by_target("needle"), 20_001, 2, &mut QueryWork::default()).unwrap();
+        assert_eq!(page.records.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![20_002, 64_000]);
+        drop(db);
+        runtime.block_on(store.close());
+    }
+
+    #[test]
+    fn a_hash_collision_in_the_index_shows_no_record_of_another_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = AccessStore::open(&dir.path().join("access.redb")).unwrap();
+        feed(&store, 10, &[]);
+        // An entry that names t3 (seq 4) under the hash of "ghost", as a
+        // collision of hashes would.
+        let db = store.db.lock().clone().unwrap();
+        let mut index = IndexBuilder::default();
+        index.push(audit_index::target_hash("ghost"), 4);
+        let txn = db.begin_write().unwrap();
+        {
+            let mut table = txn.open_table(AUDIT_INDEX).unwrap();
+            for (key, pairs) in index.drain() {
+                table.insert(key, pairs.as_slice()).unwrap();
+            }
+        }
+        txn.commit().unwrap();
+        let (seqs, work) = pages(&store, &by_target("ghost"), 10);
+        assert_eq!((seqs, work.rows_read), (vec![], 1));
+        assert_eq!(pages(&store, &by_target("t3"), 10).0, vec![4]);
+    }
+
+    #[test]
+    fn a_store_from_before_the_index_answers_by_target_from_its_scan_then_the_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.redb");
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let (store, _) = AccessStore::open(&path).unwrap();
+        // Seqs 1..=300, needles at 6 and 201; then 301 in a JSON row.
+        feed(&store, 300, &[5, 200]);
+        runtime.block_on(store.append(record("k", action::KEY_CREATE, "needle", 1))).unwrap();
+        runtime.block_on(store.close());
+        // As a store written before the index existed: no index, no mark.
+        {
+            let db = crate::open_redb(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.delete_table(AUDIT_INDEX).unwrap();
+            txn.delete_table(META).unwrap();
+            txn.commit().unwrap();
+        }
+        let (store, _) = AccessStore::open(&path).unwrap();
+        // Seqs from 302 on are indexed.
+        runtime.block_on(store.append(record("k", action::KEY_REVOKE, "needle", 2))).unwrap();
+        let mut packer = crate::audit_rows::RowPacker::new(MAX_RECORDS_PER_ROW);
+        packer.push(&transfer_event("other", 3));
+        packer.push(&transfer_event("needle", 3));
+        store.append_feed_blocking(packer.finish(), vec![(0, 999)]).unwrap();
+        let expected = vec![6, 201, 301, 302, 304];
+        assert_eq!(scanned(&store, &by_target("needle")), expected);
+        for limit in [1, 2, 10] {
+            assert_eq!(pages(&store, &by_target("needle"), limit).0, expected, "limit {limit}");
+        }
+        // A cursor past the scanned part reads only the index.
+        let db = store.db.lock().clone().unwrap();
+        let mut work = QueryWork::default();
+        let page = query(&db, &by_target("needle"), 302, 10, &mut work).unwrap();
+        assert_eq!((page.records.len(), page.records[0].seq, work.rows_read), (1, 304, 1));
+        drop(db);
+        runtime.block_on(store.close());
+        // The mark stays where it was set.
+        let (store, _) = AccessStore::open(&path).unwrap();
+        assert_eq!(pages(&store, &by_target("needle"), 2).0, expected);
         runtime.block_on(store.close());
     }
 

@@ -21,6 +21,7 @@ use peakstack_domain::{Currency, TransferKind};
 use peakstack_engine::AuditEvent;
 
 use crate::audit::{transfer_details, AuditRecord, TransferFacts, TransferFactsKind};
+use crate::audit_index::target_hash;
 
 /// The first byte of a packed row. JSON rows start with `{` or `[`.
 pub const PACKED_ROW_TAG: u8 = 0x01;
@@ -30,11 +31,14 @@ const KIND_PENDING: u8 = 1;
 const KIND_POST: u8 = 2;
 const KIND_VOID: u8 = 3;
 
-/// One encoded row and how many records it holds.
+/// One encoded row, how many records it holds, and the hash of each
+/// record's target ([`crate::audit_index::target_hash`]), taken while the
+/// target is at hand so that the index costs no decoding.
 #[derive(Debug, Clone)]
 pub struct PackedRow {
     pub records: u32,
     pub bytes: Vec<u8>,
+    pub target_hashes: Vec<u64>,
 }
 
 /// The fields a record's strings are compressed against.
@@ -69,7 +73,7 @@ impl RowPacker {
         RowPacker {
             max_records_per_row: max_records_per_row as u32,
             rows: Vec::new(),
-            current: PackedRow { records: 0, bytes: Vec::new() },
+            current: PackedRow { records: 0, bytes: Vec::new(), target_hashes: Vec::new() },
             previous: Previous::default(),
         }
     }
@@ -78,6 +82,7 @@ impl RowPacker {
         if self.current.records == 0 {
             self.current.bytes.clear();
             self.current.bytes.push(PACKED_ROW_TAG);
+            self.current.target_hashes.clear();
             self.previous = Previous::default();
         }
         let out = &mut self.current.bytes;
@@ -111,6 +116,7 @@ impl RowPacker {
                 put_string(out, transfer.id.as_str(), pending_id.as_str())
             }
         }
+        self.current.target_hashes.push(target_hash(transfer.id.as_str()));
         self.current.records += 1;
         if self.current.records == self.max_records_per_row {
             self.finish_row();
@@ -120,7 +126,8 @@ impl RowPacker {
     fn finish_row(&mut self) {
         if self.current.records > 0 {
             let bytes = std::mem::take(&mut self.current.bytes);
-            self.rows.push(PackedRow { records: self.current.records, bytes });
+            let target_hashes = std::mem::take(&mut self.current.target_hashes);
+            self.rows.push(PackedRow { records: self.current.records, bytes, target_hashes });
             self.current.records = 0;
         }
     }
@@ -295,6 +302,8 @@ mod tests {
         for row in &rows {
             let records = decode(seq, &row.bytes).unwrap();
             assert_eq!(records.len() as u32, row.records);
+            let hashes: Vec<u64> = records.iter().map(|record| target_hash(&record.target)).collect();
+            assert_eq!(row.target_hashes, hashes);
             seq += u64::from(row.records);
             decoded.extend(records);
         }

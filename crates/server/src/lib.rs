@@ -37,6 +37,7 @@ mod admin;
 mod answer_json;
 pub mod audit;
 mod audit_feed;
+mod audit_index;
 mod audit_rows;
 mod buffers;
 mod error;
