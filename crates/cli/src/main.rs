@@ -130,6 +130,10 @@ enum Command {
         /// any key allowed to open accounts and move money).
         #[arg(long, env = "PEAKSTACK_API_KEY", hide_env_values = true)]
         api_key: Option<String>,
+        /// Send a fresh Idempotency-Key with every request (what a
+        /// Stripe-style client does), to measure what the keys cost.
+        #[arg(long)]
+        idempotency_keys: bool,
     },
 }
 
@@ -310,7 +314,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             runtime.block_on(keys::run(action))
         }
-        Command::Loadtest { scenario, target, concurrency, seconds, batch, accounts, json, api_key } => {
+        Command::Loadtest {
+            scenario,
+            target,
+            concurrency,
+            seconds,
+            batch,
+            accounts,
+            json,
+            api_key,
+            idempotency_keys,
+        } => {
             init_tracing(true);
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             let summary = runtime.block_on(loadtest::run(loadtest::LoadtestConfig {
@@ -326,6 +340,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 json,
                 progress: !json && std::io::stderr().is_terminal(),
                 api_key,
+                idempotency_keys,
             }))?;
             if json {
                 println!("{}", summary.to_json());
