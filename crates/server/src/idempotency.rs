@@ -1,17 +1,18 @@
 //! Idempotency-Key: the answers to keyed POSTs, remembered durably in redb.
 //!
-//! One thread owns the database. Callers send it operations and await a
-//! oneshot; it takes every operation waiting (up to [`MAX_GROUP_OPS`]),
-//! answers the reads from one read transaction, applies the writes in one
-//! write transaction committed with `Durability::Immediate` (one fsync for
-//! the group: group commit), and only then answers the writers. So an answer
-//! is durable before the client sees it, and a burst of keyed requests pays
-//! one fsync, not one each.
+//! One thread writes the database. Callers send it writes and await a
+//! oneshot; it takes every write waiting (up to [`MAX_GROUP_OPS`]), applies
+//! them in one write transaction committed with `Durability::Immediate` (one
+//! fsync for the group: group commit), and only then answers the writers. So
+//! an answer is durable before the client sees it, and a burst of keyed
+//! requests pays one fsync, not one each.
 //!
 //! Two requests with the same key never run at once: the first holds the key
 //! in an in-memory set until its answer is stored, and the second is told
-//! `idempotency_key_in_use`. That is also why reads need not wait for writes
-//! of the same group: a read of key K is only made by the holder of K.
+//! `idempotency_key_in_use`. That is also why a lookup reads the committed
+//! state directly, on the caller's task, without waiting in the writer's
+//! queue behind the fsync of a group: a read of key K is only made by the
+//! holder of K, and K's last write was committed before K was let go.
 //!
 //! A request the engine did not decide within its deadline is answered 503
 //! `deadline_exceeded` at once, but it still runs (see [`LateAnswer`]): its
@@ -163,10 +164,8 @@ pub fn now_ms() -> u64 {
 }
 
 enum Op {
-    Get { key: String, reply: oneshot::Sender<Result<Option<StoredAnswer>, StoreError>> },
     Put { key: String, answer: StoredAnswer, reply: oneshot::Sender<Result<(), StoreError>> },
     Purge { cutoff_ms: u64, limit: usize, reply: oneshot::Sender<Result<usize, StoreError>> },
-    Len { reply: oneshot::Sender<Result<u64, StoreError>> },
     Close,
 }
 
@@ -194,6 +193,9 @@ pub struct IdempotencyStore {
     ops: mpsc::Sender<Op>,
     thread: Mutex<Option<JoinHandle<()>>>,
     in_flight: Arc<InFlight>,
+    /// Read by lookups; taken out by [`IdempotencyStore::close`] so that the
+    /// file is closed once the writer is gone.
+    reader: parking_lot::RwLock<Option<Arc<Database>>>,
 }
 
 #[derive(Default)]
@@ -240,13 +242,20 @@ impl IdempotencyStore {
         txn.open_table(BY_AGE).map_err(redb::Error::from)?;
         txn.commit().map_err(redb::Error::from)?;
 
+        let db = Arc::new(db);
+        let writer = db.clone();
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
         let thread = peakstack_engine::failstop::spawn("idempotency", move || {
             peakstack_engine::failstop::fault_point();
-            run(db, rx)
+            run(writer, rx)
         })
         .map_err(StoreError::Thread)?;
-        Ok(IdempotencyStore { ops: tx, thread: Mutex::new(Some(thread)), in_flight: Arc::new(InFlight::default()) })
+        Ok(IdempotencyStore {
+            ops: tx,
+            thread: Mutex::new(Some(thread)),
+            in_flight: Arc::new(InFlight::default()),
+            reader: parking_lot::RwLock::new(Some(db)),
+        })
     }
 
     /// Takes `key` for one request.
@@ -268,9 +277,19 @@ impl IdempotencyStore {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
+    /// The answer stored for `key`: one lookup in a read transaction of
+    /// the committed state (a B-tree walk in redb's page cache).
     pub async fn get(&self, key: &str) -> Result<Option<StoredAnswer>, StoreError> {
-        let key = key.to_owned();
-        self.call(|reply| Op::Get { key, reply }).await
+        let db = self.reader.read().clone().ok_or(StoreError::Closed)?;
+        let txn = db.begin_read().map_err(redb::Error::from)?;
+        let table = txn.open_table(ANSWERS).map_err(redb::Error::from)?;
+        let value = table.get(key).map_err(redb::Error::from)?;
+        match value {
+            None => Ok(None),
+            Some(value) => {
+                StoredAnswer::decode(value.value()).map(Some).ok_or_else(|| StoreError::Corrupt(key.to_owned()))
+            }
+        }
     }
 
     /// Stores an answer; returns once it is durable.
@@ -302,7 +321,9 @@ impl IdempotencyStore {
 
     /// How many answers are stored.
     pub async fn len(&self) -> Result<u64, StoreError> {
-        self.call(|reply| Op::Len { reply }).await
+        let db = self.reader.read().clone().ok_or(StoreError::Closed)?;
+        let txn = db.begin_read().map_err(redb::Error::from)?;
+        Ok(txn.open_table(ANSWERS).map_err(redb::Error::from)?.len().map_err(redb::Error::from)?)
     }
 
     /// Waits (up to [`CLOSE_WAIT_FOR_KEYS`]) until no key is in flight, then
@@ -321,6 +342,7 @@ impl IdempotencyStore {
         if tokio::time::timeout(CLOSE_WAIT_FOR_KEYS, none_left).await.is_err() {
             tracing::warn!("closing the idempotency store with keys still in flight: their answers are not stored");
         }
+        self.reader.write().take();
         let _ = self.ops.send(Op::Close).await;
         let thread = self.thread.lock().take();
         if let Some(thread) = thread {
@@ -349,7 +371,7 @@ pub async fn run_purges(store: &IdempotencyStore, retention: Duration, mut stop:
     }
 }
 
-fn run(db: Database, mut rx: mpsc::Receiver<Op>) {
+fn run(db: Arc<Database>, mut rx: mpsc::Receiver<Op>) {
     let mut group = Vec::with_capacity(MAX_GROUP_OPS);
     while let Some(first) = rx.blocking_recv() {
         group.push(first);
@@ -369,63 +391,12 @@ fn run(db: Database, mut rx: mpsc::Receiver<Op>) {
 
 /// Applies one group; returns whether the store was asked to close.
 fn apply_group(db: &Database, group: &mut Vec<Op>) -> bool {
-    let mut close = false;
-    let mut reads = Vec::new();
-    let mut writes = Vec::new();
-    for op in group.drain(..) {
-        match op {
-            Op::Get { key, reply } => reads.push((key, reply)),
-            Op::Len { reply } => {
-                let _ = reply.send(count_answers(db).map_err(StoreError::from));
-            }
-            Op::Close => close = true,
-            write => writes.push(write),
-        }
-    }
-    if !reads.is_empty() {
-        match read_all(db, &reads) {
-            Ok(answers) => {
-                for ((_, reply), answer) in reads.into_iter().zip(answers) {
-                    let _ = reply.send(answer);
-                }
-            }
-            Err(error) => {
-                let text = error.to_string();
-                for (_, reply) in reads {
-                    let _ = reply.send(Err(StoreError::Failed(text.clone())));
-                }
-            }
-        }
-    }
+    let close = group.iter().any(|op| matches!(op, Op::Close));
+    let writes: Vec<Op> = group.drain(..).filter(|op| !matches!(op, Op::Close)).collect();
     if !writes.is_empty() {
         write_all(db, writes);
     }
     close
-}
-
-fn count_answers(db: &Database) -> Result<u64, redb::Error> {
-    Ok(db.begin_read()?.open_table(ANSWERS)?.len()?)
-}
-
-type ReadReply = oneshot::Sender<Result<Option<StoredAnswer>, StoreError>>;
-
-fn read_all(
-    db: &Database,
-    reads: &[(String, ReadReply)],
-) -> Result<Vec<Result<Option<StoredAnswer>, StoreError>>, redb::Error> {
-    let txn = db.begin_read()?;
-    let table = txn.open_table(ANSWERS)?;
-    let mut answers = Vec::with_capacity(reads.len());
-    for (key, _) in reads {
-        let answer = match table.get(key.as_str())? {
-            None => Ok(None),
-            Some(value) => {
-                StoredAnswer::decode(value.value()).map(Some).ok_or_else(|| StoreError::Corrupt(key.clone()))
-            }
-        };
-        answers.push(answer);
-    }
-    Ok(answers)
 }
 
 enum WriteResult {
@@ -471,9 +442,7 @@ fn write_all(db: &Database, writes: Vec<Op>) {
                         }
                         results.push(WriteResult::Purge(reply, victims.len()));
                     }
-                    Op::Get { .. } | Op::Len { .. } | Op::Close => {
-                        unreachable!("reads and close are taken out before")
-                    }
+                    Op::Close => unreachable!("close is taken out before"),
                 }
             }
         }
