@@ -320,7 +320,7 @@ impl IdempotencyStore {
     }
 
     /// How many answers are stored.
-    pub async fn len(&self) -> Result<u64, StoreError> {
+    pub async fn stored_keys(&self) -> Result<u64, StoreError> {
         let db = self.reader.read().clone().ok_or(StoreError::Closed)?;
         let txn = db.begin_read().map_err(redb::Error::from)?;
         Ok(txn.open_table(ANSWERS).map_err(redb::Error::from)?.len().map_err(redb::Error::from)?)
@@ -573,12 +573,12 @@ mod tests {
             }
             let cutoff_ms = tick.saturating_sub(RETENTION_TICKS) * TICK_MS;
             let purged = store.purge_expired(cutoff_ms, CHUNK).await.unwrap();
-            let stored = store.len().await.unwrap();
+            let stored = store.stored_keys().await.unwrap();
             assert!(stored <= bound, "tick {tick}: {stored} keys stored, purged {purged}; bound {bound}");
             most_stored = most_stored.max(stored);
         }
         // Every key younger than the retention is still there.
-        assert_eq!(store.len().await.unwrap(), bound);
+        assert_eq!(store.stored_keys().await.unwrap(), bound);
         assert!(store.get("k8-0").await.unwrap().is_some());
         assert!(store.get("k5-0").await.unwrap().is_none());
         assert!(most_stored > KEYS_PER_TICK, "the test must keep more than one tick of keys");
