@@ -43,6 +43,8 @@ use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+static IDEMPOTENCY_KEY: hyper::header::HeaderName = hyper::header::HeaderName::from_static("idempotency-key");
+
 // Upper bounds on the knobs, so a typo cannot exhaust file descriptors or
 // memory, or run for days.
 const MAX_CONCURRENCY: usize = 1_024;
@@ -121,6 +123,9 @@ pub struct LoadtestConfig {
     pub progress: bool,
     /// Sent as `Authorization: Bearer <key>` on every request.
     pub api_key: Option<String>,
+    /// Send a fresh `Idempotency-Key` with every request of the timed phase
+    /// (what a Stripe-style client does), to measure what keys cost.
+    pub idempotency_keys: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -140,6 +145,9 @@ pub struct LoadtestSummary {
     /// `Some(sum of credits == sum of debits)` over all accounts after a
     /// `transfers` run; `None` for `healthz` or when the check could not run.
     pub invariants_ok: Option<bool>,
+    /// Whether every request of the timed phase carried a fresh
+    /// `Idempotency-Key`.
+    pub idempotency_keys: bool,
 }
 
 impl LoadtestSummary {
@@ -156,6 +164,7 @@ impl LoadtestSummary {
             "p999_us": self.p999_us,
             "max_us": self.max_us,
             "invariants_ok": self.invariants_ok,
+            "idempotency_keys": self.idempotency_keys,
         })
     }
 
@@ -178,7 +187,8 @@ impl LoadtestSummary {
              latency p99   {}\n\
              latency p99.9 {}\n\
              latency max   {}\n\
-             invariants    {}\n",
+             invariants    {}\n\
+             keys          {}\n",
             self.seconds,
             self.requests,
             self.requests_per_s,
@@ -190,6 +200,7 @@ impl LoadtestSummary {
             format_latency(self.p999_us),
             format_latency(self.max_us),
             invariants,
+            if self.idempotency_keys { "a fresh Idempotency-Key per request" } else { "none" },
         )
     }
 }
@@ -241,6 +252,7 @@ pub async fn run(config: LoadtestConfig) -> anyhow::Result<LoadtestSummary> {
         batch: config.batch,
         endpoint: endpoint.clone(),
         requests_done: AtomicU64::new(0),
+        idempotency_keys: config.idempotency_keys,
     });
     let start = Instant::now();
     let deadline = start + duration;
@@ -282,7 +294,9 @@ pub async fn run(config: LoadtestConfig) -> anyhow::Result<LoadtestSummary> {
         },
     };
 
-    Ok(summarize(&totals.latency_us, totals.requests, totals.ops, totals.errors, elapsed, invariants_ok))
+    let mut summary = summarize(&totals.latency_us, totals.requests, totals.ops, totals.errors, elapsed, invariants_ok);
+    summary.idempotency_keys = config.idempotency_keys;
+    Ok(summary)
 }
 
 fn validate(config: &LoadtestConfig) -> anyhow::Result<Duration> {
@@ -447,11 +461,13 @@ impl Endpoint {
 struct HttpConn {
     endpoint: Arc<Endpoint>,
     sender: Option<SendRequest<Full<Bytes>>>,
+    /// Sent as `Idempotency-Key` with the next request only.
+    next_idempotency_key: Option<HeaderValue>,
 }
 
 impl HttpConn {
     fn new(endpoint: Arc<Endpoint>) -> HttpConn {
-        HttpConn { endpoint, sender: None }
+        HttpConn { endpoint, sender: None, next_idempotency_key: None }
     }
 
     async fn ensure_connected(&mut self) -> anyhow::Result<&mut SendRequest<Full<Bytes>>> {
@@ -491,7 +507,11 @@ impl HttpConn {
     }
 
     async fn request(&mut self, method: Method, uri: Uri, body: Bytes) -> Result<(StatusCode, Bytes), RequestError> {
-        let headers = (self.endpoint.host_header.clone(), self.endpoint.authorization.clone());
+        let headers = RequestHeaders {
+            host: self.endpoint.host_header.clone(),
+            authorization: self.endpoint.authorization.clone(),
+            idempotency_key: self.next_idempotency_key.take(),
+        };
         // Two tries at a ready connection: a server may close an idle
         // keep-alive connection at any time, and finding that out before
         // anything was sent is not a failed request.
@@ -509,6 +529,13 @@ impl HttpConn {
     }
 }
 
+#[derive(Clone)]
+struct RequestHeaders {
+    host: HeaderValue,
+    authorization: Option<HeaderValue>,
+    idempotency_key: Option<HeaderValue>,
+}
+
 enum RequestError {
     Connect(anyhow::Error),
     Exchange(anyhow::Error),
@@ -520,16 +547,19 @@ async fn exchange(
     sender: &mut SendRequest<Full<Bytes>>,
     method: Method,
     uri: Uri,
-    (host_header, authorization): (HeaderValue, Option<HeaderValue>),
+    headers: RequestHeaders,
     body: Bytes,
 ) -> anyhow::Result<(StatusCode, Bytes)> {
     let mut request = Request::builder()
         .method(method)
         .uri(uri)
-        .header(HOST, host_header)
+        .header(HOST, headers.host)
         .header(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    if let Some(authorization) = authorization {
+    if let Some(authorization) = headers.authorization {
         request = request.header(AUTHORIZATION, authorization);
+    }
+    if let Some(key) = headers.idempotency_key {
+        request = request.header(&IDEMPOTENCY_KEY, key);
     }
     let request = request.body(Full::new(body))?;
     let response = sender.send_request(request).await?;
@@ -809,6 +839,7 @@ struct RunContext {
     endpoint: Arc<Endpoint>,
     /// Read only by the progress bar.
     requests_done: AtomicU64,
+    idempotency_keys: bool,
 }
 
 struct WorkerTotals {
@@ -851,6 +882,7 @@ async fn run_worker(context: Arc<RunContext>, worker: usize, mut conn: HttpConn,
         Scenario::Transfers => context.batch as u64,
     };
     let mut counter: u64 = 0;
+    let mut requests_sent: u64 = 0;
     let mut specs = Vec::with_capacity(context.batch);
     // Bounded by the deadline: every request gives up at `give_up_at`, and
     // no new request starts after `deadline`.
@@ -872,6 +904,10 @@ async fn run_worker(context: Arc<RunContext>, worker: usize, mut conn: HttpConn,
                 }
             }
         };
+        if context.idempotency_keys {
+            conn.next_idempotency_key = Some(fresh_idempotency_key(&context.run_id, worker, requests_sent));
+        }
+        requests_sent += 1;
         let started = Instant::now();
         match conn.request_until(method, uri, body, give_up_at).await {
             Ok((status, body)) => {
@@ -898,6 +934,11 @@ async fn run_worker(context: Arc<RunContext>, worker: usize, mut conn: HttpConn,
         }
     }
     totals
+}
+
+/// Unique per run, worker and request of the worker.
+fn fresh_idempotency_key(run_id: &str, worker: usize, request: u64) -> HeaderValue {
+    HeaderValue::from_str(&format!("lt-{run_id}-{worker}-{request}")).expect("hex and digits are a valid header value")
 }
 
 fn bar_style(template: &str) -> ProgressStyle {
@@ -969,6 +1010,7 @@ fn summarize(
         p999_us: latency_us.value_at_quantile(0.999),
         max_us: latency_us.max(),
         invariants_ok,
+        idempotency_keys: false,
     }
 }
 
@@ -1269,6 +1311,7 @@ mod tests {
             "p999_us",
             "max_us",
             "invariants_ok",
+            "idempotency_keys",
         ] {
             assert!(json.get(key).is_some(), "missing {key}");
         }
@@ -1338,6 +1381,7 @@ mod tests {
             json: false,
             progress: false,
             api_key: None,
+            idempotency_keys: false,
         };
         assert_eq!(validate(&good).unwrap(), Duration::from_secs(10));
         let bad = [
@@ -1376,6 +1420,7 @@ mod tests {
             json: false,
             progress: false,
             api_key: None,
+            idempotency_keys: false,
         })
         .await
         .expect_err("nothing listens there");
@@ -1398,6 +1443,11 @@ mod tests {
         /// Close each connection after this many requests (0 = never), the
         /// way servers recycle keep-alive connections.
         close_after: usize,
+        /// Idempotency-Keys of the transfer requests, and how many came
+        /// without one.
+        idempotency_keys: Mutex<std::collections::BTreeSet<String>>,
+        transfer_posts: std::sync::atomic::AtomicU64,
+        unkeyed_transfer_posts: std::sync::atomic::AtomicU64,
     }
 
     impl MockLedger {
@@ -1494,6 +1544,7 @@ mod tests {
             let method = parts.next().unwrap_or_default().to_owned();
             let target = parts.next().unwrap_or_default().to_owned();
             let mut content_length = 0usize;
+            let mut idempotency_key = None;
             for _header in 0..100 {
                 let mut line = String::new();
                 reader.read_line(&mut line).await?;
@@ -1505,10 +1556,24 @@ mod tests {
                     if name.eq_ignore_ascii_case("content-length") {
                         content_length = value.trim().parse().unwrap_or(0);
                     }
+                    if name.eq_ignore_ascii_case("idempotency-key") {
+                        idempotency_key = Some(value.trim().to_owned());
+                    }
                 }
             }
             let mut body = vec![0; content_length];
             reader.read_exact(&mut body).await?;
+            if target.starts_with("/v1/transfers") {
+                ledger.transfer_posts.fetch_add(1, Ordering::Relaxed);
+                match idempotency_key {
+                    Some(key) => {
+                        ledger.idempotency_keys.lock().unwrap().insert(key);
+                    }
+                    None => {
+                        ledger.unkeyed_transfer_posts.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
             let (status, response) = ledger.route(&method, &target, &body);
             let closing = request == ledger.close_after;
             let head = format!(
@@ -1554,6 +1619,7 @@ mod tests {
             json: false,
             progress: true,
             api_key: None,
+            idempotency_keys: false,
         }
     }
 
@@ -1571,6 +1637,27 @@ mod tests {
             assert!(summary.seconds >= 0.3 && summary.seconds < 3.0, "{summary:?}");
             assert!(summary.p50_us > 0 && summary.p50_us <= summary.max_us, "{summary:?}");
             assert_eq!(ledger.accounts.lock().unwrap().len(), 10);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sends_a_fresh_idempotency_key_per_request_when_asked() {
+        for (idempotency_keys, batch) in [(true, 1), (true, 3), (false, 1)] {
+            let (url, ledger) = start_mock(MockLedger::default()).await;
+            let config = LoadtestConfig { idempotency_keys, ..mock_config(Scenario::Transfers, url, batch) };
+            let summary = run(config).await.unwrap();
+            assert_eq!(summary.errors, 0, "{summary:?}");
+            assert_eq!(summary.idempotency_keys, idempotency_keys);
+            assert_eq!(summary.to_json()["idempotency_keys"], idempotency_keys);
+            let posts = ledger.transfer_posts.load(Ordering::Relaxed);
+            let unkeyed = ledger.unkeyed_transfer_posts.load(Ordering::Relaxed);
+            let distinct_keys = ledger.idempotency_keys.lock().unwrap().len() as u64;
+            assert!(posts > 0 && posts == summary.requests, "{posts} posts, {summary:?}");
+            if idempotency_keys {
+                assert_eq!((unkeyed, distinct_keys), (0, posts), "every request, its own key");
+            } else {
+                assert_eq!((unkeyed, distinct_keys), (posts, 0));
+            }
         }
     }
 

@@ -94,6 +94,10 @@ enum Command {
         /// read its outcome by its id, or retry with its Idempotency-Key).
         #[arg(long, env = "PEAKSTACK_REQUEST_DEADLINE_MS", default_value_t = peakstack_server::DEFAULT_REQUEST_DEADLINE.as_millis() as u64, value_parser = clap::value_parser!(u64).range(1..))]
         request_deadline_ms: u64,
+        /// How long an Idempotency-Key is remembered (e.g. 24h, 90m,
+        /// 7days): a retry after it runs the request again.
+        #[arg(long, env = "PEAKSTACK_IDEMPOTENCY_RETENTION", default_value = "24h", value_parser = peakstack_server::idempotency::parse_retention)]
+        idempotency_retention: std::time::Duration,
     },
     /// Manage API keys in a data dir whose server is stopped (a running
     /// server manages them over HTTP: POST/GET/DELETE /v1/keys).
@@ -130,6 +134,10 @@ enum Command {
         /// any key allowed to open accounts and move money).
         #[arg(long, env = "PEAKSTACK_API_KEY", hide_env_values = true)]
         api_key: Option<String>,
+        /// Send a fresh Idempotency-Key with every request (what a
+        /// Stripe-style client does), to measure what the keys cost.
+        #[arg(long)]
+        idempotency_keys: bool,
     },
 }
 
@@ -245,6 +253,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tls_key,
             allow_plain_http,
             request_deadline_ms,
+            idempotency_retention,
         } => {
             init_tracing(false);
             let mut config = ServerConfig::new(listen, data.clone());
@@ -252,6 +261,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             config.tls = tls_cert.zip(tls_key).map(|(cert, key)| TlsFiles { cert, key });
             config.allow_plain_http = allow_plain_http;
             config.request_deadline = std::time::Duration::from_millis(request_deadline_ms);
+            config.idempotency_retention = idempotency_retention;
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(peakstack_server::preflight(&config))?;
             let engine = Engine::open(EngineConfig {
@@ -310,7 +320,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             runtime.block_on(keys::run(action))
         }
-        Command::Loadtest { scenario, target, concurrency, seconds, batch, accounts, json, api_key } => {
+        Command::Loadtest {
+            scenario,
+            target,
+            concurrency,
+            seconds,
+            batch,
+            accounts,
+            json,
+            api_key,
+            idempotency_keys,
+        } => {
             init_tracing(true);
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             let summary = runtime.block_on(loadtest::run(loadtest::LoadtestConfig {
@@ -326,6 +346,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 json,
                 progress: !json && std::io::stderr().is_terminal(),
                 api_key,
+                idempotency_keys,
             }))?;
             if json {
                 println!("{}", summary.to_json());

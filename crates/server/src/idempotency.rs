@@ -1,17 +1,18 @@
 //! Idempotency-Key: the answers to keyed POSTs, remembered durably in redb.
 //!
-//! One thread owns the database. Callers send it operations and await a
-//! oneshot; it takes every operation waiting (up to [`MAX_GROUP_OPS`]),
-//! answers the reads from one read transaction, applies the writes in one
-//! write transaction committed with `Durability::Immediate` (one fsync for
-//! the group: group commit), and only then answers the writers. So an answer
-//! is durable before the client sees it, and a burst of keyed requests pays
-//! one fsync, not one each.
+//! One thread writes the database. Callers send it writes and await a
+//! oneshot; it takes every write waiting (up to [`MAX_GROUP_OPS`]), applies
+//! them in one write transaction committed with `Durability::Immediate` (one
+//! fsync for the group: group commit), and only then answers the writers. So
+//! an answer is durable before the client sees it, and a burst of keyed
+//! requests pays one fsync, not one each.
 //!
 //! Two requests with the same key never run at once: the first holds the key
 //! in an in-memory set until its answer is stored, and the second is told
-//! `idempotency_key_in_use`. That is also why reads need not wait for writes
-//! of the same group: a read of key K is only made by the holder of K.
+//! `idempotency_key_in_use`. That is also why a lookup reads the committed
+//! state directly, on the caller's task, without waiting in the writer's
+//! queue behind the fsync of a group: a read of key K is only made by the
+//! holder of K, and K's last write was committed before K was let go.
 //!
 //! A request the engine did not decide within its deadline is answered 503
 //! `deadline_exceeded` at once, but it still runs (see [`LateAnswer`]): its
@@ -27,19 +28,27 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
 /// Longest key a client may send.
 pub const MAX_KEY_LEN: usize = 255;
-/// Keys are remembered at least this long.
-pub const RETENTION_MS: u64 = 24 * 60 * 60 * 1000;
-/// How often old keys are purged.
-pub const PURGE_INTERVAL: Duration = Duration::from_secs(60);
-/// Most keys one purge run deletes (bounded work per run; the next run
-/// continues).
-pub const PURGE_LIMIT: usize = 10_000;
+/// Keys are remembered this long unless the server is told otherwise
+/// (`--idempotency-retention`).
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
+/// The shortest retention accepted: a client's retry must find its key.
+pub const MIN_RETENTION: Duration = Duration::from_secs(1);
+/// How often expired keys are purged. Each run deletes every key that
+/// expired (in chunks), so the store holds about retention x arrival rate
+/// keys, whatever the rate.
+pub const PURGE_INTERVAL: Duration = Duration::from_secs(1);
+/// Most keys one purge operation deletes: it shares a write transaction
+/// with the keyed requests of its group, which wait for it.
+pub const PURGE_CHUNK: usize = 4_096;
+/// Most chunks of one purge run (a bound on the loop: 4M keys a run, a
+/// run a second, is far beyond any arrival rate the store can take).
+pub const MAX_PURGE_CHUNKS_PER_RUN: usize = 1_024;
 /// Most operations applied in one group (one write transaction).
 pub const MAX_GROUP_OPS: usize = 1024;
 /// Operations waiting for the store thread; senders wait past it.
@@ -135,6 +144,16 @@ pub fn fingerprint(method: &str, path_and_query: &str, body: &[u8]) -> [u8; 32] 
     hash.finalize().into()
 }
 
+/// Parses `--idempotency-retention`: a duration such as `24h`, `90m`,
+/// `7days`, at least [`MIN_RETENTION`].
+pub fn parse_retention(text: &str) -> Result<Duration, String> {
+    let retention = humantime::parse_duration(text).map_err(|e| format!("{text:?}: {e} (e.g. 24h, 90m, 7days)"))?;
+    if retention < MIN_RETENTION {
+        return Err(format!("{text:?}: at least {} s", MIN_RETENTION.as_secs()));
+    }
+    Ok(retention)
+}
+
 /// Checks an Idempotency-Key: 1-255 printable ASCII characters.
 pub fn valid_key(key: &[u8]) -> bool {
     !key.is_empty() && key.len() <= MAX_KEY_LEN && key.iter().all(|b| (0x20..=0x7e).contains(b))
@@ -145,7 +164,6 @@ pub fn now_ms() -> u64 {
 }
 
 enum Op {
-    Get { key: String, reply: oneshot::Sender<Result<Option<StoredAnswer>, StoreError>> },
     Put { key: String, answer: StoredAnswer, reply: oneshot::Sender<Result<(), StoreError>> },
     Purge { cutoff_ms: u64, limit: usize, reply: oneshot::Sender<Result<usize, StoreError>> },
     Close,
@@ -175,6 +193,9 @@ pub struct IdempotencyStore {
     ops: mpsc::Sender<Op>,
     thread: Mutex<Option<JoinHandle<()>>>,
     in_flight: Arc<InFlight>,
+    /// Read by lookups; taken out by [`IdempotencyStore::close`] so that the
+    /// file is closed once the writer is gone.
+    reader: parking_lot::RwLock<Option<Arc<Database>>>,
 }
 
 #[derive(Default)]
@@ -221,13 +242,20 @@ impl IdempotencyStore {
         txn.open_table(BY_AGE).map_err(redb::Error::from)?;
         txn.commit().map_err(redb::Error::from)?;
 
+        let db = Arc::new(db);
+        let writer = db.clone();
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
         let thread = peakstack_engine::failstop::spawn("idempotency", move || {
             peakstack_engine::failstop::fault_point();
-            run(db, rx)
+            run(writer, rx)
         })
         .map_err(StoreError::Thread)?;
-        Ok(IdempotencyStore { ops: tx, thread: Mutex::new(Some(thread)), in_flight: Arc::new(InFlight::default()) })
+        Ok(IdempotencyStore {
+            ops: tx,
+            thread: Mutex::new(Some(thread)),
+            in_flight: Arc::new(InFlight::default()),
+            reader: parking_lot::RwLock::new(Some(db)),
+        })
     }
 
     /// Takes `key` for one request.
@@ -249,9 +277,19 @@ impl IdempotencyStore {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
+    /// The answer stored for `key`: one lookup in a read transaction of
+    /// the committed state (a B-tree walk in redb's page cache).
     pub async fn get(&self, key: &str) -> Result<Option<StoredAnswer>, StoreError> {
-        let key = key.to_owned();
-        self.call(|reply| Op::Get { key, reply }).await
+        let db = self.reader.read().clone().ok_or(StoreError::Closed)?;
+        let txn = db.begin_read().map_err(redb::Error::from)?;
+        let table = txn.open_table(ANSWERS).map_err(redb::Error::from)?;
+        let value = table.get(key).map_err(redb::Error::from)?;
+        match value {
+            None => Ok(None),
+            Some(value) => {
+                StoredAnswer::decode(value.value()).map(Some).ok_or_else(|| StoreError::Corrupt(key.to_owned()))
+            }
+        }
     }
 
     /// Stores an answer; returns once it is durable.
@@ -264,6 +302,28 @@ impl IdempotencyStore {
     /// first; returns how many.
     pub async fn purge(&self, cutoff_ms: u64, limit: usize) -> Result<usize, StoreError> {
         self.call(|reply| Op::Purge { cutoff_ms, limit, reply }).await
+    }
+
+    /// Deletes every answer created before `cutoff_ms`, `chunk` at a time
+    /// (each chunk its own operation, so keyed requests are stored between
+    /// them), at most [`MAX_PURGE_CHUNKS_PER_RUN`] chunks; returns how many.
+    pub async fn purge_expired(&self, cutoff_ms: u64, chunk: usize) -> Result<u64, StoreError> {
+        let mut purged = 0;
+        for _ in 0..MAX_PURGE_CHUNKS_PER_RUN {
+            let deleted = self.purge(cutoff_ms, chunk).await?;
+            purged += deleted as u64;
+            if deleted < chunk {
+                break;
+            }
+        }
+        Ok(purged)
+    }
+
+    /// How many answers are stored.
+    pub async fn stored_keys(&self) -> Result<u64, StoreError> {
+        let db = self.reader.read().clone().ok_or(StoreError::Closed)?;
+        let txn = db.begin_read().map_err(redb::Error::from)?;
+        Ok(txn.open_table(ANSWERS).map_err(redb::Error::from)?.len().map_err(redb::Error::from)?)
     }
 
     /// Waits (up to [`CLOSE_WAIT_FOR_KEYS`]) until no key is in flight, then
@@ -282,6 +342,7 @@ impl IdempotencyStore {
         if tokio::time::timeout(CLOSE_WAIT_FOR_KEYS, none_left).await.is_err() {
             tracing::warn!("closing the idempotency store with keys still in flight: their answers are not stored");
         }
+        self.reader.write().take();
         let _ = self.ops.send(Op::Close).await;
         let thread = self.thread.lock().take();
         if let Some(thread) = thread {
@@ -290,7 +351,27 @@ impl IdempotencyStore {
     }
 }
 
-fn run(db: Database, mut rx: mpsc::Receiver<Op>) {
+/// Every [`PURGE_INTERVAL`] until `stop` changes, deletes the keys older
+/// than `retention`: all of them, so that purging keeps pace with arrivals.
+pub async fn run_purges(store: &IdempotencyStore, retention: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let retention_ms = u64::try_from(retention.as_millis()).unwrap_or(u64::MAX);
+    let mut ticks = tokio::time::interval(PURGE_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let cutoff_ms = now_ms().saturating_sub(retention_ms);
+        match store.purge_expired(cutoff_ms, PURGE_CHUNK).await {
+            Ok(0) => {}
+            Ok(purged) => tracing::debug!(purged, "purged expired idempotency keys"),
+            Err(error) => tracing::warn!(%error, "purging idempotency keys failed"),
+        }
+    }
+}
+
+fn run(db: Arc<Database>, mut rx: mpsc::Receiver<Op>) {
     let mut group = Vec::with_capacity(MAX_GROUP_OPS);
     while let Some(first) = rx.blocking_recv() {
         group.push(first);
@@ -310,56 +391,12 @@ fn run(db: Database, mut rx: mpsc::Receiver<Op>) {
 
 /// Applies one group; returns whether the store was asked to close.
 fn apply_group(db: &Database, group: &mut Vec<Op>) -> bool {
-    let mut close = false;
-    let mut reads = Vec::new();
-    let mut writes = Vec::new();
-    for op in group.drain(..) {
-        match op {
-            Op::Get { key, reply } => reads.push((key, reply)),
-            Op::Close => close = true,
-            write => writes.push(write),
-        }
-    }
-    if !reads.is_empty() {
-        match read_all(db, &reads) {
-            Ok(answers) => {
-                for ((_, reply), answer) in reads.into_iter().zip(answers) {
-                    let _ = reply.send(answer);
-                }
-            }
-            Err(error) => {
-                let text = error.to_string();
-                for (_, reply) in reads {
-                    let _ = reply.send(Err(StoreError::Failed(text.clone())));
-                }
-            }
-        }
-    }
+    let close = group.iter().any(|op| matches!(op, Op::Close));
+    let writes: Vec<Op> = group.drain(..).filter(|op| !matches!(op, Op::Close)).collect();
     if !writes.is_empty() {
         write_all(db, writes);
     }
     close
-}
-
-type ReadReply = oneshot::Sender<Result<Option<StoredAnswer>, StoreError>>;
-
-fn read_all(
-    db: &Database,
-    reads: &[(String, ReadReply)],
-) -> Result<Vec<Result<Option<StoredAnswer>, StoreError>>, redb::Error> {
-    let txn = db.begin_read()?;
-    let table = txn.open_table(ANSWERS)?;
-    let mut answers = Vec::with_capacity(reads.len());
-    for (key, _) in reads {
-        let answer = match table.get(key.as_str())? {
-            None => Ok(None),
-            Some(value) => {
-                StoredAnswer::decode(value.value()).map(Some).ok_or_else(|| StoreError::Corrupt(key.clone()))
-            }
-        };
-        answers.push(answer);
-    }
-    Ok(answers)
 }
 
 enum WriteResult {
@@ -405,7 +442,7 @@ fn write_all(db: &Database, writes: Vec<Op>) {
                         }
                         results.push(WriteResult::Purge(reply, victims.len()));
                     }
-                    Op::Get { .. } | Op::Close => unreachable!("reads and close are taken out before"),
+                    Op::Close => unreachable!("close is taken out before"),
                 }
             }
         }
@@ -509,6 +546,53 @@ mod tests {
         assert_eq!(store.get("new").await.unwrap(), Some(answer(5_000, "c")));
         assert_eq!(store.purge(u64::MAX, 10).await.unwrap(), 2);
         store.close().await;
+    }
+
+    /// Keys arrive faster than one chunk per purge run: purging them all
+    /// each run keeps the store at about retention x rate (a purge of one
+    /// chunk per run, as before, lets it grow without bound).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn purging_keeps_pace_with_arrivals() {
+        const KEYS_PER_TICK: u64 = 2_500;
+        const CHUNK: usize = 1_000;
+        const RETENTION_TICKS: u64 = 2;
+        const TICK_MS: u64 = 1_000;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(IdempotencyStore::open(&dir.path().join("i.redb")).unwrap());
+        let bound = (RETENTION_TICKS + 1) * KEYS_PER_TICK;
+        let mut most_stored = 0;
+        for tick in 1..=8u64 {
+            let mut puts = tokio::task::JoinSet::new();
+            for n in 0..KEYS_PER_TICK {
+                let store = store.clone();
+                let created_at_ms = tick * TICK_MS + n % TICK_MS;
+                puts.spawn(async move { store.put(&format!("k{tick}-{n}"), answer(created_at_ms, "a")).await });
+            }
+            while let Some(put) = puts.join_next().await {
+                put.unwrap().unwrap();
+            }
+            let cutoff_ms = tick.saturating_sub(RETENTION_TICKS) * TICK_MS;
+            let purged = store.purge_expired(cutoff_ms, CHUNK).await.unwrap();
+            let stored = store.stored_keys().await.unwrap();
+            assert!(stored <= bound, "tick {tick}: {stored} keys stored, purged {purged}; bound {bound}");
+            most_stored = most_stored.max(stored);
+        }
+        // Every key younger than the retention is still there.
+        assert_eq!(store.stored_keys().await.unwrap(), bound);
+        assert!(store.get("k8-0").await.unwrap().is_some());
+        assert!(store.get("k5-0").await.unwrap().is_none());
+        assert!(most_stored > KEYS_PER_TICK, "the test must keep more than one tick of keys");
+        store.close().await;
+    }
+
+    #[test]
+    fn retention_is_a_duration_of_at_least_a_second() {
+        assert_eq!(parse_retention("24h"), Ok(DEFAULT_RETENTION));
+        assert_eq!(parse_retention("90m"), Ok(Duration::from_secs(5_400)));
+        assert_eq!(parse_retention("1s"), Ok(MIN_RETENTION));
+        assert!(parse_retention("500ms").unwrap_err().contains("at least 1 s"));
+        assert!(parse_retention("soon").is_err());
+        assert!(parse_retention("").is_err());
     }
 
     #[test]

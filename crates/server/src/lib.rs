@@ -121,6 +121,9 @@ pub struct ServerConfig {
     /// How long a request waits for the engine to decide; past it the
     /// answer is 503 `deadline_exceeded` ([`DEFAULT_REQUEST_DEADLINE`]).
     pub request_deadline: Duration,
+    /// How long an `Idempotency-Key` is remembered
+    /// ([`idempotency::DEFAULT_RETENTION`]).
+    pub idempotency_retention: Duration,
 }
 
 /// The default of [`ServerConfig::request_deadline`].
@@ -145,6 +148,7 @@ impl ServerConfig {
             allow_plain_http: false,
             limits: ConnectionLimits::default(),
             request_deadline: DEFAULT_REQUEST_DEADLINE,
+            idempotency_retention: idempotency::DEFAULT_RETENTION,
         }
     }
 }
@@ -400,6 +404,7 @@ pub struct Server {
     local_addr: SocketAddr,
     tls: Option<Arc<rustls::ServerConfig>>,
     limits: ConnectionLimits,
+    idempotency_retention: Duration,
 }
 
 impl Server {
@@ -427,7 +432,14 @@ impl Server {
             }
         };
         let local_addr = listener.local_addr()?;
-        Ok(Server { listener, state, local_addr, tls, limits: config.limits })
+        Ok(Server {
+            listener,
+            state,
+            local_addr,
+            tls,
+            limits: config.limits,
+            idempotency_retention: config.idempotency_retention,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -442,12 +454,12 @@ impl Server {
     /// ready, drains the requests in flight, stops the background tasks and
     /// closes the idempotency store. The caller shuts the engine down after.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-        let Server { listener, state, local_addr, tls, limits } = self;
+        let Server { listener, state, local_addr, tls, limits, idempotency_retention } = self;
         let scheme = if tls.is_some() { "https" } else { "http" };
         tracing::info!("listening on {scheme}://{local_addr}");
         state.set_ready(true);
         let (stop_tasks, tasks_stopped) = tokio::sync::watch::channel(false);
-        let purge = tokio::spawn(purge_loop(state.clone(), tasks_stopped.clone()));
+        let purge = tokio::spawn(purge_loop(state.clone(), idempotency_retention, tasks_stopped.clone()));
         let upkeep = tokio::spawn(upkeep_loop(state.metrics().clone(), tasks_stopped));
 
         let signal_state = state.clone();
@@ -519,22 +531,10 @@ pub async fn serve(
     Server::bind(config, engine).await?.run(shutdown).await
 }
 
-/// Deletes idempotency keys older than [`idempotency::RETENTION_MS`],
-/// [`idempotency::PURGE_LIMIT`] per run.
-async fn purge_loop(state: AppState, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let mut ticks = tokio::time::interval(idempotency::PURGE_INTERVAL);
-    loop {
-        tokio::select! {
-            _ = ticks.tick() => {}
-            _ = stop.changed() => return,
-        }
-        let cutoff_ms = idempotency::now_ms().saturating_sub(idempotency::RETENTION_MS);
-        match state.idempotency().purge(cutoff_ms, idempotency::PURGE_LIMIT).await {
-            Ok(0) => {}
-            Ok(purged) => tracing::info!(purged, "purged old idempotency keys"),
-            Err(error) => tracing::warn!(%error, "purging idempotency keys failed"),
-        }
-    }
+/// Deletes idempotency keys older than `retention` (see
+/// [`idempotency::run_purges`]).
+async fn purge_loop(state: AppState, retention: Duration, stop: tokio::sync::watch::Receiver<bool>) {
+    idempotency::run_purges(state.idempotency(), retention, stop).await
 }
 
 async fn upkeep_loop(handle: PrometheusHandle, mut stop: tokio::sync::watch::Receiver<bool>) {
