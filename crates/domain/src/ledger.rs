@@ -21,7 +21,9 @@ use crate::balance_sums::{BalanceSums, Unbalanced};
 use crate::chunked::ChunkedVec;
 use crate::id_index::IdIndex;
 use crate::record_table::{Keyed, RecordTable};
-use crate::{Account, AccountChange, Balances, Currency, ErrorCode, Id, NewAccount, Transfer, TransferKind, TransferStatus};
+use crate::{
+    Account, AccountChange, Balances, Currency, ErrorCode, Id, NewAccount, Transfer, TransferKind, TransferStatus,
+};
 
 /// Who placed a hold or a lock: the engine's transaction id. 0 = nobody (committed).
 pub type Owner = u64;

@@ -7,8 +7,8 @@
 
 use peakstack_domain::ledger::{Leg, PendingInfo, ResolveKind};
 use peakstack_domain::{
-    AccountChange, AccountFlags, Amount, Balances, Currency, ErrorCode, Id, NewAccount, Owner, Side, Transfer, TransferKind,
-    TransferRequest, TransferStatus,
+    AccountChange, AccountFlags, Amount, Balances, Currency, ErrorCode, Id, NewAccount, Owner, Side, Transfer,
+    TransferKind, TransferRequest, TransferStatus,
 };
 
 use std::sync::Arc;
