@@ -19,7 +19,7 @@ use axum::extract::{FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderName, HeaderValue, Method};
 use axum::response::{IntoResponse, Response};
-use peakstack_domain::{Id, Owner};
+use peakstack_domain::{AccountChange, Id, Owner};
 
 use crate::error::ApiError;
 use crate::keys::{parse_bearer, KeyCheck};
@@ -177,6 +177,26 @@ impl Principal {
             Scope::Merchant(_) if self.can_see_transfer(debit, credit) => Ok(()),
             Scope::App if self.can_see(debit) => Ok(()),
             Scope::Merchant(_) | Scope::App => Err(Denied::Hidden),
+        }
+    }
+
+    /// Whether the caller may freeze, unfreeze or close accounts at all,
+    /// decided before any account is looked up (so the refusal is the same
+    /// whether the account exists). Admins change any account; a merchant
+    /// may freeze and close its own (stop or retire its money), but only an
+    /// admin lifts a freeze, which the platform may have put there; app
+    /// and read keys change no account's status. The account itself must
+    /// then be visible ([`Principal::can_see`]), else it is hidden.
+    pub fn may_change_accounts(&self, change: AccountChange) -> Result<(), Denied> {
+        match (&self.scope, change) {
+            (Scope::Admin, _) => Ok(()),
+            (Scope::Merchant(_), AccountChange::Freeze | AccountChange::Close) => Ok(()),
+            (Scope::Merchant(_), AccountChange::Unfreeze) => {
+                Err(Denied::Forbidden("only admin keys unfreeze accounts".to_owned()))
+            }
+            (Scope::App | Scope::Read, _) => {
+                Err(Denied::Forbidden(format!("{} keys cannot change an account's status", self.scope)))
+            }
         }
     }
 

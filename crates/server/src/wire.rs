@@ -210,6 +210,8 @@ pub struct AccountJson {
     pub id: String,
     pub currency: String,
     pub flags: Vec<&'static str>,
+    /// open, frozen or closed.
+    pub status: &'static str,
     pub overdraft_limit: u64,
     pub metadata: Option<Value>,
     pub owner: Option<String>,
@@ -230,6 +232,7 @@ impl AccountJson {
             id: account.id.to_string(),
             currency: account.currency.to_string(),
             flags: account.flags.names(),
+            status: account.status().as_str(),
             overdraft_limit: account.overdraft_limit,
             metadata: account.metadata.as_deref().and_then(|text| serde_json::from_str(text).ok()),
             owner: account.owner.as_ref().map(ToString::to_string),
