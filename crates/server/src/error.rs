@@ -251,7 +251,9 @@ pub fn ledger_detail(code: ErrorCode) -> &'static str {
         ErrorCode::InFlight => "another request for this transfer is being processed right now; retry shortly",
         ErrorCode::Unavailable => "the ledger is shutting down or overloaded; retry later",
         ErrorCode::DuplicateIdInBatch => "another transfer of this batch has the same id",
-        ErrorCode::AccountFrozen => "an account of the transfer is frozen: it takes no new transfers or holds until unfrozen",
+        ErrorCode::AccountFrozen => {
+            "an account of the transfer is frozen: it takes no new transfers or holds until unfrozen"
+        }
         ErrorCode::AccountClosed => "the account is closed: it takes nothing, for ever",
         ErrorCode::AccountNotZero => "only an account with posted balance zero and nothing pending can be closed",
     }

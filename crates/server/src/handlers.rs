@@ -226,7 +226,10 @@ impl Deadline {
 
 /// Engine reads by `deadline`: a read that comes too late is dropped
 /// (it changes nothing) and answered `deadline_exceeded`.
-pub(crate) async fn read_within<T>(deadline: Deadline, read: impl Future<Output = Result<T, ApiError>>) -> Result<T, ApiError> {
+pub(crate) async fn read_within<T>(
+    deadline: Deadline,
+    read: impl Future<Output = Result<T, ApiError>>,
+) -> Result<T, ApiError> {
     match tokio::time::timeout_at(deadline.at, read).await {
         Ok(answer) => answer,
         Err(_) => Err(deadline.exceeded("nothing changed: retry shortly")),
@@ -319,7 +322,13 @@ pub(crate) fn refused(denied: Denied, hidden: impl FnOnce() -> ApiError) -> ApiE
 
 /// Appends the audit record of a change that took effect. The answer waits
 /// for it: an acknowledged change always has its record.
-pub(crate) async fn audit(state: &AppState, caller: &Caller, action: &str, target: &str, details: Value) -> Result<(), ApiError> {
+pub(crate) async fn audit(
+    state: &AppState,
+    caller: &Caller,
+    action: &str,
+    target: &str,
+    details: Value,
+) -> Result<(), ApiError> {
     let record = AuditRecord::new(&caller.principal.key_id, &caller.request_id, action, target, details, now_ms());
     state.access_store().append(record).await.map(|_| ()).map_err(|error| {
         tracing::error!(%error, action, target, "a change took effect but its audit record was not written");
