@@ -345,8 +345,10 @@ pub async fn create_account(
 ) -> Result<Response, ApiError> {
     let mut new = body.into_new_account().map_err(ApiError::InvalidRequest)?;
     let id = new.id.clone();
+    caller.principal.may_create_id(&id).map_err(|d| refused(d, || account_not_found(&id)))?;
     new.owner =
         caller.principal.owner_for_new_account(new.owner.take()).map_err(|d| refused(d, || account_not_found(&id)))?;
+    crate::access::check_namespace_owner(&id, new.owner.as_ref()).map_err(ApiError::InvalidRequest)?;
     let deadline = Deadline::of(&state);
     let pending = format!("account {id} may still be opened: read it at /v1/accounts/{id}, or retry");
     let caller = Caller { principal: caller.principal.clone(), request_id: caller.request_id.clone() };
@@ -522,6 +524,7 @@ async fn authorize_transfer(
     principal: &Principal,
     request: &TransferRequest,
 ) -> Result<(), ApiError> {
+    principal.may_create_id(request.id()).map_err(|d| refused(d, || account_not_found(request.id())))?;
     if principal.scope == Scope::Admin {
         return Ok(());
     }

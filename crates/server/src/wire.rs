@@ -16,7 +16,7 @@ pub const MAX_METADATA_BYTES: usize = 4096;
 /// Most flags an account request may list (there are two flags).
 const MAX_FLAGS: usize = 8;
 
-const ID_RULE: &str = "must be 1-64 characters of [A-Za-z0-9_.:-]";
+const ID_RULE: &str = "must be 1-64 characters of [A-Za-z0-9_.:~-] with at most one ~, not at either end";
 
 pub fn parse_id(field: &str, text: &str) -> Result<Id, String> {
     Id::parse(text).ok_or_else(|| format!("{field}: {text:?} is not a valid id: it {ID_RULE}"))
