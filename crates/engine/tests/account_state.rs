@@ -22,6 +22,9 @@ fn open(dir: &std::path::Path, executors: u16) -> Engine {
     Engine::open(EngineConfig {
         shards: 8,
         clock: Arc::new(ManualClock::new(1_000_000)),
+        // Frequent checkpoints, so the restart reads the status from one.
+        records_in_memory: 4,
+        checkpoint_every_log_bytes: 512,
         ..EngineConfig::new(dir, executors)
     })
     .unwrap()
