@@ -9,7 +9,15 @@ pub struct AccountFlags(u8);
 impl AccountFlags {
     pub const DEBITS_MUST_NOT_EXCEED_CREDITS: AccountFlags = AccountFlags(1);
     pub const CREDITS_MUST_NOT_EXCEED_DEBITS: AccountFlags = AccountFlags(2);
-    const KNOWN: u8 = 3;
+    /// State bits, set by freeze and close (never by a client's create):
+    /// kept in the flags byte that every booking reads already, so the
+    /// check costs no extra cache line, and data written before them reads
+    /// as open.
+    pub const FROZEN: AccountFlags = AccountFlags(4);
+    pub const CLOSED: AccountFlags = AccountFlags(8);
+    const CONSTRAINTS: u8 = 3;
+    const STATE: u8 = 4 | 8;
+    const KNOWN: u8 = Self::CONSTRAINTS | Self::STATE;
 
     pub const fn empty() -> AccountFlags {
         AccountFlags(0)
@@ -31,6 +39,15 @@ impl AccountFlags {
         self.0 |= other.0;
     }
 
+    pub fn remove(&mut self, other: AccountFlags) {
+        self.0 &= !other.0;
+    }
+
+    /// The constraint bits only (what a client chose; the state bits are not).
+    pub fn constraints(self) -> AccountFlags {
+        AccountFlags(self.0 & Self::CONSTRAINTS)
+    }
+
     /// Parses the API's flag names.
     pub fn from_name(name: &str) -> Option<AccountFlags> {
         match name {
@@ -49,6 +66,48 @@ impl AccountFlags {
             names.push("credits_must_not_exceed_debits");
         }
         names
+    }
+}
+
+/// Where an account is in its life: open, frozen (no new movements; can be
+/// unfrozen) or closed (at zero, refuses everything, for ever).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum AccountStatus {
+    Open,
+    Frozen,
+    Closed,
+}
+
+impl AccountStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccountStatus::Open => "open",
+            AccountStatus::Frozen => "frozen",
+            AccountStatus::Closed => "closed",
+        }
+    }
+}
+
+/// A change of an account's status (see [`AccountStatus`]).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum AccountChange {
+    Freeze,
+    Unfreeze,
+    Close,
+}
+
+impl AccountChange {
+    /// Stable one-byte tag for the log.
+    pub fn tag(self) -> u8 {
+        match self {
+            AccountChange::Freeze => 0,
+            AccountChange::Unfreeze => 1,
+            AccountChange::Close => 2,
+        }
+    }
+
+    pub fn from_tag(tag: u8) -> Option<AccountChange> {
+        [AccountChange::Freeze, AccountChange::Unfreeze, AccountChange::Close].get(usize::from(tag)).copied()
     }
 }
 
@@ -73,7 +132,10 @@ impl NewAccount {
         if self.id.is_reserved() {
             return Err("ids starting with '_' are reserved for system accounts");
         }
-        let both = AccountFlags(AccountFlags::KNOWN);
+        if self.flags.bits() & AccountFlags::STATE != 0 {
+            return Err("an account is opened open; freeze and close are their own requests");
+        }
+        let both = AccountFlags(AccountFlags::CONSTRAINTS);
         if self.flags.contains(both) {
             return Err(
                 "flags debits_must_not_exceed_credits and credits_must_not_exceed_debits are mutually exclusive",
@@ -207,10 +269,65 @@ impl Account {
     /// Whether re-creating with `new` is the same request (idempotent success).
     pub fn same_fields(&self, new: &NewAccount) -> bool {
         self.currency == new.currency
-            && self.flags == new.flags
+            && self.flags.constraints() == new.flags
             && self.overdraft_limit == new.overdraft_limit
             && self.metadata == new.metadata
             && self.owner == new.owner
+    }
+
+    pub fn status(&self) -> AccountStatus {
+        if self.flags.contains(AccountFlags::CLOSED) {
+            AccountStatus::Closed
+        } else if self.flags.contains(AccountFlags::FROZEN) {
+            AccountStatus::Frozen
+        } else {
+            AccountStatus::Open
+        }
+    }
+
+    /// Applies a freeze, unfreeze or close. `Ok(false)` when the account
+    /// was in that state already (an idempotent retry changes nothing).
+    pub(crate) fn change_state(&mut self, change: AccountChange) -> Result<bool, ErrorCode> {
+        if self.flags.contains(AccountFlags::CLOSED) {
+            // Closed is final: a repeated close is the same request.
+            return if change == AccountChange::Close { Ok(false) } else { Err(ErrorCode::AccountClosed) };
+        }
+        let frozen = self.flags.contains(AccountFlags::FROZEN);
+        match change {
+            AccountChange::Freeze if frozen => Ok(false),
+            AccountChange::Freeze => {
+                self.flags.insert(AccountFlags::FROZEN);
+                Ok(true)
+            }
+            AccountChange::Unfreeze if !frozen => Ok(false),
+            AccountChange::Unfreeze => {
+                self.flags.remove(AccountFlags::FROZEN);
+                Ok(true)
+            }
+            AccountChange::Close => {
+                let b = &self.balances;
+                let zero = b.debits_pending == 0 && b.credits_pending == 0 && b.debits_posted == b.credits_posted;
+                if !zero {
+                    return Err(ErrorCode::AccountNotZero);
+                }
+                self.flags.remove(AccountFlags::FROZEN);
+                self.flags.insert(AccountFlags::CLOSED);
+                Ok(true)
+            }
+        }
+    }
+
+    /// Refuses every new movement of a frozen or closed account. One read of
+    /// the flags byte, which the constraint checks read anyway.
+    fn check_movable(&self) -> Result<(), ErrorCode> {
+        if self.flags.bits() & AccountFlags::STATE == 0 {
+            return Ok(());
+        }
+        if self.flags.contains(AccountFlags::CLOSED) {
+            Err(ErrorCode::AccountClosed)
+        } else {
+            Err(ErrorCode::AccountFrozen)
+        }
     }
 
     /// What can still be debited; `None` when debits are not limited.
@@ -230,6 +347,7 @@ impl Account {
     /// and posting check the same way, so a transfer gets the same answer
     /// on every path.
     pub(crate) fn check_debit(&self, amount: u64, extra_credits: u128) -> Result<(), ErrorCode> {
+        self.check_movable()?;
         let b = &self.balances;
         let new_pending = b.debits_pending.checked_add(u128::from(amount)).ok_or(ErrorCode::Overflow)?;
         let new_total = b.debits_posted.checked_add(new_pending).ok_or(ErrorCode::Overflow)?;
@@ -244,6 +362,7 @@ impl Account {
     }
 
     pub(crate) fn check_credit(&self, amount: u64, extra_debits: u128) -> Result<(), ErrorCode> {
+        self.check_movable()?;
         let b = &self.balances;
         let new_pending = b.credits_pending.checked_add(u128::from(amount)).ok_or(ErrorCode::Overflow)?;
         let new_total = b.credits_posted.checked_add(new_pending).ok_or(ErrorCode::Overflow)?;

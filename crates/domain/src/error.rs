@@ -33,10 +33,17 @@ pub enum ErrorCode {
     /// Two transfers of one call carry the same id: the later one is
     /// refused, whatever the executors (it can never succeed on a retry).
     DuplicateIdInBatch,
+    /// A frozen account takes no new transfers or holds (releasing a hold
+    /// still works); it can be unfrozen.
+    AccountFrozen,
+    /// A closed account refuses everything, for ever.
+    AccountClosed,
+    /// Only an account with posted balance zero and nothing pending closes.
+    AccountNotZero,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 19] = [
+    pub const ALL: [ErrorCode; 22] = [
         ErrorCode::InvalidRequest,
         ErrorCode::AccountNotFound,
         ErrorCode::TransferNotFound,
@@ -57,6 +64,9 @@ impl ErrorCode {
         ErrorCode::InFlight,
         // Append only: the position is the tag in the log.
         ErrorCode::DuplicateIdInBatch,
+        ErrorCode::AccountFrozen,
+        ErrorCode::AccountClosed,
+        ErrorCode::AccountNotZero,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -80,6 +90,9 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::InFlight => "transfer_in_flight",
             ErrorCode::DuplicateIdInBatch => "duplicate_id_in_batch",
+            ErrorCode::AccountFrozen => "account_frozen",
+            ErrorCode::AccountClosed => "account_closed",
+            ErrorCode::AccountNotZero => "account_not_zero",
         }
     }
 
@@ -108,11 +121,14 @@ impl ErrorCode {
             | ErrorCode::AmountExceedsPending => 3,
             ErrorCode::AccountNotFound | ErrorCode::TransferNotFound => 4,
             ErrorCode::CurrencyMismatch => 5,
-            ErrorCode::ExceedsCredits | ErrorCode::ExceedsDebits => 6,
-            ErrorCode::Overflow => 7,
-            ErrorCode::InFlight => 8,
-            ErrorCode::Unavailable => 8,
-            ErrorCode::LinkedEventFailed => 9,
+            // Before the constraints: the same answer whatever the amount.
+            ErrorCode::AccountClosed | ErrorCode::AccountNotZero => 6,
+            ErrorCode::AccountFrozen => 7,
+            ErrorCode::ExceedsCredits | ErrorCode::ExceedsDebits => 8,
+            ErrorCode::Overflow => 9,
+            ErrorCode::InFlight => 10,
+            ErrorCode::Unavailable => 10,
+            ErrorCode::LinkedEventFailed => 11,
         }
     }
 

@@ -9,7 +9,8 @@ pub const MAX_ID_LEN: usize = 64;
 /// Longest id held inline, without a heap allocation (see [`Id`]).
 pub const INLINE_ID_LEN: usize = 23;
 
-/// An account or transfer id: 1-64 characters of `[A-Za-z0-9_.:-]`.
+/// An account or transfer id: 1-64 characters of `[A-Za-z0-9_.:~-]`, with
+/// at most one `~`, between a tenant namespace and the rest (see [`Id::namespace`]).
 ///
 /// Ids starting with `_` are reserved for accounts the system creates
 /// (clearing accounts); clients may read them but not create them.
@@ -25,8 +26,31 @@ impl Id {
     pub fn parse(text: &str) -> Option<Id> {
         let valid = !text.is_empty()
             && text.len() <= MAX_ID_LEN
-            && text.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'));
+            && text.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-' | b'~'))
+            && Self::namespace_of(text).is_none_or(|(prefix, rest)| !prefix.is_empty() && !rest.is_empty());
         valid.then(|| Id(SmolStr::new(text)))
+    }
+
+    /// An id without a namespace separator: what a merchant or buyer id
+    /// is, so that `<owner>~` is never a prefix of another owner's namespace.
+    pub fn parse_plain(text: &str) -> Option<Id> {
+        Id::parse(text).filter(|id| !id.0.contains('~'))
+    }
+
+    /// The tenant namespace an id lies in: what comes before its one `~`
+    /// (`merchant:m1~order-7` lies in `merchant:m1`). `~` is in no owner,
+    /// so the namespace is unambiguous; an id has at most one.
+    pub fn namespace(&self) -> Option<&str> {
+        Self::namespace_of(&self.0).map(|(prefix, _)| prefix)
+    }
+
+    fn namespace_of(text: &str) -> Option<(&str, &str)> {
+        let (prefix, rest) = text.split_once('~')?;
+        // A second '~' makes no namespace; `parse` refuses it (empty part).
+        if rest.contains('~') {
+            return Some(("", ""));
+        }
+        Some((prefix, rest))
     }
 
     pub fn as_str(&self) -> &str {
@@ -92,9 +116,15 @@ mod tests {
             ("has space", false),
             ("slash/no", false),
             ("ünicode", false),
+            ("merchant:m1~order-7", true),
+            ("~x", false),
+            ("x~", false),
+            ("a~b~c", false),
         ] {
             assert_eq!(Id::parse(input).is_some(), ok, "{input:?}");
         }
+        assert_eq!(Id::parse("merchant:m1.x~o:1").unwrap().namespace(), Some("merchant:m1.x"));
+        assert_eq!(Id::parse("merchant:m1").unwrap().namespace(), None);
         assert!(Id::parse("_clearing").unwrap().is_reserved());
     }
 

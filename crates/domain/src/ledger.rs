@@ -21,7 +21,9 @@ use crate::balance_sums::{BalanceSums, Unbalanced};
 use crate::chunked::ChunkedVec;
 use crate::id_index::IdIndex;
 use crate::record_table::{Keyed, RecordTable};
-use crate::{Account, Balances, Currency, ErrorCode, Id, NewAccount, Transfer, TransferKind, TransferStatus};
+use crate::{
+    Account, AccountChange, Balances, Currency, ErrorCode, Id, NewAccount, Transfer, TransferKind, TransferStatus,
+};
 
 /// Who placed a hold or a lock: the engine's transaction id. 0 = nobody (committed).
 pub type Owner = u64;
@@ -229,6 +231,20 @@ impl Ledger {
         }
         let index = self.push_account(Account::open(new, now_ms));
         Ok((&self.accounts[index as usize], true))
+    }
+
+    /// Freezes, unfreezes or closes a client account. Returns the account
+    /// and whether it changed now (false for a retry). The state lives in
+    /// the account's flags, so checkpoints keep it.
+    pub fn change_account(&mut self, id: &Id, change: AccountChange) -> Result<(&Account, bool), ErrorCode> {
+        let index = self.account_index(id).ok_or(ErrorCode::AccountNotFound)?;
+        let account = &mut self.accounts[index as usize];
+        if account.system {
+            // Clearing accounts carry every cross-shard leg: not a client's to stop.
+            return Err(ErrorCode::AccountNotFound);
+        }
+        let changed = account.change_state(change)?;
+        Ok((&self.accounts[index as usize], changed))
     }
 
     fn push_account(&mut self, account: Account) -> u32 {

@@ -21,7 +21,7 @@ mod owner;
 mod record_table;
 mod transfer;
 
-pub use account::{Account, AccountFlags, Balances, Net, NewAccount};
+pub use account::{Account, AccountChange, AccountFlags, AccountStatus, Balances, Net, NewAccount};
 pub use balance_sums::Unbalanced;
 pub use error::ErrorCode;
 pub use ids::{fnv1a64, shard_of, Id, INLINE_ID_LEN, MAX_ID_LEN};

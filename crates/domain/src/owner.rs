@@ -13,13 +13,14 @@ pub enum Owner {
 }
 
 impl Owner {
-    /// Parses `merchant:<id>` or `buyer:<id>`, `<id>` being a valid [`Id`].
+    /// Parses `merchant:<id>` or `buyer:<id>`, `<id>` being a valid [`Id`]
+    /// without `~` (see [`Id::parse_plain`]).
     pub fn parse(text: &str) -> Option<Owner> {
         if let Some(id) = text.strip_prefix("merchant:") {
-            return Id::parse(id).map(Owner::Merchant);
+            return Id::parse_plain(id).map(Owner::Merchant);
         }
         if let Some(id) = text.strip_prefix("buyer:") {
-            return Id::parse(id).map(Owner::Buyer);
+            return Id::parse_plain(id).map(Owner::Buyer);
         }
         None
     }

@@ -7,8 +7,8 @@
 
 use peakstack_domain::ledger::{Leg, PendingInfo, ResolveKind};
 use peakstack_domain::{
-    AccountFlags, Amount, Balances, Currency, ErrorCode, Id, NewAccount, Owner, Side, Transfer, TransferKind,
-    TransferRequest, TransferStatus,
+    AccountChange, AccountFlags, Amount, Balances, Currency, ErrorCode, Id, NewAccount, Owner, Side, Transfer,
+    TransferKind, TransferRequest, TransferStatus,
 };
 
 use std::sync::Arc;
@@ -681,6 +681,11 @@ impl Codec for Input {
                 w.str(&origin.key_id);
                 w.str(&origin.request_id);
             }
+            Input::ChangeAccount { id, change } => {
+                w.u8(5);
+                id.encode(w);
+                w.u8(change.tag());
+            }
             Input::Expire { pending_ids } => {
                 w.u8(2);
                 pending_ids.encode(w);
@@ -705,6 +710,11 @@ impl Codec for Input {
                 let key_id = Arc::from(r.str()?);
                 let request_id = Arc::from(r.str()?);
                 Input::Transfers { requests, atomic, origin: Some(Origin { key_id, request_id }) }
+            }
+            5 => {
+                let id = Id::decode(r)?;
+                let change = AccountChange::from_tag(r.u8()?).ok_or(CodecError("invalid account change"))?;
+                Input::ChangeAccount { id, change }
             }
             2 => Input::Expire { pending_ids: Vec::decode(r)? },
             3 => Input::Peer {
@@ -751,6 +761,9 @@ mod tests {
             posted_amount: None,
             timestamp_ms: 89,
         };
+        for change in [AccountChange::Freeze, AccountChange::Unfreeze, AccountChange::Close] {
+            round_trip(Input::ChangeAccount { id: id("a"), change });
+        }
         round_trip(Input::CreateAccount(NewAccount {
             id: id("a"),
             currency: usd,

@@ -258,6 +258,11 @@ impl ExecutorCore {
                 let changed = matches!(result, Ok((_, true)));
                 (changed, Some(result))
             }
+            Input::ChangeAccount { id, change } => {
+                let result = self.ledger.change_account(id, *change).map(|(a, changed)| (a.clone(), changed));
+                let changed = matches!(result, Ok((_, true)));
+                (changed, Some(result))
+            }
             Input::Transfers { requests, atomic, origin } => {
                 if *atomic {
                     let items = requests.iter().map(|r| self.build_item(r, now_ms)).collect();

@@ -16,7 +16,7 @@
 use std::sync::Arc;
 
 use peakstack_domain::ledger::{Leg, PendingInfo, ResolveKind};
-use peakstack_domain::{Balances, ErrorCode, Id, NewAccount, Side, Transfer, TransferRequest};
+use peakstack_domain::{AccountChange, Balances, ErrorCode, Id, NewAccount, Side, Transfer, TransferRequest};
 
 /// A transaction id: the coordinator's executor id in the top 16 bits and its
 /// sequence below. Never 0 (0 means "nobody" in the ledger).
@@ -26,6 +26,11 @@ pub type ExecutorId = u16;
 #[derive(Clone, Debug, PartialEq)]
 pub enum Input {
     CreateAccount(NewAccount),
+    /// Freeze, unfreeze or close an account this executor owns.
+    ChangeAccount {
+        id: Id,
+        change: AccountChange,
+    },
     /// A client's transfers, coordinated by this executor.
     Transfers {
         requests: Vec<TransferRequest>,

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender, TryRecvError, TrySendError};
 use parking_lot::Mutex;
-use peakstack_domain::{Account, ErrorCode, Id, NewAccount, Transfer, TransferRequest};
+use peakstack_domain::{Account, AccountChange, ErrorCode, Id, NewAccount, Transfer, TransferRequest};
 use tokio::sync::oneshot;
 
 use crate::archive::Archive;
@@ -189,6 +189,7 @@ impl std::ops::Add for Totals {
 enum Request {
     CreateAccount(NewAccount, oneshot::Sender<AccountReply>),
     CreateAccounts(Vec<NewAccount>, oneshot::Sender<Vec<AccountReply>>),
+    ChangeAccount(Id, AccountChange, oneshot::Sender<AccountReply>),
     Transfers {
         requests: Vec<TransferRequest>,
         atomic: bool,
@@ -601,6 +602,14 @@ impl Engine {
         rx.await.unwrap_or(Err(ErrorCode::Unavailable))
     }
 
+    /// Freezes, unfreezes or closes an account: one logged input of the
+    /// executor that owns it, answered once durable.
+    pub async fn change_account(&self, id: Id, change: AccountChange) -> AccountReply {
+        let (tx, rx) = oneshot::channel();
+        self.submit(self.shared.layout.executor_of_account(&id), Request::ChangeAccount(id, change, tx))?;
+        rx.await.unwrap_or(Err(ErrorCode::Unavailable))
+    }
+
     pub fn create_account_blocking(&self, new: NewAccount) -> AccountReply {
         let (tx, rx) = oneshot::channel();
         self.submit_blocking(self.shared.layout.executor_of_account(&new.id), Request::CreateAccount(new, tx))?;
@@ -1006,6 +1015,12 @@ impl Applier {
                     }
                     Err(Request::CreateAccount(new, reply)) => {
                         let answer = self.open_account(new, now_ms, &mut fx, &mut logged);
+                        completions.push(Completion::Account(reply, answer));
+                    }
+                    Err(Request::ChangeAccount(id, change, reply)) => {
+                        let answer = self
+                            .apply(Input::ChangeAccount { id, change }, now_ms, None, &mut fx, &mut logged)
+                            .unwrap_or(Err(ErrorCode::Unavailable));
                         completions.push(Completion::Account(reply, answer));
                     }
                     Err(Request::CreateAccounts(accounts, reply)) => {
@@ -1529,7 +1544,7 @@ fn prefetch(core: &mut ExecutorCore, archive: &Archive, input: &Input) -> std::i
                 }
             }
         }
-        Input::CreateAccount(_) | Input::Expire { .. } => {}
+        Input::CreateAccount(_) | Input::ChangeAccount { .. } | Input::Expire { .. } => {}
     }
     // A software pipeline: the lines an id's check reads (its index line
     // and the filter's blocks, whose addresses come from hashes alone) are

@@ -19,7 +19,7 @@ use axum::extract::{FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderName, HeaderValue, Method};
 use axum::response::{IntoResponse, Response};
-use peakstack_domain::{Id, Owner};
+use peakstack_domain::{AccountChange, Id, Owner};
 
 use crate::error::ApiError;
 use crate::keys::{parse_bearer, KeyCheck};
@@ -49,7 +49,7 @@ impl Scope {
             "admin" => Ok(Scope::Admin),
             "app" => Ok(Scope::App),
             "read" => Ok(Scope::Read),
-            _ => match text.strip_prefix("merchant:").map(Id::parse) {
+            _ => match text.strip_prefix("merchant:").map(Id::parse_plain) {
                 Some(Some(id)) => Ok(Scope::Merchant(id)),
                 _ => Err(format!(
                     "scope: {text:?} is not a scope; use \"admin\", \"read\", \"app\" or \"merchant:<id>\" (id: 1-64 of [A-Za-z0-9_.:-])"
@@ -180,6 +180,43 @@ impl Principal {
         }
     }
 
+    /// Whether the caller may make an object (account, transfer, post,
+    /// void) with id `id`. A tenant key makes ids in its own namespace
+    /// only (`<owner>~...`), so that inside a namespace every object is the
+    /// tenant's own and a clash can only be with itself; decided from the
+    /// id alone, so the refusal never tells whether the id exists.
+    pub fn may_create_id(&self, id: &Id) -> Result<(), Denied> {
+        if matches!(self.scope, Scope::Admin | Scope::Read) {
+            return Ok(());
+        }
+        // An app key without its buyer has no namespace (and no id is in "").
+        let tenant = self.tenant().map(|t| t.to_string()).unwrap_or_default();
+        if id.namespace() == Some(tenant.as_str()) {
+            return Ok(());
+        }
+        Err(Denied::Forbidden(format!("{id}: ids a {} key makes start with {tenant}~", self.scope)))
+    }
+
+    /// Whether the caller may freeze, unfreeze or close accounts at all,
+    /// decided before any account is looked up (so the refusal is the same
+    /// whether the account exists). Admins change any account; a merchant
+    /// may freeze and close its own (stop or retire its money), but only an
+    /// admin lifts a freeze, which the platform may have put there; app
+    /// and read keys change no account's status. The account itself must
+    /// then be visible ([`Principal::can_see`]), else it is hidden.
+    pub fn may_change_accounts(&self, change: AccountChange) -> Result<(), Denied> {
+        match (&self.scope, change) {
+            (Scope::Admin, _) => Ok(()),
+            (Scope::Merchant(_), AccountChange::Freeze | AccountChange::Close) => Ok(()),
+            (Scope::Merchant(_), AccountChange::Unfreeze) => {
+                Err(Denied::Forbidden("only admin keys unfreeze accounts".to_owned()))
+            }
+            (Scope::App | Scope::Read, _) => {
+                Err(Denied::Forbidden(format!("{} keys cannot change an account's status", self.scope)))
+            }
+        }
+    }
+
     /// The owner an account this caller opens gets: admins name any owner
     /// (or none), merchants and apps open accounts of their own tenant only
     /// (named or left out).
@@ -200,6 +237,18 @@ impl Principal {
                 }
             }
         }
+    }
+}
+
+/// An account whose id lies in a tenant's namespace belongs to that tenant
+/// (also when an admin opens it), so a tenant's namespace holds its own
+/// accounts only.
+pub fn check_namespace_owner(id: &Id, owner: Option<&Owner>) -> Result<(), String> {
+    match id.namespace() {
+        Some(namespace) if owner.map(ToString::to_string).as_deref() != Some(namespace) => {
+            Err(format!("id: {id} lies in the namespace of {namespace}, so its owner must be {namespace}"))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -330,7 +379,7 @@ fn principal_of(state: &AppState, request: &Request, access: Access) -> Result<P
         return Ok(principal);
     }
     let buyer =
-        request.headers().get(&X_BUYER_ID).and_then(|value| value.to_str().ok()).and_then(Id::parse).ok_or_else(
+        request.headers().get(&X_BUYER_ID).and_then(|value| value.to_str().ok()).and_then(Id::parse_plain).ok_or_else(
             || {
                 ApiError::invalid(
                 "X-Buyer-Id: an app key names the buyer it acts for in this header (an id of 1-64 of [A-Za-z0-9_.:-])",

@@ -19,12 +19,25 @@ use serde_json::Value;
 /// What kind of change a record is about.
 pub mod action {
     pub const ACCOUNT_CREATE: &str = "account.create";
+    pub const ACCOUNT_FREEZE: &str = "account.freeze";
+    pub const ACCOUNT_UNFREEZE: &str = "account.unfreeze";
+    pub const ACCOUNT_CLOSE: &str = "account.close";
     pub const TRANSFER_CREATE: &str = "transfer.create";
     pub const TRANSFER_POST: &str = "transfer.post";
     pub const TRANSFER_VOID: &str = "transfer.void";
     pub const KEY_CREATE: &str = "key.create";
     pub const KEY_REVOKE: &str = "key.revoke";
-    pub const ALL: &[&str] = &[ACCOUNT_CREATE, TRANSFER_CREATE, TRANSFER_POST, TRANSFER_VOID, KEY_CREATE, KEY_REVOKE];
+    pub const ALL: &[&str] = &[
+        ACCOUNT_CREATE,
+        TRANSFER_CREATE,
+        TRANSFER_POST,
+        TRANSFER_VOID,
+        KEY_CREATE,
+        KEY_REVOKE,
+        ACCOUNT_FREEZE,
+        ACCOUNT_UNFREEZE,
+        ACCOUNT_CLOSE,
+    ];
 }
 
 /// One change. `seq` is assigned when the record is appended: 1, 2, 3...

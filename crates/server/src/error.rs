@@ -220,7 +220,10 @@ pub fn ledger_status(code: ErrorCode) -> StatusCode {
         | ErrorCode::AmountExceedsPending
         | ErrorCode::Overflow
         | ErrorCode::LinkedEventFailed
-        | ErrorCode::DuplicateIdInBatch => StatusCode::UNPROCESSABLE_ENTITY,
+        | ErrorCode::DuplicateIdInBatch
+        | ErrorCode::AccountFrozen
+        | ErrorCode::AccountClosed
+        | ErrorCode::AccountNotZero => StatusCode::UNPROCESSABLE_ENTITY,
     }
 }
 
@@ -248,6 +251,11 @@ pub fn ledger_detail(code: ErrorCode) -> &'static str {
         ErrorCode::InFlight => "another request for this transfer is being processed right now; retry shortly",
         ErrorCode::Unavailable => "the ledger is shutting down or overloaded; retry later",
         ErrorCode::DuplicateIdInBatch => "another transfer of this batch has the same id",
+        ErrorCode::AccountFrozen => {
+            "an account of the transfer is frozen: it takes no new transfers or holds until unfrozen"
+        }
+        ErrorCode::AccountClosed => "the account is closed: it takes nothing, for ever",
+        ErrorCode::AccountNotZero => "only an account with posted balance zero and nothing pending can be closed",
     }
 }
 
@@ -282,6 +290,9 @@ fn title(code: &str) -> &'static str {
         "request_timeout" => "Request timeout",
         "deadline_exceeded" => "Deadline exceeded",
         "duplicate_id_in_batch" => "Duplicate id in batch",
+        "account_frozen" => "Account frozen",
+        "account_closed" => "Account closed",
+        "account_not_zero" => "Account not at zero",
         "unsupported_media_type" => "Unsupported media type",
         "request_header_fields_too_large" => "Request header fields too large",
         "uri_too_long" => "URI too long",

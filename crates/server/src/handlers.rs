@@ -165,7 +165,7 @@ const TRANSFER_JSON_BYTES: usize = 512;
 /// copying into fresh pages.
 const BATCH_ITEM_BYTES: usize = 448;
 
-fn json<T: Serialize>(status: StatusCode, body: &T) -> Response {
+pub(crate) fn json<T: Serialize>(status: StatusCode, body: &T) -> Response {
     json_sized(status, body, TRANSFER_JSON_BYTES)
 }
 
@@ -208,13 +208,13 @@ fn page_limit(limit: Option<&str>) -> Result<usize, ApiError> {
 /// When a request's engine calls must be decided by: the server's
 /// `request_deadline` after the handler started.
 #[derive(Clone, Copy)]
-struct Deadline {
+pub(crate) struct Deadline {
     at: tokio::time::Instant,
     after: std::time::Duration,
 }
 
 impl Deadline {
-    fn of(state: &AppState) -> Deadline {
+    pub(crate) fn of(state: &AppState) -> Deadline {
         let after = state.request_deadline();
         Deadline { at: tokio::time::Instant::now() + after, after }
     }
@@ -226,7 +226,10 @@ impl Deadline {
 
 /// Engine reads by `deadline`: a read that comes too late is dropped
 /// (it changes nothing) and answered `deadline_exceeded`.
-async fn read_within<T>(deadline: Deadline, read: impl Future<Output = Result<T, ApiError>>) -> Result<T, ApiError> {
+pub(crate) async fn read_within<T>(
+    deadline: Deadline,
+    read: impl Future<Output = Result<T, ApiError>>,
+) -> Result<T, ApiError> {
     match tokio::time::timeout_at(deadline.at, read).await {
         Ok(answer) => answer,
         Err(_) => Err(deadline.exceeded("nothing changed: retry shortly")),
@@ -238,7 +241,7 @@ async fn read_within<T>(deadline: Deadline, read: impl Future<Output = Result<T,
 /// cancelled: the change is made or refused as usual. If it is not decided
 /// in time the answer is `deadline_exceeded` (with `pending`, saying how to
 /// learn the outcome), carrying the answer-to-be for the Idempotency-Key.
-async fn decide_within(
+pub(crate) async fn decide_within(
     deadline: Deadline,
     pending: &str,
     work: impl Future<Output = Result<Response, ApiError>> + Send + 'static,
@@ -255,7 +258,7 @@ async fn decide_within(
     }
 }
 
-fn path_id(field: &str, text: &str) -> Result<Id, ApiError> {
+pub(crate) fn path_id(field: &str, text: &str) -> Result<Id, ApiError> {
     parse_id(field, text).map_err(ApiError::InvalidRequest)
 }
 
@@ -310,7 +313,7 @@ pub async fn openapi() -> Response {
 
 /// A refusal at object level as an answer: hidden objects answer like
 /// missing ones.
-fn refused(denied: Denied, hidden: impl FnOnce() -> ApiError) -> ApiError {
+pub(crate) fn refused(denied: Denied, hidden: impl FnOnce() -> ApiError) -> ApiError {
     match denied {
         Denied::Hidden => hidden(),
         Denied::Forbidden(detail) => ApiError::Forbidden(detail),
@@ -319,7 +322,13 @@ fn refused(denied: Denied, hidden: impl FnOnce() -> ApiError) -> ApiError {
 
 /// Appends the audit record of a change that took effect. The answer waits
 /// for it: an acknowledged change always has its record.
-async fn audit(state: &AppState, caller: &Caller, action: &str, target: &str, details: Value) -> Result<(), ApiError> {
+pub(crate) async fn audit(
+    state: &AppState,
+    caller: &Caller,
+    action: &str,
+    target: &str,
+    details: Value,
+) -> Result<(), ApiError> {
     let record = AuditRecord::new(&caller.principal.key_id, &caller.request_id, action, target, details, now_ms());
     state.access_store().append(record).await.map(|_| ()).map_err(|error| {
         tracing::error!(%error, action, target, "a change took effect but its audit record was not written");
@@ -336,8 +345,10 @@ pub async fn create_account(
 ) -> Result<Response, ApiError> {
     let mut new = body.into_new_account().map_err(ApiError::InvalidRequest)?;
     let id = new.id.clone();
+    caller.principal.may_create_id(&id).map_err(|d| refused(d, || account_not_found(&id)))?;
     new.owner =
         caller.principal.owner_for_new_account(new.owner.take()).map_err(|d| refused(d, || account_not_found(&id)))?;
+    crate::access::check_namespace_owner(&id, new.owner.as_ref()).map_err(ApiError::InvalidRequest)?;
     let deadline = Deadline::of(&state);
     let pending = format!("account {id} may still be opened: read it at /v1/accounts/{id}, or retry");
     let caller = Caller { principal: caller.principal.clone(), request_id: caller.request_id.clone() };
@@ -378,14 +389,14 @@ pub async fn get_account(
 
 /// Account `id`, if it exists and the caller may see it; else the same
 /// `account_not_found` either way.
-async fn visible_account(state: &AppState, principal: &Principal, id: &Id) -> Result<Account, ApiError> {
+pub(crate) async fn visible_account(state: &AppState, principal: &Principal, id: &Id) -> Result<Account, ApiError> {
     match state.engine().account(id).await.map_err(ApiError::ledger)? {
         Some(account) if principal.can_see(account.owner.as_ref()) => Ok(account),
         _ => Err(account_not_found(id)),
     }
 }
 
-fn account_not_found(id: &Id) -> ApiError {
+pub(crate) fn account_not_found(id: &Id) -> ApiError {
     ApiError::Ledger(ErrorCode::AccountNotFound, format!("account {id} does not exist"))
 }
 
@@ -513,6 +524,7 @@ async fn authorize_transfer(
     principal: &Principal,
     request: &TransferRequest,
 ) -> Result<(), ApiError> {
+    principal.may_create_id(request.id()).map_err(|d| refused(d, || account_not_found(request.id())))?;
     if principal.scope == Scope::Admin {
         return Ok(());
     }

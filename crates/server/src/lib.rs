@@ -33,6 +33,7 @@
 
 pub mod access;
 pub mod access_store;
+mod account_status;
 mod admin;
 mod answer_json;
 pub mod audit;
@@ -306,6 +307,9 @@ fn route_table() -> Routes {
         ("GET", "/v1/accounts", Read, get(list_accounts)),
         ("GET", "/v1/accounts/{id}", Read, get(get_account)),
         ("GET", "/v1/accounts/{id}/transfers", Read, get(account_transfers)),
+        ("POST", "/v1/accounts/{id}/freeze", Write, post(account_status::freeze_account)),
+        ("POST", "/v1/accounts/{id}/unfreeze", Write, post(account_status::unfreeze_account)),
+        ("POST", "/v1/accounts/{id}/close", Write, post(account_status::close_account)),
         ("POST", "/v1/transfers", Write, post(create_transfer)),
         ("POST", "/v1/transfers/batch", Write, post(create_batch)),
         ("GET", "/v1/transfers/{id}", Read, get(get_transfer)),

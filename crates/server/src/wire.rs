@@ -16,7 +16,7 @@ pub const MAX_METADATA_BYTES: usize = 4096;
 /// Most flags an account request may list (there are two flags).
 const MAX_FLAGS: usize = 8;
 
-const ID_RULE: &str = "must be 1-64 characters of [A-Za-z0-9_.:-]";
+const ID_RULE: &str = "must be 1-64 characters of [A-Za-z0-9_.:~-] with at most one ~, not at either end";
 
 pub fn parse_id(field: &str, text: &str) -> Result<Id, String> {
     Id::parse(text).ok_or_else(|| format!("{field}: {text:?} is not a valid id: it {ID_RULE}"))
@@ -210,6 +210,8 @@ pub struct AccountJson {
     pub id: String,
     pub currency: String,
     pub flags: Vec<&'static str>,
+    /// open, frozen or closed.
+    pub status: &'static str,
     pub overdraft_limit: u64,
     pub metadata: Option<Value>,
     pub owner: Option<String>,
@@ -230,6 +232,7 @@ impl AccountJson {
             id: account.id.to_string(),
             currency: account.currency.to_string(),
             flags: account.flags.names(),
+            status: account.status().as_str(),
             overdraft_limit: account.overdraft_limit,
             metadata: account.metadata.as_deref().and_then(|text| serde_json::from_str(text).ok()),
             owner: account.owner.as_ref().map(ToString::to_string),

@@ -380,36 +380,51 @@ async fn money_moves_only_out_of_the_callers_own_accounts() {
     let (_dir, h) = started().await;
 
     // Opening accounts: merchants and apps open their own only.
-    let opened = h.allowed(Who::M1, "POST", "/v1/accounts", Some(&account("m1-new", None)), 201).await;
+    let opened = h.allowed(Who::M1, "POST", "/v1/accounts", Some(&account("merchant:m1~new", None)), 201).await;
     assert_eq!(opened["owner"], "merchant:m1", "a merchant's account is its own");
-    h.allowed(Who::M1, "POST", "/v1/accounts", Some(&account("m1-new2", Some("merchant:m1"))), 201).await;
-    h.refused(Who::M1, "POST", "/v1/accounts", Some(&account("m1-steal", Some("merchant:m2"))), 403, "forbidden").await;
-    h.refused(Who::M1, "POST", "/v1/accounts", Some(&account("m1-plat", Some("buyer:b1"))), 403, "forbidden").await;
-    let opened = h.allowed(Who::App, "POST", "/v1/accounts", Some(&account("b1-savings", None)), 201).await;
+    h.allowed(Who::M1, "POST", "/v1/accounts", Some(&account("merchant:m1~new2", Some("merchant:m1"))), 201).await;
+    h.refused(
+        Who::M1,
+        "POST",
+        "/v1/accounts",
+        Some(&account("merchant:m1~steal", Some("merchant:m2"))),
+        403,
+        "forbidden",
+    )
+    .await;
+    h.refused(Who::M1, "POST", "/v1/accounts", Some(&account("merchant:m1~plat", Some("buyer:b1"))), 403, "forbidden")
+        .await;
+    let opened = h.allowed(Who::App, "POST", "/v1/accounts", Some(&account("buyer:b1~savings", None)), 201).await;
     assert_eq!(opened["owner"], "buyer:b1");
-    h.refused(Who::App, "POST", "/v1/accounts", Some(&account("b2-x", Some("buyer:b2"))), 403, "forbidden").await;
+    h.refused(Who::App, "POST", "/v1/accounts", Some(&account("buyer:b1~x", Some("buyer:b2"))), 403, "forbidden").await;
     h.refused(Who::Read, "POST", "/v1/accounts", Some(&account("r-x", None)), 403, "forbidden").await;
     let opened =
         h.allowed(Who::Admin, "POST", "/v1/accounts", Some(&account("m2-new", Some("merchant:m2"))), 201).await;
     assert_eq!(opened["owner"], "merchant:m2");
-    // Another tenant's account id, re-created: refused without showing it.
-    let taken = h.call(Who::M2, "POST", "/v1/accounts", Some(&account("m1-cash", None))).await;
-    assert_eq!((taken.status, taken.code()), (409, "exists_with_different_fields"));
-    assert!(taken.body.get("owner").is_none() && taken.body.get("balance").is_none());
+    // Tenants make ids in their own namespace only; an admin gives a
+    // namespaced account to the namespace's tenant only.
+    h.refused(Who::M1, "POST", "/v1/accounts", Some(&account("m1-plain", None)), 403, "forbidden").await;
+    h.refused(Who::M1, "POST", "/v1/accounts", Some(&account("merchant:m2~x", None)), 403, "forbidden").await;
+    let foreign = account("merchant:m1~adm", Some("merchant:m2"));
+    h.refused(Who::Admin, "POST", "/v1/accounts", Some(&foreign), 400, "invalid_request").await;
+    h.allowed(Who::Admin, "POST", "/v1/accounts", Some(&account("merchant:m1~adm", Some("merchant:m1"))), 201).await;
 
     // Transfers: out of own accounts only; anything else is "not found".
-    h.allowed(Who::M1, "POST", "/v1/transfers", Some(&transfer("m1-refund", "m1-cash", "b1-wallet", 3)), 201).await;
-    h.allowed(Who::M1, "POST", "/v1/transfers", Some(&transfer("m1-sweep", "m1-cash", "m1-fees", 1)), 201).await;
+    h.allowed(Who::M1, "POST", "/v1/transfers", Some(&transfer("merchant:m1~refund", "m1-cash", "b1-wallet", 3)), 201)
+        .await;
+    h.allowed(Who::M1, "POST", "/v1/transfers", Some(&transfer("merchant:m1~sweep", "m1-cash", "m1-fees", 1)), 201)
+        .await;
     for debit in ["m2-cash", "b1-wallet", "platform", "no-such-account"] {
-        let body = transfer(&format!("m1-from-{debit}"), debit, "m1-cash", 1);
+        let body = transfer(&format!("merchant:m1~from-{debit}"), debit, "m1-cash", 1);
         h.refused(Who::M1, "POST", "/v1/transfers", Some(&body), 404, "account_not_found").await;
     }
-    h.allowed(Who::App, "POST", "/v1/transfers", Some(&transfer("b1-pays", "b1-wallet", "m2-cash", 4)), 201).await;
+    h.allowed(Who::App, "POST", "/v1/transfers", Some(&transfer("buyer:b1~pays", "b1-wallet", "m2-cash", 4)), 201)
+        .await;
     h.refused(
         Who::App,
         "POST",
         "/v1/transfers",
-        Some(&transfer("b1-x", "b2-wallet", "b1-wallet", 1)),
+        Some(&transfer("buyer:b1~x", "b2-wallet", "b1-wallet", 1)),
         404,
         "account_not_found",
     )
@@ -427,51 +442,56 @@ async fn money_moves_only_out_of_the_callers_own_accounts() {
         Who::M2,
         "POST",
         "/v1/transfers/h1/post",
-        Some(&json!({"id": "h1-m2"})),
+        Some(&json!({"id": "merchant:m2~h1"})),
         404,
         "pending_transfer_not_found",
     )
     .await;
     h.refused(Who::Read, "POST", "/v1/transfers/h1/void", Some(&json!({"id": "h1-r"})), 403, "forbidden").await;
-    h.allowed(Who::M1, "POST", "/v1/transfers/h1/post", Some(&json!({"id": "h1-post"})), 201).await;
-    h.allowed(Who::M1, "POST", "/v1/transfers/h2/void", Some(&json!({"id": "h2-void"})), 201).await;
-    h.allowed(Who::App, "POST", "/v1/transfers/h3/void", Some(&json!({"id": "h3-void"})), 201).await;
-    h.refused(Who::M1, "POST", "/v1/transfers/nope/post", Some(&json!({"id": "x"})), 404, "pending_transfer_not_found")
-        .await;
+    h.allowed(Who::M1, "POST", "/v1/transfers/h1/post", Some(&json!({"id": "merchant:m1~h1-post"})), 201).await;
+    h.allowed(Who::M1, "POST", "/v1/transfers/h2/void", Some(&json!({"id": "merchant:m1~h2-void"})), 201).await;
+    h.allowed(Who::App, "POST", "/v1/transfers/h3/void", Some(&json!({"id": "buyer:b1~h3-void"})), 201).await;
+    h.refused(
+        Who::M1,
+        "POST",
+        "/v1/transfers/nope/post",
+        Some(&json!({"id": "merchant:m1~x"})),
+        404,
+        "pending_transfer_not_found",
+    )
+    .await;
     let b2_hold = pending("h5", "b2-wallet", "m2-cash", 5);
     h.admin("POST", "/v1/transfers", Some(&b2_hold)).await;
     h.refused(
         Who::App,
         "POST",
         "/v1/transfers/h5/void",
-        Some(&json!({"id": "h5-void"})),
+        Some(&json!({"id": "buyer:b1~h5-void"})),
         404,
         "pending_transfer_not_found",
     )
     .await;
 
     // A batch is checked whole before anything moves.
-    let mixed =
-        json!({"transfers": [transfer("bt-1", "m1-cash", "platform", 1), transfer("bt-2", "m2-cash", "platform", 1)]});
+    let mixed = json!({"transfers": [transfer("merchant:m1~bt-1", "m1-cash", "platform", 1), transfer("merchant:m1~bt-2", "m2-cash", "platform", 1)]});
     h.refused(Who::M1, "POST", "/v1/transfers/batch", Some(&mixed), 404, "account_not_found").await;
     assert_eq!(
-        h.call(Who::Admin, "GET", "/v1/transfers/bt-1", None).await.status,
+        h.call(Who::Admin, "GET", "/v1/transfers/merchant:m1~bt-1", None).await.status,
         404,
         "nothing of the batch was made"
     );
-    let own =
-        json!({"transfers": [transfer("bt-3", "m1-cash", "platform", 1), transfer("bt-4", "m1-fees", "platform", 1)]});
+    let own = json!({"transfers": [transfer("merchant:m1~bt-3", "m1-cash", "platform", 1), transfer("merchant:m1~bt-4", "m1-fees", "platform", 1)]});
     let answer = h.allowed(Who::M1, "POST", "/v1/transfers/batch", Some(&own), 200).await;
     assert!(answer["results"].as_array().unwrap().iter().all(|r| r["status"] == "created"), "{answer}");
 
     // Idempotency-Keys belong to the API key: m2 reusing m1's key gets no
     // replay of m1's answer.
-    let body = transfer("idem-m1", "m1-cash", "platform", 2);
+    let body = transfer("merchant:m1~idem", "m1-cash", "platform", 2);
     let headers = [("idempotency-key", "shared-key")];
     let first = h.call_full(h.key(Who::M1), None, "POST", "/v1/transfers", Some(&body), &headers).await;
     assert_eq!(first.status, 201);
     let other = h.call_full(h.key(Who::M2), None, "POST", "/v1/transfers", Some(&body), &headers).await;
-    assert_eq!((other.status, other.code()), (404, "account_not_found"), "m2 must not see m1's answer");
+    assert_eq!((other.status, other.code()), (403, "forbidden"), "m2 must not see m1's answer");
     let replay = h.call_full(h.key(Who::M1), None, "POST", "/v1/transfers", Some(&body), &headers).await;
     assert_eq!((replay.status, &replay.body), (201, &first.body));
 
@@ -554,10 +574,11 @@ async fn keys_rotate_and_revoke_at_once_and_every_change_is_audited_under_its_ke
             assert_eq!(answer.status, 201, "{id}: {}", answer.body);
         }
     };
-    change("acct", "req-acct", "/v1/accounts", account("m1-audited", None)).await;
-    change("t", "req-t", "/v1/transfers", transfer("m1-audited-t", "m1-cash", "m1-audited", 7)).await;
-    change("p", "req-p", "/v1/transfers", pending("m1-audited-p", "m1-cash", "m1-audited", 2)).await;
-    change("post", "req-post", "/v1/transfers/m1-audited-p/post", json!({"id": "m1-audited-post"})).await;
+    change("acct", "req-acct", "/v1/accounts", account("merchant:m1~audited", None)).await;
+    change("t", "req-t", "/v1/transfers", transfer("merchant:m1~audited-t", "m1-cash", "merchant:m1~audited", 7)).await;
+    change("p", "req-p", "/v1/transfers", pending("merchant:m1~audited-p", "m1-cash", "merchant:m1~audited", 2)).await;
+    change("post", "req-post", "/v1/transfers/merchant:m1~audited-p/post", json!({"id": "merchant:m1~audited-post"}))
+        .await;
     // An idempotent retry and a refusal change nothing and leave no record.
     let retry = h
         .call_with(
@@ -565,7 +586,7 @@ async fn keys_rotate_and_revoke_at_once_and_every_change_is_audited_under_its_ke
             None,
             "POST",
             "/v1/transfers",
-            Some(&transfer("m1-audited-t", "m1-cash", "m1-audited", 7)),
+            Some(&transfer("merchant:m1~audited-t", "m1-cash", "merchant:m1~audited", 7)),
         )
         .await;
     assert_eq!(retry.status, 200);
@@ -579,10 +600,10 @@ async fn keys_rotate_and_revoke_at_once_and_every_change_is_audited_under_its_ke
             .clone()
     };
     for (action, target, request) in [
-        ("account.create", "m1-audited", "req-acct"),
-        ("transfer.create", "m1-audited-t", "req-t"),
-        ("transfer.create", "m1-audited-p", "req-p"),
-        ("transfer.post", "m1-audited-post", "req-post"),
+        ("account.create", "merchant:m1~audited", "req-acct"),
+        ("transfer.create", "merchant:m1~audited-t", "req-t"),
+        ("transfer.create", "merchant:m1~audited-p", "req-p"),
+        ("transfer.post", "merchant:m1~audited-post", "req-post"),
     ] {
         let record = find(action, target);
         assert_eq!(
@@ -591,8 +612,12 @@ async fn keys_rotate_and_revoke_at_once_and_every_change_is_audited_under_its_ke
         );
         assert!(record["at"].as_str().unwrap().ends_with('Z'));
     }
-    assert_eq!(find("transfer.create", "m1-audited-t")["details"]["amount"], 7);
-    assert_eq!(records.iter().filter(|r| r["target"] == "m1-audited-t").count(), 1, "the retry left no record");
+    assert_eq!(find("transfer.create", "merchant:m1~audited-t")["details"]["amount"], 7);
+    assert_eq!(
+        records.iter().filter(|r| r["target"] == "merchant:m1~audited-t").count(),
+        1,
+        "the retry left no record"
+    );
     let key_create = find("key.create", &new_id);
     assert_eq!(
         (key_create["key_id"].as_str(), key_create["request_id"].as_str()),
@@ -610,7 +635,7 @@ async fn keys_rotate_and_revoke_at_once_and_every_change_is_audited_under_its_ke
     let posts = h.admin("GET", "/v1/audit?action=transfer.post", None).await;
     assert_eq!(posts["data"].as_array().unwrap().len(), 1);
     let by_request = h.admin("GET", "/v1/audit?request_id=req-t", None).await;
-    assert_eq!(by_request["data"][0]["target"], "m1-audited-t");
+    assert_eq!(by_request["data"][0]["target"], "merchant:m1~audited-t");
     let paged = h.admin("GET", &format!("/v1/audit?key_id={m1_new_id}&limit=3"), None).await;
     assert_eq!(paged["data"].as_array().unwrap().len(), 3);
     let rest =
@@ -621,5 +646,52 @@ async fn keys_rotate_and_revoke_at_once_and_every_change_is_audited_under_its_ke
     for bad in ["action=key.eat", "since=yesterday", "after=x", "limit=0", "colour=red"] {
         h.refused(Who::Admin, "GET", &format!("/v1/audit?{bad}"), None, 400, "invalid_request").await;
     }
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clash_with_another_tenants_id_answers_as_if_the_id_were_free() {
+    let (_dir, h) = started().await;
+    // m1's own objects, in m1's namespace (an admin may make them for m1).
+    h.admin("POST", "/v1/accounts", Some(&account("merchant:m1~cash", Some("merchant:m1")))).await;
+    h.admin("POST", "/v1/transfers", Some(&transfer("merchant:m1~t", "platform", "merchant:m1~cash", 5))).await;
+    h.admin("POST", "/v1/transfers", Some(&pending("merchant:m1~hold", "b1-wallet", "m1-cash", 2))).await;
+    h.admin("POST", "/v1/transfers/merchant:m1~hold/post", Some(&json!({"id": "merchant:m1~post"}))).await;
+    // Holds the other callers may settle.
+    h.admin("POST", "/v1/transfers", Some(&pending("h-b2", "b2-wallet", "m2-cash", 2))).await;
+    h.admin("POST", "/v1/transfers", Some(&pending("h-b1", "b1-wallet", "m2-cash", 2))).await;
+
+    let existing = ["merchant:m1~cash", "merchant:m1~t", "merchant:m1~hold", "merchant:m1~post"];
+    let missing = "merchant:m1~never-made";
+    for who in [Who::M2, Who::App] {
+        let hold = if who == Who::M2 { "h-b2" } else { "h-b1" };
+        let debit = if who == Who::M2 { "m2-cash" } else { "b1-wallet" };
+        let requests = |id: &str| -> Vec<(String, Value)> {
+            vec![
+                ("/v1/accounts".to_owned(), account(id, None)),
+                ("/v1/transfers".to_owned(), transfer(id, debit, "m1-cash", 1)),
+                (format!("/v1/transfers/{hold}/post"), json!({"id": id})),
+                (format!("/v1/transfers/{hold}/void"), json!({"id": id})),
+                ("/v1/transfers/batch".to_owned(), json!({"transfers": [transfer(id, debit, "m1-cash", 1)]})),
+            ]
+        };
+        for id in existing {
+            for ((path, body), (_, free_body)) in requests(id).into_iter().zip(requests(missing)) {
+                h.refused(who, "POST", &path, Some(&body), 403, "forbidden").await;
+                // Status, code and words the same, the id aside.
+                let clash = h.call(who, "POST", &path, Some(&body)).await;
+                let free = h.call(who, "POST", &path, Some(&free_body)).await;
+                let words = |answer: &Answer, id: &str| answer.body.to_string().replace(id, "ID");
+                assert_eq!(clash.status, free.status, "{who:?} {path} {id}");
+                assert_eq!(words(&clash, id), words(&free, missing), "{who:?} {path} {id}");
+            }
+        }
+    }
+    // m1 itself meets its own ids as before: a clash is with itself.
+    let own = h.call(Who::M1, "POST", "/v1/accounts", Some(&account("merchant:m1~t", None))).await;
+    assert_eq!(own.status, 201, "a transfer id and an account id do not clash: {}", own.body);
+    let again =
+        h.call(Who::M1, "POST", "/v1/transfers", Some(&transfer("merchant:m1~t", "m1-cash", "platform", 9))).await;
+    assert_eq!((again.status, again.code()), (409, "exists_with_different_fields"));
     h.stop().await;
 }

@@ -710,10 +710,10 @@ async fn a_clearing_account_past_2_to_the_64_takes_another_tenants_transfer_and_
     };
     // Tenant m1 moves money out of shard 0 to another shard, tenant m2 too.
     let shard = 0;
-    let m1_out = names_on(&s, "m1-out", shard, true, 1).remove(0);
-    let m1_in = names_on(&s, "m1-in", shard, false, 1).remove(0);
-    let m2_out = names_on(&s, "m2-out", shard, true, 1).remove(0);
-    let m2_in = names_on(&s, "m2-in", shard, false, 1).remove(0);
+    let m1_out = names_on(&s, "merchant:m1~out", shard, true, 1).remove(0);
+    let m1_in = names_on(&s, "merchant:m1~in", shard, false, 1).remove(0);
+    let m2_out = names_on(&s, "merchant:m2~out", shard, true, 1).remove(0);
+    let m2_in = names_on(&s, "merchant:m2~in", shard, false, 1).remove(0);
     for (key, name) in [(&m1, &m1_out), (&m1, &m1_in), (&m2, &m2_out), (&m2, &m2_in)] {
         let created = as_tenant(key, "/v1/accounts", json!({"id": name, "currency": "USD"})).await;
         assert_eq!(created.status, 201, "{}", created.body);
@@ -724,7 +724,7 @@ async fn a_clearing_account_past_2_to_the_64_takes_another_tenants_transfer_and_
     let count: u128 = 2100;
     for batch in 0..3 {
         let transfers: Vec<Value> =
-            (0..700).map(|n| transfer(&format!("big-{batch}-{n}"), &m1_out, &m1_in, MAX_AMOUNT)).collect();
+            (0..700).map(|n| transfer(&format!("merchant:m1~big-{batch}-{n}"), &m1_out, &m1_in, MAX_AMOUNT)).collect();
         let answer = as_tenant(&m1, "/v1/transfers/batch", json!({"transfers": transfers})).await;
         assert_eq!(answer.status, 200, "{}", answer.body);
         assert!(answer.body["results"].as_array().unwrap().iter().all(|r| r["status"] == "created"), "{}", answer.body);
@@ -735,7 +735,7 @@ async fn a_clearing_account_past_2_to_the_64_takes_another_tenants_transfer_and_
     assert_eq!(digits(&s.balance(&clearing).await["credits_posted"]), moved);
 
     // m2's ordinary 10,000.00 out of the same shard goes through.
-    let other = as_tenant(&m2, "/v1/transfers", transfer("m2-pay", &m2_out, &m2_in, 1_000_000)).await;
+    let other = as_tenant(&m2, "/v1/transfers", transfer("merchant:m2~pay", &m2_out, &m2_in, 1_000_000)).await;
     assert_eq!(other.status, 201, "{}", other.body);
     assert_eq!(other.body["balances"]["debit_account"]["balance"], "-1000000");
 
