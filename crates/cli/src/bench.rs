@@ -148,6 +148,7 @@ pub fn run(config: BenchConfig) -> anyhow::Result<BenchSummary> {
                                 currency: usd,
                                 pending: false,
                                 timeout_ms: 0,
+                                details: None,
                             }
                         })
                         .collect();

@@ -105,6 +105,7 @@ fn record(tid: &str, debit: usize, credit: usize, amount: u64) -> Transfer {
         status: TransferStatus::Posted,
         posted_amount: None,
         timestamp_ms: 5,
+        details: None,
     }
 }
 

@@ -1032,6 +1032,7 @@ mod snapshot_tests {
             status: if pending { TransferStatus::Pending } else { TransferStatus::Posted },
             posted_amount: None,
             timestamp_ms: 10,
+            details: None,
         };
         ledger.transfer_local(&record("t1", false), 0, 1, 10).unwrap();
         // A pending transfer: reserve, hold both legs via clearing, commit.

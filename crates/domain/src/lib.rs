@@ -28,4 +28,6 @@ pub use ids::{fnv1a64, shard_of, Id, INLINE_ID_LEN, MAX_ID_LEN};
 pub use ledger::{Ledger, Side};
 pub use money::{Amount, Currency, MAX_TRANSFER_AMOUNT};
 pub use owner::Owner;
-pub use transfer::{Transfer, TransferKind, TransferRequest, TransferStatus};
+pub use transfer::{
+    Details, Transfer, TransferDetails, TransferKind, TransferRequest, TransferStatus, MAX_REFERENCE_LEN,
+};

@@ -2,6 +2,33 @@
 
 use crate::{Amount, Currency, Id};
 
+/// Longest transfer reference, in bytes.
+pub const MAX_REFERENCE_LEN: usize = 64;
+
+/// What a client may attach to a transfer, kept verbatim. Rare next to the
+/// record's other fields, so a record holds it boxed: a transfer without
+/// it grows by one pointer (the records are kept small for the cache).
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct TransferDetails {
+    /// A JSON object as compact text (bounded by the server as accounts'
+    /// metadata is).
+    pub metadata: Option<Box<str>>,
+    /// The client's own name for it, e.g. a merchant's order number:
+    /// 1-[`MAX_REFERENCE_LEN`] bytes.
+    pub reference: Option<Box<str>>,
+}
+
+/// Details of a transfer, or `None`; never `Some` with both fields empty,
+/// so that "nothing attached" has one form and compares equal.
+pub type Details = Option<Box<TransferDetails>>;
+
+impl TransferDetails {
+    /// The details of `metadata` and `reference`, `None` if neither is given.
+    pub fn of(metadata: Option<Box<str>>, reference: Option<Box<str>>) -> Details {
+        (metadata.is_some() || reference.is_some()).then(|| Box::new(TransferDetails { metadata, reference }))
+    }
+}
+
 /// What a client asks for.
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub enum TransferRequest {
@@ -15,11 +42,12 @@ pub enum TransferRequest {
         currency: Currency,
         pending: bool,
         timeout_ms: u64,
+        details: Details,
     },
     /// Post a pending transfer, in full (`amount: None`) or in part.
-    Post { id: Id, pending_id: Id, amount: Option<Amount> },
+    Post { id: Id, pending_id: Id, amount: Option<Amount>, details: Details },
     /// Release a pending transfer's hold.
-    Void { id: Id, pending_id: Id },
+    Void { id: Id, pending_id: Id, details: Details },
 }
 
 impl TransferRequest {
@@ -36,6 +64,14 @@ impl TransferRequest {
         match self {
             TransferRequest::Create { .. } => None,
             TransferRequest::Post { pending_id, .. } | TransferRequest::Void { pending_id, .. } => Some(pending_id),
+        }
+    }
+
+    pub fn details(&self) -> &Details {
+        match self {
+            TransferRequest::Create { details, .. }
+            | TransferRequest::Post { details, .. }
+            | TransferRequest::Void { details, .. } => details,
         }
     }
 }
@@ -92,13 +128,20 @@ pub struct Transfer {
     /// For a pending transfer that was posted: how much.
     pub posted_amount: Option<u64>,
     pub timestamp_ms: u64,
+    /// The client's metadata and reference, if any.
+    pub details: Details,
 }
 
 impl Transfer {
     /// Whether `other` asks for the same transfer as this record (an
     /// idempotent retry). Status, timestamps and derived fields do not count;
-    /// a post or void is compared by what its client named.
+    /// a post or void is compared by what its client named. Metadata and
+    /// reference count, as an account's metadata does.
     pub fn same_request_as(&self, other: &Transfer) -> bool {
+        self.details == other.details && self.same_kind_as(other)
+    }
+
+    fn same_kind_as(&self, other: &Transfer) -> bool {
         match (&self.kind, &other.kind) {
             (TransferKind::Single, TransferKind::Single) => self.same_movement(other),
             (TransferKind::Pending { timeout_ms: a, .. }, TransferKind::Pending { timeout_ms: b, .. }) => {

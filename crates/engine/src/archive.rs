@@ -1135,6 +1135,7 @@ mod tests {
             status: TransferStatus::Posted,
             posted_amount: None,
             timestamp_ms: 7,
+            details: None,
         }
     }
 

@@ -90,6 +90,7 @@ mod tests {
             currency: Currency::parse("USD").unwrap(),
             pending: false,
             timeout_ms: 0,
+            details: None,
         }
     }
 

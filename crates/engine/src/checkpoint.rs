@@ -202,6 +202,7 @@ mod tests {
                     status: TransferStatus::Pending,
                     posted_amount: None,
                     timestamp_ms: 5,
+                    details: None,
                 }],
             },
         };
@@ -289,6 +290,7 @@ mod tests {
             posted_amount: None,
             // Not in id order, so the sort shows.
             timestamp_ms: 1000 - n % 10,
+            details: None,
         };
         let apply = |ledger: &mut peakstack_domain::Ledger, range: std::ops::Range<u64>| {
             for n in range {

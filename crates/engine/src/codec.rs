@@ -7,8 +7,8 @@
 
 use peakstack_domain::ledger::{Leg, PendingInfo, ResolveKind};
 use peakstack_domain::{
-    AccountChange, AccountFlags, Amount, Balances, Currency, ErrorCode, Id, NewAccount, Owner, Side, Transfer,
-    TransferKind, TransferRequest, TransferStatus,
+    AccountChange, AccountFlags, Amount, Balances, Currency, Details, ErrorCode, Id, NewAccount, Owner, Side, Transfer,
+    TransferDetails, TransferKind, TransferRequest, TransferStatus,
 };
 
 use std::sync::Arc;
@@ -319,8 +319,54 @@ fn amount(r: &mut Reader<'_>) -> Result<Amount> {
     Amount::new(r.varint()?).ok_or(CodecError("invalid amount"))
 }
 
+/// The tag bit of a transfer request or record that says details follow its
+/// fields. Logs, checkpoints and archives written before transfers had
+/// details never set it, so they read as they are; a transfer without
+/// details is encoded exactly as before.
+const DETAILS_FOLLOW: u8 = 0x10;
+
+fn details_bit(details: &Details) -> u8 {
+    if details.is_some() {
+        DETAILS_FOLLOW
+    } else {
+        0
+    }
+}
+
+/// Splits a tag into its value and whether details follow.
+fn split_tag(tag: u8) -> (u8, bool) {
+    (tag & !DETAILS_FOLLOW, tag & DETAILS_FOLLOW != 0)
+}
+
+/// One tag byte (bit 0 metadata, bit 1 reference), then the strings.
+fn encode_details(w: &mut Writer, details: &Details) {
+    let Some(details) = details else { return };
+    w.u8(u8::from(details.metadata.is_some()) | u8::from(details.reference.is_some()) << 1);
+    if let Some(metadata) = &details.metadata {
+        w.str(metadata);
+    }
+    if let Some(reference) = &details.reference {
+        w.str(reference);
+    }
+}
+
+fn decode_details(r: &mut Reader<'_>, follow: bool) -> Result<Details> {
+    if !follow {
+        return Ok(None);
+    }
+    let tag = r.u8()?;
+    // Tag 0 is never written: no details is `None`, not an empty box.
+    if tag == 0 || tag > 3 {
+        return Err(CodecError("invalid transfer details"));
+    }
+    let metadata = if tag & 1 != 0 { Some(r.str()?.into()) } else { None };
+    let reference = if tag & 2 != 0 { Some(r.str()?.into()) } else { None };
+    Ok(TransferDetails::of(metadata, reference))
+}
+
 impl Codec for TransferRequest {
     fn encode(&self, w: &mut Writer) {
+        let bit = details_bit(self.details());
         match self {
             TransferRequest::Create {
                 id,
@@ -330,8 +376,9 @@ impl Codec for TransferRequest {
                 currency,
                 pending,
                 timeout_ms,
+                details: _,
             } => {
-                w.u8(0);
+                w.u8(bit);
                 id.encode(w);
                 debit_account_id.encode(w);
                 credit_account_id.encode(w);
@@ -340,73 +387,94 @@ impl Codec for TransferRequest {
                 w.bool(*pending);
                 w.varint(*timeout_ms);
             }
-            TransferRequest::Post { id, pending_id, amount } => {
-                w.u8(1);
+            TransferRequest::Post { id, pending_id, amount, details: _ } => {
+                w.u8(1 | bit);
                 id.encode(w);
                 pending_id.encode(w);
                 amount.map(Amount::get).encode(w);
             }
-            TransferRequest::Void { id, pending_id } => {
-                w.u8(2);
+            TransferRequest::Void { id, pending_id, details: _ } => {
+                w.u8(2 | bit);
                 id.encode(w);
                 pending_id.encode(w);
             }
         }
+        encode_details(w, self.details());
     }
     fn decode(r: &mut Reader<'_>) -> Result<Self> {
-        Ok(match r.u8()? {
-            0 => TransferRequest::Create {
-                id: Id::decode(r)?,
-                debit_account_id: Id::decode(r)?,
-                credit_account_id: Id::decode(r)?,
-                amount: amount(r)?,
-                currency: Currency::decode(r)?,
-                pending: r.bool()?,
-                timeout_ms: r.varint()?,
-            },
-            1 => TransferRequest::Post {
-                id: Id::decode(r)?,
-                pending_id: Id::decode(r)?,
-                amount: match Option::<u64>::decode(r)? {
+        let (tag, follow) = split_tag(r.u8()?);
+        Ok(match tag {
+            0 => {
+                let id = Id::decode(r)?;
+                let debit_account_id = Id::decode(r)?;
+                let credit_account_id = Id::decode(r)?;
+                let amount = amount(r)?;
+                let currency = Currency::decode(r)?;
+                let pending = r.bool()?;
+                let timeout_ms = r.varint()?;
+                let details = decode_details(r, follow)?;
+                TransferRequest::Create {
+                    id,
+                    debit_account_id,
+                    credit_account_id,
+                    amount,
+                    currency,
+                    pending,
+                    timeout_ms,
+                    details,
+                }
+            }
+            1 => {
+                let id = Id::decode(r)?;
+                let pending_id = Id::decode(r)?;
+                let amount = match Option::<u64>::decode(r)? {
                     None => None,
                     Some(v) => Some(Amount::new(v).ok_or(CodecError("invalid amount"))?),
-                },
-            },
-            2 => TransferRequest::Void { id: Id::decode(r)?, pending_id: Id::decode(r)? },
+                };
+                TransferRequest::Post { id, pending_id, amount, details: decode_details(r, follow)? }
+            }
+            2 => {
+                let id = Id::decode(r)?;
+                let pending_id = Id::decode(r)?;
+                TransferRequest::Void { id, pending_id, details: decode_details(r, follow)? }
+            }
             _ => return Err(CodecError("invalid transfer request")),
         })
     }
 }
 
-impl Codec for TransferKind {
-    fn encode(&self, w: &mut Writer) {
-        match self {
-            TransferKind::Single => w.u8(0),
-            TransferKind::Pending { timeout_ms, expires_at_ms } => {
-                w.u8(1);
-                w.varint(*timeout_ms);
-                w.varint(*expires_at_ms);
-            }
-            TransferKind::Post { pending_id, requested } => {
-                w.u8(2);
-                pending_id.encode(w);
-                requested.encode(w);
-            }
-            TransferKind::Void { pending_id } => {
-                w.u8(3);
-                pending_id.encode(w);
-            }
+/// A kind's tag (with `bit` or'ed in) and fields.
+fn encode_kind(kind: &TransferKind, bit: u8, w: &mut Writer) {
+    match kind {
+        TransferKind::Single => w.u8(bit),
+        TransferKind::Pending { timeout_ms, expires_at_ms } => {
+            w.u8(1 | bit);
+            w.varint(*timeout_ms);
+            w.varint(*expires_at_ms);
+        }
+        TransferKind::Post { pending_id, requested } => {
+            w.u8(2 | bit);
+            pending_id.encode(w);
+            requested.encode(w);
+        }
+        TransferKind::Void { pending_id } => {
+            w.u8(3 | bit);
+            pending_id.encode(w);
         }
     }
-    fn decode(r: &mut Reader<'_>) -> Result<Self> {
-        Ok(match r.u8()? {
-            0 => TransferKind::Single,
-            1 => TransferKind::Pending { timeout_ms: r.varint()?, expires_at_ms: r.varint()? },
-            2 => TransferKind::Post { pending_id: Id::decode(r)?, requested: Option::decode(r)? },
-            3 => TransferKind::Void { pending_id: Id::decode(r)? },
-            _ => return Err(CodecError("invalid transfer kind")),
-        })
-    }
+}
+
+/// A kind, and whether its tag said details follow the record.
+fn decode_kind(r: &mut Reader<'_>) -> Result<(TransferKind, bool)> {
+    let (tag, follow) = split_tag(r.u8()?);
+    let kind = match tag {
+        0 => TransferKind::Single,
+        1 => TransferKind::Pending { timeout_ms: r.varint()?, expires_at_ms: r.varint()? },
+        2 => TransferKind::Post { pending_id: Id::decode(r)?, requested: Option::decode(r)? },
+        3 => TransferKind::Void { pending_id: Id::decode(r)? },
+        _ => return Err(CodecError("invalid transfer kind")),
+    };
+    Ok((kind, follow))
 }
 
 impl Codec for TransferStatus {
@@ -436,22 +504,30 @@ impl Codec for Transfer {
         self.credit_account_id.encode(w);
         w.varint(self.amount);
         self.currency.encode(w);
-        self.kind.encode(w);
+        encode_kind(&self.kind, details_bit(&self.details), w);
         self.status.encode(w);
         self.posted_amount.encode(w);
         w.varint(self.timestamp_ms);
+        encode_details(w, &self.details);
     }
     fn decode(r: &mut Reader<'_>) -> Result<Self> {
+        let id = Id::decode(r)?;
+        let debit_account_id = Id::decode(r)?;
+        let credit_account_id = Id::decode(r)?;
+        let amount = r.varint()?;
+        let currency = Currency::decode(r)?;
+        let (kind, follow) = decode_kind(r)?;
         Ok(Transfer {
-            id: Id::decode(r)?,
-            debit_account_id: Id::decode(r)?,
-            credit_account_id: Id::decode(r)?,
-            amount: r.varint()?,
-            currency: Currency::decode(r)?,
-            kind: TransferKind::decode(r)?,
+            id,
+            debit_account_id,
+            credit_account_id,
+            amount,
+            currency,
+            kind,
             status: TransferStatus::decode(r)?,
             posted_amount: Option::decode(r)?,
             timestamp_ms: r.varint()?,
+            details: decode_details(r, follow)?,
         })
     }
 }
@@ -760,6 +836,7 @@ mod tests {
             status: TransferStatus::Pending,
             posted_amount: None,
             timestamp_ms: 89,
+            details: None,
         };
         for change in [AccountChange::Freeze, AccountChange::Unfreeze, AccountChange::Close] {
             round_trip(Input::ChangeAccount { id: id("a"), change });
@@ -782,15 +859,16 @@ mod tests {
                     currency: usd,
                     pending: true,
                     timeout_ms: 1000,
+                    details: details(Some("{\"order\":[1,2]}"), Some("ord-1")),
                 },
-                TransferRequest::Post { id: id("p"), pending_id: id("t1"), amount: Amount::new(2) },
-                TransferRequest::Void { id: id("v"), pending_id: id("t1") },
+                TransferRequest::Post { id: id("p"), pending_id: id("t1"), amount: Amount::new(2), details: None },
+                TransferRequest::Void { id: id("v"), pending_id: id("t1"), details: None },
             ],
             atomic: true,
             origin: None,
         });
         round_trip(Input::Transfers {
-            requests: vec![TransferRequest::Void { id: id("v"), pending_id: id("t1") }],
+            requests: vec![TransferRequest::Void { id: id("v"), pending_id: id("t1"), details: None }],
             atomic: false,
             origin: Some(Origin { key_id: Arc::from("0123456789abcdef"), request_id: Arc::from("req-1") }),
         });
@@ -886,6 +964,55 @@ mod tests {
             proptest::prop_assert_eq!(r.varint_u128(), Ok(value));
             proptest::prop_assert!(r.is_empty());
         }
+    }
+
+    fn details(metadata: Option<&str>, reference: Option<&str>) -> Details {
+        TransferDetails::of(metadata.map(Box::from), reference.map(Box::from))
+    }
+
+    /// A record and a request as they were encoded before transfers had
+    /// details (bytes written out by hand) still decode, with none; with
+    /// details they round trip, and no prefix decodes.
+    #[test]
+    fn transfers_from_before_details_decode_and_details_round_trip() {
+        let old_record: &[u8] = &[
+            2, b't', b'1', 1, b'a', 1, b'b', 5, b'U', b'S', b'D', // id, accounts, amount, currency
+            1, 10, 99, // pending, timeout 10, expires at 99
+            1, 0, 89, // status pending, no posted amount, timestamp 89
+        ];
+        let record = Transfer::decode(&mut Reader::new(old_record)).unwrap();
+        assert_eq!(record.kind, TransferKind::Pending { timeout_ms: 10, expires_at_ms: 99 });
+        assert_eq!((record.timestamp_ms, record.details.clone()), (89, None));
+        let mut w = Writer::default();
+        record.encode(&mut w);
+        assert_eq!(w.buf, old_record, "a record without details is encoded as before");
+
+        let old_void: &[u8] = &[2, 1, b'v', 2, b't', b'1'];
+        let void = TransferRequest::decode(&mut Reader::new(old_void)).unwrap();
+        assert_eq!(void, TransferRequest::Void { id: id("v"), pending_id: id("t1"), details: None });
+
+        for d in [details(Some("{\"k\":1}"), None), details(None, Some("order 7")), details(Some("{}"), Some("é"))] {
+            let with = Transfer { details: d.clone(), ..record.clone() };
+            let mut w = Writer::default();
+            with.encode(&mut w);
+            assert_eq!(Transfer::decode(&mut Reader::new(&w.buf)).unwrap(), with);
+            for cut in 0..w.buf.len() {
+                assert!(Transfer::decode(&mut Reader::new(&w.buf[..cut])).is_err(), "prefix {cut} decoded");
+            }
+            round_trip(Input::Transfers {
+                requests: vec![
+                    TransferRequest::Void { id: id("v"), pending_id: id("t1"), details: d.clone() },
+                    TransferRequest::Post { id: id("p"), pending_id: id("t1"), amount: None, details: d.clone() },
+                ],
+                atomic: false,
+                origin: None,
+            });
+        }
+        // Details flagged but empty are corrupt, not an empty box.
+        let mut flagged = old_record.to_vec();
+        flagged[11] |= DETAILS_FOLLOW;
+        flagged.push(0);
+        assert_eq!(Transfer::decode(&mut Reader::new(&flagged)), Err(CodecError("invalid transfer details")));
     }
 
     #[test]

@@ -16,7 +16,8 @@ use peakstack_domain::ledger::{Booked, LedgerImage, Leg, LocalOutcome, PendingIn
 use crate::checkpoint::Checkpoint;
 use crate::history::{LegEntry, LegEvent};
 use peakstack_domain::{
-    Account, Balances, Currency, ErrorCode, Id, Ledger, Side, Transfer, TransferKind, TransferRequest, TransferStatus,
+    Account, Balances, Currency, Details, ErrorCode, Id, Ledger, Side, Transfer, TransferKind, TransferRequest,
+    TransferStatus,
 };
 
 use crate::layout::Layout;
@@ -428,17 +429,18 @@ impl ExecutorCore {
                 let (record, static_error) = create_record(request, now_ms);
                 Item { kind: ItemKind::Create, record: Some(record), op_refs: Vec::new(), static_error }
             }
-            TransferRequest::Post { id, pending_id, amount } => {
+            TransferRequest::Post { id, pending_id, amount, details } => {
                 let kind = ResolveKind::Post(amount.map(|a| a.get()));
                 let record = placeholder(
                     id,
                     TransferKind::Post { pending_id: pending_id.clone(), requested: amount.map(|a| a.get()) },
+                    details,
                     now_ms,
                 );
                 self.resolve_item(id, pending_id, kind, record)
             }
-            TransferRequest::Void { id, pending_id } => {
-                let record = placeholder(id, TransferKind::Void { pending_id: pending_id.clone() }, now_ms);
+            TransferRequest::Void { id, pending_id, details } => {
+                let record = placeholder(id, TransferKind::Void { pending_id: pending_id.clone() }, details, now_ms);
                 self.resolve_item(id, pending_id, ResolveKind::Void, record)
             }
         }
@@ -868,8 +870,16 @@ impl ExecutorCore {
 /// any state is read (same accounts, a reserved id, an expiry past the
 /// clock's range), if any. Only for [`TransferRequest::Create`].
 fn create_record(request: &TransferRequest, now_ms: u64) -> (Transfer, Option<ErrorCode>) {
-    let TransferRequest::Create { id, debit_account_id, credit_account_id, amount, currency, pending, timeout_ms } =
-        request
+    let TransferRequest::Create {
+        id,
+        debit_account_id,
+        credit_account_id,
+        amount,
+        currency,
+        pending,
+        timeout_ms,
+        details,
+    } = request
     else {
         unreachable!("create_record is called for creates only")
     };
@@ -902,14 +912,16 @@ fn create_record(request: &TransferRequest, now_ms: u64) -> (Transfer, Option<Er
         status: if *pending { TransferStatus::Pending } else { TransferStatus::Posted },
         posted_amount: None,
         timestamp_ms: now_ms,
+        details: details.clone(),
     };
     (record, static_error)
 }
 
 /// A post's or void's record before its try has read the pending transfer:
 /// only its id and kind are meaningful (they are what a retry is compared
-/// by); the rest is filled in at commit and never shown before.
-fn placeholder(id: &Id, kind: TransferKind, now_ms: u64) -> Transfer {
+/// by, with its details); the rest is filled in at commit and never shown
+/// before.
+fn placeholder(id: &Id, kind: TransferKind, details: &Details, now_ms: u64) -> Transfer {
     Transfer {
         id: id.clone(),
         debit_account_id: id.clone(),
@@ -920,6 +932,7 @@ fn placeholder(id: &Id, kind: TransferKind, now_ms: u64) -> Transfer {
         status: TransferStatus::Posted,
         posted_amount: None,
         timestamp_ms: now_ms,
+        details: details.clone(),
     }
 }
 

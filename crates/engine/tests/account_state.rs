@@ -39,6 +39,7 @@ fn create(tid: &str, debit: &str, credit: &str, amount: u64, pending: bool) -> T
         currency: usd(),
         pending,
         timeout_ms: 0,
+        details: None,
     }
 }
 
@@ -89,9 +90,9 @@ async fn lifecycle(engine: &Engine) -> Vec<String> {
     note("into frozen", format!("{:?}", transfer(engine, create("t2", &payer, &payee, 1, false)).await));
     note("out of frozen", format!("{:?}", transfer(engine, create("t3", &payee, &payer, 1, false)).await));
     note("hold into frozen", format!("{:?}", transfer(engine, create("t4", &payer, &payee, 1, true)).await));
-    let void = TransferRequest::Void { id: id("void-1"), pending_id: id("hold-void") };
+    let void = TransferRequest::Void { id: id("void-1"), pending_id: id("hold-void"), details: None };
     note("void while frozen", format!("{:?}", transfer(engine, void).await));
-    let post = TransferRequest::Post { id: id("post-1"), pending_id: id("hold-post"), amount: None };
+    let post = TransferRequest::Post { id: id("post-1"), pending_id: id("hold-post"), amount: None, details: None };
     note("post while frozen", format!("{:?}", transfer(engine, post).await));
     note("close frozen, not zero", format!("{:?}", change(engine, &payee, AccountChange::Close).await));
     note("unfreeze", format!("{:?}", change(engine, &payee, AccountChange::Unfreeze).await));

@@ -18,6 +18,7 @@ fn create(tid: &str, debit: &str, credit: &str, amount: u64) -> TransferRequest 
         currency: Currency::parse("USD").unwrap(),
         pending: false,
         timeout_ms: 0,
+        details: None,
     }
 }
 

@@ -40,6 +40,7 @@ fn create(tid: &str, debit: &str, credit: &str, amount: u64) -> TransferRequest 
         currency: usd(),
         pending: false,
         timeout_ms: 0,
+        details: None,
     }
 }
 
@@ -54,6 +55,7 @@ fn pending(tid: &str, debit: &str, credit: &str, amount: u64, timeout_ms: u64) -
                 currency,
                 pending: true,
                 timeout_ms,
+                details: None,
             }
         }
         _ => unreachable!(),
@@ -136,14 +138,18 @@ async fn transfers_across_executors_balance_and_survive_restart() {
     assert_eq!(held.transfer.status, TransferStatus::Pending);
     let a2 = engine.account(&id(&names[2])).await.unwrap().unwrap();
     assert_eq!(a2.available(), Some(500));
-    let post =
-        one(&engine, TransferRequest::Post { id: id("p1-post"), pending_id: id("p1"), amount: Amount::new(200) })
-            .await
-            .unwrap();
+    let post = one(
+        &engine,
+        TransferRequest::Post { id: id("p1-post"), pending_id: id("p1"), amount: Amount::new(200), details: None },
+    )
+    .await
+    .unwrap();
     assert_eq!(post.transfer.amount, 200);
     assert_eq!(post.transfer.status, TransferStatus::Posted);
     assert_eq!(
-        one(&engine, TransferRequest::Void { id: id("p1-void"), pending_id: id("p1") }).await.unwrap_err(),
+        one(&engine, TransferRequest::Void { id: id("p1-void"), pending_id: id("p1"), details: None })
+            .await
+            .unwrap_err(),
         ErrorCode::PendingTransferAlreadyPosted
     );
     let a2 = engine.account(&id(&names[2])).await.unwrap().unwrap();
@@ -163,7 +169,7 @@ async fn transfers_across_executors_balance_and_survive_restart() {
     }
     assert!(expired, "pending transfer did not expire");
     assert_eq!(
-        one(&engine, TransferRequest::Post { id: id("p2-post"), pending_id: id("p2"), amount: None })
+        one(&engine, TransferRequest::Post { id: id("p2-post"), pending_id: id("p2"), amount: None, details: None })
             .await
             .unwrap_err(),
         ErrorCode::PendingTransferExpired

@@ -93,8 +93,12 @@ async fn a_data_dir_of_u64_balances_opens_with_its_balances() {
     assert_eq!(engine.totals().await.unwrap().net, 0);
 
     // It keeps working: alice's hold from before is posted.
-    let post =
-        TransferRequest::Post { id: Id::parse("h3-post").unwrap(), pending_id: Id::parse("h3").unwrap(), amount: None };
+    let post = TransferRequest::Post {
+        id: Id::parse("h3-post").unwrap(),
+        pending_id: Id::parse("h3").unwrap(),
+        amount: None,
+        details: None,
+    };
     engine.create_transfers(vec![post], false).await.pop().unwrap().unwrap();
     let mut after = expected();
     for (id, dp, dpo, cp, cpo) in &mut after {

@@ -94,6 +94,7 @@ fn create(tid: &Id, debit: &Id, credit: &Id, minor_units: u64, currency: Currenc
         currency,
         pending: false,
         timeout_ms: 0,
+        details: None,
     }
 }
 
@@ -106,6 +107,7 @@ fn pending(tid: &Id, debit: &Id, credit: &Id, minor_units: u64, timeout_ms: u64)
         currency: usd(),
         pending: true,
         timeout_ms,
+        details: None,
     }
 }
 
@@ -1121,16 +1123,20 @@ impl Workload {
                     currency,
                     pending: *pending,
                     timeout_ms: if *pending { *timeout_ms } else { 0 },
+                    details: None,
                 }
             }
             Item::Post { name, pick, any, amount: minor_units } => TransferRequest::Post {
                 id: self.fresh("p", *name),
                 pending_id: self.pending_id(pick, *any),
                 amount: minor_units.map(amount),
+                details: None,
             },
-            Item::Void { name, pick, any } => {
-                TransferRequest::Void { id: self.fresh("v", *name), pending_id: self.pending_id(pick, *any) }
-            }
+            Item::Void { name, pick, any } => TransferRequest::Void {
+                id: self.fresh("v", *name),
+                pending_id: self.pending_id(pick, *any),
+                details: None,
+            },
         }
     }
 
@@ -1192,6 +1198,7 @@ fn mutate(request: &TransferRequest, kind: u8) -> TransferRequest {
             currency,
             pending,
             timeout_ms,
+            ..
         } => match kind {
             0 => TransferRequest::Create {
                 id,
@@ -1201,6 +1208,7 @@ fn mutate(request: &TransferRequest, kind: u8) -> TransferRequest {
                 currency,
                 pending,
                 timeout_ms,
+                details: None,
             },
             1 => TransferRequest::Create {
                 id,
@@ -1210,6 +1218,7 @@ fn mutate(request: &TransferRequest, kind: u8) -> TransferRequest {
                 currency,
                 pending: !pending,
                 timeout_ms: 0,
+                details: None,
             },
             _ => TransferRequest::Create {
                 id,
@@ -1219,12 +1228,18 @@ fn mutate(request: &TransferRequest, kind: u8) -> TransferRequest {
                 currency,
                 pending,
                 timeout_ms,
+                details: None,
             },
         },
-        TransferRequest::Post { id, pending_id, amount: a } => {
-            TransferRequest::Post { id, pending_id, amount: Some(amount(a.map_or(1, |a| a.get() % 100 + 1))) }
+        TransferRequest::Post { id, pending_id, amount: a, .. } => TransferRequest::Post {
+            id,
+            pending_id,
+            amount: Some(amount(a.map_or(1, |a| a.get() % 100 + 1))),
+            details: None,
+        },
+        TransferRequest::Void { id, pending_id, .. } => {
+            TransferRequest::Post { id, pending_id, amount: None, details: None }
         }
-        TransferRequest::Void { id, pending_id } => TransferRequest::Post { id, pending_id, amount: None },
     }
 }
 
@@ -1516,7 +1531,12 @@ fn a_post_that_overtakes_the_commit_of_its_pending_transfer_still_settles_both_s
     assert!(sim.transfer(&pending_id).is_some(), "the pending transfer is visible on its home");
 
     let post = sim.submit(
-        vec![TransferRequest::Post { id: post_id.clone(), pending_id: pending_id.clone(), amount: None }],
+        vec![TransferRequest::Post {
+            id: post_id.clone(),
+            pending_id: pending_id.clone(),
+            amount: None,
+            details: None,
+        }],
         false,
     );
     sim.fsync(1);
@@ -1559,7 +1579,7 @@ fn an_atomic_post_coordinated_elsewhere_still_settles_both_sides() {
     sim.deliver_all(2, 1);
     sim.fsync(1); // decided: the record is visible on 1, Decide -> 2 waits in the queue 1 -> 2
 
-    let post = TransferRequest::Post { id: post_id, pending_id: pending_id.clone(), amount: None };
+    let post = TransferRequest::Post { id: post_id, pending_id: pending_id.clone(), amount: None, details: None };
     let atomic = sim.submit(vec![create(&first, &qa, &qb, 5, usd()), post], true);
     sim.fsync(0);
     sim.deliver_all(0, 1); // the lock on the pending transfer
@@ -1601,7 +1621,10 @@ fn after_a_crash_the_resent_decides_still_settle_a_posted_pending_transfer() {
     sim.deliver_all(0, 1);
     sim.fsync(1);
     sim.deliver_all(1, 0); // decided: the record is committed, Decide -> 1 in the outbox
-    sim.submit(vec![TransferRequest::Post { id: post_id, pending_id: pending_id.clone(), amount: None }], false);
+    sim.submit(
+        vec![TransferRequest::Post { id: post_id, pending_id: pending_id.clone(), amount: None, details: None }],
+        false,
+    );
     sim.fsync(0); // both Decides wait in the queue 0 -> 1, in order
     assert_eq!(sim.queues[&(0, 1)].len(), 2);
     sim.crash_all(ResendOrder::Reversed);

@@ -568,6 +568,7 @@ mod tests {
                 status: peakstack_domain::TransferStatus::Posted,
                 posted_amount: None,
                 timestamp_ms: time_ms,
+                details: None,
             },
         }
     }

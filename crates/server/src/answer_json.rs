@@ -43,6 +43,14 @@ pub fn transfer(out: &mut Vec<u8>, t: &TransferJson<'_>) {
     optional(out, t.posted_amount, integer);
     out.extend_from_slice(b",\"timestamp_ms\":");
     integer(out, t.timestamp_ms);
+    if let Some(metadata) = t.metadata {
+        out.extend_from_slice(b",\"metadata\":");
+        out.extend_from_slice(metadata.get().as_bytes());
+    }
+    if let Some(reference) = t.reference {
+        out.extend_from_slice(b",\"reference\":");
+        string(out, reference);
+    }
     if let Some(pair) = &t.balances {
         out.extend_from_slice(b",\"balances\":{");
         let mut first = true;
@@ -239,8 +247,9 @@ mod tests {
             status,
             any::<Option<u64>>(),
             any::<u64>(),
+            a_details(),
         )
-            .prop_map(|(debit, credit, amount, kind, status, posted_amount, timestamp_ms)| Transfer {
+            .prop_map(|(debit, credit, amount, kind, status, posted_amount, timestamp_ms, details)| Transfer {
                 id: id(&format!("t-{debit}")[..debit.len().min(62) + 2]),
                 debit_account_id: id(&debit),
                 credit_account_id: id(&credit),
@@ -250,7 +259,21 @@ mod tests {
                 status,
                 posted_amount,
                 timestamp_ms,
+                details,
             })
+    }
+
+    /// Details as the server keeps them: metadata as compact JSON, a
+    /// reference that may need escaping.
+    fn a_details() -> impl Strategy<Value = peakstack_domain::Details> {
+        let metadata = proptest::option::of(prop_oneof![
+            Just("{}".to_owned()),
+            "[a-z\"\\\\é]{0,8}".prop_map(|v| serde_json::json!({"k": v, "n": [1, -2]}).to_string()),
+        ]);
+        let reference = proptest::option::of("[ -~é\"\\\\]{1,64}");
+        (metadata, reference).prop_map(|(m, r)| {
+            peakstack_domain::TransferDetails::of(m.map(String::into_boxed_str), r.map(String::into_boxed_str))
+        })
     }
 
     fn some_balances() -> impl Strategy<Value = Option<Balances>> {

@@ -283,6 +283,7 @@ mod tests {
                 status: TransferStatus::Posted,
                 posted_amount: None,
                 timestamp_ms: time_ms,
+                details: None,
             },
         }
     }

@@ -3,12 +3,13 @@
 //! module knows field names.
 
 use peakstack_domain::{
-    Account, AccountFlags, Amount, Balances, Currency, Id, Net, NewAccount, Owner, Transfer, TransferKind,
-    TransferRequest, MAX_TRANSFER_AMOUNT,
+    Account, AccountFlags, Amount, Balances, Currency, Details, Id, Net, NewAccount, Owner, Transfer, TransferDetails,
+    TransferKind, TransferRequest, MAX_REFERENCE_LEN, MAX_TRANSFER_AMOUNT,
 };
 use peakstack_engine::TransferOutcome;
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 /// Largest account metadata, serialized as compact JSON.
@@ -73,22 +74,7 @@ impl AccountBody {
             })?;
             flags.insert(flag);
         }
-        let metadata = match self.metadata {
-            None | Some(Value::Null) => None,
-            Some(value @ Value::Object(_)) => {
-                // serde_json's map is sorted by key, so the same object always
-                // serializes to the same text and retries compare equal.
-                let text = serde_json::to_string(&value).map_err(|e| format!("metadata: {e}"))?;
-                if text.len() > MAX_METADATA_BYTES {
-                    return Err(format!(
-                        "metadata: {} bytes serialized, at most {MAX_METADATA_BYTES} allowed",
-                        text.len()
-                    ));
-                }
-                Some(text.into_boxed_str())
-            }
-            Some(_) => return Err("metadata: must be a JSON object".to_owned()),
-        };
+        let metadata = parse_metadata(self.metadata)?;
         let owner = self
             .owner
             .map(|text| {
@@ -101,6 +87,37 @@ impl AccountBody {
         new.validate().map_err(str::to_owned)?;
         Ok(new)
     }
+}
+
+/// Metadata as kept: a JSON object as compact text, at most
+/// [`MAX_METADATA_BYTES`]; null is none.
+fn parse_metadata(metadata: Option<Value>) -> Result<Option<Box<str>>, String> {
+    match metadata {
+        None | Some(Value::Null) => Ok(None),
+        Some(value @ Value::Object(_)) => {
+            // serde_json's map is sorted by key, so the same object always
+            // serializes to the same text and retries compare equal.
+            let text = serde_json::to_string(&value).map_err(|e| format!("metadata: {e}"))?;
+            if text.len() > MAX_METADATA_BYTES {
+                return Err(format!("metadata: {} bytes serialized, at most {MAX_METADATA_BYTES} allowed", text.len()));
+            }
+            Ok(Some(text.into_boxed_str()))
+        }
+        Some(_) => Err("metadata: must be a JSON object".to_owned()),
+    }
+}
+
+/// A transfer's metadata and reference (1-64 bytes, no control characters).
+fn parse_details(metadata: Option<Value>, reference: Option<&str>) -> Result<Details, String> {
+    let metadata = parse_metadata(metadata)?;
+    let reference = match reference {
+        None => None,
+        Some(text) if text.is_empty() || text.len() > MAX_REFERENCE_LEN || text.chars().any(char::is_control) => {
+            return Err(format!("reference: must be 1-{MAX_REFERENCE_LEN} bytes of UTF-8 without control characters"));
+        }
+        Some(text) => Some(Box::from(text)),
+    };
+    Ok(TransferDetails::of(metadata, reference))
 }
 
 /// A transfer as a client sends it. `S` is `String`, or `&str` to borrow
@@ -117,6 +134,10 @@ pub struct TransferBody<S = String> {
     pub pending: bool,
     #[serde(default)]
     pub timeout_ms: u64,
+    #[serde(default)]
+    pub metadata: Option<Value>,
+    #[serde(default)]
+    pub reference: Option<S>,
 }
 
 impl<S: AsRef<str>> TransferBody<S> {
@@ -140,6 +161,7 @@ impl<S: AsRef<str>> TransferBody<S> {
             currency,
             pending: self.pending,
             timeout_ms: self.timeout_ms,
+            details: parse_details(self.metadata, self.reference.as_ref().map(AsRef::as_ref))?,
         })
     }
 }
@@ -150,13 +172,18 @@ pub struct PostBody {
     pub id: String,
     #[serde(default)]
     pub amount: Option<u64>,
+    #[serde(default)]
+    pub metadata: Option<Value>,
+    #[serde(default)]
+    pub reference: Option<String>,
 }
 
 impl PostBody {
     pub fn into_request(self, pending_id: Id) -> Result<TransferRequest, String> {
         let id = parse_client_id("id", &self.id)?;
         let amount = self.amount.map(|a| parse_amount("amount", a)).transpose()?;
-        Ok(TransferRequest::Post { id, pending_id, amount })
+        let details = parse_details(self.metadata, self.reference.as_deref())?;
+        Ok(TransferRequest::Post { id, pending_id, amount, details })
     }
 }
 
@@ -164,12 +191,17 @@ impl PostBody {
 #[serde(deny_unknown_fields)]
 pub struct VoidBody {
     pub id: String,
+    #[serde(default)]
+    pub metadata: Option<Value>,
+    #[serde(default)]
+    pub reference: Option<String>,
 }
 
 impl VoidBody {
     pub fn into_request(self, pending_id: Id) -> Result<TransferRequest, String> {
         let id = parse_client_id("id", &self.id)?;
-        Ok(TransferRequest::Void { id, pending_id })
+        let details = parse_details(self.metadata, self.reference.as_deref())?;
+        Ok(TransferRequest::Void { id, pending_id, details })
     }
 }
 
@@ -293,6 +325,11 @@ pub struct TransferJson<'a> {
     pub pending_id: Option<&'a str>,
     pub posted_amount: Option<u64>,
     pub timestamp_ms: u64,
+    /// Left out when absent, so that answers without them are as they were.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reference: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub balances: Option<BalancesPair>,
 }
@@ -318,6 +355,9 @@ impl<'a> TransferJson<'a> {
             pending_id: t.pending_id().map(Id::as_str),
             posted_amount: t.posted_amount,
             timestamp_ms: t.timestamp_ms,
+            // Kept as the compact text of an object, checked when it came in.
+            metadata: t.details.as_ref().and_then(|d| d.metadata.as_deref()).and_then(|m| serde_json::from_str(m).ok()),
+            reference: t.details.as_ref().and_then(|d| d.reference.as_deref()),
             balances: None,
         }
     }

@@ -174,7 +174,7 @@ async fn details_name_the_field_and_the_rule() {
             br#"{"id":"t1","debit_account_id":"a","credit_account_id":"b","amount":1,"currency":"USD","at":1}"#
                 .to_vec(),
             "at: is not a field of this request (the fields are id, debit_account_id, credit_account_id, amount, \
-             currency, pending, timeout_ms)"
+             currency, pending, timeout_ms, metadata, reference)"
                 .to_owned(),
         ),
         ("/v1/transfers", br#"{"id":"t1","#.to_vec(), "the body is not valid JSON: it ends too early".to_owned()),
