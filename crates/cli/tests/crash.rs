@@ -5,7 +5,10 @@
 //! - no transfer is half-applied: every account's balance is exactly what the
 //!   transfers that exist add up to;
 //! - transfers caught between executors complete (clearing accounts net to
-//!   zero) and all balances sum to zero.
+//!   zero) and all balances sum to zero;
+//! - every acknowledged request sent with an Idempotency-Key (half the
+//!   writers send one) replays its first answer byte for byte, also the
+//!   last ones before the kill, whose outcomes only the engine's log held.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -22,6 +25,9 @@ const WRITERS: usize = 16;
 /// get archived under load) and frequent checkpoints.
 const FLAGS: &[&str] =
     &["--shards", "16", "--executors", "2", "--records-in-memory", "200", "--checkpoint-log-bytes", "16384"];
+
+/// A keyed request acknowledged: its key, body and the answer's bytes.
+type KeyedAnswers = HashMap<String, (String, Value, bytes::Bytes)>;
 
 #[derive(Clone, Debug, PartialEq)]
 struct Sent {
@@ -84,10 +90,11 @@ async fn kill_under_load_and_recover(moment: Moment) {
 
     let acked: Arc<Mutex<HashMap<String, Sent>>> = Arc::default();
     let attempted: Arc<Mutex<HashMap<String, Sent>>> = Arc::default();
+    let keyed: Arc<Mutex<KeyedAnswers>> = Arc::default();
     let mut writers = Vec::new();
     for w in 0..WRITERS {
         let (client, base, names) = (client.clone(), base.clone(), names.clone());
-        let (acked, attempted) = (acked.clone(), attempted.clone());
+        let (acked, attempted, keyed) = (acked.clone(), attempted.clone(), keyed.clone());
         writers.push(tokio::spawn(async move {
             // Bounded: stops at the first failed request (the server is gone) or after 100k.
             for n in 0..100_000u64 {
@@ -100,12 +107,20 @@ async fn kill_under_load_and_recover(moment: Moment) {
                 let sent = Sent { debit: debit.clone(), credit: credit.clone(), amount: 1 + n % 97 };
                 attempted.lock().unwrap().insert(id.clone(), sent.clone());
                 let body = json!({"id": id, "debit_account_id": debit, "credit_account_id": credit, "amount": sent.amount, "currency": "USD"});
-                match client.post(format!("{base}/v1/transfers")).json(&body).send().await {
-                    Ok(r) if r.status().as_u16() == 201 => {
-                        acked.lock().unwrap().insert(id, sent);
-                    }
-                    _ => return,
+                let key = (w % 2 == 0).then(|| format!("key-{id}"));
+                let mut request = client.post(format!("{base}/v1/transfers")).json(&body);
+                if let Some(key) = &key {
+                    request = request.header("idempotency-key", key);
                 }
+                let Ok(r) = request.send().await else { return };
+                if r.status().as_u16() != 201 {
+                    return;
+                }
+                let Ok(raw) = r.bytes().await else { return };
+                if let Some(key) = key {
+                    keyed.lock().unwrap().insert(id.clone(), (key, body, raw));
+                }
+                acked.lock().unwrap().insert(id, sent);
             }
         }));
     }
@@ -131,6 +146,7 @@ async fn kill_under_load_and_recover(moment: Moment) {
     }
     let acked = acked.lock().unwrap().clone();
     let attempted = attempted.lock().unwrap().clone();
+    let keyed = keyed.lock().unwrap().clone();
     assert!(acked.len() > 50, "too few writes before the kill ({}) to test anything", acked.len());
 
     let mut server = start(dir.path(), port, FLAGS);
@@ -170,6 +186,38 @@ async fn kill_under_load_and_recover(moment: Moment) {
     for id in acked.keys() {
         assert_eq!(audited.get(id), Some(&1), "acknowledged transfer {id} has no single audit record");
     }
+
+    // Keyed requests replay their first answer byte for byte: the last
+    // ten of each keyed writer (their outcomes were likely in the engine's
+    // log only when it died) and every tenth of the rest.
+    let mut by_writer: BTreeMap<&str, Vec<(u64, &String)>> = BTreeMap::new();
+    for id in keyed.keys() {
+        let (writer, n) = id.split_once('-').unwrap();
+        by_writer.entry(writer).or_default().push((n.parse().unwrap(), id));
+    }
+    let mut replayed = 0;
+    for ids in by_writer.values_mut() {
+        ids.sort();
+        let last = ids.len().saturating_sub(10);
+        for (index, (_, id)) in ids.iter().enumerate() {
+            if index < last && index % 10 != 0 {
+                continue;
+            }
+            let (key, body, first) = &keyed[*id];
+            let r = client
+                .post(format!("{base}/v1/transfers"))
+                .header("idempotency-key", key)
+                .json(body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 201, "{id}: the replay of a keyed transfer");
+            assert_eq!(r.headers().get("idempotent-replayed").map(|v| v.as_bytes()), Some(&b"true"[..]), "{id}");
+            assert_eq!(&r.bytes().await.unwrap(), first, "{id}: the replay is the first answer byte for byte");
+            replayed += 1;
+        }
+    }
+    assert!(replayed >= 10, "too few keyed answers ({replayed}) to test replays");
 
     // Each writer had at most one request in flight when the server died.
     let unacked: Vec<(&String, &Sent)> = attempted.iter().filter(|(id, _)| !acked.contains_key(*id)).collect();

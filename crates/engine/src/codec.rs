@@ -13,7 +13,7 @@ use peakstack_domain::{
 
 use std::sync::Arc;
 
-use crate::protocol::{CommitOp, Input, OpResult, Origin, PeerMsg, TryOp};
+use crate::protocol::{CommitOp, IdempotencyTag, Input, OpResult, Origin, PeerMsg, TryOp};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("corrupt record: {0}")]
@@ -113,6 +113,9 @@ impl<'a> Reader<'a> {
             }
         }
         Err(CodecError("varint too long"))
+    }
+    pub fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
+        Ok(self.take(N)?.try_into().expect("N bytes"))
     }
     pub fn len(&mut self) -> Result<usize> {
         let n = self.varint()?;
@@ -751,11 +754,15 @@ impl Codec for Input {
                 requests.encode(w);
             }
             Input::Transfers { requests, atomic, origin: Some(origin) } => {
-                w.u8(4);
+                w.u8(if origin.idempotency.is_some() { 6 } else { 4 });
                 w.bool(*atomic);
                 requests.encode(w);
                 w.str(&origin.key_id);
                 w.str(&origin.request_id);
+                if let Some(tag) = &origin.idempotency {
+                    w.buf.extend_from_slice(&tag.key_hash);
+                    w.buf.extend_from_slice(&tag.fingerprint);
+                }
             }
             Input::ChangeAccount { id, change } => {
                 w.u8(5);
@@ -780,12 +787,16 @@ impl Codec for Input {
                 let atomic = r.bool()?;
                 Input::Transfers { requests: Vec::decode(r)?, atomic, origin: None }
             }
-            4 => {
+            tag @ (4 | 6) => {
                 let atomic = r.bool()?;
                 let requests = Vec::decode(r)?;
                 let key_id = Arc::from(r.str()?);
                 let request_id = Arc::from(r.str()?);
-                Input::Transfers { requests, atomic, origin: Some(Origin { key_id, request_id }) }
+                let idempotency = match tag {
+                    6 => Some(IdempotencyTag { key_hash: r.array()?, fingerprint: r.array()? }),
+                    _ => None,
+                };
+                Input::Transfers { requests, atomic, origin: Some(Origin { key_id, request_id, idempotency }) }
             }
             5 => {
                 let id = Id::decode(r)?;
@@ -870,7 +881,20 @@ mod tests {
         round_trip(Input::Transfers {
             requests: vec![TransferRequest::Void { id: id("v"), pending_id: id("t1"), details: None }],
             atomic: false,
-            origin: Some(Origin { key_id: Arc::from("0123456789abcdef"), request_id: Arc::from("req-1") }),
+            origin: Some(Origin {
+                key_id: Arc::from("0123456789abcdef"),
+                request_id: Arc::from("req-1"),
+                idempotency: None,
+            }),
+        });
+        round_trip(Input::Transfers {
+            requests: vec![TransferRequest::Void { id: id("v"), pending_id: id("t1"), details: None }],
+            atomic: false,
+            origin: Some(Origin {
+                key_id: Arc::from("0123456789abcdef"),
+                request_id: Arc::from("req-2"),
+                idempotency: Some(crate::protocol::IdempotencyTag { key_hash: [7; 16], fingerprint: [9; 16] }),
+            }),
         });
         round_trip(Input::Expire { pending_ids: vec![id("t1")] });
         round_trip(Input::Peer {

@@ -22,7 +22,8 @@ use peakstack_domain::{
 
 use crate::layout::Layout;
 use crate::protocol::{
-    AuditEvent, CommitOp, ExecutorId, Input, OpResult, Origin, PeerMsg, TransferOutcome, TransferResult, TryOp, TxnId,
+    AnsweredBalances, AuditEvent, CommitOp, ExecutorId, Input, OpResult, Origin, PeerMsg, TransferOutcome,
+    TransferResult, TryOp, TxnId,
 };
 
 /// The answer to opening an account: the account and whether it was created now.
@@ -292,7 +293,8 @@ impl ExecutorCore {
                         if let Some(result) = self.try_fast_path(request, now_ms, fx) {
                             if let (Some(origin), Ok(outcome)) = (origin, &result) {
                                 if outcome.created {
-                                    audit_created(origin, outcome.transfer.clone(), fx);
+                                    let answered = (outcome.debit_balances, outcome.credit_balances);
+                                    audit_created(origin, outcome.transfer.clone(), answered, fx);
                                 }
                             }
                             if let Some(tag) = client {
@@ -606,7 +608,11 @@ impl ExecutorCore {
             for (item, outcome) in state.items.iter().zip(&state.outcomes) {
                 if let ItemOutcome::Ok { pending } = outcome {
                     if let Some(transfer) = final_record(item, pending.as_ref()) {
-                        audit_created(origin, transfer, fx);
+                        let answered = (
+                            state.balances.get(&transfer.debit_account_id).copied(),
+                            state.balances.get(&transfer.credit_account_id).copied(),
+                        );
+                        audit_created(origin, transfer, answered, fx);
                     }
                 }
             }
@@ -869,7 +875,8 @@ impl ExecutorCore {
 /// The record a create request makes, and the error that refuses it before
 /// any state is read (same accounts, a reserved id, an expiry past the
 /// clock's range), if any. Only for [`TransferRequest::Create`].
-fn create_record(request: &TransferRequest, now_ms: u64) -> (Transfer, Option<ErrorCode>) {
+/// An idempotent replay rebuilds its answer's record with it.
+pub fn create_record(request: &TransferRequest, now_ms: u64) -> (Transfer, Option<ErrorCode>) {
     let TransferRequest::Create {
         id,
         debit_account_id,
@@ -1044,8 +1051,15 @@ fn commit_ops_of(
 
 /// The audit event of a transfer just made for a request from `origin`,
 /// stamped with the transfer's own time.
-fn audit_created(origin: &Origin, transfer: Transfer, fx: &mut Effects) {
-    fx.audit.push(AuditEvent { origin: origin.clone(), time_ms: transfer.timestamp_ms, transfer });
+fn audit_created(
+    origin: &Origin,
+    transfer: Transfer,
+    (debit, credit): (Option<Balances>, Option<Balances>),
+    fx: &mut Effects,
+) {
+    // The balances only for a keyed request: its replay answers with them.
+    let answered = origin.idempotency.map(|_| Box::new(AnsweredBalances { debit, credit }));
+    fx.audit.push(AuditEvent { origin: origin.clone(), time_ms: transfer.timestamp_ms, transfer, answered });
 }
 
 /// The `Forget` messages a whole-process crash lost, found after every

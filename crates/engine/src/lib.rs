@@ -22,5 +22,5 @@ mod writeback;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use layout::Layout;
-pub use protocol::{AuditBatch, AuditEvent, Origin, TransferOutcome, TransferResult};
+pub use protocol::{AnsweredBalances, AuditBatch, AuditEvent, IdempotencyTag, Origin, TransferOutcome, TransferResult};
 pub use runtime::{Engine, EngineConfig, EngineError, Totals};

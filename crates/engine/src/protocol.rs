@@ -55,6 +55,26 @@ pub enum Input {
 pub struct Origin {
     pub key_id: Arc<str>,
     pub request_id: Arc<str>,
+    /// The request's Idempotency-Key, when its answer is to be rebuilt
+    /// from the log: logged with the request (one fsync for both), and
+    /// handed to the audit feed with the answer's balances.
+    pub idempotency: Option<IdempotencyTag>,
+}
+
+/// An Idempotency-Key as the log keeps it: a hash of the key (with the
+/// caller it belongs to) and of the request it came with, 16 bytes each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct IdempotencyTag {
+    pub key_hash: [u8; 16],
+    pub fingerprint: [u8; 16],
+}
+
+/// The balances a create answered with, kept for a keyed request so that
+/// a replay answers byte for byte the same.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AnsweredBalances {
+    pub debit: Option<Balances>,
+    pub credit: Option<Balances>,
 }
 
 /// A transfer a request with an [`Origin`] created (a post or void
@@ -64,6 +84,8 @@ pub struct AuditEvent {
     pub origin: Origin,
     pub time_ms: u64,
     pub transfer: Transfer,
+    /// Set when the origin has an [`IdempotencyTag`].
+    pub answered: Option<Box<AnsweredBalances>>,
 }
 
 /// The audit events of one durable log batch of one executor. `(executor,

@@ -570,6 +570,18 @@ impl Engine {
             .sum()
     }
 
+    /// Per executor, the last audit batch published: every change answered
+    /// so far is in a batch up to it.
+    pub fn audit_produced(&self) -> Vec<u64> {
+        self.shared.audit.produced.iter().map(|p| p.load(Ordering::Acquire)).collect()
+    }
+
+    /// Whether the consumer's readers see every audit batch up to `marks`
+    /// (as [`Engine::audit_produced`] gave them).
+    pub fn audit_visible_up_to(&self, marks: &[u64]) -> bool {
+        self.shared.audit.visible.iter().zip(marks).all(|(v, &m)| v.load(Ordering::Acquire) >= m)
+    }
+
     /// Whether every audit batch of a change already answered is visible
     /// to the consumer's readers (what a read of the audit trail waits for).
     pub fn audit_caught_up(&self) -> bool {

@@ -275,7 +275,7 @@ fn the_audit_feed_delivers_every_transfer_made_and_survives_a_restart_until_stor
     use peakstack_engine::{AuditBatch, Origin};
     let dir = tempfile::tempdir().unwrap();
     let config = || EngineConfig { shards: 8, checkpoint_every_log_bytes: 512, ..EngineConfig::new(dir.path(), 2) };
-    let origin = |request: &str| Origin { key_id: Arc::from("k1"), request_id: Arc::from(request) };
+    let origin = |request: &str| Origin { key_id: Arc::from("k1"), request_id: Arc::from(request), idempotency: None };
     let ids = |batches: &[AuditBatch]| -> Vec<String> {
         let mut ids: Vec<String> = batches.iter().flat_map(|b| &b.events).map(|e| e.transfer.id.to_string()).collect();
         ids.sort();
@@ -372,7 +372,7 @@ fn checkpoints_keep_coming_under_load_while_the_audit_consumer_lags() {
             }
         })
     };
-    let origin = Origin { key_id: Arc::from("k"), request_id: Arc::from("load") };
+    let origin = Origin { key_id: Arc::from("k"), request_id: Arc::from("load"), idempotency: None };
     // Here checkpoints wait for the consumer's 50 ms rounds, not for log
     // bytes: how many are due depends on time, so the load runs for two
     // seconds at least (in a release build 1 MiB of log takes under one).

@@ -375,8 +375,11 @@ impl Sim {
         for (coordinator, indices, group) in self.layout.route(requests, atomic) {
             self.groups.push(Group { call, indices, coordinator, dead: false, lost: false });
             let tag = self.groups.len() as ClientTag;
-            let origin =
-                Origin { key_id: format!("key-{}", call % 3).into(), request_id: format!("call-{call}").into() };
+            let origin = Origin {
+                key_id: format!("key-{}", call % 3).into(),
+                request_id: format!("call-{call}").into(),
+                idempotency: None,
+            };
             self.apply(coordinator, Input::Transfers { requests: group, atomic, origin: Some(origin) }, Some(tag));
         }
         call

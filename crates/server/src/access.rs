@@ -256,6 +256,9 @@ pub fn check_namespace_owner(id: &Id, owner: Option<&Owner>) -> Result<(), Strin
 pub struct Caller {
     pub principal: Principal,
     pub request_id: String,
+    /// Set by the POST guard on a keyed request whose answer the engine's
+    /// log keeps ([`crate::keyed_outcomes`]).
+    pub idempotency: Option<peakstack_engine::IdempotencyTag>,
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for Caller {
@@ -270,7 +273,8 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
             .get(&crate::observe::X_REQUEST_ID)
             .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned())
             .unwrap_or_default();
-        Ok(Caller { principal, request_id })
+        let idempotency = parts.extensions.get::<peakstack_engine::IdempotencyTag>().copied();
+        Ok(Caller { principal, request_id, idempotency })
     }
 }
 
@@ -280,6 +284,7 @@ impl Caller {
         peakstack_engine::Origin {
             key_id: self.principal.key_id.clone(),
             request_id: std::sync::Arc::from(self.request_id.as_str()),
+            idempotency: self.idempotency,
         }
     }
 }

@@ -14,12 +14,13 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use parking_lot::Mutex;
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::audit::{AuditFilter, AuditPage, AuditRecord};
 use crate::audit_index::{self, IndexBuilder};
 use crate::audit_rows::{self, PackedRow, PACKED_ROW_TAG};
+use crate::keyed_outcomes::KeyedOutcome;
 use crate::keys::KeyRecord;
 
 /// Most writes applied in one group (one write transaction).
@@ -74,6 +75,11 @@ const AUDIT_INDEX: TableDefinition<(u16, u64), &[u8]> = TableDefinition::new("au
 /// queries by target scan the records before it, as they all once did.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const INDEX_FROM: &str = "audit_index_from";
+/// Keyed transfers' outcomes by key hash ([`crate::keyed_outcomes`]),
+/// written by the audit feed with the records of their batch.
+const KEYED_OUTCOMES: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("keyed_outcomes");
+/// (timestamp_ms, key hash): the purge walks this in age order.
+const KEYED_OUTCOMES_BY_AGE: TableDefinition<(u64, [u8; 16]), ()> = TableDefinition::new("keyed_outcomes_by_age");
 /// Most index pairs one query by target reads before its page ends early
 /// with a `next` cursor (8 MB of pairs, 16 million records of the log at
 /// 16 buckets); a row read counts as many pairs as a row holds records.
@@ -105,6 +111,8 @@ struct Write {
     key: Option<KeyRecord>,
     audit: Vec<AuditRecord>,
     packed: Vec<PackedRow>,
+    /// Outcomes of keyed transfers of these batches, by key hash.
+    outcomes: Vec<([u8; 16], KeyedOutcome)>,
     /// (executor, sequence) of the engine audit batches these records are.
     marks: Vec<(u16, u64)>,
     /// Whether the answer waits for the disk. Feed writes do not: the
@@ -117,6 +125,12 @@ struct Write {
 
 enum Op {
     Write(Box<Write>),
+    /// Deletes up to `limit` keyed outcomes older than `cutoff_ms`.
+    Purge {
+        cutoff_ms: u64,
+        limit: usize,
+        reply: oneshot::Sender<Result<usize, AccessStoreError>>,
+    },
     Close,
 }
 
@@ -144,6 +158,8 @@ impl AccessStore {
         txn.open_table(KEYS).map_err(redb_error)?;
         txn.open_table(FEED_MARKS).map_err(redb_error)?;
         txn.open_table(AUDIT_INDEX).map_err(redb_error)?;
+        txn.open_table(KEYED_OUTCOMES).map_err(redb_error)?;
+        txn.open_table(KEYED_OUTCOMES_BY_AGE).map_err(redb_error)?;
         {
             let audit = txn.open_table(AUDIT).map_err(redb_error)?;
             let mut meta = txn.open_table(META).map_err(redb_error)?;
@@ -172,7 +188,8 @@ impl AccessStore {
 
     async fn write(&self, key: Option<KeyRecord>, audit: Vec<AuditRecord>) -> Result<Range<u64>, AccessStoreError> {
         let (reply, answer) = oneshot::channel();
-        let write = Write { key, audit, packed: Vec::new(), marks: Vec::new(), durable: true, reply };
+        let write =
+            Write { key, audit, packed: Vec::new(), outcomes: Vec::new(), marks: Vec::new(), durable: true, reply };
         self.ops.send(Op::Write(Box::new(write))).await.map_err(|_| AccessStoreError::Closed)?;
         answer.await.map_err(|_| AccessStoreError::Closed)?
     }
@@ -186,16 +203,37 @@ impl AccessStore {
     /// their marks, from a thread outside the async runtime; returns once
     /// readable, not durable (a crash rolls it back whole: records and marks
     /// together).
-    pub fn append_feed_blocking(&self, rows: Vec<PackedRow>, marks: Vec<(u16, u64)>) -> Result<(), AccessStoreError> {
+    pub fn append_feed_blocking(
+        &self,
+        rows: Vec<PackedRow>,
+        outcomes: Vec<([u8; 16], KeyedOutcome)>,
+        marks: Vec<(u16, u64)>,
+    ) -> Result<(), AccessStoreError> {
         let (reply, answer) = oneshot::channel();
-        self.write_blocking(Write { key: None, audit: Vec::new(), packed: rows, marks, durable: false, reply })?;
+        self.write_blocking(Write {
+            key: None,
+            audit: Vec::new(),
+            packed: rows,
+            outcomes,
+            marks,
+            durable: false,
+            reply,
+        })?;
         answer.blocking_recv().map_err(|_| AccessStoreError::Closed)?.map(|_| ())
     }
 
     /// Makes every write so far durable (one commit that waits for the disk).
     pub fn sync_blocking(&self) -> Result<(), AccessStoreError> {
         let (reply, answer) = oneshot::channel();
-        let write = Write { key: None, audit: Vec::new(), packed: Vec::new(), marks: Vec::new(), durable: true, reply };
+        let write = Write {
+            key: None,
+            audit: Vec::new(),
+            packed: Vec::new(),
+            outcomes: Vec::new(),
+            marks: Vec::new(),
+            durable: true,
+            reply,
+        };
         self.write_blocking(write)?;
         answer.blocking_recv().map_err(|_| AccessStoreError::Closed)?.map(|_| ())
     }
@@ -211,6 +249,37 @@ impl AccessStore {
             marks.push((executor.value(), sequence.value()));
         }
         Ok(marks)
+    }
+
+    /// The outcome stored for a keyed transfer: one lookup in a read
+    /// transaction of what the writer has committed (durable or not yet).
+    pub fn keyed_outcome(&self, key_hash: &[u8; 16]) -> Result<Option<KeyedOutcome>, AccessStoreError> {
+        let db = self.db.lock().clone().ok_or(AccessStoreError::Closed)?;
+        let txn = db.begin_read().map_err(redb_error)?;
+        let table = txn.open_table(KEYED_OUTCOMES).map_err(redb_error)?;
+        let Some(value) = table.get(key_hash).map_err(redb_error)? else { return Ok(None) };
+        KeyedOutcome::decode(value.value()).map(Some).ok_or_else(|| {
+            AccessStoreError::Corrupt(format!(
+                "keyed outcome {}",
+                key_hash.iter().map(|b| format!("{b:02x}")).collect::<String>()
+            ))
+        })
+    }
+
+    /// How many keyed outcomes are stored.
+    pub fn keyed_outcomes_stored(&self) -> Result<u64, AccessStoreError> {
+        let db = self.db.lock().clone().ok_or(AccessStoreError::Closed)?;
+        let txn = db.begin_read().map_err(redb_error)?;
+        txn.open_table(KEYED_OUTCOMES).map_err(redb_error)?.len().map_err(redb_error)
+    }
+
+    /// Deletes up to `limit` keyed outcomes older than `cutoff_ms`, oldest
+    /// first; returns how many. Not durable by itself: a crash may bring
+    /// back a chunk, which the next purge deletes again.
+    pub async fn purge_keyed_outcomes(&self, cutoff_ms: u64, limit: usize) -> Result<usize, AccessStoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.ops.send(Op::Purge { cutoff_ms, limit, reply }).await.map_err(|_| AccessStoreError::Closed)?;
+        answer.await.map_err(|_| AccessStoreError::Closed)?
     }
 
     /// Stores a key (new or changed) with its audit record; returns once
@@ -419,6 +488,9 @@ fn run(db: &Database, mut rx: mpsc::Receiver<Op>, mut next_seq: u64) {
         for op in std::iter::once(first).chain(std::iter::from_fn(|| rx.try_recv().ok())).take(MAX_GROUP_WRITES) {
             match op {
                 Op::Write(write) => group.push(*write),
+                Op::Purge { cutoff_ms, limit, reply } => {
+                    let _ = reply.send(purge_outcomes(db, cutoff_ms, limit));
+                }
                 Op::Close => {
                     close = true;
                     break;
@@ -482,6 +554,17 @@ fn write_group(db: &Database, group: &mut Vec<Write>, index: &mut IndexBuilder, 
                 }
                 seqs_of.push(first_seq..seq);
             }
+            let mut outcomes = txn.open_table(KEYED_OUTCOMES).map_err(redb_error)?;
+            let mut outcomes_by_age = txn.open_table(KEYED_OUTCOMES_BY_AGE).map_err(redb_error)?;
+            for write in group.iter() {
+                for (key_hash, outcome) in &write.outcomes {
+                    let old = outcomes.insert(key_hash, outcome.encode().as_slice()).map_err(redb_error)?;
+                    if let Some(old) = old.and_then(|old| KeyedOutcome::decode(old.value())) {
+                        outcomes_by_age.remove((old.timestamp_ms, *key_hash)).map_err(redb_error)?;
+                    }
+                    outcomes_by_age.insert((outcome.timestamp_ms, *key_hash), ()).map_err(redb_error)?;
+                }
+            }
             let mut index_table = txn.open_table(AUDIT_INDEX).map_err(redb_error)?;
             for (key, pairs) in index.drain() {
                 index_table.insert(key, pairs.as_slice()).map_err(redb_error)?;
@@ -508,6 +591,35 @@ fn write_group(db: &Database, group: &mut Vec<Write>, index: &mut IndexBuilder, 
             next_seq
         }
     }
+}
+
+/// One purge chunk, in a transaction of its own (not waiting for the disk).
+fn purge_outcomes(db: &Database, cutoff_ms: u64, limit: usize) -> Result<usize, AccessStoreError> {
+    let mut txn = db.begin_write().map_err(redb_error)?;
+    txn.set_durability(Durability::None).map_err(redb_error)?;
+    let purged = {
+        let mut outcomes = txn.open_table(KEYED_OUTCOMES).map_err(redb_error)?;
+        let mut by_age = txn.open_table(KEYED_OUTCOMES_BY_AGE).map_err(redb_error)?;
+        let mut victims = Vec::new();
+        for entry in by_age.range(..(cutoff_ms, [0u8; 16])).map_err(redb_error)?.take(limit) {
+            victims.push(entry.map_err(redb_error)?.0.value());
+        }
+        for &(timestamp_ms, key_hash) in &victims {
+            by_age.remove((timestamp_ms, key_hash)).map_err(redb_error)?;
+            let current = outcomes
+                .get(&key_hash)
+                .map_err(redb_error)?
+                .and_then(|v| KeyedOutcome::decode(v.value()))
+                .map(|outcome| outcome.timestamp_ms);
+            // Only the outcome this index entry was made for.
+            if current == Some(timestamp_ms) {
+                outcomes.remove(&key_hash).map_err(redb_error)?;
+            }
+        }
+        victims.len()
+    };
+    txn.commit().map_err(redb_error)?;
+    Ok(purged)
 }
 
 #[cfg(test)]
@@ -556,7 +668,11 @@ mod tests {
     fn transfer_event(transfer_id: &str, time_ms: u64) -> peakstack_engine::AuditEvent {
         let id = |text: &str| peakstack_domain::Id::parse(text).unwrap();
         peakstack_engine::AuditEvent {
-            origin: peakstack_engine::Origin { key_id: Arc::from("k"), request_id: Arc::from("req") },
+            origin: peakstack_engine::Origin {
+                key_id: Arc::from("k"),
+                request_id: Arc::from("req"),
+                idempotency: None,
+            },
             time_ms,
             transfer: peakstack_domain::Transfer {
                 id: id(transfer_id),
@@ -570,6 +686,7 @@ mod tests {
                 timestamp_ms: time_ms,
                 details: None,
             },
+            answered: None,
         }
     }
 
@@ -585,7 +702,7 @@ mod tests {
             packer.push(&transfer_event(&format!("t{i}"), 2));
         }
         // Seqs 2..=151, in rows of 64, 64 and 22 records.
-        store.append_feed_blocking(packer.finish(), vec![(0, 7), (1, 3)]).unwrap();
+        store.append_feed_blocking(packer.finish(), Vec::new(), vec![(0, 7), (1, 3)]).unwrap();
         // Rows of JSON records (as stores before packed rows wrote them)
         // read on beside packed ones: seqs 152..=153 in one row.
         let json_rows =
@@ -621,7 +738,7 @@ mod tests {
         let mut packer = crate::audit_rows::RowPacker::new(MAX_RECORDS_PER_ROW);
         packer.push(&transfer_event("t150", 5));
         packer.push(&transfer_event("t151", 5));
-        store.append_feed_blocking(packer.finish(), vec![(0, 8)]).unwrap();
+        store.append_feed_blocking(packer.finish(), Vec::new(), vec![(0, 8)]).unwrap();
         runtime.block_on(store.close());
         let (store, _) = AccessStore::open(&path).unwrap();
         assert_eq!(runtime.block_on(store.append(record("k", action::KEY_CREATE, "k3", 6))).unwrap(), 158);
@@ -676,7 +793,7 @@ mod tests {
                 let name = if needles.contains(&i) { "needle".to_owned() } else { format!("t{i}") };
                 packer.push(&transfer_event(&name, i as u64));
             }
-            store.append_feed_blocking(packer.finish(), vec![(0, start as u64 + 1)]).unwrap();
+            store.append_feed_blocking(packer.finish(), Vec::new(), vec![(0, start as u64 + 1)]).unwrap();
         }
     }
 
@@ -768,7 +885,7 @@ mod tests {
         let mut packer = crate::audit_rows::RowPacker::new(MAX_RECORDS_PER_ROW);
         packer.push(&transfer_event("other", 3));
         packer.push(&transfer_event("needle", 3));
-        store.append_feed_blocking(packer.finish(), vec![(0, 999)]).unwrap();
+        store.append_feed_blocking(packer.finish(), Vec::new(), vec![(0, 999)]).unwrap();
         let expected = vec![6, 201, 301, 302, 304];
         assert_eq!(scanned(&store, &by_target("needle")), expected);
         for limit in [1, 2, 10] {

@@ -18,6 +18,7 @@ use peakstack_engine::{AuditBatch, Engine};
 
 use crate::access_store::{AccessStore, AccessStoreError, MAX_RECORDS_PER_ROW};
 use crate::audit_rows::RowPacker;
+use crate::keyed_outcomes::KeyedOutcome;
 
 /// Most engine batches stored in one write.
 pub const MAX_BATCHES_PER_WRITE: usize = 256;
@@ -132,19 +133,24 @@ impl Consumer {
             let take = pending.len().min(MAX_BATCHES_PER_WRITE);
             let batches: Vec<AuditBatch> = pending.drain(..take).collect();
             let mut rows = RowPacker::new(MAX_RECORDS_PER_ROW);
+            let mut outcomes = Vec::new();
             let mut marks: BTreeMap<u16, u64> = BTreeMap::new();
             for batch in &batches {
                 if batch.sequence <= self.marks.get(&batch.executor).copied().unwrap_or(0) {
                     continue; // stored before a crash, made again by the replay
                 }
-                batch.events.iter().for_each(|event| rows.push(event));
+                for event in &batch.events {
+                    rows.push(event);
+                    outcomes.extend(KeyedOutcome::of_event(event));
+                }
                 let mark = marks.entry(batch.executor).or_default();
                 *mark = (*mark).max(batch.sequence);
             }
             if marks.is_empty() {
                 continue;
             }
-            match self.store.append_feed_blocking(rows.finish(), marks.iter().map(|(&e, &s)| (e, s)).collect()) {
+            let stored_marks = marks.iter().map(|(&e, &s)| (e, s)).collect();
+            match self.store.append_feed_blocking(rows.finish(), outcomes, stored_marks) {
                 Ok(()) => {
                     for (executor, sequence) in marks {
                         self.marks.insert(executor, sequence);

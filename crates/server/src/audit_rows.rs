@@ -271,7 +271,11 @@ mod tests {
 
     fn event(transfer_id: &str, kind: TransferKind, request_id: &str, time_ms: u64) -> AuditEvent {
         AuditEvent {
-            origin: Origin { key_id: Arc::from("0123456789abcdef"), request_id: Arc::from(request_id) },
+            origin: Origin {
+                key_id: Arc::from("0123456789abcdef"),
+                request_id: Arc::from(request_id),
+                idempotency: None,
+            },
             time_ms,
             transfer: Transfer {
                 id: id(transfer_id),
@@ -285,6 +289,7 @@ mod tests {
                 timestamp_ms: time_ms,
                 details: None,
             },
+            answered: None,
         }
     }
 

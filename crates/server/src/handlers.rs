@@ -18,6 +18,7 @@ use crate::access::{AuthMode, Caller, Denied, Principal, Scope};
 use crate::audit::{action, AuditRecord};
 use crate::error::{is_transient_code, ApiError, Transient};
 use crate::idempotency::{now_ms, LateAnswer};
+use crate::keyed_outcomes::{AnsweredFromLog, ExistedAlready, KeyedOutcome};
 use crate::post_guard::BATCH_BODY_LIMIT_BYTES;
 use crate::wire::{
     parse_id, AccountBody, AccountJson, BatchBody, Page, PageQuery, PostBody, TransferBody, TransferJson, VoidBody,
@@ -378,7 +379,6 @@ pub async fn create_account(
     crate::access::check_namespace_owner(&id, new.owner.as_ref()).map_err(ApiError::InvalidRequest)?;
     let deadline = Deadline::of(&state);
     let pending = format!("account {id} may still be opened: read it at /v1/accounts/{id}, or retry");
-    let caller = Caller { principal: caller.principal.clone(), request_id: caller.request_id.clone() };
     decide_within(deadline, &pending, open_account(state, caller, id, new)).await
 }
 
@@ -588,14 +588,35 @@ async fn one_transfer(state: &AppState, caller: &Caller, request: TransferReques
 
 /// The engine's part of [`one_transfer`] (run by [`decide_call_within`]).
 async fn make_transfer(engine: Engine, request: TransferRequest, origin: Origin) -> Result<Response, ApiError> {
+    let keyed = origin.idempotency;
     let results = engine.create_transfers_as(vec![request], false, Some(origin)).await;
     crate::observe::count_ledger_results(&results);
     let outcome = results.into_iter().next().unwrap_or(Err(ErrorCode::Unavailable)).map_err(ApiError::ledger)?;
     if outcome.created {
-        Ok(transfer_answer(StatusCode::CREATED, &TransferJson::from_outcome(&outcome)))
+        let mut answer = transfer_answer(StatusCode::CREATED, &TransferJson::from_outcome(&outcome));
+        if let Some(tag) = keyed {
+            answer.extensions_mut().insert(AnsweredFromLog(KeyedOutcome::of_answer(tag, &outcome)));
+        }
+        Ok(answer)
     } else {
-        Ok(transfer_answer(StatusCode::OK, &TransferJson::from_transfer(&outcome.transfer)))
+        let mut answer = transfer_answer(StatusCode::OK, &TransferJson::from_transfer(&outcome.transfer));
+        if keyed.is_some() {
+            answer.extensions_mut().insert(ExistedAlready);
+        }
+        Ok(answer)
     }
+}
+
+/// The replay of a keyed create from its outcome: the retried body (the
+/// same request, by its fingerprint) read as the handler reads it, the
+/// record rebuilt as the engine built it, the same serializer.
+pub fn replay_keyed_create(outcome: &KeyedOutcome, body: &[u8]) -> Result<Response, ApiError> {
+    let unreadable =
+        || ApiError::Internal("the stored outcome of this Idempotency-Key does not fit its request".to_owned());
+    let fields: TransferBody = serde_json::from_slice(body).map_err(|_| unreadable())?;
+    let request = fields.into_request().map_err(|_| unreadable())?;
+    let outcome = outcome.answer(&request).ok_or_else(unreadable)?;
+    Ok(transfer_answer(StatusCode::CREATED, &TransferJson::from_outcome(&outcome)))
 }
 
 pub async fn create_transfer(

@@ -32,6 +32,8 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableM
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::keyed_outcomes::key_hash;
+
 /// Longest key a client may send.
 pub const MAX_KEY_LEN: usize = 255;
 /// Keys are remembered this long unless the server is told otherwise
@@ -193,6 +195,10 @@ pub struct IdempotencyStore {
     ops: mpsc::Sender<Op>,
     thread: Mutex<Option<JoinHandle<()>>>,
     in_flight: Arc<InFlight>,
+    /// The hashes of the keys stored: a lookup of any other key (nearly
+    /// every lookup, since keyed creates keep no answer here) costs no
+    /// read of the database. Updated by the writer before it answers.
+    stored: Arc<Mutex<HashSet<[u8; 16]>>>,
     /// Read by lookups; taken out by [`IdempotencyStore::close`] so that the
     /// file is closed once the writer is gone.
     reader: parking_lot::RwLock<Option<Arc<Database>>>,
@@ -200,7 +206,7 @@ pub struct IdempotencyStore {
 
 #[derive(Default)]
 struct InFlight {
-    keys: Mutex<HashSet<String>>,
+    keys: Mutex<HashSet<[u8; 16]>>,
     /// Told whenever the last key in flight is let go.
     none_left: tokio::sync::Notify,
 }
@@ -208,8 +214,15 @@ struct InFlight {
 /// Holds a key in flight; dropping it (also when a request is cancelled)
 /// lets the next request with the key in.
 pub struct KeyGuard {
-    key: String,
+    key: [u8; 16],
     in_flight: Arc<InFlight>,
+}
+
+impl KeyGuard {
+    /// The hash of the key held ([`crate::keyed_outcomes::key_hash`]).
+    pub fn key_hash(&self) -> [u8; 16] {
+        self.key
+    }
 }
 
 impl Drop for KeyGuard {
@@ -241,34 +254,45 @@ impl IdempotencyStore {
         txn.open_table(ANSWERS).map_err(redb::Error::from)?;
         txn.open_table(BY_AGE).map_err(redb::Error::from)?;
         txn.commit().map_err(redb::Error::from)?;
+        let mut hashes = HashSet::new();
+        {
+            let txn = db.begin_read().map_err(redb::Error::from)?;
+            for entry in txn.open_table(ANSWERS).map_err(redb::Error::from)?.iter().map_err(redb::Error::from)? {
+                hashes.insert(key_hash(entry.map_err(redb::Error::from)?.0.value()));
+            }
+        }
+        let stored = Arc::new(Mutex::new(hashes));
 
         let db = Arc::new(db);
         let writer = db.clone();
+        let writer_stored = stored.clone();
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
         let thread = peakstack_engine::failstop::spawn("idempotency", move || {
             peakstack_engine::failstop::fault_point();
-            run(writer, rx)
+            run(writer, &writer_stored, rx)
         })
         .map_err(StoreError::Thread)?;
         Ok(IdempotencyStore {
             ops: tx,
             thread: Mutex::new(Some(thread)),
             in_flight: Arc::new(InFlight::default()),
+            stored,
             reader: parking_lot::RwLock::new(Some(db)),
         })
     }
 
     /// Takes `key` for one request.
     pub fn begin(&self, key: &str) -> Result<KeyGuard, Busy> {
+        let hash = key_hash(key);
         let mut in_flight = self.in_flight.keys.lock();
-        if in_flight.contains(key) {
+        if in_flight.contains(&hash) {
             return Err(Busy::KeyInUse);
         }
         if in_flight.len() >= MAX_KEYS_IN_FLIGHT {
             return Err(Busy::Full);
         }
-        in_flight.insert(key.to_owned());
-        Ok(KeyGuard { key: key.to_owned(), in_flight: self.in_flight.clone() })
+        in_flight.insert(hash);
+        Ok(KeyGuard { key: hash, in_flight: self.in_flight.clone() })
     }
 
     async fn call<T>(&self, op: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op) -> Result<T, StoreError> {
@@ -281,6 +305,9 @@ impl IdempotencyStore {
     /// the committed state (a B-tree walk in redb's page cache).
     pub async fn get(&self, key: &str) -> Result<Option<StoredAnswer>, StoreError> {
         let db = self.reader.read().clone().ok_or(StoreError::Closed)?;
+        if !self.stored.lock().contains(&key_hash(key)) {
+            return Ok(None);
+        }
         let txn = db.begin_read().map_err(redb::Error::from)?;
         let table = txn.open_table(ANSWERS).map_err(redb::Error::from)?;
         let value = table.get(key).map_err(redb::Error::from)?;
@@ -371,7 +398,7 @@ pub async fn run_purges(store: &IdempotencyStore, retention: Duration, mut stop:
     }
 }
 
-fn run(db: Arc<Database>, mut rx: mpsc::Receiver<Op>) {
+fn run(db: Arc<Database>, stored: &Mutex<HashSet<[u8; 16]>>, mut rx: mpsc::Receiver<Op>) {
     let mut group = Vec::with_capacity(MAX_GROUP_OPS);
     while let Some(first) = rx.blocking_recv() {
         group.push(first);
@@ -381,7 +408,7 @@ fn run(db: Arc<Database>, mut rx: mpsc::Receiver<Op>) {
                 Err(_) => break,
             }
         }
-        let close = apply_group(&db, &mut group);
+        let close = apply_group(&db, stored, &mut group);
         if close {
             break;
         }
@@ -390,11 +417,11 @@ fn run(db: Arc<Database>, mut rx: mpsc::Receiver<Op>) {
 }
 
 /// Applies one group; returns whether the store was asked to close.
-fn apply_group(db: &Database, group: &mut Vec<Op>) -> bool {
+fn apply_group(db: &Database, stored: &Mutex<HashSet<[u8; 16]>>, group: &mut Vec<Op>) -> bool {
     let close = group.iter().any(|op| matches!(op, Op::Close));
     let writes: Vec<Op> = group.drain(..).filter(|op| !matches!(op, Op::Close)).collect();
     if !writes.is_empty() {
-        write_all(db, writes);
+        write_all(db, stored, writes);
     }
     close
 }
@@ -404,8 +431,9 @@ enum WriteResult {
     Purge(oneshot::Sender<Result<usize, StoreError>>, usize),
 }
 
-fn write_all(db: &Database, writes: Vec<Op>) {
+fn write_all(db: &Database, stored: &Mutex<HashSet<[u8; 16]>>, writes: Vec<Op>) {
     let mut results = Vec::with_capacity(writes.len());
+    let (mut added, mut removed) = (Vec::new(), Vec::new());
     let outcome = (|| -> Result<(), redb::Error> {
         let mut txn = db.begin_write()?;
         txn.set_durability(Durability::Immediate)?;
@@ -422,6 +450,7 @@ fn write_all(db: &Database, writes: Vec<Op>) {
                             by_age.remove((old_created_at_ms, key.as_str()))?;
                         }
                         by_age.insert((answer.created_at_ms, key.as_str()), ())?;
+                        added.push(key_hash(&key));
                         results.push(WriteResult::Put(reply));
                     }
                     Op::Purge { cutoff_ms, limit, reply } => {
@@ -438,6 +467,7 @@ fn write_all(db: &Database, writes: Vec<Op>) {
                             // Only the answer this index entry was made for.
                             if current == Some(*created_at_ms) {
                                 answers.remove(key.as_str())?;
+                                removed.push(key_hash(key));
                             }
                         }
                         results.push(WriteResult::Purge(reply, victims.len()));
@@ -451,6 +481,13 @@ fn write_all(db: &Database, writes: Vec<Op>) {
     })();
     match outcome {
         Ok(()) => {
+            {
+                let mut stored = stored.lock();
+                removed.iter().for_each(|hash| {
+                    stored.remove(hash);
+                });
+                stored.extend(added);
+            }
             for result in results {
                 match result {
                     WriteResult::Put(reply) => {

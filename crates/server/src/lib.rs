@@ -47,6 +47,7 @@ mod handlers;
 mod head_errors;
 pub mod idempotency;
 mod json_errors;
+pub mod keyed_outcomes;
 pub mod keys;
 pub mod listener;
 mod observe;
@@ -173,6 +174,7 @@ struct Inner {
     idempotency: IdempotencyStore,
     access: Arc<AccessStore>,
     audit_feed: audit_feed::AuditFeed,
+    recent_outcomes: keyed_outcomes::RecentOutcomes,
     keys: keys::KeyRing,
     auth: AuthMode,
     route_access: access::RouteAccess,
@@ -194,6 +196,7 @@ impl AppState {
         let (access, records) = open_access_store(data_dir)?;
         let access = Arc::new(access);
         let keys = keys::KeyRing::new(records).map_err(|e| anyhow::anyhow!("{}: {e}", ACCESS_FILE))?;
+        let recent_outcomes = keyed_outcomes::RecentOutcomes::new(&engine);
         let audit_feed = audit_feed::AuditFeed::start(&engine, access.clone())?;
         let route_access = access::RouteAccess::new(route_table().into_iter().map(|(m, p, a, _)| (m, p, a)));
         Ok(AppState {
@@ -202,6 +205,7 @@ impl AppState {
                 idempotency,
                 access,
                 audit_feed,
+                recent_outcomes,
                 keys,
                 auth,
                 route_access,
@@ -234,6 +238,11 @@ impl AppState {
 
     pub fn access_store(&self) -> &AccessStore {
         &self.inner.access
+    }
+
+    /// Keyed transfers answered but maybe not yet stored by the audit feed.
+    pub fn recent_outcomes(&self) -> &keyed_outcomes::RecentOutcomes {
+        &self.inner.recent_outcomes
     }
 
     pub fn keys(&self) -> &keys::KeyRing {
@@ -538,7 +547,10 @@ pub async fn serve(
 /// Deletes idempotency keys older than `retention` (see
 /// [`idempotency::run_purges`]).
 async fn purge_loop(state: AppState, retention: Duration, stop: tokio::sync::watch::Receiver<bool>) {
-    idempotency::run_purges(state.idempotency(), retention, stop).await
+    tokio::join!(
+        idempotency::run_purges(state.idempotency(), retention, stop.clone()),
+        keyed_outcomes::run_upkeep(state.engine(), state.recent_outcomes(), state.access_store(), retention, stop),
+    );
 }
 
 async fn upkeep_loop(handle: PrometheusHandle, mut stop: tokio::sync::watch::Receiver<bool>) {

@@ -14,10 +14,11 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use crate::access::{Principal, INSECURE_KEY_ID};
 use crate::error::{ApiError, Transient};
 use crate::idempotency::{
-    fingerprint, now_ms, valid_key, Busy, IdempotencyStore, LateAnswer, StoredAnswer, MAX_KEY_LEN,
-    MAX_STORED_ANSWER_BYTES,
+    fingerprint, now_ms, valid_key, Busy, LateAnswer, StoredAnswer, MAX_KEY_LEN, MAX_STORED_ANSWER_BYTES,
 };
+use crate::keyed_outcomes::{short_fingerprint, AnsweredFromLog, ExistedAlready, KeyedOutcome};
 use crate::{buffers, AppState};
+use peakstack_engine::IdempotencyTag;
 
 /// Largest body of a single-object request.
 pub const SINGLE_BODY_LIMIT_BYTES: usize = 64 * 1024;
@@ -129,6 +130,17 @@ async fn guarded(state: &AppState, request: Request, next: Next) -> Result<Respo
         }
         return Ok(replay(stored));
     }
+    let keyed = Keyed { hash: key_guard.key_hash(), key, fingerprint, body: bytes };
+    wait_for_replayed_outcomes(state).await?;
+    if let Some(outcome) = keyed_outcome(state, &keyed.hash)? {
+        return replay_outcome(&outcome, &keyed);
+    }
+    let mut request = request;
+    let from_log = request.extensions().get::<MatchedPath>().is_some_and(|path| path.as_str() == CREATE_PATH);
+    if from_log && state.recent_outcomes().accepting() {
+        let tag = IdempotencyTag { key_hash: keyed.hash, fingerprint: short_fingerprint(&keyed.fingerprint) };
+        request.extensions_mut().insert(tag);
+    }
 
     let mut response = next.run(request).await;
     if let Some(late) = LateAnswer::take(&mut response) {
@@ -138,25 +150,108 @@ async fn guarded(state: &AppState, request: Request, next: Next) -> Result<Respo
         tokio::spawn(async move {
             let answer =
                 late.await.unwrap_or_else(|_| ApiError::Internal("the request failed".to_owned()).into_response());
-            if let Err(error) = remember(state.idempotency(), &key, fingerprint, answer).await {
+            if let Err(error) = remember(&state, &keyed, answer).await {
                 tracing::warn!(%error, "the late answer of a keyed request was not stored");
             }
             drop(key_guard);
         });
         return Ok(response);
     }
-    let answer = remember(store, &key, fingerprint, response).await;
+    let answer = remember(state, &keyed, response).await;
     drop(key_guard);
     answer
 }
 
-/// Stores `response` as `key`'s answer if it is final, and returns it.
-async fn remember(
-    store: &IdempotencyStore,
-    key: &str,
+/// The route whose keyed answers the engine's log keeps.
+const CREATE_PATH: &str = "/v1/transfers";
+
+/// A keyed request: its key (scoped to its caller), the key's hash, the
+/// request's fingerprint and body.
+struct Keyed {
+    key: String,
+    hash: [u8; 16],
     fingerprint: [u8; 32],
-    response: Response,
-) -> Result<Response, ApiError> {
+    body: Bytes,
+}
+
+/// The outcome of a keyed create, held or stored.
+fn keyed_outcome(state: &AppState, hash: &[u8; 16]) -> Result<Option<KeyedOutcome>, ApiError> {
+    if let Some(outcome) = state.recent_outcomes().get(hash) {
+        return Ok(Some(outcome));
+    }
+    state.access_store().keyed_outcome(hash).map_err(|e| ApiError::Unavailable(e.to_string()))
+}
+
+fn replay_outcome(outcome: &KeyedOutcome, keyed: &Keyed) -> Result<Response, ApiError> {
+    if outcome.fingerprint != short_fingerprint(&keyed.fingerprint) {
+        return Err(ApiError::IdempotencyKeyReused);
+    }
+    let mut response = crate::handlers::replay_keyed_create(outcome, &keyed.body)?;
+    metrics::counter!(crate::observe::IDEMPOTENT_REPLAYS_TOTAL).increment(1);
+    response.headers_mut().insert(IDEMPOTENT_REPLAYED.clone(), HeaderValue::from_static("true"));
+    Ok(response)
+}
+
+/// How long a keyed request waits, after a restart, for the audit feed to
+/// store the outcomes the engine's replay made again.
+const REPLAYED_OUTCOMES_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+async fn wait_for_replayed_outcomes(state: &AppState) -> Result<(), ApiError> {
+    let deadline = tokio::time::Instant::now() + REPLAYED_OUTCOMES_WAIT;
+    while !state.recent_outcomes().started(state.engine()) {
+        if tokio::time::Instant::now() >= deadline {
+            return Err(ApiError::Unavailable(
+                "the answers of keyed requests made before the restart are still being restored; retry shortly"
+                    .to_owned(),
+            ));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    Ok(())
+}
+
+/// A keyed create found its transfer made already. If an earlier run of
+/// this request made it (its client went away before the answer), that
+/// run's outcome reaches the store within the feed's lag: wait until the
+/// feed's readers see every batch answered so far (twice, for a
+/// transaction whose record was committed a moment before its coordinator
+/// published it), and replay it if it is there.
+async fn earlier_run(state: &AppState, keyed: &Keyed) -> Result<Option<Response>, ApiError> {
+    let deadline = tokio::time::Instant::now() + REPLAYED_OUTCOMES_WAIT;
+    for _ in 0..2 {
+        let marks = state.engine().audit_produced();
+        while !state.engine().audit_visible_up_to(&marks) {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ApiError::Unavailable(
+                    "the transfer exists; the audit feed is behind, so whether this key made it is not known yet: \
+                     retry shortly with the same Idempotency-Key"
+                        .to_owned(),
+                ));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        if let Some(outcome) = keyed_outcome(state, &keyed.hash)? {
+            return replay_outcome(&outcome, keyed).map(Some);
+        }
+    }
+    Ok(None)
+}
+
+/// Stores `response` as the key's answer if it is final, and returns it.
+/// A keyed create's answer the log keeps is held until the feed stores
+/// its outcome instead.
+async fn remember(state: &AppState, keyed: &Keyed, response: Response) -> Result<Response, ApiError> {
+    if let Some(AnsweredFromLog(outcome)) = response.extensions().get::<AnsweredFromLog>().copied() {
+        state.recent_outcomes().insert(keyed.hash, outcome);
+        return Ok(response);
+    }
+    if response.extensions().get::<ExistedAlready>().is_some() {
+        if let Some(replayed) = earlier_run(state, keyed).await? {
+            return Ok(replayed);
+        }
+    }
+    let store = state.idempotency();
+    let (key, fingerprint) = (keyed.key.as_str(), keyed.fingerprint);
     let status = response.status();
     let final_answer = status.is_success() || status.is_client_error();
     if !final_answer || response.extensions().get::<Transient>().is_some() {
