@@ -167,6 +167,11 @@ impl ExecutorCore {
         &self.ledger
     }
 
+    /// Length of the history file once every entry applied so far is in.
+    pub fn history_len(&self) -> u64 {
+        self.history_len
+    }
+
     /// The state for a checkpoint, or `None` while a transaction is in
     /// flight or a fence is kept (checkpoints are taken between them).
     /// `accounts` is a buffer to copy the accounts into (see [`Ledger::image`]).

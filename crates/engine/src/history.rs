@@ -209,6 +209,91 @@ impl HistoryReader {
     }
 }
 
+/// Bytes a backward walk reads per step ([`HistoryReader::entries_before`]):
+/// some hundreds of entries (60-120 bytes each), and far more than one of
+/// the largest (`8 + MAX_ENTRY_BYTES`), so every step finds an entry start.
+pub const BACKWARD_READ_BYTES: u64 = 64 << 10;
+
+impl HistoryReader {
+    /// The whole entries that end at or before `end` (an entry boundary:
+    /// the length written, or a start this returned before), from the
+    /// [`BACKWARD_READ_BYTES`] before it: `(start offset, entry)`, oldest
+    /// first, the last one ending exactly at `end`. Empty at `end` 0.
+    ///
+    /// The file has no back pointers between accounts, so the first entry
+    /// start in the block is found by trying each offset of its first
+    /// `8 + MAX_ENTRY_BYTES` bytes: one is taken only when every frame from
+    /// it passes its length bound, its checksum and its decoding, and they
+    /// end exactly at `end`. An offset inside an entry would need its bytes
+    /// to pass a 32-bit checksum and frame exactly up to a true start: no
+    /// accident.
+    pub fn entries_before(&self, end: u64) -> io::Result<Vec<(u64, LegEntry)>> {
+        if end == 0 {
+            return Ok(Vec::new());
+        }
+        let start = end.saturating_sub(BACKWARD_READ_BYTES);
+        let mut block = vec![0u8; (end - start) as usize];
+        self.file.read_exact_at(&mut block, start)?;
+        let tries = if start == 0 { 1 } else { block.len().min(8 + MAX_ENTRY_BYTES) };
+        // Starts that were framed from and led nowhere: each offset is
+        // framed from at most once, so a cursor in the middle of an entry
+        // costs one pass over the block, not one per offset tried.
+        let mut dead_ends = vec![false; block.len()];
+        for first in 0..tries {
+            if let Some(entries) = frames_to_end(&block, first, &mut dead_ends) {
+                return Ok(entries.into_iter().map(|(at, entry)| (start + at as u64, entry)).collect());
+            }
+        }
+        Err(io::Error::other(format!("no whole history entries end at offset {end}")))
+    }
+}
+
+/// The entries framed from `first` to the end of `block`, if every frame
+/// is whole and sound and the last ends exactly there. Marks the starts it
+/// framed from in `dead_ends` when it fails, and stops at one marked.
+fn frames_to_end(block: &[u8], first: usize, dead_ends: &mut [bool]) -> Option<Vec<(usize, LegEntry)>> {
+    let mut entries = Vec::new();
+    let mut at = first;
+    let framed = loop {
+        if at == block.len() {
+            break true;
+        }
+        if dead_ends[at] {
+            break false;
+        }
+        match frame_at(block, at) {
+            Some((entry, len)) => {
+                entries.push((at, entry));
+                at += len;
+            }
+            None => {
+                dead_ends[at] = true;
+                break false;
+            }
+        }
+    };
+    if framed {
+        return Some(entries);
+    }
+    entries.iter().for_each(|(start, _)| dead_ends[*start] = true);
+    None
+}
+
+/// The sound entry framed at `at` in `block` and its framed length.
+fn frame_at(block: &[u8], at: usize) -> Option<(LegEntry, usize)> {
+    let header = block.get(at..at + 8)?;
+    let len = u32::from_le_bytes(header[..4].try_into().expect("4")) as usize;
+    let crc = u32::from_le_bytes(header[4..].try_into().expect("4"));
+    if len > MAX_ENTRY_BYTES {
+        return None;
+    }
+    let payload = block.get(at + 8..at + 8 + len)?;
+    if crc32c::crc32c(payload) != crc {
+        return None;
+    }
+    Some((LegEntry::decode(payload).ok()?, 8 + len))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -232,6 +317,61 @@ mod tests {
         assert_eq!(reader.entry(second.previous).unwrap(), first);
         assert!(reader.entry(0).is_err());
         assert!(reader.entry(3).is_err(), "a head that is not an entry start is refused");
+    }
+
+    /// Writes `count` entries of varied sizes; answers each one's start.
+    fn write_entries(dir: &Path, count: u64) -> (Vec<u64>, Vec<LegEntry>) {
+        let mut writer = HistoryWriter::create(dir).unwrap();
+        let (mut starts, mut entries, mut at) = (Vec::new(), Vec::new(), 0u64);
+        for n in 0..count {
+            // Ids of 3 to 60 bytes and amounts of every varint width.
+            let id = format!("t{}-{}", n, "x".repeat((n * 7 % 55) as usize));
+            let entry =
+                leg(at / 3, n % 5, 1_000 + n, &id, LegEvent::Posted { side: Side::Debit, amount: n << (n % 50) });
+            let mut bytes = Vec::new();
+            let len = entry.encode_framed(&mut bytes);
+            writer.append(&mut bytes).unwrap();
+            starts.push(at);
+            entries.push(entry);
+            at += len;
+        }
+        (starts, entries)
+    }
+
+    #[test]
+    fn a_backward_walk_finds_every_entry_once_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        // Several blocks' worth, so most steps start mid-file.
+        let (starts, entries) = write_entries(dir.path(), 4000);
+        let file_len = std::fs::metadata(dir.path().join(HISTORY_FILE)).unwrap().len();
+        assert!(file_len > 3 * BACKWARD_READ_BYTES, "{file_len}");
+        let reader = HistoryReader::open(dir.path()).unwrap();
+        let mut walked = Vec::new();
+        let mut end = file_len;
+        while end > 0 {
+            let block = reader.entries_before(end).unwrap();
+            assert!(!block.is_empty());
+            end = block[0].0;
+            walked.extend(block.into_iter().rev());
+        }
+        walked.reverse();
+        let expected: Vec<(u64, LegEntry)> = starts.into_iter().zip(entries).collect();
+        assert_eq!(walked, expected);
+        assert!(reader.entries_before(0).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_backward_walk_from_inside_an_entry_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (starts, _) = write_entries(dir.path(), 3000);
+        let reader = HistoryReader::open(dir.path()).unwrap();
+        // Every true start walks; the byte after one does not.
+        for &start in starts.iter().step_by(97) {
+            if start > 0 {
+                assert_eq!(reader.entries_before(start).unwrap().last().map(|(at, _)| *at < start), Some(true));
+            }
+            assert!(reader.entries_before(start + 1).is_err(), "end {}", start + 1);
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod executor;
 pub mod failstop;
 pub mod history;
 pub mod layout;
+pub mod listing;
 pub mod log;
 pub mod meta;
 pub mod protocol;
@@ -22,5 +23,6 @@ mod writeback;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use layout::Layout;
+pub use listing::{TransferFilter, TransferPage, TransferSource};
 pub use protocol::{AnsweredBalances, AuditBatch, AuditEvent, IdempotencyTag, Origin, TransferOutcome, TransferResult};
 pub use runtime::{Engine, EngineConfig, EngineError, Totals};

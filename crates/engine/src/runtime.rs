@@ -138,9 +138,25 @@ pub use crate::executor::AccountReply;
 #[derive(Debug)]
 pub enum Query {
     Account(Id),
-    Accounts { after: Option<Id>, limit: usize },
+    Accounts {
+        after: Option<Id>,
+        limit: usize,
+    },
     Transfer(Id),
+    /// Transfer records by id, for a listing (see `listing.rs`).
+    Transfers(Vec<Id>),
+    /// How long the executor's history file is once this answer arrives.
+    HistoryLen,
     Totals,
+}
+
+/// One record of [`Query::Transfers`], as [`Engine::transfer`] sees it.
+#[derive(Debug)]
+pub enum Lookup {
+    Found(Transfer),
+    Missing,
+    /// Reserved by a transaction in flight.
+    Undecided,
 }
 
 #[derive(Debug)]
@@ -150,6 +166,8 @@ pub enum QueryAnswer {
     Transfer(Option<Transfer>),
     /// The transfer's record is reserved by a transaction in flight.
     TransferUndecided,
+    Transfers(Vec<Lookup>),
+    HistoryLen(u64),
     Totals(Totals),
 }
 
@@ -771,6 +789,52 @@ impl Engine {
         }
     }
 
+    /// Transfer records by id (at most a few hundred a call: the executor
+    /// answers them between batches), each as [`Engine::transfer`] sees it.
+    pub(crate) async fn lookup_transfers(&self, ids: &[Id]) -> Result<Vec<Lookup>, ErrorCode> {
+        let layout = &self.shared.layout;
+        let mut by_executor: Vec<(Vec<usize>, Vec<Id>)> = vec![Default::default(); usize::from(layout.executors())];
+        for (index, id) in ids.iter().enumerate() {
+            let (indices, group) = &mut by_executor[usize::from(layout.executor_of_transfer(id))];
+            indices.push(index);
+            group.push(id.clone());
+        }
+        let mut found: Vec<Lookup> = ids.iter().map(|_| Lookup::Missing).collect();
+        for (executor, (indices, group)) in by_executor.into_iter().enumerate() {
+            if group.is_empty() {
+                continue;
+            }
+            let QueryAnswer::Transfers(answers) = self.query(executor as ExecutorId, Query::Transfers(group)).await?
+            else {
+                return Err(ErrorCode::Unavailable);
+            };
+            place(&mut found, indices, answers);
+        }
+        Ok(found)
+    }
+
+    /// How long each executor's history file is: every entry before is
+    /// written and may be read.
+    pub(crate) async fn history_lens(&self) -> Result<Vec<u64>, ErrorCode> {
+        let mut lens = Vec::with_capacity(usize::from(self.shared.layout.executors()));
+        for executor in 0..self.shared.layout.executors() {
+            match self.query(executor, Query::HistoryLen).await? {
+                QueryAnswer::HistoryLen(len) => lens.push(len),
+                _ => return Err(ErrorCode::Unavailable),
+            }
+        }
+        Ok(lens)
+    }
+
+    /// Runs `read` over the executors' history files on a blocking thread.
+    pub(crate) async fn read_history<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&[HistoryReader]) -> T + Send + 'static,
+    ) -> Result<T, ErrorCode> {
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || read(&shared.history)).await.map_err(|_| ErrorCode::Unavailable)
+    }
+
     /// Accounts in id order after `after`, at most `limit`, over every executor.
     pub async fn accounts(&self, after: Option<Id>, limit: usize) -> Result<Vec<Account>, ErrorCode> {
         let mut all = Vec::new();
@@ -788,57 +852,17 @@ impl Engine {
 
     /// The transfers that touched an account, newest first, walking the
     /// account's history chain. `after` is the `next` cursor of the previous
-    /// page. A transfer appears once per page even when it touched the
-    /// account twice (held, then settled).
+    /// page. Each transfer appears once (see `listing.rs`).
     pub async fn account_transfers(
         &self,
         account: &Id,
         after: Option<String>,
         limit: usize,
     ) -> Result<(Vec<Transfer>, Option<String>), ErrorCode> {
-        let executor = self.shared.layout.executor_of_account(account);
-        let Some(found) = self.account(account).await? else {
-            return Err(ErrorCode::AccountNotFound);
-        };
-        let start = match after.as_deref() {
-            None => found.history_head,
-            Some(cursor) => cursor.parse::<u64>().map_err(|_| ErrorCode::InvalidRequest)?,
-        };
-        let shared = self.shared.clone();
-        let fingerprint = peakstack_domain::fnv1a64(account.as_str().as_bytes());
-        let walk = tokio::task::spawn_blocking(move || -> Result<(Vec<Id>, Option<String>), ErrorCode> {
-            let reader = &shared.history[usize::from(executor)];
-            let mut ids: Vec<Id> = Vec::new();
-            let mut head = start;
-            // Bounded: every entry read moves strictly back along the chain
-            // (checked), and the step count is capped as well.
-            for _ in 0..limit.saturating_mul(4).max(8) {
-                if head == 0 || ids.len() == limit {
-                    break;
-                }
-                let entry = reader.entry(head).map_err(|_| ErrorCode::InvalidRequest)?;
-                if entry.account != fingerprint || entry.previous >= head {
-                    return Err(ErrorCode::InvalidRequest);
-                }
-                if !ids.contains(&entry.transfer_id) {
-                    ids.push(entry.transfer_id);
-                }
-                head = entry.previous;
-            }
-            let next = (ids.len() == limit && head != 0).then(|| head.to_string());
-            Ok((ids, next))
-        });
-        let (ids, next) = walk.await.map_err(|_| ErrorCode::Unavailable)??;
-        let mut transfers = Vec::with_capacity(ids.len());
-        for id in &ids {
-            // A post's history may name it just before its record is decided.
-            match self.transfer(id).await {
-                Ok(Some(t)) => transfers.push(t),
-                Ok(None) | Err(ErrorCode::InFlight) => {}
-                Err(code) => return Err(code),
-            }
-        }
-        Ok((transfers, next))
+        let source = crate::listing::TransferSource::Account(account.clone());
+        let filter = crate::listing::TransferFilter::default();
+        let page = self.list_transfers(&source, &filter, after.as_deref(), limit).await?;
+        Ok((page.transfers, page.next))
     }
 
     pub async fn totals(&self) -> Result<Totals, ErrorCode> {
@@ -1241,6 +1265,16 @@ impl Applier {
         answer
     }
 
+    /// A transfer's record, in memory or in the archive.
+    fn decided_transfer(&self, id: &Id) -> Option<Transfer> {
+        self.core.ledger().transfer(id).cloned().or_else(|| {
+            self.archive.get(id).unwrap_or_else(|error| {
+                tracing::error!(%error, "archive read failed");
+                None
+            })
+        })
+    }
+
     fn answer(&self, query: Query) -> QueryAnswer {
         let ledger = self.core.ledger();
         match query {
@@ -1249,12 +1283,16 @@ impl Applier {
                 QueryAnswer::Accounts(ledger.accounts_after(after.as_ref(), limit).cloned().collect())
             }
             Query::Transfer(id) if ledger.is_undecided(&id) => QueryAnswer::TransferUndecided,
-            Query::Transfer(id) => QueryAnswer::Transfer(ledger.transfer(&id).cloned().or_else(|| {
-                self.archive.get(&id).unwrap_or_else(|error| {
-                    tracing::error!(%error, "archive read failed");
-                    None
-                })
-            })),
+            Query::Transfer(id) => QueryAnswer::Transfer(self.decided_transfer(&id)),
+            Query::Transfers(ids) => QueryAnswer::Transfers(
+                ids.iter()
+                    .map(|id| match ledger.is_undecided(id) {
+                        true => Lookup::Undecided,
+                        false => self.decided_transfer(id).map_or(Lookup::Missing, Lookup::Found),
+                    })
+                    .collect(),
+            ),
+            Query::HistoryLen => QueryAnswer::HistoryLen(self.core.history_len()),
             Query::Totals => {
                 let mut totals = Totals {
                     accounts: ledger.account_count() as u64,

@@ -31,8 +31,6 @@ pub const DEFAULT_PAGE_LIMIT: usize = 100;
 pub const MAX_PAGE_LIMIT: usize = 1000;
 /// Most transfers in one batch request.
 pub const MAX_BATCH_TRANSFERS: usize = 8190;
-/// Longest `after` cursor of a transfer page.
-const MAX_CURSOR_LEN: usize = 256;
 /// Accounts read per engine call when a list is filtered to a tenant.
 const TENANT_SCAN_PAGE: usize = 1000;
 /// Most accounts one filtered list request reads; past it the page ends
@@ -198,7 +196,7 @@ fn transfer_answer(status: StatusCode, transfer: &TransferJson<'_>) -> Response 
     json_written(status, TRANSFER_JSON_BYTES, |out| answer_json::transfer(out, transfer))
 }
 
-fn page_limit(limit: Option<&str>) -> Result<usize, ApiError> {
+pub(crate) fn page_limit(limit: Option<&str>) -> Result<usize, ApiError> {
     let Some(text) = limit else { return Ok(DEFAULT_PAGE_LIMIT) };
     match text.parse::<usize>() {
         Ok(n) if (1..=MAX_PAGE_LIMIT).contains(&n) => Ok(n),
@@ -478,31 +476,6 @@ async fn tenant_accounts(
             return Ok((own, after.map(|id| id.to_string())));
         }
     }
-}
-
-pub async fn account_transfers(
-    State(state): State<AppState>,
-    caller: Caller,
-    ApiPath(id): ApiPath<String>,
-    ApiQuery(query): ApiQuery<PageQuery>,
-) -> Result<Response, ApiError> {
-    let id = path_id("id", &id)?;
-    let limit = page_limit(query.limit.as_deref())?;
-    if let Some(after) = &query.after {
-        if after.is_empty() || after.len() > MAX_CURSOR_LEN || !after.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(ApiError::invalid("after: not a cursor this server handed out"));
-        }
-    }
-    let read = async {
-        visible_account(&state, &caller.principal, &id).await?;
-        state.engine().account_transfers(&id, query.after, limit).await.map_err(|code| match code {
-            ErrorCode::InvalidRequest => ApiError::invalid("after: not a cursor this server handed out"),
-            code => ApiError::ledger(code),
-        })
-    };
-    let (transfers, next) = read_within(Deadline::of(&state), read).await?;
-    let data = transfers.iter().map(TransferJson::from_transfer).collect();
-    Ok(json(StatusCode::OK, &Page { data, next }))
 }
 
 pub async fn get_transfer(

@@ -52,6 +52,7 @@ pub mod keys;
 pub mod listener;
 mod observe;
 mod post_guard;
+mod transfer_list;
 mod wire;
 
 /// Memory each of the server's redb files (`access.redb`, the idempotency
@@ -315,11 +316,12 @@ fn route_table() -> Routes {
         ("POST", "/v1/accounts", Write, post(create_account)),
         ("GET", "/v1/accounts", Read, get(list_accounts)),
         ("GET", "/v1/accounts/{id}", Read, get(get_account)),
-        ("GET", "/v1/accounts/{id}/transfers", Read, get(account_transfers)),
+        ("GET", "/v1/accounts/{id}/transfers", Read, get(transfer_list::account_transfers)),
         ("POST", "/v1/accounts/{id}/freeze", Write, post(account_status::freeze_account)),
         ("POST", "/v1/accounts/{id}/unfreeze", Write, post(account_status::unfreeze_account)),
         ("POST", "/v1/accounts/{id}/close", Write, post(account_status::close_account)),
         ("POST", "/v1/transfers", Write, post(create_transfer)),
+        ("GET", "/v1/transfers", Read, get(transfer_list::list_transfers)),
         ("POST", "/v1/transfers/batch", Write, post(create_batch)),
         ("GET", "/v1/transfers/{id}", Read, get(get_transfer)),
         ("POST", "/v1/transfers/{id}/post", Write, post(post_pending)),
@@ -337,7 +339,9 @@ fn route_table() -> Routes {
 /// (`?at=...` on an account) is never silently taken to mean something.
 fn query_parameters(method: &str, path: &str) -> &'static [&'static str] {
     match (method, path) {
-        ("GET", "/v1/accounts" | "/v1/accounts/{id}/transfers") => &["limit", "after"],
+        ("GET", "/v1/accounts") => &["limit", "after"],
+        ("GET", "/v1/accounts/{id}/transfers") => &["limit", "after", "status", "since", "until"],
+        ("GET", "/v1/transfers") => &["limit", "after", "account_id", "status", "pending_id", "since", "until"],
         ("GET", "/v1/audit") => &["key_id", "action", "target", "request_id", "since", "until", "after", "limit"],
         _ => &[],
     }

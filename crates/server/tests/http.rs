@@ -1072,7 +1072,7 @@ async fn unknown_routes_wrong_methods_and_request_ids() {
         answer.assert_problem(404, "not_found", path);
     }
     for (method, path) in
-        [("DELETE", "/v1/accounts"), ("GET", "/v1/transfers"), ("PUT", "/v1/transfers/x/post"), ("POST", "/healthz")]
+        [("DELETE", "/v1/accounts"), ("PATCH", "/v1/transfers"), ("PUT", "/v1/transfers/x/post"), ("POST", "/healthz")]
     {
         let answer = s.raw(method, path, None, &[]).await;
         answer.assert_problem(405, "method_not_allowed", path);
