@@ -114,6 +114,9 @@ impl<'a> Reader<'a> {
         }
         Err(CodecError("varint too long"))
     }
+    pub fn bytes(&mut self, n: usize) -> Result<&'a [u8]> {
+        self.take(n)
+    }
     pub fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
         Ok(self.take(N)?.try_into().expect("N bytes"))
     }

@@ -37,8 +37,8 @@ use peakstack_engine::executor::create_record;
 use peakstack_engine::{AuditEvent, Engine, IdempotencyTag, TransferOutcome};
 use sha2::{Digest, Sha256};
 
-use crate::access_store::AccessStore;
-use crate::idempotency::{now_ms, MAX_PURGE_CHUNKS_PER_RUN, PURGE_CHUNK, PURGE_INTERVAL};
+use crate::access_store::{AccessStore, OUTCOME_PURGE_ROWS};
+use crate::idempotency::{now_ms, MAX_PURGE_CHUNKS_PER_RUN, PURGE_INTERVAL};
 
 /// The first byte of a stored outcome.
 const OUTCOME_VERSION: u8 = 1;
@@ -143,6 +143,39 @@ pub struct AnsweredFromLog(pub KeyedOutcome);
 /// client, and whose outcome the feed is about to store.
 #[derive(Clone, Copy, Debug)]
 pub struct ExistedAlready;
+
+/// The first byte of a row of outcomes.
+const ROW_VERSION: u8 = 1;
+
+/// A row of outcomes as `access.redb` keeps it: [`ROW_VERSION`], then per
+/// outcome its key hash, the length of its encoding and the encoding.
+pub fn encode_row(outcomes: &[([u8; 16], KeyedOutcome)]) -> Vec<u8> {
+    let mut w = Writer { buf: Vec::with_capacity(1 + outcomes.len() * 64) };
+    w.u8(ROW_VERSION);
+    for (hash, outcome) in outcomes {
+        w.buf.extend_from_slice(hash);
+        let bytes = outcome.encode();
+        w.varint(bytes.len() as u64);
+        w.buf.extend_from_slice(&bytes);
+    }
+    w.buf
+}
+
+/// Reads what [`encode_row`] wrote; anything else is `None`.
+pub fn decode_row(bytes: &[u8]) -> Option<Vec<([u8; 16], KeyedOutcome)>> {
+    let mut r = Reader::new(bytes);
+    if r.u8().ok()? != ROW_VERSION {
+        return None;
+    }
+    let mut outcomes = Vec::new();
+    while !r.is_empty() {
+        let hash = r.array().ok()?;
+        let len = r.len().ok()?;
+        let outcome = KeyedOutcome::decode(r.bytes(len).ok()?)?;
+        outcomes.push((hash, outcome));
+    }
+    Some(outcomes)
+}
 
 /// The 16 bytes a key (already scoped to its caller) is stored under.
 pub fn key_hash(scoped_key: &str) -> [u8; 16] {
@@ -282,10 +315,10 @@ pub async fn run_upkeep(
         let cutoff_ms = now_ms().saturating_sub(retention_ms);
         let mut purged = 0;
         for _ in 0..MAX_PURGE_CHUNKS_PER_RUN {
-            match store.purge_keyed_outcomes(cutoff_ms, PURGE_CHUNK).await {
-                Ok(n) => {
-                    purged += n;
-                    if n < PURGE_CHUNK {
+            match store.purge_keyed_outcomes(cutoff_ms, OUTCOME_PURGE_ROWS).await {
+                Ok(chunk) => {
+                    purged += chunk.outcomes;
+                    if chunk.rows < OUTCOME_PURGE_ROWS {
                         break;
                     }
                 }
@@ -343,6 +376,40 @@ mod tests {
             credit: Some(Balances { debits_pending: 0, debits_posted: 0, credits_pending: 0, credits_posted: 987_654 }),
         };
         assert!(typical.encode().len() <= 40, "{} bytes", typical.encode().len());
+    }
+
+    #[test]
+    fn rows_round_trip_and_refuse_what_does_not_parse_whole() {
+        let outcomes: Vec<([u8; 16], KeyedOutcome)> = (0..5u8)
+            .map(|n| {
+                let outcome = KeyedOutcome {
+                    fingerprint: [n; 16],
+                    timestamp_ms: 1_000 + u64::from(n),
+                    debit: (n % 2 == 0).then(|| balances(u128::from(n))),
+                    credit: Some(balances(7)),
+                };
+                ([n + 100; 16], outcome)
+            })
+            .collect();
+        let row = encode_row(&outcomes);
+        assert_eq!(decode_row(&row), Some(outcomes.clone()));
+        assert_eq!(decode_row(&encode_row(&[])), Some(Vec::new()));
+        // Whole outcomes end at these offsets; a row cut anywhere else
+        // does not parse.
+        let mut ends = vec![1];
+        for (_, outcome) in &outcomes {
+            ends.push(ends.last().unwrap() + 16 + 1 + outcome.encode().len());
+        }
+        assert_eq!(*ends.last().unwrap(), row.len());
+        for cut in 0..row.len() {
+            match ends.iter().position(|&end| end == cut) {
+                Some(whole) => assert_eq!(decode_row(&row[..cut]), Some(outcomes[..whole].to_vec()), "cut at {cut}"),
+                None => assert_eq!(decode_row(&row[..cut]), None, "cut at {cut}"),
+            }
+        }
+        let mut wrong = row.clone();
+        wrong[0] = 9;
+        assert_eq!(decode_row(&wrong), None);
     }
 
     #[test]
