@@ -1136,6 +1136,7 @@ async fn health_readiness_metrics_and_openapi() {
         ("peakstack_http_requests_total", "counter"),
         ("peakstack_ledger_results_total", "counter"),
         ("peakstack_audit_feed_lag_batches", "gauge"),
+        ("peakstack_ledger_pending_transfers", "gauge"),
         ("peakstack_http_request_duration_seconds", "histogram"),
     ] {
         assert!(text.lines().any(|line| line == format!("# TYPE {series} {kind}")), "{series} {kind} in {text}");
@@ -1169,6 +1170,64 @@ async fn health_readiness_metrics_and_openapi() {
     }
     let documented: usize = paths.values().map(|ops| ops.as_object().unwrap().len()).sum();
     assert_eq!(documented, api_routes().len(), "openapi.json documents a route the router does not serve");
+    s.stop().await;
+}
+
+/// The value of an unlabelled gauge on `/metrics`, once it reads `want`.
+/// Every server of a test process shares one recorder, and a scrape sets
+/// the engine gauges from its own server's engine: another test's scrape
+/// may overwrite them between this one's set and render, so it retries.
+async fn gauge_reads(s: &TestServer, name: &str, want: f64) -> f64 {
+    let mut seen = f64::NAN;
+    for _ in 0..100 {
+        let text = String::from_utf8(s.get("/metrics").await.raw.to_vec()).unwrap();
+        assert!(text.lines().any(|line| line == format!("# TYPE {name} gauge")), "{name} is a gauge in {text}");
+        assert!(text.lines().any(|line| line.starts_with(&format!("# HELP {name} "))), "HELP for {name} in {text}");
+        seen = text
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("{name} ")))
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} in {text}"));
+        if seen == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_pending_transfers_until_posted_voided_or_expired_and_after_a_restart() {
+    const GAUGE: &str = "peakstack_ledger_pending_transfers";
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(dir.path()).await;
+    assert_eq!(gauge_reads(&s, GAUGE, 0.0).await, 0.0);
+    // The two executors both take part: accounts on each, holds both ways.
+    let on_0 = s.names_on(0, "zero-", 1).pop().unwrap();
+    let on_1 = s.names_on(1, "one-", 1).pop().unwrap();
+    s.account(&on_0, &[]).await;
+    s.account(&on_1, &[]).await;
+    for (n, (debit, credit)) in [(&on_0, &on_1), (&on_1, &on_0), (&on_0, &on_1), (&on_1, &on_0)].into_iter().enumerate()
+    {
+        let hold = s.post("/v1/transfers", &pending(&format!("p{n}"), debit, credit, 10, 0)).await;
+        assert_eq!(hold.status, 201, "{}", hold.body);
+    }
+    assert_eq!(s.transfer("plain", &on_0, &on_1, 5).await.status, 201);
+    assert_eq!(gauge_reads(&s, GAUGE, 4.0).await, 4.0, "four holds");
+    assert_eq!(s.post("/v1/transfers/p0/post", &json!({"id": "p0-post", "amount": 4})).await.status, 201);
+    assert_eq!(gauge_reads(&s, GAUGE, 3.0).await, 3.0, "after a post");
+    assert_eq!(s.post("/v1/transfers/p1/void", &json!({"id": "p1-void"})).await.status, 201);
+    assert_eq!(gauge_reads(&s, GAUGE, 2.0).await, 2.0, "after a void");
+    let timed = s.post("/v1/transfers", &pending("p4", &on_0, &on_1, 10, 30)).await;
+    assert_eq!(timed.status, 201, "{}", timed.body);
+    s.wait_until_expired("p4").await;
+    assert_eq!(gauge_reads(&s, GAUGE, 2.0).await, 2.0, "after an expiry");
+    s.stop().await;
+
+    let s = TestServer::start(dir.path()).await;
+    assert_eq!(gauge_reads(&s, GAUGE, 2.0).await, 2.0, "after a restart");
+    assert_eq!(s.post("/v1/transfers/p2/void", &json!({"id": "p2-void"})).await.status, 201);
+    assert_eq!(gauge_reads(&s, GAUGE, 1.0).await, 1.0, "after a void past the restart");
     s.stop().await;
 }
 
