@@ -695,3 +695,54 @@ async fn a_clash_with_another_tenants_id_answers_as_if_the_id_were_free() {
     assert_eq!((again.status, again.code()), (409, "exists_with_different_fields"));
     h.stop().await;
 }
+
+/// A namespaced id belongs to its tenant's objects, whoever makes it: an
+/// admin key may make `merchant:m1~...` transfers of m1's money (for m1),
+/// but not between accounts none of which is m1's, which would squat an id
+/// m1 then clashes with and cannot read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_makes_namespaced_ids_only_for_the_namespaces_own_objects() {
+    let (_dir, h) = started().await;
+    h.admin("POST", "/v1/transfers", Some(&pending("h-b2", "b2-wallet", "m2-cash", 2))).await;
+    h.admin("POST", "/v1/transfers", Some(&pending("h-b1", "b1-wallet", "m1-cash", 2))).await;
+    for (path, body) in [
+        ("/v1/transfers", transfer("merchant:m1~x", "b2-wallet", "m2-cash", 1)),
+        ("/v1/transfers", transfer("merchant:m1~x", "platform", "b1-wallet", 1)),
+        ("/v1/transfers", pending("merchant:m1~x", "b2-wallet", "m2-cash", 1)),
+        ("/v1/transfers", transfer("buyer:b1~x", "m1-cash", "m2-cash", 1)),
+        ("/v1/transfers/h-b2/post", json!({"id": "merchant:m1~x"})),
+        ("/v1/transfers/h-b2/void", json!({"id": "merchant:m1~x"})),
+        ("/v1/transfers/h-b1/void", json!({"id": "merchant:m2~x"})),
+        (
+            "/v1/transfers/batch",
+            json!({"transfers": [transfer("merchant:m1~b", "m1-cash", "platform", 1), transfer("merchant:m1~x", "b2-wallet", "m2-cash", 1)]}),
+        ),
+    ] {
+        h.refused(Who::Admin, "POST", path, Some(&body), 403, "forbidden").await;
+        let answer = h.call(Who::Admin, "POST", path, Some(&body)).await;
+        let detail = answer.body["detail"].as_str().unwrap_or_default();
+        assert!(detail.contains("must be owned by"), "{path}: the detail names the rule: {detail}");
+    }
+    // A missing account answers as the ledger would, before the rule.
+    let missing = transfer("merchant:m1~x", "no-such-account", "m2-cash", 1);
+    h.refused(Who::Admin, "POST", "/v1/transfers", Some(&missing), 404, "account_not_found").await;
+    let missing = transfer("merchant:m1~x", "m2-cash", "no-such-account", 1);
+    h.refused(Who::Admin, "POST", "/v1/transfers", Some(&missing), 404, "account_not_found").await;
+    // An account in a namespace is its tenant's, also an admin's platform account.
+    let platform = account("merchant:m1~platform", None);
+    h.refused(Who::Admin, "POST", "/v1/accounts", Some(&platform), 400, "invalid_request").await;
+
+    // m1's money on either side: the admin makes it, as before.
+    h.allowed(Who::Admin, "POST", "/v1/transfers", Some(&transfer("merchant:m1~in", "platform", "m1-cash", 1)), 201)
+        .await;
+    h.allowed(Who::Admin, "POST", "/v1/transfers", Some(&transfer("merchant:m1~out", "m1-cash", "b2-wallet", 1)), 201)
+        .await;
+    h.allowed(Who::Admin, "POST", "/v1/transfers", Some(&transfer("buyer:b1~in", "platform", "b1-wallet", 1)), 201)
+        .await;
+    h.allowed(Who::Admin, "POST", "/v1/transfers/h-b1/post", Some(&json!({"id": "merchant:m1~post"})), 201).await;
+    // The squatted id stayed free: m1 makes it, with its own money.
+    let own =
+        h.call(Who::M1, "POST", "/v1/transfers", Some(&transfer("merchant:m1~x", "m1-cash", "platform", 1))).await;
+    assert_eq!(own.status, 201, "m1 makes the id the admin was refused: {}", own.body);
+    h.stop().await;
+}
