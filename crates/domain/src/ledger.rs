@@ -204,6 +204,10 @@ pub struct Ledger {
     /// Records a transaction has reserved or locked: a snapshot is taken
     /// only when there are none (counted, so that it need not look).
     claimed_records: usize,
+    /// Committed pending transfers not yet posted, voided or expired: the
+    /// `peakstack_ledger_pending_transfers` gauge. Counted where a record
+    /// enters or leaves that state, so reading it is free.
+    pending_transfers: usize,
     /// Every account's balances summed per currency, kept by every booking
     /// (see [`Ledger::check_balanced`]).
     sums: BalanceSums,
@@ -639,7 +643,9 @@ impl Ledger {
             debug_assert_eq!(transfer.id, *id);
             record.transfer = transfer;
         }
-        if record.transfer.status != TransferStatus::Pending {
+        if record.transfer.status == TransferStatus::Pending {
+            self.pending_transfers += 1;
+        } else {
             self.final_order.push_back(id.clone());
         }
         if let TransferKind::Pending { expires_at_ms, .. } = record.transfer.kind {
@@ -669,6 +675,12 @@ impl Ledger {
 
     pub fn transfer_count(&self) -> usize {
         self.records.len()
+    }
+
+    /// Committed pending transfers not yet posted, voided or expired (a
+    /// pending transfer whose transaction is still deciding is not one yet).
+    pub fn pending_transfer_count(&self) -> usize {
+        self.pending_transfers
     }
 
     /// Locks a pending transfer for posting, voiding or expiring it.
@@ -727,6 +739,11 @@ impl Ledger {
         record.locked_by = NO_OWNER;
         self.claimed_records -= 1;
         let t = &mut record.transfer;
+        // Only a pending record is locked (`lock_pending`), so this is one.
+        debug_assert_eq!(t.status, TransferStatus::Pending, "only a pending transfer is finished");
+        if t.status == TransferStatus::Pending {
+            self.pending_transfers -= 1;
+        }
         match kind {
             ResolveKind::Post(amount) => {
                 t.status = TransferStatus::Posted;
@@ -909,6 +926,14 @@ impl Ledger {
             self.records.values().filter(|r| r.reserved_by != NO_OWNER || r.locked_by != NO_OWNER).count(),
             "claimed records are counted"
         );
+        debug_assert_eq!(
+            self.pending_transfers,
+            self.records
+                .values()
+                .filter(|r| r.reserved_by == NO_OWNER && r.transfer.status == TransferStatus::Pending)
+                .count(),
+            "pending transfers are counted"
+        );
         if self.claimed_records > 0 || self.holds.values().any(|h| h.owner != NO_OWNER || !h.pending) {
             return None;
         }
@@ -969,6 +994,7 @@ impl Ledger {
             let id = transfer.id.clone();
             match transfer.kind {
                 TransferKind::Pending { expires_at_ms, .. } if transfer.status == TransferStatus::Pending => {
+                    ledger.pending_transfers += 1;
                     if expires_at_ms > 0 {
                         ledger.expiries.insert((expires_at_ms, id.clone()));
                     }
@@ -1062,6 +1088,8 @@ mod snapshot_tests {
         assert_eq!(again, snapshot);
         assert_eq!(rebuilt.due_expiries(20, 10), vec![id("p1")]);
         assert_eq!(rebuilt.net_total(), 0);
+        assert_eq!(ledger.pending_transfer_count(), 1);
+        assert_eq!(rebuilt.pending_transfer_count(), 1, "the count is rebuilt from the records");
         let _ = Amount::new(1);
     }
 }

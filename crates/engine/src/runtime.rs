@@ -259,9 +259,13 @@ struct PendingWrite {
     sequence: u64,
 }
 
-/// Counters the server exports; updated once per batch.
+/// Counters (and one gauge) the server exports; updated once per batch.
 #[derive(Default)]
 pub struct EngineStats {
+    /// A gauge: pending transfers not yet posted, voided or expired, summed
+    /// over executors (each apply thread adds the change of its ledger's
+    /// count after a batch, so a client's answer never precedes its count).
+    pub pending_transfers: AtomicU64,
     pub batches: AtomicU64,
     pub inputs: AtomicU64,
     pub fsyncs: AtomicU64,
@@ -436,6 +440,7 @@ impl Engine {
                 }
             }
             shared.txns_in_flight.fetch_add(core.txns_in_flight(), Ordering::SeqCst);
+            shared.stats.pending_transfers.fetch_add(core.ledger().pending_transfer_count() as u64, Ordering::Relaxed);
         }
         // Fences whose Forget the crash lost go too, or they would stay for
         // good (and block checkpoints).
@@ -481,6 +486,7 @@ impl Engine {
             };
             let next_sequence = log.next_sequence();
             let resumed = core.txns_in_flight();
+            let pending_transfers = core.ledger().pending_transfer_count();
             let writer = Arc::new(Mutex::new(LogWriter {
                 id,
                 log,
@@ -514,6 +520,7 @@ impl Engine {
                 next_tag: 1,
                 clients: std::collections::HashMap::new(),
                 reported_in_flight: resumed,
+                reported_pending_transfers: pending_transfers,
                 barrier_since: None,
                 barrier_retry_at: None,
                 last_audit_sequence: last_audit_sequences[usize::from(id)],
@@ -977,6 +984,8 @@ struct Applier {
     next_tag: ClientTag,
     clients: std::collections::HashMap<ClientTag, ClientBatch>,
     reported_in_flight: usize,
+    /// This executor's share of [`EngineStats::pending_transfers`].
+    reported_pending_transfers: usize,
     /// Since when this executor holds the checkpoint barrier.
     barrier_since: Option<Instant>,
     /// The last batch that made audit events: no checkpoint may cover it
@@ -1121,6 +1130,7 @@ impl Applier {
             let previous = self.in_flight_reported();
             self.shared.txns_in_flight.fetch_add(self.core.txns_in_flight(), Ordering::SeqCst);
             self.shared.txns_in_flight.fetch_sub(previous, Ordering::SeqCst);
+            self.report_pending_transfers();
 
             if let Err(error) = evict(&mut self.core, &mut self.archive, self.records_in_memory) {
                 tracing::error!(executor = self.core.id(), %error, "archive write failed; executor stops");
@@ -1232,6 +1242,19 @@ impl Applier {
     /// returns what this executor reported last and remembers the new count.
     fn in_flight_reported(&mut self) -> usize {
         std::mem::replace(&mut self.reported_in_flight, self.core.txns_in_flight())
+    }
+
+    /// Keeps the pending-transfers gauge equal to the sum over executors:
+    /// one atomic add per batch that changed this executor's count.
+    fn report_pending_transfers(&mut self) {
+        let now = self.core.ledger().pending_transfer_count();
+        let before = std::mem::replace(&mut self.reported_pending_transfers, now);
+        let gauge = &self.shared.stats.pending_transfers;
+        if now > before {
+            gauge.fetch_add((now - before) as u64, Ordering::Relaxed);
+        } else if now < before {
+            gauge.fetch_sub((before - now) as u64, Ordering::Relaxed);
+        }
     }
 
     fn open_account(

@@ -240,6 +240,7 @@ struct Snapshot {
     transfers: Vec<Option<Transfer>>,
     holds: usize,
     records: usize,
+    pending_transfers: usize,
     fences: usize,
     txns: usize,
     due: Vec<Id>,
@@ -465,6 +466,7 @@ impl Sim {
             transfers: self.id_uses.keys().map(|tid| ledger.transfer(tid).cloned()).collect(),
             holds: ledger.hold_count(),
             records: ledger.transfer_count(),
+            pending_transfers: ledger.pending_transfer_count(),
             fences: core.fence_count(),
             txns: core.txns_in_flight(),
             due: core.due_expiries(u64::MAX),
@@ -674,13 +676,17 @@ impl Sim {
         let mut expected: BTreeMap<Id, Balances> = BTreeMap::new();
         let mut holds = vec![0usize; executors];
         let mut records = vec![0usize; executors];
+        let mut pending_transfers = vec![0usize; executors];
         let mut resolved_by: BTreeMap<Id, Vec<Transfer>> = BTreeMap::new();
         for tid in self.id_uses.keys() {
             let Some(t) = self.transfer(tid) else { continue };
             records[usize::from(self.layout.executor_of_transfer(tid))] += 1;
             let (posted, held) = match (&t.kind, t.status) {
                 (TransferKind::Single, TransferStatus::Posted) => (t.amount, 0),
-                (TransferKind::Pending { .. }, TransferStatus::Pending) => (0, t.amount),
+                (TransferKind::Pending { .. }, TransferStatus::Pending) => {
+                    pending_transfers[usize::from(self.layout.executor_of_transfer(tid))] += 1;
+                    (0, t.amount)
+                }
                 (TransferKind::Pending { .. }, TransferStatus::Posted) => {
                     let posted = t.posted_amount.expect("a posted pending transfer says how much");
                     assert!(posted <= t.amount, "{t:?}");
@@ -759,6 +765,11 @@ impl Sim {
             }
             assert_eq!(ledger.hold_count(), holds[e], "executor {e} keeps holds that no pending transfer explains");
             assert_eq!(ledger.transfer_count(), records[e], "executor {e} keeps records that are not visible");
+            assert_eq!(
+                ledger.pending_transfer_count(),
+                pending_transfers[e],
+                "executor {e} counts pending transfers its records do not show"
+            );
         }
         assert!(expected.is_empty(), "money booked on accounts that do not exist: {expected:?}");
         assert_eq!((clearing_net, clearing_posted), (0, 0), "money left in flight between shards");

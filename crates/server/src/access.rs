@@ -252,6 +252,34 @@ pub fn check_namespace_owner(id: &Id, owner: Option<&Owner>) -> Result<(), Strin
     }
 }
 
+/// A transfer whose id lies in a tenant's namespace moves that tenant's
+/// money: its debit or credit account is the tenant's (for a post or void,
+/// the pending transfer's). Applied to every caller, admins included: else
+/// an admin could make an id in a tenant's namespace between others'
+/// accounts, and the tenant would later clash with an id it cannot read.
+/// A tenant key's transfers meet it already (its ids are in its own
+/// namespace and it moves only its own money); `debit` and `credit` are the
+/// owners of accounts that exist.
+pub fn check_transfer_namespace(id: &Id, debit: Option<&Owner>, credit: Option<&Owner>) -> Result<(), String> {
+    match id.namespace() {
+        Some(namespace) if !owns_namespace(debit, namespace) && !owns_namespace(credit, namespace) => Err(format!(
+            "id: {id} lies in the namespace of {namespace}, so the transfer must move money of {namespace}: \
+             its debit or credit account (for a post or void, the pending transfer's) must be owned by {namespace}"
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Whether `owner` is the owner `namespace` names (no allocation: this
+/// runs for every namespaced transfer).
+fn owns_namespace(owner: Option<&Owner>, namespace: &str) -> bool {
+    match owner {
+        Some(Owner::Merchant(id)) => namespace.strip_prefix("merchant:") == Some(id.as_str()),
+        Some(Owner::Buyer(id)) => namespace.strip_prefix("buyer:") == Some(id.as_str()),
+        None => false,
+    }
+}
+
 /// The caller and the request id, as a handler extracts them.
 pub struct Caller {
     pub principal: Principal,
@@ -463,6 +491,31 @@ mod tests {
         assert_eq!(merchant.can_settle(b1.as_ref(), m2.as_ref()), Err(Denied::Hidden));
         assert_eq!(app.can_settle(b1.as_ref(), m1.as_ref()), Ok(()));
         assert_eq!(app.can_settle(m1.as_ref(), b1.as_ref()), Err(Denied::Hidden));
+    }
+
+    #[test]
+    fn a_namespaced_transfer_moves_money_of_its_namespace() {
+        let m1 = Owner::parse("merchant:m1");
+        let m2 = Owner::parse("merchant:m2");
+        let b1 = Owner::parse("buyer:b1");
+        let check = |tid: &str, debit: &Option<Owner>, credit: &Option<Owner>| {
+            check_transfer_namespace(&id(tid), debit.as_ref(), credit.as_ref()).is_ok()
+        };
+        for (tid, debit, credit, allowed) in [
+            ("plain", &None, &None, true),
+            ("merchant:m1~x", &m1, &None, true),
+            ("merchant:m1~x", &b1, &m1, true),
+            ("merchant:m1~x", &m2, &b1, false),
+            ("merchant:m1~x", &None, &None, false),
+            ("buyer:b1~x", &b1, &m1, true),
+            ("buyer:b1~x", &m1, &m2, false),
+            // An owner whose id only starts like the namespace's is another.
+            ("merchant:m1~x", &Owner::parse("merchant:m10"), &None, false),
+            ("merchant:m10~x", &m1, &None, false),
+            ("buyer:m1~x", &m1, &None, false),
+        ] {
+            assert_eq!(check(tid, debit, credit), allowed, "{tid} {debit:?} {credit:?}");
+        }
     }
 
     #[test]

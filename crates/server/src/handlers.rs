@@ -14,7 +14,7 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 use std::future::Future;
 
-use crate::access::{AuthMode, Caller, Denied, Principal, Scope};
+use crate::access::{check_transfer_namespace, AuthMode, Caller, Denied, Principal, Scope};
 use crate::audit::{action, AuditRecord};
 use crate::error::{is_transient_code, ApiError, Transient};
 use crate::idempotency::{now_ms, LateAnswer};
@@ -518,21 +518,38 @@ async fn transfer_owners(
 
 /// Whether the caller may make `request`: move money out of the debit
 /// account, or settle the pending transfer. What the caller may not see
-/// answers as missing.
+/// answers as missing. A transfer id in a tenant's namespace must move
+/// that tenant's money, whoever asks ([`check_transfer_namespace`]).
 async fn authorize_transfer(
     state: &AppState,
     principal: &Principal,
     request: &TransferRequest,
 ) -> Result<(), ApiError> {
     principal.may_create_id(request.id()).map_err(|d| refused(d, || account_not_found(request.id())))?;
-    if principal.scope == Scope::Admin {
+    let admin = principal.scope == Scope::Admin;
+    let namespaced = request.id().namespace().is_some();
+    if admin && !namespaced {
         return Ok(());
     }
-    match request {
-        TransferRequest::Create { debit_account_id, .. } => {
-            let not_found = || account_not_found(debit_account_id);
-            let owner = state.owner_of(debit_account_id).await?.ok_or_else(not_found)?;
-            principal.can_debit(owner.as_ref()).map_err(|d| refused(d, not_found))
+    let (debit, credit) = match request {
+        TransferRequest::Create { debit_account_id, credit_account_id, .. } => {
+            let debit = state.owner_of(debit_account_id).await?;
+            if !admin {
+                let not_found = || account_not_found(debit_account_id);
+                let owner = debit.as_ref().ok_or_else(not_found)?;
+                principal.can_debit(owner.as_ref()).map_err(|d| refused(d, not_found))?;
+            }
+            if !namespaced
+                || check_transfer_namespace(request.id(), debit.as_ref().and_then(Option::as_ref), None).is_ok()
+            {
+                return Ok(());
+            }
+            // Neither side may be missing: a missing one answers as the
+            // ledger would, rather than letting its later opening decide.
+            let debit = debit.ok_or_else(|| account_not_found(debit_account_id))?;
+            let credit =
+                state.owner_of(credit_account_id).await?.ok_or_else(|| account_not_found(credit_account_id))?;
+            (debit, credit)
         }
         TransferRequest::Post { pending_id, .. } | TransferRequest::Void { pending_id, .. } => {
             let not_found = || {
@@ -543,9 +560,13 @@ async fn authorize_transfer(
             };
             let pending = state.engine().transfer(pending_id).await.map_err(ApiError::ledger)?.ok_or_else(not_found)?;
             let (debit, credit) = transfer_owners(state, &pending).await?;
-            principal.can_settle(debit.as_ref(), credit.as_ref()).map_err(|d| refused(d, not_found))
+            if !admin {
+                principal.can_settle(debit.as_ref(), credit.as_ref()).map_err(|d| refused(d, not_found))?;
+            }
+            (debit, credit)
         }
-    }
+    };
+    check_transfer_namespace(request.id(), debit.as_ref(), credit.as_ref()).map_err(ApiError::Forbidden)
 }
 
 /// One transfer request through the engine, answered like POST /v1/transfers.

@@ -60,6 +60,8 @@ pub fn metrics_handle() -> PrometheusHandle {
 
 /// Answers replayed from the idempotency store.
 pub const IDEMPOTENT_REPLAYS_TOTAL: &str = "peakstack_idempotent_replays_total";
+/// Pending transfers made and not yet posted, voided or expired.
+pub const LEDGER_PENDING_TRANSFERS: &str = "peakstack_ledger_pending_transfers";
 /// Transfer requests (single, post, void and batch items) by result code.
 pub const LEDGER_RESULTS_TOTAL: &str = "peakstack_ledger_results_total";
 
@@ -81,8 +83,10 @@ const COUNTERS: &[(&str, &str)] = &[
     ("peakstack_engine_log_bytes_total", "Bytes appended to the command logs."),
     ("peakstack_engine_checkpoints_total", "Checkpoints written."),
 ];
-const GAUGES: &[(&str, &str)] =
-    &[("peakstack_audit_feed_lag_batches", "Durable batches whose audit events are not stored yet.")];
+const GAUGES: &[(&str, &str)] = &[
+    ("peakstack_audit_feed_lag_batches", "Durable batches whose audit events are not stored yet."),
+    (LEDGER_PENDING_TRANSFERS, "Pending transfers (holds) made and not yet posted, voided or expired."),
+];
 const HISTOGRAMS: &[(&str, &str)] = &[
     ("peakstack_http_request_duration_seconds", "Time from a request's head to its answer, by route."),
     ("peakstack_log_fsync_seconds", "Duration of one durable write of a command log."),
@@ -114,6 +118,7 @@ pub fn record_engine_stats(engine: &peakstack_engine::Engine) {
     metrics::counter!("peakstack_engine_log_bytes_total").absolute(load(&stats.log_bytes));
     metrics::counter!("peakstack_engine_checkpoints_total").absolute(load(&stats.checkpoints));
     metrics::gauge!("peakstack_audit_feed_lag_batches").set(engine.audit_lag() as f64);
+    metrics::gauge!(LEDGER_PENDING_TRANSFERS).set(load(&stats.pending_transfers) as f64);
 }
 
 /// Counts transfer results by code: one registry lookup per code present,

@@ -3,17 +3,14 @@
 //! where access was refused. Keys rotate and revoke at once; every change is
 //! in the audit log under the key that made it.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::sync::Arc;
 
-use peakstack_engine::{Engine, EngineConfig, SystemClock};
-use peakstack_server::audit::AuditRecord;
-use peakstack_server::keys::generate;
-use peakstack_server::{api_route_access, open_access_store, Access, Scope, Server, ServerConfig};
+use common::{loopback_config, open_engine, store_key, transfer, Answer, Running};
+use peakstack_server::{api_route_access, Access, Scope};
 use serde_json::{json, Value};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
 /// The callers of the matrix. `App` acts for buyer b1 (X-Buyer-Id).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -35,38 +32,9 @@ const ANONYMOUS: [Who; 5] = [Who::NoKey, Who::Malformed, Who::Unknown, Who::Expi
 const KEYED: [Who; 5] = [Who::Admin, Who::Read, Who::App, Who::M1, Who::M2];
 
 struct Harness {
-    base: String,
+    server: Running,
     http: reqwest::Client,
     keys: Vec<(Who, String)>,
-    engine: Engine,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<anyhow::Result<()>>>,
-}
-
-struct Answer {
-    status: u16,
-    body: Value,
-    www_authenticate: Option<String>,
-}
-
-impl Answer {
-    fn code(&self) -> &str {
-        self.body["code"].as_str().unwrap_or("")
-    }
-}
-
-/// Stores a key straight into the access store (as `peakstack keys create`
-/// does), also expired or revoked ones; returns the secret key.
-async fn store_key(dir: &Path, scope: &str, expires_at_ms: Option<u64>, revoked: bool) -> String {
-    let (store, _) = open_access_store(dir).unwrap();
-    let mut new = generate(&Scope::parse(scope).unwrap(), expires_at_ms, None, "test", 1);
-    if revoked {
-        new.record.revoked_at_ms = Some(2);
-    }
-    let audit = AuditRecord::new("test", "test", "key.create", &new.record.id, Value::Null, 1);
-    store.put_key(new.record, audit).await.unwrap();
-    store.close().await;
-    new.secret_key
 }
 
 fn key_id(key: &str) -> &str {
@@ -75,15 +43,7 @@ fn key_id(key: &str) -> &str {
 
 impl Harness {
     async fn start(dir: &Path) -> Harness {
-        let engine = Engine::open(EngineConfig {
-            data_dir: dir.to_path_buf(),
-            shards: 8,
-            executors: 2,
-            clock: Arc::new(SystemClock),
-            records_in_memory: 64,
-            checkpoint_every_log_bytes: 1 << 20,
-        })
-        .unwrap();
+        let engine = open_engine(dir, 8, 2, 64, 1 << 20);
         let mut keys = vec![
             (Who::Admin, store_key(dir, "admin", None, false).await),
             (Who::Read, store_key(dir, "read", None, false).await),
@@ -96,22 +56,11 @@ impl Harness {
         keys.push((Who::AppWithoutBuyer, keys[2].1.clone()));
         keys.push((Who::Unknown, format!("psk_{}_{}", "0".repeat(16), "0".repeat(64))));
         keys.push((Who::Malformed, "psk_not-a-key".to_owned()));
-        let server = Server::bind(ServerConfig::new("127.0.0.1:0".parse().unwrap(), dir.to_path_buf()), engine.clone())
-            .await
-            .unwrap();
-        let base = format!("http://{}", server.local_addr());
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server.run(async move {
-            let _ = stopped.await;
-        }));
-        Harness { base, http: reqwest::Client::new(), keys, engine, stop: Some(stop), task: Some(task) }
+        Harness { server: Running::start(engine, loopback_config(dir)).await, http: reqwest::Client::new(), keys }
     }
 
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        self.task.take().unwrap().await.unwrap().unwrap();
-        let engine = self.engine.clone();
-        tokio::task::spawn_blocking(move || engine.shutdown()).await.unwrap();
+    async fn stop(self) {
+        self.server.stop().await;
     }
 
     fn key(&self, who: Who) -> Option<&str> {
@@ -139,7 +88,7 @@ impl Harness {
         headers: &[(&str, &str)],
     ) -> Answer {
         let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-        let mut request = self.http.request(method, format!("{}{path}", self.base));
+        let mut request = self.http.request(method, self.server.url(path));
         if let Some(key) = key {
             request = request.header("authorization", format!("Bearer {key}"));
         }
@@ -152,12 +101,7 @@ impl Harness {
         if let Some(body) = body {
             request = request.json(body);
         }
-        let response = request.send().await.unwrap();
-        let status = response.status().as_u16();
-        let www_authenticate = response.headers().get("www-authenticate").map(|v| v.to_str().unwrap().to_owned());
-        let text = response.text().await.unwrap();
-        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        Answer { status, body, www_authenticate }
+        Answer::read(request.send().await.unwrap()).await
     }
 
     async fn call(&self, who: Who, method: &str, path: &str, body: Option<&Value>) -> Answer {
@@ -204,10 +148,6 @@ impl Harness {
 
 fn account(id: &str, owner: Option<&str>) -> Value {
     json!({"id": id, "currency": "USD", "owner": owner})
-}
-
-fn transfer(id: &str, debit: &str, credit: &str, amount: u64) -> Value {
-    json!({"id": id, "debit_account_id": debit, "credit_account_id": credit, "amount": amount, "currency": "USD"})
 }
 
 fn pending(id: &str, debit: &str, credit: &str, amount: u64) -> Value {
@@ -289,7 +229,7 @@ async fn every_route_refuses_callers_without_a_valid_key_and_scopes_get_exactly_
             let before = h.state().await;
             let answer = h.call(who, method, &path, body.as_ref()).await;
             assert_eq!((answer.status, answer.code()), (401, "unauthorized"), "{who:?} {method} {route}");
-            assert_eq!(answer.www_authenticate.as_deref(), Some("Bearer"), "{who:?} {method} {route}");
+            assert_eq!(answer.header("www-authenticate"), Some("Bearer"), "{who:?} {method} {route}");
             assert_eq!(before, h.state().await, "{who:?} {method} {route} changed something");
         }
         // An app key must name its buyer.
@@ -311,8 +251,7 @@ async fn every_route_refuses_callers_without_a_valid_key_and_scopes_get_exactly_
         }
     }
     // Refusals are counted by code for the operators.
-    let metrics =
-        h.http.get(format!("{}/metrics", h.base)).bearer_auth(h.key(Who::Admin).unwrap()).send().await.unwrap();
+    let metrics = h.http.get(h.server.url("/metrics")).bearer_auth(h.key(Who::Admin).unwrap()).send().await.unwrap();
     let text = metrics.text().await.unwrap();
     for code in ["unauthorized", "forbidden"] {
         let counted = text.lines().any(|l| l.starts_with("peakstack_access_refusals_total{") && l.contains(code));
@@ -496,7 +435,7 @@ async fn money_moves_only_out_of_the_callers_own_accounts() {
     assert_eq!((replay.status, &replay.body), (201, &first.body));
 
     // The books still balance.
-    let totals = h.engine.totals().await.unwrap();
+    let totals = h.server.engine.totals().await.unwrap();
     assert_eq!(totals.net, 0, "all balances sum to zero");
     h.stop().await;
 }
@@ -693,5 +632,56 @@ async fn a_clash_with_another_tenants_id_answers_as_if_the_id_were_free() {
     let again =
         h.call(Who::M1, "POST", "/v1/transfers", Some(&transfer("merchant:m1~t", "m1-cash", "platform", 9))).await;
     assert_eq!((again.status, again.code()), (409, "exists_with_different_fields"));
+    h.stop().await;
+}
+
+/// A namespaced id belongs to its tenant's objects, whoever makes it: an
+/// admin key may make `merchant:m1~...` transfers of m1's money (for m1),
+/// but not between accounts none of which is m1's, which would squat an id
+/// m1 then clashes with and cannot read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_makes_namespaced_ids_only_for_the_namespaces_own_objects() {
+    let (_dir, h) = started().await;
+    h.admin("POST", "/v1/transfers", Some(&pending("h-b2", "b2-wallet", "m2-cash", 2))).await;
+    h.admin("POST", "/v1/transfers", Some(&pending("h-b1", "b1-wallet", "m1-cash", 2))).await;
+    for (path, body) in [
+        ("/v1/transfers", transfer("merchant:m1~x", "b2-wallet", "m2-cash", 1)),
+        ("/v1/transfers", transfer("merchant:m1~x", "platform", "b1-wallet", 1)),
+        ("/v1/transfers", pending("merchant:m1~x", "b2-wallet", "m2-cash", 1)),
+        ("/v1/transfers", transfer("buyer:b1~x", "m1-cash", "m2-cash", 1)),
+        ("/v1/transfers/h-b2/post", json!({"id": "merchant:m1~x"})),
+        ("/v1/transfers/h-b2/void", json!({"id": "merchant:m1~x"})),
+        ("/v1/transfers/h-b1/void", json!({"id": "merchant:m2~x"})),
+        (
+            "/v1/transfers/batch",
+            json!({"transfers": [transfer("merchant:m1~b", "m1-cash", "platform", 1), transfer("merchant:m1~x", "b2-wallet", "m2-cash", 1)]}),
+        ),
+    ] {
+        h.refused(Who::Admin, "POST", path, Some(&body), 403, "forbidden").await;
+        let answer = h.call(Who::Admin, "POST", path, Some(&body)).await;
+        let detail = answer.body["detail"].as_str().unwrap_or_default();
+        assert!(detail.contains("must be owned by"), "{path}: the detail names the rule: {detail}");
+    }
+    // A missing account answers as the ledger would, before the rule.
+    let missing = transfer("merchant:m1~x", "no-such-account", "m2-cash", 1);
+    h.refused(Who::Admin, "POST", "/v1/transfers", Some(&missing), 404, "account_not_found").await;
+    let missing = transfer("merchant:m1~x", "m2-cash", "no-such-account", 1);
+    h.refused(Who::Admin, "POST", "/v1/transfers", Some(&missing), 404, "account_not_found").await;
+    // An account in a namespace is its tenant's, also an admin's platform account.
+    let platform = account("merchant:m1~platform", None);
+    h.refused(Who::Admin, "POST", "/v1/accounts", Some(&platform), 400, "invalid_request").await;
+
+    // m1's money on either side: the admin makes it, as before.
+    h.allowed(Who::Admin, "POST", "/v1/transfers", Some(&transfer("merchant:m1~in", "platform", "m1-cash", 1)), 201)
+        .await;
+    h.allowed(Who::Admin, "POST", "/v1/transfers", Some(&transfer("merchant:m1~out", "m1-cash", "b2-wallet", 1)), 201)
+        .await;
+    h.allowed(Who::Admin, "POST", "/v1/transfers", Some(&transfer("buyer:b1~in", "platform", "b1-wallet", 1)), 201)
+        .await;
+    h.allowed(Who::Admin, "POST", "/v1/transfers/h-b1/post", Some(&json!({"id": "merchant:m1~post"})), 201).await;
+    // The squatted id stayed free: m1 makes it, with its own money.
+    let own =
+        h.call(Who::M1, "POST", "/v1/transfers", Some(&transfer("merchant:m1~x", "m1-cash", "platform", 1))).await;
+    assert_eq!(own.status, 201, "m1 makes the id the admin was refused: {}", own.body);
     h.stop().await;
 }

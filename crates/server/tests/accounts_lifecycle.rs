@@ -2,16 +2,12 @@
 //! closed account refuses (with its code, changing nothing), the audit
 //! record of each change, and the status after a restart.
 
-use std::path::Path;
-use std::sync::Arc;
+mod common;
 
-use peakstack_engine::{Engine, EngineConfig, SystemClock};
-use peakstack_server::audit::AuditRecord;
-use peakstack_server::keys::generate;
-use peakstack_server::{open_access_store, Scope, Server, ServerConfig};
+use std::path::Path;
+
+use common::{create_key, loopback_config, open_engine, transfer, Answer, Running};
 use serde_json::{json, Value};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Who {
@@ -35,73 +31,31 @@ fn scope_of(who: Who) -> &'static str {
 }
 
 struct Harness {
-    base: String,
+    server: Running,
     http: reqwest::Client,
     keys: Vec<(Who, String)>,
-    engine: Engine,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<anyhow::Result<()>>>,
-}
-
-struct Answer {
-    status: u16,
-    body: Value,
-}
-
-impl Answer {
-    fn code(&self) -> &str {
-        self.body["code"].as_str().unwrap_or("")
-    }
-}
-
-async fn store_key(dir: &Path, scope: &str) -> String {
-    let (store, _) = open_access_store(dir).unwrap();
-    let new = generate(&Scope::parse(scope).unwrap(), None, None, "test", 1);
-    let audit = AuditRecord::new("test", "test", "key.create", &new.record.id, Value::Null, 1);
-    store.put_key(new.record, audit).await.unwrap();
-    store.close().await;
-    new.secret_key
 }
 
 impl Harness {
     /// A server on `dir`; keys are made on the first start only.
     async fn start(dir: &Path, keys: Option<Vec<(Who, String)>>) -> Harness {
-        let engine = Engine::open(EngineConfig {
-            data_dir: dir.to_path_buf(),
-            shards: 8,
-            executors: 2,
-            clock: Arc::new(SystemClock),
-            records_in_memory: 64,
-            checkpoint_every_log_bytes: 1 << 20,
-        })
-        .unwrap();
+        let engine = open_engine(dir, 8, 2, 64, 1 << 20);
         let keys = match keys {
             Some(keys) => keys,
             None => {
                 let mut keys = Vec::new();
                 for who in WHO {
-                    keys.push((who, store_key(dir, scope_of(who)).await));
+                    keys.push((who, create_key(dir, scope_of(who)).await));
                 }
                 keys
             }
         };
-        let server = Server::bind(ServerConfig::new("127.0.0.1:0".parse().unwrap(), dir.to_path_buf()), engine.clone())
-            .await
-            .unwrap();
-        let base = format!("http://{}", server.local_addr());
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server.run(async move {
-            let _ = stopped.await;
-        }));
-        Harness { base, http: reqwest::Client::new(), keys, engine, stop: Some(stop), task: Some(task) }
+        Harness { server: Running::start(engine, loopback_config(dir)).await, http: reqwest::Client::new(), keys }
     }
 
-    async fn stop(mut self) -> Vec<(Who, String)> {
-        let _ = self.stop.take().unwrap().send(());
-        self.task.take().unwrap().await.unwrap().unwrap();
-        let engine = self.engine.clone();
-        tokio::task::spawn_blocking(move || engine.shutdown()).await.unwrap();
-        std::mem::take(&mut self.keys)
+    async fn stop(self) -> Vec<(Who, String)> {
+        self.server.stop().await;
+        self.keys
     }
 
     fn key(&self, who: Who) -> &str {
@@ -112,7 +66,7 @@ impl Harness {
         let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
         let mut request = self
             .http
-            .request(method, format!("{}{path}", self.base))
+            .request(method, self.server.url(path))
             .bearer_auth(self.key(who))
             .header("x-request-id", request_id);
         if who == Who::App {
@@ -121,10 +75,7 @@ impl Harness {
         if let Some(body) = body {
             request = request.json(body);
         }
-        let response = request.send().await.unwrap();
-        let status = response.status().as_u16();
-        let text = response.text().await.unwrap();
-        Answer { status, body: serde_json::from_str(&text).unwrap_or(Value::String(text)) }
+        Answer::read(request.send().await.unwrap()).await
     }
 
     async fn admin(&self, method: &str, path: &str, body: Option<&Value>) -> Value {
@@ -164,10 +115,6 @@ impl Harness {
         let records = self.admin("GET", "/v1/audit?limit=1000", None).await["data"].as_array().unwrap().clone();
         records.into_iter().filter(|r| r["action"] == action).collect()
     }
-}
-
-fn transfer(id: &str, debit: &str, credit: &str, amount: u64) -> Value {
-    json!({"id": id, "debit_account_id": debit, "credit_account_id": credit, "amount": amount, "currency": "USD"})
 }
 
 async fn setup(h: &Harness) {

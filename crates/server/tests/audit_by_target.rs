@@ -2,12 +2,10 @@
 //! page of a scan reads: a target's records come in one page, from the
 //! index, with paging by `after` and `next` as for any other filter.
 
-use std::sync::Arc;
+mod common;
 
-use peakstack_engine::{Engine, EngineConfig, SystemClock};
-use peakstack_server::{Server, ServerConfig};
+use common::{client_with_key, create_key, loopback_config, open_engine, Answer, Running};
 use serde_json::{json, Value};
-use tokio::sync::oneshot;
 
 /// More transfers than `MAX_AUDIT_SCAN` (100,000), the records one page
 /// of a scan reads.
@@ -15,52 +13,24 @@ const TRANSFERS: usize = 104_000;
 const BATCH: usize = 8_000;
 
 struct Harness {
-    base: String,
+    server: Running,
     client: reqwest::Client,
-    engine: Engine,
-    stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
 impl Harness {
     async fn start(dir: &std::path::Path) -> Harness {
-        let (store, _) = peakstack_server::open_access_store(dir).unwrap();
-        let scope = peakstack_server::Scope::parse("admin").unwrap();
-        let new = peakstack_server::keys::generate(&scope, None, None, "test", 1);
-        let audit =
-            peakstack_server::audit::AuditRecord::new("test", "test", "key.create", &new.record.id, Value::Null, 1);
-        store.put_key(new.record, audit).await.unwrap();
-        store.close().await;
-        let engine = Engine::open(EngineConfig {
-            data_dir: dir.to_path_buf(),
-            shards: 8,
-            executors: 1,
-            clock: Arc::new(SystemClock),
-            records_in_memory: 1 << 20,
-            checkpoint_every_log_bytes: 64 << 20,
-        })
-        .unwrap();
-        let config = ServerConfig::new("127.0.0.1:0".parse().unwrap(), dir.to_path_buf());
-        let server = Server::bind(config, engine.clone()).await.unwrap();
-        let base = format!("http://{}", server.local_addr());
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server.run(async move {
-            let _ = stopped.await;
-        }));
-        let mut headers = reqwest::header::HeaderMap::new();
-        headers.insert("authorization", format!("Bearer {}", new.secret_key).parse().unwrap());
-        let client = reqwest::Client::builder().default_headers(headers).build().unwrap();
-        Harness { base, client, engine, stop, task }
+        let key = create_key(dir, "admin").await;
+        let engine = open_engine(dir, 8, 1, 1 << 20, 64 << 20);
+        Harness { server: Running::start(engine, loopback_config(dir)).await, client: client_with_key(&key) }
     }
 
     async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut request = self.client.request(method, format!("{}{path}", self.base));
+        let mut request = self.client.request(method, self.server.url(path));
         if let Some(body) = body {
             request = request.json(&body);
         }
-        let answer = request.send().await.unwrap();
-        let status = answer.status().as_u16();
-        (status, answer.json().await.unwrap())
+        let answer = Answer::read(request.send().await.unwrap()).await;
+        (answer.status, serde_json::from_slice(&answer.raw).unwrap())
     }
 
     /// The `(seq, action, target)` of one page of the audit log, and its `next`.
@@ -83,10 +53,7 @@ impl Harness {
     }
 
     async fn stop(self) {
-        let _ = self.stop.send(());
-        self.task.await.unwrap().unwrap();
-        let engine = self.engine.clone();
-        tokio::task::spawn_blocking(move || engine.shutdown()).await.unwrap();
+        self.server.stop().await;
     }
 }
 

@@ -2,97 +2,63 @@
 //! batch, and requests the engine cannot decide within their deadline
 //! (an executor stalled for real by the engine's test batch gate).
 
+mod common;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::{insecure_config, transfer, Answer, Running};
 use peakstack_domain::Id;
 use peakstack_engine::{Engine, EngineConfig};
-use peakstack_server::{AuthMode, Server, ServerConfig};
-use reqwest::header::HeaderMap;
 use serde_json::{json, Value};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
 /// Bound of every polling loop below (steps of [`POLL_STEP`]).
 const POLL_STEPS: usize = 500;
 const POLL_STEP: Duration = Duration::from_millis(10);
 
 struct TestServer {
-    base: String,
+    server: Running,
     client: reqwest::Client,
-    engine: Engine,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
-struct Answer {
-    status: u16,
-    headers: HeaderMap,
-    body: Value,
-}
-
-impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
-    }
-
-    fn assert_problem(&self, status: u16, code: &str) {
-        assert_eq!(self.status, status, "{}", self.body);
-        assert_eq!(self.header("content-type"), Some("application/problem+json"));
-        assert_eq!(self.body["code"], code, "{}", self.body);
-    }
-
-    /// `(status, code, cause_index)` of each item of a batch answer.
-    fn items(&self) -> Vec<(String, String, Option<u64>)> {
-        let results = self.body["results"].as_array().unwrap_or_else(|| panic!("not a batch answer: {}", self.body));
-        results
-            .iter()
-            .map(|r| {
-                let text = |field: &str| r[field].as_str().unwrap_or("").to_owned();
-                (text("status"), text("code"), r["cause_index"].as_u64())
-            })
-            .collect()
-    }
+/// `(status, code, cause_index)` of each item of a batch answer.
+fn items(answer: &Answer) -> Vec<(String, String, Option<u64>)> {
+    let results = answer.body["results"].as_array().unwrap_or_else(|| panic!("not a batch answer: {}", answer.body));
+    results
+        .iter()
+        .map(|r| {
+            let text = |field: &str| r[field].as_str().unwrap_or("").to_owned();
+            (text("status"), text("code"), r["cause_index"].as_u64())
+        })
+        .collect()
 }
 
 impl TestServer {
     async fn start(dir: &Path, executors: u16, request_deadline: Duration) -> TestServer {
         let engine = Engine::open(EngineConfig { shards: 8, ..EngineConfig::new(dir, executors) }).unwrap();
-        let mut config = ServerConfig::new("127.0.0.1:0".parse().unwrap(), dir.to_path_buf());
-        config.auth = AuthMode::InsecureNoAuth;
+        let mut config = insecure_config(dir);
         config.request_deadline = request_deadline;
-        let server = Server::bind(config, engine.clone()).await.unwrap();
-        let base = format!("http://{}", server.local_addr());
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server.run(async move {
-            let _ = stopped.await;
-        }));
-        TestServer { base, client: reqwest::Client::new(), engine, stop: Some(stop), task: Some(task) }
+        TestServer { server: Running::start(engine, config).await, client: reqwest::Client::new() }
     }
 
-    async fn stop(mut self) {
-        for executor in 0..self.engine.layout().executors() {
-            self.engine.test_batch_gate(executor).open();
+    /// Opens every executor's gate (a stalled one would hold the shutdown
+    /// up), then stops the server and the engine.
+    async fn stop(self) {
+        for executor in 0..self.server.engine.layout().executors() {
+            self.server.engine.test_batch_gate(executor).open();
         }
-        let _ = self.stop.take().unwrap().send(());
-        self.task.take().unwrap().await.unwrap().unwrap();
-        let engine = self.engine.clone();
-        tokio::task::spawn_blocking(move || engine.shutdown()).await.unwrap();
+        self.server.stop().await;
     }
 
     async fn send(&self, method: reqwest::Method, path: &str, body: Option<&Value>, key: Option<&str>) -> Answer {
-        let mut request = self.client.request(method, format!("{}{path}", self.base));
+        let mut request = self.client.request(method, self.server.url(path));
         if let Some(body) = body {
             request = request.json(body);
         }
         if let Some(key) = key {
             request = request.header("idempotency-key", key);
         }
-        let response = request.send().await.unwrap();
-        let status = response.status().as_u16();
-        let headers = response.headers().clone();
-        let body = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap_or(Value::Null);
-        Answer { status, headers, body }
+        Answer::read(request.send().await.unwrap()).await
     }
 
     async fn get(&self, path: &str) -> Answer {
@@ -114,7 +80,7 @@ impl TestServer {
 
     /// A name for an account (or a transfer id) on executor `executor`.
     fn name_on(&self, executor: u16, prefix: &str) -> String {
-        let layout = self.engine.layout();
+        let layout = self.server.engine.layout();
         (0..)
             .map(|n| format!("{prefix}{n}"))
             .find(|name| layout.executor_of_account(&Id::parse(name).unwrap()) == executor)
@@ -135,13 +101,9 @@ impl TestServer {
 
     /// As text, whatever the width of the balance type.
     async fn credits_posted(&self, account: &str) -> String {
-        let account = self.engine.account(&Id::parse(account).unwrap()).await.unwrap().unwrap();
+        let account = self.server.engine.account(&Id::parse(account).unwrap()).await.unwrap().unwrap();
         account.balances.credits_posted.to_string()
     }
-}
-
-fn transfer(id: &str, debit: &str, credit: &str, amount: u64) -> Value {
-    json!({"id": id, "debit_account_id": debit, "credit_account_id": credit, "amount": amount, "currency": "USD"})
 }
 
 const LONG: Duration = Duration::from_secs(30);
@@ -161,7 +123,7 @@ async fn duplicate_ids_in_a_batch_are_refused_whole_with_any_executor_count() {
                 let answer = s.post("/v1/transfers/batch", &batch).await;
                 let context = format!("{executors} executors, atomic {atomic}");
                 assert_eq!(answer.status, 422, "{context}: {}", answer.body);
-                answer.assert_problem(422, "duplicate_id_in_batch");
+                answer.assert_problem(422, "duplicate_id_in_batch", "");
                 let detail = answer.body["detail"].as_str().unwrap();
                 assert!(detail.contains("transfers[2]") && detail.contains("transfers[0]"), "{context}: {detail}");
                 for id in ["x", "y"] {
@@ -194,7 +156,7 @@ async fn a_failed_atomic_batch_names_its_cause() {
         let answer = s.post("/v1/transfers/batch", &batch).await;
         assert_eq!(answer.status, 200, "{context}: {}", answer.body);
         let linked = item("error", "linked_event_failed", Some(1));
-        assert_eq!(answer.items(), [linked.clone(), item("error", "exceeds_credits", None), linked], "{context}");
+        assert_eq!(items(&answer), [linked.clone(), item("error", "exceeds_credits", None), linked], "{context}");
 
         // An item made earlier, beside a new one: the batch is not made,
         // and the existing item is the named cause.
@@ -202,7 +164,7 @@ async fn a_failed_atomic_batch_names_its_cause() {
             json!({"atomic": true, "transfers": [transfer("n1", &a, &b, 10), transfer("fund", &bank, &a, 100)]});
         let answer = s.post("/v1/transfers/batch", &batch).await;
         assert_eq!(
-            answer.items(),
+            items(&answer),
             [item("error", "linked_event_failed", Some(1)), item("exists", "", None)],
             "{context}"
         );
@@ -211,9 +173,9 @@ async fn a_failed_atomic_batch_names_its_cause() {
         // A whole batch made earlier (a retry): every item exists, no failure.
         let batch = json!({"atomic": true, "transfers": [transfer("r1", &a, &b, 10), transfer("r2", &bank, &b, 5)]});
         let answer = s.post("/v1/transfers/batch", &batch).await;
-        assert_eq!(answer.items(), [item("created", "", None), item("created", "", None)], "{context}");
+        assert_eq!(items(&answer), [item("created", "", None), item("created", "", None)], "{context}");
         let answer = s.post("/v1/transfers/batch", &batch).await;
-        assert_eq!(answer.items(), [item("exists", "", None), item("exists", "", None)], "{context}");
+        assert_eq!(items(&answer), [item("exists", "", None), item("exists", "", None)], "{context}");
         assert_eq!(s.credits_posted(&b).await, "15", "{context}");
         s.stop().await;
     }
@@ -222,11 +184,11 @@ async fn a_failed_atomic_batch_names_its_cause() {
 /// POSTs `body` to `path` while the gate of executor `stalled` is closed:
 /// the answer is 503 `deadline_exceeded`, within the deadline.
 async fn post_stalled(s: &TestServer, stalled: u16, path: &str, body: &Value, key: Option<&str>) {
-    s.engine.test_batch_gate(stalled).close();
+    s.server.engine.test_batch_gate(stalled).close();
     let started = Instant::now();
     let answer = s.send(reqwest::Method::POST, path, Some(body), key).await;
     let elapsed = started.elapsed();
-    answer.assert_problem(503, "deadline_exceeded");
+    answer.assert_problem(503, "deadline_exceeded", "");
     assert_eq!(answer.header("retry-after"), Some("1"));
     assert!(elapsed >= DEADLINE && elapsed < DEADLINE + Duration::from_secs(2), "answered after {elapsed:?}");
 }
@@ -241,8 +203,8 @@ async fn a_transfer_not_decided_in_time_answers_503_and_its_outcome_is_read_by_i
     s.account("b", &[]).await;
     post_stalled(&s, 0, "/v1/transfers", &transfer("t1", "a", "b", 7), None).await;
     // The stalled executor cannot answer a read either, in time.
-    s.get("/v1/transfers/t1").await.assert_problem(503, "deadline_exceeded");
-    s.engine.test_batch_gate(0).open();
+    s.get("/v1/transfers/t1").await.assert_problem(503, "deadline_exceeded", "");
+    s.server.engine.test_batch_gate(0).open();
     let answer = s.get_until_not("/v1/transfers/t1", &[503]).await;
     assert_eq!(answer.status, 200, "{}", answer.body);
     assert_eq!((answer.body["status"].as_str(), answer.body["amount"].as_u64()), (Some("posted"), Some(7)));
@@ -261,8 +223,8 @@ async fn a_transfer_held_up_across_executors_reads_as_in_flight_until_decided() 
     // the credit leg and is stalled.
     let id = s.name_on(0, "t");
     post_stalled(&s, 1, "/v1/transfers", &transfer(&id, &a, &b, 9), None).await;
-    s.get(&format!("/v1/transfers/{id}")).await.assert_problem(409, "transfer_in_flight");
-    s.engine.test_batch_gate(1).open();
+    s.get(&format!("/v1/transfers/{id}")).await.assert_problem(409, "transfer_in_flight", "");
+    s.server.engine.test_batch_gate(1).open();
     let answer = s.get_until_not(&format!("/v1/transfers/{id}"), &[409]).await;
     assert_eq!(answer.status, 200, "{}", answer.body);
     assert_eq!(answer.body["status"], "posted");
@@ -279,8 +241,8 @@ async fn a_keyed_retry_after_the_deadline_gets_the_real_answer() {
     let body = transfer("k1", "a", "b", 5);
     post_stalled(&s, 0, "/v1/transfers", &body, Some("key-1")).await;
     // Not decided yet: the key is still in flight, not a remembered 503.
-    s.post_keyed("/v1/transfers", &body, "key-1").await.assert_problem(409, "idempotency_key_in_use");
-    s.engine.test_batch_gate(0).open();
+    s.post_keyed("/v1/transfers", &body, "key-1").await.assert_problem(409, "idempotency_key_in_use", "");
+    s.server.engine.test_batch_gate(0).open();
     let mut answer = s.post_keyed("/v1/transfers", &body, "key-1").await;
     for _ in 0..POLL_STEPS {
         if answer.status != 409 {
@@ -298,7 +260,7 @@ async fn a_keyed_retry_after_the_deadline_gets_the_real_answer() {
     // A batch as well.
     let batch = json!({"atomic": true, "transfers": [transfer("k2", "a", "b", 1), transfer("k3", "a", "b", 2)]});
     post_stalled(&s, 0, "/v1/transfers/batch", &batch, Some("key-2")).await;
-    s.engine.test_batch_gate(0).open();
+    s.server.engine.test_batch_gate(0).open();
     let mut answer = s.post_keyed("/v1/transfers/batch", &batch, "key-2").await;
     for _ in 0..POLL_STEPS {
         if answer.status != 409 {
@@ -310,7 +272,7 @@ async fn a_keyed_retry_after_the_deadline_gets_the_real_answer() {
     assert_eq!(answer.status, 200, "{}", answer.body);
     assert_eq!(answer.header("idempotent-replayed"), Some("true"));
     let created = ("created".to_owned(), String::new(), None);
-    assert_eq!(answer.items(), [created.clone(), created]);
+    assert_eq!(items(&answer), [created.clone(), created]);
     assert_eq!(s.credits_posted("b").await, "8");
     s.stop().await;
 }
@@ -325,20 +287,18 @@ async fn a_late_answer_is_stored_before_the_server_stops() {
     post_stalled(&s, 0, "/v1/transfers", &body, Some("key-s")).await;
     // Stop serving while the engine has not decided; once the listener is
     // gone the server is closing its stores, and only then may it decide.
-    let _ = s.stop.take().unwrap().send(());
+    s.server.signal_stop();
     let mut refused = false;
     for _ in 0..POLL_STEPS {
-        if s.client.get(format!("{}/healthz", s.base)).send().await.is_err() {
+        if s.client.get(s.server.url("/healthz")).send().await.is_err() {
             refused = true;
             break;
         }
         tokio::time::sleep(POLL_STEP).await;
     }
     assert!(refused, "the server kept serving");
-    s.engine.test_batch_gate(0).open();
-    s.task.take().unwrap().await.unwrap().unwrap();
-    let engine = s.engine.clone();
-    tokio::task::spawn_blocking(move || engine.shutdown()).await.unwrap();
+    s.server.engine.test_batch_gate(0).open();
+    s.stop().await;
 
     let s = TestServer::start(dir.path(), 1, DEADLINE).await;
     let answer = s.post_keyed("/v1/transfers", &body, "key-s").await;
@@ -353,7 +313,7 @@ async fn an_account_not_opened_in_time_is_opened_later() {
     let dir = tempfile::tempdir().unwrap();
     let s = TestServer::start(dir.path(), 1, DEADLINE).await;
     post_stalled(&s, 0, "/v1/accounts", &json!({"id": "late", "currency": "USD"}), None).await;
-    s.engine.test_batch_gate(0).open();
+    s.server.engine.test_batch_gate(0).open();
     let answer = s.get_until_not("/v1/accounts/late", &[503]).await;
     assert_eq!(answer.status, 200, "{}", answer.body);
     assert_eq!(answer.body["currency"], "USD");

@@ -2,107 +2,47 @@
 //! like, which requests are refused before any route runs, what details
 //! say, what the OpenAPI document promises, and what /metrics exports.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
+use common::{insecure_config, open_engine, Answer, Running};
 use peakstack_domain::ErrorCode;
-use peakstack_engine::{Engine, EngineConfig, SystemClock};
-use peakstack_server::{api_query_parameters, api_routes, ApiError, AuthMode, Server, ServerConfig, OPENAPI_JSON};
+use peakstack_server::{api_query_parameters, api_routes, ApiError, OPENAPI_JSON};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
 const MAX_AMOUNT: u64 = (1 << 53) - 1;
 /// Longest any single wait in these tests may take.
 const BOUND: Duration = Duration::from_secs(5);
 
 struct TestServer {
-    base: String,
-    addr: std::net::SocketAddr,
+    server: Running,
     client: reqwest::Client,
-    engine: Engine,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<anyhow::Result<()>>>,
-}
-
-struct Answer {
-    status: u16,
-    content_type: String,
-    raw: String,
-    body: Value,
-}
-
-impl Answer {
-    fn detail(&self) -> &str {
-        self.body["detail"].as_str().unwrap_or_default()
-    }
-
-    fn assert_problem(&self, status: u16, code: &str, context: &str) {
-        assert_eq!(self.status, status, "{context}: {}", self.raw);
-        assert_eq!(self.content_type, "application/problem+json", "{context}");
-        assert_eq!(self.body["code"], code, "{context}: {}", self.raw);
-        assert_eq!(self.body["status"], status, "{context}");
-        assert!(self.body["type"].as_str().is_some_and(|t| t.ends_with(code)), "{context}");
-        assert!(self.body["title"].as_str().is_some_and(|t| !t.is_empty()), "{context}");
-        assert!(!self.detail().is_empty(), "{context}");
-    }
 }
 
 impl TestServer {
     async fn start(dir: &Path) -> TestServer {
-        let engine = Engine::open(EngineConfig {
-            data_dir: dir.to_path_buf(),
-            shards: 4,
-            executors: 1,
-            clock: Arc::new(SystemClock),
-            records_in_memory: 1000,
-            checkpoint_every_log_bytes: 1 << 20,
-        })
-        .unwrap();
-        let mut config = ServerConfig::new("127.0.0.1:0".parse().unwrap(), dir.to_path_buf());
-        config.auth = AuthMode::InsecureNoAuth;
-        let server = Server::bind(config, engine.clone()).await.unwrap();
-        let addr = server.local_addr();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server.run(async move {
-            let _ = stopped.await;
-        }));
-        TestServer {
-            base: format!("http://{addr}"),
-            addr,
-            client: reqwest::Client::new(),
-            engine,
-            stop: Some(stop),
-            task: Some(task),
-        }
+        let engine = open_engine(dir, 4, 1, 1000, 1 << 20);
+        TestServer { server: Running::start(engine, insecure_config(dir)).await, client: reqwest::Client::new() }
     }
 
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        self.task.take().unwrap().await.unwrap().unwrap();
-        let engine = self.engine.clone();
-        tokio::task::spawn_blocking(move || engine.shutdown()).await.unwrap();
+    async fn stop(self) {
+        self.server.stop().await;
     }
 
     async fn send(&self, method: &str, path: &str, body: Option<&[u8]>, headers: &[(&str, &str)]) -> Answer {
         let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-        let mut request = self.client.request(method, format!("{}{path}", self.base));
+        let mut request = self.client.request(method, self.server.url(path));
         if let Some(body) = body {
             request = request.body(body.to_vec());
         }
         for (name, value) in headers {
             request = request.header(*name, *value);
         }
-        let response = tokio::time::timeout(BOUND, request.send()).await.unwrap().unwrap();
-        let status = response.status().as_u16();
-        let content_type =
-            response.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
-        let raw = response.text().await.unwrap();
-        let body = serde_json::from_str(&raw).unwrap_or(Value::Null);
-        Answer { status, content_type, raw, body }
+        Answer::read(tokio::time::timeout(BOUND, request.send()).await.unwrap().unwrap()).await
     }
 
     async fn post_json(&self, path: &str, body: &[u8]) -> Answer {
@@ -122,7 +62,7 @@ impl TestServer {
 
     /// Writes `bytes` on a fresh connection and reads to its close.
     async fn raw_tcp(&self, bytes: &[u8]) -> String {
-        let mut stream = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+        let mut stream = tokio::net::TcpStream::connect(self.server.addr).await.unwrap();
         stream.write_all(bytes).await.unwrap();
         let mut answer = Vec::new();
         tokio::time::timeout(BOUND, stream.read_to_end(&mut answer)).await.unwrap().unwrap();
@@ -206,7 +146,7 @@ async fn details_name_the_field_and_the_rule() {
         assert!(
             !answer.detail().contains("deserialize") && !answer.detail().contains("u64"),
             "{context}: {}",
-            answer.raw
+            answer.text()
         );
     }
     assert_eq!(s.get("/v1/transfers/t1").await.status, 404, "no refused request made a transfer");
@@ -237,7 +177,7 @@ async fn only_json_bodies_are_read() {
     s.send("POST", "/v1/transfers", Some(&body), &keyed).await.assert_problem(415, "unsupported_media_type", "keyed");
     let keyed = [("content-type", "Application/JSON; Charset=\"UTF-8\""), ("idempotency-key", "k-415")];
     let answer = s.send("POST", "/v1/transfers", Some(&body), &keyed).await;
-    assert_eq!(answer.status, 201, "{}", answer.raw);
+    assert_eq!(answer.status, 201, "{}", answer.text());
     s.stop().await;
 }
 
@@ -259,7 +199,7 @@ async fn unknown_query_parameters_are_refused_on_every_route() {
             let answer = s.send(method, &target, body, &headers).await;
             let context = format!("{method} {target}");
             answer.assert_problem(400, "invalid_request", &context);
-            assert!(answer.detail().starts_with("at: unknown query parameter"), "{context}: {}", answer.raw);
+            assert!(answer.detail().starts_with("at: unknown query parameter"), "{context}: {}", answer.text());
         }
     }
     let answer = s.get("/v1/accounts?limit=1&limit=2").await;
@@ -376,7 +316,7 @@ async fn metrics_count_ledger_results_and_replays_as_counters() {
     }
     let refused = br#"{"id":"t2","debit_account_id":"a","credit_account_id":"a","amount":1,"currency":"USD"}"#;
     s.post_json("/v1/transfers", refused).await.assert_problem(422, "accounts_must_be_different", "same account");
-    let text = s.get("/metrics").await.raw;
+    let text = s.get("/metrics").await.text();
     let value = |series: &str| -> f64 {
         text.lines()
             .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))

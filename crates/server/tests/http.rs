@@ -1,92 +1,30 @@
 //! The API over real HTTP on 127.0.0.1, against a real engine on a temp dir.
 
+mod common;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use common::{client_with_key, create_key, loopback_config, open_engine, transfer, Answer, Running};
 use peakstack_domain::Id;
-use peakstack_engine::{Engine, EngineConfig, SystemClock};
-use peakstack_server::{api_routes, AppState, Server, ServerConfig, MAX_BATCH_TRANSFERS};
-use reqwest::header::HeaderMap;
+use peakstack_server::{api_routes, MAX_BATCH_TRANSFERS};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
 const MAX_AMOUNT: u64 = (1 << 53) - 1;
 
-/// Creates a key in the data dir's access store (the server must not be
-/// running on it), as `peakstack keys create` does; returns the secret key.
-async fn create_key(dir: &Path, scope: &str) -> String {
-    let (store, _) = peakstack_server::open_access_store(dir).unwrap();
-    let scope = peakstack_server::Scope::parse(scope).unwrap();
-    let new = peakstack_server::keys::generate(&scope, None, None, "test", 1);
-    let audit = peakstack_server::audit::AuditRecord::new("test", "test", "key.create", &new.record.id, Value::Null, 1);
-    store.put_key(new.record, audit).await.unwrap();
-    store.close().await;
-    new.secret_key
-}
-
-fn client_with_key(key: &str) -> reqwest::Client {
-    let mut headers = reqwest::header::HeaderMap::new();
-    headers.insert("authorization", format!("Bearer {key}").parse().unwrap());
-    reqwest::Client::builder().default_headers(headers).build().unwrap()
-}
-
 struct TestServer {
-    base: String,
+    server: Running,
     /// The admin key the client sends.
     key: String,
-    addr: std::net::SocketAddr,
     client: reqwest::Client,
-    engine: Engine,
-    state: AppState,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<anyhow::Result<()>>>,
-}
-
-#[derive(Debug)]
-struct Answer {
-    status: u16,
-    headers: HeaderMap,
-    raw: Bytes,
-    body: Value,
-}
-
-impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
-    }
-
-    fn content_type(&self) -> &str {
-        self.header("content-type").unwrap_or("")
-    }
-
-    /// Asserts a problem+json answer with `status` and `code`.
-    fn assert_problem(&self, status: u16, code: &str, context: &str) {
-        assert_eq!(self.status, status, "{context}: {}", self.body);
-        assert_eq!(self.content_type(), "application/problem+json", "{context}");
-        assert_eq!(self.body["code"], code, "{context}: {}", self.body);
-        assert_eq!(self.body["status"], status, "{context}");
-        assert!(self.body["type"].as_str().is_some_and(|t| t.ends_with(code)), "{context}");
-        assert!(self.body["title"].as_str().is_some_and(|t| !t.is_empty()), "{context}");
-        assert!(self.body["detail"].as_str().is_some_and(|t| !t.is_empty()), "{context}");
-    }
 }
 
 impl TestServer {
     async fn start(dir: &Path) -> TestServer {
         // Few transfer records in memory: the archive takes part in every test.
-        let engine = Engine::open(EngineConfig {
-            data_dir: dir.to_path_buf(),
-            shards: 8,
-            executors: 2,
-            clock: Arc::new(SystemClock),
-            records_in_memory: 16,
-            checkpoint_every_log_bytes: 4096,
-        })
-        .unwrap();
+        let engine = open_engine(dir, 8, 2, 16, 4096);
         // The same key across restarts: Idempotency-Keys belong to the API key.
         let key_file = dir.join("test-admin-key");
         let key = match std::fs::read_to_string(&key_file) {
@@ -97,37 +35,18 @@ impl TestServer {
                 key
             }
         };
-        let config = ServerConfig::new("127.0.0.1:0".parse().unwrap(), dir.to_path_buf());
-        let server = Server::bind(config, engine.clone()).await.unwrap();
-        let addr = server.local_addr();
-        let state = server.state();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server.run(async move {
-            let _ = stopped.await;
-        }));
-        TestServer {
-            base: format!("http://{addr}"),
-            addr,
-            client: client_with_key(&key),
-            key,
-            engine,
-            state,
-            stop: Some(stop),
-            task: Some(task),
-        }
+        let server = Running::start(engine, loopback_config(dir)).await;
+        TestServer { server, client: client_with_key(&key), key }
     }
 
     /// Stops the server (draining), then the engine.
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        self.task.take().unwrap().await.unwrap().unwrap();
-        let engine = self.engine.clone();
-        tokio::task::spawn_blocking(move || engine.shutdown()).await.unwrap();
+    async fn stop(self) {
+        self.server.stop().await;
     }
 
     async fn raw(&self, method: &str, path: &str, body: Option<Vec<u8>>, headers: &[(&str, &str)]) -> Answer {
         let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-        let mut request = self.client.request(method, format!("{}{path}", self.base));
+        let mut request = self.client.request(method, self.server.url(path));
         let has_content_type = headers.iter().any(|(name, _)| name.eq_ignore_ascii_case("content-type"));
         if let Some(body) = body {
             if !has_content_type {
@@ -138,12 +57,7 @@ impl TestServer {
         for (name, value) in headers {
             request = request.header(*name, *value);
         }
-        let response = request.send().await.unwrap();
-        let status = response.status().as_u16();
-        let headers = response.headers().clone();
-        let raw = response.bytes().await.unwrap();
-        let body = serde_json::from_slice(&raw).unwrap_or(Value::Null);
-        Answer { status, headers, raw, body }
+        Answer::read(request.send().await.unwrap()).await
     }
 
     async fn get(&self, path: &str) -> Answer {
@@ -196,7 +110,7 @@ impl TestServer {
     async fn wait_until_expired(&self, id: &str) {
         for _ in 0..300 {
             let expired = self.get(&format!("/v1/transfers/{id}")).await.body["status"] == "expired";
-            if expired && self.engine.totals().await.unwrap().txns_in_flight == 0 {
+            if expired && self.server.engine.totals().await.unwrap().txns_in_flight == 0 {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -206,7 +120,7 @@ impl TestServer {
 
     /// Names on executor `executor`, so tests cross executors on purpose.
     fn names_on(&self, executor: u16, prefix: &str, count: usize) -> Vec<String> {
-        let layout = self.engine.layout();
+        let layout = self.server.engine.layout();
         (0..)
             .map(|n| format!("{prefix}{n}"))
             .filter(|name| layout.executor_of_account(&Id::parse(name).unwrap()) == executor)
@@ -241,10 +155,6 @@ impl TestServer {
         assert!(detail.contains(needle), "{context}: detail {detail:?} lacks {needle:?}");
         assert_eq!(before, self.snapshot().await, "{context}: an invalid request changed balances");
     }
-}
-
-fn transfer(id: &str, debit: &str, credit: &str, amount: u64) -> Value {
-    json!({"id": id, "debit_account_id": debit, "credit_account_id": credit, "amount": amount, "currency": "USD"})
 }
 
 fn pending(id: &str, debit: &str, credit: &str, amount: u64, timeout_ms: u64) -> Value {
@@ -683,7 +593,7 @@ async fn every_ledger_refusal_is_a_problem_and_changes_nothing() {
 
 /// Names of accounts on `shard`, and on shards other than it.
 fn names_on(s: &TestServer, prefix: &str, shard: u32, on: bool, count: usize) -> Vec<String> {
-    let layout = s.engine.layout();
+    let layout = s.server.engine.layout();
     (0..)
         .map(|n| format!("{prefix}-{n}"))
         .filter(|name| (layout.shard_of_account(&Id::parse(name).unwrap()) == shard) == on)
@@ -764,7 +674,7 @@ async fn concurrent_retries_of_one_transfer_are_in_flight_or_exist_and_move_mone
     let s = Arc::new(TestServer::start(dir.path()).await);
     // The transfer ids live on executor 0 and both accounts on executor 1,
     // so the id stays reserved while executor 0 waits for executor 1.
-    let layout = s.engine.layout();
+    let layout = s.server.engine.layout();
     let ids: Vec<String> = (0..)
         .map(|n| format!("race-{n}"))
         .filter(|id| layout.executor_of_transfer(&Id::parse(id).unwrap()) == 0)
@@ -1103,9 +1013,9 @@ async fn health_readiness_metrics_and_openapi() {
     assert_eq!((health.status, health.body.clone()), (200, json!({"status": "ok"})));
     let ready = s.get("/readyz").await;
     assert_eq!((ready.status, ready.body.clone()), (200, json!({"status": "ready", "auth": "api_keys"})));
-    s.state.set_ready(false);
+    s.server.state.set_ready(false);
     s.get("/readyz").await.assert_problem(503, "unavailable", "readyz");
-    s.state.set_ready(true);
+    s.server.state.set_ready(true);
 
     s.account("a", &[]).await;
     s.account("b", &[]).await;
@@ -1136,6 +1046,7 @@ async fn health_readiness_metrics_and_openapi() {
         ("peakstack_http_requests_total", "counter"),
         ("peakstack_ledger_results_total", "counter"),
         ("peakstack_audit_feed_lag_batches", "gauge"),
+        ("peakstack_ledger_pending_transfers", "gauge"),
         ("peakstack_http_request_duration_seconds", "histogram"),
     ] {
         assert!(text.lines().any(|line| line == format!("# TYPE {series} {kind}")), "{series} {kind} in {text}");
@@ -1169,6 +1080,64 @@ async fn health_readiness_metrics_and_openapi() {
     }
     let documented: usize = paths.values().map(|ops| ops.as_object().unwrap().len()).sum();
     assert_eq!(documented, api_routes().len(), "openapi.json documents a route the router does not serve");
+    s.stop().await;
+}
+
+/// The value of an unlabelled gauge on `/metrics`, once it reads `want`.
+/// Every server of a test process shares one recorder, and a scrape sets
+/// the engine gauges from its own server's engine: another test's scrape
+/// may overwrite them between this one's set and render, so it retries.
+async fn gauge_reads(s: &TestServer, name: &str, want: f64) -> f64 {
+    let mut seen = f64::NAN;
+    for _ in 0..100 {
+        let text = String::from_utf8(s.get("/metrics").await.raw.to_vec()).unwrap();
+        assert!(text.lines().any(|line| line == format!("# TYPE {name} gauge")), "{name} is a gauge in {text}");
+        assert!(text.lines().any(|line| line.starts_with(&format!("# HELP {name} "))), "HELP for {name} in {text}");
+        seen = text
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("{name} ")))
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} in {text}"));
+        if seen == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_pending_transfers_until_posted_voided_or_expired_and_after_a_restart() {
+    const GAUGE: &str = "peakstack_ledger_pending_transfers";
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(dir.path()).await;
+    assert_eq!(gauge_reads(&s, GAUGE, 0.0).await, 0.0);
+    // The two executors both take part: accounts on each, holds both ways.
+    let on_0 = s.names_on(0, "zero-", 1).pop().unwrap();
+    let on_1 = s.names_on(1, "one-", 1).pop().unwrap();
+    s.account(&on_0, &[]).await;
+    s.account(&on_1, &[]).await;
+    for (n, (debit, credit)) in [(&on_0, &on_1), (&on_1, &on_0), (&on_0, &on_1), (&on_1, &on_0)].into_iter().enumerate()
+    {
+        let hold = s.post("/v1/transfers", &pending(&format!("p{n}"), debit, credit, 10, 0)).await;
+        assert_eq!(hold.status, 201, "{}", hold.body);
+    }
+    assert_eq!(s.transfer("plain", &on_0, &on_1, 5).await.status, 201);
+    assert_eq!(gauge_reads(&s, GAUGE, 4.0).await, 4.0, "four holds");
+    assert_eq!(s.post("/v1/transfers/p0/post", &json!({"id": "p0-post", "amount": 4})).await.status, 201);
+    assert_eq!(gauge_reads(&s, GAUGE, 3.0).await, 3.0, "after a post");
+    assert_eq!(s.post("/v1/transfers/p1/void", &json!({"id": "p1-void"})).await.status, 201);
+    assert_eq!(gauge_reads(&s, GAUGE, 2.0).await, 2.0, "after a void");
+    let timed = s.post("/v1/transfers", &pending("p4", &on_0, &on_1, 10, 30)).await;
+    assert_eq!(timed.status, 201, "{}", timed.body);
+    s.wait_until_expired("p4").await;
+    assert_eq!(gauge_reads(&s, GAUGE, 2.0).await, 2.0, "after an expiry");
+    s.stop().await;
+
+    let s = TestServer::start(dir.path()).await;
+    assert_eq!(gauge_reads(&s, GAUGE, 2.0).await, 2.0, "after a restart");
+    assert_eq!(s.post("/v1/transfers/p2/void", &json!({"id": "p2-void"})).await.status, 201);
+    assert_eq!(gauge_reads(&s, GAUGE, 1.0).await, 1.0, "after a void past the restart");
     s.stop().await;
 }
 
@@ -1218,14 +1187,14 @@ async fn a_stopped_engine_answers_unavailable() {
     let dir = tempfile::tempdir().unwrap();
     let s = TestServer::start(dir.path()).await;
     s.account("a", &[]).await;
-    let engine = s.engine.clone();
+    let engine = s.server.engine.clone();
     tokio::task::spawn_blocking(move || engine.shutdown()).await.unwrap();
     s.transfer("t", "a", "b", 1).await.assert_problem(503, "unavailable", "transfer");
     s.get("/v1/accounts/a").await.assert_problem(503, "unavailable", "account");
     // Unavailable is not remembered under a key: a retry must get a real answer.
     let keyed = s.post_keyed("/v1/transfers", &transfer("t", "a", "b", 1), "retry-me").await;
     keyed.assert_problem(503, "unavailable", "keyed");
-    assert_eq!(s.state.idempotency().get("retry-me").await.unwrap(), None);
+    assert_eq!(s.server.state.idempotency().get("retry-me").await.unwrap(), None);
     assert_eq!(s.get("/healthz").await.status, 200, "health does not touch the engine");
     s.stop().await;
 }
@@ -1236,7 +1205,7 @@ async fn shutdown_drains_a_request_in_flight() {
     let mut s = TestServer::start(dir.path()).await;
     // A request whose body is half sent when shutdown starts.
     let body = serde_json::to_vec(&json!({"id": "late-account", "currency": "USD"})).unwrap();
-    let mut stream = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let mut stream = tokio::net::TcpStream::connect(s.server.addr).await.unwrap();
     let head = format!(
         "POST /v1/accounts HTTP/1.1\r\nhost: test\r\nauthorization: Bearer {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
         s.key,
@@ -1245,18 +1214,17 @@ async fn shutdown_drains_a_request_in_flight() {
     stream.write_all(head.as_bytes()).await.unwrap();
     stream.write_all(&body[..5]).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let _ = s.stop.take().unwrap().send(());
+    s.server.signal_stop();
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(!s.state.is_ready(), "not ready once shutdown started");
+    assert!(!s.server.state.is_ready(), "not ready once shutdown started");
     stream.write_all(&body[5..]).await.unwrap();
     let mut answer = Vec::new();
     stream.read_to_end(&mut answer).await.unwrap();
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
-    s.task.take().unwrap().await.unwrap().unwrap();
-    assert!(tokio::net::TcpStream::connect(s.addr).await.is_err(), "no longer listening");
+    s.server.wait_stopped().await;
+    assert!(tokio::net::TcpStream::connect(s.server.addr).await.is_err(), "no longer listening");
     // The account was created before the engine stopped.
-    assert!(s.engine.account(&Id::parse("late-account").unwrap()).await.unwrap().is_some());
-    let engine = s.engine.clone();
-    tokio::task::spawn_blocking(move || engine.shutdown()).await.unwrap();
+    assert!(s.server.engine.account(&Id::parse("late-account").unwrap()).await.unwrap().is_some());
+    s.stop().await;
 }

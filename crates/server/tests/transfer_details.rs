@@ -3,65 +3,40 @@
 //! after a restart and for a record the archive holds; bounded, and part of
 //! what an idempotent retry is compared by.
 
+mod common;
+
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
-use peakstack_engine::{Engine, EngineConfig, SystemClock};
-use peakstack_server::{AuthMode, Server, ServerConfig};
+use common::{insecure_config, open_engine, Answer, Running};
 use serde_json::{json, Value};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
 const BOUND: Duration = Duration::from_secs(20);
 /// Few records in memory: most of the transfers below end in the archive.
 const RECORDS_IN_MEMORY: usize = 16;
 
 struct TestServer {
-    base: String,
+    server: Running,
     client: reqwest::Client,
-    engine: Engine,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
 impl TestServer {
     async fn start(dir: &Path) -> TestServer {
-        let engine = Engine::open(EngineConfig {
-            data_dir: dir.to_path_buf(),
-            shards: 8,
-            executors: 2,
-            clock: Arc::new(SystemClock),
-            records_in_memory: RECORDS_IN_MEMORY,
-            checkpoint_every_log_bytes: 4096,
-        })
-        .unwrap();
-        let mut config = ServerConfig::new("127.0.0.1:0".parse().unwrap(), dir.to_path_buf());
-        config.auth = AuthMode::InsecureNoAuth;
-        let server = Server::bind(config, engine.clone()).await.unwrap();
-        let base = format!("http://{}", server.local_addr());
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server.run(async move {
-            let _ = stopped.await;
-        }));
-        TestServer { base, client: reqwest::Client::new(), engine, stop: Some(stop), task: Some(task) }
+        let engine = open_engine(dir, 8, 2, RECORDS_IN_MEMORY, 4096);
+        TestServer { server: Running::start(engine, insecure_config(dir)).await, client: reqwest::Client::new() }
     }
 
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        self.task.take().unwrap().await.unwrap().unwrap();
-        let engine = self.engine.clone();
-        tokio::task::spawn_blocking(move || engine.shutdown()).await.unwrap();
+    async fn stop(self) {
+        self.server.stop().await;
     }
 
     async fn send(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut request = self.client.request(method, format!("{}{path}", self.base));
+        let mut request = self.client.request(method, self.server.url(path));
         if let Some(body) = body {
             request = request.json(&body);
         }
-        let response = tokio::time::timeout(BOUND, request.send()).await.unwrap().unwrap();
-        let status = response.status().as_u16();
-        (status, response.json().await.unwrap_or(Value::Null))
+        let answer = Answer::read(tokio::time::timeout(BOUND, request.send()).await.unwrap().unwrap()).await;
+        (answer.status, answer.body)
     }
 
     async fn post(&self, path: &str, body: Value) -> (u16, Value) {
