@@ -276,11 +276,6 @@ impl RecentOutcomes {
             generations.closed.push_back((marks, outcomes));
         }
     }
-
-    /// How many outcomes are held.
-    pub fn held(&self) -> usize {
-        self.generations.lock().held
-    }
 }
 
 /// How often a generation of recent outcomes is closed (and the closed

@@ -186,10 +186,7 @@ fn replay_outcome(outcome: &KeyedOutcome, keyed: &Keyed) -> Result<Response, Api
     if outcome.fingerprint != short_fingerprint(&keyed.fingerprint) {
         return Err(ApiError::IdempotencyKeyReused);
     }
-    let mut response = crate::handlers::replay_keyed_create(outcome, &keyed.body)?;
-    metrics::counter!(crate::observe::IDEMPOTENT_REPLAYS_TOTAL).increment(1);
-    response.headers_mut().insert(IDEMPOTENT_REPLAYED.clone(), HeaderValue::from_static("true"));
-    Ok(response)
+    Ok(marked_replayed(crate::handlers::replay_keyed_create(outcome, &keyed.body)?))
 }
 
 /// How long a keyed request waits, after a restart, for the audit feed to
@@ -197,6 +194,9 @@ fn replay_outcome(outcome: &KeyedOutcome, keyed: &Keyed) -> Result<Response, Api
 const REPLAYED_OUTCOMES_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 async fn wait_for_replayed_outcomes(state: &AppState) -> Result<(), ApiError> {
+    if state.recent_outcomes().started(state.engine()) {
+        return Ok(());
+    }
     let deadline = tokio::time::Instant::now() + REPLAYED_OUTCOMES_WAIT;
     while !state.recent_outcomes().started(state.engine()) {
         if tokio::time::Instant::now() >= deadline {
@@ -281,13 +281,17 @@ async fn remember(state: &AppState, keyed: &Keyed, response: Response) -> Result
 }
 
 fn replay(stored: StoredAnswer) -> Response {
-    metrics::counter!(crate::observe::IDEMPOTENT_REPLAYS_TOTAL).increment(1);
     let status = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut response = (status, stored.body).into_response();
-    let headers = response.headers_mut();
     if let Ok(content_type) = HeaderValue::from_str(&stored.content_type) {
-        headers.insert(header::CONTENT_TYPE, content_type);
+        response.headers_mut().insert(header::CONTENT_TYPE, content_type);
     }
-    headers.insert(IDEMPOTENT_REPLAYED.clone(), HeaderValue::from_static("true"));
+    marked_replayed(response)
+}
+
+/// A replay, whichever way it was remembered: counted and marked.
+fn marked_replayed(mut response: Response) -> Response {
+    metrics::counter!(crate::observe::IDEMPOTENT_REPLAYS_TOTAL).increment(1);
+    response.headers_mut().insert(IDEMPOTENT_REPLAYED.clone(), HeaderValue::from_static("true"));
     response
 }
