@@ -40,10 +40,46 @@ pub enum ErrorCode {
     AccountClosed,
     /// Only an account with posted balance zero and nothing pending closes.
     AccountNotZero,
+    /// No SKU with this id.
+    SkuNotFound,
+    /// Fewer units available than asked for.
+    OutOfStock,
+    /// The buyer would hold more units than the SKU's or sale's per-buyer limit (sold and reserved count).
+    PurchaseLimitExceeded,
+    /// The flash sale has not started yet.
+    SaleNotStarted,
+    /// The flash sale is over.
+    SaleEnded,
+    /// Every unit of the flash sale is sold or reserved.
+    SoldOut,
+    /// No flash sale with this id.
+    FlashSaleNotFound,
+    /// No reservation with this id.
+    ReservationNotFound,
+    /// The reservation's deadline passed; its units went back.
+    ReservationExpired,
+    /// The reservation was cancelled; its units went back.
+    ReservationCancelled,
+    /// The reservation was confirmed (sold); it can no longer be cancelled.
+    ReservationConfirmed,
+    /// No promotion with this id.
+    PromotionNotFound,
+    /// No coupon (or coupon template) with this id.
+    CouponNotFound,
+    /// The coupon does not apply to this cart (scope, minimum spend, currency or buyer).
+    CouponNotApplicable,
+    /// The coupon was used or is locked by another checkout.
+    CouponAlreadyUsed,
+    /// The coupon is outside its validity window.
+    CouponExpired,
+    /// The coupon template has issued all the coupons it may.
+    CouponsExhausted,
+    /// No global transaction with this id.
+    TransactionNotFound,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 22] = [
+    pub const ALL: [ErrorCode; 40] = [
         ErrorCode::InvalidRequest,
         ErrorCode::AccountNotFound,
         ErrorCode::TransferNotFound,
@@ -67,6 +103,24 @@ impl ErrorCode {
         ErrorCode::AccountFrozen,
         ErrorCode::AccountClosed,
         ErrorCode::AccountNotZero,
+        ErrorCode::SkuNotFound,
+        ErrorCode::OutOfStock,
+        ErrorCode::PurchaseLimitExceeded,
+        ErrorCode::SaleNotStarted,
+        ErrorCode::SaleEnded,
+        ErrorCode::SoldOut,
+        ErrorCode::FlashSaleNotFound,
+        ErrorCode::ReservationNotFound,
+        ErrorCode::ReservationExpired,
+        ErrorCode::ReservationCancelled,
+        ErrorCode::ReservationConfirmed,
+        ErrorCode::PromotionNotFound,
+        ErrorCode::CouponNotFound,
+        ErrorCode::CouponNotApplicable,
+        ErrorCode::CouponAlreadyUsed,
+        ErrorCode::CouponExpired,
+        ErrorCode::CouponsExhausted,
+        ErrorCode::TransactionNotFound,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -93,6 +147,24 @@ impl ErrorCode {
             ErrorCode::AccountFrozen => "account_frozen",
             ErrorCode::AccountClosed => "account_closed",
             ErrorCode::AccountNotZero => "account_not_zero",
+            ErrorCode::SkuNotFound => "sku_not_found",
+            ErrorCode::OutOfStock => "out_of_stock",
+            ErrorCode::PurchaseLimitExceeded => "purchase_limit_exceeded",
+            ErrorCode::SaleNotStarted => "sale_not_started",
+            ErrorCode::SaleEnded => "sale_ended",
+            ErrorCode::SoldOut => "sold_out",
+            ErrorCode::FlashSaleNotFound => "flash_sale_not_found",
+            ErrorCode::ReservationNotFound => "reservation_not_found",
+            ErrorCode::ReservationExpired => "reservation_expired",
+            ErrorCode::ReservationCancelled => "reservation_cancelled",
+            ErrorCode::ReservationConfirmed => "reservation_confirmed",
+            ErrorCode::PromotionNotFound => "promotion_not_found",
+            ErrorCode::CouponNotFound => "coupon_not_found",
+            ErrorCode::CouponNotApplicable => "coupon_not_applicable",
+            ErrorCode::CouponAlreadyUsed => "coupon_already_used",
+            ErrorCode::CouponExpired => "coupon_expired",
+            ErrorCode::CouponsExhausted => "coupons_exhausted",
+            ErrorCode::TransactionNotFound => "transaction_not_found",
         }
     }
 
@@ -129,6 +201,25 @@ impl ErrorCode {
             ErrorCode::InFlight => 10,
             ErrorCode::Unavailable => 10,
             ErrorCode::LinkedEventFailed => 11,
+            // The trade parts answer one check at a time.
+            ErrorCode::SkuNotFound
+            | ErrorCode::OutOfStock
+            | ErrorCode::PurchaseLimitExceeded
+            | ErrorCode::SaleNotStarted
+            | ErrorCode::SaleEnded
+            | ErrorCode::SoldOut
+            | ErrorCode::FlashSaleNotFound
+            | ErrorCode::ReservationNotFound
+            | ErrorCode::ReservationExpired
+            | ErrorCode::ReservationCancelled
+            | ErrorCode::ReservationConfirmed
+            | ErrorCode::PromotionNotFound
+            | ErrorCode::CouponNotFound
+            | ErrorCode::CouponNotApplicable
+            | ErrorCode::CouponAlreadyUsed
+            | ErrorCode::CouponExpired
+            | ErrorCode::CouponsExhausted
+            | ErrorCode::TransactionNotFound => 12,
         }
     }
 

@@ -204,9 +204,15 @@ pub fn is_transient_code(code: ErrorCode) -> bool {
 pub fn ledger_status(code: ErrorCode) -> StatusCode {
     match code {
         ErrorCode::InvalidRequest => StatusCode::BAD_REQUEST,
-        ErrorCode::AccountNotFound | ErrorCode::TransferNotFound | ErrorCode::PendingTransferNotFound => {
-            StatusCode::NOT_FOUND
-        }
+        ErrorCode::AccountNotFound
+        | ErrorCode::TransferNotFound
+        | ErrorCode::PendingTransferNotFound
+        | ErrorCode::SkuNotFound
+        | ErrorCode::FlashSaleNotFound
+        | ErrorCode::ReservationNotFound
+        | ErrorCode::PromotionNotFound
+        | ErrorCode::CouponNotFound
+        | ErrorCode::TransactionNotFound => StatusCode::NOT_FOUND,
         ErrorCode::ExistsWithDifferentFields | ErrorCode::InFlight => StatusCode::CONFLICT,
         ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::CurrencyMismatch
@@ -223,7 +229,19 @@ pub fn ledger_status(code: ErrorCode) -> StatusCode {
         | ErrorCode::DuplicateIdInBatch
         | ErrorCode::AccountFrozen
         | ErrorCode::AccountClosed
-        | ErrorCode::AccountNotZero => StatusCode::UNPROCESSABLE_ENTITY,
+        | ErrorCode::AccountNotZero
+        | ErrorCode::OutOfStock
+        | ErrorCode::PurchaseLimitExceeded
+        | ErrorCode::SaleNotStarted
+        | ErrorCode::SaleEnded
+        | ErrorCode::SoldOut
+        | ErrorCode::ReservationExpired
+        | ErrorCode::ReservationCancelled
+        | ErrorCode::ReservationConfirmed
+        | ErrorCode::CouponNotApplicable
+        | ErrorCode::CouponAlreadyUsed
+        | ErrorCode::CouponExpired
+        | ErrorCode::CouponsExhausted => StatusCode::UNPROCESSABLE_ENTITY,
     }
 }
 
@@ -256,6 +274,28 @@ pub fn ledger_detail(code: ErrorCode) -> &'static str {
         }
         ErrorCode::AccountClosed => "the account is closed: it takes nothing, for ever",
         ErrorCode::AccountNotZero => "only an account with posted balance zero and nothing pending can be closed",
+        ErrorCode::SkuNotFound => "the SKU does not exist",
+        ErrorCode::OutOfStock => "fewer units are available than asked for",
+        ErrorCode::PurchaseLimitExceeded => {
+            "the buyer would hold more units than the per-buyer limit allows (sold and reserved units count)"
+        }
+        ErrorCode::SaleNotStarted => "the flash sale has not started yet",
+        ErrorCode::SaleEnded => "the flash sale is over",
+        ErrorCode::SoldOut => "every unit of the flash sale is sold or reserved",
+        ErrorCode::FlashSaleNotFound => "the flash sale does not exist",
+        ErrorCode::ReservationNotFound => "the reservation does not exist",
+        ErrorCode::ReservationExpired => "the reservation's deadline passed and its units went back on sale",
+        ErrorCode::ReservationCancelled => "the reservation was cancelled and its units went back",
+        ErrorCode::ReservationConfirmed => "the reservation is confirmed (sold) and can no longer be cancelled",
+        ErrorCode::PromotionNotFound => "the promotion does not exist",
+        ErrorCode::CouponNotFound => "the coupon or coupon template does not exist",
+        ErrorCode::CouponNotApplicable => {
+            "the coupon does not apply to this cart (scope, minimum spend, currency or buyer)"
+        }
+        ErrorCode::CouponAlreadyUsed => "the coupon was used or is locked by another checkout",
+        ErrorCode::CouponExpired => "the coupon is outside its validity window",
+        ErrorCode::CouponsExhausted => "the coupon template has issued every coupon it may",
+        ErrorCode::TransactionNotFound => "the global transaction does not exist",
     }
 }
 
@@ -293,6 +333,24 @@ fn title(code: &str) -> &'static str {
         "account_frozen" => "Account frozen",
         "account_closed" => "Account closed",
         "account_not_zero" => "Account not at zero",
+        "sku_not_found" => "SKU not found",
+        "out_of_stock" => "Out of stock",
+        "purchase_limit_exceeded" => "Purchase limit exceeded",
+        "sale_not_started" => "Sale not started",
+        "sale_ended" => "Sale ended",
+        "sold_out" => "Sold out",
+        "flash_sale_not_found" => "Flash sale not found",
+        "reservation_not_found" => "Reservation not found",
+        "reservation_expired" => "Reservation expired",
+        "reservation_cancelled" => "Reservation cancelled",
+        "reservation_confirmed" => "Reservation confirmed",
+        "promotion_not_found" => "Promotion not found",
+        "coupon_not_found" => "Coupon not found",
+        "coupon_not_applicable" => "Coupon not applicable",
+        "coupon_already_used" => "Coupon already used",
+        "coupon_expired" => "Coupon expired",
+        "coupons_exhausted" => "Coupons exhausted",
+        "transaction_not_found" => "Transaction not found",
         "unsupported_media_type" => "Unsupported media type",
         "request_header_fields_too_large" => "Request header fields too large",
         "uri_too_long" => "URI too long",
