@@ -80,6 +80,41 @@ impl fmt::Display for Id {
     }
 }
 
+/// The kinds of ids the system assigns. Each carries its owner's shard in a
+/// fixed place, `<kind>_<shard>_<sequence>` (`rsv_12_40961`), as Alipay's
+/// ids carry two digits of the user id: any of them routes to its shard
+/// without a lookup, and the sequence (per executor) makes it unique.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AssignedKind {
+    Reservation,
+}
+
+impl AssignedKind {
+    pub fn prefix(self) -> &'static str {
+        match self {
+            AssignedKind::Reservation => "rsv",
+        }
+    }
+
+    /// The id of the `sequence`-th object of this kind on `shard`. Short
+    /// enough to stay inline (see [`Id`]) for any shard and sequence below 2^40.
+    pub fn id(self, shard: u32, sequence: u64) -> Id {
+        use std::fmt::Write;
+        let mut text = smol_str::SmolStrBuilder::new();
+        write!(text, "{}_{shard}_{sequence}", self.prefix()).expect("writes to memory");
+        Id(text.finish())
+    }
+
+    /// The shard an id of this kind names, or `None` when it is not one
+    /// (then it names nothing the system assigned: a lookup answers not found).
+    pub fn shard_of(self, id: &str) -> Option<u32> {
+        let rest = id.strip_prefix(self.prefix())?.strip_prefix('_')?;
+        let (shard, sequence) = rest.split_once('_')?;
+        let digits = |s: &str| !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit());
+        (digits(shard) && digits(sequence)).then(|| shard.parse().ok()).flatten()
+    }
+}
+
 /// The documented shard hash: `fnv1a64(utf8 bytes of the id) % shard_count`.
 ///
 /// FNV-1a (64-bit, offset basis 0xcbf29ce484222325, prime 0x100000001b3) is
@@ -126,6 +161,17 @@ mod tests {
         assert_eq!(Id::parse("merchant:m1.x~o:1").unwrap().namespace(), Some("merchant:m1.x"));
         assert_eq!(Id::parse("merchant:m1").unwrap().namespace(), None);
         assert!(Id::parse("_clearing").unwrap().is_reserved());
+    }
+
+    #[test]
+    fn assigned_ids_name_their_shard() {
+        let id = AssignedKind::Reservation.id(12, 40961);
+        assert_eq!(id.as_str(), "rsv_12_40961");
+        assert_eq!(AssignedKind::Reservation.shard_of(id.as_str()), Some(12));
+        assert!(!AssignedKind::Reservation.id(4095, (1 << 40) - 1).0.is_heap_allocated());
+        for text in ["rsv_12", "rsv__1", "rsv_1_", "rsv_a_1", "ord_1_1", "rsv_1_2_3", "rsv_99999999999_1"] {
+            assert_eq!(AssignedKind::Reservation.shard_of(text), None, "{text}");
+        }
     }
 
     #[test]
