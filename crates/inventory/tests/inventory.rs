@@ -5,8 +5,7 @@
 use peakstack_domain::wire::{Reader, Writer};
 use peakstack_domain::{Amount, Currency, ErrorCode, Id};
 use peakstack_inventory::{
-    decode_command, encode_command, Answer, Command, Inventory, NewFlashSale, NewSku, Reply, ReservationState,
-    SaleState,
+    decode_command, encode_command, Answer, Command, Inventory, NewFlashSale, NewSku, ReservationState, SaleState,
 };
 use proptest::prelude::*;
 
@@ -49,18 +48,18 @@ fn reserve(sku_id: &str, buyer: &str, quantity: u32) -> Command {
 
 /// Applies `command` at `now_ms` and checks whether it changed state and its
 /// answer's code (`None`: accepted).
-fn check(inventory: &mut Inventory, command: Command, now_ms: u64, expected: Option<ErrorCode>) -> Reply {
+fn check(inventory: &mut Inventory, command: Command, now_ms: u64, expected: Option<ErrorCode>) -> Option<Answer> {
     let (changed, reply) = inventory.apply(&command, now_ms);
     assert_eq!(reply.as_ref().err().copied(), expected, "{command:?}");
     if expected.is_some() {
         assert!(!changed || matches!(command, Command::Confirm { .. }), "a refusal changed state: {command:?}");
     }
-    reply
+    reply.ok()
 }
 
-fn reservation_of(reply: Reply) -> peakstack_domain::Id {
-    match reply {
-        Ok(Answer::Reservation(r)) => r.id,
+fn reservation_of(answer: Option<Answer>) -> peakstack_domain::Id {
+    match answer {
+        Some(Answer::Reservation(r)) => r.id,
         other => panic!("not a reservation: {other:?}"),
     }
 }
