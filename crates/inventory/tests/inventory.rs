@@ -179,7 +179,8 @@ fn racing_buyers_for_k_units_buy_exactly_k_and_never_more_than_the_limit() {
         }
         // Nobody pays in the first two rounds: every unit comes back.
         if let Some(due) = inv.due(round * 2_000 + 1_000) {
-            inv.apply(&due, round * 2_000 + 1_000);
+            let (_, done) = inv.apply(&due, round * 2_000 + 1_000);
+            assert!(done.is_ok());
         }
     }
     // 60 buyers, limit 2: at most 120 units a round, and 100 on sale.
@@ -259,13 +260,13 @@ proptest! {
     #[test]
     fn no_oversell_no_limit_passed_and_checkpoints_keep_everything(steps in proptest::collection::vec(step(), 1..120)) {
         let mut inv = Inventory::new();
-        inv.apply(&sku("s1", 6, Some(3)), 0);
-        inv.apply(&sale("f1", "s1", 4, 0, 20_000, 2), 0);
+        prop_assert!(inv.apply(&sku("s1", 6, Some(3)), 0).1.is_ok());
+        prop_assert!(inv.apply(&sale("f1", "s1", 4, 0, 20_000, 2), 0).1.is_ok());
         let mut now = 0u64;
         let mut made: Vec<Id> = Vec::new();
         for step in steps {
             if let Some(due) = inv.due(now) {
-                inv.apply(&due, now);
+                prop_assert!(inv.apply(&due, now).1.is_ok());
             }
             let command = match step {
                 Step::Reserve { buyer, quantity } => reserve("s1", &format!("b{buyer}"), quantity),
