@@ -23,7 +23,9 @@ const MAGIC: &[u8; 4] = b"PSCK";
 /// 2: balances are u128. Their varints are the same bytes as format 1's u64
 /// ones below 2^64, so format 1 reads as it is; a build that knows only
 /// format 1 refuses a format 2 file instead of misreading a balance past u64.
-const FORMAT: u32 = 2;
+/// 3: the parts' sections follow the ledger (see `parts.rs`); formats 1
+/// and 2 read as an executor without parts.
+const FORMAT: u32 = 3;
 /// The oldest format this build reads.
 const OLDEST_FORMAT: u32 = 1;
 
@@ -39,6 +41,9 @@ pub struct Checkpoint<L = LedgerSnapshot> {
     pub history_len: u64,
     pub archive_runs: u32,
     pub ledger: L,
+    /// The parts' checkpoint sections (see `Parts::encode_checkpoint`);
+    /// empty in a checkpoint written before the executor hosted parts.
+    pub parts: Vec<u8>,
 }
 
 /// The ledger part of a checkpoint, in the one format both forms share.
@@ -72,6 +77,8 @@ impl<L: CheckpointLedger> Checkpoint<L> {
         w.u64(self.history_len);
         w.varint(u64::from(self.archive_runs));
         self.ledger.encode_ledger(&mut w);
+        w.varint(self.parts.len() as u64);
+        w.buf.extend_from_slice(&self.parts);
         let mut out = w.buf;
         let payload_len = (out.len() - HEADER_BYTES) as u64;
         let crc = crc32c::crc32c(&out[HEADER_BYTES..]);
@@ -114,7 +121,13 @@ impl Checkpoint {
             history_len: r.u64().map_err(|e| e.to_string())?,
             archive_runs: u32::try_from(r.varint().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?,
             ledger: LedgerSnapshot::decode(&mut r).map_err(|e| e.to_string())?,
+            parts: Vec::new(),
         };
+        let mut checkpoint = checkpoint;
+        if format >= 3 {
+            let len = r.len().map_err(|e| e.to_string())?;
+            checkpoint.parts = r.bytes(len).map_err(|e| e.to_string())?.to_vec();
+        }
         if !r.is_empty() {
             return Err("trailing bytes in checkpoint".into());
         }

@@ -654,6 +654,10 @@ impl Codec for Input {
                 w.u8(2);
                 pending_ids.encode(w);
             }
+            Input::Part(command) => {
+                w.u8(7);
+                command.encode(w);
+            }
             Input::Peer { from, messages } => {
                 w.u8(3);
                 w.varint(u64::from(*from));
@@ -685,6 +689,7 @@ impl Codec for Input {
                 Input::ChangeAccount { id, change }
             }
             2 => Input::Expire { pending_ids: Vec::decode(r)? },
+            7 => Input::Part(crate::parts::PartCommand::decode(r)?),
             3 => Input::Peer {
                 from: u16::try_from(r.varint()?).map_err(|_| CodecError("invalid executor"))?,
                 messages: Vec::decode(r)?,
@@ -778,6 +783,10 @@ mod tests {
             }),
         });
         round_trip(Input::Expire { pending_ids: vec![id("t1")] });
+        round_trip(Input::Part(crate::parts::PartCommand::Inventory(peakstack_inventory::Command::Restock {
+            sku_id: id("s1"),
+            quantity: 3,
+        })));
         round_trip(Input::Peer {
             from: 3,
             messages: vec![

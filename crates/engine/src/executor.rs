@@ -20,7 +20,9 @@ use peakstack_domain::{
     TransferStatus,
 };
 
+use crate::codec::{Reader, Writer};
 use crate::layout::Layout;
+use crate::parts::{PartCommand, PartReply, Parts};
 use crate::protocol::{
     AnsweredBalances, AuditEvent, CommitOp, ExecutorId, Input, OpResult, Origin, PeerMsg, TransferOutcome,
     TransferResult, TryOp, TxnId,
@@ -144,6 +146,8 @@ pub struct ExecutorCore {
     /// Length of this executor's history file once every entry so far is
     /// appended: the next entry's offset.
     history_len: u64,
+    /// The parts beside the ledger (inventory, ...), see `parts.rs`.
+    parts: Parts,
 }
 
 impl ExecutorCore {
@@ -156,6 +160,7 @@ impl ExecutorCore {
             txns: HashMap::default(),
             fences: HashMap::default(),
             history_len: 0,
+            parts: Parts::default(),
         }
     }
 
@@ -192,6 +197,7 @@ impl ExecutorCore {
             history_len: self.history_len,
             archive_runs,
             ledger: self.ledger.image(accounts)?,
+            parts: self.parts_section(),
         })
     }
 
@@ -203,6 +209,11 @@ impl ExecutorCore {
 
     /// An executor as a checkpoint left it.
     pub fn from_checkpoint(id: ExecutorId, layout: Layout, checkpoint: Checkpoint) -> Result<ExecutorCore, String> {
+        let parts = match checkpoint.parts.is_empty() {
+            // Written before the executor hosted parts.
+            true => Parts::default(),
+            false => Parts::decode_checkpoint(&mut Reader::new(&checkpoint.parts)).map_err(|e| e.to_string())?,
+        };
         let ledger = Ledger::from_snapshot(checkpoint.ledger).map_err(str::to_string)?;
         for account in ledger.accounts() {
             if layout.executor_of_account(&account.id) != id {
@@ -217,7 +228,29 @@ impl ExecutorCore {
             txns: HashMap::default(),
             fences: HashMap::default(),
             history_len: checkpoint.history_len,
+            parts,
         })
+    }
+
+    /// The parts' checkpoint sections.
+    fn parts_section(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        self.parts.encode_checkpoint(&mut w);
+        w.buf
+    }
+
+    pub fn parts(&self) -> &Parts {
+        &self.parts
+    }
+
+    pub fn parts_mut(&mut self) -> &mut Parts {
+        &mut self.parts
+    }
+
+    /// Applies a part's command for a client: whether it changed state
+    /// (then it is logged as [`Input::Part`]) and its answer.
+    pub fn apply_part(&mut self, command: &PartCommand, now_ms: u64) -> (bool, PartReply) {
+        self.parts.apply(command, now_ms)
     }
 
     /// Brings an archived record back into memory (see `archive.rs`).
@@ -325,6 +358,7 @@ impl ExecutorCore {
                 }
                 (true, None)
             }
+            Input::Part(command) => (self.parts.apply(command, now_ms).0, None),
             Input::Peer { from, messages } => {
                 for message in messages {
                     self.on_peer(*from, message, now_ms, fx);

@@ -16,13 +16,17 @@ pub mod layout;
 pub mod listing;
 pub mod log;
 pub mod meta;
+pub mod parts;
 pub mod protocol;
 pub mod runtime;
 pub mod test_hooks;
+pub mod trade;
 mod writeback;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use layout::Layout;
 pub use listing::{TransferFilter, TransferPage, TransferSource};
+pub use parts::{PartAnswer, PartCommand, PartQuery, PartReply};
+pub use peakstack_inventory as inventory;
 pub use protocol::{AnsweredBalances, AuditBatch, AuditEvent, IdempotencyTag, Origin, TransferOutcome, TransferResult};
 pub use runtime::{Engine, EngineConfig, EngineError, Totals};

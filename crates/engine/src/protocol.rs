@@ -15,6 +15,7 @@
 
 use std::sync::Arc;
 
+use crate::parts::PartCommand;
 use peakstack_domain::ledger::{Leg, PendingInfo, ResolveKind};
 use peakstack_domain::{AccountChange, Balances, ErrorCode, Id, NewAccount, Side, Transfer, TransferRequest};
 
@@ -43,6 +44,8 @@ pub enum Input {
     Expire {
         pending_ids: Vec<Id>,
     },
+    /// A command of one of the parts the executor hosts (see `parts.rs`).
+    Part(PartCommand),
     /// Messages from another executor (or, in a replay, from this one).
     Peer {
         from: ExecutorId,

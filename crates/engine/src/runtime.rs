@@ -32,8 +32,10 @@ use crate::history::{HistoryReader, HistoryWriter};
 use crate::layout::Layout;
 use crate::log::{encode_frame, Log, LogError};
 use crate::meta::{Meta, MetaError};
+use crate::parts::{PartAnswer, PartCommand, PartQuery, PartReply, Publication};
 use crate::protocol::{AuditBatch, AuditEvent, ExecutorId, Input, Origin, PeerMsg, TransferResult};
 use crate::test_hooks::TestBatchGate;
+use peakstack_inventory::SaleGates;
 
 /// Most inputs one batch applies.
 pub const MAX_BATCH_INPUTS: usize = 8192;
@@ -148,6 +150,8 @@ pub enum Query {
     /// How long the executor's history file is once this answer arrives.
     HistoryLen,
     Totals,
+    /// A part's read (see `parts.rs`).
+    Part(PartQuery),
 }
 
 /// One record of [`Query::Transfers`], as [`Engine::transfer`] sees it.
@@ -169,6 +173,7 @@ pub enum QueryAnswer {
     Transfers(Vec<Lookup>),
     HistoryLen(u64),
     Totals(Totals),
+    Part(PartAnswer),
 }
 
 /// Sums for checking the books: over all accounts, credits minus debits
@@ -215,6 +220,8 @@ enum Request {
         reply: oneshot::Sender<Vec<TransferResult>>,
     },
     Query(Query, oneshot::Sender<QueryAnswer>),
+    /// Commands of the parts, answered in order once durable.
+    Parts(Vec<PartCommand>, oneshot::Sender<Vec<PartReply>>),
 }
 
 enum Inbound {
@@ -227,6 +234,11 @@ enum Completion {
     Accounts(oneshot::Sender<Vec<AccountReply>>, Vec<AccountReply>),
     Transfers(oneshot::Sender<Vec<TransferResult>>, Vec<TransferResult>),
     Query(oneshot::Sender<QueryAnswer>, QueryAnswer),
+    Parts(oneshot::Sender<Vec<PartReply>>, Vec<PartReply>),
+    /// Views the batch changed, made visible once it is durable (first,
+    /// before any answer of the batch: a caller that hears of a new flash
+    /// sale finds its gate).
+    Publish(Publication, Arc<Shared>),
 }
 
 impl Completion {
@@ -237,6 +249,11 @@ impl Completion {
             Completion::Accounts(tx, v) => tx.send(v).map_err(drop),
             Completion::Transfers(tx, v) => tx.send(v).map_err(drop),
             Completion::Query(tx, v) => tx.send(v).map_err(drop),
+            Completion::Parts(tx, v) => tx.send(v).map_err(drop),
+            Completion::Publish(publication, shared) => {
+                publication.publish(&shared.layout, &shared.gates);
+                Ok(())
+            }
         };
     }
 }
@@ -277,7 +294,7 @@ pub struct EngineStats {
     pub checkpoints: AtomicU64,
 }
 
-struct Shared {
+pub(crate) struct Shared {
     layout: Layout,
     clients: Vec<Sender<Request>>,
     peers: Vec<Sender<Inbound>>,
@@ -293,12 +310,15 @@ struct Shared {
     history: Vec<HistoryReader>,
     /// Per executor, for tests only: see [`Engine::test_batch_gate`].
     test_gates: Vec<TestBatchGate>,
+    /// The flash sales' published views (see `peakstack_inventory::SaleGates`).
+    pub(crate) gates: SaleGates,
+    pub(crate) clock: Arc<dyn Clock>,
 }
 
 /// A handle on a running engine; clone it freely.
 #[derive(Clone)]
 pub struct Engine {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
 }
 
 impl Engine {
@@ -426,7 +446,12 @@ impl Engine {
             stats: EngineStats::default(),
             history: history_readers,
             test_gates: (0..executor_count).map(|_| TestBatchGate::default()).collect(),
+            gates: SaleGates::default(),
+            clock: config.clock.clone(),
         });
+        for core in &cores {
+            core.parts().publish_all(&layout, &shared.gates);
+        }
 
         // Unfinished transactions resume: their messages go out again.
         for core in &cores {
@@ -767,6 +792,29 @@ impl Engine {
         gather(count, answered)
     }
 
+    /// Sends parts' commands to one executor; the answers come in order.
+    pub(crate) fn submit_parts(
+        &self,
+        executor: ExecutorId,
+        commands: Vec<PartCommand>,
+        blocking: bool,
+    ) -> Result<oneshot::Receiver<Vec<PartReply>>, ErrorCode> {
+        let (tx, rx) = oneshot::channel();
+        let request = Request::Parts(commands, tx);
+        match blocking {
+            true => self.submit_blocking(executor, request)?,
+            false => self.submit(executor, request)?,
+        }
+        Ok(rx)
+    }
+
+    pub(crate) async fn query_part(&self, executor: ExecutorId, query: PartQuery) -> Result<PartAnswer, ErrorCode> {
+        match self.query(executor, Query::Part(query)).await? {
+            QueryAnswer::Part(answer) => Ok(answer),
+            _ => Err(ErrorCode::Unavailable),
+        }
+    }
+
     async fn query(&self, executor: ExecutorId, query: Query) -> Result<QueryAnswer, ErrorCode> {
         let (tx, rx) = oneshot::channel();
         self.submit(executor, Request::Query(query, tx))?;
@@ -1029,6 +1077,9 @@ impl Applier {
             if !due.is_empty() {
                 self.apply(Input::Expire { pending_ids: due }, now_ms, None, &mut fx, &mut logged);
             }
+            for command in self.core.parts().due(now_ms) {
+                self.apply(Input::Part(command), now_ms, None, &mut fx, &mut logged);
+            }
             let mut taken = 0usize;
             let mut transfers_taken = 0usize;
             let mut messages_taken = 0usize;
@@ -1106,6 +1157,18 @@ impl Applier {
                     Err(Request::Query(query, reply)) => {
                         completions.push(Completion::Query(reply, self.answer(query)));
                     }
+                    Err(Request::Parts(commands, reply)) => {
+                        transfers_taken += commands.len();
+                        let mut replies = Vec::with_capacity(commands.len());
+                        for command in commands {
+                            let (changed, answer) = self.core.apply_part(&command, now_ms);
+                            if changed {
+                                logged.push(Input::Part(command));
+                            }
+                            replies.push(answer);
+                        }
+                        completions.push(Completion::Parts(reply, replies));
+                    }
                 }
                 // Finished client work from this input (or from peer messages).
                 for (tag, index, result) in fx.drain_finished() {
@@ -1127,6 +1190,9 @@ impl Applier {
             }
             // Double entry, before the batch is logged: a broken one stops here.
             self.core.ledger().assert_balanced();
+            if let Some(publication) = self.core.parts_mut().take_publication() {
+                completions.insert(0, Completion::Publish(publication, self.shared.clone()));
+            }
             let previous = self.in_flight_reported();
             self.shared.txns_in_flight.fetch_add(self.core.txns_in_flight(), Ordering::SeqCst);
             self.shared.txns_in_flight.fetch_sub(previous, Ordering::SeqCst);
@@ -1316,6 +1382,7 @@ impl Applier {
                     .collect(),
             ),
             Query::HistoryLen => QueryAnswer::HistoryLen(self.core.history_len()),
+            Query::Part(query) => QueryAnswer::Part(self.core.parts().query(&query)),
             Query::Totals => {
                 let mut totals = Totals {
                     accounts: ledger.account_count() as u64,
@@ -1617,7 +1684,7 @@ fn prefetch(core: &mut ExecutorCore, archive: &Archive, input: &Input) -> std::i
                 }
             }
         }
-        Input::CreateAccount(_) | Input::ChangeAccount { .. } | Input::Expire { .. } => {}
+        Input::CreateAccount(_) | Input::ChangeAccount { .. } | Input::Expire { .. } | Input::Part(_) => {}
     }
     // A software pipeline: the lines an id's check reads (its index line
     // and the filter's blocks, whose addresses come from hashes alone) are
