@@ -198,7 +198,7 @@ impl Inventory {
             w.varint(sku.price.get());
             w.buf.extend_from_slice(&sku.currency.as_bytes());
             w.varint(u64::from(sku.per_buyer_limit.unwrap_or(0)));
-            for n in [sku.stock, sku.sold, sku.reserved, sku.on_sale, sku.created_ms] {
+            for n in [sku.stock, sku.initial_stock, sku.sold, sku.reserved, sku.on_sale, sku.created_ms] {
                 w.varint(n);
             }
         }
@@ -268,6 +268,7 @@ impl Inventory {
                 currency: currency(r)?,
                 per_buyer_limit: option_limit(r)?,
                 stock: r.varint()?,
+                initial_stock: r.varint()?,
                 sold: r.varint()?,
                 reserved: r.varint()?,
                 on_sale: r.varint()?,

@@ -47,6 +47,8 @@ pub struct SkuView {
     pub per_buyer_limit: Option<u32>,
     /// Every unit received (initial stock and restocks) and not given back.
     pub stock: u64,
+    /// The stock it was created with (a repeat of the create must name it).
+    pub initial_stock: u64,
     /// Units sold (reservations confirmed), flash sales' included.
     pub sold: u64,
     /// Units held by reservations not yet confirmed, flash sales' included.
@@ -81,6 +83,7 @@ impl SkuView {
             && self.price == new.price
             && self.currency == new.currency
             && self.per_buyer_limit == new.per_buyer_limit
+            && self.initial_stock == new.stock
     }
 }
 

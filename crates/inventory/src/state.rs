@@ -265,6 +265,7 @@ impl Inventory {
             currency: new.currency,
             per_buyer_limit: new.per_buyer_limit,
             stock: new.stock,
+            initial_stock: new.stock,
             sold: 0,
             reserved: 0,
             on_sale: 0,

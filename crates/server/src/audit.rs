@@ -27,6 +27,9 @@ pub mod action {
     pub const TRANSFER_VOID: &str = "transfer.void";
     pub const KEY_CREATE: &str = "key.create";
     pub const KEY_REVOKE: &str = "key.revoke";
+    pub const SKU_CREATE: &str = "sku.create";
+    pub const SKU_RESTOCK: &str = "sku.restock";
+    pub const FLASH_SALE_CREATE: &str = "flash_sale.create";
     pub const ALL: &[&str] = &[
         ACCOUNT_CREATE,
         TRANSFER_CREATE,
@@ -37,6 +40,9 @@ pub mod action {
         ACCOUNT_FREEZE,
         ACCOUNT_UNFREEZE,
         ACCOUNT_CLOSE,
+        SKU_CREATE,
+        SKU_RESTOCK,
+        FLASH_SALE_CREATE,
     ];
 }
 

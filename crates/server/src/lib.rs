@@ -46,6 +46,7 @@ mod framing;
 mod handlers;
 mod head_errors;
 pub mod idempotency;
+mod inventory_api;
 mod json_errors;
 pub mod keyed_outcomes;
 pub mod keys;
@@ -331,6 +332,17 @@ fn route_table() -> Routes {
         ("GET", "/v1/keys/{id}", Admin, get(admin::get_key)),
         ("DELETE", "/v1/keys/{id}", Admin, axum::routing::delete(admin::revoke_key)),
         ("GET", "/v1/audit", Admin, get(admin::audit)),
+        ("POST", "/v1/skus", Write, post(inventory_api::create_sku)),
+        ("GET", "/v1/skus", Read, get(inventory_api::list_skus)),
+        ("GET", "/v1/skus/{id}", Read, get(inventory_api::get_sku)),
+        ("POST", "/v1/skus/{id}/restock", Write, post(inventory_api::restock_sku)),
+        ("POST", "/v1/reservations", Write, post(inventory_api::create_reservation)),
+        ("GET", "/v1/reservations/{id}", Read, get(inventory_api::get_reservation)),
+        ("POST", "/v1/reservations/{id}/confirm", Write, post(inventory_api::confirm_reservation)),
+        ("POST", "/v1/reservations/{id}/cancel", Write, post(inventory_api::cancel_reservation)),
+        ("POST", "/v1/flash-sales", Write, post(inventory_api::create_flash_sale)),
+        ("GET", "/v1/flash-sales/{id}", Read, get(inventory_api::get_flash_sale)),
+        ("POST", "/v1/flash-sales/{id}/attempts", Write, post(inventory_api::attempt_flash_sale)),
     ]
 }
 
@@ -342,6 +354,7 @@ fn query_parameters(method: &str, path: &str) -> &'static [&'static str] {
         ("GET", "/v1/accounts") => &["limit", "after"],
         ("GET", "/v1/accounts/{id}/transfers") => &["limit", "after", "status", "since", "until"],
         ("GET", "/v1/transfers") => &["limit", "after", "account_id", "status", "pending_id", "since", "until"],
+        ("GET", "/v1/skus") => &["merchant_id", "limit", "after"],
         ("GET", "/v1/audit") => &["key_id", "action", "target", "request_id", "since", "until", "after", "limit"],
         _ => &[],
     }

@@ -24,7 +24,7 @@ pub fn parse_id(field: &str, text: &str) -> Result<Id, String> {
 }
 
 /// An id a client may name as the subject of a write (not reserved).
-fn parse_client_id(field: &str, text: &str) -> Result<Id, String> {
+pub(crate) fn parse_client_id(field: &str, text: &str) -> Result<Id, String> {
     let id = parse_id(field, text)?;
     if id.is_reserved() {
         return Err(format!("{field}: ids starting with '_' are reserved for system accounts"));
@@ -32,13 +32,13 @@ fn parse_client_id(field: &str, text: &str) -> Result<Id, String> {
     Ok(id)
 }
 
-fn parse_currency(text: &str) -> Result<Currency, String> {
+pub(crate) fn parse_currency(text: &str) -> Result<Currency, String> {
     Currency::parse(text).ok_or_else(|| {
         format!("currency: {text:?} is not an ISO 4217 code this ledger moves (three upper-case letters, e.g. \"USD\")")
     })
 }
 
-fn parse_amount(field: &str, minor_units: u64) -> Result<Amount, String> {
+pub(crate) fn parse_amount(field: &str, minor_units: u64) -> Result<Amount, String> {
     Amount::new(minor_units).ok_or_else(|| {
         format!("{field}: must be an integer from 1 to 2^53-1 ({MAX_TRANSFER_AMOUNT}), got {minor_units}")
     })
