@@ -1,6 +1,7 @@
 //! The peakstack binary.
 
 mod bench;
+mod bench_flash_sale;
 mod keys;
 mod loadtest;
 
@@ -201,6 +202,30 @@ enum BenchWorkload {
         #[arg(long)]
         json: bool,
     },
+    /// Buyers racing for the units of one flash sale (durable winners,
+    /// losers answered from memory); checks no oversell and the limit.
+    FlashSale {
+        #[arg(long, default_value_t = 1_000_000)]
+        buyers: u32,
+        #[arg(long, default_value_t = 10_000)]
+        stock: u64,
+        /// Units one buyer may win.
+        #[arg(long, default_value_t = 1)]
+        limit: u32,
+        /// How many times every buyer tries.
+        #[arg(long, default_value_t = 2)]
+        rounds: u32,
+        /// Attempts per engine call.
+        #[arg(long, default_value_t = 1024)]
+        batch: usize,
+        #[arg(long, default_value_t = 2)]
+        clients: usize,
+        /// Default: one per two cores.
+        #[arg(long)]
+        executors: Option<u16>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -312,6 +337,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if !summary.invariants_ok {
                 anyhow::bail!("invariant check failed: balances do not sum to zero");
+            }
+            Ok(())
+        }
+        Command::Bench {
+            workload: BenchWorkload::FlashSale { buyers, stock, limit, rounds, batch, clients, executors, json },
+        } => {
+            init_tracing(true);
+            let summary = bench_flash_sale::run(bench_flash_sale::FlashSaleBenchConfig {
+                buyers,
+                stock,
+                per_buyer_limit: limit,
+                rounds,
+                batch,
+                clients,
+                executors: executors.unwrap_or_else(default_executors),
+            })?;
+            if json {
+                println!("{}", serde_json::to_string(&summary)?);
+            } else {
+                summary.print_human();
+            }
+            if !summary.invariants_ok {
+                anyhow::bail!("invariant check failed: oversold, a limit passed, or counters disagree");
             }
             Ok(())
         }

@@ -196,6 +196,8 @@ mod tests {
             next_txn: 11,
             history_len: 12,
             archive_runs: 2,
+            // The parts' sections are opaque here (see `parts.rs`).
+            parts: vec![1, 2, 3],
             ledger: LedgerSnapshot {
                 accounts: vec![account],
                 holds: vec![HoldSnapshot {
@@ -231,17 +233,30 @@ mod tests {
         store(dir.path(), &bytes).unwrap();
         assert_eq!(load(dir.path()).unwrap(), Some(checkpoint.clone()));
 
-        // Format 1 (u64 balances) has the same payload bytes for balances
-        // below 2^64 and still reads; a format past this build's is refused.
+        // Formats 1 (u64 balances: the same payload bytes below 2^64) and
+        // 2 had no parts' sections: their files read as an executor
+        // without parts. A format past this build's is refused.
+        let without_parts = Checkpoint { parts: Vec::new(), ..checkpoint.clone() };
+        let older = |format: u32| {
+            let mut old = without_parts.encode();
+            old.pop(); // the empty sections' length: formats 1 and 2 end at the ledger
+            let payload_len = (old.len() - HEADER_BYTES) as u64;
+            let crc = crc32c::crc32c(&old[HEADER_BYTES..]);
+            old[4..8].copy_from_slice(&format.to_le_bytes());
+            old[8..12].copy_from_slice(&crc.to_le_bytes());
+            old[12..20].copy_from_slice(&payload_len.to_le_bytes());
+            Checkpoint::decode(&old)
+        };
+        assert_eq!(older(1).unwrap(), without_parts);
+        assert_eq!(older(2).unwrap(), without_parts);
         let with_format = |format: u32| {
             let mut bytes = bytes.clone();
             bytes[4..8].copy_from_slice(&format.to_le_bytes());
             Checkpoint::decode(&bytes)
         };
-        assert_eq!(u32::from_le_bytes(bytes[4..8].try_into().unwrap()), 2, "written as format 2");
-        assert_eq!(with_format(1).unwrap(), checkpoint);
-        let newer = with_format(3).unwrap_err();
-        assert!(newer.contains("format 3 was written by a newer peakstack"), "{newer}");
+        assert_eq!(u32::from_le_bytes(bytes[4..8].try_into().unwrap()), 3, "written as format 3");
+        let newer = with_format(4).unwrap_err();
+        assert!(newer.contains("format 4 was written by a newer peakstack"), "{newer}");
         assert!(with_format(0).is_err());
     }
 
@@ -266,6 +281,7 @@ mod tests {
             history_len: 0,
             archive_runs: 0,
             ledger: LedgerSnapshot { accounts: vec![debtor, creditor], holds: vec![], records: vec![] },
+            parts: Vec::new(),
         };
         let decoded = Checkpoint::decode(&checkpoint.encode()).unwrap();
         assert_eq!(decoded, checkpoint);
@@ -320,7 +336,15 @@ mod tests {
         ledger.evict_oldest_into(100, &mut evicted);
         assert_eq!(evicted.len(), 100);
         fn header<L>(ledger: L) -> Checkpoint<L> {
-            Checkpoint { sequence: 3, time_ms: 4, next_txn: 5, history_len: 6, archive_runs: 7, ledger }
+            Checkpoint {
+                sequence: 3,
+                time_ms: 4,
+                next_txn: 5,
+                history_len: 6,
+                archive_runs: 7,
+                ledger,
+                parts: Vec::new(),
+            }
         }
         let snapshot = ledger.snapshot().expect("quiet");
         let mut sorted = snapshot.clone();
