@@ -228,6 +228,17 @@ enum BenchWorkload {
     },
 }
 
+/// Prints a benchmark's summary: one JSON object as the last line of
+/// stdout with `--json`, else for people.
+fn report(summary: &impl serde::Serialize, json: bool, human: impl FnOnce()) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(summary)?);
+    } else {
+        human();
+    }
+    Ok(())
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum LoadScenario {
     Transfers,
@@ -330,11 +341,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 records_in_memory,
                 json,
             })?;
-            if json {
-                println!("{}", serde_json::to_string(&summary)?);
-            } else {
-                summary.print_human();
-            }
+            report(&summary, json, || summary.print_human())?;
             if !summary.invariants_ok {
                 anyhow::bail!("invariant check failed: balances do not sum to zero");
             }
@@ -353,11 +360,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 clients,
                 executors: executors.unwrap_or_else(default_executors),
             })?;
-            if json {
-                println!("{}", serde_json::to_string(&summary)?);
-            } else {
-                summary.print_human();
-            }
+            report(&summary, json, || summary.print_human())?;
             if !summary.invariants_ok {
                 anyhow::bail!("invariant check failed: oversold, a limit passed, or counters disagree");
             }

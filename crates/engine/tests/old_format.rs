@@ -113,8 +113,8 @@ async fn a_data_dir_of_u64_balances_opens_with_its_balances() {
     drop(engine);
 
     // Shut down, it wrote checkpoints of the new format, which read back.
-    assert_eq!(checkpoint_format(dir.path(), "executor-000"), 2);
-    assert_eq!(checkpoint_format(dir.path(), "executor-001"), 2);
+    assert_eq!(checkpoint_format(dir.path(), "executor-000"), 3);
+    assert_eq!(checkpoint_format(dir.path(), "executor-001"), 3);
     let engine = open(dir.path());
     assert_eq!(balances(&engine).await, after);
     engine.shutdown();
