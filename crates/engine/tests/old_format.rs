@@ -1,4 +1,4 @@
-//! A data dir written before balances were u128 (`fixtures/v1-data`, made
+//! Data dirs of earlier releases open with this one. A data dir written before balances were u128 (`fixtures/v1-data`, made
 //! by `fixtures/make-v1-data.sh` with the build of commit 128dd29: u64
 //! balances, checkpoint format 1, a checkpoint and log after it on each of
 //! two executors) opens with its exact balances, keeps working, and is
@@ -117,5 +117,63 @@ async fn a_data_dir_of_u64_balances_opens_with_its_balances() {
     assert_eq!(checkpoint_format(dir.path(), "executor-001"), 3);
     let engine = open(dir.path());
     assert_eq!(balances(&engine).await, after);
+    engine.shutdown();
+}
+
+/// The data dir of the last release before the engine hosted parts
+/// (`fixtures/v2-data`, made by `fixtures/make-v2-data.sh` with the build of
+/// commit 7cd9ba6: checkpoint format 2, a checkpoint and log after it on each
+/// of two executors, killed with SIGKILL) opens with its balances, statuses
+/// and transfer details, takes inventory commands, and checkpoints in the
+/// new format with the inventory in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_dir_of_the_release_before_parts_opens_and_takes_inventory() {
+    use peakstack_engine::inventory::{Answer, Command, NewSku};
+    const V2: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/v2-data");
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(Path::new(V2), dir.path());
+    assert_eq!(checkpoint_format(dir.path(), "executor-000"), 2, "the fixture is of the old format");
+    let v2_balances: Vec<(String, u128, u128, u128, u128)> = [
+        ("_clearing.2.USD", 0, 6700, 0, 0),
+        ("_clearing.4.USD", 50, 0, 0, 14200),
+        ("_clearing.7.USD", 0, 10000, 50, 2500),
+        ("alice", 50, 3100, 0, 10000),
+        ("bob", 0, 14200, 50, 0),
+        ("carol", 0, 0, 0, 6700),
+        ("dave", 0, 0, 0, 600),
+    ]
+    .iter()
+    .map(|&(id, a, b, c, d)| (id.to_owned(), a, b, c, d))
+    .collect();
+
+    let engine = open(dir.path());
+    assert_eq!(balances(&engine).await, v2_balances, "balances from the checkpoint and the log after it");
+    let dave = engine.account(&Id::parse("dave").unwrap()).await.unwrap().unwrap();
+    assert_eq!(dave.status(), peakstack_domain::AccountStatus::Frozen);
+    let t1 = engine.transfer(&Id::parse("t1").unwrap()).await.unwrap().unwrap();
+    assert_eq!(t1.details.as_ref().and_then(|d| d.reference.as_deref()), Some("ord-1"));
+    let h2 = engine.transfer(&Id::parse("h2").unwrap()).await.unwrap().unwrap();
+    assert_eq!(h2.status, TransferStatus::Pending, "logged after the checkpoint, before the kill");
+    assert_eq!(engine.totals().await.unwrap().net, 0);
+
+    let sku = Command::CreateSku(NewSku {
+        id: Id::parse("s1").unwrap(),
+        merchant_id: Id::parse("bob").unwrap(),
+        title: "Mug".into(),
+        price: peakstack_domain::Amount::new(500).unwrap(),
+        currency: peakstack_domain::Currency::parse("USD").unwrap(),
+        stock: 3,
+        per_buyer_limit: None,
+    });
+    assert!(matches!(engine.inventory(sku).await, Ok(Answer::Sku { created: true, .. })));
+    engine.shutdown();
+    drop(engine);
+
+    for executor in ["executor-000", "executor-001"] {
+        assert_eq!(checkpoint_format(dir.path(), executor), 3);
+    }
+    let engine = open(dir.path());
+    assert_eq!(balances(&engine).await, v2_balances);
+    assert_eq!(engine.sku(&Id::parse("s1").unwrap()).await.unwrap().map(|s| s.stock), Some(3));
     engine.shutdown();
 }
