@@ -142,6 +142,18 @@ impl Inventory {
         Inventory { next_sequence: 1, ..Inventory::default() }
     }
 
+    /// The same state (what a checkpoint keeps; not the publications due).
+    pub fn same_state(&self, other: &Inventory) -> bool {
+        self.skus == other.skus
+            && self.sales == other.sales
+            && self.reservations == other.reservations
+            && self.buyer_units == other.buyer_units
+            && self.deadlines == other.deadlines
+            && self.sale_ends == other.sale_ends
+            && self.finished == other.finished
+            && self.next_sequence == other.next_sequence
+    }
+
     pub fn sku(&self, id: &Id) -> Option<&SkuView> {
         self.skus.get(id)
     }
