@@ -45,6 +45,16 @@ const _: () = assert!(MAX_QUOTE_LINES <= 128);
 struct Candidate {
     place: u32,
     lines: u128,
+    /// For a member of an exclusive group: set for all members at once,
+    /// when the group is decided.
+    decision: Decision,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Decision {
+    Pending,
+    Applied,
+    Skipped(SkipReason),
 }
 
 /// Amounts per line, on the stack: what is left of each line, and buffers
@@ -88,10 +98,17 @@ pub fn quote<U: UsageView + ?Sized>(
     for (slot, line) in work.remaining.iter_mut().zip(&lines) {
         *slot = line.subtotal;
     }
-    let mut applied = Vec::with_capacity(8);
-    let mut skipped = Vec::new();
+    let mut candidates = candidates(book, &lines);
+    // Sized once: at most every candidate and coupon gives, and skips.
+    let coupon_count = request.coupon_ids.len();
+    for (index, line) in lines.iter_mut().enumerate() {
+        let touching = candidates.iter().filter(|candidate| covers(candidate.lines, index)).count();
+        line.discounts.reserve_exact(touching + coupon_count);
+    }
+    let mut applied = Vec::with_capacity(candidates.len() + coupon_count);
+    let mut skipped = Vec::with_capacity(candidates.len());
     let promotions = Promotions { book, usage, buyer_id: &request.buyer_id, currency, now_ms };
-    promotions.apply(&mut lines, &mut work, &mut applied, &mut skipped);
+    promotions.apply(&mut candidates, &mut lines, &mut work, &mut applied, &mut skipped);
     apply_coupons(book, request, coupons, currency, now_ms, &mut lines, &mut work, &mut applied)?;
 
     let mut discount = 0;
@@ -158,17 +175,14 @@ struct Promotions<'a, U: ?Sized> {
 impl<U: UsageView + ?Sized> Promotions<'_, U> {
     fn apply(
         &self,
+        candidates: &mut [Candidate],
         lines: &mut [QuoteLine],
         work: &mut Work,
         applied: &mut Vec<AppliedDiscount>,
         skipped: &mut Vec<SkippedPromotion>,
     ) {
-        let candidates = candidates(self.book, lines);
-        // Each decided group's members, by their index in `candidates`:
-        // `None` for the winner, else why it was skipped.
-        let mut group_outcomes: Vec<(usize, Option<SkipReason>)> = Vec::new();
-        let mut decided_groups: Vec<u32> = Vec::new();
-        for (index, candidate) in candidates.iter().enumerate() {
+        for index in 0..candidates.len() {
+            let candidate = candidates[index];
             let entry = self.book.promotion_at(candidate.place);
             let promotion = &entry.promotion;
             if promotion.currency != self.currency {
@@ -184,11 +198,14 @@ impl<U: UsageView + ?Sized> Promotions<'_, U> {
                     Err(reason) => Some(reason),
                 },
                 Some(group) => {
-                    if !decided_groups.contains(&group) {
-                        decided_groups.push(group);
-                        self.decide_group(group, index, &candidates, lines, work, applied, &mut group_outcomes);
+                    if candidate.decision == Decision::Pending {
+                        self.decide_group(group, index, candidates, lines, work, applied);
                     }
-                    group_outcomes.iter().find(|(at, _)| *at == index).expect("decided with its group").1
+                    match candidates[index].decision {
+                        Decision::Pending => unreachable!("decided with its group"),
+                        Decision::Applied => None,
+                        Decision::Skipped(reason) => Some(reason),
+                    }
                 }
             };
             if let Some(reason) = outcome {
@@ -198,30 +215,28 @@ impl<U: UsageView + ?Sized> Promotions<'_, U> {
     }
 
     /// Computes every eligible member of `group` (from candidate `first` on)
-    /// on the same amounts, applies the best, and records each member's outcome.
-    #[allow(clippy::too_many_arguments)]
+    /// on the same amounts, applies the best, and records each member's decision.
     fn decide_group(
         &self,
         group: u32,
         first: usize,
-        candidates: &[Candidate],
+        candidates: &mut [Candidate],
         lines: &mut [QuoteLine],
         work: &mut Work,
         applied: &mut Vec<AppliedDiscount>,
-        outcomes: &mut Vec<(usize, Option<SkipReason>)>,
     ) {
         let len = work.len;
         let mut best: Option<(usize, u64)> = None;
-        let contenders_from = outcomes.len();
-        for (index, candidate) in candidates.iter().enumerate().skip(first) {
+        for index in first..candidates.len() {
+            let candidate = candidates[index];
             let entry = self.book.promotion_at(candidate.place);
             if entry.group != Some(group) || entry.promotion.currency != self.currency {
                 continue;
             }
             match self.compute(&entry.promotion, candidate.lines, lines, work) {
-                Err(reason) => outcomes.push((index, Some(reason))),
+                Err(reason) => candidates[index].decision = Decision::Skipped(reason),
                 Ok(amount) => {
-                    outcomes.push((index, Some(SkipReason::LostToGroup)));
+                    candidates[index].decision = Decision::Skipped(SkipReason::LostToGroup);
                     let better = best.is_none_or(|(best_index, best_amount)| {
                         let best_id = &self.book.promotion_at(candidates[best_index].place).promotion.id;
                         amount > best_amount || (amount == best_amount && entry.promotion.id < *best_id)
@@ -236,8 +251,7 @@ impl<U: UsageView + ?Sized> Promotions<'_, U> {
         if let Some((winner, amount)) = best {
             let id = self.book.promotion_at(candidates[winner].place).promotion.id.clone();
             give(DiscountSource::Promotion(id), amount, &work.best[..len], &mut work.remaining, lines, applied);
-            let slot = outcomes[contenders_from..].iter_mut().find(|(at, _)| *at == winner).expect("recorded");
-            slot.1 = None;
+            candidates[winner].decision = Decision::Applied;
         }
     }
 
@@ -293,8 +307,9 @@ impl<U: UsageView + ?Sized> Promotions<'_, U> {
 /// lines each covers. Built from the book's scope index, not by scanning it.
 fn candidates(book: &PriceBook, lines: &[QuoteLine]) -> Vec<Candidate> {
     let all_lines = u128::MAX >> (128 - lines.len());
+    let decision = Decision::Pending;
     let mut found: Vec<Candidate> = Vec::with_capacity(book.on_everything().len() + 4 * lines.len());
-    found.extend(book.on_everything().iter().map(|&place| Candidate { place, lines: all_lines }));
+    found.extend(book.on_everything().iter().map(|&place| Candidate { place, lines: all_lines, decision }));
     for (index, line) in lines.iter().enumerate() {
         let merchant = &line.merchant_id;
         if lines[..index].iter().all(|earlier| earlier.merchant_id != *merchant) {
@@ -303,9 +318,10 @@ fn candidates(book: &PriceBook, lines: &[QuoteLine]) -> Vec<Candidate> {
                 .enumerate()
                 .filter(|(_, later)| later.merchant_id == *merchant)
                 .fold(0u128, |mask, (offset, _)| mask | 1 << (index + offset));
-            found.extend(book.on_merchant(merchant).iter().map(|&place| Candidate { place, lines: mask }));
+            found.extend(book.on_merchant(merchant).iter().map(|&place| Candidate { place, lines: mask, decision }));
         }
-        found.extend(book.on_sku(&line.sku_id).iter().map(|&place| Candidate { place, lines: 1 << index }));
+        let mask = 1 << index;
+        found.extend(book.on_sku(&line.sku_id).iter().map(|&place| Candidate { place, lines: mask, decision }));
     }
     found.sort_unstable_by_key(|candidate| candidate.place);
     // One entry per promotion, covering the union of its lines.
