@@ -100,7 +100,7 @@ pub struct PromotionCounters {
     pub reserved_uses: u64,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, PartialEq, Eq, Debug)]
 pub(crate) struct PromotionEntry {
     pub(crate) promotion: Promotion,
     pub(crate) counters: PromotionCounters,
@@ -132,7 +132,7 @@ impl PromotionEntry {
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, PartialEq, Eq, Debug)]
 pub(crate) struct TemplateEntry {
     pub(crate) template: CouponTemplate,
     pub(crate) issued: u64,
@@ -201,7 +201,7 @@ impl Timer {
 /// The pricing state of one executor: promotions with their counters,
 /// coupon templates with their issued counts, coupons, and the fences of
 /// the TCC branches.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, PartialEq, Eq, Debug, Default)]
 pub struct Pricing {
     pub(crate) promotions: FastMap<Id, PromotionEntry>,
     pub(crate) templates: FastMap<Id, TemplateEntry>,
