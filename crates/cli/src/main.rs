@@ -1,6 +1,7 @@
 //! The peakstack binary.
 
 mod bench;
+mod bench_quote;
 mod keys;
 mod loadtest;
 
@@ -201,6 +202,8 @@ enum BenchWorkload {
         #[arg(long)]
         json: bool,
     },
+    /// Price the pricing fixture's carts (pure and in memory: no engine, no disk).
+    Quote(bench_quote::QuoteArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -314,6 +317,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 anyhow::bail!("invariant check failed: balances do not sum to zero");
             }
             Ok(())
+        }
+        Command::Bench { workload: BenchWorkload::Quote(args) } => {
+            init_tracing(true);
+            bench_quote::run(args)
         }
         Command::Keys { action } => {
             init_tracing(true);
