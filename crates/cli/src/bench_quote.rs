@@ -142,7 +142,7 @@ fn price_until(
             cart = (cart + 1) % reference.len();
             let quote = fixture.quote(cart);
             result.quotes += 1;
-            if result.quotes % CHECK_EVERY == 0 {
+            if result.quotes.is_multiple_of(CHECK_EVERY) {
                 result.checked += 1;
                 let good = quote.as_ref().is_ok_and(|q| q.check().is_ok() && *q == reference[cart]);
                 result.failures += u64::from(!good);
