@@ -50,7 +50,8 @@ pub fn allocate(total: u64, weights: &[u64], shares: &mut [u64]) {
 fn allocate_with(total: u64, weight_sum: u64, weights: &[u64], shares: &mut [u64], remainders: &mut [(u64, u32)]) {
     let mut given = 0u64;
     for (index, (&weight, share)) in weights.iter().zip(shares.iter_mut()).enumerate() {
-        let (floor, remainder) = mul_div_rem(weight, total, weight_sum);
+        // Out-of-scope lines weigh nothing: no division for them.
+        let (floor, remainder) = if weight == 0 { (0, 0) } else { mul_div_rem(weight, total, weight_sum) };
         *share = floor;
         given += floor;
         remainders[index] = (remainder, index as u32);

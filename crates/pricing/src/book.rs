@@ -17,6 +17,17 @@ type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 /// Most promotions, SKUs or coupon templates one book may hold.
 pub const MAX_BOOK_ENTRIES: usize = 1 << 20;
 
+/// A SKU in the book: its price, its merchant as a small number, and the
+/// promotions that name it, so one lookup gives all a cart line needs.
+#[derive(Debug)]
+pub(crate) struct BookSku {
+    pub(crate) price: SkuPrice,
+    /// An index into `PriceBook::by_merchant`.
+    pub(crate) merchant: u32,
+    /// Places in `PriceBook::promotions`, ascending, of the promotions whose scope lists this SKU.
+    pub(crate) promotions: Vec<u32>,
+}
+
 /// A promotion in the book, with its exclusive group as a small number.
 #[derive(Debug)]
 pub(crate) struct BookPromotion {
@@ -27,13 +38,14 @@ pub(crate) struct BookPromotion {
 /// Prices, promotions and coupon templates, as one immutable snapshot.
 #[derive(Debug)]
 pub struct PriceBook {
-    skus: FastMap<Id, SkuPrice>,
+    skus: FastMap<Id, BookSku>,
     /// Sorted by (priority, id): a promotion's place here is its order of application.
     promotions: Vec<BookPromotion>,
     /// Places in `promotions`, ascending, of the promotions on the whole cart.
     everything: Vec<u32>,
-    by_merchant: FastMap<Id, Vec<u32>>,
-    by_sku: FastMap<Id, Vec<u32>>,
+    /// By merchant number (merchants of the book's SKUs, numbered in id
+    /// order): places of the promotions on that merchant, ascending.
+    by_merchant: Vec<Vec<u32>>,
     templates: FastMap<Id, CouponTemplate>,
 }
 
@@ -50,12 +62,20 @@ impl PriceBook {
         if skus.len() > MAX_BOOK_ENTRIES || promotions.len() > MAX_BOOK_ENTRIES || templates.len() > MAX_BOOK_ENTRIES {
             return Err(ErrorCode::InvalidRequest);
         }
+        // Merchants are numbered in id order: the same SKUs give the same numbers.
+        let mut merchants: BTreeMap<&Id, u32> = skus.iter().map(|sku| (&sku.merchant_id, 0)).collect();
+        for (number, slot) in merchants.values_mut().enumerate() {
+            *slot = number as u32;
+        }
+        let merchant_numbers: FastMap<Id, u32> = merchants.iter().map(|(&id, &n)| (id.clone(), n)).collect();
         let mut sku_map = FastMap::with_capacity_and_hasher(skus.len(), Default::default());
         for sku in skus {
             if sku.unit_price > MAX_TRANSFER_AMOUNT {
                 return Err(ErrorCode::InvalidRequest);
             }
-            if sku_map.insert(sku.sku_id.clone(), sku).is_some() {
+            let merchant = merchant_numbers[&sku.merchant_id];
+            let entry = BookSku { price: sku, merchant, promotions: Vec::new() };
+            if sku_map.insert(entry.price.sku_id.clone(), entry).is_some() {
                 return Err(ErrorCode::InvalidRequest);
             }
         }
@@ -88,18 +108,25 @@ impl PriceBook {
             skus: sku_map,
             promotions: Vec::with_capacity(promotions.len()),
             everything: Vec::new(),
-            by_merchant: FastMap::default(),
-            by_sku: FastMap::default(),
+            by_merchant: vec![Vec::new(); merchant_numbers.len()],
             templates: template_map,
         };
+        // A scope that names a SKU or merchant without a price in the book
+        // touches no cart: it is left out of the index.
         for (place, (promotion, group)) in promotions.into_iter().zip(group_numbers).enumerate() {
             let place = place as u32;
             match &promotion.scope {
                 Scope::Everything => book.everything.push(place),
-                Scope::Merchant(merchant) => book.by_merchant.entry(merchant.clone()).or_default().push(place),
+                Scope::Merchant(merchant) => {
+                    if let Some(&number) = merchant_numbers.get(merchant) {
+                        book.by_merchant[number as usize].push(place);
+                    }
+                }
                 Scope::Skus(skus) => {
                     for sku in skus {
-                        book.by_sku.entry(sku.clone()).or_default().push(place);
+                        if let Some(entry) = book.skus.get_mut(sku) {
+                            entry.promotions.push(place);
+                        }
                     }
                 }
             }
@@ -109,6 +136,10 @@ impl PriceBook {
     }
 
     pub fn sku(&self, sku_id: &Id) -> Option<&SkuPrice> {
+        self.skus.get(sku_id).map(|entry| &entry.price)
+    }
+
+    pub(crate) fn book_sku(&self, sku_id: &Id) -> Option<&BookSku> {
         self.skus.get(sku_id)
     }
 
@@ -129,11 +160,7 @@ impl PriceBook {
         &self.everything
     }
 
-    pub(crate) fn on_merchant(&self, merchant_id: &Id) -> &[u32] {
-        self.by_merchant.get(merchant_id).map_or(&[], Vec::as_slice)
-    }
-
-    pub(crate) fn on_sku(&self, sku_id: &Id) -> &[u32] {
-        self.by_sku.get(sku_id).map_or(&[], Vec::as_slice)
+    pub(crate) fn on_merchant(&self, merchant: u32) -> &[u32] {
+        &self.by_merchant[merchant as usize]
     }
 }

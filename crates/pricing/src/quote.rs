@@ -87,7 +87,10 @@ pub fn quote<U: UsageView + ?Sized>(
     now_ms: u64,
 ) -> Result<Quote, ErrorCode> {
     check_shape(request)?;
-    let (mut lines, currency, subtotal) = price_lines(book, request)?;
+    let mut candidates = Vec::with_capacity(book.on_everything().len() + 8 * request.lines.len());
+    let mut line_merchants = [0u32; MAX_QUOTE_LINES];
+    let (mut lines, currency, subtotal) = price_lines(book, request, &mut line_merchants, &mut candidates)?;
+    add_shared_candidates(book, &line_merchants[..lines.len()], &mut candidates);
     let mut work = Work {
         len: lines.len(),
         remaining: [0; MAX_QUOTE_LINES],
@@ -98,7 +101,6 @@ pub fn quote<U: UsageView + ?Sized>(
     for (slot, line) in work.remaining.iter_mut().zip(&lines) {
         *slot = line.subtotal;
     }
-    let mut candidates = candidates(book, &lines);
     // Sized once: at most every candidate and coupon gives, and skips.
     let coupon_count = request.coupon_ids.len();
     for (index, line) in lines.iter_mut().enumerate() {
@@ -138,12 +140,23 @@ fn check_shape(request: &QuoteRequest) -> Result<(), ErrorCode> {
     }
 }
 
-fn price_lines(book: &PriceBook, request: &QuoteRequest) -> Result<(Vec<QuoteLine>, Currency, u64), ErrorCode> {
+/// Prices the lines; notes each line's merchant number, and as candidates
+/// the promotions that name its SKU.
+fn price_lines(
+    book: &PriceBook,
+    request: &QuoteRequest,
+    line_merchants: &mut [u32; MAX_QUOTE_LINES],
+    candidates: &mut Vec<Candidate>,
+) -> Result<(Vec<QuoteLine>, Currency, u64), ErrorCode> {
     let mut lines = Vec::with_capacity(request.lines.len());
     let mut currency = None;
     let mut subtotal = 0u64;
-    for line in &request.lines {
-        let sku = book.sku(&line.sku_id).ok_or(ErrorCode::SkuNotFound)?;
+    for (index, line) in request.lines.iter().enumerate() {
+        let entry = book.book_sku(&line.sku_id).ok_or(ErrorCode::SkuNotFound)?;
+        let sku = &entry.price;
+        line_merchants[index] = entry.merchant;
+        let (mask, decision) = (1 << index, Decision::Pending);
+        candidates.extend(entry.promotions.iter().map(|&place| Candidate { place, lines: mask, decision }));
         if *currency.get_or_insert(sku.currency) != sku.currency {
             return Err(ErrorCode::CurrencyMismatch);
         }
@@ -303,28 +316,26 @@ impl<U: UsageView + ?Sized> Promotions<'_, U> {
     }
 }
 
-/// The promotions that touch the cart, in order of application, with the
-/// lines each covers. Built from the book's scope index, not by scanning it.
-fn candidates(book: &PriceBook, lines: &[QuoteLine]) -> Vec<Candidate> {
-    let all_lines = u128::MAX >> (128 - lines.len());
+/// Completes the candidates (the promotions that touch the cart) with
+/// those on a merchant of the cart and on everything, and puts them in
+/// order of application, one entry per promotion with all the lines it
+/// covers. Built from the book's scope index, not by scanning the book.
+fn add_shared_candidates(book: &PriceBook, line_merchants: &[u32], found: &mut Vec<Candidate>) {
     let decision = Decision::Pending;
-    let mut found: Vec<Candidate> = Vec::with_capacity(book.on_everything().len() + 4 * lines.len());
+    let all_lines = u128::MAX >> (128 - line_merchants.len());
     found.extend(book.on_everything().iter().map(|&place| Candidate { place, lines: all_lines, decision }));
-    for (index, line) in lines.iter().enumerate() {
-        let merchant = &line.merchant_id;
-        if lines[..index].iter().all(|earlier| earlier.merchant_id != *merchant) {
-            let mask = lines[index..]
-                .iter()
-                .enumerate()
-                .filter(|(_, later)| later.merchant_id == *merchant)
-                .fold(0u128, |mask, (offset, _)| mask | 1 << (index + offset));
-            found.extend(book.on_merchant(merchant).iter().map(|&place| Candidate { place, lines: mask, decision }));
+    for (index, &merchant) in line_merchants.iter().enumerate() {
+        if line_merchants[..index].contains(&merchant) {
+            continue;
         }
-        let mask = 1 << index;
-        found.extend(book.on_sku(&line.sku_id).iter().map(|&place| Candidate { place, lines: mask, decision }));
+        let lines = line_merchants[index..]
+            .iter()
+            .enumerate()
+            .filter(|(_, &later)| later == merchant)
+            .fold(0u128, |mask, (offset, _)| mask | 1 << (index + offset));
+        found.extend(book.on_merchant(merchant).iter().map(|&place| Candidate { place, lines, decision }));
     }
     found.sort_unstable_by_key(|candidate| candidate.place);
-    // One entry per promotion, covering the union of its lines.
     found.dedup_by(|later, kept| {
         let same = later.place == kept.place;
         if same {
@@ -332,7 +343,6 @@ fn candidates(book: &PriceBook, lines: &[QuoteLine]) -> Vec<Candidate> {
         }
         same
     });
-    found
 }
 
 fn covers(in_scope: u128, line: usize) -> bool {
