@@ -11,7 +11,7 @@ use peakstack_domain::Id;
 use crate::catalogue::{Coupon, CouponState};
 use crate::codec::{DecodeError, Reader, Result, Writer};
 use crate::state::{
-    BranchState, ConsumeFence, Pricing, PromotionCounters, PromotionEntry, TemplateEntry, MAX_COUPON_TEMPLATES,
+    sorted, BranchState, ConsumeFence, Pricing, PromotionCounters, PromotionEntry, TemplateEntry, MAX_COUPON_TEMPLATES,
     MAX_PROMOTIONS,
 };
 
@@ -19,12 +19,6 @@ use crate::state::{
 pub const CHECKPOINT_FORMAT_VERSION: u8 = 1;
 /// Most coupons or fences one checkpoint may list.
 const MAX_CHECKPOINT_ITEMS: usize = 1 << 32;
-
-fn sorted<'a, K: Ord + 'a, V>(items: impl Iterator<Item = (&'a K, &'a V)>) -> Vec<(&'a K, &'a V)> {
-    let mut items: Vec<_> = items.collect();
-    items.sort_by(|a, b| a.0.cmp(b.0));
-    items
-}
 
 fn write_state(w: &mut Writer<'_>, state: BranchState) {
     match state {

@@ -17,6 +17,13 @@ use crate::quote_types::{PromotionUsage, UsageView};
 
 pub(crate) type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
+/// A hash map's entries in key order: how anything that leaves this crate visits one.
+pub(crate) fn sorted<'a, K: Ord + 'a, V>(items: impl Iterator<Item = (&'a K, &'a V)>) -> Vec<(&'a K, &'a V)> {
+    let mut items: Vec<_> = items.collect();
+    items.sort_by(|a, b| a.0.cmp(b.0));
+    items
+}
+
 /// Most promotions one state holds.
 pub const MAX_PROMOTIONS: usize = 65_536;
 /// Most coupon templates one state holds.
@@ -378,13 +385,29 @@ impl Pricing {
 
     /// Checks that the counters agree with the fences and the limits, and
     /// the indexes with what they index. Run on every decoded checkpoint,
-    /// and by the tests after every command.
+    /// and by the tests after every command. Visits everything in key
+    /// order, so the same state always gives the same answer.
     pub fn check(&self) -> Result<(), &'static str> {
+        self.check_promotions()?;
+        self.check_coupons()?;
+        if self.timers != self.expected_timers() {
+            return Err("the timers differ from the fences and locks");
+        }
+        Ok(())
+    }
+
+    fn check_promotions(&self) -> Result<(), &'static str> {
+        // What the tried fences hold, per promotion and per (promotion, buyer).
         let mut reserved: BTreeMap<&Id, (u64, u64)> = BTreeMap::new();
         let mut reserved_by_buyer: BTreeMap<(&Id, &Id), u64> = BTreeMap::new();
         for ((promotion_id, _), fence) in &self.consumes {
             let entry = self.promotions.get(promotion_id).ok_or("a fence of an unknown promotion")?;
             match (fence.state, &fence.buyer_id) {
+                (BranchState::Suspended { .. }, None) => {}
+                (BranchState::Suspended { .. }, Some(_)) | (_, None) => {
+                    return Err("a fence's buyer does not fit its state")
+                }
+                _ if fence.discount == 0 => return Err("a fence of no discount"),
                 (BranchState::Tried { .. }, Some(buyer_id)) => {
                     let slot = reserved.entry(promotion_id).or_default();
                     slot.0 = slot.0.checked_add(fence.discount).ok_or("reserved overflows")?;
@@ -393,44 +416,42 @@ impl Pricing {
                         *reserved_by_buyer.entry((promotion_id, buyer_id)).or_default() += 1;
                     }
                 }
-                (BranchState::Suspended { .. }, None) => {}
-                (BranchState::Suspended { .. }, Some(_)) | (_, None) => {
-                    return Err("a fence's buyer does not fit its state")
-                }
                 _ => {}
             }
         }
-        for (promotion_id, entry) in &self.promotions {
-            let counters = entry.counters;
+        for (promotion_id, entry) in sorted(self.promotions.iter()) {
+            let (promotion, counters) = (&entry.promotion, entry.counters);
             let (discount, uses) = reserved.get(promotion_id).copied().unwrap_or((0, 0));
-            if entry.promotion.id != *promotion_id || counters.reserved != discount || counters.reserved_uses != uses {
+            if promotion.id != *promotion_id || counters.reserved != discount || counters.reserved_uses != uses {
                 return Err("reserved counters differ from the tried fences");
             }
             let spent = counters.given.checked_add(counters.reserved).ok_or("given + reserved overflows")?;
             let used = counters.uses.checked_add(counters.reserved_uses).ok_or("uses overflow")?;
-            if entry.promotion.budget.is_some_and(|budget| spent > budget)
-                || entry.promotion.usage_limit.is_some_and(|limit| used > limit)
+            if promotion.budget.is_some_and(|budget| spent > budget)
+                || promotion.usage_limit.is_some_and(|limit| used > limit)
             {
                 return Err("a promotion is over its budget or usage limit");
             }
-            if entry.promotion.per_buyer_limit.is_none() && !entry.buyer_uses.is_empty() {
+            if promotion.per_buyer_limit.is_none() && !entry.buyer_uses.is_empty() {
                 return Err("buyer uses without a per-buyer limit");
             }
-            for (buyer_id, &buyer_uses) in &entry.buyer_uses {
+            for (buyer_id, &buyer_uses) in sorted(entry.buyer_uses.iter()) {
                 let tried = reserved_by_buyer.get(&(promotion_id, buyer_id)).copied().unwrap_or(0);
-                if buyer_uses == 0
-                    || buyer_uses < tried
-                    || entry.promotion.per_buyer_limit.is_some_and(|l| buyer_uses > l)
-                {
+                let over = promotion.per_buyer_limit.is_some_and(|limit| buyer_uses > limit);
+                if buyer_uses == 0 || buyer_uses < tried || over {
                     return Err("a buyer's uses are out of bounds");
                 }
             }
-            if reserved_by_buyer.keys().any(|(p, b)| *p == promotion_id && !entry.buyer_uses.contains_key(*b)) {
-                return Err("a tried fence's buyer has no uses");
-            }
         }
+        if reserved_by_buyer.keys().any(|(p, b)| !self.promotions[*p].buyer_uses.contains_key(*b)) {
+            return Err("a tried fence's buyer has no uses");
+        }
+        Ok(())
+    }
+
+    fn check_coupons(&self) -> Result<(), &'static str> {
         let mut issued: BTreeMap<&Id, u64> = BTreeMap::new();
-        for (coupon_id, coupon) in &self.coupons {
+        for (coupon_id, coupon) in sorted(self.coupons.iter()) {
             let template = self.templates.get(&coupon.template_id).ok_or("a coupon of an unknown template")?;
             *issued.entry(&template.template.id).or_default() += 1;
             let indexed = self.coupons_by_buyer.get(&coupon.buyer_id).is_some_and(|ids| ids.contains(coupon_id));
@@ -438,7 +459,7 @@ impl Pricing {
                 return Err("a coupon is not indexed under its buyer");
             }
         }
-        for (template_id, entry) in &self.templates {
+        for (template_id, entry) in sorted(self.templates.iter()) {
             let count = issued.get(template_id).copied().unwrap_or(0);
             if entry.template.id != *template_id || entry.issued != count || entry.issued > entry.template.total_issue {
                 return Err("a template's issued count differs from its coupons");
@@ -457,9 +478,6 @@ impl Pricing {
             if !final_state || held_by_it {
                 return Err("a coupon fence contradicts its coupon");
             }
-        }
-        if self.timers != self.expected_timers() {
-            return Err("the timers differ from the fences and locks");
         }
         Ok(())
     }

@@ -11,6 +11,10 @@
 //! cancel is applied (see `Pricing::due`) the confirm is refused with
 //! `ReservationCancelled`.
 //!
+//! A try does not look at the promotion's time window: the quote that
+//! computed its discount did, at the checkout's own moment; the try
+//! guards what only the single writer can, the counters.
+//!
 //! Limits refuse a try with the closest existing codes: over the budget or
 //! the usage limit, `SoldOut`; over the per-buyer limit,
 //! `PurchaseLimitExceeded`. FIXME: dedicated codes (promotion budget
