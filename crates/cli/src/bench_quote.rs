@@ -77,9 +77,10 @@ pub fn run(args: QuoteArgs) -> anyhow::Result<()> {
     }
     if !args.json {
         eprintln!(
-            "pricing {} carts against {} promotions on {threads} threads for {}s",
+            "pricing {} carts against {} promotions on {threads} {} for {}s",
             fixture.carts.len(),
             fixture.book.promotions().count(),
+            threads_word(threads),
             args.seconds
         );
     }
@@ -155,6 +156,14 @@ fn price_until(
     result
 }
 
+fn threads_word(threads: usize) -> &'static str {
+    if threads == 1 {
+        "thread"
+    } else {
+        "threads"
+    }
+}
+
 /// CPU seconds the calling thread has used.
 fn this_thread_cpu_seconds() -> f64 {
     let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
@@ -167,7 +176,7 @@ impl QuoteSummary {
     fn print_human(&self) {
         println!("quotes        {}", self.ops);
         println!("seconds       {:.2}", self.seconds);
-        println!("throughput    {:.0} quotes/s on {} threads", self.ops_per_s, self.threads);
+        println!("throughput    {:.0} quotes/s on {} {}", self.ops_per_s, self.threads, threads_word(self.threads));
         println!("per quote     {:.0} ns wall per thread, {:.0} ns cpu", self.ns_per_quote, self.cpu_ns_per_quote);
         println!(
             "fixture       {} promotions, {} carts of {} lines from 2 merchants",
