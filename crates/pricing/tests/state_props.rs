@@ -398,3 +398,26 @@ proptest! {
         prop_assert_eq!(Pricing::decode_checkpoint(&bytes), Ok(pricing));
     }
 }
+
+proptest! {
+    /// Arbitrary bytes decode to an error or to something that encodes back
+    /// to the same bytes; never a panic.
+    #[test]
+    fn arbitrary_bytes_never_panic(mut bytes in proptest::collection::vec(any::<u8>(), 0..200), tag in 1u8..12) {
+        if let Ok(command) = decode_command(&bytes) {
+            let mut again = Vec::new();
+            encode_command(&command, &mut again);
+            prop_assert_eq!(&again, &bytes);
+        }
+        // With a valid version and tag, the fields themselves are what is random.
+        if bytes.len() >= 2 {
+            bytes[0] = COMMAND_FORMAT_VERSION;
+            bytes[1] = tag;
+            let _ = decode_command(&bytes);
+            bytes[0] = CHECKPOINT_FORMAT_VERSION;
+        }
+        if let Ok(pricing) = Pricing::decode_checkpoint(&bytes) {
+            prop_assert_eq!(pricing.check(), Ok(()));
+        }
+    }
+}
