@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_flash_sale;
+mod bench_quote;
 mod keys;
 mod loadtest;
 
@@ -226,6 +227,8 @@ enum BenchWorkload {
         #[arg(long)]
         json: bool,
     },
+    /// Price the pricing fixture's carts (pure and in memory: no engine, no disk).
+    Quote(bench_quote::QuoteArgs),
 }
 
 /// Prints a benchmark's summary: one JSON object as the last line of
@@ -365,6 +368,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 anyhow::bail!("invariant check failed: oversold, a limit passed, or counters disagree");
             }
             Ok(())
+        }
+        Command::Bench { workload: BenchWorkload::Quote(args) } => {
+            init_tracing(true);
+            bench_quote::run(args)
         }
         Command::Keys { action } => {
             init_tracing(true);
