@@ -87,12 +87,14 @@ impl fmt::Display for Id {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AssignedKind {
     Reservation,
+    Coupon,
 }
 
 impl AssignedKind {
     pub fn prefix(self) -> &'static str {
         match self {
             AssignedKind::Reservation => "rsv",
+            AssignedKind::Coupon => "cpn",
         }
     }
 

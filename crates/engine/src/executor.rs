@@ -247,6 +247,11 @@ impl ExecutorCore {
         &mut self.parts
     }
 
+    /// Gives a client's part command the ids this executor assigns.
+    pub fn assign_part_ids(&mut self, command: &mut PartCommand) {
+        self.parts.assign(command, &self.layout);
+    }
+
     /// Applies a part's command for a client: whether it changed state
     /// (then it is logged as [`Input::Part`]) and its answer.
     pub fn apply_part(&mut self, command: &PartCommand, now_ms: u64) -> (bool, PartReply) {

@@ -21,6 +21,7 @@ pub mod protocol;
 pub mod runtime;
 pub mod test_hooks;
 pub mod trade;
+mod trade_pricing;
 mod writeback;
 
 pub use clock::{Clock, ManualClock, SystemClock};
@@ -28,5 +29,6 @@ pub use layout::Layout;
 pub use listing::{TransferFilter, TransferPage, TransferSource};
 pub use parts::{PartAnswer, PartCommand, PartQuery, PartReply};
 pub use peakstack_inventory as inventory;
+pub use peakstack_pricing as pricing;
 pub use protocol::{AnsweredBalances, AuditBatch, AuditEvent, IdempotencyTag, Origin, TransferOutcome, TransferResult};
 pub use runtime::{Engine, EngineConfig, EngineError, Totals};

@@ -12,6 +12,10 @@ use peakstack_domain::wire::{CodecError, Reader, Writer};
 use peakstack_domain::{AssignedKind, ErrorCode, Id};
 use peakstack_inventory as inventory;
 use peakstack_inventory::{FlashSaleView, Inventory, SaleGates};
+use peakstack_pricing as pricing;
+use peakstack_pricing::{
+    Coupon, CouponTemplate, Pricing, Promotion, PromotionCounters, PromotionUsage, SkuPrice, UsageView,
+};
 
 use crate::layout::Layout;
 
@@ -19,25 +23,60 @@ use crate::layout::Layout;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PartCommand {
     Inventory(inventory::Command),
+    Pricing(pricing::Command),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PartReply {
     Inventory(inventory::Reply),
+    /// The pricing part answers done or why not; an issued coupon's id is
+    /// the one [`Parts::assign`] put in the command.
+    Pricing(pricing::Reply, Option<Id>),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PartQuery {
     Inventory(inventory::Query),
+    Pricing(PricingQuery),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PartAnswer {
     Inventory(inventory::QueryAnswer),
+    Pricing(PricingAnswer),
+}
+
+/// Reads of the pricing part (and, for the catalogue, of the SKU prices
+/// beside it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PricingQuery {
+    Promotion(Id),
+    CouponTemplate(Id),
+    Coupons(Vec<Id>),
+    CouponsOf(Id),
+    /// Counters of these promotions, with this buyer's uses.
+    Usage {
+        promotions: Vec<Id>,
+        buyer_id: Id,
+    },
+    /// Everything a price book is made of that lives on this executor.
+    Catalogue,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PricingAnswer {
+    Promotion(Option<(Promotion, PromotionCounters)>),
+    CouponTemplate(Option<(CouponTemplate, u64)>),
+    Coupons(Vec<Option<Coupon>>),
+    Usage(Vec<PromotionUsage>),
+    Catalogue { skus: Vec<SkuPrice>, promotions: Vec<Promotion>, templates: Vec<CouponTemplate> },
 }
 
 /// A part's tag in the log and in checkpoint sections. Never reuse one.
 const INVENTORY: u8 = 1;
+const PRICING: u8 = 2;
+/// The checkpoint section of the ids the executor assigns for the parts.
+const ASSIGNED_IDS: u8 = 0;
 
 impl PartCommand {
     pub fn encode(&self, w: &mut Writer) {
@@ -46,12 +85,25 @@ impl PartCommand {
                 w.u8(INVENTORY);
                 inventory::encode_command(command, w);
             }
+            PartCommand::Pricing(command) => {
+                w.u8(PRICING);
+                let mut bytes = Vec::new();
+                pricing::encode_command(command, &mut bytes);
+                w.varint(bytes.len() as u64);
+                w.buf.extend_from_slice(&bytes);
+            }
         }
     }
 
     pub fn decode(r: &mut Reader<'_>) -> Result<PartCommand, CodecError> {
         match r.u8()? {
             INVENTORY => Ok(PartCommand::Inventory(inventory::decode_command(r)?)),
+            PRICING => {
+                let len = r.len()?;
+                let command =
+                    pricing::decode_command(r.bytes(len)?).map_err(|_| CodecError("invalid pricing command"))?;
+                Ok(PartCommand::Pricing(command))
+            }
             _ => Err(CodecError("a command of an unknown part (written by a newer peakstack?)")),
         }
     }
@@ -74,8 +126,34 @@ impl PartCommand {
                 let id = command.routing_id().ok_or(ErrorCode::InvalidRequest)?;
                 Ok(layout.executor_of_shard(id.shard(layout.shards())))
             }
+            PartCommand::Pricing(command) => pricing_shard(layout, command).map(|s| layout.executor_of_shard(s)),
         }
     }
+}
+
+/// The shard that owns what a pricing command changes: a promotion's, a
+/// template's (with its coupons: a coupon id names its template's shard).
+fn pricing_shard(layout: &Layout, command: &pricing::Command) -> Result<u32, ErrorCode> {
+    use pricing::Command as C;
+    let by_hash = |id: &Id| Ok(id.shard(layout.shards()));
+    match command {
+        C::CreatePromotion(promotion) => by_hash(&promotion.id),
+        C::CreateCouponTemplate(template) => by_hash(&template.id),
+        C::IssueCoupon { template_id, .. } => by_hash(template_id),
+        C::TryConsume { promotion_id, .. }
+        | C::ConfirmConsume { promotion_id, .. }
+        | C::CancelConsume { promotion_id, .. }
+        | C::ForgetConsume { promotion_id, .. } => by_hash(promotion_id),
+        C::LockCoupon { coupon_id, .. }
+        | C::UseCoupon { coupon_id, .. }
+        | C::ReleaseCoupon { coupon_id, .. }
+        | C::ForgetCouponFence { coupon_id, .. } => coupon_shard(layout, coupon_id).ok_or(ErrorCode::CouponNotFound),
+    }
+}
+
+/// The shard a coupon id names, if it is one of this data dir's.
+pub fn coupon_shard(layout: &Layout, id: &Id) -> Option<u32> {
+    AssignedKind::Coupon.shard_of(id.as_str()).filter(|s| *s < layout.shards())
 }
 
 /// The shard a reservation id names, if it is one of this data dir's.
@@ -100,7 +178,7 @@ pub fn prepare(command: &mut PartCommand, layout: &Layout, gates: &SaleGates, no
             *shard = gate.shard;
             Ok(())
         }
-        PartCommand::Inventory(_) => Ok(()),
+        PartCommand::Inventory(_) | PartCommand::Pricing(_) => Ok(()),
     }
 }
 
@@ -108,20 +186,53 @@ pub fn prepare(command: &mut PartCommand, layout: &Layout, gates: &SaleGates, no
 #[derive(Debug)]
 pub struct Parts {
     pub inventory: Inventory,
+    pub pricing: Pricing,
+    /// The next coupon's sequence (its id is `cpn_<shard>_<sequence>`).
+    next_coupon: u64,
+    /// Set when a SKU, promotion or coupon template was made: price books
+    /// built before are stale.
+    catalogue_changed: bool,
 }
 
 impl Default for Parts {
     fn default() -> Parts {
-        Parts { inventory: Inventory::new() }
+        Parts { inventory: Inventory::new(), pricing: Pricing::new(), next_coupon: 1, catalogue_changed: false }
     }
 }
 
 impl Parts {
+    /// Gives a command the ids this executor assigns (a coupon's), before
+    /// it is applied and logged: the log holds the command with its id, so
+    /// a replay makes the same coupon.
+    pub fn assign(&mut self, command: &mut PartCommand, layout: &Layout) {
+        if let PartCommand::Pricing(pricing::Command::IssueCoupon { template_id, coupon_id, .. }) = command {
+            *coupon_id = AssignedKind::Coupon.id(template_id.shard(layout.shards()), self.next_coupon);
+        }
+    }
+
     pub fn apply(&mut self, command: &PartCommand, now_ms: u64) -> (bool, PartReply) {
         match command {
             PartCommand::Inventory(command) => {
                 let (changed, reply) = self.inventory.apply(command, now_ms);
+                self.catalogue_changed |= changed && matches!(command, inventory::Command::CreateSku(_));
                 (changed, PartReply::Inventory(reply))
+            }
+            PartCommand::Pricing(command) => {
+                let (changed, reply) = self.pricing.apply(command, now_ms);
+                let mut issued = None;
+                match command {
+                    pricing::Command::CreatePromotion(_) | pricing::Command::CreateCouponTemplate(_) => {
+                        self.catalogue_changed |= changed;
+                    }
+                    pricing::Command::IssueCoupon { coupon_id, .. } if changed => {
+                        // Also in a replay: the counter follows the ids in the log.
+                        let sequence = coupon_id.as_str().rsplit('_').next().and_then(|s| s.parse::<u64>().ok());
+                        self.next_coupon = self.next_coupon.max(sequence.map_or(0, |s| s + 1));
+                        issued = Some(coupon_id.clone());
+                    }
+                    _ => {}
+                }
+                (changed, PartReply::Pricing(reply, issued))
             }
         }
     }
@@ -129,12 +240,50 @@ impl Parts {
     pub fn query(&self, query: &PartQuery) -> PartAnswer {
         match query {
             PartQuery::Inventory(query) => PartAnswer::Inventory(self.inventory.query(query)),
+            PartQuery::Pricing(query) => PartAnswer::Pricing(self.pricing_query(query)),
+        }
+    }
+
+    fn pricing_query(&self, query: &PricingQuery) -> PricingAnswer {
+        let pricing = &self.pricing;
+        match query {
+            PricingQuery::Promotion(id) => {
+                PricingAnswer::Promotion(pricing.promotion(id).map(|(p, counters)| (p.clone(), counters)))
+            }
+            PricingQuery::CouponTemplate(id) => {
+                PricingAnswer::CouponTemplate(pricing.coupon_template(id).map(|(t, issued)| (t.clone(), issued)))
+            }
+            PricingQuery::Coupons(ids) => {
+                PricingAnswer::Coupons(ids.iter().map(|id| pricing.coupon(id).cloned()).collect())
+            }
+            PricingQuery::CouponsOf(buyer_id) => {
+                PricingAnswer::Coupons(pricing.coupons_of(buyer_id).into_iter().map(Some).collect())
+            }
+            PricingQuery::Usage { promotions, buyer_id } => {
+                PricingAnswer::Usage(promotions.iter().map(|p| pricing.usage(p, buyer_id)).collect())
+            }
+            PricingQuery::Catalogue => PricingAnswer::Catalogue {
+                skus: self
+                    .inventory
+                    .skus()
+                    .map(|s| SkuPrice {
+                        sku_id: s.id.clone(),
+                        merchant_id: s.merchant_id.clone(),
+                        unit_price: s.price.get(),
+                        currency: s.currency,
+                    })
+                    .collect(),
+                promotions: pricing.promotions().into_iter().cloned().collect(),
+                templates: pricing.coupon_templates().into_iter().cloned().collect(),
+            },
         }
     }
 
     /// The commands for the deadlines that passed by `now_ms`.
     pub fn due(&self, now_ms: u64) -> Vec<PartCommand> {
-        self.inventory.due(now_ms).map(PartCommand::Inventory).into_iter().collect()
+        let mut due: Vec<PartCommand> = self.inventory.due(now_ms).map(PartCommand::Inventory).into_iter().collect();
+        due.extend(self.pricing.due(now_ms).into_iter().map(PartCommand::Pricing));
+        due
     }
 
     /// What changed since the last call and must be published once the
@@ -142,7 +291,8 @@ impl Parts {
     pub fn take_publication(&mut self) -> Option<Publication> {
         let sales: Vec<FlashSaleView> =
             self.inventory.take_sale_updates().into_iter().filter_map(|id| self.inventory.sale(&id).cloned()).collect();
-        (!sales.is_empty()).then_some(Publication { sales })
+        let catalogue_changed = std::mem::take(&mut self.catalogue_changed);
+        (!sales.is_empty() || catalogue_changed).then_some(Publication { sales, catalogue_changed })
     }
 
     /// Everything published, as after a restart.
@@ -154,12 +304,18 @@ impl Parts {
 
     /// The checkpoint sections: `[count][tag, length, bytes]...`.
     pub fn encode_checkpoint(&self, w: &mut Writer) {
-        let mut section = Writer::default();
-        self.inventory.encode_checkpoint(&mut section);
-        w.varint(1);
-        w.u8(INVENTORY);
-        w.varint(section.buf.len() as u64);
-        w.buf.extend_from_slice(&section.buf);
+        let mut inventory = Writer::default();
+        self.inventory.encode_checkpoint(&mut inventory);
+        let mut pricing = Vec::new();
+        self.pricing.encode_checkpoint(&mut pricing);
+        let mut ids = Writer::default();
+        ids.varint(self.next_coupon);
+        w.varint(3);
+        for (tag, bytes) in [(ASSIGNED_IDS, &ids.buf), (INVENTORY, &inventory.buf), (PRICING, &pricing)] {
+            w.u8(tag);
+            w.varint(bytes.len() as u64);
+            w.buf.extend_from_slice(bytes);
+        }
     }
 
     pub fn decode_checkpoint(r: &mut Reader<'_>) -> Result<Parts, CodecError> {
@@ -169,7 +325,12 @@ impl Parts {
             let len = r.len()?;
             let mut section = Reader::new(r.bytes(len)?);
             match tag {
+                ASSIGNED_IDS => parts.next_coupon = section.varint()?,
                 INVENTORY => parts.inventory = Inventory::decode_checkpoint(&mut section)?,
+                PRICING => {
+                    parts.pricing = Pricing::decode_checkpoint(section.bytes(len)?)
+                        .map_err(|_| CodecError("invalid pricing checkpoint section"))?;
+                }
                 _ => return Err(CodecError("a checkpoint section of an unknown part")),
             }
             if !section.is_empty() {
@@ -183,12 +344,16 @@ impl Parts {
 /// Published views of what a batch changed.
 pub struct Publication {
     sales: Vec<FlashSaleView>,
+    catalogue_changed: bool,
 }
 
 impl Publication {
-    pub fn publish(&self, layout: &Layout, gates: &SaleGates) {
+    pub fn publish(&self, layout: &Layout, gates: &SaleGates, catalogue_epoch: &std::sync::atomic::AtomicU64) {
         for sale in &self.sales {
             gates.publish(sale, sale.sku_id.shard(layout.shards()));
+        }
+        if self.catalogue_changed {
+            catalogue_epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         }
     }
 }

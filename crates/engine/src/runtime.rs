@@ -251,7 +251,7 @@ impl Completion {
             Completion::Query(tx, v) => tx.send(v).map_err(drop),
             Completion::Parts(tx, v) => tx.send(v).map_err(drop),
             Completion::Publish(publication, shared) => {
-                publication.publish(&shared.layout, &shared.gates);
+                publication.publish(&shared.layout, &shared.gates, &shared.catalogue_epoch);
                 Ok(())
             }
         };
@@ -313,6 +313,11 @@ pub(crate) struct Shared {
     /// The flash sales' published views (see `peakstack_inventory::SaleGates`).
     pub(crate) gates: SaleGates,
     pub(crate) clock: Arc<dyn Clock>,
+    /// Bumped when a SKU, promotion or coupon template is made (after its
+    /// batch is durable): a price book built at an older epoch is stale.
+    pub(crate) catalogue_epoch: AtomicU64,
+    /// The last price book built, with the epoch it was built at.
+    pub(crate) price_book: Mutex<Option<(u64, Arc<peakstack_pricing::PriceBook>)>>,
 }
 
 /// A handle on a running engine; clone it freely.
@@ -448,6 +453,8 @@ impl Engine {
             test_gates: (0..executor_count).map(|_| TestBatchGate::default()).collect(),
             gates: SaleGates::default(),
             clock: config.clock.clone(),
+            catalogue_epoch: AtomicU64::new(0),
+            price_book: Mutex::new(None),
         });
         for core in &cores {
             core.parts().publish_all(&layout, &shared.gates);
@@ -1160,7 +1167,8 @@ impl Applier {
                     Err(Request::Parts(commands, reply)) => {
                         transfers_taken += commands.len();
                         let mut replies = Vec::with_capacity(commands.len());
-                        for command in commands {
+                        for mut command in commands {
+                            self.core.assign_part_ids(&mut command);
                             let (changed, answer) = self.core.apply_part(&command, now_ms);
                             if changed {
                                 logged.push(Input::Part(command));

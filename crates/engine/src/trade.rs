@@ -23,13 +23,17 @@ impl Engine {
     /// durable. A flash-sale attempt that its gate refuses (not live, sold
     /// out) is answered at once, without the executor.
     pub async fn inventory(&self, command: inventory::Command) -> inventory::Reply {
-        let (executor, command) = self.route(PartCommand::Inventory(command))?;
-        let rx = self.submit_parts(executor, vec![command], false)?;
-        let mut replies = rx.await.map_err(|_| ErrorCode::Unavailable)?;
-        match replies.pop() {
-            Some(PartReply::Inventory(reply)) => reply,
-            None => Err(ErrorCode::Unavailable),
+        match self.part(PartCommand::Inventory(command)).await? {
+            PartReply::Inventory(reply) => reply,
+            PartReply::Pricing(..) => Err(ErrorCode::Unavailable),
         }
+    }
+
+    /// Runs one command of some part where its data lives; answered once durable.
+    pub(crate) async fn part(&self, command: PartCommand) -> Result<PartReply, ErrorCode> {
+        let (executor, command) = self.route(command)?;
+        let rx = self.submit_parts(executor, vec![command], false)?;
+        rx.await.map_err(|_| ErrorCode::Unavailable)?.pop().ok_or(ErrorCode::Unavailable)
     }
 
     /// Many inventory commands from a thread of its own (the benchmark's),
@@ -58,8 +62,10 @@ impl Engine {
         }
         for (indices, rx) in waits {
             let Ok(answers) = rx.blocking_recv() else { continue };
-            for (index, PartReply::Inventory(reply)) in indices.into_iter().zip(answers) {
-                replies[index] = reply;
+            for (index, answer) in indices.into_iter().zip(answers) {
+                if let PartReply::Inventory(reply) = answer {
+                    replies[index] = reply;
+                }
             }
         }
         replies
@@ -126,6 +132,7 @@ impl Engine {
     ) -> Result<inventory::QueryAnswer, ErrorCode> {
         match self.query_part(executor, PartQuery::Inventory(query)).await? {
             PartAnswer::Inventory(answer) => Ok(answer),
+            PartAnswer::Pricing(_) => Err(ErrorCode::Unavailable),
         }
     }
 }

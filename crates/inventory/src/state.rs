@@ -158,6 +158,10 @@ impl Inventory {
         self.skus.get(id)
     }
 
+    pub fn skus(&self) -> impl Iterator<Item = &SkuView> {
+        self.skus.values()
+    }
+
     pub fn sale(&self, id: &Id) -> Option<&FlashSaleView> {
         self.sales.get(id)
     }

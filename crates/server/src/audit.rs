@@ -30,6 +30,8 @@ pub mod action {
     pub const SKU_CREATE: &str = "sku.create";
     pub const SKU_RESTOCK: &str = "sku.restock";
     pub const FLASH_SALE_CREATE: &str = "flash_sale.create";
+    pub const PROMOTION_CREATE: &str = "promotion.create";
+    pub const COUPON_TEMPLATE_CREATE: &str = "coupon_template.create";
     pub const ALL: &[&str] = &[
         ACCOUNT_CREATE,
         TRANSFER_CREATE,
@@ -43,6 +45,8 @@ pub mod action {
         SKU_CREATE,
         SKU_RESTOCK,
         FLASH_SALE_CREATE,
+        PROMOTION_CREATE,
+        COUPON_TEMPLATE_CREATE,
     ];
 }
 

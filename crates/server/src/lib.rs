@@ -53,6 +53,7 @@ pub mod keys;
 pub mod listener;
 mod observe;
 mod post_guard;
+mod pricing_api;
 mod transfer_list;
 mod wire;
 
@@ -343,6 +344,13 @@ fn route_table() -> Routes {
         ("POST", "/v1/flash-sales", Write, post(inventory_api::create_flash_sale)),
         ("GET", "/v1/flash-sales/{id}", Read, get(inventory_api::get_flash_sale)),
         ("POST", "/v1/flash-sales/{id}/attempts", Write, post(inventory_api::attempt_flash_sale)),
+        ("POST", "/v1/promotions", Write, post(pricing_api::create_promotion)),
+        ("GET", "/v1/promotions/{id}", Read, get(pricing_api::get_promotion)),
+        ("POST", "/v1/coupon-templates", Write, post(pricing_api::create_coupon_template)),
+        ("GET", "/v1/coupon-templates/{id}", Read, get(pricing_api::get_coupon_template)),
+        ("POST", "/v1/coupon-templates/{id}/issue", Write, post(pricing_api::issue_coupon)),
+        ("GET", "/v1/coupons", Read, get(pricing_api::list_coupons)),
+        ("POST", "/v1/quotes", Read, post(pricing_api::create_quote)),
     ]
 }
 
@@ -355,6 +363,7 @@ fn query_parameters(method: &str, path: &str) -> &'static [&'static str] {
         ("GET", "/v1/accounts/{id}/transfers") => &["limit", "after", "status", "since", "until"],
         ("GET", "/v1/transfers") => &["limit", "after", "account_id", "status", "pending_id", "since", "until"],
         ("GET", "/v1/skus") => &["merchant_id", "limit", "after"],
+        ("GET", "/v1/coupons") => &["buyer_id"],
         ("GET", "/v1/audit") => &["key_id", "action", "target", "request_id", "since", "until", "after", "limit"],
         _ => &[],
     }
