@@ -76,10 +76,18 @@ pub enum ErrorCode {
     CouponsExhausted,
     /// No global transaction with this id.
     TransactionNotFound,
+    /// A promotion's budget has less left than the discount a checkout reserves.
+    PromotionBudgetExhausted,
+    /// A promotion was used as often as its usage limit allows.
+    PromotionUsageLimitReached,
+    /// The buyer used a promotion as often as its per-buyer limit allows.
+    PromotionBuyerLimitReached,
+    /// A TCC branch of this transaction was cancelled (or its cancel came first): its try or confirm is refused.
+    BranchCancelled,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 40] = [
+    pub const ALL: [ErrorCode; 44] = [
         ErrorCode::InvalidRequest,
         ErrorCode::AccountNotFound,
         ErrorCode::TransferNotFound,
@@ -121,6 +129,10 @@ impl ErrorCode {
         ErrorCode::CouponExpired,
         ErrorCode::CouponsExhausted,
         ErrorCode::TransactionNotFound,
+        ErrorCode::PromotionBudgetExhausted,
+        ErrorCode::PromotionUsageLimitReached,
+        ErrorCode::PromotionBuyerLimitReached,
+        ErrorCode::BranchCancelled,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -165,6 +177,10 @@ impl ErrorCode {
             ErrorCode::CouponExpired => "coupon_expired",
             ErrorCode::CouponsExhausted => "coupons_exhausted",
             ErrorCode::TransactionNotFound => "transaction_not_found",
+            ErrorCode::PromotionBudgetExhausted => "promotion_budget_exhausted",
+            ErrorCode::PromotionUsageLimitReached => "promotion_usage_limit_reached",
+            ErrorCode::PromotionBuyerLimitReached => "promotion_buyer_limit_reached",
+            ErrorCode::BranchCancelled => "branch_cancelled",
         }
     }
 
@@ -219,7 +235,11 @@ impl ErrorCode {
             | ErrorCode::CouponAlreadyUsed
             | ErrorCode::CouponExpired
             | ErrorCode::CouponsExhausted
-            | ErrorCode::TransactionNotFound => 12,
+            | ErrorCode::TransactionNotFound
+            | ErrorCode::PromotionBudgetExhausted
+            | ErrorCode::PromotionUsageLimitReached
+            | ErrorCode::PromotionBuyerLimitReached
+            | ErrorCode::BranchCancelled => 12,
         }
     }
 

@@ -292,8 +292,8 @@ fn run_case(steps: &[Step]) -> Result<(), TestCaseError> {
             }
             _ => continue,
         };
-        let issuable = matches!(step, Step::Issue { .. })
-            && node.core.parts().pricing.coupon_template(&id("t1")).unwrap().1 < 4;
+        let issuable =
+            matches!(step, Step::Issue { .. }) && node.core.parts().pricing.coupon_template(&id("t1")).unwrap().1 < 4;
         let reply = node.run(command, now);
         if issuable {
             prop_assert!(matches!(reply, peakstack_engine::PartReply::Pricing(Ok(()), Some(_))), "{reply:?}");

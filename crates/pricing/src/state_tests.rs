@@ -201,14 +201,14 @@ fn consuming_respects_every_limit() {
             (0, create(promotion("uses", None, Some(2), None)), "changed"),
             (0, create(promotion("buyer", None, None, Some(1))), "changed"),
             (0, try_(1, "budget", "b1", 200, 100), "changed"),
-            (0, try_(2, "budget", "b2", 101, 100), "sold_out"),
+            (0, try_(2, "budget", "b2", 101, 100), "promotion_budget_exhausted"),
             (0, try_(2, "budget", "b2", 100, 100), "changed"),
-            (0, try_(3, "budget", "b3", 1, 100), "sold_out"),
+            (0, try_(3, "budget", "b3", 1, 100), "promotion_budget_exhausted"),
             (0, try_(1, "uses", "b1", 5, 100), "changed"),
             (0, try_(2, "uses", "b1", 5, 100), "changed"),
-            (0, try_(3, "uses", "b1", 5, 100), "sold_out"),
+            (0, try_(3, "uses", "b1", 5, 100), "promotion_usage_limit_reached"),
             (0, try_(1, "buyer", "b1", 5, 100), "changed"),
-            (0, try_(2, "buyer", "b1", 5, 100), "purchase_limit_exceeded"),
+            (0, try_(2, "buyer", "b1", 5, 100), "promotion_buyer_limit_reached"),
             (0, try_(3, "buyer", "b2", 5, 100), "changed"),
             (0, try_(9, "nope", "b1", 5, 100), "promotion_not_found"),
             (0, try_(9, "budget", "b1", 0, 100), "invalid_request"),
@@ -255,13 +255,13 @@ fn consume_branches_are_idempotent_and_fenced() {
             (5, try_(2, "p", "b", 50, 100), "changed"),
             (6, cancel(2, "p"), "changed"),
             (7, cancel(2, "p"), "same"),
-            (7, try_(2, "p", "b", 50, 100), "reservation_cancelled"),
-            (7, confirm(2, "p"), "reservation_cancelled"),
+            (7, try_(2, "p", "b", 50, 100), "branch_cancelled"),
+            (7, confirm(2, "p"), "branch_cancelled"),
             // A cancel before its try suspends the branch: the try is refused.
             (8, cancel(3, "p"), "changed"),
             (8, cancel(3, "p"), "same"),
-            (9, try_(3, "p", "b", 10, 100), "reservation_cancelled"),
-            (9, confirm(3, "p"), "reservation_cancelled"),
+            (9, try_(3, "p", "b", 10, 100), "branch_cancelled"),
+            (9, confirm(3, "p"), "branch_cancelled"),
         ],
     );
     assert_eq!(counters(&pricing, "p"), (100, 0, 1, 0));
@@ -354,13 +354,13 @@ fn coupon_branches() {
             (3, release(1, "c1"), "reservation_confirmed"),
             // Release of another transaction's coupon: that branch is suspended.
             (3, release(2, "c1"), "changed"),
-            (3, lock(2, "c1", "b", 100), "reservation_cancelled"),
+            (3, lock(2, "c1", "b", 100), "branch_cancelled"),
             // Lock, release, lock again by the same transaction: refused.
             (4, lock(3, "c2", "b", 100), "changed"),
             (5, release(3, "c2"), "changed"),
             (5, release(3, "c2"), "same"),
-            (5, lock(3, "c2", "b", 100), "reservation_cancelled"),
-            (5, use_(3, "c2"), "reservation_cancelled"),
+            (5, lock(3, "c2", "b", 100), "branch_cancelled"),
+            (5, use_(3, "c2"), "branch_cancelled"),
             // The coupon is free again for another checkout.
             (6, lock(4, "c2", "b", 100), "changed"),
             (6, lock(5, "c2", "b", 100), "coupon_already_used"),
@@ -373,7 +373,7 @@ fn coupon_branches() {
     assert_eq!(pricing.coupon(&id("c2")).map(|c| c.state), Some(CouponState::Locked { txn: 4, deadline_ms: 100 }));
     // The lock's deadline releases it.
     assert_eq!(pricing.due(100), vec![release(4, "c2")]);
-    check(&mut pricing, &[(100, release(4, "c2"), "changed"), (101, use_(4, "c2"), "reservation_cancelled")]);
+    check(&mut pricing, &[(100, release(4, "c2"), "changed"), (101, use_(4, "c2"), "branch_cancelled")]);
     assert_eq!(
         pricing.coupon_fence(&id("c2"), 4),
         Some(BranchState::Cancelled { forget_at_ms: 100 + FENCE_RETENTION_MS })

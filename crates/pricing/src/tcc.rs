@@ -4,21 +4,19 @@
 //! Each branch has a fence per (transaction, promotion or coupon): a
 //! repeated message is answered from it, a cancel that comes before its
 //! try is recorded as suspended and answered as done, and a try that finds
-//! its branch cancelled or suspended is refused with `ReservationCancelled`
+//! its branch cancelled or suspended is refused with `BranchCancelled`
 //! (no hanging reservation). A refused try records nothing: its repeat is
 //! judged again. A confirm is accepted as long as the hold exists, even past
 //! its deadline: the budget is still held for it, and once the deadline's
 //! cancel is applied (see `Pricing::due`) the confirm is refused with
-//! `ReservationCancelled`.
+//! `BranchCancelled`.
 //!
 //! A try does not look at the promotion's time window: the quote that
 //! computed its discount did, at the checkout's own moment; the try
 //! guards what only the single writer can, the counters.
 //!
-//! Limits refuse a try with the closest existing codes: over the budget or
-//! the usage limit, `SoldOut`; over the per-buyer limit,
-//! `PurchaseLimitExceeded`. FIXME: dedicated codes (promotion budget
-//! exhausted, ...) belong in the domain's `ErrorCode`, with the HTTP mapping.
+//! Limits refuse a try with their own codes: `PromotionBudgetExhausted`,
+//! `PromotionUsageLimitReached`, `PromotionBuyerLimitReached`.
 
 use peakstack_domain::{ErrorCode, Id, MAX_TRANSFER_AMOUNT};
 
@@ -52,7 +50,7 @@ impl Pricing {
                 && fence.discount == discount
                 && fence.deadline_ms == deadline_ms;
             return match fence.state {
-                BranchState::Cancelled { .. } | BranchState::Suspended { .. } => Err(ErrorCode::ReservationCancelled),
+                BranchState::Cancelled { .. } | BranchState::Suspended { .. } => Err(ErrorCode::BranchCancelled),
                 BranchState::Tried { .. } | BranchState::Confirmed { .. } if same => Ok(false),
                 _ => Err(ErrorCode::ExistsWithDifferentFields),
             };
@@ -66,16 +64,16 @@ impl Pricing {
         let counters = &mut entry.counters;
         let uses = counters.uses + counters.reserved_uses;
         if promotion.usage_limit.is_some_and(|limit| uses >= limit) {
-            return Err(ErrorCode::SoldOut);
+            return Err(ErrorCode::PromotionUsageLimitReached);
         }
         let buyer_uses = entry.buyer_uses.get(buyer_id).copied().unwrap_or(0);
         if promotion.per_buyer_limit.is_some_and(|limit| buyer_uses >= limit) {
-            return Err(ErrorCode::PurchaseLimitExceeded);
+            return Err(ErrorCode::PromotionBuyerLimitReached);
         }
         let reserved = counters.reserved.checked_add(discount).ok_or(ErrorCode::Overflow)?;
         let spent = counters.given.checked_add(reserved).ok_or(ErrorCode::Overflow)?;
         if promotion.budget.is_some_and(|budget| spent > budget) {
-            return Err(ErrorCode::SoldOut);
+            return Err(ErrorCode::PromotionBudgetExhausted);
         }
         // Checked: now it acts.
         counters.reserved = reserved;
@@ -107,9 +105,7 @@ impl Pricing {
         let deadline_ms = match fence.state {
             BranchState::Tried { deadline_ms } => deadline_ms,
             BranchState::Confirmed { .. } => return Ok(false),
-            BranchState::Cancelled { .. } | BranchState::Suspended { .. } => {
-                return Err(ErrorCode::ReservationCancelled)
-            }
+            BranchState::Cancelled { .. } | BranchState::Suspended { .. } => return Err(ErrorCode::BranchCancelled),
         };
         let entry = self.promotions.get_mut(promotion_id).expect("a fence's promotion exists");
         let counters = &mut entry.counters;
@@ -190,7 +186,7 @@ impl Pricing {
             return Err(ErrorCode::CouponNotApplicable);
         }
         if self.coupon_fences.contains_key(&(coupon_id.clone(), txn)) {
-            return Err(ErrorCode::ReservationCancelled);
+            return Err(ErrorCode::BranchCancelled);
         }
         match coupon.state {
             CouponState::Locked { txn: holder, deadline_ms: held_until } if holder == txn => {
@@ -221,7 +217,7 @@ impl Pricing {
                 Ok(true)
             }
             CouponState::Used { txn: holder } if holder == txn => Ok(false),
-            _ if self.coupon_fences.contains_key(&(coupon_id.clone(), txn)) => Err(ErrorCode::ReservationCancelled),
+            _ if self.coupon_fences.contains_key(&(coupon_id.clone(), txn)) => Err(ErrorCode::BranchCancelled),
             _ => Err(ErrorCode::ReservationNotFound),
         }
     }

@@ -133,7 +133,7 @@ impl Model {
 
     fn try_(&mut self, txn: u64, buyer: usize, discount: u64, deadline_ms: u64) -> Answer {
         match self.branches.get(&txn) {
-            Some(Branch::Cancelled { .. }) => return refused(ErrorCode::ReservationCancelled),
+            Some(Branch::Cancelled { .. }) => return refused(ErrorCode::BranchCancelled),
             Some(Branch::Tried { buyer: b, discount: d, deadline_ms: t })
             | Some(Branch::Confirmed { buyer: b, discount: d, deadline_ms: t, .. }) => {
                 let same = (*b, *d, *t) == (buyer, discount, deadline_ms);
@@ -143,13 +143,13 @@ impl Model {
         }
         let (reserved, reserved_uses) = self.reserved();
         if self.uses + reserved_uses >= self.usage_limit {
-            return refused(ErrorCode::SoldOut);
+            return refused(ErrorCode::PromotionUsageLimitReached);
         }
         if self.buyer_uses(buyer) >= self.per_buyer_limit {
-            return refused(ErrorCode::PurchaseLimitExceeded);
+            return refused(ErrorCode::PromotionBuyerLimitReached);
         }
         if self.given + reserved + discount > self.budget {
-            return refused(ErrorCode::SoldOut);
+            return refused(ErrorCode::PromotionBudgetExhausted);
         }
         self.branches.insert(txn, Branch::Tried { buyer, discount, deadline_ms });
         DONE
@@ -167,7 +167,7 @@ impl Model {
                 DONE
             }
             Some(Branch::Confirmed { .. }) => SAME,
-            Some(Branch::Cancelled { .. }) => refused(ErrorCode::ReservationCancelled),
+            Some(Branch::Cancelled { .. }) => refused(ErrorCode::BranchCancelled),
         }
     }
 
@@ -188,7 +188,7 @@ impl Model {
             return refused(ErrorCode::CouponNotApplicable);
         }
         if self.coupon_fences.contains_key(&(coupon, txn)) {
-            return refused(ErrorCode::ReservationCancelled);
+            return refused(ErrorCode::BranchCancelled);
         }
         match self.coupons[coupon] {
             CouponModel::Locked { txn: t, deadline_ms: d } if t == txn => {
@@ -215,7 +215,7 @@ impl Model {
                 DONE
             }
             CouponModel::Used { txn: t } if t == txn => SAME,
-            _ if self.coupon_fences.contains_key(&(coupon, txn)) => refused(ErrorCode::ReservationCancelled),
+            _ if self.coupon_fences.contains_key(&(coupon, txn)) => refused(ErrorCode::BranchCancelled),
             _ => refused(ErrorCode::ReservationNotFound),
         }
     }

@@ -241,7 +241,11 @@ pub fn ledger_status(code: ErrorCode) -> StatusCode {
         | ErrorCode::CouponNotApplicable
         | ErrorCode::CouponAlreadyUsed
         | ErrorCode::CouponExpired
-        | ErrorCode::CouponsExhausted => StatusCode::UNPROCESSABLE_ENTITY,
+        | ErrorCode::CouponsExhausted
+        | ErrorCode::PromotionBudgetExhausted
+        | ErrorCode::PromotionUsageLimitReached
+        | ErrorCode::PromotionBuyerLimitReached
+        | ErrorCode::BranchCancelled => StatusCode::UNPROCESSABLE_ENTITY,
     }
 }
 
@@ -296,6 +300,10 @@ pub fn ledger_detail(code: ErrorCode) -> &'static str {
         ErrorCode::CouponExpired => "the coupon is outside its validity window",
         ErrorCode::CouponsExhausted => "the coupon template has issued every coupon it may",
         ErrorCode::TransactionNotFound => "the global transaction does not exist",
+        ErrorCode::PromotionBudgetExhausted => "the promotion's budget has less left than this discount",
+        ErrorCode::PromotionUsageLimitReached => "the promotion was used as often as its usage limit allows",
+        ErrorCode::PromotionBuyerLimitReached => "the buyer used the promotion as often as its per-buyer limit allows",
+        ErrorCode::BranchCancelled => "this transaction's branch was cancelled; its try or confirm is refused",
     }
 }
 
@@ -351,6 +359,10 @@ fn title(code: &str) -> &'static str {
         "coupon_expired" => "Coupon expired",
         "coupons_exhausted" => "Coupons exhausted",
         "transaction_not_found" => "Transaction not found",
+        "promotion_budget_exhausted" => "Promotion budget exhausted",
+        "promotion_usage_limit_reached" => "Promotion usage limit reached",
+        "promotion_buyer_limit_reached" => "Promotion buyer limit reached",
+        "branch_cancelled" => "Branch cancelled",
         "unsupported_media_type" => "Unsupported media type",
         "request_header_fields_too_large" => "Request header fields too large",
         "uri_too_long" => "URI too long",

@@ -2,9 +2,9 @@
 //! handlers over the engine's pricing part.
 //!
 //! Who may do what: an admin key anything; a merchant key runs promotions
-//! and coupon templates scoped to its own merchant (or to SKUs, which the
-//! engine checks are its own... not yet: see FIXME) and sees its own; an app
-//! key quotes and lists coupons for its `X-Buyer-Id`; a read key reads.
+//! and coupon templates scoped to its own merchant or to its own SKUs and
+//! sees those; an app key quotes and lists coupons for its `X-Buyer-Id`; a
+//! read key reads.
 
 use std::collections::BTreeSet;
 
@@ -285,6 +285,24 @@ fn scope_of(principal: &Principal, body: Option<ScopeBody>) -> Result<PriceScope
     }
 }
 
+/// A merchant key's SKU scope must name its own SKUs only (each looked up
+/// where it lives); an unknown or another merchant's SKU is refused alike.
+async fn check_own_skus(state: &AppState, principal: &Principal, scope: &PriceScope) -> Result<(), ApiError> {
+    let (Scope::Merchant(own), PriceScope::Skus(skus)) = (&principal.scope, scope) else { return Ok(()) };
+    for sku_id in skus {
+        match state.engine().sku(sku_id).await.map_err(ApiError::ledger)? {
+            Some(sku) if sku.merchant_id == *own => {}
+            _ => {
+                return Err(ApiError::Ledger(
+                    ErrorCode::SkuNotFound,
+                    format!("scope.sku_ids: SKU {sku_id} is not one of {own}'s"),
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
 fn writer(principal: &Principal) -> Result<(), ApiError> {
     match principal.scope {
         Scope::Admin | Scope::Merchant(_) => Ok(()),
@@ -339,6 +357,7 @@ pub async fn create_promotion(
              scope.sku_ids 1-1000",
         )
     })?;
+    check_own_skus(&state, &caller.principal, &promotion.scope).await?;
     let existed = state.engine().promotion(&id).await.map_err(ApiError::ledger)?;
     match state.engine().pricing(pricing::Command::CreatePromotion(promotion)).await {
         Ok(_) => {}
@@ -363,8 +382,9 @@ fn coupon_not_found(id: &Id) -> ApiError {
     ApiError::Ledger(ErrorCode::CouponNotFound, format!("coupon template {id} does not exist"))
 }
 
-/// Whether a merchant key sees this scope's object: its own merchant's or
-/// SKU-scoped ones (FIXME: a SKU scope is not checked against the SKUs' merchant).
+/// Whether a merchant key sees this scope's object: its own merchant's, or
+/// SKU-scoped ones (a merchant can scope only its own SKUs; another
+/// merchant's SKU-scoped promotion shows its SKU ids, nothing of theirs else).
 fn sees(principal: &Principal, scope: &PriceScope) -> bool {
     match (&principal.scope, scope) {
         (Scope::Merchant(own), PriceScope::Merchant(m)) => own == m,
@@ -413,6 +433,7 @@ pub async fn create_coupon_template(
              total_issue at least 1",
         )
     })?;
+    check_own_skus(&state, &caller.principal, &template.scope).await?;
     let existed = state.engine().coupon_template(&id).await.map_err(ApiError::ledger)?;
     match state.engine().pricing(pricing::Command::CreateCouponTemplate(template)).await {
         Ok(_) => {}

@@ -50,6 +50,13 @@ async fn promotions_coupons_and_quotes_over_http() {
     let mut theirs = everything.clone();
     theirs["scope"] = json!({"merchant_id": "m2"});
     assert_eq!(send(&server, &m1, "POST", "/v1/promotions", Some(theirs)).await.status, 403);
+    let mut their_sku = everything.clone();
+    their_sku["scope"] = json!({"sku_ids": ["a", "c"]});
+    send(&server, &m1, "POST", "/v1/promotions", Some(their_sku)).await.assert_problem(
+        404,
+        "sku_not_found",
+        "a merchant's promotion on another merchant's SKU",
+    );
     let all = send(&server, &admin, "POST", "/v1/promotions", Some(everything)).await;
     assert_eq!(all.status, 201, "{}", all.text());
     let bad = json!({"id": "bad", "currency": "USD", "kind": {"type": "percent_off", "percent": 0},
