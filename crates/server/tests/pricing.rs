@@ -128,6 +128,53 @@ async fn promotions_coupons_and_quotes_over_http() {
     let someone_elses = json!({"buyer_id": "b2", "lines": [{"sku_id": "a", "quantity": 3}], "coupon_ids": [coupon]});
     let answer = send(&server, &admin, "POST", "/v1/quotes", Some(someone_elses)).await;
     answer.assert_problem(422, "coupon_not_applicable", "another buyer's coupon");
+    // An expired coupon, a coupon in use, a cart of two currencies.
+    let expired = json!({"id": "old", "currency": "USD", "discount": {"type": "percent_off", "percent": 5},
+        "valid_from": PAST, "valid_until": "2021-01-01T00:00:00Z", "total_issue": 1});
+    assert_eq!(send(&server, &admin, "POST", "/v1/coupon-templates", Some(expired)).await.status, 201);
+    send(&server, &admin, "POST", "/v1/coupon-templates/old/issue", Some(issue("b1"))).await.assert_problem(
+        422,
+        "coupon_expired",
+        "issuing from a template past its validity",
+    );
+    let soon = humantime::format_rfc3339_millis(std::time::SystemTime::now() + std::time::Duration::from_millis(800));
+    let brief = json!({"id": "brief", "currency": "USD", "discount": {"type": "percent_off", "percent": 5},
+        "valid_from": PAST, "valid_until": soon.to_string(), "total_issue": 1});
+    assert_eq!(send(&server, &admin, "POST", "/v1/coupon-templates", Some(brief)).await.status, 201);
+    let old = send(&server, &admin, "POST", "/v1/coupon-templates/brief/issue", Some(issue("b1"))).await;
+    let old_id = old.body["id"].as_str().unwrap().to_owned();
+    tokio::time::sleep(std::time::Duration::from_millis(900)).await;
+    let with_old = json!({"buyer_id": "b1", "lines": [{"sku_id": "a", "quantity": 3}], "coupon_ids": [old_id]});
+    send(&server, &admin, "POST", "/v1/quotes", Some(with_old)).await.assert_problem(
+        422,
+        "coupon_expired",
+        "old coupon",
+    );
+    let locked = server
+        .engine
+        .pricing(Command::LockCoupon {
+            txn: 77,
+            coupon_id: Id::parse(&coupon).unwrap(),
+            buyer_id: Id::parse("b1").unwrap(),
+            deadline_ms: peakstack_server::idempotency::now_ms() + 60_000,
+        })
+        .await;
+    assert!(locked.is_ok(), "{locked:?}");
+    let with_locked = json!({"buyer_id": "b1", "lines": [{"sku_id": "a", "quantity": 3}], "coupon_ids": [coupon]});
+    send(&server, &admin, "POST", "/v1/quotes", Some(with_locked)).await.assert_problem(
+        422,
+        "coupon_already_used",
+        "a coupon another checkout holds",
+    );
+    let mut eur = sku("e", "m2", 500);
+    eur["currency"] = json!("EUR");
+    assert_eq!(send(&server, &admin, "POST", "/v1/skus", Some(eur)).await.status, 201);
+    let mixed = json!({"buyer_id": "b1", "lines": [{"sku_id": "a", "quantity": 1}, {"sku_id": "e", "quantity": 1}]});
+    send(&server, &admin, "POST", "/v1/quotes", Some(mixed)).await.assert_problem(
+        422,
+        "currency_mismatch",
+        "USD and EUR",
+    );
     let empty = json!({"buyer_id": "b1", "lines": []});
     send(&server, &admin, "POST", "/v1/quotes", Some(empty)).await.assert_problem(400, "invalid_request", "no lines");
     server.stop().await;
