@@ -166,7 +166,8 @@ pub fn reservation_shard(layout: &Layout, id: &Id) -> Option<u32> {
 /// `Err` is the answer, given without the executor.
 pub fn prepare(command: &mut PartCommand, layout: &Layout, gates: &SaleGates, now_ms: u64) -> Result<(), ErrorCode> {
     match command {
-        PartCommand::Inventory(inventory::Command::Reserve { shard, sku_id, .. }) => {
+        PartCommand::Inventory(inventory::Command::Reserve { shard, sku_id, .. })
+        | PartCommand::Inventory(inventory::Command::TryReserve { shard, sku_id, .. }) => {
             *shard = sku_id.shard(layout.shards());
             Ok(())
         }
@@ -281,7 +282,7 @@ impl Parts {
 
     /// The commands for the deadlines that passed by `now_ms`.
     pub fn due(&self, now_ms: u64) -> Vec<PartCommand> {
-        let mut due: Vec<PartCommand> = self.inventory.due(now_ms).map(PartCommand::Inventory).into_iter().collect();
+        let mut due: Vec<PartCommand> = self.inventory.due(now_ms).into_iter().map(PartCommand::Inventory).collect();
         due.extend(self.pricing.due(now_ms).into_iter().map(PartCommand::Pricing));
         due
     }

@@ -4,6 +4,7 @@
 use peakstack_domain::wire::{CodecError, Reader, Writer};
 use peakstack_domain::{Amount, Currency, Id};
 
+use crate::branches::{BranchFence, BranchState};
 use crate::model::{FlashSaleView, NewFlashSale, NewSku, Reservation, ReservationState, SkuView};
 use crate::state::{Command, Holder, Inventory};
 
@@ -118,6 +119,33 @@ pub fn encode_command(command: &Command, w: &mut Writer) {
             put_ids(w, reservations);
             put_ids(w, sales);
         }
+        Command::TryReserve { txn, shard, sku_id, buyer_id, quantity, deadline_ms } => {
+            w.u8(8);
+            w.u64(*txn);
+            w.varint(u64::from(*shard));
+            w.str(sku_id.as_str());
+            w.str(buyer_id.as_str());
+            w.varint(u64::from(*quantity));
+            w.varint(*deadline_ms);
+        }
+        Command::ConfirmBranch { txn, sku_id } => {
+            w.u8(9);
+            w.u64(*txn);
+            w.str(sku_id.as_str());
+        }
+        Command::CancelBranch { txn, sku_id } => {
+            w.u8(10);
+            w.u64(*txn);
+            w.str(sku_id.as_str());
+        }
+        Command::ForgetFences { fences } => {
+            w.u8(11);
+            w.varint(fences.len() as u64);
+            for (txn, sku_id) in fences {
+                w.u64(*txn);
+                w.str(sku_id.as_str());
+            }
+        }
     }
 }
 
@@ -154,6 +182,21 @@ pub fn decode_command(r: &mut Reader<'_>) -> Result<Command> {
         }),
         6 => Command::Attempt { shard: u32_varint(r)?, sale_id: id(r)?, buyer_id: id(r)?, quantity: u32_varint(r)? },
         7 => Command::Expire { reservations: ids(r)?, sales: ids(r)? },
+        8 => Command::TryReserve {
+            txn: r.u64()?,
+            shard: u32_varint(r)?,
+            sku_id: id(r)?,
+            buyer_id: id(r)?,
+            quantity: u32_varint(r)?,
+            deadline_ms: r.varint()?,
+        },
+        9 => Command::ConfirmBranch { txn: r.u64()?, sku_id: id(r)? },
+        10 => Command::CancelBranch { txn: r.u64()?, sku_id: id(r)? },
+        11 => {
+            let n = r.len()?;
+            let fences = (0..n).map(|_| Ok((r.u64()?, id(r)?))).collect::<Result<Vec<_>>>()?;
+            Command::ForgetFences { fences }
+        }
         _ => return Err(CodecError("unknown inventory command")),
     })
 }
@@ -240,6 +283,19 @@ impl Inventory {
             w.str(holder.as_str());
             w.str(buyer.as_str());
             w.varint(u64::from(*count));
+        }
+        w.varint(self.fences.len() as u64);
+        for ((txn, sku_id), fence) in &self.fences {
+            w.u64(*txn);
+            w.str(sku_id.as_str());
+            w.u8(match fence.state {
+                BranchState::Tried => 0,
+                BranchState::Confirmed => 1,
+                BranchState::Cancelled => 2,
+                BranchState::Suspended => 3,
+            });
+            put_option_id(w, fence.reservation.as_ref());
+            w.varint(fence.forget_at_ms);
         }
     }
 
@@ -332,6 +388,22 @@ impl Inventory {
                 return Err(CodecError("a buyer's count of zero is not kept"));
             }
             inventory.buyer_units.insert((holder, buyer), count);
+        }
+        for _ in 0..r.len()? {
+            let (txn, sku_id) = (r.u64()?, id(r)?);
+            let state = match r.u8()? {
+                0 => BranchState::Tried,
+                1 => BranchState::Confirmed,
+                2 => BranchState::Cancelled,
+                3 => BranchState::Suspended,
+                _ => return Err(CodecError("invalid branch state")),
+            };
+            let fence = BranchFence { state, reservation: option_id(r)?, forget_at_ms: r.varint()? };
+            if fence.reservation.is_none() != (state == BranchState::Suspended) {
+                return Err(CodecError("a branch's reservation does not match its state"));
+            }
+            inventory.fence_forgets.insert((fence.forget_at_ms, txn, sku_id.clone()));
+            inventory.fences.insert((txn, sku_id), fence);
         }
         Ok(inventory)
     }

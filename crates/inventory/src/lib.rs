@@ -15,11 +15,13 @@
 //! ([`peakstack_domain::AssignedKind`]); the command that makes one says
 //! which shard it runs on, so a replay assigns the same ids.
 
+mod branches;
 mod codec;
 mod gates;
 mod model;
 mod state;
 
+pub use branches::{BranchFence, BranchState, FENCE_RETENTION_MS};
 pub use codec::{decode_command, encode_command, CHECKPOINT_FORMAT};
 pub use gates::{SaleGate, SaleGates};
 pub use model::{

@@ -61,6 +61,28 @@ pub enum Command {
         reservations: Vec<Id>,
         sales: Vec<Id>,
     },
+    /// The try of a global transaction's branch on a SKU (see `branches.rs`):
+    /// reserve, held until `deadline_ms` at the latest.
+    TryReserve {
+        txn: u64,
+        shard: u32,
+        sku_id: Id,
+        buyer_id: Id,
+        quantity: u32,
+        deadline_ms: u64,
+    },
+    ConfirmBranch {
+        txn: u64,
+        sku_id: Id,
+    },
+    CancelBranch {
+        txn: u64,
+        sku_id: Id,
+    },
+    /// Branch fences past their retention (found by [`Inventory::due`]).
+    ForgetFences {
+        fences: Vec<(u64, Id)>,
+    },
 }
 
 impl Command {
@@ -70,10 +92,14 @@ impl Command {
     pub fn routing_id(&self) -> Option<&Id> {
         match self {
             Command::CreateSku(new) => Some(&new.id),
-            Command::Restock { sku_id, .. } | Command::Reserve { sku_id, .. } => Some(sku_id),
+            Command::Restock { sku_id, .. }
+            | Command::Reserve { sku_id, .. }
+            | Command::TryReserve { sku_id, .. }
+            | Command::ConfirmBranch { sku_id, .. }
+            | Command::CancelBranch { sku_id, .. } => Some(sku_id),
             Command::CreateFlashSale(new) => Some(&new.sku_id),
             Command::Confirm { reservation_id } | Command::Cancel { reservation_id } => Some(reservation_id),
-            Command::Attempt { .. } | Command::Expire { .. } => None,
+            Command::Attempt { .. } | Command::Expire { .. } | Command::ForgetFences { .. } => None,
         }
     }
 }
@@ -133,6 +159,10 @@ pub struct Inventory {
     pub(crate) finished: BTreeSet<(u64, Id)>,
     /// The next reservation's sequence (its id is `rsv_<shard>_<sequence>`).
     pub(crate) next_sequence: u64,
+    /// Fences of transactions' branches, by (transaction, SKU).
+    pub(crate) fences: HashMap<(u64, Id), crate::branches::BranchFence>,
+    /// The fences by when they are forgotten.
+    pub(crate) fence_forgets: BTreeSet<(u64, u64, Id)>,
     /// Sales whose counters changed since [`Inventory::take_sale_updates`].
     sale_updates: Vec<Id>,
 }
@@ -152,6 +182,8 @@ impl Inventory {
             && self.sale_ends == other.sale_ends
             && self.finished == other.finished
             && self.next_sequence == other.next_sequence
+            && self.fences == other.fences
+            && self.fence_forgets == other.fence_forgets
     }
 
     pub fn sku(&self, id: &Id) -> Option<&SkuView> {
@@ -196,9 +228,18 @@ impl Inventory {
         updates
     }
 
-    /// The deadlines that passed by `now_ms`, as the command that handles
-    /// them, or `None` when nothing is due.
-    pub fn due(&self, now_ms: u64) -> Option<Command> {
+    /// The deadlines that passed by `now_ms`, as the commands that handle
+    /// them (none when nothing is due).
+    pub fn due(&self, now_ms: u64) -> Vec<Command> {
+        let mut due: Vec<Command> = self.due_deadlines(now_ms).into_iter().collect();
+        let fences = self.due_fences(now_ms);
+        if !fences.is_empty() {
+            due.push(Command::ForgetFences { fences });
+        }
+        due
+    }
+
+    fn due_deadlines(&self, now_ms: u64) -> Option<Command> {
         let reservations: Vec<Id> = self
             .deadlines
             .iter()
@@ -260,6 +301,15 @@ impl Inventory {
                 self.forget_finished(now_ms);
                 (true, Ok(Answer::Done))
             }
+            Command::TryReserve { txn, shard, sku_id, buyer_id, quantity, deadline_ms } => {
+                self.try_branch(*txn, *shard, sku_id, buyer_id, *quantity, *deadline_ms, now_ms)
+            }
+            Command::ConfirmBranch { txn, sku_id } => self.confirm_branch(*txn, sku_id, now_ms),
+            Command::CancelBranch { txn, sku_id } => self.cancel_branch(*txn, sku_id, now_ms),
+            Command::ForgetFences { fences } => {
+                self.forget_fences(fences, now_ms);
+                (true, Ok(Answer::Done))
+            }
         }
     }
 
@@ -304,7 +354,7 @@ impl Inventory {
         (true, Ok(Answer::Sku { sku: sku.clone(), created: false }))
     }
 
-    fn reserve(
+    pub(crate) fn reserve(
         &mut self,
         shard: u32,
         sku_id: &Id,
@@ -369,7 +419,7 @@ impl Inventory {
         reservation
     }
 
-    fn confirm(&mut self, id: &Id, now_ms: u64) -> (bool, Reply) {
+    pub(crate) fn confirm(&mut self, id: &Id, now_ms: u64) -> (bool, Reply) {
         let Some(reservation) = self.reservations.get(id) else {
             return (false, Err(ErrorCode::ReservationNotFound));
         };
@@ -400,7 +450,7 @@ impl Inventory {
         (true, Ok(Answer::Reservation(reservation)))
     }
 
-    fn cancel(&mut self, id: &Id, now_ms: u64) -> (bool, Reply) {
+    pub(crate) fn cancel(&mut self, id: &Id, now_ms: u64) -> (bool, Reply) {
         let Some(reservation) = self.reservations.get(id) else {
             return (false, Err(ErrorCode::ReservationNotFound));
         };

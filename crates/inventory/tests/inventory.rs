@@ -52,9 +52,20 @@ fn check(inventory: &mut Inventory, command: Command, now_ms: u64, expected: Opt
     let (changed, reply) = inventory.apply(&command, now_ms);
     assert_eq!(reply.as_ref().err().copied(), expected, "{command:?}");
     if expected.is_some() {
-        assert!(!changed || matches!(command, Command::Confirm { .. }), "a refusal changed state: {command:?}");
+        let may_change = matches!(command, Command::Confirm { .. } | Command::ConfirmBranch { .. });
+        assert!(!changed || may_change, "a refusal changed state: {command:?}");
     }
     reply.ok()
+}
+
+/// Applies what is due at `now_ms`; whether anything was.
+fn run_due(inventory: &mut Inventory, now_ms: u64) -> bool {
+    let due = inventory.due(now_ms);
+    for command in &due {
+        let (changed, reply) = inventory.apply(command, now_ms);
+        assert!(changed && reply.is_ok(), "{command:?}: {reply:?}");
+    }
+    !due.is_empty()
 }
 
 fn reservation_of(answer: Option<Answer>) -> peakstack_domain::Id {
@@ -100,9 +111,8 @@ fn a_reservation_past_its_deadline_expires_and_gives_its_units_back() {
     let mut inv = Inventory::new();
     check(&mut inv, sku("s1", 1, None), 0, None);
     let r = reservation_of(check(&mut inv, reserve("s1", "b1", 1), 0, None));
-    assert_eq!(inv.due(999), None);
-    let due = inv.due(1_000).expect("the deadline passed");
-    check(&mut inv, due, 1_000, None);
+    assert_eq!(inv.due(999), Vec::new());
+    assert!(run_due(&mut inv, 1_000), "the deadline passed");
     assert!(matches!(inv.reservation(&r).unwrap().state, ReservationState::Expired { at_ms: 1_000 }));
     check(&mut inv, Command::Confirm { reservation_id: r.clone() }, 1_001, Some(ErrorCode::ReservationExpired));
     assert_eq!(inv.sku(&id("s1")).unwrap().available(), 1);
@@ -112,8 +122,7 @@ fn a_reservation_past_its_deadline_expires_and_gives_its_units_back() {
     assert_eq!(inv.sku(&id("s1")).unwrap().available(), 1);
     // Finished reservations are forgotten a day after they finished.
     let day = peakstack_inventory::RESERVATION_RETENTION_MS;
-    let due = inv.due(3_000 + day).expect("retention passed");
-    check(&mut inv, due, 3_000 + day, None);
+    assert!(run_due(&mut inv, 3_000 + day), "retention passed");
     assert!(inv.reservation(&r).is_none() && inv.reservation(&late).is_none());
 }
 
@@ -147,8 +156,7 @@ fn unpaid_units_go_back_on_sale_and_leftovers_back_to_the_sku_when_it_ends() {
     let unpaid = reservation_of(check(&mut inv, attempt("f1", "b2", 1), 0, None));
     check(&mut inv, attempt("f1", "b3", 1), 0, Some(ErrorCode::SoldOut));
     check(&mut inv, Command::Confirm { reservation_id: paid }, 500, None);
-    let due = inv.due(1_000).unwrap();
-    check(&mut inv, due, 1_000, None);
+    assert!(run_due(&mut inv, 1_000));
     assert!(matches!(inv.reservation(&unpaid).unwrap().state, ReservationState::Expired { .. }));
     // b2's unit is back on sale; b2 may try again (nothing of it counts now).
     assert_eq!(inv.sale(&id("f1")).unwrap().remaining(), 1);
@@ -156,8 +164,7 @@ fn unpaid_units_go_back_on_sale_and_leftovers_back_to_the_sku_when_it_ends() {
     let f1 = inv.sale(&id("f1")).unwrap();
     assert_eq!((f1.sold, f1.reserved, f1.remaining()), (1, 1, 0));
     // The sale ends with b3's unit reserved: when it expires it goes back to the SKU.
-    let due = inv.due(10_000).unwrap();
-    check(&mut inv, due, 10_000, None);
+    assert!(run_due(&mut inv, 10_000));
     assert_eq!(inv.sale(&id("f1")).unwrap().state(10_000), SaleState::Ended);
     assert!(inv.reservation(&resold).unwrap().state == ReservationState::Expired { at_ms: 10_000 });
     let s1 = inv.sku(&id("s1")).unwrap();
@@ -178,10 +185,7 @@ fn racing_buyers_for_k_units_buy_exactly_k_and_never_more_than_the_limit() {
             }
         }
         // Nobody pays in the first two rounds: every unit comes back.
-        if let Some(due) = inv.due(round * 2_000 + 1_000) {
-            let (_, done) = inv.apply(&due, round * 2_000 + 1_000);
-            assert!(done.is_ok());
-        }
+        run_due(&mut inv, round * 2_000 + 1_000);
     }
     // 60 buyers, limit 2: at most 120 units a round, and 100 on sale.
     assert_eq!(won, 300, "each round sells exactly the 100 units");
@@ -202,6 +206,10 @@ fn commands_round_trip_and_garbage_does_not_decode() {
         sale("f1", "s1", 3, 100, 200, 2),
         attempt("f1", "b1", 1),
         Command::Expire { reservations: vec![id("rsv_3_2")], sales: vec![id("f1")] },
+        try_reserve(7, "s1", 2, 99),
+        confirm_branch(7, "s1"),
+        cancel_branch(1 << 50, "s2"),
+        Command::ForgetFences { fences: vec![(7, id("s1")), (8, id("s2"))] },
     ];
     for command in commands {
         let mut w = Writer::default();
@@ -233,13 +241,33 @@ fn reloaded(inv: &Inventory) -> Inventory {
 
 #[derive(Clone, Debug)]
 enum Step {
-    Reserve { buyer: u8, quantity: u32 },
-    Attempt { buyer: u8, quantity: u32 },
-    Confirm { pick: usize },
-    Cancel { pick: usize },
-    Restock { quantity: u64 },
-    Advance { ms: u64 },
+    Reserve {
+        buyer: u8,
+        quantity: u32,
+    },
+    Attempt {
+        buyer: u8,
+        quantity: u32,
+    },
+    Confirm {
+        pick: usize,
+    },
+    Cancel {
+        pick: usize,
+    },
+    Restock {
+        quantity: u64,
+    },
+    Advance {
+        ms: u64,
+    },
     Checkpoint,
+    /// Branch messages of a few transactions, in any order and repeated.
+    Branch {
+        txn: u64,
+        what: u8,
+        quantity: u32,
+    },
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -251,6 +279,7 @@ fn step() -> impl Strategy<Value = Step> {
         (1u64..4).prop_map(|quantity| Step::Restock { quantity }),
         (1u64..1_500).prop_map(|ms| Step::Advance { ms }),
         Just(Step::Checkpoint),
+        (0u64..6, 0u8..3, 1u32..3).prop_map(|(txn, what, quantity)| Step::Branch { txn, what, quantity }),
     ]
 }
 
@@ -266,9 +295,7 @@ proptest! {
         let mut now = 0u64;
         let mut made: Vec<Id> = Vec::new();
         for step in steps {
-            if let Some(due) = inv.due(now) {
-                prop_assert!(inv.apply(&due, now).1.is_ok());
-            }
+            run_due(&mut inv, now);
             let command = match step {
                 Step::Reserve { buyer, quantity } => reserve("s1", &format!("b{buyer}"), quantity),
                 Step::Attempt { buyer, quantity } => attempt("f1", &format!("b{buyer}"), quantity),
@@ -277,10 +304,13 @@ proptest! {
                 Step::Restock { quantity } => Command::Restock { sku_id: id("s1"), quantity },
                 Step::Advance { ms } => { now += ms; continue }
                 Step::Checkpoint => { inv = reloaded(&inv); continue }
+                Step::Branch { txn, what: 0, quantity } => try_reserve(txn, "s1", quantity, txn * 3_000 + 2_000),
+                Step::Branch { txn, what: 1, .. } => confirm_branch(txn, "s1"),
+                Step::Branch { txn, .. } => cancel_branch(txn, "s1"),
                 _ => continue,
             };
             if let (_, Ok(Answer::Reservation(r))) = inv.apply(&command, now) {
-                if r.state == ReservationState::Reserved { made.push(r.id) }
+                if r.state == ReservationState::Reserved && !made.contains(&r.id) { made.push(r.id) }
             }
             let s1 = inv.sku(&id("s1")).unwrap().clone();
             let f1 = inv.sale(&id("f1")).unwrap().clone();
@@ -307,4 +337,64 @@ proptest! {
             }
         }
     }
+}
+
+fn try_reserve(txn: u64, sku_id: &str, quantity: u32, deadline_ms: u64) -> Command {
+    Command::TryReserve { txn, shard: 3, sku_id: id(sku_id), buyer_id: id("b1"), quantity, deadline_ms }
+}
+
+fn confirm_branch(txn: u64, sku_id: &str) -> Command {
+    Command::ConfirmBranch { txn, sku_id: id(sku_id) }
+}
+
+fn cancel_branch(txn: u64, sku_id: &str) -> Command {
+    Command::CancelBranch { txn, sku_id: id(sku_id) }
+}
+
+#[test]
+fn branches_answer_repeats_from_their_fences_and_a_cancel_first_suspends() {
+    let mut inv = Inventory::new();
+    check(&mut inv, sku("s1", 5, None), 0, None);
+    // Try, repeated: one reservation, the same answer.
+    let first = reservation_of(check(&mut inv, try_reserve(1, "s1", 2, 1_000), 0, None));
+    let again = reservation_of(check(&mut inv, try_reserve(1, "s1", 2, 1_000), 10, None));
+    assert_eq!(first, again);
+    assert_eq!(inv.sku(&id("s1")).unwrap().reserved, 2);
+    // Confirm, repeated; a cancel after it is refused.
+    check(&mut inv, confirm_branch(1, "s1"), 20, None);
+    check(&mut inv, confirm_branch(1, "s1"), 30, None);
+    check(&mut inv, cancel_branch(1, "s1"), 30, Some(ErrorCode::ReservationConfirmed));
+    assert_eq!(inv.sku(&id("s1")).unwrap().sold, 2);
+    // A cancel before its try: suspended, done; the try that comes later is
+    // refused and holds nothing (no hanging reservation).
+    check(&mut inv, cancel_branch(2, "s1"), 40, None);
+    check(&mut inv, cancel_branch(2, "s1"), 41, None);
+    check(&mut inv, try_reserve(2, "s1", 1, 1_000), 50, Some(ErrorCode::BranchCancelled));
+    assert_eq!(inv.branch(2, &id("s1")).unwrap().state, peakstack_inventory::BranchState::Suspended);
+    assert_eq!(inv.sku(&id("s1")).unwrap().reserved, 0);
+    // Tried then cancelled: the units go back; a late repeat of the try is refused.
+    check(&mut inv, try_reserve(3, "s1", 3, 1_000), 60, None);
+    check(&mut inv, cancel_branch(3, "s1"), 70, None);
+    check(&mut inv, try_reserve(3, "s1", 3, 1_000), 80, Some(ErrorCode::BranchCancelled));
+    check(&mut inv, confirm_branch(3, "s1"), 80, Some(ErrorCode::BranchCancelled));
+    assert_eq!(inv.sku(&id("s1")).unwrap().available(), 3);
+    // A try at or past its transaction's deadline leaves nothing behind.
+    check(&mut inv, try_reserve(4, "s1", 1, 100), 100, Some(ErrorCode::BranchCancelled));
+    assert!(inv.branch(4, &id("s1")).is_none());
+    // A try nobody confirms expires at the transaction's deadline; the
+    // confirm that comes later is refused and the branch ends cancelled.
+    check(&mut inv, try_reserve(5, "s1", 1, 2_000), 1_000, None);
+    assert!(run_due(&mut inv, 2_000));
+    assert_eq!(inv.sku(&id("s1")).unwrap().reserved, 0);
+    check(&mut inv, confirm_branch(5, "s1"), 2_001, Some(ErrorCode::ReservationExpired));
+    assert_eq!(inv.branch(5, &id("s1")).unwrap().state, peakstack_inventory::BranchState::Cancelled);
+    // Fences are kept until a day past their deadline, then forgotten.
+    let retention = peakstack_inventory::FENCE_RETENTION_MS;
+    run_due(&mut inv, 2_000 + retention - 1);
+    assert!(inv.branch(5, &id("s1")).is_some());
+    assert!(run_due(&mut inv, 2_000 + retention));
+    assert!(inv.branch(5, &id("s1")).is_none());
+    assert!(inv.branch(1, &id("s1")).is_none(), "forgotten a day after its deadline");
+    let back = reloaded(&inv);
+    assert!(back.same_state(&inv));
 }
