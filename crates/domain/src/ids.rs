@@ -110,10 +110,18 @@ impl AssignedKind {
     /// The shard an id of this kind names, or `None` when it is not one
     /// (then it names nothing the system assigned: a lookup answers not found).
     pub fn shard_of(self, id: &str) -> Option<u32> {
+        self.parse(id).map(|(shard, _)| shard)
+    }
+
+    /// The shard and sequence an id of this kind names.
+    pub fn parse(self, id: &str) -> Option<(u32, u64)> {
         let rest = id.strip_prefix(self.prefix())?.strip_prefix('_')?;
         let (shard, sequence) = rest.split_once('_')?;
         let digits = |s: &str| !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit());
-        (digits(shard) && digits(sequence)).then(|| shard.parse().ok()).flatten()
+        if !digits(shard) || !digits(sequence) {
+            return None;
+        }
+        Some((shard.parse().ok()?, sequence.parse().ok()?))
     }
 }
 

@@ -2,7 +2,7 @@
 //! checkpoint section. Decoding never trusts the bytes.
 
 use peakstack_domain::wire::{CodecError, Reader, Writer};
-use peakstack_domain::{Amount, Currency, Id};
+use peakstack_domain::{Amount, AssignedKind, Currency, Id};
 
 use crate::branches::{BranchFence, BranchState};
 use crate::model::{FlashSaleView, NewFlashSale, NewSku, Reservation, ReservationState, SkuView};
@@ -225,10 +225,10 @@ fn state(r: &mut Reader<'_>) -> Result<ReservationState> {
 }
 
 impl Inventory {
-    /// The checkpoint section: a format byte, then SKUs, sales,
-    /// reservations and buyers' counts, in map order (sorting a million
-    /// reservations on the apply thread cost more than writing them); the
-    /// deadline indexes are rebuilt from them.
+    /// The checkpoint section: a format byte, then SKUs, sales (in map
+    /// order: sorting on the apply thread cost more than writing),
+    /// reservations (in sequence order), buyers' counts and branch fences;
+    /// the deadline indexes are rebuilt from them.
     pub fn encode_checkpoint(&self, w: &mut Writer) {
         w.u8(CHECKPOINT_FORMAT);
         w.varint(self.next_sequence);
@@ -373,8 +373,13 @@ impl Inventory {
             {
                 return Err(CodecError("reservation without its SKU or sale"));
             }
+            if AssignedKind::Reservation.parse(reservation.id.as_str()).is_none() {
+                return Err(CodecError("a reservation id that is not one"));
+            }
             inventory.index_reservation(&reservation);
-            inventory.reservations.insert(reservation.id.clone(), reservation);
+            if !inventory.reservations.insert(reservation) {
+                return Err(CodecError("a reservation appears twice"));
+            }
         }
         for _ in 0..r.len()? {
             let holder = match r.u8()? {

@@ -20,6 +20,7 @@ mod codec;
 mod gates;
 mod model;
 mod state;
+mod table;
 
 pub use branches::{BranchFence, BranchState, FENCE_RETENTION_MS};
 pub use codec::{decode_command, encode_command, CHECKPOINT_FORMAT};

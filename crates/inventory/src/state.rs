@@ -147,7 +147,7 @@ pub(crate) enum Holder {
 pub struct Inventory {
     pub(crate) skus: HashMap<Id, SkuView>,
     pub(crate) sales: HashMap<Id, FlashSaleView>,
-    pub(crate) reservations: HashMap<Id, Reservation>,
+    pub(crate) reservations: crate::table::ReservationTable,
     /// Units sold and reserved per (SKU or sale, buyer), for the limits;
     /// only entries above zero are kept.
     pub(crate) buyer_units: HashMap<(Holder, Id), u32>,
@@ -413,9 +413,9 @@ impl Inventory {
             deadline_ms,
             state: ReservationState::Reserved,
         };
-        self.deadlines.insert((deadline_ms, id.clone()));
-        let previous = self.reservations.insert(id, reservation.clone());
-        assert!(previous.is_none(), "reservation id {} assigned twice", reservation.id);
+        self.deadlines.insert((deadline_ms, id));
+        let new = self.reservations.insert(reservation.clone());
+        assert!(new, "reservation id {} assigned twice", reservation.id);
         reservation
     }
 
