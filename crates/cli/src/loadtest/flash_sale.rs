@@ -255,6 +255,7 @@ pub async fn run_flash_sale(config: FlashSaleLoadConfig) -> anyhow::Result<Flash
     let ids = SaleIds::of(&run_id);
     create_sale(&mut probe, &ids, &config, duration).await?;
 
+    let conns = connect_workers(&endpoint, config.concurrency).await?;
     let context = Arc::new(SaleRun {
         attempts_uri: Uri::try_from(format!("{}/v1/flash-sales/{}/attempts", endpoint.base_path, ids.sale))?,
         run_id: run_id.clone(),
@@ -264,7 +265,6 @@ pub async fn run_flash_sale(config: FlashSaleLoadConfig) -> anyhow::Result<Flash
         sold_out_at_us: AtomicU64::new(NOT_SOLD_OUT),
         requests_done: Arc::default(),
     });
-    let conns = connect_workers(&endpoint, config.concurrency).await?;
     let worker_context = context.clone();
     let (per_worker, elapsed) =
         run_timed(conns, duration, progress, context.requests_done.clone(), move |worker, conn, deadline| {
@@ -433,7 +433,8 @@ struct SaleRun {
     run_id: String,
     buyers: u32,
     idempotency_keys: bool,
-    /// Answers are timed from here (just before the workers start).
+    /// Answers are timed from here (once the workers are connected, just
+    /// before they start).
     base: Instant,
     /// Microseconds from `base` to the earliest `sold_out` answer, or
     /// [`NOT_SOLD_OUT`].
