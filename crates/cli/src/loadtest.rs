@@ -43,6 +43,9 @@ use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+mod flash_sale;
+pub use flash_sale::{run_flash_sale, FlashSaleLoadConfig};
+
 static IDEMPOTENCY_KEY: hyper::header::HeaderName = hyper::header::HeaderName::from_static("idempotency-key");
 
 // Upper bounds on the knobs, so a typo cannot exhaust file descriptors or
@@ -220,14 +223,7 @@ pub async fn run(config: LoadtestConfig) -> anyhow::Result<LoadtestSummary> {
     let duration = validate(&config)?;
     // Bars would only garble a terminal that also shows the JSON.
     let progress = config.progress && !config.json;
-    let target = parse_target(&config.target)?;
-    let mut endpoint = Endpoint::resolve(&config.target, &target).await?;
-    if let Some(key) = &config.api_key {
-        let value = HeaderValue::from_str(&format!("Bearer {key}")).context("--api-key: not a valid header value")?;
-        endpoint.authorization = Some(value);
-    }
-    let endpoint = Arc::new(endpoint);
-
+    let endpoint = open_endpoint(&config.target, config.api_key.as_deref()).await?;
     let mut probe = HttpConn::new(endpoint.clone());
     check_health(&mut probe).await?;
 
@@ -236,49 +232,16 @@ pub async fn run(config: LoadtestConfig) -> anyhow::Result<LoadtestSummary> {
         create_accounts(&endpoint, &run_id, config.accounts, progress).await?;
     }
 
-    // Connect every worker before starting the clock so connection setup is
-    // not billed to the run.
-    let mut conns = Vec::with_capacity(config.concurrency);
-    for _ in 0..config.concurrency {
-        let mut conn = HttpConn::new(endpoint.clone());
-        conn.ensure_connected().await?;
-        conns.push(conn);
-    }
-
     let context = Arc::new(RunContext {
         scenario: config.scenario,
         run_id,
         accounts: config.accounts,
         batch: config.batch,
         endpoint: endpoint.clone(),
-        requests_done: AtomicU64::new(0),
+        requests_done: Arc::default(),
         idempotency_keys: config.idempotency_keys,
     });
-    let start = Instant::now();
-    let deadline = start + duration;
-    let mut workers = JoinSet::new();
-    for (worker, conn) in conns.into_iter().enumerate() {
-        workers.spawn(run_worker(context.clone(), worker, conn, deadline));
-    }
-    let bar = run_bar(progress, duration);
-    let ticker = progress.then(|| tokio::spawn(tick_progress(bar.clone(), context.clone(), start, deadline)));
-
-    let mut per_worker = Vec::with_capacity(config.concurrency);
-    while let Some(joined) = workers.join_next().await {
-        per_worker.push(joined.context("load worker panicked")?);
-    }
-    // Stop the clock before merging: adding up 64 histograms takes
-    // milliseconds that are not part of the load.
-    let elapsed = start.elapsed();
-    if let Some(ticker) = ticker {
-        ticker.abort();
-    }
-    let mut totals = WorkerTotals::new();
-    for worker_totals in per_worker {
-        totals.merge(worker_totals)?;
-    }
-    bar.finish_and_clear();
-
+    let (totals, elapsed) = run_scenario(&context, config.concurrency, duration, progress).await?;
     if let Some(first_error) = &totals.first_error {
         eprintln!("loadtest: {} errors; first: {first_error}", totals.errors);
     }
@@ -299,15 +262,94 @@ pub async fn run(config: LoadtestConfig) -> anyhow::Result<LoadtestSummary> {
     Ok(summary)
 }
 
+/// The endpoint `target` names, with `Authorization: Bearer <api_key>` on
+/// every request when a key is given.
+async fn open_endpoint(target: &str, api_key: Option<&str>) -> anyhow::Result<Arc<Endpoint>> {
+    let parsed = parse_target(target)?;
+    let mut endpoint = Endpoint::resolve(target, &parsed).await?;
+    if let Some(key) = api_key {
+        let value = HeaderValue::from_str(&format!("Bearer {key}")).context("--api-key: not a valid header value")?;
+        endpoint.authorization = Some(value);
+    }
+    Ok(Arc::new(endpoint))
+}
+
+/// The timed phase of the `transfers` and `healthz` scenarios: every
+/// worker's totals merged, and the phase's wall time.
+async fn run_scenario(
+    context: &Arc<RunContext>,
+    concurrency: usize,
+    duration: Duration,
+    progress: bool,
+) -> anyhow::Result<(WorkerTotals, Duration)> {
+    let conns = connect_workers(&context.endpoint, concurrency).await?;
+    let worker_context = context.clone();
+    let (per_worker, elapsed) =
+        run_timed(conns, duration, progress, context.requests_done.clone(), move |worker, conn, deadline| {
+            run_worker(worker_context.clone(), worker, conn, deadline)
+        })
+        .await?;
+    let mut totals = WorkerTotals::new();
+    for worker_totals in per_worker {
+        totals.merge(worker_totals)?;
+    }
+    Ok((totals, elapsed))
+}
+
+/// One connection per worker, connected before the clock starts so that
+/// connection setup is not billed to the run.
+async fn connect_workers(endpoint: &Arc<Endpoint>, concurrency: usize) -> anyhow::Result<Vec<HttpConn>> {
+    let mut conns = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        let mut conn = HttpConn::new(endpoint.clone());
+        conn.ensure_connected().await?;
+        conns.push(conn);
+    }
+    Ok(conns)
+}
+
+/// Runs `worker` on each connection until `duration` has passed (each
+/// worker stops by itself at the deadline it is given), with a progress
+/// bar fed by `requests_done`. Returns what each worker returned and the
+/// wall time, stopped before the caller merges anything.
+async fn run_timed<T, F, Fut>(
+    conns: Vec<HttpConn>,
+    duration: Duration,
+    progress: bool,
+    requests_done: Arc<AtomicU64>,
+    worker: F,
+) -> anyhow::Result<(Vec<T>, Duration)>
+where
+    T: Send + 'static,
+    F: Fn(usize, HttpConn, Instant) -> Fut,
+    Fut: std::future::Future<Output = T> + Send + 'static,
+{
+    let concurrency = conns.len();
+    let start = Instant::now();
+    let deadline = start + duration;
+    let mut workers = JoinSet::new();
+    for (index, conn) in conns.into_iter().enumerate() {
+        workers.spawn(worker(index, conn, deadline));
+    }
+    let bar = run_bar(progress, duration);
+    let ticker = progress.then(|| tokio::spawn(tick_progress(bar.clone(), requests_done, start, deadline)));
+
+    let mut per_worker = Vec::with_capacity(concurrency);
+    while let Some(joined) = workers.join_next().await {
+        per_worker.push(joined.context("load worker panicked")?);
+    }
+    // Stop the clock before merging: adding up 64 histograms takes
+    // milliseconds that are not part of the load.
+    let elapsed = start.elapsed();
+    if let Some(ticker) = ticker {
+        ticker.abort();
+    }
+    bar.finish_and_clear();
+    Ok((per_worker, elapsed))
+}
+
 fn validate(config: &LoadtestConfig) -> anyhow::Result<Duration> {
-    if !(1..=MAX_CONCURRENCY).contains(&config.concurrency) {
-        bail!("--concurrency must be between 1 and {MAX_CONCURRENCY}, got {}", config.concurrency);
-    }
-    if !(config.seconds > 0.0 && config.seconds <= MAX_SECONDS) {
-        bail!("--seconds must be greater than 0 and at most {MAX_SECONDS}, got {}", config.seconds);
-    }
-    let duration =
-        Duration::try_from_secs_f64(config.seconds).with_context(|| format!("invalid --seconds {}", config.seconds))?;
+    let duration = validate_load(config.concurrency, config.seconds)?;
     if !(1..=MAX_BATCH).contains(&config.batch) {
         bail!("--batch must be between 1 and {MAX_BATCH}, got {}", config.batch);
     }
@@ -315,6 +357,17 @@ fn validate(config: &LoadtestConfig) -> anyhow::Result<Duration> {
         bail!("--accounts must be between 2 and {MAX_ACCOUNTS} (a transfer needs two), got {}", config.accounts);
     }
     Ok(duration)
+}
+
+/// Checks the knobs every scenario has; the timed phase's length.
+fn validate_load(concurrency: usize, seconds: f64) -> anyhow::Result<Duration> {
+    if !(1..=MAX_CONCURRENCY).contains(&concurrency) {
+        bail!("--concurrency must be between 1 and {MAX_CONCURRENCY}, got {concurrency}");
+    }
+    if !(seconds > 0.0 && seconds <= MAX_SECONDS) {
+        bail!("--seconds must be greater than 0 and at most {MAX_SECONDS}, got {seconds}");
+    }
+    Duration::try_from_secs_f64(seconds).with_context(|| format!("invalid --seconds {seconds}"))
 }
 
 // ---------------------------------------------------------------------------
@@ -838,7 +891,7 @@ struct RunContext {
     batch: usize,
     endpoint: Arc<Endpoint>,
     /// Read only by the progress bar.
-    requests_done: AtomicU64,
+    requests_done: Arc<AtomicU64>,
     idempotency_keys: bool,
 }
 
@@ -966,14 +1019,14 @@ fn run_bar(progress: bool, duration: Duration) -> ProgressBar {
     bar
 }
 
-async fn tick_progress(bar: ProgressBar, context: Arc<RunContext>, start: Instant, deadline: Instant) {
+async fn tick_progress(bar: ProgressBar, requests_done: Arc<AtomicU64>, start: Instant, deadline: Instant) {
     let mut interval = tokio::time::interval(PROGRESS_TICK);
     // Bounded by the deadline; the caller also aborts this task when the
     // workers are done.
     while Instant::now() < deadline {
         interval.tick().await;
         let elapsed = start.elapsed();
-        let requests = context.requests_done.load(Ordering::Relaxed);
+        let requests = requests_done.load(Ordering::Relaxed);
         let rate_per_s = requests as f64 / elapsed.as_secs_f64().max(1e-3);
         bar.set_position(u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX));
         bar.set_message(format!("{requests} requests, {rate_per_s:.0} req/s"));
@@ -1464,7 +1517,7 @@ mod tests {
             Ok(())
         }
 
-        fn route(&self, method: &str, target: &str, body: &[u8]) -> (u16, String) {
+        fn answer(&self, method: &str, target: &str, body: &[u8]) -> (u16, String) {
             let json = || serde_json::from_slice::<serde_json::Value>(body).unwrap_or_default();
             let (path, query) = target.split_once('?').unwrap_or((target, ""));
             match (method, path) {
@@ -1533,7 +1586,41 @@ mod tests {
         }
     }
 
-    async fn serve_connection(stream: tokio::net::TcpStream, ledger: Arc<MockLedger>) -> std::io::Result<()> {
+    /// A server that speaks just enough HTTP/1.1 for the load generator:
+    /// the mock ledger here, the mock flash sale in `flash_sale`'s tests.
+    pub(super) trait MockRoutes: Send + Sync + 'static {
+        /// The status and body of one request.
+        fn route(&self, method: &str, target: &str, idempotency_key: Option<String>, body: &[u8]) -> (u16, String);
+
+        /// Close each connection after this many requests (0 = never), the
+        /// way servers recycle keep-alive connections.
+        fn close_after(&self) -> usize {
+            0
+        }
+    }
+
+    impl MockRoutes for MockLedger {
+        fn route(&self, method: &str, target: &str, idempotency_key: Option<String>, body: &[u8]) -> (u16, String) {
+            if target.starts_with("/v1/transfers") {
+                self.transfer_posts.fetch_add(1, Ordering::Relaxed);
+                match idempotency_key {
+                    Some(key) => {
+                        self.idempotency_keys.lock().unwrap().insert(key);
+                    }
+                    None => {
+                        self.unkeyed_transfer_posts.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            self.answer(method, target, body)
+        }
+
+        fn close_after(&self) -> usize {
+            self.close_after
+        }
+    }
+
+    async fn serve_connection<R: MockRoutes>(stream: tokio::net::TcpStream, routes: Arc<R>) -> std::io::Result<()> {
         let mut reader = BufReader::new(stream);
         for request in 1..1_000_000 {
             let mut request_line = String::new();
@@ -1563,19 +1650,8 @@ mod tests {
             }
             let mut body = vec![0; content_length];
             reader.read_exact(&mut body).await?;
-            if target.starts_with("/v1/transfers") {
-                ledger.transfer_posts.fetch_add(1, Ordering::Relaxed);
-                match idempotency_key {
-                    Some(key) => {
-                        ledger.idempotency_keys.lock().unwrap().insert(key);
-                    }
-                    None => {
-                        ledger.unkeyed_transfer_posts.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }
-            let (status, response) = ledger.route(&method, &target, &body);
-            let closing = request == ledger.close_after;
+            let (status, response) = routes.route(&method, &target, idempotency_key, &body);
+            let closing = request == routes.close_after();
             let head = format!(
                 "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{}\r\n",
                 response.len(),
@@ -1591,21 +1667,25 @@ mod tests {
         Ok(())
     }
 
-    async fn start_mock(ledger: MockLedger) -> (String, Arc<MockLedger>) {
+    /// Serves `routes` on a loopback port; its URL.
+    pub(super) async fn start_mock_server<R: MockRoutes>(routes: Arc<R>) -> String {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
-        let ledger = Arc::new(ledger);
-        let served = ledger.clone();
         tokio::spawn(async move {
             // The runtime ends with the test; the bound is just a backstop.
             for _connection in 0..10_000 {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
-                tokio::spawn(serve_connection(stream, served.clone()));
+                tokio::spawn(serve_connection(stream, routes.clone()));
             }
         });
-        (url, ledger)
+        url
+    }
+
+    async fn start_mock(ledger: MockLedger) -> (String, Arc<MockLedger>) {
+        let ledger = Arc::new(ledger);
+        (start_mock_server(ledger.clone()).await, ledger)
     }
 
     fn mock_config(scenario: Scenario, target: String, batch: usize) -> LoadtestConfig {

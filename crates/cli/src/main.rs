@@ -140,6 +140,15 @@ enum Command {
         /// Stripe-style client does), to measure what the keys cost.
         #[arg(long)]
         idempotency_keys: bool,
+        /// flash-sale: units of the SKU, all on the sale.
+        #[arg(long, default_value_t = 10_000)]
+        stock: u64,
+        /// flash-sale: units one buyer may win.
+        #[arg(long, default_value_t = 1)]
+        limit: u32,
+        /// flash-sale: buyers, drawn at random for every attempt.
+        #[arg(long, default_value_t = 1_000_000)]
+        buyers: u32,
     },
 }
 
@@ -246,6 +255,8 @@ fn report(summary: &impl serde::Serialize, json: bool, human: impl FnOnce()) -> 
 enum LoadScenario {
     Transfers,
     Healthz,
+    /// Buyers racing for a flash sale's units; checks the books after.
+    FlashSale,
 }
 
 /// One executor per two cores: an executor keeps one core busy applying and
@@ -388,21 +399,45 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             json,
             api_key,
             idempotency_keys,
+            stock,
+            limit,
+            buyers,
         } => {
             init_tracing(true);
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let progress = !json && std::io::stderr().is_terminal();
+            let scenario = match scenario {
+                LoadScenario::Transfers => loadtest::Scenario::Transfers,
+                LoadScenario::Healthz => loadtest::Scenario::Healthz,
+                LoadScenario::FlashSale => {
+                    let summary = runtime.block_on(loadtest::run_flash_sale(loadtest::FlashSaleLoadConfig {
+                        target,
+                        concurrency,
+                        seconds,
+                        stock,
+                        per_buyer_limit: limit,
+                        buyers,
+                        json,
+                        progress,
+                        api_key,
+                        idempotency_keys,
+                    }))?;
+                    report(&summary, json, || summary.print_human())?;
+                    if !summary.invariants_ok {
+                        anyhow::bail!("invariant check failed: {}", summary.failures.join("; "));
+                    }
+                    return Ok(());
+                }
+            };
             let summary = runtime.block_on(loadtest::run(loadtest::LoadtestConfig {
-                scenario: match scenario {
-                    LoadScenario::Transfers => loadtest::Scenario::Transfers,
-                    LoadScenario::Healthz => loadtest::Scenario::Healthz,
-                },
+                scenario,
                 target,
                 concurrency,
                 seconds,
                 batch,
                 accounts,
                 json,
-                progress: !json && std::io::stderr().is_terminal(),
+                progress,
                 api_key,
                 idempotency_keys,
             }))?;
