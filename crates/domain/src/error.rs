@@ -76,10 +76,13 @@ pub enum ErrorCode {
     CouponsExhausted,
     /// No global transaction with this id.
     TransactionNotFound,
+    /// A transaction across executors was not decided by its deadline and
+    /// was cancelled: nothing of it was done (retrying is safe).
+    TransactionTimedOut,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 40] = [
+    pub const ALL: [ErrorCode; 41] = [
         ErrorCode::InvalidRequest,
         ErrorCode::AccountNotFound,
         ErrorCode::TransferNotFound,
@@ -121,6 +124,7 @@ impl ErrorCode {
         ErrorCode::CouponExpired,
         ErrorCode::CouponsExhausted,
         ErrorCode::TransactionNotFound,
+        ErrorCode::TransactionTimedOut,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -165,6 +169,7 @@ impl ErrorCode {
             ErrorCode::CouponExpired => "coupon_expired",
             ErrorCode::CouponsExhausted => "coupons_exhausted",
             ErrorCode::TransactionNotFound => "transaction_not_found",
+            ErrorCode::TransactionTimedOut => "transaction_timed_out",
         }
     }
 
@@ -199,7 +204,7 @@ impl ErrorCode {
             ErrorCode::ExceedsCredits | ErrorCode::ExceedsDebits => 8,
             ErrorCode::Overflow => 9,
             ErrorCode::InFlight => 10,
-            ErrorCode::Unavailable => 10,
+            ErrorCode::Unavailable | ErrorCode::TransactionTimedOut => 10,
             ErrorCode::LinkedEventFailed => 11,
             // The trade parts answer one check at a time.
             ErrorCode::SkuNotFound

@@ -197,7 +197,7 @@ impl ApiError {
 
 /// Ledger codes whose answer may change on a retry.
 pub fn is_transient_code(code: ErrorCode) -> bool {
-    matches!(code, ErrorCode::InFlight | ErrorCode::Unavailable)
+    matches!(code, ErrorCode::InFlight | ErrorCode::Unavailable | ErrorCode::TransactionTimedOut)
 }
 
 /// The HTTP status of each ledger code.
@@ -214,7 +214,7 @@ pub fn ledger_status(code: ErrorCode) -> StatusCode {
         | ErrorCode::CouponNotFound
         | ErrorCode::TransactionNotFound => StatusCode::NOT_FOUND,
         ErrorCode::ExistsWithDifferentFields | ErrorCode::InFlight => StatusCode::CONFLICT,
-        ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::Unavailable | ErrorCode::TransactionTimedOut => StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::CurrencyMismatch
         | ErrorCode::AccountsMustBeDifferent
         | ErrorCode::ExceedsCredits
@@ -296,6 +296,10 @@ pub fn ledger_detail(code: ErrorCode) -> &'static str {
         ErrorCode::CouponExpired => "the coupon is outside its validity window",
         ErrorCode::CouponsExhausted => "the coupon template has issued every coupon it may",
         ErrorCode::TransactionNotFound => "the global transaction does not exist",
+        ErrorCode::TransactionTimedOut => {
+            "the transaction across executors was not decided by its deadline and was cancelled: nothing was done; \
+             retrying is safe"
+        }
     }
 }
 
@@ -351,6 +355,7 @@ fn title(code: &str) -> &'static str {
         "coupon_expired" => "Coupon expired",
         "coupons_exhausted" => "Coupons exhausted",
         "transaction_not_found" => "Transaction not found",
+        "transaction_timed_out" => "Transaction timed out",
         "unsupported_media_type" => "Unsupported media type",
         "request_header_fields_too_large" => "Request header fields too large",
         "uri_too_long" => "URI too long",
