@@ -87,12 +87,17 @@ impl fmt::Display for Id {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AssignedKind {
     Reservation,
+    /// A global transaction across executors: `txn_<executor>_<counter>`,
+    /// its coordinator's executor id in the shard's place (executor `e`
+    /// owns shard `e`, so it routes as any assigned id).
+    Transaction,
 }
 
 impl AssignedKind {
     pub fn prefix(self) -> &'static str {
         match self {
             AssignedKind::Reservation => "rsv",
+            AssignedKind::Transaction => "txn",
         }
     }
 

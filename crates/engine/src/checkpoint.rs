@@ -25,7 +25,10 @@ const MAGIC: &[u8; 4] = b"PSCK";
 /// format 1 refuses a format 2 file instead of misreading a balance past u64.
 /// 3: the parts' sections follow the ledger (see `parts.rs`); formats 1
 /// and 2 read as an executor without parts.
-const FORMAT: u32 = 3;
+/// 4: the protocol's section follows them (the transactions the executor
+/// coordinates and its fences, see `tcc/`); formats 1-3, taken only
+/// between transactions, read with none.
+const FORMAT: u32 = 4;
 /// The oldest format this build reads.
 const OLDEST_FORMAT: u32 = 1;
 
@@ -44,6 +47,9 @@ pub struct Checkpoint<L = LedgerSnapshot> {
     /// The parts' checkpoint sections (see `Parts::encode_checkpoint`);
     /// empty in a checkpoint written before the executor hosted parts.
     pub parts: Vec<u8>,
+    /// The protocol's section (see `ExecutorCore::checkpoint`); empty in a
+    /// checkpoint of format 3 or older.
+    pub tcc: Vec<u8>,
 }
 
 /// The ledger part of a checkpoint, in the one format both forms share.
@@ -79,6 +85,8 @@ impl<L: CheckpointLedger> Checkpoint<L> {
         self.ledger.encode_ledger(&mut w);
         w.varint(self.parts.len() as u64);
         w.buf.extend_from_slice(&self.parts);
+        w.varint(self.tcc.len() as u64);
+        w.buf.extend_from_slice(&self.tcc);
         let mut out = w.buf;
         let payload_len = (out.len() - HEADER_BYTES) as u64;
         let crc = crc32c::crc32c(&out[HEADER_BYTES..]);
@@ -122,11 +130,16 @@ impl Checkpoint {
             archive_runs: u32::try_from(r.varint().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?,
             ledger: LedgerSnapshot::decode(&mut r).map_err(|e| e.to_string())?,
             parts: Vec::new(),
+            tcc: Vec::new(),
         };
         let mut checkpoint = checkpoint;
         if format >= 3 {
             let len = r.len().map_err(|e| e.to_string())?;
             checkpoint.parts = r.bytes(len).map_err(|e| e.to_string())?.to_vec();
+        }
+        if format >= 4 {
+            let len = r.len().map_err(|e| e.to_string())?;
+            checkpoint.tcc = r.bytes(len).map_err(|e| e.to_string())?.to_vec();
         }
         if !r.is_empty() {
             return Err("trailing bytes in checkpoint".into());
@@ -196,8 +209,9 @@ mod tests {
             next_txn: 11,
             history_len: 12,
             archive_runs: 2,
-            // The parts' sections are opaque here (see `parts.rs`).
+            // The parts' and the protocol's sections are opaque here.
             parts: vec![1, 2, 3],
+            tcc: vec![4, 5],
             ledger: LedgerSnapshot {
                 accounts: vec![account],
                 holds: vec![HoldSnapshot {
@@ -235,11 +249,16 @@ mod tests {
 
         // Formats 1 (u64 balances: the same payload bytes below 2^64) and
         // 2 had no parts' sections: their files read as an executor
-        // without parts. A format past this build's is refused.
-        let without_parts = Checkpoint { parts: Vec::new(), ..checkpoint.clone() };
+        // without parts; format 3 had no protocol section. A format past
+        // this build's is refused.
+        let without_parts = Checkpoint { parts: Vec::new(), tcc: Vec::new(), ..checkpoint.clone() };
+        let without_tcc = Checkpoint { tcc: Vec::new(), ..checkpoint.clone() };
         let older = |format: u32| {
-            let mut old = without_parts.encode();
-            old.pop(); // the empty sections' length: formats 1 and 2 end at the ledger
+            let (of, cut) = if format < 3 { (&without_parts, 2) } else { (&without_tcc, 1) };
+            let mut old = of.encode();
+            // The empty sections' lengths: formats 1 and 2 end at the
+            // ledger, format 3 at the parts.
+            old.truncate(old.len() - cut);
             let payload_len = (old.len() - HEADER_BYTES) as u64;
             let crc = crc32c::crc32c(&old[HEADER_BYTES..]);
             old[4..8].copy_from_slice(&format.to_le_bytes());
@@ -249,14 +268,15 @@ mod tests {
         };
         assert_eq!(older(1).unwrap(), without_parts);
         assert_eq!(older(2).unwrap(), without_parts);
+        assert_eq!(older(3).unwrap(), without_tcc);
         let with_format = |format: u32| {
             let mut bytes = bytes.clone();
             bytes[4..8].copy_from_slice(&format.to_le_bytes());
             Checkpoint::decode(&bytes)
         };
-        assert_eq!(u32::from_le_bytes(bytes[4..8].try_into().unwrap()), 3, "written as format 3");
-        let newer = with_format(4).unwrap_err();
-        assert!(newer.contains("format 4 was written by a newer peakstack"), "{newer}");
+        assert_eq!(u32::from_le_bytes(bytes[4..8].try_into().unwrap()), 4, "written as format 4");
+        let newer = with_format(5).unwrap_err();
+        assert!(newer.contains("format 5 was written by a newer peakstack"), "{newer}");
         assert!(with_format(0).is_err());
     }
 
@@ -282,6 +302,7 @@ mod tests {
             archive_runs: 0,
             ledger: LedgerSnapshot { accounts: vec![debtor, creditor], holds: vec![], records: vec![] },
             parts: Vec::new(),
+            tcc: Vec::new(),
         };
         let decoded = Checkpoint::decode(&checkpoint.encode()).unwrap();
         assert_eq!(decoded, checkpoint);
@@ -344,6 +365,7 @@ mod tests {
                 archive_runs: 7,
                 ledger,
                 parts: Vec::new(),
+                tcc: Vec::new(),
             }
         }
         let snapshot = ledger.snapshot().expect("quiet");

@@ -1077,6 +1077,11 @@ impl Applier {
             if !due.is_empty() {
                 self.apply(Input::Expire { pending_ids: due }, now_ms, None, &mut fx, &mut logged);
             }
+            // Deadlines, resends and fence purges of the protocol (its
+            // resent messages leave with this batch, once it is durable).
+            if let Some(deadlines) = self.core.tick(now_ms, &mut fx) {
+                self.apply(deadlines, now_ms, None, &mut fx, &mut logged);
+            }
             for command in self.core.parts().due(now_ms) {
                 self.apply(Input::Part(command), now_ms, None, &mut fx, &mut logged);
             }
@@ -1684,7 +1689,11 @@ fn prefetch(core: &mut ExecutorCore, archive: &Archive, input: &Input) -> std::i
                 }
             }
         }
-        Input::CreateAccount(_) | Input::ChangeAccount { .. } | Input::Expire { .. } | Input::Part(_) => {}
+        Input::CreateAccount(_)
+        | Input::ChangeAccount { .. }
+        | Input::Expire { .. }
+        | Input::Deadlines { .. }
+        | Input::Part(_) => {}
     }
     // A software pipeline: the lines an id's check reads (its index line
     // and the filter's blocks, whose addresses come from hashes alone) are
