@@ -2,12 +2,13 @@
 //! recovery loads it and replays only the log after it, and the log segments
 //! it covers can be deleted.
 //!
-//! A checkpoint is taken only between transactions (no transaction in
-//! flight, no fence kept): then it is the ledger, two counters, and how far
-//! the derived files (history, archive) reached. It is written by the log
-//! thread after the batch it covers is durable and the history and archive
-//! are synced, atomically (temporary file, fsync, rename, fsync of the
-//! directory). File: `[magic "PSCK"][format: u32][crc32c of payload: u32]
+//! A checkpoint may be taken at any batch boundary: it is the ledger (with
+//! what transactions in flight hold, reserve and lock), the parts, the
+//! protocol's transactions and fences, two counters, and how far the
+//! derived files (history, archive) reached. It is written by the
+//! checkpoint thread after the batch it covers is durable and the history
+//! and archive are synced, atomically (temporary file, fsync, rename, fsync
+//! of the directory). File: `[magic "PSCK"][format: u32][crc32c of payload: u32]
 //! [payload length: u64][payload]`.
 
 use std::fs::{self, File};
@@ -128,7 +129,11 @@ impl Checkpoint {
             next_txn: r.u64().map_err(|e| e.to_string())?,
             history_len: r.u64().map_err(|e| e.to_string())?,
             archive_runs: u32::try_from(r.varint().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?,
-            ledger: LedgerSnapshot::decode(&mut r).map_err(|e| e.to_string())?,
+            ledger: match format {
+                4.. => LedgerSnapshot::decode(&mut r),
+                _ => codec::decode_ledger_before_4(&mut r),
+            }
+            .map_err(|e| e.to_string())?,
             parts: Vec::new(),
             tcc: Vec::new(),
         };
@@ -181,7 +186,7 @@ pub fn store(dir: &Path, bytes: &[u8]) -> io::Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use peakstack_domain::ledger::HoldSnapshot;
+    use peakstack_domain::ledger::{HoldSnapshot, OwnedHold};
     use peakstack_domain::{
         Account, AccountFlags, Balances, Currency, Id, NewAccount, Side, Transfer, TransferKind, TransferStatus,
     };
@@ -203,6 +208,18 @@ mod tests {
         );
         account.balances = Balances { debits_pending: 1, debits_posted: 2, credits_pending: 3, credits_posted: 4 };
         account.history_head = 77;
+        let pending_record = Transfer {
+            id: id("p"),
+            debit_account_id: id("a"),
+            credit_account_id: id("b"),
+            amount: 1,
+            currency: usd,
+            kind: TransferKind::Pending { timeout_ms: 0, expires_at_ms: 0 },
+            status: TransferStatus::Pending,
+            posted_amount: None,
+            timestamp_ms: 5,
+            details: None,
+        };
         let checkpoint = Checkpoint {
             sequence: 9,
             time_ms: 10,
@@ -221,18 +238,21 @@ mod tests {
                     clearing: None,
                     amount: 1,
                 }],
-                records: vec![Transfer {
-                    id: id("p"),
-                    debit_account_id: id("a"),
-                    credit_account_id: id("b"),
-                    amount: 1,
-                    currency: usd,
-                    kind: TransferKind::Pending { timeout_ms: 0, expires_at_ms: 0 },
-                    status: TransferStatus::Pending,
-                    posted_amount: None,
-                    timestamp_ms: 5,
-                    details: None,
+                records: vec![pending_record.clone()],
+                // What transactions in flight own (format 4).
+                owned_holds: vec![OwnedHold {
+                    hold: HoldSnapshot {
+                        transfer_id: id("q"),
+                        side: Side::Credit,
+                        account: 0,
+                        clearing: None,
+                        amount: 2,
+                    },
+                    pending: false,
+                    owner: 1 << 48 | 3,
                 }],
+                reserved: vec![(1 << 48 | 3, Transfer { id: id("q"), ..pending_record.clone() })],
+                locked: vec![(id("p"), 4)],
             },
         };
         let bytes = checkpoint.encode();
@@ -249,18 +269,31 @@ mod tests {
 
         // Formats 1 (u64 balances: the same payload bytes below 2^64) and
         // 2 had no parts' sections: their files read as an executor
-        // without parts; format 3 had no protocol section. A format past
+        // without parts; format 3 had no protocol section, and none of
+        // them anything owned by a transaction in flight. A format past
         // this build's is refused.
-        let without_parts = Checkpoint { parts: Vec::new(), tcc: Vec::new(), ..checkpoint.clone() };
-        let without_tcc = Checkpoint { tcc: Vec::new(), ..checkpoint.clone() };
+        let quiet =
+            LedgerSnapshot { owned_holds: vec![], reserved: vec![], locked: vec![], ..checkpoint.ledger.clone() };
+        let without_parts = Checkpoint { parts: Vec::new(), tcc: Vec::new(), ledger: quiet, ..checkpoint.clone() };
+        let without_tcc = Checkpoint { parts: checkpoint.parts.clone(), ..without_parts.clone() };
         let older = |format: u32| {
-            let (of, cut) = if format < 3 { (&without_parts, 2) } else { (&without_tcc, 1) };
-            let mut old = of.encode();
-            // The empty sections' lengths: formats 1 and 2 end at the
-            // ledger, format 3 at the parts.
-            old.truncate(old.len() - cut);
+            let of = if format < 3 { &without_parts } else { &without_tcc };
+            let mut w = Writer { buf: vec![0; HEADER_BYTES] };
+            for field in [of.sequence, of.time_ms, of.next_txn, of.history_len] {
+                w.u64(field);
+            }
+            w.varint(u64::from(of.archive_runs));
+            codec::Codec::encode(&of.ledger.accounts, &mut w);
+            codec::Codec::encode(&of.ledger.holds, &mut w);
+            codec::Codec::encode(&of.ledger.records, &mut w);
+            if format == 3 {
+                w.varint(of.parts.len() as u64);
+                w.buf.extend_from_slice(&of.parts);
+            }
+            let mut old = w.buf;
             let payload_len = (old.len() - HEADER_BYTES) as u64;
             let crc = crc32c::crc32c(&old[HEADER_BYTES..]);
+            old[..4].copy_from_slice(MAGIC);
             old[4..8].copy_from_slice(&format.to_le_bytes());
             old[8..12].copy_from_slice(&crc.to_le_bytes());
             old[12..20].copy_from_slice(&payload_len.to_le_bytes());
@@ -300,7 +333,7 @@ mod tests {
             next_txn: 3,
             history_len: 0,
             archive_runs: 0,
-            ledger: LedgerSnapshot { accounts: vec![debtor, creditor], holds: vec![], records: vec![] },
+            ledger: LedgerSnapshot { accounts: vec![debtor, creditor], ..LedgerSnapshot::default() },
             parts: Vec::new(),
             tcc: Vec::new(),
         };
@@ -368,16 +401,16 @@ mod tests {
                 tcc: Vec::new(),
             }
         }
-        let snapshot = ledger.snapshot().expect("quiet");
+        let snapshot = ledger.snapshot();
         let mut sorted = snapshot.clone();
         sorted.sort_records();
         assert_eq!((snapshot.records.len(), &sorted), (600, &snapshot), "every record in memory, oldest first");
-        let image = ledger.image(Vec::new()).expect("quiet");
+        let image = ledger.image(Vec::new());
         apply(&mut ledger, 700..900);
         ledger.evict_oldest_into(300, &mut evicted);
         let bytes = header(image).encode();
         assert_eq!(bytes, header(snapshot.clone()).encode());
         assert_eq!(Checkpoint::decode(&bytes).unwrap().ledger, snapshot);
-        assert_ne!(ledger.snapshot().unwrap(), snapshot, "the ledger did move on");
+        assert_ne!(ledger.snapshot(), snapshot, "the ledger did move on");
     }
 }

@@ -993,11 +993,11 @@ mod tests {
     }
 }
 
-pub use snapshot::encode_ledger_image;
+pub use snapshot::{decode_ledger_before_4, encode_ledger_image};
 
 mod snapshot {
     use super::*;
-    use peakstack_domain::ledger::{HoldSnapshot, LedgerImage, LedgerSnapshot};
+    use peakstack_domain::ledger::{HoldSnapshot, LedgerImage, LedgerSnapshot, OwnedHold};
     use peakstack_domain::Account;
 
     impl Codec for Account {
@@ -1055,6 +1055,17 @@ mod snapshot {
         }
     }
 
+    impl Codec for OwnedHold {
+        fn encode(&self, w: &mut Writer) {
+            self.hold.encode(w);
+            w.bool(self.pending);
+            w.u64(self.owner);
+        }
+        fn decode(r: &mut Reader<'_>) -> Result<Self> {
+            Ok(OwnedHold { hold: HoldSnapshot::decode(r)?, pending: r.bool()?, owner: r.u64()? })
+        }
+    }
+
     /// Encodes an image exactly as the [`LedgerSnapshot`] it stands for,
     /// records sorted, without copying them out.
     pub fn encode_ledger_image(image: &LedgerImage, w: &mut Writer) {
@@ -1065,16 +1076,62 @@ mod snapshot {
         for record in records {
             record.encode(w);
         }
+        image.owned_holds.encode(w);
+        let (reserved, locked) = image.claims();
+        w.varint(reserved.len() as u64);
+        for (owner, record) in reserved {
+            w.u64(owner);
+            record.encode(w);
+        }
+        w.varint(locked.len() as u64);
+        for (id, owner) in locked {
+            id.encode(w);
+            w.u64(owner);
+        }
     }
 
+    /// Checkpoint format 4: what transactions in flight own follows the
+    /// three lists of formats 1-3 (see [`decode_ledger_before_4`]).
     impl Codec for LedgerSnapshot {
         fn encode(&self, w: &mut Writer) {
             self.accounts.encode(w);
             self.holds.encode(w);
             self.records.encode(w);
+            self.owned_holds.encode(w);
+            w.varint(self.reserved.len() as u64);
+            for (owner, record) in &self.reserved {
+                w.u64(*owner);
+                record.encode(w);
+            }
+            w.varint(self.locked.len() as u64);
+            for (id, owner) in &self.locked {
+                id.encode(w);
+                w.u64(*owner);
+            }
         }
         fn decode(r: &mut Reader<'_>) -> Result<Self> {
-            Ok(LedgerSnapshot { accounts: Vec::decode(r)?, holds: Vec::decode(r)?, records: Vec::decode(r)? })
+            let mut snapshot = decode_ledger_before_4(r)?;
+            snapshot.owned_holds = Vec::decode(r)?;
+            for _ in 0..r.len()? {
+                let owner = r.u64()?;
+                snapshot.reserved.push((owner, Transfer::decode(r)?));
+            }
+            for _ in 0..r.len()? {
+                let id = Id::decode(r)?;
+                snapshot.locked.push((id, r.u64()?));
+            }
+            Ok(snapshot)
         }
+    }
+
+    /// A ledger of checkpoint formats 1-3: taken between transactions, so
+    /// nothing is owned by one.
+    pub fn decode_ledger_before_4(r: &mut Reader<'_>) -> Result<LedgerSnapshot> {
+        Ok(LedgerSnapshot {
+            accounts: Vec::decode(r)?,
+            holds: Vec::decode(r)?,
+            records: Vec::decode(r)?,
+            ..LedgerSnapshot::default()
+        })
     }
 }

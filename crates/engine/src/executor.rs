@@ -121,35 +121,27 @@ impl ExecutorCore {
         self.history_len
     }
 
-    /// The state for a checkpoint, or `None` while a transaction is in
-    /// flight or a live fence is kept (checkpoints are taken between them).
-    /// `accounts` is a buffer to copy the accounts into (see [`Ledger::image`]).
+    /// The state for a checkpoint, at any batch boundary: transactions in
+    /// flight, their holds, reservations and locks, and the fences
+    /// included. `accounts` is a buffer to copy the accounts into (see
+    /// [`Ledger::image`]).
     pub fn checkpoint(
         &self,
         sequence: u64,
         time_ms: u64,
         archive_runs: u32,
         accounts: Vec<Account>,
-    ) -> Option<Checkpoint<LedgerImage>> {
-        if !self.is_quiet() {
-            return None;
-        }
-        Some(Checkpoint {
+    ) -> Checkpoint<LedgerImage> {
+        Checkpoint {
             sequence,
             time_ms,
             next_txn: self.coordinator.next_txn,
             history_len: self.history_len,
             archive_runs,
-            ledger: self.ledger.image(accounts)?,
+            ledger: self.ledger.image(accounts),
             parts: self.parts_section(),
             tcc: self.tcc_section(),
-        })
-    }
-
-    /// No transaction in flight and no live fence: a moment a checkpoint
-    /// may be taken at.
-    pub fn is_quiet(&self) -> bool {
-        self.coordinator.txns.is_empty() && self.fences.live_count() == 0
+        }
     }
 
     /// The protocol's checkpoint section: the transactions this executor

@@ -16,6 +16,10 @@
 //! the books are rebuilt from the transfer records and compared, account by
 //! account and hold by hold.
 //!
+//! A step checkpoints an executor, whatever is in flight, and restarts it
+//! from the checkpoint alone (its state must be the same); a crash then
+//! recovers from the last checkpoint plus the log after it.
+//!
 //! Two kinds of crash are simulated:
 //! - One executor crashes (as a cell would in scale-out, where messages live
 //!   in a replicated stream): its volatile inputs and held effects are lost,
@@ -40,16 +44,18 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+use peakstack_domain::ledger::LedgerSnapshot;
 use peakstack_domain::ledger::{clearing_account_id, Leg};
 use peakstack_domain::{
     Account, AccountFlags, Amount, Balances, Currency, ErrorCode, Id, NewAccount, Owner, Side, Transfer, TransferKind,
     TransferRequest, TransferStatus, MAX_TRANSFER_AMOUNT,
 };
+use peakstack_engine::checkpoint::Checkpoint;
 use peakstack_engine::executor::{lost_forgets, ClientTag, Effects, ExecutorCore};
 use peakstack_engine::protocol::{
     AuditEvent, CommitOp, ExecutorId, Input, OpResult, Origin, PeerMsg, TransferOutcome, TransferResult, TryOp, TxnId,
 };
-use peakstack_engine::tcc::{FENCE_RETENTION_MS, TXN_DEADLINE_MS};
+use peakstack_engine::tcc::{TxnFilter, TxnView, FENCE_RETENTION_MS, TXN_DEADLINE_MS};
 use peakstack_engine::Layout;
 use proptest::collection::vec as vec_of;
 use proptest::prelude::*;
@@ -160,6 +166,12 @@ fn arrange(mut messages: Vec<(ExecutorId, PeerMsg)>, order: ResendOrder) -> Vec<
     messages
 }
 
+/// An executor rebuilt from checkpoint bytes.
+fn restore(e: ExecutorId, layout: Layout, bytes: &[u8]) -> ExecutorCore {
+    let checkpoint = Checkpoint::decode(bytes).expect("a checkpoint reads back");
+    ExecutorCore::from_checkpoint(e, layout, checkpoint).expect("a checkpoint restores")
+}
+
 fn splitmix64(state: &mut u64) -> u64 {
     *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
     let mut z = *state;
@@ -186,6 +198,15 @@ struct Node {
     /// Audit events of inputs in `volatile`, and of durable ones.
     held_audit: Vec<AuditEvent>,
     durable_audit: Vec<AuditEvent>,
+    /// The last checkpoint (see [`Sim::checkpoint`]): recovery starts from it.
+    checkpoint: Option<NodeCheckpoint>,
+}
+
+struct NodeCheckpoint {
+    bytes: Vec<u8>,
+    /// How many inputs of `durable`, and events of `durable_audit`, it covers.
+    inputs: usize,
+    audit_events: usize,
 }
 
 impl Node {
@@ -201,6 +222,7 @@ impl Node {
             consumed: Vec::new(),
             held_audit: Vec::new(),
             durable_audit: Vec::new(),
+            checkpoint: None,
         }
     }
 
@@ -243,13 +265,12 @@ struct Group {
 
 #[derive(Debug, PartialEq)]
 struct Snapshot {
-    accounts: Vec<Account>,
+    /// Accounts, holds and records, with what transactions in flight own.
+    ledger: LedgerSnapshot,
     transfers: Vec<Option<Transfer>>,
-    holds: usize,
-    records: usize,
     pending_transfers: usize,
     fences: usize,
-    txns: usize,
+    txns: Vec<TxnView>,
     due: Vec<Id>,
 }
 
@@ -516,13 +537,11 @@ impl Sim {
         let core = &self.nodes[usize::from(e)].core;
         let ledger = core.ledger();
         Snapshot {
-            accounts: ledger.accounts().to_vec(),
+            ledger: ledger.snapshot(),
             transfers: self.id_uses.keys().map(|tid| ledger.transfer(tid).cloned()).collect(),
-            holds: ledger.hold_count(),
-            records: ledger.transfer_count(),
             pending_transfers: ledger.pending_transfer_count(),
             fences: core.fence_count(),
-            txns: core.txns_in_flight(),
+            txns: core.list_transactions(TxnFilter::InFlight, usize::MAX, 0),
             due: core.due_expiries(u64::MAX),
         }
     }
@@ -538,16 +557,24 @@ impl Sim {
         node.held_finished.clear();
         node.held_accounts.clear();
         node.held_audit.clear();
-        let mut core = ExecutorCore::new(e, layout);
+        // From the last checkpoint, if any, and the log after it.
+        let (mut core, inputs, audit_events) = match &node.checkpoint {
+            None => (ExecutorCore::new(e, layout), 0, 0),
+            Some(c) => (restore(e, layout, &c.bytes), c.inputs, c.audit_events),
+        };
         let mut fx = Effects::default();
         let mut replayed_audit = Vec::new();
-        for (time_ms, input) in &node.durable {
+        for (time_ms, input) in &node.durable[inputs..] {
             let (changed, _) = core.apply(input, *time_ms, None, &mut fx);
             assert!(changed, "only inputs that changed state are logged, and a replay changes state again");
             replayed_audit.append(&mut fx.audit);
             fx.clear();
         }
-        assert_eq!(replayed_audit, node.durable_audit, "replaying executor {e} makes other audit events");
+        assert_eq!(
+            replayed_audit,
+            node.durable_audit[audit_events..],
+            "replaying executor {e} makes other audit events"
+        );
         node.core = core;
         for tag in lost_tags {
             self.groups[tag as usize - 1].lost = true;
@@ -560,6 +587,28 @@ impl Sim {
         if let Some(before) = before {
             assert_eq!(before, self.snapshot(e), "replaying the durable log of executor {e} gives another state");
         }
+    }
+
+    /// Executor `e` checkpoints (once its batch is durable, as the runtime
+    /// does), whatever is in flight, and restarts from the checkpoint
+    /// alone: the same state, its clients gone, its messages sent again.
+    fn checkpoint(&mut self, e: ExecutorId, order: ResendOrder) {
+        self.fsync(e);
+        let before = self.snapshot(e);
+        let layout = self.layout;
+        let now_ms = self.now_ms;
+        let node = &mut self.nodes[usize::from(e)];
+        let inputs = node.durable.len();
+        let bytes = node.core.checkpoint(inputs as u64, now_ms, 0, Vec::new()).encode();
+        node.core = restore(e, layout, &bytes);
+        node.checkpoint = Some(NodeCheckpoint { bytes, inputs, audit_events: node.durable_audit.len() });
+        assert_eq!(before, self.snapshot(e), "executor {e} restored from its checkpoint is another");
+        for group in &mut self.groups {
+            if group.coordinator == e && group.indices.iter().any(|&i| self.calls[group.call].results[i].is_none()) {
+                group.dead = true;
+            }
+        }
+        self.resend(e, order);
     }
 
     fn resend(&mut self, e: ExecutorId, order: ResendOrder) {
@@ -1084,6 +1133,11 @@ enum Step {
     CrashAll {
         seed: u64,
     },
+    /// Checkpoint one executor and restart it from the checkpoint.
+    Checkpoint {
+        executor: usize,
+        seed: u64,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -1136,6 +1190,7 @@ fn step_strategy() -> impl Strategy<Value = Step> {
         3 => (any::<Index>(), 0..8usize).prop_map(|(pick, nth)| Step::Redeliver { pick, nth }),
         2 => (0..4usize, any::<u64>()).prop_map(|(executor, seed)| Step::Crash { executor, seed }),
         1 => any::<u64>().prop_map(|seed| Step::CrashAll { seed }),
+        2 => (0..4usize, any::<u64>()).prop_map(|(executor, seed)| Step::Checkpoint { executor, seed }),
     ]
 }
 
@@ -1289,6 +1344,9 @@ impl Workload {
                 sim.crash((executor % executors) as ExecutorId, ResendOrder::Shuffled(*seed))
             }
             Step::CrashAll { seed } => sim.crash_all(ResendOrder::Shuffled(*seed)),
+            Step::Checkpoint { executor, seed } => {
+                sim.checkpoint((executor % executors) as ExecutorId, ResendOrder::Shuffled(*seed))
+            }
         }
     }
 }
@@ -1685,6 +1743,53 @@ fn a_coordinator_that_crashes_after_its_tries_resends_them_and_the_transfer_happ
     sim.quiesce();
     assert!(matches!(sim.answer(retry), Ok(TransferOutcome { created: false, .. })));
     assert_eq!(sim.balances(&debit).debits_posted, 25);
+    sim.check_quiescent();
+}
+
+#[test]
+fn checkpoints_taken_with_transactions_in_flight_resume_them_after_a_restart_and_a_crash() {
+    let mut sim = Sim::new(3);
+    let layout = sim.layout;
+    let (tid, post_id) = (name_on(layout, "t", 0, 0), name_on(layout, "r", 0, 0));
+    let pending_id = name_on(layout, "p", 1, 0);
+    let (debit, credit) = (name_on(layout, "a", 1, 0), name_on(layout, "a", 2, 0));
+    for account in [&debit, &credit] {
+        sim.create_account(plain_account(account, AccountFlags::empty()));
+    }
+    sim.fsync_all();
+    let made = sim.submit(vec![pending(&pending_id, &debit, &credit, 40, 0)], false);
+    sim.quiesce();
+    assert!(matches!(sim.answer(made), Ok(TransferOutcome { created: true, .. })));
+    // A transfer (coordinated by executor 0) and a post of the pending
+    // transfer (by its home, executor 1) in flight: the tries delivered
+    // (held, locked), the answers not yet back.
+    sim.submit(vec![create(&tid, &debit, &credit, 25, usd())], false);
+    let post =
+        TransferRequest::Post { id: post_id.clone(), pending_id: pending_id.clone(), amount: None, details: None };
+    sim.submit(vec![post], false);
+    sim.fsync(0);
+    sim.deliver_all(0, 1);
+    sim.deliver_all(0, 2);
+    assert_eq!(sim.ledger(1).hold_count(), 2, "the pending transfer's hold and the transfer's leg");
+    // Each executor checkpoints now and restarts from it: the coordinator
+    // with its transactions, the participants with their holds and fences.
+    for e in 0..3 {
+        sim.checkpoint(e, ResendOrder::TxnOrder);
+    }
+    let in_flight: Vec<usize> = sim.nodes.iter().map(|n| n.core.txns_in_flight()).collect();
+    assert_eq!(in_flight, [1, 1, 0], "the transfer on executor 0, the post on the pending transfer's home");
+    assert_eq!(sim.nodes[1].core.fence_count(), 2, "its leg of the transfer, its own part of the post");
+    assert_eq!(sim.ledger(1).snapshot().locked.len(), 1, "the post's lock is in the checkpoint");
+    // A little more happens after the checkpoints, then everyone crashes:
+    // recovery is the checkpoint plus the log after it.
+    sim.deliver_all(1, 0);
+    sim.fsync_all();
+    sim.crash_all(ResendOrder::Reversed);
+    sim.quiesce();
+    assert_eq!(sim.balances(&debit), Balances { debits_posted: 65, ..Balances::default() });
+    assert_eq!(sim.balances(&credit), Balances { credits_posted: 65, ..Balances::default() });
+    assert_eq!(sim.transfer(&pending_id).map(|t| t.status), Some(TransferStatus::Posted));
+    assert!(sim.transfer(&tid).is_some() && sim.transfer(&post_id).is_some());
     sim.check_quiescent();
 }
 
