@@ -33,7 +33,8 @@ use crate::layout::Layout;
 use crate::log::{encode_frame, Log, LogError};
 use crate::meta::{Meta, MetaError};
 use crate::parts::{PartAnswer, PartCommand, PartQuery, PartReply, Publication};
-use crate::protocol::{AuditBatch, AuditEvent, ExecutorId, Input, Origin, PeerMsg, TransferResult};
+use crate::protocol::{AuditBatch, AuditEvent, ExecutorId, Input, Origin, PeerMsg, TransferResult, TxnId};
+use crate::tcc::{TxnFilter, TxnView};
 use crate::test_hooks::TestBatchGate;
 use peakstack_inventory::SaleGates;
 
@@ -145,6 +146,13 @@ pub enum Query {
     Totals,
     /// A part's read (see `parts.rs`).
     Part(PartQuery),
+    /// A global transaction this executor coordinates (see `tcc/`).
+    Transaction(TxnId),
+    /// Its unfinished transactions, in id order.
+    Transactions {
+        filter: TxnFilter,
+        limit: usize,
+    },
 }
 
 /// One record of [`Query::Transfers`], as [`Engine::transfer`] sees it.
@@ -167,6 +175,8 @@ pub enum QueryAnswer {
     HistoryLen(u64),
     Totals(Totals),
     Part(PartAnswer),
+    Transaction(Option<TxnView>),
+    Transactions(Vec<TxnView>),
 }
 
 /// Sums for checking the books: over all accounts, credits minus debits
@@ -877,6 +887,35 @@ impl Engine {
         tokio::task::spawn_blocking(move || read(&shared.history)).await.map_err(|_| ErrorCode::Unavailable)
     }
 
+    /// A global transaction across executors, from its coordinator (the
+    /// executor in its id): in flight with its branches, `done` once
+    /// finished, `None` for an id never given.
+    pub async fn transaction(&self, id: TxnId) -> Result<Option<TxnView>, ErrorCode> {
+        let executor = crate::tcc::coordinator_of(id);
+        if executor >= self.shared.layout.executors() {
+            return Ok(None);
+        }
+        match self.query(executor, Query::Transaction(id)).await? {
+            QueryAnswer::Transaction(view) => Ok(view),
+            _ => Err(ErrorCode::Unavailable),
+        }
+    }
+
+    /// Unfinished global transactions over every executor, in id order
+    /// (so by coordinator, then age), at most `limit`.
+    pub async fn transactions(&self, filter: TxnFilter, limit: usize) -> Result<Vec<TxnView>, ErrorCode> {
+        let mut all = Vec::new();
+        for e in 0..self.shared.layout.executors() {
+            match self.query(e, Query::Transactions { filter, limit }).await? {
+                QueryAnswer::Transactions(mut views) => all.append(&mut views),
+                _ => return Err(ErrorCode::Unavailable),
+            }
+        }
+        all.sort_unstable_by_key(|view| view.id);
+        all.truncate(limit);
+        Ok(all)
+    }
+
     /// Accounts in id order after `after`, at most `limit`, over every executor.
     pub async fn accounts(&self, after: Option<Id>, limit: usize) -> Result<Vec<Account>, ErrorCode> {
         let mut all = Vec::new();
@@ -1335,6 +1374,11 @@ impl Applier {
             ),
             Query::HistoryLen => QueryAnswer::HistoryLen(self.core.history_len()),
             Query::Part(query) => QueryAnswer::Part(self.core.parts().query(&query)),
+            Query::Transaction(id) => QueryAnswer::Transaction(self.core.transaction(id)),
+            Query::Transactions { filter, limit } => {
+                let now_ms = self.clock.now_ms().max(self.last_time_ms);
+                QueryAnswer::Transactions(self.core.list_transactions(filter, limit, now_ms))
+            }
             Query::Totals => {
                 let mut totals = Totals {
                     accounts: ledger.account_count() as u64,

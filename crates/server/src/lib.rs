@@ -53,6 +53,7 @@ pub mod keys;
 pub mod listener;
 mod observe;
 mod post_guard;
+mod transactions_api;
 mod transfer_list;
 mod wire;
 
@@ -343,6 +344,8 @@ fn route_table() -> Routes {
         ("POST", "/v1/flash-sales", Write, post(inventory_api::create_flash_sale)),
         ("GET", "/v1/flash-sales/{id}", Read, get(inventory_api::get_flash_sale)),
         ("POST", "/v1/flash-sales/{id}/attempts", Write, post(inventory_api::attempt_flash_sale)),
+        ("GET", "/v1/transactions", Operations, get(transactions_api::list_transactions)),
+        ("GET", "/v1/transactions/{id}", Operations, get(transactions_api::get_transaction)),
     ]
 }
 
@@ -355,6 +358,7 @@ fn query_parameters(method: &str, path: &str) -> &'static [&'static str] {
         ("GET", "/v1/accounts/{id}/transfers") => &["limit", "after", "status", "since", "until"],
         ("GET", "/v1/transfers") => &["limit", "after", "account_id", "status", "pending_id", "since", "until"],
         ("GET", "/v1/skus") => &["merchant_id", "limit", "after"],
+        ("GET", "/v1/transactions") => &["state", "limit"],
         ("GET", "/v1/audit") => &["key_id", "action", "target", "request_id", "since", "until", "after", "limit"],
         _ => &[],
     }
