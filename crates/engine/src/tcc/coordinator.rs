@@ -3,14 +3,19 @@
 //!
 //! A transaction is durable once the batch that started it is (its input
 //! is in the log), and every later step is the effect of a logged input (a
-//! peer message, or [`crate::protocol::Input::Deadlines`]), so a replay, or a checkpoint and
-//! the log after it, brings it back exactly. What to send again, and when,
-//! is not state: it is kept beside the transactions and rebuilt after a
-//! restart.
+//! peer message, or [`crate::protocol::Input::Deadlines`]), so a replay, or
+//! a checkpoint and the log after it, brings it back exactly. What to send
+//! again, and when, is not state: it is kept beside the transactions and
+//! rebuilt after a restart.
+//!
+//! A transaction keeps its items and, per part, only how many ops it was
+//! sent and what it answered: the ops themselves (tries, commits) are a
+//! function of the items and the layout, made again for a resend or a
+//! view, so the hot path moves each op into its message instead of
+//! keeping a copy.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, VecDeque};
-use std::sync::Arc;
+use std::collections::{BinaryHeap, VecDeque};
 
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
@@ -20,10 +25,9 @@ use peakstack_domain::{Balances, ErrorCode, Id, Side, Transfer, TransferKind, Tr
 use super::{
     MAX_RESENDS_PER_TICK, MAX_TIMEOUTS_PER_TICK, RESEND_MAX_MS, RESEND_MIN_MS, TXN_COUNTER_BITS, TXN_DEADLINE_MS,
 };
-use crate::codec::{Codec, CodecError, Reader, Writer};
 use crate::executor::{audit_created, create_record, placeholder, ClientTag, Effects, ExecutorCore};
 use crate::layout::Layout;
-use crate::protocol::{CommitOp, ExecutorId, IdempotencyTag, OpResult, Origin, PeerMsg, TransferOutcome, TryOp, TxnId};
+use crate::protocol::{CommitOp, ExecutorId, OpResult, Origin, PeerMsg, TransferOutcome, TryOp, TxnId};
 
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) enum ItemKind {
@@ -36,34 +40,51 @@ pub(crate) struct Item {
     pub kind: ItemKind,
     /// The record reserved on the id's home (None for an expiry).
     pub record: Option<Transfer>,
-    /// Where this item's try ops went: (executor, index in that part's ops).
-    pub op_refs: Vec<(ExecutorId, usize)>,
     pub static_error: Option<ErrorCode>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq)]
+/// One participant of a transaction, as its coordinator keeps it.
+#[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Part {
-    try_ops: Vec<TryOp>,
-    tried: Option<Vec<OpResult>>,
-    commit_ops: Vec<CommitOp>,
-    acked: bool,
+    pub exec: ExecutorId,
+    /// How many try ops it was sent (0: it only settles, at commit).
+    pub ops: usize,
+    pub tried: Option<Vec<OpResult>>,
+    pub acked: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Txn {
     /// The caller waiting for the answer (none in a replay or after a restore).
-    client: Option<(ClientTag, Vec<usize>)>,
-    origin: Option<Origin>,
-    items: Vec<Item>,
-    parts: BTreeMap<ExecutorId, Part>,
+    pub client: Option<(ClientTag, Vec<usize>)>,
+    pub origin: Option<Origin>,
+    pub items: Vec<Item>,
+    /// By executor.
+    pub parts: Vec<Part>,
     /// Set once decided.
-    decision: Option<bool>,
+    pub decision: Option<bool>,
     /// Cancelled because its deadline passed undecided.
-    timed_out: bool,
-    outcomes: Vec<ItemOutcome>,
-    balances: HashMap<Id, Balances>,
-    started_ms: u64,
-    deadline_ms: u64,
+    pub timed_out: bool,
+    pub outcomes: Vec<ItemOutcome>,
+    /// The balances the acknowledgements brought, in order (a later one
+    /// of an account wins).
+    pub balances: Vec<(Id, Balances)>,
+    pub started_ms: u64,
+    pub deadline_ms: u64,
+}
+
+impl Txn {
+    fn part(&self, exec: ExecutorId) -> Option<&Part> {
+        self.parts.iter().find(|p| p.exec == exec)
+    }
+
+    fn part_mut(&mut self, exec: ExecutorId) -> Option<&mut Part> {
+        self.parts.iter_mut().find(|p| p.exec == exec)
+    }
+
+    fn balances_of(&self, account: &Id) -> Option<Balances> {
+        self.balances.iter().rev().find(|(id, _)| id == account).map(|(_, b)| *b)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -78,10 +99,15 @@ pub(crate) enum ItemOutcome {
 pub(crate) struct Coordinator {
     pub next_txn: u64,
     pub txns: HashMap<TxnId, Txn>,
-    /// Undecided transactions by deadline, in start order (so sorted);
-    /// decided ones are skipped when they come up.
-    deadlines: VecDeque<(u64, TxnId)>,
-    /// (when, transaction, wait after that): its next resend.
+    /// (start, transaction) in start order: each comes up for its first
+    /// resend (at `resend_cursor`), then for its deadline (at the front).
+    started: VecDeque<(u64, TxnId)>,
+    resend_cursor: usize,
+    /// Which counters of `started` are still open, so that the finished
+    /// ones (nearly all) are passed over without a lookup.
+    open: OpenBits,
+    /// (when, transaction, wait after that): the later resends of the
+    /// transactions that needed a first one.
     resends: BinaryHeap<Reverse<(u64, TxnId, u64)>>,
 }
 
@@ -90,16 +116,72 @@ impl Coordinator {
         Coordinator { next_txn, ..Coordinator::default() }
     }
 
-    fn schedule(&mut self, txn: TxnId, deadline_ms: u64, now_ms: u64) {
-        self.deadlines.push_back((deadline_ms, txn));
-        self.resends.push(Reverse((now_ms.saturating_add(RESEND_MIN_MS), txn, RESEND_MIN_MS)));
+    fn schedule(&mut self, txn: TxnId, started_ms: u64) {
+        self.started.push_back((started_ms, txn));
+        self.open.set(super::counter_of(txn));
     }
 
     /// The transactions in id order (a checkpoint, the resend after a replay).
-    fn sorted(&self) -> Vec<(TxnId, &Txn)> {
+    pub fn sorted(&self) -> Vec<(TxnId, &Txn)> {
         let mut txns: Vec<(TxnId, &Txn)> = self.txns.iter().map(|(id, t)| (*id, t)).collect();
         txns.sort_unstable_by_key(|(id, _)| *id);
         txns
+    }
+
+    /// After a restore: every transaction comes up for a resend at once.
+    pub fn reschedule(&mut self, now_ms: u64) {
+        let mut txns: Vec<(u64, TxnId)> = self.txns.iter().map(|(id, t)| (t.started_ms, *id)).collect();
+        txns.sort_unstable();
+        for (started_ms, txn) in txns {
+            self.schedule(txn, started_ms);
+            self.resends.push(Reverse((now_ms, txn, RESEND_MIN_MS)));
+        }
+        self.resend_cursor = self.started.len();
+    }
+}
+
+/// Transaction counters still open, one bit each from `base` (a multiple
+/// of 64). Counters only grow, and only the window from the oldest
+/// transaction not past its deadline is kept.
+#[derive(Default)]
+struct OpenBits {
+    base: u64,
+    words: VecDeque<u64>,
+}
+
+impl OpenBits {
+    fn set(&mut self, counter: u64) {
+        if self.words.is_empty() {
+            self.base = counter - counter % 64;
+        }
+        let Some(offset) = counter.checked_sub(self.base) else { return };
+        let word = (offset / 64) as usize;
+        while self.words.len() <= word {
+            self.words.push_back(0);
+        }
+        self.words[word] |= 1 << (offset % 64);
+    }
+
+    fn clear(&mut self, counter: u64) {
+        if let Some(offset) = counter.checked_sub(self.base) {
+            if let Some(word) = self.words.get_mut((offset / 64) as usize) {
+                *word &= !(1 << (offset % 64));
+            }
+        }
+    }
+
+    fn contains(&self, counter: u64) -> bool {
+        let Some(offset) = counter.checked_sub(self.base) else { return false };
+        self.words.get((offset / 64) as usize).is_some_and(|word| word >> (offset % 64) & 1 == 1)
+    }
+
+    /// Forgets the counters below `counter` (none of them is asked for again).
+    fn trim_below(&mut self, counter: Option<u64>) {
+        let Some(counter) = counter else { return self.words.clear() };
+        while !self.words.is_empty() && self.base + 64 <= counter {
+            self.words.pop_front();
+            self.base += 64;
+        }
     }
 }
 
@@ -164,7 +246,7 @@ impl ExecutorCore {
         match request {
             TransferRequest::Create { .. } => {
                 let (record, static_error) = create_record(request, now_ms);
-                Item { kind: ItemKind::Create, record: Some(record), op_refs: Vec::new(), static_error }
+                Item { kind: ItemKind::Create, record: Some(record), static_error }
             }
             TransferRequest::Post { id, pending_id, amount, details } => {
                 let kind = ResolveKind::Post(amount.map(|a| a.get()));
@@ -187,59 +269,48 @@ impl ExecutorCore {
         Item {
             kind: ItemKind::Resolve { pending_id: pending_id.clone(), kind: ResolveKind::Expire },
             record: None,
-            op_refs: Vec::new(),
             static_error: None,
         }
     }
 
     pub(crate) fn start_txn(
         &mut self,
-        mut items: Vec<Item>,
+        items: Vec<Item>,
         client: Option<(ClientTag, Vec<usize>)>,
         origin: Option<Origin>,
         now_ms: u64,
         fx: &mut Effects,
     ) {
         let txn = self.take_txn_id();
-        let mut parts: BTreeMap<ExecutorId, Part> = BTreeMap::new();
-        let any_static_error = items.iter().any(|i| i.static_error.is_some());
-        if !any_static_error {
-            for item in &mut items {
-                for (exec, op) in try_ops_of(&self.layout, item) {
-                    let part = parts.entry(exec).or_default();
-                    item.op_refs.push((exec, part.try_ops.len()));
-                    part.try_ops.push(op);
-                }
-            }
-        }
+        let ops = try_ops_by_executor(&self.layout, &items);
+        let parts = ops.iter().map(|(exec, ops)| Part { exec: *exec, ops: ops.len(), tried: None, acked: false });
         let deadline_ms = now_ms.saturating_add(TXN_DEADLINE_MS);
         let mut state = Txn {
             client,
             origin,
             items,
-            parts,
+            parts: parts.collect(),
             decision: None,
             timed_out: false,
             outcomes: Vec::new(),
-            balances: HashMap::default(),
+            balances: Vec::new(),
             started_ms: now_ms,
             deadline_ms,
         };
-        // Local part: tried now, in this batch.
         let id = self.id;
-        if let Some(part) = state.parts.get(&id) {
-            let results = self.on_try(txn, &part.try_ops, deadline_ms, now_ms);
-            state.parts.get_mut(&id).expect("present").tried = Some(results);
-        }
-        for (&exec, part) in &state.parts {
-            if exec != id {
-                fx.outbox.push((exec, PeerMsg::Try { txn, ops: part.try_ops.clone(), deadline_ms }));
+        for (exec, ops) in ops {
+            if exec == id {
+                // Local part: tried now, in this batch.
+                let results = self.on_try(txn, &ops, deadline_ms, now_ms);
+                state.part_mut(id).expect("a part per executor").tried = Some(results);
+            } else {
+                fx.outbox.push((exec, PeerMsg::Try { txn, ops, deadline_ms }));
             }
         }
         self.coordinator.txns.insert(txn, state);
         self.maybe_decide(txn, now_ms, fx);
         if self.coordinator.txns.contains_key(&txn) {
-            self.coordinator.schedule(txn, deadline_ms, now_ms);
+            self.coordinator.schedule(txn, now_ms);
         }
     }
 
@@ -261,8 +332,9 @@ impl ExecutorCore {
         now_ms: u64,
         fx: &mut Effects,
     ) {
-        if let Some(part) = self.coordinator.txns.get_mut(&txn).and_then(|s| s.parts.get_mut(&from)) {
-            if part.tried.is_none() && results.len() == part.try_ops.len() {
+        let Some(state) = self.coordinator.txns.get_mut(&txn) else { return };
+        if let Some(part) = state.part_mut(from) {
+            if part.tried.is_none() && results.len() == part.ops {
                 part.tried = Some(results.to_vec());
             }
         }
@@ -271,7 +343,7 @@ impl ExecutorCore {
 
     fn maybe_decide(&mut self, txn: TxnId, now_ms: u64, fx: &mut Effects) {
         let Some(state) = self.coordinator.txns.get_mut(&txn) else { return };
-        if state.decision.is_some() || state.parts.values().any(|p| p.tried.is_none()) {
+        if state.decision.is_some() || state.parts.iter().any(|p| p.tried.is_none()) {
             return;
         }
         // Never a commit at or after the deadline: participants refuse a
@@ -279,19 +351,8 @@ impl ExecutorCore {
         if now_ms >= state.deadline_ms {
             return self.time_out(txn, now_ms, fx);
         }
-        let outcomes: Vec<ItemOutcome> = state.items.iter().map(|item| outcome_of(item, &state.parts)).collect();
-        let commit = outcomes.iter().all(|o| matches!(o, ItemOutcome::Ok { .. }));
-        if commit {
-            let mut commit_ops: Vec<(ExecutorId, CommitOp)> = Vec::new();
-            for (item, outcome) in state.items.iter().zip(&outcomes) {
-                let ItemOutcome::Ok { pending } = outcome else { unreachable!("all ok") };
-                commit_ops.extend(commit_ops_of(&self.layout, item, pending.as_ref()));
-            }
-            for (exec, op) in commit_ops {
-                state.parts.entry(exec).or_default().commit_ops.push(op);
-            }
-        }
-        state.outcomes = outcomes;
+        state.outcomes = outcomes_of(&self.layout, &state.items, &state.parts);
+        let commit = state.outcomes.iter().all(|o| matches!(o, ItemOutcome::Ok { .. }));
         self.decide(txn, commit, now_ms, fx);
     }
 
@@ -306,8 +367,7 @@ impl ExecutorCore {
         }
         state.timed_out = true;
         state.outcomes = state.items.iter().map(|_| ItemOutcome::Err(ErrorCode::TransactionTimedOut)).collect();
-        let client = state.client.take();
-        if let Some((tag, indices)) = client {
+        if let Some((tag, indices)) = state.client.take() {
             for index in indices {
                 fx.finish(tag, index, Err(ErrorCode::TransactionTimedOut));
             }
@@ -323,13 +383,29 @@ impl ExecutorCore {
         }
     }
 
+    /// Records the decision (the outcomes are set) and sends it: the commit
+    /// ops of each part (a part that only settles joins now), or the cancel.
     fn decide(&mut self, txn: TxnId, commit: bool, now_ms: u64, fx: &mut Effects) {
         let state = self.coordinator.txns.get_mut(&txn).expect("deciding a transaction in flight");
         state.decision = Some(commit);
         let deadline_ms = state.deadline_ms;
-        let sends: Vec<(ExecutorId, Vec<CommitOp>)> =
-            state.parts.iter().map(|(&exec, part)| (exec, part.commit_ops.clone())).collect();
-        for (exec, ops) in sends {
+        let sends = match commit {
+            true => commit_ops_by_executor(&self.layout, &state.items, &state.outcomes),
+            false => Vec::new(),
+        };
+        for (exec, _) in &sends {
+            if state.part(*exec).is_none() {
+                let at = state.parts.partition_point(|p| p.exec < *exec);
+                state.parts.insert(at, Part { exec: *exec, ops: 0, tried: None, acked: false });
+            }
+        }
+        let mut sends = sends.into_iter().peekable();
+        let execs: Vec<ExecutorId> = state.parts.iter().map(|p| p.exec).collect();
+        for exec in execs {
+            let ops = match sends.peek() {
+                Some((e, _)) if *e == exec => sends.next().expect("peeked").1,
+                _ => Vec::new(),
+            };
             if exec == self.id {
                 let balances = self.on_decide(txn, commit, &ops, deadline_ms, now_ms, fx);
                 self.on_acked(txn, exec, balances, fx);
@@ -343,25 +419,37 @@ impl ExecutorCore {
 
     pub(crate) fn on_acked(&mut self, txn: TxnId, from: ExecutorId, balances: Vec<(Id, Balances)>, fx: &mut Effects) {
         let Some(state) = self.coordinator.txns.get_mut(&txn) else { return };
-        let Some(part) = state.parts.get_mut(&from) else { return };
-        if part.acked || state.decision.is_none() {
+        let decided = state.decision.is_some();
+        let Some(part) = state.part_mut(from) else { return };
+        if part.acked || !decided {
             return;
         }
         part.acked = true;
-        state.balances.extend(balances);
-        self.maybe_finish(txn, fx);
+        if state.balances.is_empty() {
+            state.balances = balances;
+        } else {
+            state.balances.extend(balances);
+        }
+        if state.parts.iter().all(|p| p.acked) {
+            self.finish(txn, fx);
+        }
     }
 
     fn maybe_finish(&mut self, txn: TxnId, fx: &mut Effects) {
         let Some(state) = self.coordinator.txns.get(&txn) else { return };
-        if state.decision.is_none() || state.parts.values().any(|p| !p.acked) {
-            return;
+        if state.decision.is_some() && state.parts.iter().all(|p| p.acked) {
+            self.finish(txn, fx);
         }
-        let state = self.coordinator.txns.remove(&txn).expect("present");
+    }
+
+    /// Every part acknowledged the decision: forget it, audit and answer.
+    fn finish(&mut self, txn: TxnId, fx: &mut Effects) {
+        let mut state = self.coordinator.txns.remove(&txn).expect("present");
+        self.coordinator.open.clear(super::counter_of(txn));
         self.fences.drop_live(txn);
-        for &exec in state.parts.keys() {
-            if exec != self.id {
-                fx.outbox.push((exec, PeerMsg::Forget { txn }));
+        for part in &state.parts {
+            if part.exec != self.id {
+                fx.outbox.push((part.exec, PeerMsg::Forget { txn }));
             }
         }
         let first_error = state.outcomes.iter().find_map(|o| match o {
@@ -374,15 +462,15 @@ impl ExecutorCore {
                 if let ItemOutcome::Ok { pending } = outcome {
                     if let Some(transfer) = final_record(item, pending.as_ref()) {
                         let answered = (
-                            state.balances.get(&transfer.debit_account_id).copied(),
-                            state.balances.get(&transfer.credit_account_id).copied(),
+                            state.balances_of(&transfer.debit_account_id),
+                            state.balances_of(&transfer.credit_account_id),
                         );
                         audit_created(origin, transfer, answered, fx);
                     }
                 }
             }
         }
-        let Some((tag, indices)) = state.client else { return };
+        let Some((tag, indices)) = state.client.take() else { return };
         for ((item, outcome), index) in state.items.iter().zip(&state.outcomes).zip(indices) {
             let result = match outcome {
                 ItemOutcome::Exists(t) => Ok(TransferOutcome {
@@ -399,8 +487,8 @@ impl ExecutorCore {
                     let transfer = final_record(item, pending.as_ref()).expect("a client item has a record");
                     Ok(TransferOutcome {
                         created: true,
-                        debit_balances: state.balances.get(&transfer.debit_account_id).copied(),
-                        credit_balances: state.balances.get(&transfer.credit_account_id).copied(),
+                        debit_balances: state.balances_of(&transfer.debit_account_id),
+                        credit_balances: state.balances_of(&transfer.credit_account_id),
                         transfer,
                     })
                 }
@@ -413,36 +501,60 @@ impl ExecutorCore {
 
     /// What the coordinator does between batches: the transactions whose
     /// deadline passed undecided (to apply and log as
-    /// [`crate::protocol::Input::Deadlines`]),
-    /// and the messages of the others sent again where a part has not
-    /// answered (into `fx.outbox`, to leave with the next batch), each
-    /// transaction backing off. Bounded per call.
+    /// [`crate::protocol::Input::Deadlines`]), and the messages of the
+    /// others sent again where a part has not answered (into `fx.outbox`,
+    /// to leave with the next batch), each transaction backing off. Bounded
+    /// per call; a transaction that finished costs a bit test, not a lookup.
     pub(crate) fn coordinator_tick(&mut self, now_ms: u64, fx: &mut Effects) -> Vec<TxnId> {
-        let coordinator = &mut self.coordinator;
-        let mut due = Vec::new();
-        while let Some(&(deadline_ms, txn)) = coordinator.deadlines.front() {
-            if deadline_ms > now_ms || due.len() >= MAX_TIMEOUTS_PER_TICK {
+        let (me, layout) = (self.id, &self.layout);
+        let c = &mut self.coordinator;
+        let mut resent = 0;
+        // First resends, in start order.
+        while let Some(&(started_ms, txn)) = c.started.get(c.resend_cursor) {
+            if started_ms.saturating_add(RESEND_MIN_MS) > now_ms || resent >= MAX_RESENDS_PER_TICK {
                 break;
             }
-            coordinator.deadlines.pop_front();
-            if coordinator.txns.get(&txn).is_some_and(|t| t.decision.is_none()) {
-                due.push(txn);
+            c.resend_cursor += 1;
+            if !c.open.contains(super::counter_of(txn)) {
+                continue;
+            }
+            if let Some(state) = c.txns.get(&txn) {
+                resent += 1;
+                resend_of(layout, me, txn, state, now_ms, &mut fx.outbox);
+                c.resends.push(Reverse((now_ms.saturating_add(2 * RESEND_MIN_MS), txn, 2 * RESEND_MIN_MS)));
             }
         }
-        let mut resent = 0;
+        // Deadlines, in start order, once a transaction's first resend came up.
+        let mut due = Vec::new();
+        while let Some(&(started_ms, txn)) = c.started.front() {
+            let at_deadline = started_ms.saturating_add(TXN_DEADLINE_MS) <= now_ms;
+            if !at_deadline || c.resend_cursor == 0 || due.len() >= MAX_TIMEOUTS_PER_TICK {
+                break;
+            }
+            c.started.pop_front();
+            c.resend_cursor -= 1;
+            let counter = super::counter_of(txn);
+            if c.open.contains(counter) {
+                c.open.clear(counter);
+                if c.txns.get(&txn).is_some_and(|t| t.decision.is_none() && t.deadline_ms <= now_ms) {
+                    due.push(txn);
+                }
+            }
+        }
+        let oldest = c.started.front().map(|(_, txn)| super::counter_of(*txn));
+        c.open.trim_below(oldest);
+        // Later resends, backing off.
         while resent < MAX_RESENDS_PER_TICK {
-            let Some(&Reverse((at_ms, txn, wait_ms))) = coordinator.resends.peek() else { break };
+            let Some(&Reverse((at_ms, txn, wait_ms))) = c.resends.peek() else { break };
             if at_ms > now_ms {
                 break;
             }
-            coordinator.resends.pop();
-            let Some(state) = coordinator.txns.get(&txn) else { continue };
+            c.resends.pop();
+            let Some(state) = c.txns.get(&txn) else { continue };
             resent += 1;
-            if state.decision.is_some() || now_ms < state.deadline_ms {
-                resend_of(self.id, txn, state, &mut fx.outbox);
-            }
+            resend_of(layout, me, txn, state, now_ms, &mut fx.outbox);
             let wait_ms = (wait_ms * 2).min(RESEND_MAX_MS);
-            coordinator.resends.push(Reverse((now_ms.saturating_add(wait_ms), txn, wait_ms)));
+            c.resends.push(Reverse((now_ms.saturating_add(wait_ms), txn, wait_ms)));
         }
         due
     }
@@ -454,7 +566,7 @@ impl ExecutorCore {
         // In transaction order, so that a replay resends the same messages
         // in the same order.
         for (txn, state) in self.coordinator.sorted() {
-            resend_of(self.id, txn, state, &mut out);
+            resend_of(&self.layout, self.id, txn, state, 0, &mut out);
         }
         out
     }
@@ -465,7 +577,7 @@ impl ExecutorCore {
     /// finished, `None` for an id it never gave.
     pub fn transaction(&self, txn: TxnId) -> Option<TxnView> {
         if let Some(state) = self.coordinator.txns.get(&txn) {
-            return Some(view_of(txn, state));
+            return Some(view_of(&self.layout, txn, state));
         }
         let counter = super::counter_of(txn);
         let given = super::coordinator_of(txn) == self.id && counter > 0 && counter < self.coordinator.next_txn;
@@ -492,67 +604,44 @@ impl ExecutorCore {
             .collect();
         ids.sort_unstable();
         ids.truncate(limit);
-        ids.into_iter().map(|id| view_of(id, &self.coordinator.txns[&id])).collect()
-    }
-
-    // ---- checkpoint -------------------------------------------------------
-
-    /// The transactions in flight, in id order (their clients are not kept:
-    /// a restored transaction answers nobody, as after a replay).
-    pub(crate) fn encode_txns(&self, w: &mut Writer) {
-        let txns = self.coordinator.sorted();
-        w.varint(txns.len() as u64);
-        for (txn, state) in txns {
-            w.u64(txn);
-            encode_txn(state, w);
-        }
-    }
-
-    pub(crate) fn decode_txns(r: &mut Reader<'_>, next_txn: u64, now_ms: u64) -> Result<Coordinator, CodecError> {
-        let mut coordinator = Coordinator::new(next_txn);
-        for _ in 0..r.len()? {
-            let txn = r.u64()?;
-            if super::counter_of(txn) >= next_txn {
-                return Err(CodecError("a transaction the counter has not reached"));
-            }
-            let state = decode_txn(r)?;
-            if coordinator.txns.insert(txn, state).is_some() {
-                return Err(CodecError("a transaction appears twice"));
-            }
-        }
-        let mut undecided: Vec<(u64, TxnId)> =
-            coordinator.txns.iter().filter(|(_, s)| s.decision.is_none()).map(|(id, s)| (s.deadline_ms, *id)).collect();
-        undecided.sort_unstable();
-        coordinator.deadlines = undecided.into();
-        let txns: Vec<TxnId> = coordinator.txns.keys().copied().collect();
-        for txn in txns {
-            coordinator.resends.push(Reverse((now_ms, txn, RESEND_MIN_MS)));
-        }
-        Ok(coordinator)
+        ids.into_iter().map(|id| view_of(&self.layout, id, &self.coordinator.txns[&id])).collect()
     }
 }
 
 /// What `txn` still needs sent: its try to the parts that have not
-/// answered, or its decision to those that have not acknowledged.
-fn resend_of(me: ExecutorId, txn: TxnId, state: &Txn, out: &mut Vec<(ExecutorId, PeerMsg)>) {
+/// answered (until its deadline: then it is being cancelled), or its
+/// decision to those that have not acknowledged.
+fn resend_of(
+    layout: &Layout,
+    me: ExecutorId,
+    txn: TxnId,
+    state: &Txn,
+    now_ms: u64,
+    out: &mut Vec<(ExecutorId, PeerMsg)>,
+) {
     let deadline_ms = state.deadline_ms;
-    for (&exec, part) in &state.parts {
-        if exec == me {
+    for part in &state.parts {
+        if part.exec == me {
             continue;
         }
         match state.decision {
-            None if part.tried.is_none() => {
-                out.push((exec, PeerMsg::Try { txn, ops: part.try_ops.clone(), deadline_ms }))
+            None if part.tried.is_none() && now_ms < deadline_ms => {
+                let ops = try_ops_for(layout, &state.items, part.exec);
+                out.push((part.exec, PeerMsg::Try { txn, ops, deadline_ms }))
             }
             Some(commit) if !part.acked => {
-                out.push((exec, PeerMsg::Decide { txn, commit, ops: part.commit_ops.clone(), deadline_ms }))
+                let ops = match commit {
+                    true => commit_ops_for(layout, &state.items, &state.outcomes, part.exec),
+                    false => Vec::new(),
+                };
+                out.push((part.exec, PeerMsg::Decide { txn, commit, ops, deadline_ms }))
             }
             _ => {}
         }
     }
 }
 
-fn view_of(txn: TxnId, state: &Txn) -> TxnView {
+fn view_of(layout: &Layout, txn: TxnId, state: &Txn) -> TxnView {
     let state_name = match state.decision {
         None => TxnState::Trying,
         Some(true) => TxnState::Committing,
@@ -561,9 +650,9 @@ fn view_of(txn: TxnId, state: &Txn) -> TxnView {
     let branches = state
         .parts
         .iter()
-        .map(|(&executor, part)| BranchView {
-            executor,
-            operations: part.try_ops.iter().map(short_form).collect(),
+        .map(|part| BranchView {
+            executor: part.exec,
+            operations: try_ops_for(layout, &state.items, part.exec).iter().map(short_form).collect(),
             state: match (state.decision, part.tried.is_some(), part.acked) {
                 (None, true, _) => "tried",
                 (_, _, false) => "waiting",
@@ -605,15 +694,44 @@ fn short_form(op: &TryOp) -> String {
 
 fn resolve_item(id: &Id, pending_id: &Id, kind: ResolveKind, record: Transfer) -> Item {
     let static_error = (id.is_reserved() || pending_id.is_reserved()).then_some(ErrorCode::InvalidRequest);
-    Item {
-        kind: ItemKind::Resolve { pending_id: pending_id.clone(), kind },
-        record: Some(record),
-        op_refs: Vec::new(),
-        static_error,
-    }
+    Item { kind: ItemKind::Resolve { pending_id: pending_id.clone(), kind }, record: Some(record), static_error }
 }
 
-fn try_ops_of(layout: &Layout, item: &Item) -> Vec<(ExecutorId, TryOp)> {
+/// The try ops of a transaction's items grouped by executor (in executor
+/// order, each in item order): none when any item is refused before its
+/// tries.
+fn try_ops_by_executor(layout: &Layout, items: &[Item]) -> Vec<(ExecutorId, Vec<TryOp>)> {
+    let mut by: Vec<(ExecutorId, Vec<TryOp>)> = Vec::new();
+    if items.iter().any(|i| i.static_error.is_some()) {
+        return by;
+    }
+    for item in items {
+        for_each_try_op(layout, item, |exec, op| match by.binary_search_by_key(&exec, |(e, _)| *e) {
+            Ok(at) => by[at].1.push(op()),
+            Err(at) => by.insert(at, (exec, vec![op()])),
+        });
+    }
+    by
+}
+
+/// The try ops one executor was sent.
+fn try_ops_for(layout: &Layout, items: &[Item], exec: ExecutorId) -> Vec<TryOp> {
+    let mut ops = Vec::new();
+    if items.iter().all(|i| i.static_error.is_none()) {
+        for item in items {
+            for_each_try_op(layout, item, |e, op| {
+                if e == exec {
+                    ops.push(op());
+                }
+            });
+        }
+    }
+    ops
+}
+
+/// Calls `each(executor, make_op)` for an item's try ops in order; the op
+/// is made (its record or leg copied) only if asked for.
+fn for_each_try_op(layout: &Layout, item: &Item, mut each: impl FnMut(ExecutorId, &dyn Fn() -> TryOp)) {
     let record = item.record.as_ref();
     match &item.kind {
         ItemKind::Create => {
@@ -631,42 +749,52 @@ fn try_ops_of(layout: &Layout, item: &Item) -> Vec<(ExecutorId, TryOp)> {
                 via_clearing,
                 pending,
             };
-            vec![
-                (layout.executor_of_transfer(&t.id), TryOp::Reserve(t.clone())),
-                (layout.executor_of_shard(debit_shard), TryOp::Hold(leg(Side::Debit, &t.debit_account_id))),
-                (layout.executor_of_shard(credit_shard), TryOp::Hold(leg(Side::Credit, &t.credit_account_id))),
-            ]
+            each(layout.executor_of_transfer(&t.id), &|| TryOp::Reserve(t.clone()));
+            each(layout.executor_of_shard(debit_shard), &|| TryOp::Hold(leg(Side::Debit, &t.debit_account_id)));
+            each(layout.executor_of_shard(credit_shard), &|| TryOp::Hold(leg(Side::Credit, &t.credit_account_id)));
         }
         ItemKind::Resolve { pending_id, kind } => {
-            let mut ops = Vec::with_capacity(2);
             if let Some(t) = record {
-                ops.push((layout.executor_of_transfer(&t.id), TryOp::Reserve(t.clone())));
+                each(layout.executor_of_transfer(&t.id), &|| TryOp::Reserve(t.clone()));
             }
-            ops.push((
-                layout.executor_of_transfer(pending_id),
-                TryOp::LockPending { pending_id: pending_id.clone(), kind: *kind },
-            ));
-            ops
+            each(layout.executor_of_transfer(pending_id), &|| TryOp::LockPending {
+                pending_id: pending_id.clone(),
+                kind: *kind,
+            });
         }
     }
 }
 
-fn outcome_of(item: &Item, parts: &BTreeMap<ExecutorId, Part>) -> ItemOutcome {
-    let mut error = item.static_error;
-    let mut pending = None;
-    for &(exec, index) in &item.op_refs {
-        let result = &parts[&exec].tried.as_ref().expect("decided after every try")[index];
-        match result {
-            OpResult::Ok => {}
-            OpResult::Exists(t) => return ItemOutcome::Exists(t.clone()),
-            OpResult::Pending(info) => pending = Some(info.clone()),
-            OpResult::Err(e) => error = Some(error.map_or(*e, |prev: ErrorCode| prev.first_of(*e))),
+/// Each item's outcome from the parts' answers to their tries.
+fn outcomes_of(layout: &Layout, items: &[Item], parts: &[Part]) -> Vec<ItemOutcome> {
+    let tried = items.iter().all(|i| i.static_error.is_none());
+    // The next op of each part, as the items' ops were dealt out.
+    let mut next = vec![0usize; parts.len()];
+    let mut outcomes = Vec::with_capacity(items.len());
+    for item in items {
+        let mut error = item.static_error;
+        let mut pending = None;
+        let mut exists = None;
+        if tried {
+            for_each_try_op(layout, item, |exec, _| {
+                let at = parts.iter().position(|p| p.exec == exec).expect("a part per executor tried");
+                let result = &parts[at].tried.as_ref().expect("decided after every try")[next[at]];
+                next[at] += 1;
+                match result {
+                    OpResult::Ok => {}
+                    OpResult::Exists(t) => exists = exists.take().or_else(|| Some(t.clone())),
+                    OpResult::Pending(info) => pending = Some(info.clone()),
+                    OpResult::Err(e) => error = Some(error.map_or(*e, |prev: ErrorCode| prev.first_of(*e))),
+                }
+            });
         }
+        outcomes.push(match (exists, error) {
+            (Some(t), _) => ItemOutcome::Exists(t),
+            (None, Some(e)) => ItemOutcome::Err(e),
+            (None, None) => ItemOutcome::Ok { pending },
+        });
     }
-    match error {
-        Some(e) => ItemOutcome::Err(e),
-        None => ItemOutcome::Ok { pending },
-    }
+    outcomes
 }
 
 fn post_amount(kind: ResolveKind, info: &PendingInfo) -> u64 {
@@ -693,6 +821,34 @@ fn final_record(item: &Item, pending: Option<&PendingInfo>) -> Option<Transfer> 
         }
         _ => Some(record.clone()),
     }
+}
+
+/// A committed transaction's ops grouped by executor (in executor order,
+/// each in item order).
+fn commit_ops_by_executor(
+    layout: &Layout,
+    items: &[Item],
+    outcomes: &[ItemOutcome],
+) -> Vec<(ExecutorId, Vec<CommitOp>)> {
+    let mut by: Vec<(ExecutorId, Vec<CommitOp>)> = Vec::new();
+    for (item, outcome) in items.iter().zip(outcomes) {
+        let ItemOutcome::Ok { pending } = outcome else { unreachable!("a commit has every item ok") };
+        for (exec, op) in commit_ops_of(layout, item, pending.as_ref()) {
+            match by.binary_search_by_key(&exec, |(e, _)| *e) {
+                Ok(at) => by[at].1.push(op),
+                Err(at) => by.insert(at, (exec, vec![op])),
+            }
+        }
+    }
+    by
+}
+
+/// The commit ops one executor was sent.
+fn commit_ops_for(layout: &Layout, items: &[Item], outcomes: &[ItemOutcome], exec: ExecutorId) -> Vec<CommitOp> {
+    commit_ops_by_executor(layout, items, outcomes)
+        .into_iter()
+        .find(|(e, _)| *e == exec)
+        .map_or(Vec::new(), |(_, ops)| ops)
 }
 
 fn commit_ops_of(layout: &Layout, item: &Item, pending: Option<&PendingInfo>) -> Vec<(ExecutorId, CommitOp)> {
@@ -750,164 +906,4 @@ fn commit_ops_of(layout: &Layout, item: &Item, pending: Option<&PendingInfo>) ->
             ops
         }
     }
-}
-
-// ---- the checkpoint form of a transaction ------------------------------------
-
-fn encode_txn(state: &Txn, w: &mut Writer) {
-    w.varint(state.started_ms);
-    w.varint(state.deadline_ms);
-    w.u8(match state.decision {
-        None => 0,
-        Some(true) => 1,
-        Some(false) => 2,
-    } | u8::from(state.timed_out) << 2);
-    match &state.origin {
-        None => w.u8(0),
-        Some(origin) => {
-            w.u8(1 + u8::from(origin.idempotency.is_some()));
-            w.str(&origin.key_id);
-            w.str(&origin.request_id);
-            if let Some(tag) = &origin.idempotency {
-                w.buf.extend_from_slice(&tag.key_hash);
-                w.buf.extend_from_slice(&tag.fingerprint);
-            }
-        }
-    }
-    w.varint(state.items.len() as u64);
-    for item in &state.items {
-        match &item.kind {
-            ItemKind::Create => w.u8(0),
-            ItemKind::Resolve { pending_id, kind } => {
-                w.u8(1);
-                pending_id.encode(w);
-                kind.encode(w);
-            }
-        }
-        item.record.encode(w);
-        w.varint(item.op_refs.len() as u64);
-        for &(exec, index) in &item.op_refs {
-            w.varint(u64::from(exec));
-            w.varint(index as u64);
-        }
-        item.static_error.encode(w);
-    }
-    w.varint(state.parts.len() as u64);
-    for (&exec, part) in &state.parts {
-        w.varint(u64::from(exec));
-        part.try_ops.encode(w);
-        part.tried.encode(w);
-        part.commit_ops.encode(w);
-        w.bool(part.acked);
-    }
-    w.varint(state.outcomes.len() as u64);
-    for outcome in &state.outcomes {
-        match outcome {
-            ItemOutcome::Ok { pending } => {
-                w.u8(0);
-                pending.encode(w);
-            }
-            ItemOutcome::Exists(t) => {
-                w.u8(1);
-                t.encode(w);
-            }
-            ItemOutcome::Err(e) => {
-                w.u8(2);
-                e.encode(w);
-            }
-        }
-    }
-    let mut balances: Vec<(&Id, &Balances)> = state.balances.iter().collect();
-    balances.sort_unstable_by_key(|(id, _)| *id);
-    w.varint(balances.len() as u64);
-    for (id, b) in balances {
-        id.encode(w);
-        b.encode(w);
-    }
-}
-
-fn executor(r: &mut Reader<'_>) -> Result<ExecutorId, CodecError> {
-    u16::try_from(r.varint()?).map_err(|_| CodecError("invalid executor"))
-}
-
-fn decode_txn(r: &mut Reader<'_>) -> Result<Txn, CodecError> {
-    let started_ms = r.varint()?;
-    let deadline_ms = r.varint()?;
-    let flags = r.u8()?;
-    let decision = match flags & 3 {
-        0 => None,
-        1 => Some(true),
-        2 => Some(false),
-        _ => return Err(CodecError("invalid decision")),
-    };
-    if flags > 7 {
-        return Err(CodecError("invalid transaction flags"));
-    }
-    let origin = match r.u8()? {
-        0 => None,
-        tag @ (1 | 2) => {
-            let key_id = Arc::from(r.str()?);
-            let request_id = Arc::from(r.str()?);
-            let idempotency = (tag == 2)
-                .then(|| Ok::<_, CodecError>(IdempotencyTag { key_hash: r.array()?, fingerprint: r.array()? }));
-            Some(Origin { key_id, request_id, idempotency: idempotency.transpose()? })
-        }
-        _ => return Err(CodecError("invalid origin")),
-    };
-    let mut items = Vec::new();
-    for _ in 0..r.len()? {
-        let kind = match r.u8()? {
-            0 => ItemKind::Create,
-            1 => ItemKind::Resolve { pending_id: Id::decode(r)?, kind: ResolveKind::decode(r)? },
-            _ => return Err(CodecError("invalid item")),
-        };
-        let record = Option::decode(r)?;
-        let mut op_refs = Vec::new();
-        for _ in 0..r.len()? {
-            op_refs.push((executor(r)?, r.len()?));
-        }
-        items.push(Item { kind, record, op_refs, static_error: Option::decode(r)? });
-    }
-    let mut parts = BTreeMap::new();
-    for _ in 0..r.len()? {
-        let exec = executor(r)?;
-        let part =
-            Part { try_ops: Vec::decode(r)?, tried: Option::decode(r)?, commit_ops: Vec::decode(r)?, acked: r.bool()? };
-        parts.insert(exec, part);
-    }
-    for item in &items {
-        let valid = item.op_refs.iter().all(|(exec, index)| parts.get(exec).is_some_and(|p| *index < p.try_ops.len()));
-        if !valid {
-            return Err(CodecError("an item names an op no part has"));
-        }
-    }
-    let mut outcomes = Vec::new();
-    for _ in 0..r.len()? {
-        outcomes.push(match r.u8()? {
-            0 => ItemOutcome::Ok { pending: Option::decode(r)? },
-            1 => ItemOutcome::Exists(Transfer::decode(r)?),
-            2 => ItemOutcome::Err(ErrorCode::decode(r)?),
-            _ => return Err(CodecError("invalid item outcome")),
-        });
-    }
-    let expected_outcomes = if decision.is_some() { items.len() } else { 0 };
-    if outcomes.len() != expected_outcomes {
-        return Err(CodecError("a transaction's outcomes do not match its decision"));
-    }
-    let mut balances = HashMap::default();
-    for _ in 0..r.len()? {
-        balances.insert(Id::decode(r)?, Balances::decode(r)?);
-    }
-    Ok(Txn {
-        client: None,
-        origin,
-        items,
-        parts,
-        decision,
-        timed_out: flags & 4 != 0,
-        outcomes,
-        balances,
-        started_ms,
-        deadline_ms,
-    })
 }

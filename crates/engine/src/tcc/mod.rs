@@ -1,6 +1,6 @@
 //! TCC between executors: the coordinator's global transactions
-//! (`coordinator.rs`), the participant's branches (`participant.rs`) and
-//! their fences (`fence.rs`).
+//! (`coordinator.rs`, their checkpoint form in `codec.rs`), the
+//! participant's branches (`participant.rs`) and their fences (`fence.rs`).
 //!
 //! Every global transaction has a deadline, [`TXN_DEADLINE_MS`] after the
 //! batch that started it, carried in its `Try` and `Decide` messages. A
@@ -24,6 +24,7 @@
 //!
 //! [`Input::Deadlines`]: crate::protocol::Input::Deadlines
 
+mod codec;
 pub(crate) mod coordinator;
 pub mod fence;
 pub(crate) mod participant;
