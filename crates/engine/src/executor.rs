@@ -20,7 +20,8 @@ use crate::codec::{Reader, Writer};
 use crate::layout::Layout;
 use crate::parts::{PartCommand, PartReply, Parts};
 use crate::protocol::{
-    AnsweredBalances, AuditEvent, ExecutorId, Input, Origin, PeerMsg, TransferOutcome, TransferResult, TxnId,
+    AnsweredBalances, AuditEvent, CommitOp, ExecutorId, Input, Origin, PeerMsg, TransferOutcome, TransferResult, TryOp,
+    TxnId,
 };
 use crate::tcc::coordinator::Coordinator;
 use crate::tcc::fence::Fences;
@@ -321,7 +322,17 @@ impl ExecutorCore {
             }
             Input::Part(command) => (self.parts.apply(command, now_ms).0, None),
             Input::Peer { from, messages } => {
-                for message in messages {
+                // The same software pipeline as for client requests, over
+                // the accounts and records the messages' ops name.
+                messages.iter().take(2 * APPLY_LOOKAHEAD).for_each(|m| self.prefetch_message(m, false));
+                messages.iter().take(APPLY_LOOKAHEAD).for_each(|m| self.prefetch_message(m, true));
+                for (index, message) in messages.iter().enumerate() {
+                    if let Some(ahead) = messages.get(index + 2 * APPLY_LOOKAHEAD) {
+                        self.prefetch_message(ahead, false);
+                    }
+                    if let Some(ahead) = messages.get(index + APPLY_LOOKAHEAD) {
+                        self.prefetch_message(ahead, true);
+                    }
                     self.on_peer(*from, message, now_ms, fx);
                 }
                 (true, None)
@@ -344,6 +355,42 @@ impl ExecutorCore {
         if let TransferRequest::Create { debit_account_id, credit_account_id, .. } = request {
             self.ledger.prefetch_account(debit_account_id);
             self.ledger.prefetch_account(credit_account_id);
+        }
+    }
+
+    /// Asks for the index lines (`accounts` false) or the accounts a
+    /// participant's message reads (see [`ExecutorCore::apply`]).
+    fn prefetch_message(&self, message: &PeerMsg, accounts: bool) {
+        let account = |id: &Id| match accounts {
+            false => self.ledger.prefetch_account_index(id),
+            true => self.ledger.prefetch_account(id),
+        };
+        let record = |id: &Id| {
+            if !accounts {
+                self.ledger.prefetch_record_index(id);
+            }
+        };
+        match message {
+            PeerMsg::Try { ops, .. } => {
+                for op in ops {
+                    match op {
+                        TryOp::Hold(leg) => account(&leg.account_id),
+                        TryOp::Reserve(t) => record(&t.id),
+                        TryOp::LockPending { pending_id, .. } => record(pending_id),
+                    }
+                }
+            }
+            PeerMsg::Decide { ops, .. } => {
+                for op in ops {
+                    match op {
+                        CommitOp::CommitHold { account_id, .. } => account(account_id),
+                        CommitOp::CommitReservation { id, .. } => record(id),
+                        CommitOp::FinishPending { pending_id, .. } => record(pending_id),
+                        CommitOp::Settle { .. } => {}
+                    }
+                }
+            }
+            PeerMsg::Tried { .. } | PeerMsg::Acked { .. } | PeerMsg::Forget { .. } => {}
         }
     }
 
