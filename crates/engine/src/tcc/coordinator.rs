@@ -768,8 +768,17 @@ fn for_each_try_op(layout: &Layout, item: &Item, mut each: impl FnMut(ExecutorId
 /// Each item's outcome from the parts' answers to their tries.
 fn outcomes_of(layout: &Layout, items: &[Item], parts: &[Part]) -> Vec<ItemOutcome> {
     let tried = items.iter().all(|i| i.static_error.is_none());
-    // The next op of each part, as the items' ops were dealt out.
-    let mut next = vec![0usize; parts.len()];
+    // The next op of each part, as the items' ops were dealt out (on the
+    // stack for the usual few parts).
+    let mut few = [0usize; 8];
+    let mut many = Vec::new();
+    let next: &mut [usize] = match parts.len() {
+        n if n <= few.len() => &mut few[..n],
+        n => {
+            many.resize(n, 0);
+            &mut many
+        }
+    };
     let mut outcomes = Vec::with_capacity(items.len());
     for item in items {
         let mut error = item.static_error;
@@ -833,12 +842,10 @@ fn commit_ops_by_executor(
     let mut by: Vec<(ExecutorId, Vec<CommitOp>)> = Vec::new();
     for (item, outcome) in items.iter().zip(outcomes) {
         let ItemOutcome::Ok { pending } = outcome else { unreachable!("a commit has every item ok") };
-        for (exec, op) in commit_ops_of(layout, item, pending.as_ref()) {
-            match by.binary_search_by_key(&exec, |(e, _)| *e) {
-                Ok(at) => by[at].1.push(op),
-                Err(at) => by.insert(at, (exec, vec![op])),
-            }
-        }
+        commit_ops_of(layout, item, pending.as_ref(), |exec, op| match by.binary_search_by_key(&exec, |(e, _)| *e) {
+            Ok(at) => by[at].1.push(op),
+            Err(at) => by.insert(at, (exec, vec![op])),
+        });
     }
     by
 }
@@ -851,59 +858,44 @@ fn commit_ops_for(layout: &Layout, items: &[Item], outcomes: &[ItemOutcome], exe
         .map_or(Vec::new(), |(_, ops)| ops)
 }
 
-fn commit_ops_of(layout: &Layout, item: &Item, pending: Option<&PendingInfo>) -> Vec<(ExecutorId, CommitOp)> {
+/// Calls `each(executor, op)` for an item's commit ops in order.
+fn commit_ops_of(
+    layout: &Layout,
+    item: &Item,
+    pending: Option<&PendingInfo>,
+    mut each: impl FnMut(ExecutorId, CommitOp),
+) {
     match &item.kind {
         ItemKind::Create => {
             let t = item.record.as_ref().expect("a create has a record");
-            vec![
-                (layout.executor_of_transfer(&t.id), CommitOp::CommitReservation { id: t.id.clone(), filled: None }),
-                (
-                    layout.executor_of_account(&t.debit_account_id),
-                    CommitOp::CommitHold {
-                        transfer_id: t.id.clone(),
-                        side: Side::Debit,
-                        account_id: t.debit_account_id.clone(),
-                    },
-                ),
-                (
-                    layout.executor_of_account(&t.credit_account_id),
-                    CommitOp::CommitHold {
-                        transfer_id: t.id.clone(),
-                        side: Side::Credit,
-                        account_id: t.credit_account_id.clone(),
-                    },
-                ),
-            ]
+            each(layout.executor_of_transfer(&t.id), CommitOp::CommitReservation { id: t.id.clone(), filled: None });
+            for (side, account_id) in [(Side::Debit, &t.debit_account_id), (Side::Credit, &t.credit_account_id)] {
+                each(
+                    layout.executor_of_account(account_id),
+                    CommitOp::CommitHold { transfer_id: t.id.clone(), side, account_id: account_id.clone() },
+                );
+            }
         }
         ItemKind::Resolve { pending_id, kind } => {
             let info = pending.expect("a locked pending transfer answers its info");
             let amount = post_amount(*kind, info);
             let by = item.record.as_ref().map(|t| t.id.clone());
-            let mut ops = Vec::with_capacity(4);
             if let Some(t) = &item.record {
-                ops.push((
+                each(
                     layout.executor_of_transfer(&t.id),
                     CommitOp::CommitReservation { id: t.id.clone(), filled: final_record(item, pending) },
-                ));
+                );
             }
-            ops.push((
+            each(
                 layout.executor_of_transfer(pending_id),
                 CommitOp::FinishPending { pending_id: pending_id.clone(), kind: *kind },
-            ));
-            ops.push((
-                layout.executor_of_account(&info.debit_account_id),
-                CommitOp::Settle {
-                    pending_id: pending_id.clone(),
-                    side: Side::Debit,
-                    post_amount: amount,
-                    by: by.clone(),
-                },
-            ));
-            ops.push((
-                layout.executor_of_account(&info.credit_account_id),
-                CommitOp::Settle { pending_id: pending_id.clone(), side: Side::Credit, post_amount: amount, by },
-            ));
-            ops
+            );
+            for (side, account_id) in [(Side::Debit, &info.debit_account_id), (Side::Credit, &info.credit_account_id)] {
+                each(
+                    layout.executor_of_account(account_id),
+                    CommitOp::Settle { pending_id: pending_id.clone(), side, post_amount: amount, by: by.clone() },
+                );
+            }
         }
     }
 }

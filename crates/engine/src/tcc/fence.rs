@@ -48,12 +48,46 @@ pub enum Undo {
     Lock(Id),
 }
 
+/// A try's answer as a fence keeps it, to answer a repeat.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TryAnswer {
+    /// This many ops, each plainly `Ok` (nearly every try: nothing to copy).
+    AllOk(usize),
+    Results(Vec<OpResult>),
+}
+
+impl TryAnswer {
+    pub fn of(results: &[OpResult]) -> TryAnswer {
+        match results.iter().all(|r| *r == OpResult::Ok) {
+            true => TryAnswer::AllOk(results.len()),
+            false => TryAnswer::Results(results.to_vec()),
+        }
+    }
+
+    pub fn results(&self) -> Vec<OpResult> {
+        match self {
+            TryAnswer::AllOk(ops) => vec![OpResult::Ok; *ops],
+            TryAnswer::Results(results) => results.clone(),
+        }
+    }
+
+    /// The first op that did not succeed (then the try cannot commit).
+    pub fn refused(&self) -> Option<usize> {
+        match self {
+            TryAnswer::AllOk(_) => None,
+            TryAnswer::Results(results) => {
+                results.iter().position(|r| matches!(r, OpResult::Err(_) | OpResult::Exists(_)))
+            }
+        }
+    }
+}
+
 /// A participant's fence while its coordinator still runs the transaction.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Fence {
     /// The try was applied: its answer, and what a cancel releases (nothing
     /// when any op was refused: the try was all or nothing).
-    Tried { results: Vec<OpResult>, undo: Vec<Undo>, deadline_ms: u64 },
+    Tried { answer: TryAnswer, undo: Vec<Undo>, deadline_ms: u64 },
     /// The decision was applied; the balances it answered with, for a repeat.
     Decided { commit: bool, balances: Vec<(Id, Balances)>, deadline_ms: u64 },
     /// A cancel arrived before its try: the try will be refused.
@@ -391,9 +425,17 @@ impl Codec for Undo {
 impl Codec for Fence {
     fn encode(&self, w: &mut Writer) {
         match self {
-            Fence::Tried { results, undo, deadline_ms } => {
-                w.u8(0);
-                results.encode(w);
+            Fence::Tried { answer, undo, deadline_ms } => {
+                match answer {
+                    TryAnswer::AllOk(ops) => {
+                        w.u8(3);
+                        w.varint(*ops as u64);
+                    }
+                    TryAnswer::Results(results) => {
+                        w.u8(0);
+                        results.encode(w);
+                    }
+                }
                 undo.encode(w);
                 w.varint(*deadline_ms);
             }
@@ -411,7 +453,13 @@ impl Codec for Fence {
     }
     fn decode(r: &mut Reader<'_>) -> Result<Self> {
         Ok(match r.u8()? {
-            0 => Fence::Tried { results: Vec::decode(r)?, undo: Vec::decode(r)?, deadline_ms: r.varint()? },
+            tag @ (0 | 3) => {
+                let answer = match tag {
+                    3 => TryAnswer::AllOk(r.len()?),
+                    _ => TryAnswer::Results(Vec::decode(r)?),
+                };
+                Fence::Tried { answer, undo: Vec::decode(r)?, deadline_ms: r.varint()? }
+            }
             1 => Fence::Decided { commit: r.bool()?, balances: Vec::decode(r)?, deadline_ms: r.varint()? },
             2 => Fence::Suspended { deadline_ms: r.varint()? },
             _ => return Err(CodecError("invalid fence")),
@@ -442,11 +490,14 @@ mod tests {
             fences.insert(txn(1, counter), fence);
         }
         // A tried fence is never forgotten: it holds what a decision releases.
-        fences.insert(txn(1, 500), Fence::Tried { results: vec![], undo: vec![], deadline_ms: 1 });
+        let undo = vec![Undo::Hold(Id::parse("t9").unwrap(), Side::Debit)];
+        fences.insert(txn(1, 500), Fence::Tried { answer: TryAnswer::AllOk(1), undo, deadline_ms: 1 });
+        let results = vec![OpResult::Err(peakstack_domain::ErrorCode::ExceedsCredits)];
+        fences.insert(txn(1, 501), Fence::Tried { answer: TryAnswer::of(&results), undo: vec![], deadline_ms: 1 });
         for counter in (1..=200u64).chain([500]) {
             fences.forget(txn(1, counter));
         }
-        assert_eq!((fences.live_count(), fences.retained_count()), (1, 200));
+        assert_eq!((fences.live_count(), fences.retained_count()), (2, 200));
         assert_eq!(fences.get(txn(1, 3)), Found::Retained(FenceState::Confirmed));
         assert_eq!(fences.get(txn(1, 4)), Found::Retained(FenceState::Cancelled));
         assert_eq!(fences.get(txn(1, 5)), Found::Retained(FenceState::Suspended));
@@ -478,6 +529,6 @@ mod tests {
         fences.purge(u64::MAX);
         assert_eq!(fences.retained_count(), 0);
         assert!(fences.retained.is_empty());
-        assert_eq!(fences.live_count(), 1);
+        assert_eq!(fences.live_count(), 2);
     }
 }

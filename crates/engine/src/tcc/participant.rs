@@ -11,7 +11,7 @@
 use peakstack_domain::ledger::{Reservation, TxnView};
 use peakstack_domain::{Balances, ErrorCode, Id};
 
-use super::fence::{Fence, FenceState, Found, Undo};
+use super::fence::{Fence, FenceState, Found, TryAnswer, Undo};
 use super::{effective_deadline, FENCE_RETENTION_MS};
 use crate::executor::{Effects, ExecutorCore};
 use crate::protocol::{CommitOp, ExecutorId, OpResult, PeerMsg, TryOp, TxnId};
@@ -38,7 +38,7 @@ impl ExecutorCore {
     pub(crate) fn on_try(&mut self, txn: TxnId, ops: &[TryOp], deadline_ms: u64, now_ms: u64) -> Vec<OpResult> {
         let refuse = |code| ops.iter().map(|_| OpResult::Err(code)).collect();
         match self.fences.get(txn) {
-            Found::Live(Fence::Tried { results, .. }) => return results.clone(),
+            Found::Live(Fence::Tried { answer, .. }) => return answer.results(),
             // Decided, suspended, or forgotten: a try now would hang.
             Found::Live(_) | Found::Retained(_) => return refuse(ErrorCode::InFlight),
             Found::None => {}
@@ -91,7 +91,7 @@ impl ExecutorCore {
             undo.clear();
         }
         let deadline_ms = effective_deadline(deadline_ms, now_ms);
-        self.fences.insert(txn, Fence::Tried { results: results.clone(), undo, deadline_ms });
+        self.fences.insert(txn, Fence::Tried { answer: TryAnswer::of(&results), undo, deadline_ms });
         results
     }
 
@@ -108,11 +108,11 @@ impl ExecutorCore {
         let deadline_ms = effective_deadline(deadline_ms, now_ms);
         let mut balances = Vec::new();
         match self.fences.take_live(txn) {
-            Some(Fence::Tried { results, undo, deadline_ms }) => {
+            Some(Fence::Tried { answer, undo, deadline_ms }) => {
                 if commit {
                     // The coordinator commits only when every try succeeded:
                     // a commit over a refused try would book money never held.
-                    let refused = results.iter().position(|r| matches!(r, OpResult::Err(_) | OpResult::Exists(_)));
+                    let refused = answer.refused();
                     assert!(
                         refused.is_none(),
                         "executor {}: commit of txn {txn:#x} at a fence whose try {refused:?} did not succeed",
