@@ -66,7 +66,7 @@ fn ledger_near_the_top(head_room: u128) -> Ledger {
         accounts.push(account(clearing_account_id(s, usd()), true, one_side(s % 2 == 0)));
         accounts.push(account(id(&format!("offset-c{s}")), false, one_side(s % 2 != 0)));
     }
-    Ledger::from_snapshot(LedgerSnapshot { accounts, holds: Vec::new(), records: Vec::new() }).unwrap()
+    Ledger::from_snapshot(LedgerSnapshot { accounts, ..LedgerSnapshot::default() }).unwrap()
 }
 
 #[derive(Clone, Debug)]
@@ -218,11 +218,11 @@ proptest! {
                 }
                 Op::Resolve { .. } => false,
             };
-            let before = ledger.snapshot().map(|s| s.accounts);
+            let before = ledger.snapshot().accounts;
             let result = apply(&mut ledger, n, op, &mut pending);
             if expected_overflow {
                 prop_assert_eq!(result, Err(ErrorCode::Overflow), "op {} {:?}", n, op);
-                prop_assert_eq!(ledger.snapshot().map(|s| s.accounts), before, "a refused transfer changed nothing");
+                prop_assert_eq!(ledger.snapshot().accounts, before, "a refused transfer changed nothing");
             } else {
                 prop_assert_eq!(result, Ok(()), "op {} {:?}", n, op);
             }
@@ -287,7 +287,7 @@ fn a_one_sided_booking_breaks_the_check_and_the_assertion_fires() {
 #[test]
 fn a_snapshot_that_does_not_balance_or_passes_2_to_the_128_is_refused() {
     let unbalanced = vec![account(client(0), false, Balances { debits_posted: 5, ..Balances::default() })];
-    let snapshot = |accounts| LedgerSnapshot { accounts, holds: Vec::new(), records: Vec::new() };
+    let snapshot = |accounts| LedgerSnapshot { accounts, ..LedgerSnapshot::default() };
     assert!(Ledger::from_snapshot(snapshot(unbalanced)).is_err());
     let beyond = Balances { debits_posted: u128::MAX, debits_pending: 1, ..Balances::default() };
     let offset = Balances { credits_posted: u128::MAX, credits_pending: 0, ..Balances::default() };

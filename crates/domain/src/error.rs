@@ -84,10 +84,13 @@ pub enum ErrorCode {
     PromotionBuyerLimitReached,
     /// A TCC branch of this transaction was cancelled (or its cancel came first): its try or confirm is refused.
     BranchCancelled,
+    /// A transaction across executors was not decided by its deadline and
+    /// was cancelled: nothing of it was done (retrying is safe).
+    TransactionTimedOut,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 44] = [
+    pub const ALL: [ErrorCode; 45] = [
         ErrorCode::InvalidRequest,
         ErrorCode::AccountNotFound,
         ErrorCode::TransferNotFound,
@@ -133,6 +136,7 @@ impl ErrorCode {
         ErrorCode::PromotionUsageLimitReached,
         ErrorCode::PromotionBuyerLimitReached,
         ErrorCode::BranchCancelled,
+        ErrorCode::TransactionTimedOut,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -181,6 +185,7 @@ impl ErrorCode {
             ErrorCode::PromotionUsageLimitReached => "promotion_usage_limit_reached",
             ErrorCode::PromotionBuyerLimitReached => "promotion_buyer_limit_reached",
             ErrorCode::BranchCancelled => "branch_cancelled",
+            ErrorCode::TransactionTimedOut => "transaction_timed_out",
         }
     }
 
@@ -215,7 +220,7 @@ impl ErrorCode {
             ErrorCode::ExceedsCredits | ErrorCode::ExceedsDebits => 8,
             ErrorCode::Overflow => 9,
             ErrorCode::InFlight => 10,
-            ErrorCode::Unavailable => 10,
+            ErrorCode::Unavailable | ErrorCode::TransactionTimedOut => 10,
             ErrorCode::LinkedEventFailed => 11,
             // The trade parts answer one check at a time.
             ErrorCode::SkuNotFound

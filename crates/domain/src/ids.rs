@@ -88,6 +88,10 @@ impl fmt::Display for Id {
 pub enum AssignedKind {
     Reservation,
     Coupon,
+    /// A global transaction across executors: `txn_<executor>_<counter>`,
+    /// its coordinator's executor id in the shard's place (executor `e`
+    /// owns shard `e`, so it routes as any assigned id).
+    Transaction,
 }
 
 impl AssignedKind {
@@ -95,6 +99,7 @@ impl AssignedKind {
         match self {
             AssignedKind::Reservation => "rsv",
             AssignedKind::Coupon => "cpn",
+            AssignedKind::Transaction => "txn",
         }
     }
 

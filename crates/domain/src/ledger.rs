@@ -201,8 +201,8 @@ pub struct Ledger {
     /// Ids of records that became final, oldest first: the order in which
     /// the engine may evict them (an id may appear twice; eviction checks).
     final_order: VecDeque<Id>,
-    /// Records a transaction has reserved or locked: a snapshot is taken
-    /// only when there are none (counted, so that it need not look).
+    /// Records a transaction has reserved or locked (counted, and checked
+    /// against the records when an image is taken).
     claimed_records: usize,
     /// Committed pending transfers not yet posted, voided or expired: the
     /// `peakstack_ledger_pending_transfers` gauge. Counted where a record
@@ -855,9 +855,21 @@ pub struct HoldSnapshot {
     pub amount: u64,
 }
 
-/// Everything a quiet ledger holds: taken when no transaction has a hold
-/// or a lock, so holds are pending transfers' and every record is committed.
+/// A hold a transaction in flight owns: a leg it tried, or the hold of a
+/// pending transfer it is creating.
 #[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OwnedHold {
+    pub hold: HoldSnapshot,
+    /// It stays once committed: a pending transfer's hold.
+    pub pending: bool,
+    pub owner: Owner,
+}
+
+/// Everything a ledger holds. `holds` and `records` are what a ledger
+/// between transactions has (pending transfers' holds, committed records);
+/// the last three lists are what transactions in flight own (empty in a
+/// checkpoint written before they could be in one).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LedgerSnapshot {
     pub accounts: Vec<Account>,
     pub holds: Vec<HoldSnapshot>,
@@ -865,6 +877,12 @@ pub struct LedgerSnapshot {
     /// ([`LedgerSnapshot::sort_records`]): the order in which a rebuilt
     /// ledger evicts them. [`Ledger::snapshot`] sorts them.
     pub records: Vec<Transfer>,
+    /// Holds owned by transactions in flight, by transfer id and side.
+    pub owned_holds: Vec<OwnedHold>,
+    /// Records reserved by a transaction in flight (not visible yet): (owner, record), by id.
+    pub reserved: Vec<(Owner, Transfer)>,
+    /// Committed pending transfers a transaction in flight locked to resolve: (id, owner), by id.
+    pub locked: Vec<(Id, Owner)>,
 }
 
 impl LedgerSnapshot {
@@ -880,47 +898,79 @@ fn eviction_order(a: &Transfer, b: &Transfer) -> std::cmp::Ordering {
     (a.timestamp_ms, &a.id).cmp(&(b.timestamp_ms, &b.id))
 }
 
-/// A quiet ledger's state as [`Ledger::image`] takes it on the apply
-/// thread: the accounts copied, the records shared (see [`ChunkedVec`]).
-/// Whoever encodes it turns it into the same bytes as a [`LedgerSnapshot`]
-/// with its records sorted; dropping it ends the sharing.
+/// Records reserved by transactions in flight (owner, record), and pending
+/// transfers they locked (id, owner), each by id.
+pub type Claims<'a> = (Vec<(Owner, &'a Transfer)>, Vec<(&'a Id, Owner)>);
+
+/// A ledger's state as [`Ledger::image`] takes it on the apply thread:
+/// the accounts copied, the records shared (see [`ChunkedVec`]). Whoever
+/// encodes it turns it into the same bytes as a [`LedgerSnapshot`] with its
+/// records sorted; dropping it ends the sharing.
 pub struct LedgerImage {
     pub accounts: Vec<Account>,
     pub holds: Vec<HoldSnapshot>,
+    pub owned_holds: Vec<OwnedHold>,
     records: ChunkedVec<Option<Record>>,
+    /// Whether any record is reserved or locked (else the scan for them is skipped).
+    claimed: bool,
 }
 
 impl LedgerImage {
-    /// The records, oldest first by time, then by id (the order of
-    /// [`LedgerSnapshot::sort_records`]).
+    /// The committed records, oldest first by time, then by id (the order
+    /// of [`LedgerSnapshot::sort_records`]).
     pub fn sorted_records(&self) -> Vec<&Transfer> {
-        let mut records: Vec<&Transfer> = self.records.iter().flatten().map(|r| &r.transfer).collect();
+        let mut records: Vec<&Transfer> =
+            self.records.iter().flatten().filter(|r| r.reserved_by == NO_OWNER).map(|r| &r.transfer).collect();
         records.sort_unstable_by(|a, b| eviction_order(a, b));
         records
     }
 
+    /// The records reserved by transactions in flight, and the pending
+    /// transfers they locked, by id (see [`LedgerSnapshot`]).
+    pub fn claims(&self) -> Claims<'_> {
+        if !self.claimed {
+            return (Vec::new(), Vec::new());
+        }
+        let mut reserved: Vec<(Owner, &Transfer)> = Vec::new();
+        let mut locked: Vec<(&Id, Owner)> = Vec::new();
+        for record in self.records.iter().flatten() {
+            if record.reserved_by != NO_OWNER {
+                reserved.push((record.reserved_by, &record.transfer));
+            }
+            if record.locked_by != NO_OWNER {
+                locked.push((&record.transfer.id, record.locked_by));
+            }
+        }
+        reserved.sort_unstable_by(|a, b| a.1.id.cmp(&b.1.id));
+        locked.sort_unstable();
+        (reserved, locked)
+    }
+
     /// The image as a snapshot (records copied, sorted).
     pub fn to_snapshot(&self) -> LedgerSnapshot {
+        let (reserved, locked) = self.claims();
         LedgerSnapshot {
             accounts: self.accounts.clone(),
             holds: self.holds.clone(),
             records: self.sorted_records().into_iter().cloned().collect(),
+            owned_holds: self.owned_holds.clone(),
+            reserved: reserved.into_iter().map(|(owner, t)| (owner, t.clone())).collect(),
+            locked: locked.into_iter().map(|(id, owner)| (id.clone(), owner)).collect(),
         }
     }
 }
 
 impl Ledger {
-    /// The ledger's state, or `None` while a transaction holds or locks
-    /// anything (a snapshot is only taken between transactions).
-    pub fn snapshot(&self) -> Option<LedgerSnapshot> {
-        self.image(Vec::new()).map(|image| image.to_snapshot())
+    /// The ledger's state, with what transactions in flight own.
+    pub fn snapshot(&self) -> LedgerSnapshot {
+        self.image(Vec::new()).to_snapshot()
     }
 
-    /// The ledger's state for a checkpoint, or `None` while a transaction
-    /// holds or locks anything. Cheap enough for the apply thread: the
-    /// accounts are copied into `accounts` (a buffer an earlier image
-    /// left, so that its memory is already mapped), the records are shared.
-    pub fn image(&self, mut accounts: Vec<Account>) -> Option<LedgerImage> {
+    /// The ledger's state for a checkpoint, transactions in flight
+    /// included. Cheap enough for the apply thread: the accounts are copied
+    /// into `accounts` (a buffer an earlier image left, so that its memory
+    /// is already mapped), the records are shared.
+    pub fn image(&self, mut accounts: Vec<Account>) -> LedgerImage {
         debug_assert_eq!(
             self.claimed_records,
             self.records.values().filter(|r| r.reserved_by != NO_OWNER || r.locked_by != NO_OWNER).count(),
@@ -934,23 +984,28 @@ impl Ledger {
                 .count(),
             "pending transfers are counted"
         );
-        if self.claimed_records > 0 || self.holds.values().any(|h| h.owner != NO_OWNER || !h.pending) {
-            return None;
-        }
-        let mut holds: Vec<HoldSnapshot> = self
-            .holds
-            .iter()
-            .map(|((transfer_id, side), h)| HoldSnapshot {
+        let mut holds: Vec<HoldSnapshot> = Vec::with_capacity(self.holds.len());
+        let mut owned_holds: Vec<OwnedHold> = Vec::new();
+        for ((transfer_id, side), h) in &self.holds {
+            let hold = HoldSnapshot {
                 transfer_id: transfer_id.clone(),
                 side: *side,
                 account: h.account,
                 clearing: h.clearing,
                 amount: h.amount,
-            })
-            .collect();
+            };
+            match h.owner {
+                NO_OWNER => {
+                    debug_assert!(h.pending, "a hold nobody owns is a pending transfer's");
+                    holds.push(hold);
+                }
+                owner => owned_holds.push(OwnedHold { hold, pending: h.pending, owner }),
+            }
+        }
         holds.sort_by(|a, b| (&a.transfer_id, a.side).cmp(&(&b.transfer_id, b.side)));
+        owned_holds.sort_by(|a, b| (&a.hold.transfer_id, a.hold.side).cmp(&(&b.hold.transfer_id, b.hold.side)));
         accounts.clone_from(&self.accounts);
-        Some(LedgerImage { accounts, holds, records: self.records.share() })
+        LedgerImage { accounts, holds, owned_holds, records: self.records.share(), claimed: self.claimed_records > 0 }
     }
 
     /// Rebuilds a ledger from a snapshot, checking that it is consistent.
@@ -974,18 +1029,18 @@ impl Ledger {
             ledger.push_account(account);
         }
         let count = ledger.accounts.len() as u32;
-        for h in snapshot.holds {
+        let free = snapshot.holds.into_iter().map(|hold| OwnedHold { hold, pending: true, owner: NO_OWNER });
+        let owned = snapshot.owned_holds.into_iter().map(|h| match h.owner {
+            NO_OWNER => Err("a hold owned by nobody among the owned ones"),
+            _ => Ok(h),
+        });
+        for owned in free.map(Ok).chain(owned) {
+            let OwnedHold { hold: h, pending, owner } = owned?;
             if h.account >= count || h.clearing.is_some_and(|c| c >= count) {
                 return Err("a hold names an account that does not exist");
             }
-            let hold = Hold {
-                account: h.account,
-                clearing: h.clearing,
-                side: h.side,
-                amount: h.amount,
-                pending: true,
-                owner: NO_OWNER,
-            };
+            let hold =
+                Hold { account: h.account, clearing: h.clearing, side: h.side, amount: h.amount, pending, owner };
             if ledger.holds.insert((h.transfer_id, h.side), hold).is_some() {
                 return Err("a hold appears twice");
             }
@@ -1006,8 +1061,27 @@ impl Ledger {
                 return Err("a record appears twice");
             }
         }
-        // Taken between transactions, a snapshot balances: one that does
-        // not is damaged, and replaying onto it would stop at the first batch.
+        for (owner, transfer) in snapshot.reserved {
+            if owner == NO_OWNER {
+                return Err("a reserved record owned by nobody");
+            }
+            if ledger.records.insert(Record { transfer, reserved_by: owner, locked_by: NO_OWNER }).is_some() {
+                return Err("a record appears twice");
+            }
+            ledger.claimed_records += 1;
+        }
+        for (id, owner) in snapshot.locked {
+            let record = ledger.records.get_mut(&id).ok_or("a lock on a record that does not exist")?;
+            let lockable = record.reserved_by == NO_OWNER && record.transfer.status == TransferStatus::Pending;
+            if !lockable || record.locked_by != NO_OWNER || owner == NO_OWNER {
+                return Err("a lock on a record that is not a pending transfer free to lock");
+            }
+            record.locked_by = owner;
+            ledger.claimed_records += 1;
+        }
+        // A snapshot balances (every hold is booked on both sides of this
+        // ledger): one that does not is damaged, and replaying onto it
+        // would stop at the first batch.
         ledger.check_balanced().map_err(|_| "the accounts' balances do not net to zero per currency")?;
         Ok(ledger)
     }
@@ -1076,20 +1150,36 @@ mod snapshot_tests {
                 pending: true,
             };
             ledger.hold(&leg, 3, 9, &mut view, 10).unwrap();
-            assert!(ledger.snapshot().is_none(), "no snapshot while a transaction holds");
+        }
+        // With the transaction in flight (its holds and reservation owned):
+        // the snapshot keeps them, and rebuilds the same ledger.
+        let in_flight = ledger.snapshot();
+        assert_eq!((in_flight.owned_holds.len(), in_flight.reserved.len()), (2, 1));
+        let rebuilt = Ledger::from_snapshot(in_flight.clone()).unwrap();
+        assert_eq!(rebuilt.snapshot(), in_flight);
+        assert!(rebuilt.is_undecided(&id("p1")));
+        for side in [Side::Debit, Side::Credit] {
             ledger.commit_hold(&id("p1"), side, 9);
         }
         ledger.commit_reservation(&id("p1"), 9, None);
-        let mut snapshot = ledger.snapshot().expect("quiet");
+        let mut snapshot = ledger.snapshot();
+        assert!(snapshot.owned_holds.is_empty() && snapshot.reserved.is_empty());
         snapshot.sort_records();
         let rebuilt = Ledger::from_snapshot(snapshot.clone()).unwrap();
-        let mut again = rebuilt.snapshot().expect("quiet");
+        let mut again = rebuilt.snapshot();
         again.sort_records();
         assert_eq!(again, snapshot);
         assert_eq!(rebuilt.due_expiries(20, 10), vec![id("p1")]);
         assert_eq!(rebuilt.net_total(), 0);
         assert_eq!(ledger.pending_transfer_count(), 1);
         assert_eq!(rebuilt.pending_transfer_count(), 1, "the count is rebuilt from the records");
+        // A lock on the pending transfer (a post in flight) is kept too.
+        ledger.lock_pending(&id("p1"), ResolveKind::Void, 12, 11).unwrap();
+        let locked = ledger.snapshot();
+        assert_eq!(locked.locked, vec![(id("p1"), 12)]);
+        let rebuilt = Ledger::from_snapshot(locked.clone()).unwrap();
+        assert_eq!(rebuilt.snapshot(), locked);
+        assert_eq!(rebuilt.due_expiries(20, 10), Vec::<Id>::new(), "a locked transfer is not due");
         let _ = Amount::new(1);
     }
 }

@@ -2,12 +2,13 @@
 //! recovery loads it and replays only the log after it, and the log segments
 //! it covers can be deleted.
 //!
-//! A checkpoint is taken only between transactions (no transaction in
-//! flight, no fence kept): then it is the ledger, two counters, and how far
-//! the derived files (history, archive) reached. It is written by the log
-//! thread after the batch it covers is durable and the history and archive
-//! are synced, atomically (temporary file, fsync, rename, fsync of the
-//! directory). File: `[magic "PSCK"][format: u32][crc32c of payload: u32]
+//! A checkpoint may be taken at any batch boundary: it is the ledger (with
+//! what transactions in flight hold, reserve and lock), the parts, the
+//! protocol's transactions and fences, two counters, and how far the
+//! derived files (history, archive) reached. It is written by the
+//! checkpoint thread after the batch it covers is durable and the history
+//! and archive are synced, atomically (temporary file, fsync, rename, fsync
+//! of the directory). File: `[magic "PSCK"][format: u32][crc32c of payload: u32]
 //! [payload length: u64][payload]`.
 
 use std::fs::{self, File};
@@ -25,7 +26,10 @@ const MAGIC: &[u8; 4] = b"PSCK";
 /// format 1 refuses a format 2 file instead of misreading a balance past u64.
 /// 3: the parts' sections follow the ledger (see `parts.rs`); formats 1
 /// and 2 read as an executor without parts.
-const FORMAT: u32 = 3;
+/// 4: the protocol's section follows them (the transactions the executor
+/// coordinates and its fences, see `tcc/`); formats 1-3, taken only
+/// between transactions, read with none.
+const FORMAT: u32 = 4;
 /// The oldest format this build reads.
 const OLDEST_FORMAT: u32 = 1;
 
@@ -44,6 +48,9 @@ pub struct Checkpoint<L = LedgerSnapshot> {
     /// The parts' checkpoint sections (see `Parts::encode_checkpoint`);
     /// empty in a checkpoint written before the executor hosted parts.
     pub parts: Vec<u8>,
+    /// The protocol's section (see `ExecutorCore::checkpoint`); empty in a
+    /// checkpoint of format 3 or older.
+    pub tcc: Vec<u8>,
 }
 
 /// The ledger part of a checkpoint, in the one format both forms share.
@@ -79,6 +86,8 @@ impl<L: CheckpointLedger> Checkpoint<L> {
         self.ledger.encode_ledger(&mut w);
         w.varint(self.parts.len() as u64);
         w.buf.extend_from_slice(&self.parts);
+        w.varint(self.tcc.len() as u64);
+        w.buf.extend_from_slice(&self.tcc);
         let mut out = w.buf;
         let payload_len = (out.len() - HEADER_BYTES) as u64;
         let crc = crc32c::crc32c(&out[HEADER_BYTES..]);
@@ -120,13 +129,22 @@ impl Checkpoint {
             next_txn: r.u64().map_err(|e| e.to_string())?,
             history_len: r.u64().map_err(|e| e.to_string())?,
             archive_runs: u32::try_from(r.varint().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?,
-            ledger: LedgerSnapshot::decode(&mut r).map_err(|e| e.to_string())?,
+            ledger: match format {
+                4.. => LedgerSnapshot::decode(&mut r),
+                _ => codec::decode_ledger_before_4(&mut r),
+            }
+            .map_err(|e| e.to_string())?,
             parts: Vec::new(),
+            tcc: Vec::new(),
         };
         let mut checkpoint = checkpoint;
         if format >= 3 {
             let len = r.len().map_err(|e| e.to_string())?;
             checkpoint.parts = r.bytes(len).map_err(|e| e.to_string())?.to_vec();
+        }
+        if format >= 4 {
+            let len = r.len().map_err(|e| e.to_string())?;
+            checkpoint.tcc = r.bytes(len).map_err(|e| e.to_string())?.to_vec();
         }
         if !r.is_empty() {
             return Err("trailing bytes in checkpoint".into());
@@ -168,7 +186,7 @@ pub fn store(dir: &Path, bytes: &[u8]) -> io::Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use peakstack_domain::ledger::HoldSnapshot;
+    use peakstack_domain::ledger::{HoldSnapshot, OwnedHold};
     use peakstack_domain::{
         Account, AccountFlags, Balances, Currency, Id, NewAccount, Side, Transfer, TransferKind, TransferStatus,
     };
@@ -190,14 +208,27 @@ mod tests {
         );
         account.balances = Balances { debits_pending: 1, debits_posted: 2, credits_pending: 3, credits_posted: 4 };
         account.history_head = 77;
+        let pending_record = Transfer {
+            id: id("p"),
+            debit_account_id: id("a"),
+            credit_account_id: id("b"),
+            amount: 1,
+            currency: usd,
+            kind: TransferKind::Pending { timeout_ms: 0, expires_at_ms: 0 },
+            status: TransferStatus::Pending,
+            posted_amount: None,
+            timestamp_ms: 5,
+            details: None,
+        };
         let checkpoint = Checkpoint {
             sequence: 9,
             time_ms: 10,
             next_txn: 11,
             history_len: 12,
             archive_runs: 2,
-            // The parts' sections are opaque here (see `parts.rs`).
+            // The parts' and the protocol's sections are opaque here.
             parts: vec![1, 2, 3],
+            tcc: vec![4, 5],
             ledger: LedgerSnapshot {
                 accounts: vec![account],
                 holds: vec![HoldSnapshot {
@@ -207,18 +238,21 @@ mod tests {
                     clearing: None,
                     amount: 1,
                 }],
-                records: vec![Transfer {
-                    id: id("p"),
-                    debit_account_id: id("a"),
-                    credit_account_id: id("b"),
-                    amount: 1,
-                    currency: usd,
-                    kind: TransferKind::Pending { timeout_ms: 0, expires_at_ms: 0 },
-                    status: TransferStatus::Pending,
-                    posted_amount: None,
-                    timestamp_ms: 5,
-                    details: None,
+                records: vec![pending_record.clone()],
+                // What transactions in flight own (format 4).
+                owned_holds: vec![OwnedHold {
+                    hold: HoldSnapshot {
+                        transfer_id: id("q"),
+                        side: Side::Credit,
+                        account: 0,
+                        clearing: None,
+                        amount: 2,
+                    },
+                    pending: false,
+                    owner: 1 << 48 | 3,
                 }],
+                reserved: vec![(1 << 48 | 3, Transfer { id: id("q"), ..pending_record.clone() })],
+                locked: vec![(id("p"), 4)],
             },
         };
         let bytes = checkpoint.encode();
@@ -235,13 +269,31 @@ mod tests {
 
         // Formats 1 (u64 balances: the same payload bytes below 2^64) and
         // 2 had no parts' sections: their files read as an executor
-        // without parts. A format past this build's is refused.
-        let without_parts = Checkpoint { parts: Vec::new(), ..checkpoint.clone() };
+        // without parts; format 3 had no protocol section, and none of
+        // them anything owned by a transaction in flight. A format past
+        // this build's is refused.
+        let quiet =
+            LedgerSnapshot { owned_holds: vec![], reserved: vec![], locked: vec![], ..checkpoint.ledger.clone() };
+        let without_parts = Checkpoint { parts: Vec::new(), tcc: Vec::new(), ledger: quiet, ..checkpoint.clone() };
+        let without_tcc = Checkpoint { parts: checkpoint.parts.clone(), ..without_parts.clone() };
         let older = |format: u32| {
-            let mut old = without_parts.encode();
-            old.pop(); // the empty sections' length: formats 1 and 2 end at the ledger
+            let of = if format < 3 { &without_parts } else { &without_tcc };
+            let mut w = Writer { buf: vec![0; HEADER_BYTES] };
+            for field in [of.sequence, of.time_ms, of.next_txn, of.history_len] {
+                w.u64(field);
+            }
+            w.varint(u64::from(of.archive_runs));
+            codec::Codec::encode(&of.ledger.accounts, &mut w);
+            codec::Codec::encode(&of.ledger.holds, &mut w);
+            codec::Codec::encode(&of.ledger.records, &mut w);
+            if format == 3 {
+                w.varint(of.parts.len() as u64);
+                w.buf.extend_from_slice(&of.parts);
+            }
+            let mut old = w.buf;
             let payload_len = (old.len() - HEADER_BYTES) as u64;
             let crc = crc32c::crc32c(&old[HEADER_BYTES..]);
+            old[..4].copy_from_slice(MAGIC);
             old[4..8].copy_from_slice(&format.to_le_bytes());
             old[8..12].copy_from_slice(&crc.to_le_bytes());
             old[12..20].copy_from_slice(&payload_len.to_le_bytes());
@@ -249,14 +301,15 @@ mod tests {
         };
         assert_eq!(older(1).unwrap(), without_parts);
         assert_eq!(older(2).unwrap(), without_parts);
+        assert_eq!(older(3).unwrap(), without_tcc);
         let with_format = |format: u32| {
             let mut bytes = bytes.clone();
             bytes[4..8].copy_from_slice(&format.to_le_bytes());
             Checkpoint::decode(&bytes)
         };
-        assert_eq!(u32::from_le_bytes(bytes[4..8].try_into().unwrap()), 3, "written as format 3");
-        let newer = with_format(4).unwrap_err();
-        assert!(newer.contains("format 4 was written by a newer peakstack"), "{newer}");
+        assert_eq!(u32::from_le_bytes(bytes[4..8].try_into().unwrap()), 4, "written as format 4");
+        let newer = with_format(5).unwrap_err();
+        assert!(newer.contains("format 5 was written by a newer peakstack"), "{newer}");
         assert!(with_format(0).is_err());
     }
 
@@ -280,8 +333,9 @@ mod tests {
             next_txn: 3,
             history_len: 0,
             archive_runs: 0,
-            ledger: LedgerSnapshot { accounts: vec![debtor, creditor], holds: vec![], records: vec![] },
+            ledger: LedgerSnapshot { accounts: vec![debtor, creditor], ..LedgerSnapshot::default() },
             parts: Vec::new(),
+            tcc: Vec::new(),
         };
         let decoded = Checkpoint::decode(&checkpoint.encode()).unwrap();
         assert_eq!(decoded, checkpoint);
@@ -344,18 +398,19 @@ mod tests {
                 archive_runs: 7,
                 ledger,
                 parts: Vec::new(),
+                tcc: Vec::new(),
             }
         }
-        let snapshot = ledger.snapshot().expect("quiet");
+        let snapshot = ledger.snapshot();
         let mut sorted = snapshot.clone();
         sorted.sort_records();
         assert_eq!((snapshot.records.len(), &sorted), (600, &snapshot), "every record in memory, oldest first");
-        let image = ledger.image(Vec::new()).expect("quiet");
+        let image = ledger.image(Vec::new());
         apply(&mut ledger, 700..900);
         ledger.evict_oldest_into(300, &mut evicted);
         let bytes = header(image).encode();
         assert_eq!(bytes, header(snapshot.clone()).encode());
         assert_eq!(Checkpoint::decode(&bytes).unwrap().ledger, snapshot);
-        assert_ne!(ledger.snapshot().unwrap(), snapshot, "the ledger did move on");
+        assert_ne!(ledger.snapshot(), snapshot, "the ledger did move on");
     }
 }

@@ -14,6 +14,7 @@ use peakstack_domain::{
 use std::sync::Arc;
 
 use crate::protocol::{CommitOp, IdempotencyTag, Input, OpResult, Origin, PeerMsg, TryOp};
+use crate::tcc::NO_DEADLINE;
 
 pub use peakstack_domain::wire::{CodecError, Reader, Writer};
 
@@ -580,12 +581,16 @@ impl Codec for CommitOp {
     }
 }
 
+/// Peer message tags: 0-4 as first written; 5 and 6 are `Try` and
+/// `Decide` with their transaction's deadline (0 and 2, logged before
+/// deadlines existed, read with [`NO_DEADLINE`]).
 impl Codec for PeerMsg {
     fn encode(&self, w: &mut Writer) {
         match self {
-            PeerMsg::Try { txn, ops } => {
-                w.u8(0);
+            PeerMsg::Try { txn, ops, deadline_ms } => {
+                w.u8(5);
                 w.u64(*txn);
+                w.varint(*deadline_ms);
                 ops.encode(w);
             }
             PeerMsg::Tried { txn, results } => {
@@ -593,9 +598,10 @@ impl Codec for PeerMsg {
                 w.u64(*txn);
                 results.encode(w);
             }
-            PeerMsg::Decide { txn, commit, ops } => {
-                w.u8(2);
+            PeerMsg::Decide { txn, commit, ops, deadline_ms } => {
+                w.u8(6);
                 w.u64(*txn);
+                w.varint(*deadline_ms);
                 w.bool(*commit);
                 ops.encode(w);
             }
@@ -612,9 +618,11 @@ impl Codec for PeerMsg {
     }
     fn decode(r: &mut Reader<'_>) -> Result<Self> {
         Ok(match r.u8()? {
-            0 => PeerMsg::Try { txn: r.u64()?, ops: Vec::decode(r)? },
+            0 => PeerMsg::Try { txn: r.u64()?, ops: Vec::decode(r)?, deadline_ms: NO_DEADLINE },
+            5 => PeerMsg::Try { txn: r.u64()?, deadline_ms: r.varint()?, ops: Vec::decode(r)? },
             1 => PeerMsg::Tried { txn: r.u64()?, results: Vec::decode(r)? },
-            2 => PeerMsg::Decide { txn: r.u64()?, commit: r.bool()?, ops: Vec::decode(r)? },
+            2 => PeerMsg::Decide { txn: r.u64()?, commit: r.bool()?, ops: Vec::decode(r)?, deadline_ms: NO_DEADLINE },
+            6 => PeerMsg::Decide { txn: r.u64()?, deadline_ms: r.varint()?, commit: r.bool()?, ops: Vec::decode(r)? },
             3 => PeerMsg::Acked { txn: r.u64()?, balances: Vec::decode(r)? },
             4 => PeerMsg::Forget { txn: r.u64()? },
             _ => return Err(CodecError("invalid peer message")),
@@ -658,6 +666,13 @@ impl Codec for Input {
                 w.u8(7);
                 command.encode(w);
             }
+            Input::Deadlines { txns } => {
+                w.u8(8);
+                w.varint(txns.len() as u64);
+                for txn in txns {
+                    w.u64(*txn);
+                }
+            }
             Input::Peer { from, messages } => {
                 w.u8(3);
                 w.varint(u64::from(*from));
@@ -690,6 +705,13 @@ impl Codec for Input {
             }
             2 => Input::Expire { pending_ids: Vec::decode(r)? },
             7 => Input::Part(crate::parts::PartCommand::decode(r)?),
+            8 => {
+                let mut txns = Vec::new();
+                for _ in 0..r.len()? {
+                    txns.push(r.u64()?);
+                }
+                Input::Deadlines { txns }
+            }
             3 => Input::Peer {
                 from: u16::try_from(r.varint()?).map_err(|_| CodecError("invalid executor"))?,
                 messages: Vec::decode(r)?,
@@ -783,6 +805,7 @@ mod tests {
             }),
         });
         round_trip(Input::Expire { pending_ids: vec![id("t1")] });
+        round_trip(Input::Deadlines { txns: vec![1 << 48 | 3, 7] });
         round_trip(Input::Part(crate::parts::PartCommand::Inventory(peakstack_inventory::Command::Restock {
             sku_id: id("s1"),
             quantity: 3,
@@ -792,6 +815,7 @@ mod tests {
             messages: vec![
                 PeerMsg::Try {
                     txn: 1 << 48 | 5,
+                    deadline_ms: 6_000,
                     ops: vec![
                         TryOp::Reserve(transfer.clone()),
                         TryOp::Hold(Leg {
@@ -823,6 +847,7 @@ mod tests {
                 PeerMsg::Decide {
                     txn: 9,
                     commit: true,
+                    deadline_ms: 7_000,
                     ops: vec![
                         CommitOp::CommitHold { transfer_id: id("t1"), side: Side::Debit, account_id: id("a") },
                         CommitOp::CommitReservation { id: id("t1"), filled: Some(transfer) },
@@ -929,6 +954,30 @@ mod tests {
         assert_eq!(Transfer::decode(&mut Reader::new(&flagged)), Err(CodecError("invalid transfer details")));
     }
 
+    /// A `Try` or `Decide` logged before deadlines existed (tags 0 and 2)
+    /// reads with no deadline; written again it takes the new tags.
+    #[test]
+    fn peer_messages_from_before_deadlines_decode_without_one() {
+        let txn: u64 = 1 << 48 | 5;
+        let mut old_try = vec![0u8];
+        old_try.extend_from_slice(&txn.to_le_bytes());
+        old_try.push(0); // no ops
+        let mut old_decide = vec![2u8];
+        old_decide.extend_from_slice(&txn.to_le_bytes());
+        old_decide.extend_from_slice(&[1, 0]); // commit, no ops
+        assert_eq!(
+            PeerMsg::decode(&mut Reader::new(&old_try)),
+            Ok(PeerMsg::Try { txn, ops: vec![], deadline_ms: NO_DEADLINE })
+        );
+        assert_eq!(
+            PeerMsg::decode(&mut Reader::new(&old_decide)),
+            Ok(PeerMsg::Decide { txn, commit: true, ops: vec![], deadline_ms: NO_DEADLINE })
+        );
+        let mut w = Writer::default();
+        PeerMsg::Try { txn, ops: vec![], deadline_ms: 9 }.encode(&mut w);
+        assert_eq!(w.buf[0], 5);
+    }
+
     #[test]
     fn a_u128_varint_past_2_to_the_128_is_corrupt() {
         let mut w = Writer::default();
@@ -944,11 +993,11 @@ mod tests {
     }
 }
 
-pub use snapshot::encode_ledger_image;
+pub use snapshot::{decode_ledger_before_4, encode_ledger_image};
 
 mod snapshot {
     use super::*;
-    use peakstack_domain::ledger::{HoldSnapshot, LedgerImage, LedgerSnapshot};
+    use peakstack_domain::ledger::{HoldSnapshot, LedgerImage, LedgerSnapshot, OwnedHold};
     use peakstack_domain::Account;
 
     impl Codec for Account {
@@ -1006,6 +1055,17 @@ mod snapshot {
         }
     }
 
+    impl Codec for OwnedHold {
+        fn encode(&self, w: &mut Writer) {
+            self.hold.encode(w);
+            w.bool(self.pending);
+            w.u64(self.owner);
+        }
+        fn decode(r: &mut Reader<'_>) -> Result<Self> {
+            Ok(OwnedHold { hold: HoldSnapshot::decode(r)?, pending: r.bool()?, owner: r.u64()? })
+        }
+    }
+
     /// Encodes an image exactly as the [`LedgerSnapshot`] it stands for,
     /// records sorted, without copying them out.
     pub fn encode_ledger_image(image: &LedgerImage, w: &mut Writer) {
@@ -1016,16 +1076,62 @@ mod snapshot {
         for record in records {
             record.encode(w);
         }
+        image.owned_holds.encode(w);
+        let (reserved, locked) = image.claims();
+        w.varint(reserved.len() as u64);
+        for (owner, record) in reserved {
+            w.u64(owner);
+            record.encode(w);
+        }
+        w.varint(locked.len() as u64);
+        for (id, owner) in locked {
+            id.encode(w);
+            w.u64(owner);
+        }
     }
 
+    /// Checkpoint format 4: what transactions in flight own follows the
+    /// three lists of formats 1-3 (see [`decode_ledger_before_4`]).
     impl Codec for LedgerSnapshot {
         fn encode(&self, w: &mut Writer) {
             self.accounts.encode(w);
             self.holds.encode(w);
             self.records.encode(w);
+            self.owned_holds.encode(w);
+            w.varint(self.reserved.len() as u64);
+            for (owner, record) in &self.reserved {
+                w.u64(*owner);
+                record.encode(w);
+            }
+            w.varint(self.locked.len() as u64);
+            for (id, owner) in &self.locked {
+                id.encode(w);
+                w.u64(*owner);
+            }
         }
         fn decode(r: &mut Reader<'_>) -> Result<Self> {
-            Ok(LedgerSnapshot { accounts: Vec::decode(r)?, holds: Vec::decode(r)?, records: Vec::decode(r)? })
+            let mut snapshot = decode_ledger_before_4(r)?;
+            snapshot.owned_holds = Vec::decode(r)?;
+            for _ in 0..r.len()? {
+                let owner = r.u64()?;
+                snapshot.reserved.push((owner, Transfer::decode(r)?));
+            }
+            for _ in 0..r.len()? {
+                let id = Id::decode(r)?;
+                snapshot.locked.push((id, r.u64()?));
+            }
+            Ok(snapshot)
         }
+    }
+
+    /// A ledger of checkpoint formats 1-3: taken between transactions, so
+    /// nothing is owned by one.
+    pub fn decode_ledger_before_4(r: &mut Reader<'_>) -> Result<LedgerSnapshot> {
+        Ok(LedgerSnapshot {
+            accounts: Vec::decode(r)?,
+            holds: Vec::decode(r)?,
+            records: Vec::decode(r)?,
+            ..LedgerSnapshot::default()
+        })
     }
 }

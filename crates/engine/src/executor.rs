@@ -7,11 +7,7 @@
 //! only then lets the effects out. Replaying the logged inputs gives the same
 //! state, the same transaction ids and the same messages.
 
-use std::collections::BTreeMap;
-
-type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
-
-use peakstack_domain::ledger::{Booked, LedgerImage, Leg, LocalOutcome, PendingInfo, ResolveKind, TxnView};
+use peakstack_domain::ledger::{Booked, LedgerImage, LocalOutcome};
 
 use crate::checkpoint::Checkpoint;
 use crate::history::{LegEntry, LegEvent};
@@ -24,9 +20,12 @@ use crate::codec::{Reader, Writer};
 use crate::layout::Layout;
 use crate::parts::{PartCommand, PartReply, Parts};
 use crate::protocol::{
-    AnsweredBalances, AuditEvent, CommitOp, ExecutorId, Input, OpResult, Origin, PeerMsg, TransferOutcome,
-    TransferResult, TryOp, TxnId,
+    AnsweredBalances, AuditEvent, CommitOp, ExecutorId, Input, Origin, PeerMsg, TransferOutcome, TransferResult, TryOp,
+    TxnId,
 };
+use crate::tcc::coordinator::Coordinator;
+use crate::tcc::fence::Fences;
+use crate::tcc::{TxnFilter, TxnView};
 
 /// The answer to opening an account: the account and whether it was created now.
 pub type AccountReply = Result<(Account, bool), ErrorCode>;
@@ -82,67 +81,14 @@ impl Effects {
     }
 }
 
-enum Fence {
-    Tried {
-        ops: Vec<TryOp>,
-        results: Vec<OpResult>,
-    },
-    Decided,
-    /// A cancel arrived before its try: the try will be refused.
-    Suspended,
-}
-
-#[derive(Clone)]
-enum ItemKind {
-    Create,
-    Resolve { pending_id: Id, kind: ResolveKind },
-}
-
-struct Item {
-    kind: ItemKind,
-    /// The record reserved on the id's home (None for an expiry).
-    record: Option<Transfer>,
-    /// Where this item's try ops went: (executor, index in that part's ops).
-    op_refs: Vec<(ExecutorId, usize)>,
-    static_error: Option<ErrorCode>,
-}
-
-#[derive(Default)]
-struct Part {
-    try_ops: Vec<TryOp>,
-    tried: Option<Vec<OpResult>>,
-    commit_ops: Vec<CommitOp>,
-    acked: bool,
-}
-
-struct Txn {
-    client: Option<(ClientTag, Vec<usize>)>,
-    origin: Option<Origin>,
-    items: Vec<Item>,
-    parts: BTreeMap<ExecutorId, Part>,
-    /// Set once decided.
-    decision: Option<bool>,
-    outcomes: Vec<ItemOutcome>,
-    balances: HashMap<Id, Balances>,
-}
-
-#[derive(Clone)]
-enum ItemOutcome {
-    Ok { pending: Option<PendingInfo> },
-    Exists(Transfer),
-    Err(ErrorCode),
-}
-
-/// Bits of a [`TxnId`] below the coordinator's executor id: its counter.
-const TXN_COUNTER_BITS: u32 = 48;
-
 pub struct ExecutorCore {
-    id: ExecutorId,
-    layout: Layout,
-    ledger: Ledger,
-    next_txn: u64,
-    txns: HashMap<TxnId, Txn>,
-    fences: HashMap<TxnId, Fence>,
+    pub(crate) id: ExecutorId,
+    pub(crate) layout: Layout,
+    pub(crate) ledger: Ledger,
+    /// The transactions it coordinates (see `tcc/coordinator.rs`).
+    pub(crate) coordinator: Coordinator,
+    /// The fences of the transactions it takes part in (see `tcc/fence.rs`).
+    pub(crate) fences: Fences,
     /// Length of this executor's history file once every entry so far is
     /// appended: the next entry's offset.
     history_len: u64,
@@ -156,9 +102,8 @@ impl ExecutorCore {
             id,
             layout,
             ledger: Ledger::new(),
-            next_txn: 1,
-            txns: HashMap::default(),
-            fences: HashMap::default(),
+            coordinator: Coordinator::new(1),
+            fences: Fences::default(),
             history_len: 0,
             parts: Parts::default(),
         }
@@ -177,34 +122,36 @@ impl ExecutorCore {
         self.history_len
     }
 
-    /// The state for a checkpoint, or `None` while a transaction is in
-    /// flight or a fence is kept (checkpoints are taken between them).
-    /// `accounts` is a buffer to copy the accounts into (see [`Ledger::image`]).
+    /// The state for a checkpoint, at any batch boundary: transactions in
+    /// flight, their holds, reservations and locks, and the fences
+    /// included. `accounts` is a buffer to copy the accounts into (see
+    /// [`Ledger::image`]).
     pub fn checkpoint(
         &self,
         sequence: u64,
         time_ms: u64,
         archive_runs: u32,
         accounts: Vec<Account>,
-    ) -> Option<Checkpoint<LedgerImage>> {
-        if !self.is_quiet() {
-            return None;
-        }
-        Some(Checkpoint {
+    ) -> Checkpoint<LedgerImage> {
+        Checkpoint {
             sequence,
             time_ms,
-            next_txn: self.next_txn,
+            next_txn: self.coordinator.next_txn,
             history_len: self.history_len,
             archive_runs,
-            ledger: self.ledger.image(accounts)?,
+            ledger: self.ledger.image(accounts),
             parts: self.parts_section(),
-        })
+            tcc: self.tcc_section(),
+        }
     }
 
-    /// No transaction in flight and no fence kept: a moment a checkpoint
-    /// may be taken at.
-    pub fn is_quiet(&self) -> bool {
-        self.txns.is_empty() && self.fences.is_empty()
+    /// The protocol's checkpoint section: the transactions this executor
+    /// coordinates, then its fences.
+    fn tcc_section(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        self.encode_txns(&mut w);
+        self.fences.encode(&mut w);
+        w.buf
     }
 
     /// An executor as a checkpoint left it.
@@ -214,22 +161,27 @@ impl ExecutorCore {
             true => Parts::default(),
             false => Parts::decode_checkpoint(&mut Reader::new(&checkpoint.parts)).map_err(|e| e.to_string())?,
         };
+        let (coordinator, fences) = match checkpoint.tcc.is_empty() {
+            // Written when checkpoints were taken only between transactions.
+            true => (Coordinator::new(checkpoint.next_txn), Fences::default()),
+            false => {
+                let mut r = Reader::new(&checkpoint.tcc);
+                let coordinator = ExecutorCore::decode_txns(&mut r, checkpoint.next_txn, checkpoint.time_ms)
+                    .map_err(|e| e.to_string())?;
+                let fences = Fences::decode(&mut r).map_err(|e| e.to_string())?;
+                if !r.is_empty() {
+                    return Err("trailing bytes in the checkpoint's protocol section".into());
+                }
+                (coordinator, fences)
+            }
+        };
         let ledger = Ledger::from_snapshot(checkpoint.ledger).map_err(str::to_string)?;
         for account in ledger.accounts() {
             if layout.executor_of_account(&account.id) != id {
                 return Err(format!("account {} does not belong to executor {id}", account.id));
             }
         }
-        Ok(ExecutorCore {
-            id,
-            layout,
-            ledger,
-            next_txn: checkpoint.next_txn,
-            txns: HashMap::default(),
-            fences: HashMap::default(),
-            history_len: checkpoint.history_len,
-            parts,
-        })
+        Ok(ExecutorCore { id, layout, ledger, coordinator, fences, history_len: checkpoint.history_len, parts })
     }
 
     /// The parts' checkpoint sections.
@@ -275,16 +227,28 @@ impl ExecutorCore {
     }
 
     pub fn txns_in_flight(&self) -> usize {
-        self.txns.len()
+        self.coordinator.txns.len()
     }
 
+    /// Live fences: of transactions whose coordinator has not forgotten them.
     pub fn fence_count(&self) -> usize {
-        self.fences.len()
+        self.fences.live_count()
+    }
+
+    /// Fences kept after their coordinator forgot the transaction, until
+    /// its deadline and [`crate::tcc::FENCE_RETENTION_MS`] pass.
+    pub fn retained_fence_count(&self) -> usize {
+        self.fences.retained_count()
     }
 
     /// The executor that coordinates `txn` (its id is in the top 16 bits).
     pub fn coordinator_of(txn: TxnId) -> ExecutorId {
-        (txn >> TXN_COUNTER_BITS) as ExecutorId
+        crate::tcc::coordinator_of(txn)
+    }
+
+    /// Unfinished transactions this executor coordinates (see [`TxnFilter`]).
+    pub fn list_transactions(&self, filter: TxnFilter, limit: usize, now_ms: u64) -> Vec<TxnView> {
+        self.transactions(filter, None, limit, now_ms)
     }
 
     /// Applies one input. Returns the answer to an account creation, if it
@@ -353,19 +317,27 @@ impl ExecutorCore {
             }
             Input::Expire { pending_ids } => {
                 for pending_id in pending_ids {
-                    let item = Item {
-                        kind: ItemKind::Resolve { pending_id: pending_id.clone(), kind: ResolveKind::Expire },
-                        record: None,
-                        op_refs: Vec::new(),
-                        static_error: None,
-                    };
-                    self.start_txn(vec![item], None, None, now_ms, fx);
+                    self.start_txn(vec![ExecutorCore::expiry_item(pending_id)], None, None, now_ms, fx);
                 }
+                (true, None)
+            }
+            Input::Deadlines { txns } => {
+                self.on_deadlines(txns, now_ms, fx);
                 (true, None)
             }
             Input::Part(command) => (self.parts.apply(command, now_ms).0, None),
             Input::Peer { from, messages } => {
-                for message in messages {
+                // The same software pipeline as for client requests, over
+                // the accounts and records the messages' ops name.
+                messages.iter().take(2 * APPLY_LOOKAHEAD).for_each(|m| self.prefetch_message(m, false));
+                messages.iter().take(APPLY_LOOKAHEAD).for_each(|m| self.prefetch_message(m, true));
+                for (index, message) in messages.iter().enumerate() {
+                    if let Some(ahead) = messages.get(index + 2 * APPLY_LOOKAHEAD) {
+                        self.prefetch_message(ahead, false);
+                    }
+                    if let Some(ahead) = messages.get(index + APPLY_LOOKAHEAD) {
+                        self.prefetch_message(ahead, true);
+                    }
                     self.on_peer(*from, message, now_ms, fx);
                 }
                 (true, None)
@@ -391,34 +363,57 @@ impl ExecutorCore {
         }
     }
 
+    /// Asks for the index lines (`accounts` false) or the accounts a
+    /// participant's message reads (see [`ExecutorCore::apply`]).
+    fn prefetch_message(&self, message: &PeerMsg, accounts: bool) {
+        let account = |id: &Id| match accounts {
+            false => self.ledger.prefetch_account_index(id),
+            true => self.ledger.prefetch_account(id),
+        };
+        let record = |id: &Id| {
+            if !accounts {
+                self.ledger.prefetch_record_index(id);
+            }
+        };
+        match message {
+            PeerMsg::Try { ops, .. } => {
+                for op in ops {
+                    match op {
+                        TryOp::Hold(leg) => account(&leg.account_id),
+                        TryOp::Reserve(t) => record(&t.id),
+                        TryOp::LockPending { pending_id, .. } => record(pending_id),
+                    }
+                }
+            }
+            PeerMsg::Decide { ops, .. } => {
+                for op in ops {
+                    match op {
+                        CommitOp::CommitHold { account_id, .. } => account(account_id),
+                        CommitOp::CommitReservation { id, .. } => record(id),
+                        CommitOp::FinishPending { pending_id, .. } => record(pending_id),
+                        CommitOp::Settle { .. } => {}
+                    }
+                }
+            }
+            PeerMsg::Tried { .. } | PeerMsg::Acked { .. } | PeerMsg::Forget { .. } => {}
+        }
+    }
+
     /// Pending transfers on this executor whose timeout has passed.
     pub fn due_expiries(&self, now_ms: u64) -> Vec<Id> {
         self.ledger.due_expiries(now_ms, MAX_EXPIRIES_PER_TICK)
     }
 
-    /// After a replay: the messages of unfinished transactions, sent again.
-    /// Participants answer repeats from their fences.
-    pub fn resend(&self) -> Vec<(ExecutorId, PeerMsg)> {
-        let mut out = Vec::new();
-        // In transaction order, so that a replay resends the same messages
-        // in the same order.
-        let mut txns: Vec<(&TxnId, &Txn)> = self.txns.iter().collect();
-        txns.sort_unstable_by_key(|(txn, _)| **txn);
-        for (&txn, state) in txns {
-            for (&exec, part) in &state.parts {
-                if exec == self.id {
-                    continue;
-                }
-                match state.decision {
-                    None if part.tried.is_none() => out.push((exec, PeerMsg::Try { txn, ops: part.try_ops.clone() })),
-                    Some(commit) if !part.acked => {
-                        out.push((exec, PeerMsg::Decide { txn, commit, ops: part.commit_ops.clone() }))
-                    }
-                    _ => {}
-                }
-            }
-        }
-        out
+    /// What the protocol does between batches (see `tcc/mod.rs`): returns
+    /// the input that cancels the transactions whose deadline passed
+    /// undecided, to be applied and logged like any other; pushes the
+    /// messages sent again into `fx.outbox`, to leave with the batch; purges
+    /// the fences whose retention passed. Bounded per call; costs a few
+    /// comparisons when nothing is due.
+    pub fn tick(&mut self, now_ms: u64, fx: &mut Effects) -> Option<Input> {
+        let due = self.coordinator_tick(now_ms, fx);
+        self.fences.purge(now_ms);
+        (!due.is_empty()).then_some(Input::Deadlines { txns: due })
     }
 
     // ---- coordinator --------------------------------------------------------
@@ -469,225 +464,6 @@ impl ExecutorCore {
         })
     }
 
-    fn build_item(&self, request: &TransferRequest, now_ms: u64) -> Item {
-        match request {
-            TransferRequest::Create { .. } => {
-                let (record, static_error) = create_record(request, now_ms);
-                Item { kind: ItemKind::Create, record: Some(record), op_refs: Vec::new(), static_error }
-            }
-            TransferRequest::Post { id, pending_id, amount, details } => {
-                let kind = ResolveKind::Post(amount.map(|a| a.get()));
-                let record = placeholder(
-                    id,
-                    TransferKind::Post { pending_id: pending_id.clone(), requested: amount.map(|a| a.get()) },
-                    details,
-                    now_ms,
-                );
-                self.resolve_item(id, pending_id, kind, record)
-            }
-            TransferRequest::Void { id, pending_id, details } => {
-                let record = placeholder(id, TransferKind::Void { pending_id: pending_id.clone() }, details, now_ms);
-                self.resolve_item(id, pending_id, ResolveKind::Void, record)
-            }
-        }
-    }
-
-    fn resolve_item(&self, id: &Id, pending_id: &Id, kind: ResolveKind, record: Transfer) -> Item {
-        let static_error = (id.is_reserved() || pending_id.is_reserved()).then_some(ErrorCode::InvalidRequest);
-        Item {
-            kind: ItemKind::Resolve { pending_id: pending_id.clone(), kind },
-            record: Some(record),
-            op_refs: Vec::new(),
-            static_error,
-        }
-    }
-
-    fn start_txn(
-        &mut self,
-        mut items: Vec<Item>,
-        client: Option<(ClientTag, Vec<usize>)>,
-        origin: Option<Origin>,
-        now_ms: u64,
-        fx: &mut Effects,
-    ) {
-        let txn = self.take_txn_id();
-        let mut parts: BTreeMap<ExecutorId, Part> = BTreeMap::new();
-        let any_static_error = items.iter().any(|i| i.static_error.is_some());
-        if !any_static_error {
-            for item in &mut items {
-                let ops = self.try_ops_of(item);
-                for (exec, op) in ops {
-                    let part = parts.entry(exec).or_default();
-                    item.op_refs.push((exec, part.try_ops.len()));
-                    part.try_ops.push(op);
-                }
-            }
-        }
-        let mut state =
-            Txn { client, origin, items, parts, decision: None, outcomes: Vec::new(), balances: HashMap::default() };
-        // Local part: tried now, in this batch.
-        if let Some(part) = state.parts.get_mut(&self.id) {
-            let ops = part.try_ops.clone();
-            part.tried = Some(self.on_try(txn, ops, now_ms));
-        }
-        for (&exec, part) in &state.parts {
-            if exec != self.id {
-                fx.outbox.push((exec, PeerMsg::Try { txn, ops: part.try_ops.clone() }));
-            }
-        }
-        self.txns.insert(txn, state);
-        self.maybe_decide(txn, now_ms, fx);
-    }
-
-    /// A new transaction id: this executor's id over its counter. A
-    /// counter that reached the executor bits would make ids of another
-    /// coordinator, or repeat old ones: stop instead.
-    fn take_txn_id(&mut self) -> TxnId {
-        let counter = self.next_txn;
-        assert!(counter < 1 << TXN_COUNTER_BITS, "executor {}: the transaction id counter is exhausted", self.id);
-        self.next_txn = counter + 1;
-        (u64::from(self.id) << TXN_COUNTER_BITS) | counter
-    }
-
-    fn try_ops_of(&self, item: &Item) -> Vec<(ExecutorId, TryOp)> {
-        let record = item.record.as_ref();
-        match &item.kind {
-            ItemKind::Create => {
-                let t = record.expect("a create has a record");
-                let debit_shard = self.layout.shard_of_account(&t.debit_account_id);
-                let credit_shard = self.layout.shard_of_account(&t.credit_account_id);
-                let via_clearing = debit_shard != credit_shard;
-                let pending = t.status == TransferStatus::Pending;
-                let leg = |side, account_id: &Id| Leg {
-                    transfer_id: t.id.clone(),
-                    side,
-                    account_id: account_id.clone(),
-                    currency: t.currency,
-                    amount: t.amount,
-                    via_clearing,
-                    pending,
-                };
-                vec![
-                    (self.layout.executor_of_transfer(&t.id), TryOp::Reserve(t.clone())),
-                    (self.layout.executor_of_shard(debit_shard), TryOp::Hold(leg(Side::Debit, &t.debit_account_id))),
-                    (self.layout.executor_of_shard(credit_shard), TryOp::Hold(leg(Side::Credit, &t.credit_account_id))),
-                ]
-            }
-            ItemKind::Resolve { pending_id, kind } => {
-                let mut ops = Vec::with_capacity(2);
-                if let Some(t) = record {
-                    ops.push((self.layout.executor_of_transfer(&t.id), TryOp::Reserve(t.clone())));
-                }
-                ops.push((
-                    self.layout.executor_of_transfer(pending_id),
-                    TryOp::LockPending { pending_id: pending_id.clone(), kind: *kind },
-                ));
-                ops
-            }
-        }
-    }
-
-    fn maybe_decide(&mut self, txn: TxnId, now_ms: u64, fx: &mut Effects) {
-        let Some(state) = self.txns.get_mut(&txn) else { return };
-        if state.decision.is_some() || state.parts.values().any(|p| p.tried.is_none()) {
-            return;
-        }
-        let outcomes: Vec<ItemOutcome> = state.items.iter().map(|item| outcome_of(item, &state.parts)).collect();
-        let commit = outcomes.iter().all(|o| matches!(o, ItemOutcome::Ok { .. }));
-        if commit {
-            let mut commit_ops: Vec<(ExecutorId, CommitOp)> = Vec::new();
-            for (item, outcome) in state.items.iter_mut().zip(&outcomes) {
-                let ItemOutcome::Ok { pending } = outcome else { unreachable!("all ok") };
-                commit_ops.extend(commit_ops_of(&self.layout, item, pending.as_ref(), now_ms));
-            }
-            for (exec, op) in commit_ops {
-                state.parts.entry(exec).or_default().commit_ops.push(op);
-            }
-        }
-        state.decision = Some(commit);
-        state.outcomes = outcomes;
-        let sends: Vec<(ExecutorId, Vec<CommitOp>)> =
-            state.parts.iter().map(|(&exec, part)| (exec, part.commit_ops.clone())).collect();
-        for (exec, ops) in sends {
-            if exec == self.id {
-                let balances = self.on_decide(txn, commit, &ops, now_ms, fx);
-                self.on_acked(txn, exec, balances, fx);
-            } else {
-                fx.outbox.push((exec, PeerMsg::Decide { txn, commit, ops }));
-            }
-        }
-        // A transaction with no parts at all (refused before any op) ends here.
-        self.maybe_finish(txn, fx);
-    }
-
-    fn on_acked(&mut self, txn: TxnId, from: ExecutorId, balances: Vec<(Id, Balances)>, fx: &mut Effects) {
-        let Some(state) = self.txns.get_mut(&txn) else { return };
-        let Some(part) = state.parts.get_mut(&from) else { return };
-        if part.acked || state.decision.is_none() {
-            return;
-        }
-        part.acked = true;
-        state.balances.extend(balances);
-        self.maybe_finish(txn, fx);
-    }
-
-    fn maybe_finish(&mut self, txn: TxnId, fx: &mut Effects) {
-        let Some(state) = self.txns.get(&txn) else { return };
-        if state.decision.is_none() || state.parts.values().any(|p| !p.acked) {
-            return;
-        }
-        let state = self.txns.remove(&txn).expect("present");
-        self.fences.remove(&txn);
-        for &exec in state.parts.keys() {
-            if exec != self.id {
-                fx.outbox.push((exec, PeerMsg::Forget { txn }));
-            }
-        }
-        let first_error = state.outcomes.iter().find_map(|o| match o {
-            ItemOutcome::Err(e) => Some(*e),
-            _ => None,
-        });
-        let committed = first_error.is_none() && state.decision == Some(true);
-        if let (Some(origin), true) = (&state.origin, committed) {
-            for (item, outcome) in state.items.iter().zip(&state.outcomes) {
-                if let ItemOutcome::Ok { pending } = outcome {
-                    if let Some(transfer) = final_record(item, pending.as_ref()) {
-                        let answered = (
-                            state.balances.get(&transfer.debit_account_id).copied(),
-                            state.balances.get(&transfer.credit_account_id).copied(),
-                        );
-                        audit_created(origin, transfer, answered, fx);
-                    }
-                }
-            }
-        }
-        let Some((tag, indices)) = state.client else { return };
-        for ((item, outcome), index) in state.items.iter().zip(&state.outcomes).zip(indices) {
-            let result = match outcome {
-                ItemOutcome::Exists(t) => Ok(TransferOutcome {
-                    created: false,
-                    transfer: t.clone(),
-                    debit_balances: None,
-                    credit_balances: None,
-                }),
-                ItemOutcome::Err(e) => Err(*e),
-                ItemOutcome::Ok { .. } if first_error.is_some() || state.decision == Some(false) => {
-                    Err(ErrorCode::LinkedEventFailed)
-                }
-                ItemOutcome::Ok { pending } => {
-                    let transfer = final_record(item, pending.as_ref()).expect("a client item has a record");
-                    Ok(TransferOutcome {
-                        created: true,
-                        debit_balances: state.balances.get(&transfer.debit_account_id).copied(),
-                        credit_balances: state.balances.get(&transfer.credit_account_id).copied(),
-                        transfer,
-                    })
-                }
-            };
-            fx.finish(tag, index, result);
-        }
-    }
-
     // ---- history ------------------------------------------------------------
 
     /// Appends a leg entry to the account's chain (clearing accounts keep none).
@@ -722,7 +498,7 @@ impl ExecutorCore {
     }
 
     /// Books a committed (`settled: false`) or settled pending hold in the history.
-    fn book(
+    pub(crate) fn book(
         &mut self,
         booked: Booked,
         transfer_id: &Id,
@@ -739,180 +515,6 @@ impl ExecutorCore {
         };
         self.book_history(&booked.account_id, transfer_id, event, now_ms, fx);
         (booked.account_id, booked.balances)
-    }
-
-    // ---- participant --------------------------------------------------------
-
-    fn on_peer(&mut self, from: ExecutorId, message: &PeerMsg, now_ms: u64, fx: &mut Effects) {
-        match message {
-            PeerMsg::Try { txn, ops } => {
-                let results = self.on_try(*txn, ops.clone(), now_ms);
-                fx.outbox.push((from, PeerMsg::Tried { txn: *txn, results }));
-            }
-            PeerMsg::Tried { txn, results } => {
-                if let Some(part) = self.txns.get_mut(txn).and_then(|s| s.parts.get_mut(&from)) {
-                    if part.tried.is_none() && results.len() == part.try_ops.len() {
-                        part.tried = Some(results.clone());
-                    }
-                }
-                self.maybe_decide(*txn, now_ms, fx);
-            }
-            PeerMsg::Decide { txn, commit, ops } => {
-                let balances = self.on_decide(*txn, *commit, ops, now_ms, fx);
-                fx.outbox.push((from, PeerMsg::Acked { txn: *txn, balances }));
-            }
-            PeerMsg::Acked { txn, balances } => self.on_acked(*txn, from, balances.clone(), fx),
-            PeerMsg::Forget { txn } => {
-                self.fences.remove(txn);
-            }
-        }
-    }
-
-    fn on_try(&mut self, txn: TxnId, ops: Vec<TryOp>, now_ms: u64) -> Vec<OpResult> {
-        match self.fences.get(&txn) {
-            Some(Fence::Tried { results, .. }) => return results.clone(),
-            Some(Fence::Suspended) | Some(Fence::Decided) => {
-                return ops.iter().map(|_| OpResult::Err(ErrorCode::InFlight)).collect();
-            }
-            None => {}
-        }
-        let mut view = TxnView::default();
-        let results: Vec<OpResult> = ops
-            .iter()
-            .map(|op| match op {
-                TryOp::Reserve(t) => match self.ledger.reserve(t.clone(), txn) {
-                    Ok(peakstack_domain::ledger::Reservation::Reserved) => OpResult::Ok,
-                    Ok(peakstack_domain::ledger::Reservation::Exists(t)) => OpResult::Exists(t),
-                    Err(e) => OpResult::Err(e),
-                },
-                TryOp::Hold(leg) => {
-                    let shard = self.layout.shard_of_account(&leg.account_id);
-                    match self.ledger.hold(leg, shard, txn, &mut view, now_ms) {
-                        Ok(()) => OpResult::Ok,
-                        Err(e) => OpResult::Err(e),
-                    }
-                }
-                TryOp::LockPending { pending_id, kind } => {
-                    match self.ledger.lock_pending(pending_id, *kind, txn, now_ms) {
-                        Ok(info) => OpResult::Pending(info),
-                        Err(e) => OpResult::Err(e),
-                    }
-                }
-            })
-            .collect();
-        // All or nothing per participant: if anything here failed, the
-        // transaction cannot commit, so what did succeed is released now
-        // rather than when the cancel arrives. Two legs on one shard are never
-        // left half-held, so the shard balances at every moment. A cancel
-        // arriving later finds nothing of this transaction to release.
-        if results.iter().any(|r| matches!(r, OpResult::Err(_) | OpResult::Exists(_))) {
-            for (op, result) in ops.iter().zip(&results).rev() {
-                self.release(txn, op, result);
-            }
-        }
-        self.fences.insert(txn, Fence::Tried { ops, results: results.clone() });
-        results
-    }
-
-    fn on_decide(
-        &mut self,
-        txn: TxnId,
-        commit: bool,
-        commit_ops: &[CommitOp],
-        now_ms: u64,
-        fx: &mut Effects,
-    ) -> Vec<(Id, Balances)> {
-        let mut balances = Vec::new();
-        match self.fences.remove(&txn) {
-            Some(Fence::Tried { ops, results }) => {
-                if commit {
-                    // The coordinator commits only when every try succeeded:
-                    // a commit over a refused try would book money never held.
-                    let refused = results.iter().position(|r| matches!(r, OpResult::Err(_) | OpResult::Exists(_)));
-                    assert!(
-                        refused.is_none(),
-                        "executor {}: commit of txn {txn:#x} at a fence whose try {refused:?} did not succeed",
-                        self.id
-                    );
-                    self.apply_commit_ops(txn, commit_ops, now_ms, &mut balances, fx);
-                } else {
-                    for (op, result) in ops.iter().zip(&results).rev() {
-                        self.release(txn, op, result);
-                    }
-                }
-            }
-            Some(Fence::Decided) => {}
-            Some(Fence::Suspended) => {
-                // Suspended refuses the try, so no coordinator can commit.
-                assert!(!commit, "executor {}: commit of txn {txn:#x} at a suspended fence", self.id);
-                self.fences.insert(txn, Fence::Suspended);
-                return balances;
-            }
-            None => {
-                if commit {
-                    // A participant with commit work only (it settles a
-                    // pending hold): every other commit op follows a try here.
-                    let untried = commit_ops.iter().find(|op| !matches!(op, CommitOp::Settle { .. }));
-                    assert!(
-                        untried.is_none(),
-                        "executor {}: commit of txn {txn:#x} without a fence, for {untried:?}",
-                        self.id
-                    );
-                    self.apply_commit_ops(txn, commit_ops, now_ms, &mut balances, fx);
-                } else {
-                    self.fences.insert(txn, Fence::Suspended);
-                    return balances;
-                }
-            }
-        }
-        self.fences.insert(txn, Fence::Decided);
-        balances
-    }
-
-    fn release(&mut self, txn: TxnId, op: &TryOp, result: &OpResult) {
-        match (op, result) {
-            (TryOp::Reserve(t), OpResult::Ok) => self.ledger.cancel_reservation(&t.id, txn),
-            (TryOp::Hold(leg), OpResult::Ok) => self.ledger.release_hold(&leg.transfer_id, leg.side, txn),
-            (TryOp::LockPending { pending_id, .. }, OpResult::Pending(_)) => {
-                self.ledger.unlock_pending(pending_id, txn)
-            }
-            _ => {}
-        }
-    }
-
-    fn apply_commit_ops(
-        &mut self,
-        txn: TxnId,
-        ops: &[CommitOp],
-        now_ms: u64,
-        balances: &mut Vec<(Id, Balances)>,
-        fx: &mut Effects,
-    ) {
-        for op in ops {
-            match op {
-                CommitOp::CommitHold { transfer_id, side, account_id } => {
-                    match self.ledger.commit_hold(transfer_id, *side, txn) {
-                        Some(booked) => balances.push(self.book(booked, transfer_id, false, now_ms, fx)),
-                        // A pending hold a post settled before this commit
-                        // arrived is gone; its account's balances still answer.
-                        None => balances.extend(self.ledger.account(account_id).map(|a| (a.id.clone(), a.balances))),
-                    }
-                }
-                CommitOp::CommitReservation { id, filled } => {
-                    self.ledger.commit_reservation(id, txn, filled.clone());
-                }
-                CommitOp::FinishPending { pending_id, kind } => {
-                    self.ledger.finish_pending(pending_id, txn, *kind);
-                }
-                CommitOp::Settle { pending_id, side, post_amount, by } => {
-                    if let Some(booked) = self.ledger.settle_pending(pending_id, *side, *post_amount) {
-                        // The history names the post or void that settled it
-                        // (an expiry has none: then the pending transfer).
-                        balances.push(self.book(booked, by.as_ref().unwrap_or(pending_id), true, now_ms, fx));
-                    }
-                }
-            }
-        }
     }
 }
 
@@ -972,7 +574,7 @@ pub fn create_record(request: &TransferRequest, now_ms: u64) -> (Transfer, Optio
 /// only its id and kind are meaningful (they are what a retry is compared
 /// by, with its details); the rest is filled in at commit and never shown
 /// before.
-fn placeholder(id: &Id, kind: TransferKind, details: &Details, now_ms: u64) -> Transfer {
+pub(crate) fn placeholder(id: &Id, kind: TransferKind, details: &Details, now_ms: u64) -> Transfer {
     Transfer {
         id: id.clone(),
         debit_account_id: id.clone(),
@@ -987,115 +589,9 @@ fn placeholder(id: &Id, kind: TransferKind, details: &Details, now_ms: u64) -> T
     }
 }
 
-fn outcome_of(item: &Item, parts: &BTreeMap<ExecutorId, Part>) -> ItemOutcome {
-    let mut error = item.static_error;
-    let mut pending = None;
-    for &(exec, index) in &item.op_refs {
-        let result = &parts[&exec].tried.as_ref().expect("decided after every try")[index];
-        match result {
-            OpResult::Ok => {}
-            OpResult::Exists(t) => return ItemOutcome::Exists(t.clone()),
-            OpResult::Pending(info) => pending = Some(info.clone()),
-            OpResult::Err(e) => error = Some(error.map_or(*e, |prev: ErrorCode| prev.first_of(*e))),
-        }
-    }
-    match error {
-        Some(e) => ItemOutcome::Err(e),
-        None => ItemOutcome::Ok { pending },
-    }
-}
-
-fn post_amount(kind: ResolveKind, info: &PendingInfo) -> u64 {
-    match kind {
-        ResolveKind::Post(amount) => amount.unwrap_or(info.amount),
-        ResolveKind::Void | ResolveKind::Expire => 0,
-    }
-}
-
-/// The record a committed item leaves on its home shard.
-fn final_record(item: &Item, pending: Option<&PendingInfo>) -> Option<Transfer> {
-    let record = item.record.as_ref()?;
-    match (&item.kind, pending) {
-        (ItemKind::Resolve { kind, .. }, Some(info)) => {
-            let posted = post_amount(*kind, info);
-            Some(Transfer {
-                debit_account_id: info.debit_account_id.clone(),
-                credit_account_id: info.credit_account_id.clone(),
-                amount: if posted > 0 { posted } else { info.amount },
-                currency: info.currency,
-                status: if posted > 0 { TransferStatus::Posted } else { TransferStatus::Voided },
-                ..record.clone()
-            })
-        }
-        _ => Some(record.clone()),
-    }
-}
-
-fn commit_ops_of(
-    layout: &Layout,
-    item: &Item,
-    pending: Option<&PendingInfo>,
-    _now_ms: u64,
-) -> Vec<(ExecutorId, CommitOp)> {
-    match &item.kind {
-        ItemKind::Create => {
-            let t = item.record.as_ref().expect("a create has a record");
-            vec![
-                (layout.executor_of_transfer(&t.id), CommitOp::CommitReservation { id: t.id.clone(), filled: None }),
-                (
-                    layout.executor_of_account(&t.debit_account_id),
-                    CommitOp::CommitHold {
-                        transfer_id: t.id.clone(),
-                        side: Side::Debit,
-                        account_id: t.debit_account_id.clone(),
-                    },
-                ),
-                (
-                    layout.executor_of_account(&t.credit_account_id),
-                    CommitOp::CommitHold {
-                        transfer_id: t.id.clone(),
-                        side: Side::Credit,
-                        account_id: t.credit_account_id.clone(),
-                    },
-                ),
-            ]
-        }
-        ItemKind::Resolve { pending_id, kind } => {
-            let info = pending.expect("a locked pending transfer answers its info");
-            let amount = post_amount(*kind, info);
-            let by = item.record.as_ref().map(|t| t.id.clone());
-            let mut ops = Vec::with_capacity(4);
-            if let Some(t) = &item.record {
-                ops.push((
-                    layout.executor_of_transfer(&t.id),
-                    CommitOp::CommitReservation { id: t.id.clone(), filled: final_record(item, pending) },
-                ));
-            }
-            ops.push((
-                layout.executor_of_transfer(pending_id),
-                CommitOp::FinishPending { pending_id: pending_id.clone(), kind: *kind },
-            ));
-            ops.push((
-                layout.executor_of_account(&info.debit_account_id),
-                CommitOp::Settle {
-                    pending_id: pending_id.clone(),
-                    side: Side::Debit,
-                    post_amount: amount,
-                    by: by.clone(),
-                },
-            ));
-            ops.push((
-                layout.executor_of_account(&info.credit_account_id),
-                CommitOp::Settle { pending_id: pending_id.clone(), side: Side::Credit, post_amount: amount, by },
-            ));
-            ops
-        }
-    }
-}
-
 /// The audit event of a transfer just made for a request from `origin`,
 /// stamped with the transfer's own time.
-fn audit_created(
+pub(crate) fn audit_created(
     origin: &Origin,
     transfer: Transfer,
     (debit, credit): (Option<Balances>, Option<Balances>),
@@ -1122,10 +618,12 @@ fn audit_created(
 /// the same way. In transaction order, so that the same state gives the
 /// same messages.
 pub fn lost_forgets(cores: &[&ExecutorCore]) -> Vec<(ExecutorId, ExecutorId, PeerMsg)> {
-    let open: std::collections::HashSet<TxnId> = cores.iter().flat_map(|core| core.txns.keys().copied()).collect();
+    let open: std::collections::HashSet<TxnId> =
+        cores.iter().flat_map(|core| core.coordinator.txns.keys().copied()).collect();
     let mut out = Vec::new();
     for core in cores {
-        let mut leftover: Vec<TxnId> = core.fences.keys().copied().filter(|txn| !open.contains(txn)).collect();
+        let mut leftover: Vec<TxnId> =
+            core.fences.live().map(|(txn, _)| *txn).filter(|txn| !open.contains(txn)).collect();
         leftover.sort_unstable();
         for txn in leftover {
             out.push((core.id, ExecutorCore::coordinator_of(txn), PeerMsg::Forget { txn }));
@@ -1137,11 +635,15 @@ pub fn lost_forgets(cores: &[&ExecutorCore]) -> Vec<(ExecutorId, ExecutorId, Pee
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::{CommitOp, TryOp};
+    use crate::tcc::TXN_COUNTER_BITS;
+    use peakstack_domain::ledger::Leg;
     use peakstack_domain::{AccountFlags, NewAccount};
     use std::panic::{catch_unwind, AssertUnwindSafe};
 
-    /// A transaction that executor 0 coordinates.
+    /// A transaction that executor 0 coordinates, and its deadline.
     const TXN: TxnId = 7;
+    const DEADLINE_MS: u64 = 10_000;
 
     /// A participant on executor 1 of 2 with one open account, and a debit
     /// leg of `amount` on it.
@@ -1183,7 +685,7 @@ mod tests {
             side: leg.side,
             account_id: leg.account_id.clone(),
         };
-        PeerMsg::Decide { txn: TXN, commit: true, ops: vec![hold] }
+        PeerMsg::Decide { txn: TXN, commit: true, ops: vec![hold], deadline_ms: DEADLINE_MS }
     }
 
     /// Whether feeding `messages` in order stops (panics) at the last.
@@ -1199,8 +701,9 @@ mod tests {
 
     #[test]
     fn a_commit_arrives_only_at_a_fence_whose_tries_succeeded() {
-        let try_hold = |leg: &Leg| PeerMsg::Try { txn: TXN, ops: vec![TryOp::Hold(leg.clone())] };
-        let cancel = PeerMsg::Decide { txn: TXN, commit: false, ops: vec![] };
+        let try_hold =
+            |leg: &Leg| PeerMsg::Try { txn: TXN, ops: vec![TryOp::Hold(leg.clone())], deadline_ms: DEADLINE_MS };
+        let cancel = PeerMsg::Decide { txn: TXN, commit: false, ops: vec![], deadline_ms: DEADLINE_MS };
         // Holding 0 on an account that must not go below zero succeeds;
         // holding 10 is refused.
         assert!(!stops_at_last(0, |leg| vec![try_hold(leg), commit(leg)]), "a commit after a good try");
@@ -1213,7 +716,7 @@ mod tests {
     #[test]
     fn the_transaction_id_counter_stops_before_it_reaches_the_executor_bits() {
         let (mut core, _) = participant(0);
-        core.next_txn = (1 << TXN_COUNTER_BITS) - 1;
+        core.coordinator.next_txn = (1 << TXN_COUNTER_BITS) - 1;
         assert_eq!(core.take_txn_id(), (1 << TXN_COUNTER_BITS) | ((1 << TXN_COUNTER_BITS) - 1));
         assert!(catch_unwind(AssertUnwindSafe(|| core.take_txn_id())).is_err());
     }

@@ -19,6 +19,7 @@ pub mod meta;
 pub mod parts;
 pub mod protocol;
 pub mod runtime;
+pub mod tcc;
 pub mod test_hooks;
 pub mod trade;
 mod trade_pricing;

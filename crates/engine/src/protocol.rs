@@ -11,7 +11,8 @@
 //! `Acked`, answers the client and sends `Forget`. Each participant keeps a
 //! fence per transaction so that every message is applied at most once, a
 //! cancel that overtakes its try is recorded as `suspended`, and a try that
-//! finds `suspended` is refused.
+//! finds `suspended` is refused. Deadlines, resends and how long fences
+//! are kept: see `tcc/mod.rs`.
 
 use std::sync::Arc;
 
@@ -46,6 +47,11 @@ pub enum Input {
     },
     /// A command of one of the parts the executor hosts (see `parts.rs`).
     Part(PartCommand),
+    /// Transactions this executor coordinates whose deadline passed
+    /// undecided (found by the tick): each still undecided is cancelled.
+    Deadlines {
+        txns: Vec<TxnId>,
+    },
     /// Messages from another executor (or, in a replay, from this one).
     Peer {
         from: ExecutorId,
@@ -103,11 +109,30 @@ pub struct AuditBatch {
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum PeerMsg {
-    Try { txn: TxnId, ops: Vec<TryOp> },
-    Tried { txn: TxnId, results: Vec<OpResult> },
-    Decide { txn: TxnId, commit: bool, ops: Vec<CommitOp> },
-    Acked { txn: TxnId, balances: Vec<(Id, Balances)> },
-    Forget { txn: TxnId },
+    /// `deadline_ms`: the transaction's deadline (see `tcc/mod.rs`); a
+    /// participant refuses a try that comes at or after it.
+    Try {
+        txn: TxnId,
+        ops: Vec<TryOp>,
+        deadline_ms: u64,
+    },
+    Tried {
+        txn: TxnId,
+        results: Vec<OpResult>,
+    },
+    Decide {
+        txn: TxnId,
+        commit: bool,
+        ops: Vec<CommitOp>,
+        deadline_ms: u64,
+    },
+    Acked {
+        txn: TxnId,
+        balances: Vec<(Id, Balances)>,
+    },
+    Forget {
+        txn: TxnId,
+    },
 }
 
 impl PeerMsg {

@@ -33,7 +33,8 @@ use crate::layout::Layout;
 use crate::log::{encode_frame, Log, LogError};
 use crate::meta::{Meta, MetaError};
 use crate::parts::{PartAnswer, PartCommand, PartQuery, PartReply, Publication};
-use crate::protocol::{AuditBatch, AuditEvent, ExecutorId, Input, Origin, PeerMsg, TransferResult};
+use crate::protocol::{AuditBatch, AuditEvent, ExecutorId, Input, Origin, PeerMsg, TransferResult, TxnId};
+use crate::tcc::{TxnFilter, TxnView};
 use crate::test_hooks::TestBatchGate;
 use peakstack_inventory::SaleGates;
 
@@ -77,17 +78,10 @@ pub const MAX_TXNS_IN_FLIGHT: usize = 100_000;
 /// 1.05/1.06M, 4 clients) and still behind on p99 (10.5/9.8 against 9.7/9.7).
 pub const MAX_RECORDS_IN_MEMORY: usize = 100_000;
 /// An executor checkpoints once this much log was written since its last
-/// checkpoint (and at shutdown), when no transaction is in flight.
+/// checkpoint (and at shutdown), whatever is in flight.
 pub const CHECKPOINT_EVERY_LOG_BYTES: u64 = 64 << 20;
 /// How often an idle executor wakes to expire pending transfers.
 pub const TICK: Duration = Duration::from_millis(50);
-/// Longest an executor holds the checkpoint barrier (every executor takes no
-/// new client work, so that transactions in flight drain and the executor
-/// reaches a state with none). Past it the barrier drops and is raised
-/// again after [`CHECKPOINT_BARRIER_BACKOFF`]: a checkpoint is worth a short
-/// pause, not an outage.
-pub const MAX_CHECKPOINT_BARRIER: Duration = Duration::from_millis(500);
-pub const CHECKPOINT_BARRIER_BACKOFF: Duration = Duration::from_secs(1);
 /// How long shutdown waits for transactions in flight to finish.
 pub const SHUTDOWN_DRAIN: Duration = Duration::from_secs(10);
 
@@ -152,6 +146,13 @@ pub enum Query {
     Totals,
     /// A part's read (see `parts.rs`).
     Part(PartQuery),
+    /// A global transaction this executor coordinates (see `tcc/`).
+    Transaction(TxnId),
+    /// Its unfinished transactions, in id order.
+    Transactions {
+        filter: TxnFilter,
+        limit: usize,
+    },
 }
 
 /// One record of [`Query::Transfers`], as [`Engine::transfer`] sees it.
@@ -174,6 +175,8 @@ pub enum QueryAnswer {
     HistoryLen(u64),
     Totals(Totals),
     Part(PartAnswer),
+    Transaction(Option<TxnView>),
+    Transactions(Vec<TxnView>),
 }
 
 /// Sums for checking the books: over all accounts, credits minus debits
@@ -300,9 +303,6 @@ pub(crate) struct Shared {
     peers: Vec<Sender<Inbound>>,
     closed: AtomicBool,
     txns_in_flight: AtomicUsize,
-    /// Executors waiting for a moment with no transaction in flight to take
-    /// a checkpoint; while any is, no executor takes new client work.
-    checkpoint_barriers: AtomicUsize,
     audit: AuditFeed,
     threads: Mutex<Vec<JoinHandle<()>>>,
     stats: EngineStats,
@@ -445,7 +445,6 @@ impl Engine {
             peers: peer_txs,
             closed: AtomicBool::new(false),
             txns_in_flight: AtomicUsize::new(0),
-            checkpoint_barriers: AtomicUsize::new(0),
             audit: AuditFeed::new(executor_count, recovered_audit),
             threads: Mutex::new(Vec::new()),
             stats: EngineStats::default(),
@@ -553,8 +552,6 @@ impl Engine {
                 clients: std::collections::HashMap::new(),
                 reported_in_flight: resumed,
                 reported_pending_transfers: pending_transfers,
-                barrier_since: None,
-                barrier_retry_at: None,
                 last_audit_sequence: last_audit_sequences[usize::from(id)],
             };
             let log_thread = LogThread { writer, queued, rx: write_rx };
@@ -897,6 +894,35 @@ impl Engine {
         tokio::task::spawn_blocking(move || read(&shared.history)).await.map_err(|_| ErrorCode::Unavailable)
     }
 
+    /// A global transaction across executors, from its coordinator (the
+    /// executor in its id): in flight with its branches, `done` once
+    /// finished, `None` for an id never given.
+    pub async fn transaction(&self, id: TxnId) -> Result<Option<TxnView>, ErrorCode> {
+        let executor = crate::tcc::coordinator_of(id);
+        if executor >= self.shared.layout.executors() {
+            return Ok(None);
+        }
+        match self.query(executor, Query::Transaction(id)).await? {
+            QueryAnswer::Transaction(view) => Ok(view),
+            _ => Err(ErrorCode::Unavailable),
+        }
+    }
+
+    /// Unfinished global transactions over every executor, in id order
+    /// (so by coordinator, then age), at most `limit`.
+    pub async fn transactions(&self, filter: TxnFilter, limit: usize) -> Result<Vec<TxnView>, ErrorCode> {
+        let mut all = Vec::new();
+        for e in 0..self.shared.layout.executors() {
+            match self.query(e, Query::Transactions { filter, limit }).await? {
+                QueryAnswer::Transactions(mut views) => all.append(&mut views),
+                _ => return Err(ErrorCode::Unavailable),
+            }
+        }
+        all.sort_unstable_by_key(|view| view.id);
+        all.truncate(limit);
+        Ok(all)
+    }
+
     /// Accounts in id order after `after`, at most `limit`, over every executor.
     pub async fn accounts(&self, after: Option<Id>, limit: usize) -> Result<Vec<Account>, ErrorCode> {
         let mut all = Vec::new();
@@ -1041,13 +1067,9 @@ struct Applier {
     reported_in_flight: usize,
     /// This executor's share of [`EngineStats::pending_transfers`].
     reported_pending_transfers: usize,
-    /// Since when this executor holds the checkpoint barrier.
-    barrier_since: Option<Instant>,
     /// The last batch that made audit events: no checkpoint may cover it
     /// before the audit consumer has stored it.
     last_audit_sequence: u64,
-    /// Not before this may it raise the barrier again.
-    barrier_retry_at: Option<Instant>,
 }
 
 impl Applier {
@@ -1083,6 +1105,11 @@ impl Applier {
             let due = self.core.due_expiries(now_ms);
             if !due.is_empty() {
                 self.apply(Input::Expire { pending_ids: due }, now_ms, None, &mut fx, &mut logged);
+            }
+            // Deadlines, resends and fence purges of the protocol (its
+            // resent messages leave with this batch, once it is durable).
+            if let Some(deadlines) = self.core.tick(now_ms, &mut fx) {
+                self.apply(deadlines, now_ms, None, &mut fx, &mut logged);
             }
             for command in self.core.parts().due(now_ms) {
                 self.apply(Input::Part(command), now_ms, None, &mut fx, &mut logged);
@@ -1220,29 +1247,21 @@ impl Applier {
                 let covered = if inputs_logged > 0 { self.next_sequence } else { self.next_sequence - 1 };
                 // The checkpoint no longer holds the records evicted since
                 // the last one: they must be in a run it counts on.
-                if self.core.is_quiet() {
-                    if let Err(error) = self.archive.seal() {
-                        tracing::error!(executor = self.core.id(), %error, "archive write failed; executor stops");
-                        std::process::abort();
-                    }
+                if let Err(error) = self.archive.seal() {
+                    tracing::error!(executor = self.core.id(), %error, "archive write failed; executor stops");
+                    std::process::abort();
                 }
                 let accounts = self.spare_accounts.try_recv().unwrap_or_default();
-                let taken = self.core.checkpoint(covered, now_ms, self.archive.run_count(), accounts);
-                if taken.is_some() || finishing {
-                    self.lower_barrier();
-                } else {
-                    self.raise_barrier();
-                }
+                // Transactions in flight go in with it: none pins the log.
+                let checkpoint = self.core.checkpoint(covered, now_ms, self.archive.run_count(), accounts);
                 // The audit events it covers: this batch's, or earlier ones.
                 let audit_needed = if inputs_logged > 0 && !fx.audit.is_empty() {
                     self.next_sequence
                 } else {
                     self.last_audit_sequence
                 };
-                taken.map(|c| {
-                    self.log_bytes_at_checkpoint = log_bytes;
-                    PendingCheckpoint { checkpoint: c, audit_needed }
-                })
+                self.log_bytes_at_checkpoint = log_bytes;
+                Some(PendingCheckpoint { checkpoint, audit_needed })
             } else {
                 None
             };
@@ -1279,37 +1298,9 @@ impl Applier {
     }
 
     /// Whether to take new client work now: not past the bound on
-    /// transactions in flight, and not while an executor waits for a quiet
-    /// moment to checkpoint.
+    /// transactions in flight.
     fn may_take_clients(&self, clients_open: bool) -> bool {
-        clients_open
-            && self.core.txns_in_flight() < MAX_TXNS_IN_FLIGHT
-            && self.shared.checkpoint_barriers.load(Ordering::Acquire) == 0
-    }
-
-    /// A checkpoint is due but transactions are in flight: hold every
-    /// executor's client intake until they drain, for at most
-    /// [`MAX_CHECKPOINT_BARRIER`].
-    fn raise_barrier(&mut self) {
-        let now = Instant::now();
-        match self.barrier_since {
-            None if self.barrier_retry_at.is_none_or(|at| now >= at) => {
-                self.barrier_since = Some(now);
-                self.shared.checkpoint_barriers.fetch_add(1, Ordering::AcqRel);
-            }
-            Some(since) if now.duration_since(since) > MAX_CHECKPOINT_BARRIER => {
-                tracing::warn!(executor = self.core.id(), "no quiet moment for a checkpoint; trying again later");
-                self.lower_barrier();
-                self.barrier_retry_at = Some(now + CHECKPOINT_BARRIER_BACKOFF);
-            }
-            _ => {}
-        }
-    }
-
-    fn lower_barrier(&mut self) {
-        if self.barrier_since.take().is_some() {
-            self.shared.checkpoint_barriers.fetch_sub(1, Ordering::AcqRel);
-        }
+        clients_open && self.core.txns_in_flight() < MAX_TXNS_IN_FLIGHT
     }
 
     /// Keeps the shared in-flight counter equal to the sum over executors:
@@ -1391,6 +1382,11 @@ impl Applier {
             ),
             Query::HistoryLen => QueryAnswer::HistoryLen(self.core.history_len()),
             Query::Part(query) => QueryAnswer::Part(self.core.parts().query(&query)),
+            Query::Transaction(id) => QueryAnswer::Transaction(self.core.transaction(id)),
+            Query::Transactions { filter, limit } => {
+                let now_ms = self.clock.now_ms().max(self.last_time_ms);
+                QueryAnswer::Transactions(self.core.list_transactions(filter, limit, now_ms))
+            }
             Query::Totals => {
                 let mut totals = Totals {
                     accounts: ledger.account_count() as u64,
@@ -1692,7 +1688,11 @@ fn prefetch(core: &mut ExecutorCore, archive: &Archive, input: &Input) -> std::i
                 }
             }
         }
-        Input::CreateAccount(_) | Input::ChangeAccount { .. } | Input::Expire { .. } | Input::Part(_) => {}
+        Input::CreateAccount(_)
+        | Input::ChangeAccount { .. }
+        | Input::Expire { .. }
+        | Input::Deadlines { .. }
+        | Input::Part(_) => {}
     }
     // A software pipeline: the lines an id's check reads (its index line
     // and the filter's blocks, whose addresses come from hashes alone) are

@@ -113,8 +113,8 @@ async fn a_data_dir_of_u64_balances_opens_with_its_balances() {
     drop(engine);
 
     // Shut down, it wrote checkpoints of the new format, which read back.
-    assert_eq!(checkpoint_format(dir.path(), "executor-000"), 3);
-    assert_eq!(checkpoint_format(dir.path(), "executor-001"), 3);
+    assert_eq!(checkpoint_format(dir.path(), "executor-000"), 4);
+    assert_eq!(checkpoint_format(dir.path(), "executor-001"), 4);
     let engine = open(dir.path());
     assert_eq!(balances(&engine).await, after);
     engine.shutdown();
@@ -170,7 +170,7 @@ async fn a_data_dir_of_the_release_before_parts_opens_and_takes_inventory() {
     drop(engine);
 
     for executor in ["executor-000", "executor-001"] {
-        assert_eq!(checkpoint_format(dir.path(), executor), 3);
+        assert_eq!(checkpoint_format(dir.path(), executor), 4);
     }
     let engine = open(dir.path());
     assert_eq!(balances(&engine).await, v2_balances);

@@ -5,12 +5,20 @@
 //! log (the inputs that changed state and were made durable, with their batch
 //! time) and a volatile part (inputs applied since its last simulated fsync,
 //! with their effects held back). Messages between a pair of executors travel
-//! in a FIFO queue, and only after the batch that produced them is durable.
-//! Proptest chooses the steps: client commands, message deliveries, fsyncs,
-//! clock advances, expiries and crashes. After every step the invariants of
+//! in a queue, and only after the batch that produced them is durable; a
+//! step may deliver a later message of a queue first (reordering) or hand
+//! out again one already delivered (duplication), as a network or a stream
+//! redelivering may. Proptest chooses the steps: client commands, message
+//! deliveries, fsyncs, clock advances (some past transactions' deadlines),
+//! expiries, ticks of the protocol (deadlines, resends, fence purges) and
+//! crashes. After every step the invariants of
 //! DESIGN.md are checked; at the end the system is driven to quiescence and
 //! the books are rebuilt from the transfer records and compared, account by
 //! account and hold by hold.
+//!
+//! A step checkpoints an executor, whatever is in flight, and restarts it
+//! from the checkpoint alone (its state must be the same); a crash then
+//! recovers from the last checkpoint plus the log after it.
 //!
 //! Two kinds of crash are simulated:
 //! - One executor crashes (as a cell would in scale-out, where messages live
@@ -36,15 +44,18 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+use peakstack_domain::ledger::LedgerSnapshot;
 use peakstack_domain::ledger::{clearing_account_id, Leg};
 use peakstack_domain::{
     Account, AccountFlags, Amount, Balances, Currency, ErrorCode, Id, NewAccount, Owner, Side, Transfer, TransferKind,
     TransferRequest, TransferStatus, MAX_TRANSFER_AMOUNT,
 };
+use peakstack_engine::checkpoint::Checkpoint;
 use peakstack_engine::executor::{lost_forgets, ClientTag, Effects, ExecutorCore};
 use peakstack_engine::protocol::{
     AuditEvent, CommitOp, ExecutorId, Input, OpResult, Origin, PeerMsg, TransferOutcome, TransferResult, TryOp, TxnId,
 };
+use peakstack_engine::tcc::{TxnFilter, TxnView, FENCE_RETENTION_MS, TXN_DEADLINE_MS};
 use peakstack_engine::Layout;
 use proptest::collection::vec as vec_of;
 use proptest::prelude::*;
@@ -64,6 +75,8 @@ const CASES: u32 = 256;
 const MAX_QUIESCE_ROUNDS: usize = 1_000;
 /// Messages one delivery step hands to the receiver as one input at most.
 const MAX_MESSAGES_PER_DELIVERY: usize = 8;
+/// Delivered messages remembered per queue, for a step to hand out again.
+const MAX_REMEMBERED_DELIVERIES: usize = 32;
 
 fn id(text: &str) -> Id {
     Id::parse(text).expect("valid id")
@@ -153,6 +166,12 @@ fn arrange(mut messages: Vec<(ExecutorId, PeerMsg)>, order: ResendOrder) -> Vec<
     messages
 }
 
+/// An executor rebuilt from checkpoint bytes.
+fn restore(e: ExecutorId, layout: Layout, bytes: &[u8]) -> ExecutorCore {
+    let checkpoint = Checkpoint::decode(bytes).expect("a checkpoint reads back");
+    ExecutorCore::from_checkpoint(e, layout, checkpoint).expect("a checkpoint restores")
+}
+
 fn splitmix64(state: &mut u64) -> u64 {
     *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
     let mut z = *state;
@@ -179,6 +198,15 @@ struct Node {
     /// Audit events of inputs in `volatile`, and of durable ones.
     held_audit: Vec<AuditEvent>,
     durable_audit: Vec<AuditEvent>,
+    /// The last checkpoint (see [`Sim::checkpoint`]): recovery starts from it.
+    checkpoint: Option<NodeCheckpoint>,
+}
+
+struct NodeCheckpoint {
+    bytes: Vec<u8>,
+    /// How many inputs of `durable`, and events of `durable_audit`, it covers.
+    inputs: usize,
+    audit_events: usize,
 }
 
 impl Node {
@@ -194,6 +222,7 @@ impl Node {
             consumed: Vec::new(),
             held_audit: Vec::new(),
             durable_audit: Vec::new(),
+            checkpoint: None,
         }
     }
 
@@ -236,13 +265,12 @@ struct Group {
 
 #[derive(Debug, PartialEq)]
 struct Snapshot {
-    accounts: Vec<Account>,
+    /// Accounts, holds and records, with what transactions in flight own.
+    ledger: LedgerSnapshot,
     transfers: Vec<Option<Transfer>>,
-    holds: usize,
-    records: usize,
     pending_transfers: usize,
     fences: usize,
-    txns: usize,
+    txns: Vec<TxnView>,
     due: Vec<Id>,
 }
 
@@ -266,6 +294,8 @@ struct Sim {
     tainted: BTreeSet<Id>,
     /// Forget messages lost in a process crash: each may leave one fence behind.
     lost_forgets: usize,
+    /// The last messages delivered on each queue, newest last.
+    delivered: BTreeMap<(ExecutorId, ExecutorId), VecDeque<PeerMsg>>,
 }
 
 impl Sim {
@@ -284,6 +314,7 @@ impl Sim {
             id_uses: BTreeMap::new(),
             tainted: BTreeSet::new(),
             lost_forgets: 0,
+            delivered: BTreeMap::new(),
         }
     }
 
@@ -406,10 +437,54 @@ impl Sim {
             return false;
         }
         let messages: Vec<PeerMsg> = queue.drain(..take).collect();
+        self.hand(from, to, messages);
+        true
+    }
+
+    /// Applies `messages` from `from` at `to`, as one input.
+    fn hand(&mut self, from: ExecutorId, to: ExecutorId, messages: Vec<PeerMsg>) {
+        let remembered = self.delivered.entry((from, to)).or_default();
+        for message in &messages {
+            if remembered.len() == MAX_REMEMBERED_DELIVERIES {
+                remembered.pop_front();
+            }
+            remembered.push_back(message.clone());
+        }
         let node = &mut self.nodes[usize::from(to)];
         node.consumed.extend(messages.iter().map(|m| (from, m.clone())));
         self.apply(to, Input::Peer { from, messages }, None);
+    }
+
+    /// Delivers the message at `index` of the queue `from -> to` before the
+    /// ones ahead of it.
+    fn deliver_out_of_order(&mut self, from: ExecutorId, to: ExecutorId, index: usize) -> bool {
+        let Some(message) = self.queues.get_mut(&(from, to)).and_then(|q| q.remove(index)) else { return false };
+        self.hand(from, to, vec![message]);
         true
+    }
+
+    /// Hands out again the `nth` newest message delivered on `from -> to`.
+    fn redeliver(&mut self, from: ExecutorId, to: ExecutorId, nth: usize) -> bool {
+        let Some(remembered) = self.delivered.get(&(from, to)) else { return false };
+        let Some(message) = remembered.iter().rev().nth(nth).cloned() else { return false };
+        self.hand(from, to, vec![message]);
+        true
+    }
+
+    /// What the runtime does between batches: the protocol's deadlines
+    /// (applied and logged), resends (leaving with the next fsync) and
+    /// fence purges.
+    fn tick(&mut self, e: ExecutorId) {
+        let now_ms = self.now_ms;
+        let node = &mut self.nodes[usize::from(e)];
+        let mut fx = Effects::default();
+        let deadlines = node.core.tick(now_ms, &mut fx);
+        assert!(fx.finished.is_empty() && fx.audit.is_empty() && fx.history.is_empty(), "a tick only sends");
+        node.held_outbox.append(&mut fx.outbox);
+        if let Some(input) = deadlines {
+            assert!(matches!(input, Input::Deadlines { .. }));
+            self.apply(e, input, None);
+        }
     }
 
     fn deliver_all(&mut self, from: ExecutorId, to: ExecutorId) {
@@ -462,13 +537,11 @@ impl Sim {
         let core = &self.nodes[usize::from(e)].core;
         let ledger = core.ledger();
         Snapshot {
-            accounts: ledger.accounts().to_vec(),
+            ledger: ledger.snapshot(),
             transfers: self.id_uses.keys().map(|tid| ledger.transfer(tid).cloned()).collect(),
-            holds: ledger.hold_count(),
-            records: ledger.transfer_count(),
             pending_transfers: ledger.pending_transfer_count(),
             fences: core.fence_count(),
-            txns: core.txns_in_flight(),
+            txns: core.list_transactions(TxnFilter::InFlight, usize::MAX, 0),
             due: core.due_expiries(u64::MAX),
         }
     }
@@ -484,16 +557,24 @@ impl Sim {
         node.held_finished.clear();
         node.held_accounts.clear();
         node.held_audit.clear();
-        let mut core = ExecutorCore::new(e, layout);
+        // From the last checkpoint, if any, and the log after it.
+        let (mut core, inputs, audit_events) = match &node.checkpoint {
+            None => (ExecutorCore::new(e, layout), 0, 0),
+            Some(c) => (restore(e, layout, &c.bytes), c.inputs, c.audit_events),
+        };
         let mut fx = Effects::default();
         let mut replayed_audit = Vec::new();
-        for (time_ms, input) in &node.durable {
+        for (time_ms, input) in &node.durable[inputs..] {
             let (changed, _) = core.apply(input, *time_ms, None, &mut fx);
             assert!(changed, "only inputs that changed state are logged, and a replay changes state again");
             replayed_audit.append(&mut fx.audit);
             fx.clear();
         }
-        assert_eq!(replayed_audit, node.durable_audit, "replaying executor {e} makes other audit events");
+        assert_eq!(
+            replayed_audit,
+            node.durable_audit[audit_events..],
+            "replaying executor {e} makes other audit events"
+        );
         node.core = core;
         for tag in lost_tags {
             self.groups[tag as usize - 1].lost = true;
@@ -506,6 +587,28 @@ impl Sim {
         if let Some(before) = before {
             assert_eq!(before, self.snapshot(e), "replaying the durable log of executor {e} gives another state");
         }
+    }
+
+    /// Executor `e` checkpoints (once its batch is durable, as the runtime
+    /// does), whatever is in flight, and restarts from the checkpoint
+    /// alone: the same state, its clients gone, its messages sent again.
+    fn checkpoint(&mut self, e: ExecutorId, order: ResendOrder) {
+        self.fsync(e);
+        let before = self.snapshot(e);
+        let layout = self.layout;
+        let now_ms = self.now_ms;
+        let node = &mut self.nodes[usize::from(e)];
+        let inputs = node.durable.len();
+        let bytes = node.core.checkpoint(inputs as u64, now_ms, 0, Vec::new()).encode();
+        node.core = restore(e, layout, &bytes);
+        node.checkpoint = Some(NodeCheckpoint { bytes, inputs, audit_events: node.durable_audit.len() });
+        assert_eq!(before, self.snapshot(e), "executor {e} restored from its checkpoint is another");
+        for group in &mut self.groups {
+            if group.coordinator == e && group.indices.iter().any(|&i| self.calls[group.call].results[i].is_none()) {
+                group.dead = true;
+            }
+        }
+        self.resend(e, order);
     }
 
     fn resend(&mut self, e: ExecutorId, order: ResendOrder) {
@@ -583,6 +686,8 @@ impl Sim {
         let request = call.requests[slot].clone();
         match (&call.expect[slot], &result) {
             (Expect::Anything, _) => {}
+            // Not decided by its deadline: nothing was done, whatever the request.
+            (_, Err(ErrorCode::TransactionTimedOut)) => {}
             (Expect::Exists(acked), Ok(outcome)) if !outcome.created && same_record(&outcome.transfer, acked) => {}
             (Expect::ExistsWithDifferentFields, Err(ErrorCode::ExistsWithDifferentFields)) => {}
             (expect, _) => panic!("retry {request:?} expected {expect:?}, answered {result:?}"),
@@ -1007,11 +1112,30 @@ enum Step {
     Expire {
         executor: usize,
     },
+    /// The protocol's tick on one executor.
+    Tick {
+        executor: usize,
+    },
+    /// Deliver a later message of a queue first.
+    DeliverOutOfOrder {
+        pick: Index,
+        skip: usize,
+    },
+    /// Hand out again a message already delivered.
+    Redeliver {
+        pick: Index,
+        nth: usize,
+    },
     Crash {
         executor: usize,
         seed: u64,
     },
     CrashAll {
+        seed: u64,
+    },
+    /// Checkpoint one executor and restart it from the checkpoint.
+    Checkpoint {
+        executor: usize,
         seed: u64,
     },
 }
@@ -1058,9 +1182,15 @@ fn step_strategy() -> impl Strategy<Value = Step> {
         12 => (0..4usize).prop_map(|executor| Step::Fsync { executor }),
         3 => Just(Step::FsyncAll),
         4 => (1..=30u64).prop_map(|ms| Step::Advance { ms }),
+        // Past the deadline of the transactions in flight, now and then.
+        1 => (TXN_DEADLINE_MS / 2..=TXN_DEADLINE_MS + 100).prop_map(|ms| Step::Advance { ms }),
         4 => (0..4usize).prop_map(|executor| Step::Expire { executor }),
+        4 => (0..4usize).prop_map(|executor| Step::Tick { executor }),
+        5 => (any::<Index>(), 1..=4usize).prop_map(|(pick, skip)| Step::DeliverOutOfOrder { pick, skip }),
+        3 => (any::<Index>(), 0..8usize).prop_map(|(pick, nth)| Step::Redeliver { pick, nth }),
         2 => (0..4usize, any::<u64>()).prop_map(|(executor, seed)| Step::Crash { executor, seed }),
         1 => any::<u64>().prop_map(|seed| Step::CrashAll { seed }),
+        2 => (0..4usize, any::<u64>()).prop_map(|(executor, seed)| Step::Checkpoint { executor, seed }),
     ]
 }
 
@@ -1193,10 +1323,30 @@ impl Workload {
             Step::FsyncAll => sim.fsync_all(),
             Step::Advance { ms } => sim.advance(*ms),
             Step::Expire { executor } => sim.expire((executor % executors) as ExecutorId),
+            Step::Tick { executor } => sim.tick((executor % executors) as ExecutorId),
+            Step::DeliverOutOfOrder { pick, skip } => {
+                let busy: Vec<(ExecutorId, ExecutorId)> =
+                    sim.queues.iter().filter(|(_, q)| q.len() > 1).map(|(k, _)| *k).collect();
+                if !busy.is_empty() {
+                    let (from, to) = busy[pick.index(busy.len())];
+                    let index = (*skip).min(sim.queues[&(from, to)].len() - 1);
+                    sim.deliver_out_of_order(from, to, index);
+                }
+            }
+            Step::Redeliver { pick, nth } => {
+                let seen: Vec<(ExecutorId, ExecutorId)> = sim.delivered.keys().copied().collect();
+                if !seen.is_empty() {
+                    let (from, to) = seen[pick.index(seen.len())];
+                    sim.redeliver(from, to, *nth);
+                }
+            }
             Step::Crash { executor, seed } => {
                 sim.crash((executor % executors) as ExecutorId, ResendOrder::Shuffled(*seed))
             }
             Step::CrashAll { seed } => sim.crash_all(ResendOrder::Shuffled(*seed)),
+            Step::Checkpoint { executor, seed } => {
+                sim.checkpoint((executor % executors) as ExecutorId, ResendOrder::Shuffled(*seed))
+            }
         }
     }
 }
@@ -1285,6 +1435,15 @@ fn run_case(case: &Case) {
     sim.quiesce();
     sim.check_quiescent();
     sim.check_all_expired();
+    // And every fence's retention: the ticks purge them all.
+    sim.advance(TXN_DEADLINE_MS + FENCE_RETENTION_MS);
+    for e in 0..sim.executors() {
+        sim.tick(e);
+    }
+    sim.quiesce();
+    sim.check_quiescent();
+    let retained: usize = sim.nodes.iter().map(|n| n.core.retained_fence_count()).sum();
+    assert_eq!(retained, 0, "fences kept past their retention");
 }
 
 fn config() -> ProptestConfig {
@@ -1311,13 +1470,21 @@ proptest! {
 
 // ---- focused examples -----------------------------------------------------------
 
-/// Applies one peer message to `core` and returns what it sends back.
-fn feed(core: &mut ExecutorCore, from: ExecutorId, message: PeerMsg) -> Vec<(ExecutorId, PeerMsg)> {
+/// The time of the focused examples' inputs, and the deadline of their transaction.
+const NOW_MS: u64 = 1_000;
+const DEADLINE_MS: u64 = NOW_MS + TXN_DEADLINE_MS;
+
+/// Applies one peer message to `core` at `now_ms` and returns what it sends back.
+fn feed_at(core: &mut ExecutorCore, from: ExecutorId, message: PeerMsg, now_ms: u64) -> Vec<(ExecutorId, PeerMsg)> {
     let mut fx = Effects::default();
-    let (changed, _) = core.apply(&Input::Peer { from, messages: vec![message] }, 1_000, None, &mut fx);
+    let (changed, _) = core.apply(&Input::Peer { from, messages: vec![message] }, now_ms, None, &mut fx);
     assert!(changed);
     assert!(fx.finished.is_empty());
     fx.outbox
+}
+
+fn feed(core: &mut ExecutorCore, from: ExecutorId, message: PeerMsg) -> Vec<(ExecutorId, PeerMsg)> {
+    feed_at(core, from, message, NOW_MS)
 }
 
 /// A fresh core of executor `e` rebuilt from `log`, as after a crash.
@@ -1325,7 +1492,7 @@ fn replay(e: ExecutorId, layout: Layout, log: &[Input]) -> ExecutorCore {
     let mut core = ExecutorCore::new(e, layout);
     let mut fx = Effects::default();
     for input in log {
-        core.apply(input, 1_000, None, &mut fx);
+        core.apply(input, NOW_MS, None, &mut fx);
         fx.clear();
     }
     core
@@ -1342,7 +1509,7 @@ fn participant() -> (ExecutorCore, Id, Leg) {
     let account = name_on(layout, "acct", 1, 0);
     let mut fx = Effects::default();
     let (changed, _) =
-        core.apply(&Input::CreateAccount(plain_account(&account, AccountFlags::empty())), 1_000, None, &mut fx);
+        core.apply(&Input::CreateAccount(plain_account(&account, AccountFlags::empty())), NOW_MS, None, &mut fx);
     assert!(changed);
     let leg = Leg {
         transfer_id: id("t1"),
@@ -1359,40 +1526,78 @@ fn participant() -> (ExecutorCore, Id, Leg) {
 /// A transaction that executor 0 coordinates.
 const TXN: TxnId = (1 << 48) + 7;
 
+fn try_hold(leg: &Leg) -> PeerMsg {
+    PeerMsg::Try { txn: TXN, ops: vec![TryOp::Hold(leg.clone())], deadline_ms: DEADLINE_MS }
+}
+
+fn decide(commit: bool, ops: Vec<CommitOp>) -> PeerMsg {
+    PeerMsg::Decide { txn: TXN, commit, ops, deadline_ms: DEADLINE_MS }
+}
+
+fn refused(code: ErrorCode) -> PeerMsg {
+    PeerMsg::Tried { txn: TXN, results: vec![OpResult::Err(code)] }
+}
+
+/// Runs the tick of `core` at `now_ms` (purging the fences whose retention passed).
+fn tick_at(core: &mut ExecutorCore, now_ms: u64) {
+    let mut fx = Effects::default();
+    assert_eq!(core.tick(now_ms, &mut fx), None, "a participant has no deadline of its own");
+    assert!(fx.outbox.is_empty());
+}
+
+/// No hold, nothing booked, not even a clearing account opened.
+fn nothing_left(core: &ExecutorCore, account: &Id) {
+    assert_eq!(core.ledger().hold_count(), 0);
+    assert_eq!(core.ledger().account_count(), 1);
+    assert_eq!(core.ledger().account(account).expect("open").balances, Balances::default());
+}
+
 #[test]
 fn a_cancel_before_its_try_suspends_the_fence_and_the_late_try_is_refused() {
     let (mut core, account, leg) = participant();
-    let cancel = PeerMsg::Decide { txn: TXN, commit: false, ops: vec![] };
+    let cancel = decide(false, vec![]);
     check(feed(&mut core, 0, cancel.clone()), PeerMsg::Acked { txn: TXN, balances: vec![] });
     assert_eq!(core.fence_count(), 1);
     // The suspended fence is in the log: a crash does not forget it.
     let log = [
         Input::CreateAccount(plain_account(&account, AccountFlags::empty())),
-        Input::Peer { from: 0, messages: vec![cancel] },
+        Input::Peer { from: 0, messages: vec![cancel.clone()] },
     ];
     let mut replayed = replay(1, Layout::new(SHARDS, 2).expect("valid layout"), &log);
     assert_eq!(replayed.fence_count(), 1);
-    check(
-        feed(&mut replayed, 0, PeerMsg::Try { txn: TXN, ops: vec![TryOp::Hold(leg.clone())] }),
-        PeerMsg::Tried { txn: TXN, results: vec![OpResult::Err(ErrorCode::InFlight)] },
-    );
+    check(feed(&mut replayed, 0, try_hold(&leg)), refused(ErrorCode::InFlight));
     assert_eq!(replayed.ledger().hold_count(), 0);
-    check(
-        feed(&mut core, 0, PeerMsg::Try { txn: TXN, ops: vec![TryOp::Hold(leg.clone())] }),
-        PeerMsg::Tried { txn: TXN, results: vec![OpResult::Err(ErrorCode::InFlight)] },
-    );
-    // No hanging hold, nothing booked, not even a clearing account opened.
-    assert_eq!(core.ledger().hold_count(), 0);
-    assert_eq!(core.ledger().account_count(), 1);
-    assert_eq!(core.ledger().account(&account).expect("open").balances, Balances::default());
-    // The fence stays suspended across repeats, until the coordinator forgets.
-    check(
-        feed(&mut core, 0, PeerMsg::Try { txn: TXN, ops: vec![TryOp::Hold(leg)] }),
-        PeerMsg::Tried { txn: TXN, results: vec![OpResult::Err(ErrorCode::InFlight)] },
-    );
+    check(feed(&mut core, 0, try_hold(&leg)), refused(ErrorCode::InFlight));
+    nothing_left(&core, &account);
+    // The fence stays suspended across repeats, and after the coordinator
+    // forgot the transaction it is retained: a try is still refused.
+    check(feed(&mut core, 0, try_hold(&leg)), refused(ErrorCode::InFlight));
+    check(feed(&mut core, 0, cancel.clone()), PeerMsg::Acked { txn: TXN, balances: vec![] });
     assert_eq!(core.fence_count(), 1);
     assert!(feed(&mut core, 0, PeerMsg::Forget { txn: TXN }).is_empty());
-    assert_eq!(core.fence_count(), 0);
+    assert_eq!((core.fence_count(), core.retained_fence_count()), (0, 1));
+    check(feed(&mut core, 0, try_hold(&leg)), refused(ErrorCode::InFlight));
+    check(feed(&mut core, 0, cancel), PeerMsg::Acked { txn: TXN, balances: vec![] });
+    nothing_left(&core, &account);
+    // Kept until deadline + retention; then purged, and the deadline alone
+    // refuses the try.
+    let expiry_ms = DEADLINE_MS + FENCE_RETENTION_MS;
+    tick_at(&mut core, expiry_ms - 1);
+    assert_eq!(core.retained_fence_count(), 1);
+    tick_at(&mut core, expiry_ms);
+    assert_eq!(core.retained_fence_count(), 0);
+    check(feed_at(&mut core, 0, try_hold(&leg), expiry_ms), refused(ErrorCode::TransactionTimedOut));
+    nothing_left(&core, &account);
+    assert_eq!((core.fence_count(), core.retained_fence_count()), (0, 0), "a refused try leaves no fence");
+}
+
+#[test]
+fn a_cancel_after_the_deadline_that_finds_no_try_keeps_nothing() {
+    let (mut core, account, leg) = participant();
+    check(feed_at(&mut core, 0, decide(false, vec![]), DEADLINE_MS), PeerMsg::Acked { txn: TXN, balances: vec![] });
+    assert_eq!(core.fence_count(), 0, "past the deadline the try is refused anyway");
+    check(feed_at(&mut core, 0, try_hold(&leg), DEADLINE_MS), refused(ErrorCode::TransactionTimedOut));
+    nothing_left(&core, &account);
 }
 
 #[test]
@@ -1400,35 +1605,112 @@ fn a_repeated_try_or_decide_is_answered_from_the_fence_without_applying_twice() 
     let (mut core, account, leg) = participant();
     let tried = PeerMsg::Tried { txn: TXN, results: vec![OpResult::Ok] };
     for _ in 0..2 {
-        check(feed(&mut core, 0, PeerMsg::Try { txn: TXN, ops: vec![TryOp::Hold(leg.clone())] }), tried.clone());
+        check(feed(&mut core, 0, try_hold(&leg)), tried.clone());
         let b = core.ledger().account(&account).expect("open").balances;
         assert_eq!((b.debits_pending, b.debits_posted), (10, 0));
         assert_eq!(core.ledger().hold_count(), 1);
     }
-    let commit = PeerMsg::Decide {
-        txn: TXN,
-        commit: true,
-        ops: vec![CommitOp::CommitHold {
+    let commit = decide(
+        true,
+        vec![CommitOp::CommitHold {
             transfer_id: leg.transfer_id.clone(),
             side: Side::Debit,
             account_id: account.clone(),
         }],
-    };
+    );
     let posted = Balances { debits_posted: 10, ..Balances::default() };
-    check(feed(&mut core, 0, commit.clone()), PeerMsg::Acked { txn: TXN, balances: vec![(account.clone(), posted)] });
-    // The repeat finds the fence decided: acknowledged again, booked once.
-    check(feed(&mut core, 0, commit), PeerMsg::Acked { txn: TXN, balances: vec![] });
+    let acked = PeerMsg::Acked { txn: TXN, balances: vec![(account.clone(), posted)] };
+    check(feed(&mut core, 0, commit.clone()), acked.clone());
+    // The repeat finds the fence decided: the same answer, booked once
+    // (even when it comes after the deadline).
+    check(feed(&mut core, 0, commit.clone()), acked.clone());
+    check(feed_at(&mut core, 0, commit.clone(), DEADLINE_MS + 1), acked);
     assert_eq!(core.ledger().account(&account).expect("open").balances, posted);
     // A try repeated after the decision is refused and holds nothing.
-    check(
-        feed(&mut core, 0, PeerMsg::Try { txn: TXN, ops: vec![TryOp::Hold(leg)] }),
-        PeerMsg::Tried { txn: TXN, results: vec![OpResult::Err(ErrorCode::InFlight)] },
-    );
+    check(feed(&mut core, 0, try_hold(&leg)), refused(ErrorCode::InFlight));
     assert_eq!(core.ledger().hold_count(), 0);
     assert_eq!(core.ledger().account(&account).expect("open").balances, posted);
     assert_eq!(core.ledger().net_total(), 0);
     assert!(feed(&mut core, 0, PeerMsg::Forget { txn: TXN }).is_empty());
-    assert_eq!(core.fence_count(), 0);
+    assert_eq!((core.fence_count(), core.retained_fence_count()), (0, 1));
+    // After the forget, repeats are answered without effect.
+    check(feed(&mut core, 0, commit.clone()), PeerMsg::Acked { txn: TXN, balances: vec![] });
+    check(feed(&mut core, 0, try_hold(&leg)), refused(ErrorCode::InFlight));
+    assert_eq!(core.ledger().account(&account).expect("open").balances, posted);
+    // And once the retention passed and the fence is purged, a stale
+    // commit is known by its deadline: no effect, no assertion.
+    let expiry_ms = DEADLINE_MS + FENCE_RETENTION_MS;
+    tick_at(&mut core, expiry_ms);
+    assert_eq!(core.retained_fence_count(), 0);
+    check(feed_at(&mut core, 0, commit, expiry_ms), PeerMsg::Acked { txn: TXN, balances: vec![] });
+    check(feed_at(&mut core, 0, try_hold(&leg), expiry_ms), refused(ErrorCode::TransactionTimedOut));
+    assert_eq!(core.ledger().account(&account).expect("open").balances, posted);
+    assert_eq!((core.fence_count(), core.ledger().hold_count()), (0, 0));
+}
+
+#[test]
+fn a_late_try_after_the_transaction_ended_leaves_nothing() {
+    let (mut core, account, leg) = participant();
+    // At the deadline or after: refused, nothing held, no fence.
+    for at in [DEADLINE_MS, DEADLINE_MS + 1, DEADLINE_MS + FENCE_RETENTION_MS * 2] {
+        check(feed_at(&mut core, 0, try_hold(&leg), at), refused(ErrorCode::TransactionTimedOut));
+        nothing_left(&core, &account);
+        assert_eq!((core.fence_count(), core.retained_fence_count()), (0, 0));
+    }
+    // Just before it, the try holds; its coordinator decides cancel
+    // (timed out) and forgets; the duplicate of the try that comes next,
+    // still before the deadline, finds the retained fence.
+    let (mut core, account, leg) = participant();
+    check(
+        feed_at(&mut core, 0, try_hold(&leg), DEADLINE_MS - 2),
+        PeerMsg::Tried { txn: TXN, results: vec![OpResult::Ok] },
+    );
+    assert_eq!(core.ledger().hold_count(), 1);
+    check(feed_at(&mut core, 0, decide(false, vec![]), DEADLINE_MS), PeerMsg::Acked { txn: TXN, balances: vec![] });
+    assert!(feed_at(&mut core, 0, PeerMsg::Forget { txn: TXN }, DEADLINE_MS).is_empty());
+    check(feed_at(&mut core, 0, try_hold(&leg), DEADLINE_MS - 1), refused(ErrorCode::InFlight));
+    // The clearing account the try opened stays, at zero.
+    assert_eq!(core.ledger().hold_count(), 0);
+    assert_eq!(core.ledger().account(&account).expect("open").balances, Balances::default());
+    assert_eq!(core.ledger().net_total(), 0);
+}
+
+#[test]
+fn a_participant_that_never_answers_is_cancelled_at_the_deadline_and_every_hold_released() {
+    let mut sim = Sim::new(2);
+    let layout = sim.layout;
+    let tid = name_on(layout, "t", 0, 0);
+    let (debit, credit) = (name_on(layout, "a", 0, 0), name_on(layout, "a", 1, 0));
+    for account in [&debit, &credit] {
+        sim.create_account(plain_account(account, AccountFlags::empty()));
+    }
+    sim.fsync_all();
+    let call = sim.submit(vec![create(&tid, &debit, &credit, 25, usd())], false);
+    sim.fsync(0);
+    // The coordinator holds its side; executor 1 never takes its message.
+    assert_eq!(sim.ledger(0).hold_count(), 1);
+    sim.advance(TXN_DEADLINE_MS / 2);
+    sim.tick(0);
+    sim.fsync(0);
+    assert_eq!(sim.queues[&(0, 1)].len(), 2, "the try, and the try sent again");
+    assert_eq!(sim.answers(call), vec![None]);
+    sim.advance(TXN_DEADLINE_MS / 2);
+    sim.tick(0);
+    sim.fsync(0);
+    // At the deadline: cancelled, the client told at once, the hold released.
+    assert_eq!(sim.answer(call), Err(ErrorCode::TransactionTimedOut));
+    assert_eq!(sim.ledger(0).hold_count(), 0);
+    assert_eq!(sim.balances(&debit), Balances::default());
+    assert!(sim.transfer(&tid).is_none());
+    let view = sim.nodes[0].core.list_transactions(peakstack_engine::tcc::TxnFilter::Stuck, 10, sim.now_ms);
+    assert_eq!(view.len(), 1, "waiting for the acknowledgement of its cancel");
+    assert!(view[0].timed_out);
+    // Executor 1 comes back: the tries are refused (past the deadline),
+    // the cancel acknowledged, and nothing is left anywhere.
+    sim.quiesce();
+    assert_eq!(sim.balances(&credit), Balances::default());
+    assert_eq!(sim.ledger(1).hold_count(), 0);
+    sim.check_quiescent();
 }
 
 #[test]
@@ -1461,6 +1743,53 @@ fn a_coordinator_that_crashes_after_its_tries_resends_them_and_the_transfer_happ
     sim.quiesce();
     assert!(matches!(sim.answer(retry), Ok(TransferOutcome { created: false, .. })));
     assert_eq!(sim.balances(&debit).debits_posted, 25);
+    sim.check_quiescent();
+}
+
+#[test]
+fn checkpoints_taken_with_transactions_in_flight_resume_them_after_a_restart_and_a_crash() {
+    let mut sim = Sim::new(3);
+    let layout = sim.layout;
+    let (tid, post_id) = (name_on(layout, "t", 0, 0), name_on(layout, "r", 0, 0));
+    let pending_id = name_on(layout, "p", 1, 0);
+    let (debit, credit) = (name_on(layout, "a", 1, 0), name_on(layout, "a", 2, 0));
+    for account in [&debit, &credit] {
+        sim.create_account(plain_account(account, AccountFlags::empty()));
+    }
+    sim.fsync_all();
+    let made = sim.submit(vec![pending(&pending_id, &debit, &credit, 40, 0)], false);
+    sim.quiesce();
+    assert!(matches!(sim.answer(made), Ok(TransferOutcome { created: true, .. })));
+    // A transfer (coordinated by executor 0) and a post of the pending
+    // transfer (by its home, executor 1) in flight: the tries delivered
+    // (held, locked), the answers not yet back.
+    sim.submit(vec![create(&tid, &debit, &credit, 25, usd())], false);
+    let post =
+        TransferRequest::Post { id: post_id.clone(), pending_id: pending_id.clone(), amount: None, details: None };
+    sim.submit(vec![post], false);
+    sim.fsync(0);
+    sim.deliver_all(0, 1);
+    sim.deliver_all(0, 2);
+    assert_eq!(sim.ledger(1).hold_count(), 2, "the pending transfer's hold and the transfer's leg");
+    // Each executor checkpoints now and restarts from it: the coordinator
+    // with its transactions, the participants with their holds and fences.
+    for e in 0..3 {
+        sim.checkpoint(e, ResendOrder::TxnOrder);
+    }
+    let in_flight: Vec<usize> = sim.nodes.iter().map(|n| n.core.txns_in_flight()).collect();
+    assert_eq!(in_flight, [1, 1, 0], "the transfer on executor 0, the post on the pending transfer's home");
+    assert_eq!(sim.nodes[1].core.fence_count(), 2, "its leg of the transfer, its own part of the post");
+    assert_eq!(sim.ledger(1).snapshot().locked.len(), 1, "the post's lock is in the checkpoint");
+    // A little more happens after the checkpoints, then everyone crashes:
+    // recovery is the checkpoint plus the log after it.
+    sim.deliver_all(1, 0);
+    sim.fsync_all();
+    sim.crash_all(ResendOrder::Reversed);
+    sim.quiesce();
+    assert_eq!(sim.balances(&debit), Balances { debits_posted: 65, ..Balances::default() });
+    assert_eq!(sim.balances(&credit), Balances { credits_posted: 65, ..Balances::default() });
+    assert_eq!(sim.transfer(&pending_id).map(|t| t.status), Some(TransferStatus::Posted));
+    assert!(sim.transfer(&tid).is_some() && sim.transfer(&post_id).is_some());
     sim.check_quiescent();
 }
 

@@ -197,7 +197,7 @@ impl ApiError {
 
 /// Ledger codes whose answer may change on a retry.
 pub fn is_transient_code(code: ErrorCode) -> bool {
-    matches!(code, ErrorCode::InFlight | ErrorCode::Unavailable)
+    matches!(code, ErrorCode::InFlight | ErrorCode::Unavailable | ErrorCode::TransactionTimedOut)
 }
 
 /// The HTTP status of each ledger code.
@@ -214,7 +214,7 @@ pub fn ledger_status(code: ErrorCode) -> StatusCode {
         | ErrorCode::CouponNotFound
         | ErrorCode::TransactionNotFound => StatusCode::NOT_FOUND,
         ErrorCode::ExistsWithDifferentFields | ErrorCode::InFlight => StatusCode::CONFLICT,
-        ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::Unavailable | ErrorCode::TransactionTimedOut => StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::CurrencyMismatch
         | ErrorCode::AccountsMustBeDifferent
         | ErrorCode::ExceedsCredits
@@ -304,6 +304,10 @@ pub fn ledger_detail(code: ErrorCode) -> &'static str {
         ErrorCode::PromotionUsageLimitReached => "the promotion was used as often as its usage limit allows",
         ErrorCode::PromotionBuyerLimitReached => "the buyer used the promotion as often as its per-buyer limit allows",
         ErrorCode::BranchCancelled => "this transaction's branch was cancelled; its try or confirm is refused",
+        ErrorCode::TransactionTimedOut => {
+            "the transaction across executors was not decided by its deadline and was cancelled: nothing was done; \
+             retrying is safe"
+        }
     }
 }
 
@@ -363,6 +367,7 @@ fn title(code: &str) -> &'static str {
         "promotion_usage_limit_reached" => "Promotion usage limit reached",
         "promotion_buyer_limit_reached" => "Promotion buyer limit reached",
         "branch_cancelled" => "Branch cancelled",
+        "transaction_timed_out" => "Transaction timed out",
         "unsupported_media_type" => "Unsupported media type",
         "request_header_fields_too_large" => "Request header fields too large",
         "uri_too_long" => "URI too long",

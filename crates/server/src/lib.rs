@@ -54,6 +54,7 @@ pub mod listener;
 mod observe;
 mod post_guard;
 mod pricing_api;
+mod transactions_api;
 mod transfer_list;
 mod wire;
 
@@ -351,6 +352,8 @@ fn route_table() -> Routes {
         ("POST", "/v1/coupon-templates/{id}/issue", Write, post(pricing_api::issue_coupon)),
         ("GET", "/v1/coupons", Read, get(pricing_api::list_coupons)),
         ("POST", "/v1/quotes", Read, post(pricing_api::create_quote)),
+        ("GET", "/v1/transactions", Operations, get(transactions_api::list_transactions)),
+        ("GET", "/v1/transactions/{id}", Operations, get(transactions_api::get_transaction)),
     ]
 }
 
@@ -364,6 +367,7 @@ fn query_parameters(method: &str, path: &str) -> &'static [&'static str] {
         ("GET", "/v1/transfers") => &["limit", "after", "account_id", "status", "pending_id", "since", "until"],
         ("GET", "/v1/skus") => &["merchant_id", "limit", "after"],
         ("GET", "/v1/coupons") => &["buyer_id"],
+        ("GET", "/v1/transactions") => &["state", "limit"],
         ("GET", "/v1/audit") => &["key_id", "action", "target", "request_id", "since", "until", "after", "limit"],
         _ => &[],
     }
