@@ -3,45 +3,27 @@
 //! (its state, deadline and each branch with its operations), and `done`
 //! once finished; `GET /v1/transactions` lists the unfinished ones.
 
+mod common;
+
 use std::time::Duration;
 
+use common::{open_engine, Running};
 use peakstack_domain::Id;
-use peakstack_engine::{Engine, EngineConfig};
-use peakstack_server::{AuthMode, Server, ServerConfig};
 use serde_json::{json, Value};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
 const POLL_STEPS: usize = 200;
 const POLL_STEP: Duration = Duration::from_millis(25);
 
 struct TestServer {
+    server: Running,
     base: String,
     client: reqwest::Client,
-    engine: Engine,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
 impl TestServer {
     async fn start(dir: &std::path::Path) -> TestServer {
-        let engine = Engine::open(EngineConfig { shards: 4, ..EngineConfig::new(dir, 2) }).unwrap();
-        let mut config = ServerConfig::new("127.0.0.1:0".parse().unwrap(), dir.to_path_buf());
-        config.auth = AuthMode::InsecureNoAuth;
-        let server = Server::bind(config, engine.clone()).await.unwrap();
-        let base = format!("http://{}", server.local_addr());
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server.run(async move {
-            let _ = stopped.await;
-        }));
-        TestServer { base, client: reqwest::Client::new(), engine, stop: Some(stop), task: Some(task) }
-    }
-
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        self.task.take().unwrap().await.unwrap().unwrap();
-        let engine = self.engine.clone();
-        tokio::task::spawn_blocking(move || engine.shutdown()).await.unwrap();
+        let server = Running::start(open_engine(dir, 4, 2, 1 << 20, 1 << 30), common::insecure_config(dir)).await;
+        TestServer { base: server.base.clone(), server, client: reqwest::Client::new() }
     }
 
     async fn get(&self, path: &str) -> (u16, Value) {
@@ -51,7 +33,7 @@ impl TestServer {
     }
 
     fn name_on(&self, executor: u16, prefix: &str) -> String {
-        let layout = self.engine.layout();
+        let layout = self.server.engine.layout();
         (0..)
             .map(|n| format!("{prefix}{n}"))
             .find(|name| layout.executor_of_account(&Id::parse(name).unwrap()) == executor)
@@ -80,7 +62,7 @@ async fn a_transfer_across_executors_is_visible_with_its_branches_while_in_fligh
     // The transfer's record and debit live on executor 0, which
     // coordinates; executor 1, which holds the credit leg, is stalled.
     let id = s.name_on(0, "t");
-    s.engine.test_batch_gate(1).close();
+    s.server.engine.test_batch_gate(1).close();
     let body =
         json!({"id": id, "debit_account_id": debit, "credit_account_id": credit, "amount": 9, "currency": "USD"});
     let post = tokio::spawn({
@@ -110,7 +92,7 @@ async fn a_transfer_across_executors_is_visible_with_its_branches_while_in_fligh
     assert_eq!(branches[1]["state"], "waiting", "the stalled executor has not answered");
     assert_eq!(branches[1]["operations"], json!([format!("hold credit {credit} 9 USD")]));
 
-    s.engine.test_batch_gate(1).open();
+    s.server.engine.test_batch_gate(1).open();
     assert_eq!(post.await.unwrap(), 201);
     let mut done = Value::Null;
     for _ in 0..POLL_STEPS {
@@ -129,5 +111,5 @@ async fn a_transfer_across_executors_is_visible_with_its_branches_while_in_fligh
     );
     assert_eq!(s.get("/v1/transactions?state=in_flight&limit=10").await, (200, json!({"data": []})));
     assert_eq!(s.get("/v1/transactions?state=stuck").await, (200, json!({"data": []})));
-    s.stop().await;
+    s.server.stop().await;
 }
