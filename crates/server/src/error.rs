@@ -195,9 +195,20 @@ impl ApiError {
     }
 }
 
-/// Ledger codes whose answer may change on a retry.
+/// Ledger codes whose answer may change on a retry. A flash sale's
+/// `sold_out` (an unpaid unit comes back) and `sale_not_started` changed
+/// nothing and are answered from memory: stored under an Idempotency-Key
+/// they cost an fsync each (a keyed race's losers ran at 0.375 of healthz)
+/// and would refuse the retry that could now win.
 pub fn is_transient_code(code: ErrorCode) -> bool {
-    matches!(code, ErrorCode::InFlight | ErrorCode::Unavailable | ErrorCode::TransactionTimedOut)
+    matches!(
+        code,
+        ErrorCode::InFlight
+            | ErrorCode::Unavailable
+            | ErrorCode::TransactionTimedOut
+            | ErrorCode::SoldOut
+            | ErrorCode::SaleNotStarted
+    )
 }
 
 /// The HTTP status of each ledger code.

@@ -251,3 +251,33 @@ async fn racing_buyers_over_http_buy_exactly_the_units_on_sale() {
     assert_eq!((sku.body["reserved"].as_u64(), sku.body["available"].as_u64()), (Some(25), Some(75)));
     Arc::try_unwrap(api).ok().unwrap().server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_sold_out_is_not_remembered_so_its_retry_can_win_a_unit_that_came_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open_engine(dir.path(), 8, 2, 1 << 20, 1 << 30);
+    let api = Api { server: Running::start(engine, common::insecure_config(dir.path())).await };
+    let client = reqwest::Client::new();
+    let mut one = sku("one", 1);
+    one["merchant_id"] = json!("m1");
+    assert_eq!(api.send(&client, "POST", "/v1/skus", Some(one)).await.status, 201);
+    assert_eq!(api.send(&client, "POST", "/v1/flash-sales", Some(sale("f", "one", 1, PAST, FUTURE))).await.status, 201);
+    let won =
+        api.send(&client, "POST", "/v1/flash-sales/f/attempts", Some(json!({"buyer_id": "b1", "quantity": 1}))).await;
+    let reservation = won.body["id"].as_str().unwrap().to_owned();
+    let keyed = |key: &'static str| {
+        let request = client
+            .post(api.server.url("/v1/flash-sales/f/attempts"))
+            .header("idempotency-key", key)
+            .json(&json!({"buyer_id": "b2", "quantity": 1}));
+        async move { Answer::read(request.send().await.unwrap()).await }
+    };
+    keyed("late-1").await.assert_problem(422, "sold_out", "the last unit is reserved");
+    let cancelled = api.send(&client, "POST", &format!("/v1/reservations/{reservation}/cancel"), None).await;
+    assert_eq!(cancelled.body["state"], "cancelled", "{}", cancelled.text());
+    let retry = keyed("late-1").await;
+    assert_eq!(retry.status, 201, "the retry is judged again: {}", retry.text());
+    let again = keyed("late-1").await;
+    assert_eq!((again.status, again.body["id"].clone()), (201, retry.body["id"].clone()), "a win is remembered");
+    api.server.stop().await;
+}
