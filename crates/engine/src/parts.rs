@@ -227,7 +227,7 @@ impl Parts {
                     }
                     pricing::Command::IssueCoupon { coupon_id, .. } if changed => {
                         // Also in a replay: the counter follows the ids in the log.
-                        let sequence = coupon_id.as_str().rsplit('_').next().and_then(|s| s.parse::<u64>().ok());
+                        let sequence = AssignedKind::Coupon.parse(coupon_id.as_str()).map(|(_, sequence)| sequence);
                         self.next_coupon = self.next_coupon.max(sequence.map_or(0, |s| s + 1));
                         issued = Some(coupon_id.clone());
                     }
@@ -298,9 +298,7 @@ impl Parts {
 
     /// Everything published, as after a restart.
     pub fn publish_all(&self, layout: &Layout, gates: &SaleGates) {
-        for sale in self.inventory.sales() {
-            gates.publish(sale, sale.sku_id.shard(layout.shards()));
-        }
+        Publication::publish_sales(self.inventory.sales(), layout, gates);
     }
 
     /// The checkpoint sections: `[count][tag, length, bytes]...`.
@@ -349,10 +347,15 @@ pub struct Publication {
 }
 
 impl Publication {
-    pub fn publish(&self, layout: &Layout, gates: &SaleGates, catalogue_epoch: &std::sync::atomic::AtomicU64) {
-        for sale in &self.sales {
+    /// Each sale's gate, on the shard of its SKU (which runs its attempts).
+    fn publish_sales<'a>(sales: impl IntoIterator<Item = &'a FlashSaleView>, layout: &Layout, gates: &SaleGates) {
+        for sale in sales {
             gates.publish(sale, sale.sku_id.shard(layout.shards()));
         }
+    }
+
+    pub fn publish(&self, layout: &Layout, gates: &SaleGates, catalogue_epoch: &std::sync::atomic::AtomicU64) {
+        Publication::publish_sales(&self.sales, layout, gates);
         if self.catalogue_changed {
             catalogue_epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         }

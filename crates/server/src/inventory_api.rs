@@ -255,10 +255,6 @@ fn acting_buyer(principal: &Principal, named: Option<&str>) -> Result<Id, ApiErr
     }
 }
 
-fn inventory_error(code: ErrorCode) -> ApiError {
-    ApiError::ledger(code)
-}
-
 async fn visible_sku(state: &AppState, principal: &Principal, id: &Id) -> Result<SkuView, ApiError> {
     match state.engine().sku(id).await.map_err(ApiError::ledger)? {
         Some(sku) if sees_sku(principal, &sku) => Ok(sku),
@@ -311,7 +307,7 @@ pub async fn create_sku(
             ErrorCode::ExistsWithDifferentFields,
             format!("SKU {id} exists already, with different fields"),
         )),
-        Err(code) => Err(inventory_error(code)),
+        Err(code) => Err(ApiError::ledger(code)),
         Ok(_) => Err(ApiError::Internal("unexpected answer".into())),
     }
 }
@@ -369,7 +365,7 @@ pub async fn restock_sku(
         Err(ErrorCode::Overflow) => {
             Err(ApiError::Ledger(ErrorCode::Overflow, "quantity: the stock would pass 2^53-1 units".to_owned()))
         }
-        Err(code) => Err(inventory_error(code)),
+        Err(code) => Err(ApiError::ledger(code)),
         Ok(_) => Err(ApiError::Internal("unexpected answer".into())),
     }
 }
@@ -377,7 +373,7 @@ pub async fn restock_sku(
 fn reservation_answer(status: StatusCode, reply: Result<Answer, ErrorCode>) -> Result<Response, ApiError> {
     match reply {
         Ok(Answer::Reservation(r)) => Ok(json(status, &ReservationJson::of(&r))),
-        Err(code) => Err(inventory_error(code)),
+        Err(code) => Err(ApiError::ledger(code)),
         Ok(_) => Err(ApiError::Internal("unexpected answer".into())),
     }
 }
@@ -507,7 +503,7 @@ pub async fn create_flash_sale(
             ErrorCode::ExistsWithDifferentFields,
             format!("flash sale {id} exists already, with different fields"),
         )),
-        Err(code) => Err(inventory_error(code)),
+        Err(code) => Err(ApiError::ledger(code)),
         Ok(_) => Err(ApiError::Internal("unexpected answer".into())),
     }
 }

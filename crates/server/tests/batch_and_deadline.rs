@@ -80,11 +80,7 @@ impl TestServer {
 
     /// A name for an account (or a transfer id) on executor `executor`.
     fn name_on(&self, executor: u16, prefix: &str) -> String {
-        let layout = self.server.engine.layout();
-        (0..)
-            .map(|n| format!("{prefix}{n}"))
-            .find(|name| layout.executor_of_account(&Id::parse(name).unwrap()) == executor)
-            .unwrap()
+        common::name_on(&self.server.engine, executor, prefix)
     }
 
     /// Polls `path` until it answers something other than `while_status`.

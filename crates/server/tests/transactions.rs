@@ -8,7 +8,6 @@ mod common;
 use std::time::Duration;
 
 use common::{open_engine, Running};
-use peakstack_domain::Id;
 use serde_json::{json, Value};
 
 const POLL_STEPS: usize = 200;
@@ -33,11 +32,7 @@ impl TestServer {
     }
 
     fn name_on(&self, executor: u16, prefix: &str) -> String {
-        let layout = self.server.engine.layout();
-        (0..)
-            .map(|n| format!("{prefix}{n}"))
-            .find(|name| layout.executor_of_account(&Id::parse(name).unwrap()) == executor)
-            .unwrap()
+        common::name_on(&self.server.engine, executor, prefix)
     }
 }
 

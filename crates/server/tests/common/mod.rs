@@ -37,6 +37,15 @@ pub fn open_engine(
     .unwrap()
 }
 
+/// A name (an account or transfer id) that lives on executor `executor`.
+pub fn name_on(engine: &Engine, executor: u16, prefix: &str) -> String {
+    let layout = engine.layout();
+    (0..)
+        .map(|n| format!("{prefix}{n}"))
+        .find(|name| layout.executor_of_account(&peakstack_domain::Id::parse(name).unwrap()) == executor)
+        .unwrap()
+}
+
 /// A server on a free loopback port with the data dir `dir`, API keys
 /// required.
 pub fn loopback_config(dir: &Path) -> ServerConfig {
