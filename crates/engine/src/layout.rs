@@ -53,9 +53,15 @@ impl Layout {
         self.executor_of_shard(self.shard_of_account(id))
     }
 
+    /// The executor of an id's shard by the documented hash: where a
+    /// SKU, a promotion or a coupon template lives.
+    pub fn executor_of_id(&self, id: &Id) -> ExecutorId {
+        self.executor_of_shard(shard_of(id.as_str(), self.shards))
+    }
+
     /// The executor that keeps a transfer's record: the one of its id's shard.
     pub fn executor_of_transfer(&self, id: &Id) -> ExecutorId {
-        self.executor_of_shard(shard_of(id.as_str(), self.shards))
+        self.executor_of_id(id)
     }
 
     /// The executor that coordinates a transfer request: the one that keeps

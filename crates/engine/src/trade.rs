@@ -79,7 +79,7 @@ impl Engine {
     }
 
     pub async fn sku(&self, id: &Id) -> Result<Option<SkuView>, ErrorCode> {
-        let executor = self.layout().executor_of_shard(id.shard(self.layout().shards()));
+        let executor = self.layout().executor_of_id(id);
         match self.inventory_read(executor, inventory::Query::Sku(id.clone())).await? {
             inventory::QueryAnswer::Sku(sku) => Ok(sku),
             _ => Err(ErrorCode::Unavailable),

@@ -44,14 +44,14 @@ impl Engine {
     }
 
     pub async fn promotion(&self, id: &Id) -> Result<Option<(Promotion, PromotionCounters)>, ErrorCode> {
-        match self.pricing_read(self.executor_of_id(id), PricingQuery::Promotion(id.clone())).await? {
+        match self.pricing_read(self.layout().executor_of_id(id), PricingQuery::Promotion(id.clone())).await? {
             PricingAnswer::Promotion(found) => Ok(found),
             _ => Err(ErrorCode::Unavailable),
         }
     }
 
     pub async fn coupon_template(&self, id: &Id) -> Result<Option<(CouponTemplate, u64)>, ErrorCode> {
-        match self.pricing_read(self.executor_of_id(id), PricingQuery::CouponTemplate(id.clone())).await? {
+        match self.pricing_read(self.layout().executor_of_id(id), PricingQuery::CouponTemplate(id.clone())).await? {
             PricingAnswer::CouponTemplate(found) => Ok(found),
             _ => Err(ErrorCode::Unavailable),
         }
@@ -120,7 +120,7 @@ impl Engine {
         let book = self.price_book().await?;
         let mut limited: HashMap<ExecutorId, Vec<Id>> = HashMap::new();
         for promotion in book.promotions().filter(|p| p.is_limited()) {
-            limited.entry(self.executor_of_id(&promotion.id)).or_default().push(promotion.id.clone());
+            limited.entry(self.layout().executor_of_id(&promotion.id)).or_default().push(promotion.id.clone());
         }
         let mut usage = Usage { by_promotion: HashMap::new() };
         for (executor, promotions) in limited {
@@ -131,11 +131,6 @@ impl Engine {
         }
         let coupons = self.coupons(&request.coupon_ids).await?;
         pricing::quote(&book, request, &usage, &coupons, self.shared.clock.now_ms())
-    }
-
-    fn executor_of_id(&self, id: &Id) -> ExecutorId {
-        let layout = self.layout();
-        layout.executor_of_shard(id.shard(layout.shards()))
     }
 
     async fn pricing_read(&self, executor: ExecutorId, query: PricingQuery) -> Result<PricingAnswer, ErrorCode> {
