@@ -87,10 +87,24 @@ pub enum ErrorCode {
     /// A transaction across executors was not decided by its deadline and
     /// was cancelled: nothing of it was done (retrying is safe).
     TransactionTimedOut,
+    /// No checkout with this id.
+    CheckoutNotFound,
+    /// No order with this id.
+    OrderNotFound,
+    /// No payment with this id.
+    PaymentNotFound,
+    /// No refund with this id.
+    RefundNotFound,
+    /// The object's state does not allow this (a capture of a canceled payment, a refund of an unpaid order).
+    InvalidState,
+    /// A capture asks more than the payment holds.
+    AmountExceedsAuthorized,
+    /// Refunds would give back more than was captured (or a line more units than it has).
+    RefundExceedsCaptured,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 45] = [
+    pub const ALL: [ErrorCode; 52] = [
         ErrorCode::InvalidRequest,
         ErrorCode::AccountNotFound,
         ErrorCode::TransferNotFound,
@@ -137,6 +151,13 @@ impl ErrorCode {
         ErrorCode::PromotionBuyerLimitReached,
         ErrorCode::BranchCancelled,
         ErrorCode::TransactionTimedOut,
+        ErrorCode::CheckoutNotFound,
+        ErrorCode::OrderNotFound,
+        ErrorCode::PaymentNotFound,
+        ErrorCode::RefundNotFound,
+        ErrorCode::InvalidState,
+        ErrorCode::AmountExceedsAuthorized,
+        ErrorCode::RefundExceedsCaptured,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -186,6 +207,13 @@ impl ErrorCode {
             ErrorCode::PromotionBuyerLimitReached => "promotion_buyer_limit_reached",
             ErrorCode::BranchCancelled => "branch_cancelled",
             ErrorCode::TransactionTimedOut => "transaction_timed_out",
+            ErrorCode::CheckoutNotFound => "checkout_not_found",
+            ErrorCode::OrderNotFound => "order_not_found",
+            ErrorCode::PaymentNotFound => "payment_not_found",
+            ErrorCode::RefundNotFound => "refund_not_found",
+            ErrorCode::InvalidState => "invalid_state",
+            ErrorCode::AmountExceedsAuthorized => "amount_exceeds_authorized",
+            ErrorCode::RefundExceedsCaptured => "refund_exceeds_captured",
         }
     }
 
@@ -244,7 +272,14 @@ impl ErrorCode {
             | ErrorCode::PromotionBudgetExhausted
             | ErrorCode::PromotionUsageLimitReached
             | ErrorCode::PromotionBuyerLimitReached
-            | ErrorCode::BranchCancelled => 12,
+            | ErrorCode::BranchCancelled
+            | ErrorCode::CheckoutNotFound
+            | ErrorCode::OrderNotFound
+            | ErrorCode::PaymentNotFound
+            | ErrorCode::RefundNotFound
+            | ErrorCode::InvalidState
+            | ErrorCode::AmountExceedsAuthorized
+            | ErrorCode::RefundExceedsCaptured => 12,
         }
     }
 

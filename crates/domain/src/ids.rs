@@ -92,6 +92,14 @@ pub enum AssignedKind {
     /// its coordinator's executor id in the shard's place (executor `e`
     /// owns shard `e`, so it routes as any assigned id).
     Transaction,
+    /// A checkout (one cart, one payment), on the shard of its paying account.
+    Checkout,
+    /// One merchant's order of a checkout, on its checkout's shard.
+    Order,
+    /// A checkout's payment, on its checkout's shard.
+    Payment,
+    /// A refund of an order, on its order's shard.
+    Refund,
 }
 
 impl AssignedKind {
@@ -100,6 +108,10 @@ impl AssignedKind {
             AssignedKind::Reservation => "rsv",
             AssignedKind::Coupon => "cpn",
             AssignedKind::Transaction => "txn",
+            AssignedKind::Checkout => "chk",
+            AssignedKind::Order => "ord",
+            AssignedKind::Payment => "pay",
+            AssignedKind::Refund => "rfd",
         }
     }
 

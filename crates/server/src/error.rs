@@ -223,7 +223,11 @@ pub fn ledger_status(code: ErrorCode) -> StatusCode {
         | ErrorCode::ReservationNotFound
         | ErrorCode::PromotionNotFound
         | ErrorCode::CouponNotFound
-        | ErrorCode::TransactionNotFound => StatusCode::NOT_FOUND,
+        | ErrorCode::TransactionNotFound
+        | ErrorCode::CheckoutNotFound
+        | ErrorCode::OrderNotFound
+        | ErrorCode::PaymentNotFound
+        | ErrorCode::RefundNotFound => StatusCode::NOT_FOUND,
         ErrorCode::ExistsWithDifferentFields | ErrorCode::InFlight => StatusCode::CONFLICT,
         ErrorCode::Unavailable | ErrorCode::TransactionTimedOut => StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::CurrencyMismatch
@@ -256,7 +260,10 @@ pub fn ledger_status(code: ErrorCode) -> StatusCode {
         | ErrorCode::PromotionBudgetExhausted
         | ErrorCode::PromotionUsageLimitReached
         | ErrorCode::PromotionBuyerLimitReached
-        | ErrorCode::BranchCancelled => StatusCode::UNPROCESSABLE_ENTITY,
+        | ErrorCode::BranchCancelled
+        | ErrorCode::InvalidState
+        | ErrorCode::AmountExceedsAuthorized
+        | ErrorCode::RefundExceedsCaptured => StatusCode::UNPROCESSABLE_ENTITY,
     }
 }
 
@@ -319,6 +326,13 @@ pub fn ledger_detail(code: ErrorCode) -> &'static str {
             "the transaction across executors was not decided by its deadline and was cancelled: nothing was done; \
              retrying is safe"
         }
+        ErrorCode::CheckoutNotFound => "the checkout does not exist",
+        ErrorCode::OrderNotFound => "the order does not exist",
+        ErrorCode::PaymentNotFound => "the payment does not exist",
+        ErrorCode::RefundNotFound => "the refund does not exist",
+        ErrorCode::InvalidState => "the object's state does not allow this (for example a capture of a canceled payment or a refund of an unpaid order)",
+        ErrorCode::AmountExceedsAuthorized => "the capture asks more than the payment has authorized and not yet captured",
+        ErrorCode::RefundExceedsCaptured => "the refunds would give back more than was captured for the order (or more units of a line than it has)",
     }
 }
 
@@ -379,6 +393,13 @@ fn title(code: &str) -> &'static str {
         "promotion_buyer_limit_reached" => "Promotion buyer limit reached",
         "branch_cancelled" => "Branch cancelled",
         "transaction_timed_out" => "Transaction timed out",
+        "checkout_not_found" => "Checkout not found",
+        "order_not_found" => "Order not found",
+        "payment_not_found" => "Payment not found",
+        "refund_not_found" => "Refund not found",
+        "invalid_state" => "Invalid state",
+        "amount_exceeds_authorized" => "Amount exceeds authorized",
+        "refund_exceeds_captured" => "Refund exceeds captured",
         "unsupported_media_type" => "Unsupported media type",
         "request_header_fields_too_large" => "Request header fields too large",
         "uri_too_long" => "URI too long",

@@ -1,0 +1,201 @@
+//! What the orders part keeps: checkouts, their orders (one per merchant),
+//! the payment (one per checkout, one part per order) and refunds.
+
+use peakstack_domain::{Currency, Id};
+
+/// Default authorization window of a manual-capture payment (ms): 7 days.
+pub const DEFAULT_AUTHORIZATION_MS: u64 = 7 * 24 * 3_600_000;
+/// Most orders (merchants) in one checkout.
+pub const MAX_ORDERS: usize = 16;
+/// Most lines in one order.
+pub const MAX_ORDER_LINES: usize = 64;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CaptureMode {
+    /// Paid at once: the checkout's transfers are posted when it commits.
+    Automatic,
+    /// Authorized (funds held) until a capture, a cancel or the window's end.
+    Manual,
+}
+
+/// A line as it was priced: what refunding it gives back is `total`
+/// (its share of every discount already taken off).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OrderLine {
+    /// 1-based, in cart order within its order.
+    pub line_id: u32,
+    pub sku_id: Id,
+    pub quantity: u32,
+    pub unit_price: u64,
+    /// `unit_price * quantity`.
+    pub subtotal: u64,
+    /// Discounts taken off this line, each with who gave it (a promotion or coupon id).
+    pub discounts: Vec<(Id, u64)>,
+    /// `subtotal - sum(discounts)`.
+    pub total: u64,
+}
+
+/// One merchant's order of a checkout, as placed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewOrder {
+    pub id: Id,
+    pub merchant_id: Id,
+    pub lines: Vec<OrderLine>,
+    /// The sum of the lines' totals: what this order's payment part authorizes.
+    pub total: u64,
+    /// The ledger transfer that moves (or holds) this order's money from the
+    /// buyer's account to `settle_account_id`: pending under manual capture,
+    /// posted under automatic capture.
+    pub transfer_id: Id,
+    /// The merchant's pending-settlement account on the checkout's shard.
+    pub settle_account_id: Id,
+}
+
+/// A checkout as its global transaction places it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewCheckout {
+    pub id: Id,
+    pub buyer_id: Id,
+    /// The buyer's paying account (a wallet or a credit line), on this shard.
+    pub account_id: Id,
+    pub currency: Currency,
+    pub capture: CaptureMode,
+    pub payment_id: Id,
+    pub coupon_ids: Vec<Id>,
+    pub orders: Vec<NewOrder>,
+    pub created_ms: u64,
+    /// When an uncaptured authorization expires (manual capture).
+    pub authorization_expires_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CheckoutState {
+    /// Tried by its global transaction, not yet confirmed.
+    Pending,
+    Completed,
+    /// Its global transaction was cancelled: nothing of it was done.
+    Failed,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OrderState {
+    Pending,
+    /// Funds held, waiting for a capture.
+    Authorized,
+    Paid,
+    Canceled,
+    /// Everything captured was refunded.
+    Refunded,
+    /// Its checkout failed.
+    Failed,
+}
+
+/// A payment part's state (one per order). `Canceled`, `Expired`,
+/// `Failed` and `Settled` never change; `Captured` changes only by refunds
+/// (its amounts), never back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PaymentState {
+    Pending,
+    RequiresCapture,
+    Captured,
+    Settled,
+    Canceled,
+    Expired,
+    Failed,
+}
+
+impl PaymentState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PaymentState::Pending => "pending",
+            PaymentState::RequiresCapture => "requires_capture",
+            PaymentState::Captured => "captured",
+            PaymentState::Settled => "settled",
+            PaymentState::Canceled => "canceled",
+            PaymentState::Expired => "expired",
+            PaymentState::Failed => "failed",
+        }
+    }
+}
+
+impl OrderState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrderState::Pending => "pending",
+            OrderState::Authorized => "authorized",
+            OrderState::Paid => "paid",
+            OrderState::Canceled => "canceled",
+            OrderState::Refunded => "refunded",
+            OrderState::Failed => "failed",
+        }
+    }
+}
+
+impl CheckoutState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckoutState::Pending => "pending",
+            CheckoutState::Completed => "completed",
+            CheckoutState::Failed => "failed",
+        }
+    }
+}
+
+/// An order as it stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Order {
+    pub checkout_id: Id,
+    pub buyer_id: Id,
+    pub order: NewOrder,
+    pub state: OrderState,
+    /// This order's part of the payment.
+    pub amount_authorized: u64,
+    pub amount_captured: u64,
+    pub amount_refunded: u64,
+    pub payment_state: PaymentState,
+    /// Units refunded so far, per line (same order as `order.lines`).
+    pub refunded_units: Vec<u32>,
+    /// The refunds of this order, oldest first.
+    pub refunds: Vec<Id>,
+    pub updated_ms: u64,
+}
+
+/// A checkout as it stands (its orders are kept by id beside it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Checkout {
+    pub checkout: NewCheckout,
+    pub state: CheckoutState,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RefundRequest {
+    /// An amount of the order's captured money.
+    Amount(u64),
+    /// Units of lines: each gives back exactly its paid share.
+    Lines(Vec<(u32, u32)>),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refund {
+    pub id: Id,
+    pub order_id: Id,
+    pub amount: u64,
+    /// (line_id, units) when the refund was of lines.
+    pub lines: Vec<(u32, u32)>,
+    /// The ledger transfer that gave the money back.
+    pub transfer_id: Id,
+    pub created_ms: u64,
+}
+
+/// A movement of money that a command needs the ledger to make, in the
+/// same atomic step as the command's change of state. The orders part says
+/// what; the executor books it (all on the checkout's shard).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LedgerEffect {
+    /// Post a pending transfer (`amount` of it; the rest is released).
+    Post { id: Id, pending_id: Id, amount: u64 },
+    /// Release a pending transfer.
+    Void { id: Id, pending_id: Id },
+    /// A new posted transfer.
+    Move { id: Id, debit_account_id: Id, credit_account_id: Id, amount: u64, currency: Currency },
+}
