@@ -142,6 +142,20 @@ impl AssignedKind {
     }
 }
 
+/// The shard an id the system assigned names, whatever its kind.
+pub fn assigned_shard(id: &str) -> Option<u32> {
+    [
+        AssignedKind::Reservation,
+        AssignedKind::Coupon,
+        AssignedKind::Checkout,
+        AssignedKind::Order,
+        AssignedKind::Payment,
+        AssignedKind::Refund,
+    ]
+    .into_iter()
+    .find_map(|kind| kind.shard_of(id))
+}
+
 /// The documented shard hash: `fnv1a64(utf8 bytes of the id) % shard_count`.
 ///
 /// FNV-1a (64-bit, offset basis 0xcbf29ce484222325, prime 0x100000001b3) is

@@ -175,6 +175,41 @@ pub fn clearing_account_id(shard: u32, currency: Currency) -> Id {
     Id::parse(&format!("_clearing.{shard}.{currency}")).expect("clearing ids are valid")
 }
 
+/// The pending-settlement account of a merchant on one shard, for one
+/// currency: `_settle.<shard>.<CUR>.<merchant>`. A checkout's money goes to
+/// the one on the shard of the buyer's paying account, so that paying and
+/// refunding stay on that shard.
+pub fn settle_account_id(shard: u32, currency: Currency, merchant_id: &Id) -> Option<Id> {
+    Id::parse(&format!("_settle.{shard}.{currency}.{merchant_id}"))
+}
+
+/// The shard a system id names, if it names one: a clearing or a
+/// settlement account (`_clearing.<shard>.<CUR>`, `_settle.<shard>.<CUR>.<merchant>`),
+/// or a transfer the trade flows make for an object they assigned an id
+/// to (`_pay.ord_12_345`, `_rfd_12_7`: the order's or refund's shard). Every other id routes by
+/// the documented hash.
+pub fn system_shard(id: &str) -> Option<u32> {
+    // Hot path: nearly every id is a client's, which never starts with '_'.
+    let rest = id.strip_prefix('_')?;
+    if let Some(shard) = clearing_shard(id) {
+        return Some(shard);
+    }
+    if let Some(rest) = rest.strip_prefix("settle.") {
+        let (shard, rest) = rest.split_once('.')?;
+        let (currency, merchant) = rest.split_once('.')?;
+        Currency::parse(currency)?;
+        if merchant.is_empty() {
+            return None;
+        }
+        return shard.parse().ok();
+    }
+    match rest.split_once('.') {
+        Some((_, assigned)) => crate::ids::assigned_shard(assigned),
+        // `_rfd_12_3`: a refund's own transfer.
+        None => crate::ids::assigned_shard(rest),
+    }
+}
+
 /// Parses the shard out of a clearing account id.
 pub fn clearing_shard(id: &str) -> Option<u32> {
     // Hot path: nearly every id is a client's, which never starts with '_'.
@@ -235,6 +270,21 @@ impl Ledger {
         }
         let index = self.push_account(Account::open(new, now_ms));
         Ok((&self.accounts[index as usize], true))
+    }
+
+    /// Opens a system account (a merchant's pending settlement) if it does
+    /// not exist: no overdraft (its debits never pass its credits), owned
+    /// by nobody. Returns whether it was opened now.
+    pub fn open_system_account(&mut self, id: &Id, currency: Currency, now_ms: u64) -> bool {
+        if self.account_index(id).is_some() {
+            return false;
+        }
+        let flags = crate::AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS;
+        let new = NewAccount { id: id.clone(), currency, flags, overdraft_limit: 0, metadata: None, owner: None };
+        let mut account = Account::open(new, now_ms);
+        account.system = true;
+        self.push_account(account);
+        true
     }
 
     /// Freezes, unfreezes or closes a client account. Returns the account
@@ -1021,10 +1071,14 @@ impl Ledger {
             }
             ledger.sums.add_account(account.currency, &account.balances);
             if account.system {
-                let shard =
-                    clearing_shard(account.id.as_str()).ok_or("a system account that is not a clearing account")?;
                 let index = ledger.accounts.len() as u32;
-                ledger.clearing.insert((shard, account.currency.as_bytes()), index);
+                match clearing_shard(account.id.as_str()) {
+                    Some(shard) => {
+                        ledger.clearing.insert((shard, account.currency.as_bytes()), index);
+                    }
+                    None if system_shard(account.id.as_str()).is_some() => {}
+                    None => return Err("a system account that is neither a clearing nor a settlement account"),
+                }
             }
             ledger.push_account(account);
         }

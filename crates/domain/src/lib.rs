@@ -25,7 +25,7 @@ pub mod wire;
 pub use account::{Account, AccountChange, AccountFlags, AccountStatus, Balances, Net, NewAccount};
 pub use balance_sums::Unbalanced;
 pub use error::ErrorCode;
-pub use ids::{fnv1a64, shard_of, AssignedKind, Id, INLINE_ID_LEN, MAX_ID_LEN};
+pub use ids::{assigned_shard, fnv1a64, shard_of, AssignedKind, Id, INLINE_ID_LEN, MAX_ID_LEN};
 pub use ledger::{Ledger, Side};
 pub use money::{Amount, Currency, MAX_TRANSFER_AMOUNT};
 pub use owner::Owner;

@@ -494,6 +494,10 @@ impl Codec for TryOp {
                 pending_id.encode(w);
                 kind.encode(w);
             }
+            TryOp::Part(command) => {
+                w.u8(3);
+                command.encode(w);
+            }
         }
     }
     fn decode(r: &mut Reader<'_>) -> Result<Self> {
@@ -501,6 +505,7 @@ impl Codec for TryOp {
             0 => TryOp::Reserve(Transfer::decode(r)?),
             1 => TryOp::Hold(Leg::decode(r)?),
             2 => TryOp::LockPending { pending_id: Id::decode(r)?, kind: ResolveKind::decode(r)? },
+            3 => TryOp::Part(crate::parts::PartCommand::decode(r)?),
             _ => return Err(CodecError("invalid try op")),
         })
     }
@@ -561,6 +566,10 @@ impl Codec for CommitOp {
                 w.varint(*post_amount);
                 by.encode(w);
             }
+            CommitOp::Part(command) => {
+                w.u8(4);
+                command.encode(w);
+            }
         }
     }
     fn decode(r: &mut Reader<'_>) -> Result<Self> {
@@ -576,6 +585,7 @@ impl Codec for CommitOp {
                 post_amount: r.varint()?,
                 by: Option::decode(r)?,
             },
+            4 => CommitOp::Part(crate::parts::PartCommand::decode(r)?),
             _ => return Err(CodecError("invalid commit op")),
         })
     }
@@ -673,6 +683,24 @@ impl Codec for Input {
                     w.u64(*txn);
                 }
             }
+            Input::Global { transfers, branches, origin } => {
+                w.u8(9);
+                transfers.encode(w);
+                w.varint(branches.len() as u64);
+                for branch in branches {
+                    branch.encode(w);
+                }
+                w.bool(origin.is_some());
+                if let Some(origin) = origin {
+                    w.str(&origin.key_id);
+                    w.str(&origin.request_id);
+                    w.bool(origin.idempotency.is_some());
+                    if let Some(tag) = &origin.idempotency {
+                        w.buf.extend_from_slice(&tag.key_hash);
+                        w.buf.extend_from_slice(&tag.fingerprint);
+                    }
+                }
+            }
             Input::Peer { from, messages } => {
                 w.u8(3);
                 w.varint(u64::from(*from));
@@ -711,6 +739,26 @@ impl Codec for Input {
                     txns.push(r.u64()?);
                 }
                 Input::Deadlines { txns }
+            }
+            9 => {
+                let transfers = Vec::decode(r)?;
+                let mut branches = Vec::new();
+                for _ in 0..r.len()? {
+                    branches.push(crate::parts::PartCommand::decode(r)?);
+                }
+                let origin = match r.bool()? {
+                    false => None,
+                    true => {
+                        let key_id = Arc::from(r.str()?);
+                        let request_id = Arc::from(r.str()?);
+                        let idempotency = match r.bool()? {
+                            true => Some(IdempotencyTag { key_hash: r.array()?, fingerprint: r.array()? }),
+                            false => None,
+                        };
+                        Some(Origin { key_id, request_id, idempotency })
+                    }
+                };
+                Input::Global { transfers, branches, origin }
             }
             3 => Input::Peer {
                 from: u16::try_from(r.varint()?).map_err(|_| CodecError("invalid executor"))?,

@@ -34,6 +34,10 @@ pub type AccountReply = Result<(Account, bool), ErrorCode>;
 /// of each transfer in that call.
 pub type ClientTag = u64;
 
+/// The client tag of a trade flow's own ledger movements (see
+/// `flows.rs`): never a runtime's (it counts up from 0).
+pub const FLOW_TAG: ClientTag = u64::MAX;
+
 /// How many pending transfers one tick may start expiring.
 pub const MAX_EXPIRIES_PER_TICK: usize = 1024;
 /// How many requests ahead the apply loop asks for the accounts a request
@@ -51,6 +55,9 @@ pub struct Effects {
     /// each answer out of a triple.
     pub finished: Vec<TransferResult>,
     pub finished_for: Vec<(ClientTag, usize)>,
+    /// The answers of a trade flow's own ledger movements (tag
+    /// [`FLOW_TAG`]), taken by the flow in the same step.
+    pub flow: Vec<(usize, TransferResult)>,
     /// Encoded account history entries, to append to the history file in
     /// order once the batch is durable (see `history.rs`).
     pub history: Vec<u8>,
@@ -63,6 +70,9 @@ pub struct Effects {
 impl Effects {
     /// Records the answer to transfer `index` of client call `tag`.
     pub fn finish(&mut self, tag: ClientTag, index: usize, result: TransferResult) {
+        if tag == FLOW_TAG {
+            return self.flow.push((index, result));
+        }
         self.finished.push(result);
         self.finished_for.push((tag, index));
     }
@@ -76,6 +86,7 @@ impl Effects {
         self.outbox.clear();
         self.finished.clear();
         self.finished_for.clear();
+        self.flow.clear();
         self.history.clear();
         self.audit.clear();
     }
@@ -93,7 +104,7 @@ pub struct ExecutorCore {
     /// appended: the next entry's offset.
     history_len: u64,
     /// The parts beside the ledger (inventory, ...), see `parts.rs`.
-    parts: Parts,
+    pub(crate) parts: Parts,
 }
 
 impl ExecutorCore {
@@ -206,8 +217,8 @@ impl ExecutorCore {
 
     /// Applies a part's command for a client: whether it changed state
     /// (then it is logged as [`Input::Part`]) and its answer.
-    pub fn apply_part(&mut self, command: &PartCommand, now_ms: u64) -> (bool, PartReply) {
-        self.parts.apply(command, now_ms)
+    pub fn apply_part(&mut self, command: &PartCommand, now_ms: u64, fx: &mut Effects) -> (bool, PartReply) {
+        self.apply_part_command(command, now_ms, fx)
     }
 
     /// Brings an archived record back into memory (see `archive.rs`).
@@ -325,7 +336,11 @@ impl ExecutorCore {
                 self.on_deadlines(txns, now_ms, fx);
                 (true, None)
             }
-            Input::Part(command) => (self.parts.apply(command, now_ms).0, None),
+            Input::Part(command) => (self.apply_part_command(command, now_ms, fx).0, None),
+            Input::Global { transfers, branches, origin } => {
+                self.start_global(transfers, branches, client, origin.clone(), now_ms, fx);
+                (true, None)
+            }
             Input::Peer { from, messages } => {
                 // The same software pipeline as for client requests, over
                 // the accounts and records the messages' ops name.
@@ -382,6 +397,7 @@ impl ExecutorCore {
                         TryOp::Hold(leg) => account(&leg.account_id),
                         TryOp::Reserve(t) => record(&t.id),
                         TryOp::LockPending { pending_id, .. } => record(pending_id),
+                        TryOp::Part(_) => {}
                     }
                 }
             }
@@ -391,7 +407,7 @@ impl ExecutorCore {
                         CommitOp::CommitHold { account_id, .. } => account(account_id),
                         CommitOp::CommitReservation { id, .. } => record(id),
                         CommitOp::FinishPending { pending_id, .. } => record(pending_id),
-                        CommitOp::Settle { .. } => {}
+                        CommitOp::Settle { .. } | CommitOp::Part(_) => {}
                     }
                 }
             }
@@ -523,6 +539,12 @@ impl ExecutorCore {
 /// clock's range), if any. Only for [`TransferRequest::Create`].
 /// An idempotent replay rebuilds its answer's record with it.
 pub fn create_record(request: &TransferRequest, now_ms: u64) -> (Transfer, Option<ErrorCode>) {
+    create_record_as(request, now_ms, false)
+}
+
+/// [`create_record`] for a client (`system` false: reserved ids are
+/// refused) or for a trade flow, whose transfers have system ids.
+pub(crate) fn create_record_as(request: &TransferRequest, now_ms: u64, system: bool) -> (Transfer, Option<ErrorCode>) {
     let TransferRequest::Create {
         id,
         debit_account_id,
@@ -540,7 +562,7 @@ pub fn create_record(request: &TransferRequest, now_ms: u64) -> (Transfer, Optio
     if debit_account_id == credit_account_id {
         static_error = Some(ErrorCode::AccountsMustBeDifferent);
     }
-    if id.is_reserved() || debit_account_id.is_reserved() || credit_account_id.is_reserved() {
+    if !system && (id.is_reserved() || debit_account_id.is_reserved() || credit_account_id.is_reserved()) {
         static_error = Some(ErrorCode::InvalidRequest);
     }
     let expires_at_ms = if *pending && *timeout_ms > 0 {

@@ -1,6 +1,6 @@
 //! Where things live: ids -> shards -> executors.
 
-use peakstack_domain::ledger::clearing_shard;
+use peakstack_domain::ledger::system_shard;
 use peakstack_domain::{shard_of, Id, TransferRequest};
 
 use crate::protocol::ExecutorId;
@@ -36,10 +36,11 @@ impl Layout {
         self.executors
     }
 
-    /// The shard of an account: by the documented hash, except clearing
-    /// accounts, which name their shard (`_clearing.<shard>.<CUR>`).
+    /// The shard of an account: by the documented hash, except system
+    /// accounts, which name their shard (`_clearing.<shard>.<CUR>`,
+    /// `_settle.<shard>.<CUR>.<merchant>`: see [`system_shard`]).
     pub fn shard_of_account(&self, id: &Id) -> u32 {
-        match clearing_shard(id.as_str()) {
+        match system_shard(id.as_str()) {
             Some(shard) if shard < self.shards => shard,
             _ => shard_of(id.as_str(), self.shards),
         }
@@ -59,9 +60,10 @@ impl Layout {
         self.executor_of_shard(shard_of(id.as_str(), self.shards))
     }
 
-    /// The executor that keeps a transfer's record: the one of its id's shard.
+    /// The executor that keeps a transfer's record: the one of its id's
+    /// shard (a trade flow's transfer names its object's: `_pay.ord_12_345`).
     pub fn executor_of_transfer(&self, id: &Id) -> ExecutorId {
-        self.executor_of_id(id)
+        self.executor_of_shard(self.shard_of_account(id))
     }
 
     /// The executor that coordinates a transfer request: the one that keeps

@@ -12,6 +12,8 @@ use peakstack_domain::wire::{CodecError, Reader, Writer};
 use peakstack_domain::{AssignedKind, ErrorCode, Id};
 use peakstack_inventory as inventory;
 use peakstack_inventory::{FlashSaleView, Inventory, SaleGates};
+use peakstack_orders as orders;
+use peakstack_orders::{Checkout, Order, Orders, PaymentView, Refund};
 use peakstack_pricing as pricing;
 use peakstack_pricing::{
     Coupon, CouponTemplate, Pricing, Promotion, PromotionCounters, PromotionUsage, SkuPrice, UsageView,
@@ -24,6 +26,7 @@ use crate::layout::Layout;
 pub enum PartCommand {
     Inventory(inventory::Command),
     Pricing(pricing::Command),
+    Orders(orders::Command),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -32,18 +35,43 @@ pub enum PartReply {
     /// The pricing part answers done or why not; an issued coupon's id is
     /// the one [`Parts::assign`] put in the command.
     Pricing(pricing::Reply, Option<Id>),
+    /// A refund's id is the one [`Parts::assign`] put in the command.
+    Orders(Result<(), ErrorCode>, Option<Id>),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PartQuery {
     Inventory(inventory::Query),
     Pricing(PricingQuery),
+    Orders(OrdersQuery),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PartAnswer {
     Inventory(inventory::QueryAnswer),
     Pricing(PricingAnswer),
+    Orders(OrdersAnswer),
+}
+
+/// Reads of the orders part.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OrdersQuery {
+    Checkout(Id),
+    Order(Id),
+    Payment(Id),
+    Refund(Id),
+    /// Orders in id order after `after`, of a buyer and/or a merchant.
+    Orders { buyer_id: Option<Id>, merchant_id: Option<Id>, after: Option<Id>, limit: usize },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OrdersAnswer {
+    /// A checkout with its orders.
+    Checkout(Option<(Checkout, Vec<Order>)>),
+    Order(Option<Order>),
+    Payment(Option<PaymentView>),
+    Refund(Option<Refund>),
+    Orders(Vec<Order>),
 }
 
 /// Reads of the pricing part (and, for the catalogue, of the SKU prices
@@ -75,6 +103,7 @@ pub enum PricingAnswer {
 /// A part's tag in the log and in checkpoint sections. Never reuse one.
 const INVENTORY: u8 = 1;
 const PRICING: u8 = 2;
+const ORDERS: u8 = 3;
 /// The checkpoint section of the ids the executor assigns for the parts.
 const ASSIGNED_IDS: u8 = 0;
 
@@ -92,6 +121,10 @@ impl PartCommand {
                 w.varint(bytes.len() as u64);
                 w.buf.extend_from_slice(&bytes);
             }
+            PartCommand::Orders(command) => {
+                w.u8(ORDERS);
+                orders::encode_command(command, w);
+            }
         }
     }
 
@@ -104,6 +137,7 @@ impl PartCommand {
                     pricing::decode_command(r.bytes(len)?).map_err(|_| CodecError("invalid pricing command"))?;
                 Ok(PartCommand::Pricing(command))
             }
+            ORDERS => Ok(PartCommand::Orders(orders::decode_command(r)?)),
             _ => Err(CodecError("a command of an unknown part (written by a newer peakstack?)")),
         }
     }
@@ -127,6 +161,138 @@ impl PartCommand {
                 Ok(layout.executor_of_shard(id.shard(layout.shards())))
             }
             PartCommand::Pricing(command) => pricing_shard(layout, command).map(|s| layout.executor_of_shard(s)),
+            PartCommand::Orders(command) => orders_shard(layout, command).map(|s| layout.executor_of_shard(s)),
+        }
+    }
+}
+
+/// The shard that keeps what an orders command changes: the one its
+/// checkout's, order's or payment's id names.
+fn orders_shard(layout: &Layout, command: &orders::Command) -> Result<u32, ErrorCode> {
+    use orders::Command as C;
+    let named = |kind: AssignedKind, id: &Id, missing: ErrorCode| {
+        kind.shard_of(id.as_str()).filter(|s| *s < layout.shards()).ok_or(missing)
+    };
+    match command {
+        C::TryPlace { checkout, .. } => named(AssignedKind::Checkout, &checkout.id, ErrorCode::CheckoutNotFound),
+        C::ConfirmPlace { checkout_id, .. } | C::CancelPlace { checkout_id, .. } => {
+            named(AssignedKind::Checkout, checkout_id, ErrorCode::CheckoutNotFound)
+        }
+        C::Capture { payment_id, .. } | C::CancelPayment { payment_id } => {
+            named(AssignedKind::Payment, payment_id, ErrorCode::PaymentNotFound)
+        }
+        C::CancelOrder { order_id } | C::Refund { order_id, .. } => {
+            named(AssignedKind::Order, order_id, ErrorCode::OrderNotFound)
+        }
+        C::Expire { .. } | C::ForgetFences { .. } => Err(ErrorCode::InvalidRequest),
+    }
+}
+
+impl PartCommand {
+    /// Whether this is a branch try of a global transaction (see
+    /// [`PartCommand::stamp_branch`]).
+    pub fn is_branch_try(&self) -> bool {
+        matches!(
+            self,
+            PartCommand::Inventory(inventory::Command::TryReserve { .. })
+                | PartCommand::Pricing(pricing::Command::TryConsume { .. } | pricing::Command::LockCoupon { .. })
+                | PartCommand::Orders(orders::Command::TryPlace { .. })
+        )
+    }
+
+    /// Stamps a branch try with its transaction and the time until which
+    /// its part may hold what it takes: past that, unconfirmed, the part
+    /// gives it back by itself.
+    pub fn stamp_branch(&mut self, txn: u64, hold_until_ms: u64) {
+        match self {
+            PartCommand::Inventory(inventory::Command::TryReserve { txn: t, deadline_ms, .. })
+            | PartCommand::Pricing(pricing::Command::TryConsume { txn: t, deadline_ms, .. })
+            | PartCommand::Pricing(pricing::Command::LockCoupon { txn: t, deadline_ms, .. }) => {
+                *t = txn;
+                *deadline_ms = hold_until_ms;
+            }
+            // A placed checkout holds nothing by itself: its fence is the executor's.
+            PartCommand::Orders(orders::Command::TryPlace { txn: t, .. }) => *t = txn,
+            _ => unreachable!("only branch tries are stamped: {self:?}"),
+        }
+    }
+
+    /// The executor a branch's try, confirm and cancel run on.
+    pub fn branch_executor(&self, layout: &Layout) -> crate::protocol::ExecutorId {
+        let shard = match self {
+            PartCommand::Inventory(
+                inventory::Command::TryReserve { sku_id, .. }
+                | inventory::Command::ConfirmBranch { sku_id, .. }
+                | inventory::Command::CancelBranch { sku_id, .. },
+            ) => sku_id.shard(layout.shards()),
+            PartCommand::Pricing(command) => pricing_shard(layout, command).unwrap_or(0),
+            PartCommand::Orders(command) => orders_shard(layout, command).unwrap_or(0),
+            _ => unreachable!("not a branch command: {self:?}"),
+        };
+        layout.executor_of_shard(shard)
+    }
+
+    /// The command that confirms a branch try.
+    pub fn branch_confirm(&self) -> PartCommand {
+        match self {
+            PartCommand::Inventory(inventory::Command::TryReserve { txn, sku_id, .. }) => {
+                PartCommand::Inventory(inventory::Command::ConfirmBranch { txn: *txn, sku_id: sku_id.clone() })
+            }
+            PartCommand::Pricing(pricing::Command::TryConsume { txn, promotion_id, .. }) => {
+                PartCommand::Pricing(pricing::Command::ConfirmConsume { txn: *txn, promotion_id: promotion_id.clone() })
+            }
+            PartCommand::Pricing(pricing::Command::LockCoupon { txn, coupon_id, .. }) => {
+                PartCommand::Pricing(pricing::Command::UseCoupon { txn: *txn, coupon_id: coupon_id.clone() })
+            }
+            PartCommand::Orders(orders::Command::TryPlace { txn, checkout }) => {
+                PartCommand::Orders(orders::Command::ConfirmPlace { txn: *txn, checkout_id: checkout.id.clone() })
+            }
+            _ => unreachable!("not a branch try: {self:?}"),
+        }
+    }
+
+    /// The command that cancels a branch try (also before it came).
+    pub fn branch_cancel(&self) -> PartCommand {
+        match self {
+            PartCommand::Inventory(inventory::Command::TryReserve { txn, sku_id, .. }) => {
+                PartCommand::Inventory(inventory::Command::CancelBranch { txn: *txn, sku_id: sku_id.clone() })
+            }
+            PartCommand::Pricing(pricing::Command::TryConsume { txn, promotion_id, .. }) => {
+                PartCommand::Pricing(pricing::Command::CancelConsume { txn: *txn, promotion_id: promotion_id.clone() })
+            }
+            PartCommand::Pricing(pricing::Command::LockCoupon { txn, coupon_id, .. }) => {
+                PartCommand::Pricing(pricing::Command::ReleaseCoupon { txn: *txn, coupon_id: coupon_id.clone() })
+            }
+            PartCommand::Orders(orders::Command::TryPlace { txn, checkout }) => {
+                PartCommand::Orders(orders::Command::CancelPlace { txn: *txn, checkout_id: checkout.id.clone() })
+            }
+            _ => unreachable!("not a branch try: {self:?}"),
+        }
+    }
+
+    /// A short form for operators (`GET /v1/transactions/{id}`).
+    pub fn short_form(&self) -> String {
+        match self {
+            PartCommand::Inventory(inventory::Command::TryReserve { sku_id, quantity, .. }) => {
+                format!("reserve {quantity} of sku {sku_id}")
+            }
+            PartCommand::Pricing(pricing::Command::TryConsume { promotion_id, discount, .. }) => {
+                format!("consume {discount} of promotion {promotion_id}")
+            }
+            PartCommand::Pricing(pricing::Command::LockCoupon { coupon_id, .. }) => format!("lock coupon {coupon_id}"),
+            PartCommand::Orders(orders::Command::TryPlace { checkout, .. }) => format!("place checkout {}", checkout.id),
+            other => format!("{other:?}"),
+        }
+    }
+}
+
+impl PartReply {
+    /// The refusal, if the command was refused.
+    pub fn error(&self) -> Option<ErrorCode> {
+        match self {
+            PartReply::Inventory(reply) => reply.as_ref().err().copied(),
+            PartReply::Pricing(reply, _) => reply.as_ref().err().copied(),
+            PartReply::Orders(reply, _) => reply.as_ref().err().copied(),
         }
     }
 }
@@ -179,7 +345,7 @@ pub fn prepare(command: &mut PartCommand, layout: &Layout, gates: &SaleGates, no
             *shard = gate.shard;
             Ok(())
         }
-        PartCommand::Inventory(_) | PartCommand::Pricing(_) => Ok(()),
+        PartCommand::Inventory(_) | PartCommand::Pricing(_) | PartCommand::Orders(_) => Ok(()),
     }
 }
 
@@ -188,6 +354,7 @@ pub fn prepare(command: &mut PartCommand, layout: &Layout, gates: &SaleGates, no
 pub struct Parts {
     pub inventory: Inventory,
     pub pricing: Pricing,
+    pub orders: Orders,
     /// The next coupon's sequence (its id is `cpn_<shard>_<sequence>`).
     next_coupon: u64,
     /// Set when a SKU, promotion or coupon template was made: price books
@@ -197,7 +364,13 @@ pub struct Parts {
 
 impl Default for Parts {
     fn default() -> Parts {
-        Parts { inventory: Inventory::new(), pricing: Pricing::new(), next_coupon: 1, catalogue_changed: false }
+        Parts {
+            inventory: Inventory::new(),
+            pricing: Pricing::new(),
+            orders: Orders::new(),
+            next_coupon: 1,
+            catalogue_changed: false,
+        }
     }
 }
 
@@ -206,8 +379,16 @@ impl Parts {
     /// it is applied and logged: the log holds the command with its id, so
     /// a replay makes the same coupon.
     pub fn assign(&mut self, command: &mut PartCommand, layout: &Layout) {
-        if let PartCommand::Pricing(pricing::Command::IssueCoupon { template_id, coupon_id, .. }) = command {
-            *coupon_id = AssignedKind::Coupon.id(template_id.shard(layout.shards()), self.next_coupon);
+        match command {
+            PartCommand::Pricing(pricing::Command::IssueCoupon { template_id, coupon_id, .. }) => {
+                *coupon_id = AssignedKind::Coupon.id(template_id.shard(layout.shards()), self.next_coupon);
+            }
+            PartCommand::Orders(orders::Command::Refund { refund_id, order_id, .. }) => {
+                if let Some(shard) = AssignedKind::Order.shard_of(order_id.as_str()) {
+                    *refund_id = AssignedKind::Refund.id(shard, self.orders.take_sequence());
+                }
+            }
+            _ => {}
         }
     }
 
@@ -235,6 +416,14 @@ impl Parts {
                 }
                 (changed, PartReply::Pricing(reply, issued))
             }
+            PartCommand::Orders(command) => {
+                let (changed, reply) = self.orders.apply(command, now_ms);
+                let refund = match command {
+                    orders::Command::Refund { refund_id, .. } if reply.is_ok() => Some(refund_id.clone()),
+                    _ => None,
+                };
+                (changed, PartReply::Orders(reply, refund))
+            }
         }
     }
 
@@ -242,6 +431,23 @@ impl Parts {
         match query {
             PartQuery::Inventory(query) => PartAnswer::Inventory(self.inventory.query(query)),
             PartQuery::Pricing(query) => PartAnswer::Pricing(self.pricing_query(query)),
+            PartQuery::Orders(query) => PartAnswer::Orders(self.orders_query(query)),
+        }
+    }
+
+    fn orders_query(&self, query: &OrdersQuery) -> OrdersAnswer {
+        let part = &self.orders;
+        match query {
+            OrdersQuery::Checkout(id) => OrdersAnswer::Checkout(part.checkout(id).map(|checkout| {
+                let orders = checkout.checkout.orders.iter().filter_map(|o| part.order(&o.id).cloned()).collect();
+                (checkout.clone(), orders)
+            })),
+            OrdersQuery::Order(id) => OrdersAnswer::Order(part.order(id).cloned()),
+            OrdersQuery::Payment(id) => OrdersAnswer::Payment(part.payment(id)),
+            OrdersQuery::Refund(id) => OrdersAnswer::Refund(part.refund(id).cloned()),
+            OrdersQuery::Orders { buyer_id, merchant_id, after, limit } => OrdersAnswer::Orders(
+                part.orders(buyer_id.as_ref(), merchant_id.as_ref(), after.as_ref(), *limit).into_iter().cloned().collect(),
+            ),
         }
     }
 
@@ -284,6 +490,7 @@ impl Parts {
     pub fn due(&self, now_ms: u64) -> Vec<PartCommand> {
         let mut due: Vec<PartCommand> = self.inventory.due(now_ms).into_iter().map(PartCommand::Inventory).collect();
         due.extend(self.pricing.due(now_ms).into_iter().map(PartCommand::Pricing));
+        due.extend(self.orders.due(now_ms).into_iter().map(PartCommand::Orders));
         due
     }
 
@@ -309,8 +516,11 @@ impl Parts {
         self.pricing.encode_checkpoint(&mut pricing);
         let mut ids = Writer::default();
         ids.varint(self.next_coupon);
-        w.varint(3);
-        for (tag, bytes) in [(ASSIGNED_IDS, &ids.buf), (INVENTORY, &inventory.buf), (PRICING, &pricing)] {
+        let mut orders = Writer::default();
+        self.orders.encode_checkpoint(&mut orders);
+        w.varint(4);
+        let sections = [(ASSIGNED_IDS, &ids.buf), (INVENTORY, &inventory.buf), (PRICING, &pricing), (ORDERS, &orders.buf)];
+        for (tag, bytes) in sections {
             w.u8(tag);
             w.varint(bytes.len() as u64);
             w.buf.extend_from_slice(bytes);
@@ -330,6 +540,7 @@ impl Parts {
                     parts.pricing = Pricing::decode_checkpoint(section.bytes(len)?)
                         .map_err(|_| CodecError("invalid pricing checkpoint section"))?;
                 }
+                ORDERS => parts.orders = Orders::decode_checkpoint(&mut section)?,
                 _ => return Err(CodecError("a checkpoint section of an unknown part")),
             }
             if !section.is_empty() {

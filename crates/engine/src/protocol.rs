@@ -52,6 +52,16 @@ pub enum Input {
     Deadlines {
         txns: Vec<TxnId>,
     },
+    /// A global transaction of a trade flow (a checkout): the flow's
+    /// transfers (system ids, made only by the flows) and the branches of
+    /// the parts (each part's try command, see [`PartCommand::branch`]),
+    /// all confirmed or all cancelled. Coordinated by this executor; on one
+    /// executor it is one atomic step with no messages.
+    Global {
+        transfers: Vec<TransferRequest>,
+        branches: Vec<PartCommand>,
+        origin: Option<Origin>,
+    },
     /// Messages from another executor (or, in a replay, from this one).
     Peer {
         from: ExecutorId,
@@ -156,6 +166,9 @@ pub enum TryOp {
     Hold(Leg),
     /// Lock a pending transfer on its home shard for a post, void or expiry.
     LockPending { pending_id: Id, kind: ResolveKind },
+    /// A part's branch try (reserve stock, consume a promotion's budget,
+    /// lock a coupon, place a checkout), stamped with its transaction.
+    Part(PartCommand),
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -192,6 +205,8 @@ pub enum CommitOp {
         post_amount: u64,
         by: Option<Id>,
     },
+    /// Confirm a part's branch (the confirm command of its try).
+    Part(PartCommand),
 }
 
 /// What the engine answers for one transfer.

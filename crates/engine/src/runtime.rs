@@ -27,6 +27,7 @@ use crate::checkpointer::{Checkpointer, CheckpointerConfig, PendingCheckpoint};
 use crate::clock::Clock;
 use crate::codec::{Codec, Writer};
 use crate::executor::{ClientTag, Effects, ExecutorCore};
+use crate::trade_checkout::{CheckoutAnswer, CheckoutAsk};
 use crate::failstop;
 use crate::history::{HistoryReader, HistoryWriter};
 use crate::layout::Layout;
@@ -225,6 +226,8 @@ enum Request {
     Query(Query, oneshot::Sender<QueryAnswer>),
     /// Commands of the parts, answered in order once durable.
     Parts(Vec<PartCommand>, oneshot::Sender<Vec<PartReply>>),
+    /// A checkout to place from its home executor (see `trade_checkout.rs`).
+    Checkout(Box<CheckoutAsk>, oneshot::Sender<CheckoutAnswer>),
 }
 
 enum Inbound {
@@ -238,6 +241,7 @@ enum Completion {
     Transfers(oneshot::Sender<Vec<TransferResult>>, Vec<TransferResult>),
     Query(oneshot::Sender<QueryAnswer>, QueryAnswer),
     Parts(oneshot::Sender<Vec<PartReply>>, Vec<PartReply>),
+    Checkout(oneshot::Sender<CheckoutAnswer>, CheckoutAnswer),
     /// Views the batch changed, made visible once it is durable (first,
     /// before any answer of the batch: a caller that hears of a new flash
     /// sale finds its gate).
@@ -253,6 +257,7 @@ impl Completion {
             Completion::Transfers(tx, v) => tx.send(v).map_err(drop),
             Completion::Query(tx, v) => tx.send(v).map_err(drop),
             Completion::Parts(tx, v) => tx.send(v).map_err(drop),
+            Completion::Checkout(tx, v) => tx.send(v).map_err(drop),
             Completion::Publish(publication, shared) => {
                 publication.publish(&shared.layout, &shared.gates, &shared.catalogue_epoch);
                 Ok(())
@@ -796,6 +801,25 @@ impl Engine {
         gather(count, answered)
     }
 
+    /// Sends a checkout to its home executor; answered once its global
+    /// transaction is decided and durable.
+    pub(crate) async fn submit_checkout(&self, executor: ExecutorId, ask: CheckoutAsk) -> CheckoutAnswer {
+        let (tx, rx) = oneshot::channel();
+        self.submit(executor, Request::Checkout(Box::new(ask), tx))?;
+        rx.await.map_err(|_| ErrorCode::Unavailable)?
+    }
+
+    /// [`Engine::submit_checkout`] from a thread of its own (the benchmark's).
+    pub(crate) fn submit_checkout_blocking(
+        &self,
+        executor: ExecutorId,
+        ask: CheckoutAsk,
+    ) -> Result<oneshot::Receiver<CheckoutAnswer>, ErrorCode> {
+        let (tx, rx) = oneshot::channel();
+        self.submit_blocking(executor, Request::Checkout(Box::new(ask), tx))?;
+        Ok(rx)
+    }
+
     /// Sends parts' commands to one executor; the answers come in order.
     pub(crate) fn submit_parts(
         &self,
@@ -1036,7 +1060,23 @@ pub fn executor_dir(data_dir: &Path, executor: ExecutorId) -> PathBuf {
 struct ClientBatch {
     results: Vec<Option<TransferResult>>,
     remaining: usize,
-    reply: oneshot::Sender<Vec<TransferResult>>,
+    reply: ClientReply,
+}
+
+/// Who waits for a client batch's answers.
+enum ClientReply {
+    Transfers(oneshot::Sender<Vec<TransferResult>>),
+    /// A checkout, by its id.
+    Checkout(Id, oneshot::Sender<CheckoutAnswer>),
+}
+
+impl ClientReply {
+    fn completion(self, results: Vec<TransferResult>) -> Completion {
+        match self {
+            ClientReply::Transfers(tx) => Completion::Transfers(tx, results),
+            ClientReply::Checkout(id, tx) => Completion::Checkout(tx, Ok((id, results))),
+        }
+    }
 }
 
 struct Applier {
@@ -1185,18 +1225,34 @@ impl Applier {
                             fx.finished_for.clear();
                             completions.push(Completion::Transfers(reply, std::mem::take(&mut fx.finished)));
                         } else {
+                            let reply = ClientReply::Transfers(reply);
                             self.clients.insert(tag, ClientBatch { results: vec![None; n], remaining: n, reply });
                         }
                     }
                     Err(Request::Query(query, reply)) => {
                         completions.push(Completion::Query(reply, self.answer(query)));
                     }
+                    Err(Request::Checkout(ask, reply)) => {
+                        transfers_taken += ask.request.lines.len();
+                        match self.core.checkout_input(*ask, now_ms) {
+                            Err(e) => completions.push(Completion::Checkout(reply, Err(e))),
+                            Ok((id, input)) => {
+                                let tag = self.next_tag;
+                                self.next_tag += 1;
+                                let Input::Global { transfers, .. } = &input else { unreachable!("a global input") };
+                                let n = transfers.len();
+                                let reply = ClientReply::Checkout(id, reply);
+                                self.clients.insert(tag, ClientBatch { results: vec![None; n], remaining: n, reply });
+                                self.apply(input, now_ms, Some(tag), &mut fx, &mut logged);
+                            }
+                        }
+                    }
                     Err(Request::Parts(commands, reply)) => {
                         transfers_taken += commands.len();
                         let mut replies = Vec::with_capacity(commands.len());
                         for mut command in commands {
                             self.core.assign_part_ids(&mut command);
-                            let (changed, answer) = self.core.apply_part(&command, now_ms);
+                            let (changed, answer) = self.core.apply_part(&command, now_ms, &mut fx);
                             if changed {
                                 logged.push(Input::Part(command));
                             }
@@ -1219,7 +1275,7 @@ impl Applier {
                     if done {
                         let batch = self.clients.remove(&tag).expect("present");
                         let results = batch.results.into_iter().map(|r| r.expect("filled")).collect();
-                        completions.push(Completion::Transfers(batch.reply, results));
+                        completions.push(batch.reply.completion(results));
                     }
                 }
             }
@@ -1682,12 +1738,13 @@ fn prefetch(core: &mut ExecutorCore, archive: &Archive, input: &Input) -> std::i
                         match op {
                             crate::protocol::TryOp::Reserve(t) => ids.push(&t.id),
                             crate::protocol::TryOp::LockPending { pending_id, .. } => ids.push(pending_id),
-                            crate::protocol::TryOp::Hold(_) => {}
+                            crate::protocol::TryOp::Hold(_) | crate::protocol::TryOp::Part(_) => {}
                         }
                     }
                 }
             }
         }
+        Input::Global { transfers, .. } => ids.extend(transfers.iter().map(|t| t.id())),
         Input::CreateAccount(_)
         | Input::ChangeAccount { .. }
         | Input::Expire { .. }

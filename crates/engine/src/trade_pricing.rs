@@ -118,19 +118,43 @@ impl Engine {
     /// with, over the current price book, counters and the buyer's coupons.
     pub async fn quote(&self, request: &QuoteRequest) -> Result<Quote, ErrorCode> {
         let book = self.price_book().await?;
+        let (by_promotion, coupons) = self.pricing_inputs(&book, request, None).await?;
+        pricing::quote(&book, request, &Usage { by_promotion }, &coupons, self.shared.clock.now_ms())
+    }
+
+    /// What a quote reads besides the price book: the counters of the
+    /// limited promotions (with the buyer's uses) and the cart's coupons,
+    /// each from its writer, except those on `skip` (a checkout's home
+    /// reads its own where it applies the checkout).
+    pub(crate) async fn pricing_inputs(
+        &self,
+        book: &PriceBook,
+        request: &QuoteRequest,
+        skip: Option<ExecutorId>,
+    ) -> Result<(HashMap<Id, PromotionUsage>, Vec<Coupon>), ErrorCode> {
+        let layout = self.layout();
         let mut limited: HashMap<ExecutorId, Vec<Id>> = HashMap::new();
         for promotion in book.promotions().filter(|p| p.is_limited()) {
-            limited.entry(self.layout().executor_of_id(&promotion.id)).or_default().push(promotion.id.clone());
+            let executor = layout.executor_of_id(&promotion.id);
+            if Some(executor) != skip {
+                limited.entry(executor).or_default().push(promotion.id.clone());
+            }
         }
-        let mut usage = Usage { by_promotion: HashMap::new() };
+        let mut by_promotion = HashMap::new();
         for (executor, promotions) in limited {
             let query = PricingQuery::Usage { promotions: promotions.clone(), buyer_id: request.buyer_id.clone() };
             if let PricingAnswer::Usage(counters) = self.pricing_read(executor, query).await? {
-                usage.by_promotion.extend(promotions.into_iter().zip(counters));
+                by_promotion.extend(promotions.into_iter().zip(counters));
             }
         }
-        let coupons = self.coupons(&request.coupon_ids).await?;
-        pricing::quote(&book, request, &usage, &coupons, self.shared.clock.now_ms())
+        let remote: Vec<Id> = request
+            .coupon_ids
+            .iter()
+            .filter(|c| coupon_shard(&layout, c).map(|s| layout.executor_of_shard(s)) != skip)
+            .cloned()
+            .collect();
+        let coupons = if remote.is_empty() { Vec::new() } else { self.coupons(&remote).await? };
+        Ok((by_promotion, coupons))
     }
 
     async fn pricing_read(&self, executor: ExecutorId, query: PricingQuery) -> Result<PricingAnswer, ErrorCode> {

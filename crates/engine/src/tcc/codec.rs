@@ -74,6 +74,13 @@ fn encode_txn(state: &Txn, w: &mut Writer) {
                 pending_id.encode(w);
                 kind.encode(w);
             }
+            ItemKind::Branches(branches) => {
+                w.u8(2);
+                w.varint(branches.len() as u64);
+                for branch in branches {
+                    branch.encode(w);
+                }
+            }
         }
         item.record.encode(w);
         item.static_error.encode(w);
@@ -140,6 +147,13 @@ fn decode_txn(r: &mut Reader<'_>) -> Result<Txn> {
         let kind = match r.u8()? {
             0 => ItemKind::Create,
             1 => ItemKind::Resolve { pending_id: Id::decode(r)?, kind: ResolveKind::decode(r)? },
+            2 => {
+                let mut branches = Vec::new();
+                for _ in 0..r.len()? {
+                    branches.push(crate::parts::PartCommand::decode(r)?);
+                }
+                ItemKind::Branches(branches)
+            }
             _ => return Err(CodecError("invalid item")),
         };
         let record = Option::<Transfer>::decode(r)?;

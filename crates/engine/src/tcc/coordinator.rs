@@ -27,12 +27,19 @@ use super::{
 };
 use crate::executor::{audit_created, create_record, placeholder, ClientTag, Effects, ExecutorCore};
 use crate::layout::Layout;
+use crate::parts::PartCommand;
 use crate::protocol::{CommitOp, ExecutorId, OpResult, Origin, PeerMsg, TransferOutcome, TryOp, TxnId};
 
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) enum ItemKind {
     Create,
     Resolve { pending_id: Id, kind: ResolveKind },
+    /// Branches of the parts (a trade flow's): each a try command stamped
+    /// with the transaction, tried on its part's executor and confirmed
+    /// or cancelled there. Its failure is the answer of every item of the
+    /// transaction (the code of the branch that refused, not
+    /// `linked_event_failed`: a checkout's caller wants to hear `out_of_stock`).
+    Branches(Vec<PartCommand>),
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -282,9 +289,19 @@ impl ExecutorCore {
         fx: &mut Effects,
     ) {
         let txn = self.take_txn_id();
+        let mut items = items;
+        let deadline_ms = now_ms.saturating_add(TXN_DEADLINE_MS);
+        for item in &mut items {
+            if let ItemKind::Branches(branches) = &mut item.kind {
+                // A part holds what a branch took until the participant's
+                // fence of it is forgotten at the latest: a confirm decided
+                // before the deadline may arrive after it.
+                let hold_until_ms = deadline_ms.saturating_add(super::FENCE_RETENTION_MS);
+                branches.iter_mut().for_each(|b| b.stamp_branch(txn, hold_until_ms));
+            }
+        }
         let ops = try_ops_by_executor(&self.layout, &items);
         let parts = ops.iter().map(|(exec, ops)| Part { exec: *exec, ops: ops.len(), tried: None, acked: false });
-        let deadline_ms = now_ms.saturating_add(TXN_DEADLINE_MS);
         let mut state = Txn {
             client,
             origin,
@@ -456,6 +473,10 @@ impl ExecutorCore {
             ItemOutcome::Err(e) => Some(*e),
             _ => None,
         });
+        let branch_error = state.items.iter().zip(&state.outcomes).find_map(|(item, outcome)| match outcome {
+            ItemOutcome::Err(e) if matches!(item.kind, ItemKind::Branches(_)) => Some(*e),
+            _ => None,
+        });
         let committed = first_error.is_none() && state.decision == Some(true);
         if let (Some(origin), true) = (&state.origin, committed) {
             for (item, outcome) in state.items.iter().zip(&state.outcomes) {
@@ -481,7 +502,7 @@ impl ExecutorCore {
                 }),
                 ItemOutcome::Err(e) => Err(*e),
                 ItemOutcome::Ok { .. } if first_error.is_some() || state.decision == Some(false) => {
-                    Err(ErrorCode::LinkedEventFailed)
+                    Err(branch_error.unwrap_or(ErrorCode::LinkedEventFailed))
                 }
                 ItemOutcome::Ok { pending } => {
                     let transfer = final_record(item, pending.as_ref()).expect("a client item has a record");
@@ -681,6 +702,7 @@ fn short_form(op: &TryOp) -> String {
     match op {
         TryOp::Reserve(t) => format!("reserve {}", t.id),
         TryOp::Hold(leg) => format!("hold {} {} {} {}", side(leg.side), leg.account_id, leg.amount, leg.currency),
+        TryOp::Part(command) => command.short_form(),
         TryOp::LockPending { pending_id, kind } => {
             let kind = match kind {
                 ResolveKind::Post(_) => "post",
@@ -761,6 +783,11 @@ fn for_each_try_op(layout: &Layout, item: &Item, mut each: impl FnMut(ExecutorId
                 pending_id: pending_id.clone(),
                 kind: *kind,
             });
+        }
+        ItemKind::Branches(branches) => {
+            for branch in branches {
+                each(branch.branch_executor(layout), &|| TryOp::Part(branch.clone()));
+            }
         }
     }
 }
@@ -895,6 +922,11 @@ fn commit_ops_of(
                     layout.executor_of_account(account_id),
                     CommitOp::Settle { pending_id: pending_id.clone(), side, post_amount: amount, by: by.clone() },
                 );
+            }
+        }
+        ItemKind::Branches(branches) => {
+            for branch in branches {
+                each(branch.branch_executor(layout), CommitOp::Part(branch.branch_confirm()));
             }
         }
     }

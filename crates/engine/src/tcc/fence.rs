@@ -46,6 +46,8 @@ pub enum Undo {
     Hold(Id, Side),
     /// A pending transfer locked for a post, void or expiry.
     Lock(Id),
+    /// A part's branch: its cancel command.
+    Part(crate::parts::PartCommand),
 }
 
 /// A try's answer as a fence keeps it, to answer a repeat.
@@ -410,6 +412,10 @@ impl Codec for Undo {
                 w.u8(2);
                 id.encode(w);
             }
+            Undo::Part(command) => {
+                w.u8(3);
+                command.encode(w);
+            }
         }
     }
     fn decode(r: &mut Reader<'_>) -> Result<Self> {
@@ -417,6 +423,7 @@ impl Codec for Undo {
             0 => Undo::Reservation(Id::decode(r)?),
             1 => Undo::Hold(Id::decode(r)?, Side::decode(r)?),
             2 => Undo::Lock(Id::decode(r)?),
+            3 => Undo::Part(crate::parts::PartCommand::decode(r)?),
             _ => return Err(CodecError("invalid undo")),
         })
     }

@@ -79,6 +79,16 @@ impl ExecutorCore {
                         Err(e) => OpResult::Err(e),
                     }
                 }
+                TryOp::Part(command) => {
+                    let (_, reply) = self.parts.apply(command, now_ms);
+                    match reply.error() {
+                        None => {
+                            undo.push(Undo::Part(command.branch_cancel()));
+                            OpResult::Ok
+                        }
+                        Some(e) => OpResult::Err(e),
+                    }
+                }
             })
             .collect();
         // All or nothing per participant: if anything here failed, the
@@ -87,7 +97,7 @@ impl ExecutorCore {
         // left half-held, so the shard balances at every moment. A cancel
         // arriving later finds nothing of this transaction to release.
         if !Fence::tried_ok(&results) {
-            self.release_all(txn, &undo);
+            self.release_all(txn, &undo, now_ms);
             undo.clear();
         }
         let deadline_ms = effective_deadline(deadline_ms, now_ms);
@@ -120,7 +130,7 @@ impl ExecutorCore {
                     );
                     self.apply_commit_ops(txn, commit_ops, now_ms, &mut balances, fx);
                 } else {
-                    self.release_all(txn, &undo);
+                    self.release_all(txn, &undo, now_ms);
                 }
                 self.fences.insert(txn, Fence::Decided { commit, balances: balances.clone(), deadline_ms });
             }
@@ -181,12 +191,16 @@ impl ExecutorCore {
     }
 
     /// Gives back what a try took, last first.
-    fn release_all(&mut self, txn: TxnId, undo: &[Undo]) {
+    fn release_all(&mut self, txn: TxnId, undo: &[Undo], now_ms: u64) {
         for undo in undo.iter().rev() {
             match undo {
                 Undo::Reservation(id) => self.ledger.cancel_reservation(id, txn),
                 Undo::Hold(id, side) => self.ledger.release_hold(id, *side, txn),
                 Undo::Lock(id) => self.ledger.unlock_pending(id, txn),
+                Undo::Part(cancel) => {
+                    let (_, reply) = self.parts.apply(cancel, now_ms);
+                    assert!(reply.error().is_none(), "executor {}: {cancel:?} of txn {txn:#x} refused: {reply:?}", self.id);
+                }
             }
         }
     }
@@ -214,6 +228,12 @@ impl ExecutorCore {
                 }
                 CommitOp::FinishPending { pending_id, kind } => {
                     self.ledger.finish_pending(pending_id, txn, *kind);
+                }
+                CommitOp::Part(confirm) => {
+                    // The try succeeded and its part holds it until well after
+                    // the deadline (see `start_txn`): a confirm cannot fail.
+                    let (_, reply) = self.parts.apply(confirm, now_ms);
+                    assert!(reply.error().is_none(), "executor {}: {confirm:?} of txn {txn:#x} refused: {reply:?}", self.id);
                 }
                 CommitOp::Settle { pending_id, side, post_amount, by } => {
                     if let Some(booked) = self.ledger.settle_pending(pending_id, *side, *post_amount) {

@@ -1,0 +1,157 @@
+//! Trade flows on the executor: global transactions that compose the
+//! parts' branches with the flow's own ledger movements (a checkout), and
+//! the ledger movements a part's command needs in the same atomic step (a
+//! capture posts its holds, a refund moves money back).
+//!
+//! The executor knows branches and movements, not what they mean: a part
+//! says which movements a command needs ([`peakstack_orders::LedgerEffect`]),
+//! the flow books them as one atomic transaction and applies the command
+//! only if they all succeeded. Both are effects of one logged input, so a
+//! replay books and applies the same.
+
+use peakstack_domain::ledger::system_shard;
+use peakstack_domain::{Amount, Details, ErrorCode, TransferRequest};
+use peakstack_orders::LedgerEffect;
+
+use crate::executor::{create_record_as, ClientTag, Effects, ExecutorCore, FLOW_TAG};
+use crate::parts::{PartCommand, PartReply};
+use crate::protocol::{Origin, TransferResult};
+use crate::tcc::coordinator::{Item, ItemKind};
+
+impl ExecutorCore {
+    /// Starts a flow's global transaction (see
+    /// [`crate::protocol::Input::Global`]): its transfers (one answer
+    /// each for the caller), then one item of the parts' branches.
+    pub(crate) fn start_global(
+        &mut self,
+        transfers: &[TransferRequest],
+        branches: &[PartCommand],
+        client: Option<ClientTag>,
+        origin: Option<Origin>,
+        now_ms: u64,
+        fx: &mut Effects,
+    ) {
+        self.open_settle_accounts(transfers, now_ms);
+        let mut items: Vec<Item> = transfers.iter().map(|request| self.flow_item(request, now_ms)).collect();
+        if !branches.is_empty() {
+            items.push(Item { kind: ItemKind::Branches(branches.to_vec()), record: None, static_error: None });
+        }
+        let indices = (0..transfers.len()).collect();
+        self.start_txn(items, client.map(|c| (c, indices)), origin, now_ms, fx);
+    }
+
+    /// A flow's transfer as an item: its system ids are its own to use.
+    fn flow_item(&self, request: &TransferRequest, now_ms: u64) -> Item {
+        match request {
+            TransferRequest::Create { .. } => {
+                let (record, static_error) = create_record_as(request, now_ms, true);
+                Item { kind: ItemKind::Create, record: Some(record), static_error }
+            }
+            _ => {
+                let mut item = self.build_item(request, now_ms);
+                // Reserved ids are refused for clients only.
+                if item.static_error == Some(ErrorCode::InvalidRequest) {
+                    item.static_error = None;
+                }
+                item
+            }
+        }
+    }
+
+    /// The merchants' pending-settlement accounts a flow's transfers
+    /// credit, on this executor: opened if new (they hold nothing until
+    /// the transfer commits; a refused one leaves an empty account).
+    fn open_settle_accounts(&mut self, transfers: &[TransferRequest], now_ms: u64) {
+        for request in transfers {
+            if let TransferRequest::Create { credit_account_id, currency, .. } = request {
+                let settle = credit_account_id.as_str().starts_with("_settle.")
+                    && system_shard(credit_account_id.as_str()).is_some();
+                if settle && self.layout.executor_of_account(credit_account_id) == self.id {
+                    self.ledger.open_system_account(credit_account_id, *currency, now_ms);
+                }
+            }
+        }
+    }
+
+    /// Books a part command's ledger movements as one atomic transaction
+    /// that must be local to this executor (every id names its shard): all
+    /// of them, or none and the first refusal.
+    pub(crate) fn book_locally(
+        &mut self,
+        transfers: Vec<TransferRequest>,
+        now_ms: u64,
+        fx: &mut Effects,
+    ) -> Result<(), ErrorCode> {
+        if transfers.is_empty() {
+            return Ok(());
+        }
+        let n = transfers.len();
+        self.open_settle_accounts(&transfers, now_ms);
+        let items: Vec<Item> = transfers.iter().map(|request| self.flow_item(request, now_ms)).collect();
+        let before = fx.outbox.len();
+        fx.flow.clear();
+        self.start_txn(items, Some((FLOW_TAG, (0..n).collect())), None, now_ms, fx);
+        assert_eq!(fx.outbox.len(), before, "executor {}: a flow's local movements sent messages", self.id);
+        assert_eq!(fx.flow.len(), n, "executor {}: a flow's local movements did not finish in one step", self.id);
+        let results: Vec<TransferResult> = fx.flow.drain(..).map(|(_, r)| r).collect();
+        match results.iter().find_map(|r| r.as_ref().err().copied().filter(|e| *e != ErrorCode::LinkedEventFailed)) {
+            Some(e) => Err(e),
+            None => results.into_iter().try_for_each(|r| r.map(drop)),
+        }
+    }
+
+    /// Applies a part's command. An orders command that moves money books
+    /// its movements first, in the same step: if the ledger refuses one,
+    /// none is booked and the command is refused with that code. Such a
+    /// command is logged even when refused (`changed`): its booking took a
+    /// transaction id, which a replay must take too.
+    pub(crate) fn apply_part_command(
+        &mut self,
+        command: &PartCommand,
+        now_ms: u64,
+        fx: &mut Effects,
+    ) -> (bool, PartReply) {
+        if let PartCommand::Orders(orders_command) = command {
+            match self.parts.orders.plan(orders_command, now_ms) {
+                Err(e) => return (false, PartReply::Orders(Err(e), None)),
+                Ok(effects) if !effects.is_empty() => {
+                    let transfers = effects.into_iter().map(movement).collect::<Result<Vec<_>, _>>();
+                    let booked = transfers.and_then(|t| self.book_locally(t, now_ms, fx));
+                    if let Err(e) = booked {
+                        return (true, PartReply::Orders(Err(e), None));
+                    }
+                    let (_, reply) = self.parts.apply(command, now_ms);
+                    assert!(
+                        reply.error().is_none(),
+                        "executor {}: {command:?} refused after its plan was booked: {reply:?}",
+                        self.id
+                    );
+                    return (true, reply);
+                }
+                Ok(_) => {}
+            }
+        }
+        self.parts.apply(command, now_ms)
+    }
+}
+
+/// The transfer request of a part's ledger movement.
+fn movement(effect: LedgerEffect) -> Result<TransferRequest, ErrorCode> {
+    let amount = |a: u64| Amount::new(a).ok_or(ErrorCode::InvalidRequest);
+    Ok(match effect {
+        LedgerEffect::Post { id, pending_id, amount: a } => {
+            TransferRequest::Post { id, pending_id, amount: Some(amount(a)?), details: Details::default() }
+        }
+        LedgerEffect::Void { id, pending_id } => TransferRequest::Void { id, pending_id, details: Details::default() },
+        LedgerEffect::Move { id, debit_account_id, credit_account_id, amount: a, currency } => TransferRequest::Create {
+            id,
+            debit_account_id,
+            credit_account_id,
+            amount: amount(a)?,
+            currency,
+            pending: false,
+            timeout_ms: 0,
+            details: Details::default(),
+        },
+    })
+}
