@@ -602,3 +602,55 @@ fn a_checkpoint_reads_back_and_a_newer_format_is_refused() {
         assert!(Orders::decode_checkpoint(&mut Reader::new(&bytes[..cut])).is_err(), "truncated at {cut}");
     }
 }
+
+#[test]
+fn one_tick_expires_and_forgets_at_most_max_due_per_tick() {
+    use crate::state::MAX_DUE_PER_TICK;
+    let mut orders = Orders::new();
+    let count = MAX_DUE_PER_TICK as u64 + 6;
+    for n in 0..count {
+        let mut new = checkout(n, CaptureMode::Manual, &[&[(1, 100, 0)]]);
+        new.orders[0].id = id(&format!("ord_2_{n}"));
+        assert_eq!(orders.apply(&try_place(n, &new), 0), (true, Ok(())));
+        assert_eq!(orders.apply(&confirm(n, n), 0), (true, Ok(())));
+        let fence = Command::CancelPlace { txn: n, checkout_id: id(&format!("chk_9_{n}")) };
+        assert_eq!(orders.apply(&fence, 0), (true, Ok(())));
+    }
+    let now_ms = FENCE_RETENTION_MS;
+    let due = orders.due(now_ms);
+    let [Command::Expire { payments }, Command::ForgetFences { fences }] = due.as_slice() else { panic!("{due:?}") };
+    assert_eq!((payments.len(), fences.len()), (MAX_DUE_PER_TICK, MAX_DUE_PER_TICK));
+    // A longer list than the bound is cut at the bound too.
+    let every: Vec<Id> = (0..count).map(|n| id(&format!("pay_1_{n}"))).collect();
+    let effects = orders.plan(&Command::Expire { payments: every.clone() }, now_ms).unwrap();
+    assert_eq!(effects.len(), MAX_DUE_PER_TICK);
+    for command in &due {
+        assert_eq!(orders.apply(command, now_ms), (true, Ok(())));
+    }
+    let rest = orders.due(now_ms);
+    assert!(matches!(rest.as_slice(), [Command::Expire { payments }, Command::ForgetFences { fences }]
+        if payments.len() == 6 && fences.len() == 6));
+    for command in &rest {
+        assert_eq!(orders.apply(command, now_ms), (true, Ok(())));
+    }
+    assert!(orders.due(now_ms).is_empty());
+    orders.assert_invariants();
+}
+
+#[test]
+fn a_checkout_of_too_many_orders_or_lines_is_refused() {
+    let mut orders = Orders::new();
+    let one_line: &[(u32, u64, u64)] = &[(1, 1, 0)];
+    let too_many_orders = vec![one_line; crate::model::MAX_ORDERS + 1];
+    let mut new = checkout(1, CaptureMode::Manual, &too_many_orders);
+    check(&mut orders, try_place(1, &new), 0, Err(ErrorCode::InvalidRequest));
+    new.orders.pop();
+    check(&mut orders, try_place(1, &new), 0, ok());
+    let lines = vec![(1u32, 1u64, 0u64); crate::model::MAX_ORDER_LINES + 1];
+    // Checkout 1's 16 orders took ord_1_10..ord_1_25.
+    let mut new = checkout(5, CaptureMode::Manual, &[&lines]);
+    check(&mut orders, try_place(5, &new), 0, Err(ErrorCode::InvalidRequest));
+    new.orders[0].lines.pop();
+    new.orders[0].total -= 1;
+    check(&mut orders, try_place(5, &new), 0, ok());
+}
