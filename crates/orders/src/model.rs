@@ -1,7 +1,7 @@
 //! What the orders part keeps: checkouts, their orders (one per merchant),
 //! the payment (one per checkout, one part per order) and refunds.
 
-use peakstack_domain::{Currency, Id};
+use peakstack_domain::{Currency, ErrorCode, Id};
 
 /// Default authorization window of a manual-capture payment (ms): 7 days.
 pub const DEFAULT_AUTHORIZATION_MS: u64 = 7 * 24 * 3_600_000;
@@ -163,6 +163,9 @@ pub struct Order {
 /// A checkout as it stands (its orders are kept by id beside it).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Checkout {
+    /// The global transaction that placed it: a repeated try of the same
+    /// transaction is answered from the record, another one is refused.
+    pub txn: u64,
     pub checkout: NewCheckout,
     pub state: CheckoutState,
 }
@@ -198,4 +201,122 @@ pub enum LedgerEffect {
     Void { id: Id, pending_id: Id },
     /// A new posted transfer.
     Move { id: Id, debit_account_id: Id, credit_account_id: Id, amount: u64, currency: Currency },
+}
+
+/// Longest order id: its derived transfer ids (`_pay.`, `_cap.`, `_void.`
+/// + the id) must stay within [`peakstack_domain::MAX_ID_LEN`].
+pub const MAX_ORDER_ID_LEN: usize = peakstack_domain::MAX_ID_LEN - "_void.".len();
+
+impl NewCheckout {
+    /// Checks the checkout's shape and its sums (every one checked: an
+    /// overflow is [`ErrorCode::Overflow`], a total that does not add up is
+    /// [`ErrorCode::InvalidRequest`]). Returns the checkout's total.
+    pub fn validate(&self) -> Result<u64, ErrorCode> {
+        if self.orders.is_empty() || self.orders.len() > MAX_ORDERS {
+            return Err(ErrorCode::InvalidRequest);
+        }
+        let mut total = 0u64;
+        for (index, order) in self.orders.iter().enumerate() {
+            let duplicate = self.orders[..index].iter().any(|o| o.id == order.id);
+            if duplicate || order.id.as_str().len() > MAX_ORDER_ID_LEN {
+                return Err(ErrorCode::InvalidRequest);
+            }
+            order.validate()?;
+            total = total.checked_add(order.total).ok_or(ErrorCode::Overflow)?;
+        }
+        Ok(total)
+    }
+}
+
+impl NewOrder {
+    fn validate(&self) -> Result<(), ErrorCode> {
+        if self.lines.is_empty() || self.lines.len() > MAX_ORDER_LINES {
+            return Err(ErrorCode::InvalidRequest);
+        }
+        let mut total = 0u64;
+        for (index, line) in self.lines.iter().enumerate() {
+            let duplicate = self.lines[..index].iter().any(|l| l.line_id == line.line_id);
+            if duplicate || line.line_id == 0 || line.quantity == 0 {
+                return Err(ErrorCode::InvalidRequest);
+            }
+            line.validate()?;
+            total = total.checked_add(line.total).ok_or(ErrorCode::Overflow)?;
+        }
+        if total != self.total {
+            return Err(ErrorCode::InvalidRequest);
+        }
+        Ok(())
+    }
+
+    /// The index of a line in `lines`.
+    pub fn line_index(&self, line_id: u32) -> Option<usize> {
+        self.lines.iter().position(|l| l.line_id == line_id)
+    }
+}
+
+impl OrderLine {
+    fn validate(&self) -> Result<(), ErrorCode> {
+        let subtotal = self.unit_price.checked_mul(u64::from(self.quantity)).ok_or(ErrorCode::Overflow)?;
+        let discounted =
+            self.discounts.iter().try_fold(0u64, |sum, (_, d)| sum.checked_add(*d)).ok_or(ErrorCode::Overflow)?;
+        // A line's total is never negative: discounts beyond it are a bug upstream.
+        let total = subtotal.checked_sub(discounted).ok_or(ErrorCode::InvalidRequest)?;
+        if subtotal != self.subtotal || total != self.total {
+            return Err(ErrorCode::InvalidRequest);
+        }
+        Ok(())
+    }
+
+    /// What refunding `units` more of this line gives back when `refunded`
+    /// units were refunded before: the difference of the floors of the
+    /// proportional shares, so any steps that refund every unit add up to
+    /// exactly `total`.
+    pub fn refund_amount(&self, refunded: u32, units: u32) -> u64 {
+        let quantity = u128::from(self.quantity);
+        let after = u128::from(refunded) + u128::from(units);
+        assert!(after <= quantity, "refunding {after} of {quantity} units");
+        let share = |units: u128| u128::from(self.total) * units / quantity;
+        u64::try_from(share(after) - share(u128::from(refunded))).expect("a share of a u64 total fits in u64")
+    }
+}
+
+impl PaymentState {
+    /// A state that never changes again.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, PaymentState::Canceled | PaymentState::Expired | PaymentState::Failed | PaymentState::Settled)
+    }
+
+    /// Whether a part may go from `self` to `next` (the same state is no move).
+    pub fn may_become(self, next: PaymentState) -> bool {
+        use PaymentState::*;
+        matches!(
+            (self, next),
+            (Pending, RequiresCapture | Captured | Failed)
+                | (RequiresCapture, Captured | Canceled | Expired)
+                | (Captured, Settled)
+        )
+    }
+}
+
+impl Order {
+    /// The first of its invariants it breaks, if any. `refunded` is the sum
+    /// of its refunds' amounts.
+    pub fn problem(&self, refunded: u64) -> Option<&'static str> {
+        if self.amount_refunded > self.amount_captured || self.amount_captured > self.amount_authorized {
+            return Some("not refunded <= captured <= authorized");
+        }
+        if self.amount_authorized > self.order.total {
+            return Some("authorized beyond its total");
+        }
+        if self.refunded_units.len() != self.order.lines.len() {
+            return Some("refunded units not one per line");
+        }
+        if self.refunded_units.iter().zip(&self.order.lines).any(|(units, line)| *units > line.quantity) {
+            return Some("a line refunded beyond its quantity");
+        }
+        if refunded != self.amount_refunded {
+            return Some("its refunds do not add up to amount_refunded");
+        }
+        None
+    }
 }
