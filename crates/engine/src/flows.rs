@@ -143,15 +143,17 @@ fn movement(effect: LedgerEffect) -> Result<TransferRequest, ErrorCode> {
             TransferRequest::Post { id, pending_id, amount: Some(amount(a)?), details: Details::default() }
         }
         LedgerEffect::Void { id, pending_id } => TransferRequest::Void { id, pending_id, details: Details::default() },
-        LedgerEffect::Move { id, debit_account_id, credit_account_id, amount: a, currency } => TransferRequest::Create {
-            id,
-            debit_account_id,
-            credit_account_id,
-            amount: amount(a)?,
-            currency,
-            pending: false,
-            timeout_ms: 0,
-            details: Details::default(),
-        },
+        LedgerEffect::Move { id, debit_account_id, credit_account_id, amount: a, currency } => {
+            TransferRequest::Create {
+                id,
+                debit_account_id,
+                credit_account_id,
+                amount: amount(a)?,
+                currency,
+                pending: false,
+                timeout_ms: 0,
+                details: Details::default(),
+            }
+        }
     })
 }

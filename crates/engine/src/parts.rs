@@ -61,7 +61,12 @@ pub enum OrdersQuery {
     Payment(Id),
     Refund(Id),
     /// Orders in id order after `after`, of a buyer and/or a merchant.
-    Orders { buyer_id: Option<Id>, merchant_id: Option<Id>, after: Option<Id>, limit: usize },
+    Orders {
+        buyer_id: Option<Id>,
+        merchant_id: Option<Id>,
+        after: Option<Id>,
+        limit: usize,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -280,7 +285,9 @@ impl PartCommand {
                 format!("consume {discount} of promotion {promotion_id}")
             }
             PartCommand::Pricing(pricing::Command::LockCoupon { coupon_id, .. }) => format!("lock coupon {coupon_id}"),
-            PartCommand::Orders(orders::Command::TryPlace { checkout, .. }) => format!("place checkout {}", checkout.id),
+            PartCommand::Orders(orders::Command::TryPlace { checkout, .. }) => {
+                format!("place checkout {}", checkout.id)
+            }
             other => format!("{other:?}"),
         }
     }
@@ -446,7 +453,10 @@ impl Parts {
             OrdersQuery::Payment(id) => OrdersAnswer::Payment(part.payment(id)),
             OrdersQuery::Refund(id) => OrdersAnswer::Refund(part.refund(id).cloned()),
             OrdersQuery::Orders { buyer_id, merchant_id, after, limit } => OrdersAnswer::Orders(
-                part.orders(buyer_id.as_ref(), merchant_id.as_ref(), after.as_ref(), *limit).into_iter().cloned().collect(),
+                part.orders(buyer_id.as_ref(), merchant_id.as_ref(), after.as_ref(), *limit)
+                    .into_iter()
+                    .cloned()
+                    .collect(),
             ),
         }
     }
@@ -519,7 +529,8 @@ impl Parts {
         let mut orders = Writer::default();
         self.orders.encode_checkpoint(&mut orders);
         w.varint(4);
-        let sections = [(ASSIGNED_IDS, &ids.buf), (INVENTORY, &inventory.buf), (PRICING, &pricing), (ORDERS, &orders.buf)];
+        let sections =
+            [(ASSIGNED_IDS, &ids.buf), (INVENTORY, &inventory.buf), (PRICING, &pricing), (ORDERS, &orders.buf)];
         for (tag, bytes) in sections {
             w.u8(tag);
             w.varint(bytes.len() as u64);

@@ -27,7 +27,6 @@ use crate::checkpointer::{Checkpointer, CheckpointerConfig, PendingCheckpoint};
 use crate::clock::Clock;
 use crate::codec::{Codec, Writer};
 use crate::executor::{ClientTag, Effects, ExecutorCore};
-use crate::trade_checkout::{CheckoutAnswer, CheckoutAsk};
 use crate::failstop;
 use crate::history::{HistoryReader, HistoryWriter};
 use crate::layout::Layout;
@@ -37,6 +36,7 @@ use crate::parts::{PartAnswer, PartCommand, PartQuery, PartReply, Publication};
 use crate::protocol::{AuditBatch, AuditEvent, ExecutorId, Input, Origin, PeerMsg, TransferResult, TxnId};
 use crate::tcc::{TxnFilter, TxnView};
 use crate::test_hooks::TestBatchGate;
+use crate::trade_checkout::{CheckoutAnswer, CheckoutAsk};
 use peakstack_inventory::SaleGates;
 
 /// Most inputs one batch applies.
@@ -807,17 +807,6 @@ impl Engine {
         let (tx, rx) = oneshot::channel();
         self.submit(executor, Request::Checkout(Box::new(ask), tx))?;
         rx.await.map_err(|_| ErrorCode::Unavailable)?
-    }
-
-    /// [`Engine::submit_checkout`] from a thread of its own (the benchmark's).
-    pub(crate) fn submit_checkout_blocking(
-        &self,
-        executor: ExecutorId,
-        ask: CheckoutAsk,
-    ) -> Result<oneshot::Receiver<CheckoutAnswer>, ErrorCode> {
-        let (tx, rx) = oneshot::channel();
-        self.submit_blocking(executor, Request::Checkout(Box::new(ask), tx))?;
-        Ok(rx)
     }
 
     /// Sends parts' commands to one executor; the answers come in order.

@@ -25,7 +25,7 @@ impl Engine {
     pub async fn inventory(&self, command: inventory::Command) -> inventory::Reply {
         match self.part(PartCommand::Inventory(command)).await? {
             PartReply::Inventory(reply) => reply,
-            PartReply::Pricing(..) => Err(ErrorCode::Unavailable),
+            PartReply::Pricing(..) | PartReply::Orders(..) => Err(ErrorCode::Unavailable),
         }
     }
 
@@ -132,7 +132,7 @@ impl Engine {
     ) -> Result<inventory::QueryAnswer, ErrorCode> {
         match self.query_part(executor, PartQuery::Inventory(query)).await? {
             PartAnswer::Inventory(answer) => Ok(answer),
-            PartAnswer::Pricing(_) => Err(ErrorCode::Unavailable),
+            PartAnswer::Pricing(_) | PartAnswer::Orders(_) => Err(ErrorCode::Unavailable),
         }
     }
 }

@@ -135,7 +135,7 @@ impl ExecutorCore {
         let home_usage = HomeUsage { pricing: &self.parts.pricing, remote: &usage };
         let quote = pricing::quote(&book, &request.quote_request(), &home_usage, &coupons, now_ms)?;
         let draft = CheckoutDraft::of(&quote, &request, &book)?;
-        let layout = self.layout.clone();
+        let layout = self.layout;
         let home = layout.shard_of_account(&draft.account_id);
         let orders_part = &mut self.parts.orders;
         let sequence = orders_part.take_sequence();
@@ -146,7 +146,8 @@ impl ExecutorCore {
         for (index, order) in draft.orders.into_iter().enumerate() {
             let order_sequence = if index == 0 { sequence } else { orders_part.take_sequence() };
             let order_id = AssignedKind::Order.id(home, order_sequence);
-            let settle = settle_account_id(home, draft.currency, &order.merchant_id).ok_or(ErrorCode::InvalidRequest)?;
+            let settle =
+                settle_account_id(home, draft.currency, &order.merchant_id).ok_or(ErrorCode::InvalidRequest)?;
             let transfer_id = orders::order_transfer_id(&order_id);
             transfers.push(TransferRequest::Create {
                 id: transfer_id.clone(),

@@ -39,7 +39,7 @@ impl Engine {
     pub async fn pricing(&self, command: pricing::Command) -> Result<Option<Id>, ErrorCode> {
         match self.part(PartCommand::Pricing(command)).await? {
             PartReply::Pricing(reply, issued) => reply.map(|()| issued),
-            PartReply::Inventory(_) => Err(ErrorCode::Unavailable),
+            PartReply::Inventory(_) | PartReply::Orders(..) => Err(ErrorCode::Unavailable),
         }
     }
 
@@ -160,7 +160,7 @@ impl Engine {
     async fn pricing_read(&self, executor: ExecutorId, query: PricingQuery) -> Result<PricingAnswer, ErrorCode> {
         match self.query_part(executor, PartQuery::Pricing(query)).await? {
             PartAnswer::Pricing(answer) => Ok(answer),
-            PartAnswer::Inventory(_) => Err(ErrorCode::Unavailable),
+            PartAnswer::Inventory(_) | PartAnswer::Orders(_) => Err(ErrorCode::Unavailable),
         }
     }
 }

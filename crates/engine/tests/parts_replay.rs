@@ -86,7 +86,8 @@ impl Node {
     fn run(&mut self, mut command: PartCommand, now_ms: u64) -> peakstack_engine::PartReply {
         self.tick(now_ms);
         self.core.assign_part_ids(&mut command);
-        let (changed, reply) = self.core.apply_part(&command, now_ms);
+        let mut fx = peakstack_engine::executor::Effects::default();
+        let (changed, reply) = self.core.apply_part(&command, now_ms, &mut fx);
         if changed {
             self.log.push((now_ms, Input::Part(command)));
             self.sequence += 1;

@@ -363,7 +363,9 @@ impl Orders {
             }
             for placed in &checkout.orders {
                 let order = order_state(r, &checkout, placed)?;
-                orders.index_order(&order);
+                if order.state != OrderState::Failed {
+                    orders.index_order(&order);
+                }
                 if orders.orders.insert(placed.id.clone(), order).is_some() {
                     return Err(CodecError("an order appears twice"));
                 }

@@ -407,12 +407,30 @@ impl Orders {
         order_ids
     }
 
+    /// A failed checkout's orders stay readable by id but leave the
+    /// listings: a buyer's orders are the ones placed.
     fn fail(&mut self, checkout_id: &Id, now_ms: u64) -> Vec<Id> {
         let order_ids = self.set_checkout(checkout_id, CheckoutState::Failed);
         for order_id in &order_ids {
             self.set_part(order_id, PaymentState::Failed, OrderState::Failed, now_ms);
+            let order = self.orders[order_id].clone();
+            self.unindex_order(&order);
         }
         order_ids
+    }
+
+    fn unindex_order(&mut self, order: &Order) {
+        let key = order_key(&order.order.id);
+        self.all_orders.remove(&key);
+        for (index, owner) in [(&mut self.by_buyer, &order.buyer_id), (&mut self.by_merchant, &order.order.merchant_id)]
+        {
+            if let Some(keys) = index.get_mut(owner) {
+                keys.remove(&key);
+                if keys.is_empty() {
+                    index.remove(owner);
+                }
+            }
+        }
     }
 
     fn capture(&mut self, shares: &[(Id, u64)], now_ms: u64) -> Vec<Id> {

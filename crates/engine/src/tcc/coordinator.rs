@@ -33,7 +33,10 @@ use crate::protocol::{CommitOp, ExecutorId, OpResult, Origin, PeerMsg, TransferO
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) enum ItemKind {
     Create,
-    Resolve { pending_id: Id, kind: ResolveKind },
+    Resolve {
+        pending_id: Id,
+        kind: ResolveKind,
+    },
     /// Branches of the parts (a trade flow's): each a try command stamped
     /// with the transaction, tried on its part's executor and confirmed
     /// or cancelled there. Its failure is the answer of every item of the

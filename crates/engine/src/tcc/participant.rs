@@ -49,9 +49,14 @@ impl ExecutorCore {
         }
         let mut view = TxnView::default();
         let mut undo = Vec::new();
+        // A part's branch after a refused op is not tried: it would be
+        // given back at once (a checkout refused for stock leaves no
+        // placed-and-failed orders behind). It answers the same refusal.
+        let refused: std::cell::Cell<Option<ErrorCode>> = std::cell::Cell::new(None);
         let results: Vec<OpResult> = ops
             .iter()
             .map(|op| match op {
+                TryOp::Part(_) if refused.get().is_some() => OpResult::Err(refused.get().expect("checked")),
                 TryOp::Reserve(t) => match self.ledger.reserve(t.clone(), txn) {
                     Ok(Reservation::Reserved) => {
                         undo.push(Undo::Reservation(t.id.clone()));
@@ -88,6 +93,11 @@ impl ExecutorCore {
                         }
                         Some(e) => OpResult::Err(e),
                     }
+                }
+            })
+            .inspect(|result| {
+                if let (None, OpResult::Err(e)) = (refused.get(), result) {
+                    refused.set(Some(*e));
                 }
             })
             .collect();
@@ -199,7 +209,11 @@ impl ExecutorCore {
                 Undo::Lock(id) => self.ledger.unlock_pending(id, txn),
                 Undo::Part(cancel) => {
                     let (_, reply) = self.parts.apply(cancel, now_ms);
-                    assert!(reply.error().is_none(), "executor {}: {cancel:?} of txn {txn:#x} refused: {reply:?}", self.id);
+                    assert!(
+                        reply.error().is_none(),
+                        "executor {}: {cancel:?} of txn {txn:#x} refused: {reply:?}",
+                        self.id
+                    );
                 }
             }
         }
@@ -233,7 +247,11 @@ impl ExecutorCore {
                     // The try succeeded and its part holds it until well after
                     // the deadline (see `start_txn`): a confirm cannot fail.
                     let (_, reply) = self.parts.apply(confirm, now_ms);
-                    assert!(reply.error().is_none(), "executor {}: {confirm:?} of txn {txn:#x} refused: {reply:?}", self.id);
+                    assert!(
+                        reply.error().is_none(),
+                        "executor {}: {confirm:?} of txn {txn:#x} refused: {reply:?}",
+                        self.id
+                    );
                 }
                 CommitOp::Settle { pending_id, side, post_amount, by } => {
                     if let Some(booked) = self.ledger.settle_pending(pending_id, *side, *post_amount) {
