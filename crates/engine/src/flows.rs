@@ -32,6 +32,11 @@ impl ExecutorCore {
         fx: &mut Effects,
     ) {
         self.open_settle_accounts(transfers, now_ms);
+        for branch in branches {
+            if let PartCommand::Orders(peakstack_orders::Command::TryPlace { checkout, .. }) = branch {
+                self.parts.orders.note_assigned(checkout);
+            }
+        }
         let mut items: Vec<Item> = transfers.iter().map(|request| self.flow_item(request, now_ms)).collect();
         if !branches.is_empty() {
             items.push(Item { kind: ItemKind::Branches(branches.to_vec()), record: None, static_error: None });

@@ -392,7 +392,7 @@ impl Parts {
             }
             PartCommand::Orders(orders::Command::Refund { refund_id, order_id, .. }) => {
                 if let Some(shard) = AssignedKind::Order.shard_of(order_id.as_str()) {
-                    *refund_id = AssignedKind::Refund.id(shard, self.orders.take_sequence());
+                    *refund_id = AssignedKind::Refund.id(shard, self.orders.peek_sequence());
                 }
             }
             _ => {}

@@ -171,6 +171,25 @@ impl Orders {
     }
 
     /// A sequence number for an id the caller assigns (see [`AssignedKind`]).
+    /// The sequence the next assigned id would take, without taking it: for
+    /// an id used and applied in one step (a refund), whose command raises
+    /// the counter when it is applied, so that a refused one leaves the
+    /// counter as a replay (which never sees it) would.
+    pub fn peek_sequence(&self) -> u64 {
+        self.next_sequence
+    }
+
+    /// Raises the counter above the ids a checkout carries: applied with
+    /// the logged input that carries them (before its try may be), so a
+    /// replay counts as the run that assigned them did.
+    pub fn note_assigned(&mut self, checkout: &NewCheckout) {
+        self.raise_sequence(AssignedKind::Checkout, &checkout.id);
+        self.raise_sequence(AssignedKind::Payment, &checkout.payment_id);
+        for order in &checkout.orders {
+            self.raise_sequence(AssignedKind::Order, &order.id);
+        }
+    }
+
     pub fn take_sequence(&mut self) -> u64 {
         let sequence = self.next_sequence;
         self.next_sequence = sequence.checked_add(1).expect("2^64 ids");
