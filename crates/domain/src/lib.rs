@@ -22,6 +22,13 @@ mod record_table;
 mod transfer;
 pub mod wire;
 
+/// The deadline a branch try carries when the coordinator that drives it
+/// keeps its own fences (the engine's TCC): the part holds what it takes
+/// until the decision comes, however late, and keeps no fence of its own
+/// once decided (the coordinator's answers repeats). A part given any
+/// other deadline gives its hold back by itself when it passes.
+pub const HELD_UNTIL_DECIDED: u64 = u64::MAX;
+
 pub use account::{Account, AccountChange, AccountFlags, AccountStatus, Balances, Net, NewAccount};
 pub use balance_sums::Unbalanced;
 pub use error::ErrorCode;

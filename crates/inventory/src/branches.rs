@@ -11,11 +11,13 @@
 //! - a try at or after its transaction's deadline is refused and leaves
 //!   nothing behind;
 //! - the reservation a try makes is held until the transaction's deadline
-//!   at the latest: unconfirmed, it expires then like any other.
+//!   at the latest: unconfirmed, it expires then like any other; or, with
+//!   [`HELD_UNTIL_DECIDED`] (the engine's TCC, whose fences answer
+//!   repeats), until its confirm or cancel, and then no fence is kept.
 //!
 //! These hold whatever order the messages come in and however often.
 
-use peakstack_domain::{ErrorCode, Id};
+use peakstack_domain::{ErrorCode, Id, HELD_UNTIL_DECIDED};
 
 use crate::model::ReservationState;
 use crate::state::{Answer, Inventory, Reply, MAX_DUE_PER_TICK};
@@ -55,6 +57,19 @@ impl Inventory {
         self.fence_forgets.insert((fence.forget_at_ms, key.0, key.1));
     }
 
+    /// Records a decided branch: in its fence, kept for its retention; or,
+    /// held until decided (see [`HELD_UNTIL_DECIDED`]), not at all: its
+    /// coordinator's fence answers a repeat.
+    fn decided(&mut self, txn: u64, sku_id: &Id, fence: BranchFence) {
+        if fence.forget_at_ms != u64::MAX {
+            return self.fence(txn, sku_id, fence);
+        }
+        let key = (txn, sku_id.clone());
+        if let Some(old) = self.fences.remove(&key) {
+            self.fence_forgets.remove(&(old.forget_at_ms, key.0, key.1));
+        }
+    }
+
     fn answer_reservation(&self, fence: &BranchFence) -> Reply {
         let id = fence.reservation.as_ref().expect("a tried branch has its reservation");
         let reservation = self.reservations.get(id).cloned().ok_or(ErrorCode::ReservationNotFound)?;
@@ -81,7 +96,14 @@ impl Inventory {
         if deadline_ms <= now_ms {
             return (false, Err(ErrorCode::BranchCancelled));
         }
-        let (changed, reply) = self.reserve(shard, sku_id, buyer_id, quantity, deadline_ms - now_ms, now_ms);
+        let hold_ms = match deadline_ms {
+            HELD_UNTIL_DECIDED => u64::MAX,
+            _ => deadline_ms - now_ms,
+        };
+        let (changed, reply) = match deadline_ms {
+            HELD_UNTIL_DECIDED => self.reserve_until(shard, sku_id, buyer_id, quantity, hold_ms, now_ms),
+            _ => self.reserve(shard, sku_id, buyer_id, quantity, hold_ms, now_ms),
+        };
         if let Ok(Answer::Reservation(reservation)) = &reply {
             let fence = BranchFence {
                 state: BranchState::Tried,
@@ -110,7 +132,7 @@ impl Inventory {
                 }
                 // Confirmed, or expired at its deadline (the units went back).
                 let state = if reply.is_ok() { BranchState::Confirmed } else { BranchState::Cancelled };
-                self.fence(txn, sku_id, BranchFence { state, ..fence });
+                self.decided(txn, sku_id, BranchFence { state, ..fence });
                 (true, reply)
             }
         }
@@ -135,7 +157,7 @@ impl Inventory {
                 if let Err(code) = reply {
                     return (false, Err(code));
                 }
-                self.fence(txn, sku_id, BranchFence { state: BranchState::Cancelled, ..fence });
+                self.decided(txn, sku_id, BranchFence { state: BranchState::Cancelled, ..fence });
                 (true, Ok(Answer::Done))
             }
         }

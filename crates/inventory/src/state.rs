@@ -363,7 +363,24 @@ impl Inventory {
         hold_ms: u64,
         now_ms: u64,
     ) -> (bool, Reply) {
-        if !(1..=MAX_PURCHASE_QUANTITY).contains(&quantity) || !(1..=MAX_HOLD_MS).contains(&hold_ms) {
+        if !(1..=MAX_HOLD_MS).contains(&hold_ms) {
+            return (false, Err(ErrorCode::InvalidRequest));
+        }
+        self.reserve_until(shard, sku_id, buyer_id, quantity, hold_ms, now_ms)
+    }
+
+    /// [`Inventory::reserve`] for `hold_ms` (`u64::MAX`: until a confirm or
+    /// cancel, for a branch whose coordinator keeps the fences).
+    pub(crate) fn reserve_until(
+        &mut self,
+        shard: u32,
+        sku_id: &Id,
+        buyer_id: &Id,
+        quantity: u32,
+        hold_ms: u64,
+        now_ms: u64,
+    ) -> (bool, Reply) {
+        if !(1..=MAX_PURCHASE_QUANTITY).contains(&quantity) {
             return (false, Err(ErrorCode::InvalidRequest));
         }
         let Some(sku) = self.skus.get(sku_id) else { return (false, Err(ErrorCode::SkuNotFound)) };

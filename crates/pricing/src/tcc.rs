@@ -18,12 +18,15 @@
 //! Limits refuse a try with their own codes: `PromotionBudgetExhausted`,
 //! `PromotionUsageLimitReached`, `PromotionBuyerLimitReached`.
 
-use peakstack_domain::{ErrorCode, Id, MAX_TRANSFER_AMOUNT};
+use peakstack_domain::{ErrorCode, Id, HELD_UNTIL_DECIDED, MAX_TRANSFER_AMOUNT};
 
 use crate::catalogue::CouponState;
 use crate::state::{BranchState, ConsumeFence, Pricing, Timer, FENCE_RETENTION_MS, MAX_HOLD_MS};
 
 fn check_deadline(deadline_ms: u64, now_ms: u64) -> Result<(), ErrorCode> {
+    if deadline_ms == HELD_UNTIL_DECIDED {
+        return Ok(());
+    }
     if deadline_ms <= now_ms || deadline_ms - now_ms > MAX_HOLD_MS {
         return Err(ErrorCode::InvalidRequest);
     }
@@ -118,7 +121,7 @@ impl Pricing {
         fence.state = BranchState::Confirmed { forget_at_ms };
         let timer = Timer::ConsumeDeadline { promotion_id: promotion_id.clone(), txn };
         assert!(self.timers.remove(&(deadline_ms, timer)), "a tried branch has its deadline timer");
-        self.timers.insert((forget_at_ms, Timer::ConsumeForget { promotion_id: promotion_id.clone(), txn }));
+        self.keep_consume_fence(key, deadline_ms, forget_at_ms);
         Ok(true)
     }
 
@@ -154,8 +157,19 @@ impl Pricing {
         fence.state = BranchState::Cancelled { forget_at_ms };
         let timer = Timer::ConsumeDeadline { promotion_id: promotion_id.clone(), txn };
         assert!(self.timers.remove(&(deadline_ms, timer)), "a tried branch has its deadline timer");
-        self.timers.insert((forget_at_ms, Timer::ConsumeForget { promotion_id: promotion_id.clone(), txn }));
+        self.keep_consume_fence(key, deadline_ms, forget_at_ms);
         Ok(true)
+    }
+
+    /// A decided consume's fence is kept for its retention; one held until
+    /// decided (see [`HELD_UNTIL_DECIDED`]) is dropped: its coordinator's
+    /// fence answers a repeat.
+    fn keep_consume_fence(&mut self, key: (Id, u64), deadline_ms: u64, forget_at_ms: u64) {
+        if deadline_ms == HELD_UNTIL_DECIDED {
+            self.consumes.remove(&key);
+        } else {
+            self.timers.insert((forget_at_ms, Timer::ConsumeForget { promotion_id: key.0, txn: key.1 }));
+        }
     }
 
     pub(crate) fn forget_consume(&mut self, txn: u64, promotion_id: &Id, now_ms: u64) -> Result<bool, ErrorCode> {
@@ -231,6 +245,10 @@ impl Pricing {
                 coupon.state = CouponState::Available;
                 let timer = Timer::CouponDeadline { coupon_id: coupon_id.clone(), txn };
                 assert!(self.timers.remove(&(deadline_ms, timer)), "a lock has its deadline timer");
+                if deadline_ms == HELD_UNTIL_DECIDED {
+                    // Its coordinator's fence answers a repeat.
+                    return Ok(true);
+                }
                 self.coupon_fences.insert(key, BranchState::Cancelled { forget_at_ms });
             }
             CouponState::Used { txn: holder } if holder == txn => return Err(ErrorCode::ReservationConfirmed),

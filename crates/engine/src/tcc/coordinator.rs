@@ -296,11 +296,11 @@ impl ExecutorCore {
         let deadline_ms = now_ms.saturating_add(TXN_DEADLINE_MS);
         for item in &mut items {
             if let ItemKind::Branches(branches) = &mut item.kind {
-                // A part holds what a branch took until the participant's
-                // fence of it is forgotten at the latest: a confirm decided
-                // before the deadline may arrive after it.
-                let hold_until_ms = deadline_ms.saturating_add(super::FENCE_RETENTION_MS);
-                branches.iter_mut().for_each(|b| b.stamp_branch(txn, hold_until_ms));
+                // A part holds what a branch took until the decision comes
+                // (a confirm decided before the deadline may arrive long
+                // after it), as the ledger holds its legs; this executor's
+                // fences answer repeats, so the parts keep none once decided.
+                branches.iter_mut().for_each(|b| b.stamp_branch(txn, peakstack_domain::HELD_UNTIL_DECIDED));
             }
         }
         let ops = try_ops_by_executor(&self.layout, &items);
