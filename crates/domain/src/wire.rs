@@ -61,6 +61,10 @@ impl<'a> Reader<'a> {
     pub fn is_empty(&self) -> bool {
         self.bytes.is_empty()
     }
+    /// Bytes not read yet.
+    pub fn remaining(&self) -> usize {
+        self.bytes.len()
+    }
     fn take(&mut self, n: usize) -> Result<&'a [u8]> {
         if self.bytes.len() < n {
             return Err(CodecError("truncated"));

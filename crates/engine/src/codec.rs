@@ -624,6 +624,17 @@ impl Codec for PeerMsg {
                 w.u8(4);
                 w.u64(*txn);
             }
+            PeerMsg::Deliver { id, floor, command } => {
+                w.u8(7);
+                w.varint(*id);
+                w.varint(*floor);
+                command.encode(w);
+            }
+            PeerMsg::Delivered { id, error } => {
+                w.u8(8);
+                w.varint(*id);
+                error.encode(w);
+            }
         }
     }
     fn decode(r: &mut Reader<'_>) -> Result<Self> {
@@ -635,6 +646,10 @@ impl Codec for PeerMsg {
             6 => PeerMsg::Decide { txn: r.u64()?, deadline_ms: r.varint()?, commit: r.bool()?, ops: Vec::decode(r)? },
             3 => PeerMsg::Acked { txn: r.u64()?, balances: Vec::decode(r)? },
             4 => PeerMsg::Forget { txn: r.u64()? },
+            7 => {
+                PeerMsg::Deliver { id: r.varint()?, floor: r.varint()?, command: crate::parts::PartCommand::decode(r)? }
+            }
+            8 => PeerMsg::Delivered { id: r.varint()?, error: Option::decode(r)? },
             _ => return Err(CodecError("invalid peer message")),
         })
     }
@@ -701,6 +716,10 @@ impl Codec for Input {
                     }
                 }
             }
+            Input::ReplayMessage { id } => {
+                w.u8(10);
+                w.varint(*id);
+            }
             Input::Peer { from, messages } => {
                 w.u8(3);
                 w.varint(u64::from(*from));
@@ -760,6 +779,7 @@ impl Codec for Input {
                 };
                 Input::Global { transfers, branches, origin }
             }
+            10 => Input::ReplayMessage { id: r.varint()? },
             3 => Input::Peer {
                 from: u16::try_from(r.varint()?).map_err(|_| CodecError("invalid executor"))?,
                 messages: Vec::decode(r)?,

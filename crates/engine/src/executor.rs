@@ -105,6 +105,9 @@ pub struct ExecutorCore {
     history_len: u64,
     /// The parts beside the ledger (inventory, ...), see `parts.rs`.
     pub(crate) parts: Parts,
+    /// Reliable messages it sends and what it applied of others' (see `outbox.rs`).
+    pub(crate) outbox: crate::outbox::Outbox,
+    pub(crate) inbox: crate::outbox::Inbox,
 }
 
 impl ExecutorCore {
@@ -117,6 +120,8 @@ impl ExecutorCore {
             fences: Fences::default(),
             history_len: 0,
             parts: Parts::default(),
+            outbox: Default::default(),
+            inbox: Default::default(),
         }
     }
 
@@ -162,6 +167,8 @@ impl ExecutorCore {
         let mut w = Writer::default();
         self.encode_txns(&mut w);
         self.fences.encode(&mut w);
+        // Since reliable messages: absent in older checkpoints.
+        self.encode_messages(&mut w);
         w.buf
     }
 
@@ -172,6 +179,7 @@ impl ExecutorCore {
             true => Parts::default(),
             false => Parts::decode_checkpoint(&mut Reader::new(&checkpoint.parts)).map_err(|e| e.to_string())?,
         };
+        let mut messages = None;
         let (coordinator, fences) = match checkpoint.tcc.is_empty() {
             // Written when checkpoints were taken only between transactions.
             true => (Coordinator::new(checkpoint.next_txn), Fences::default()),
@@ -181,7 +189,7 @@ impl ExecutorCore {
                     .map_err(|e| e.to_string())?;
                 let fences = Fences::decode(&mut r).map_err(|e| e.to_string())?;
                 if !r.is_empty() {
-                    return Err("trailing bytes in the checkpoint's protocol section".into());
+                    messages = Some(checkpoint.tcc.len() - r.remaining());
                 }
                 (coordinator, fences)
             }
@@ -192,7 +200,25 @@ impl ExecutorCore {
                 return Err(format!("account {} does not belong to executor {id}", account.id));
             }
         }
-        Ok(ExecutorCore { id, layout, ledger, coordinator, fences, history_len: checkpoint.history_len, parts })
+        let mut core = ExecutorCore {
+            id,
+            layout,
+            ledger,
+            coordinator,
+            fences,
+            history_len: checkpoint.history_len,
+            parts,
+            outbox: Default::default(),
+            inbox: Default::default(),
+        };
+        if let Some(at) = messages {
+            let mut r = Reader::new(&checkpoint.tcc[at..]);
+            core.decode_messages(&mut r).map_err(|e| e.to_string())?;
+            if !r.is_empty() {
+                return Err("trailing bytes in the checkpoint's protocol section".into());
+            }
+        }
+        Ok(core)
     }
 
     /// The parts' checkpoint sections.
@@ -337,6 +363,7 @@ impl ExecutorCore {
                 (true, None)
             }
             Input::Part(command) => (self.apply_part_command(command, now_ms, fx).0, None),
+            Input::ReplayMessage { id } => (self.replay_dead_letter(*id, now_ms, fx), None),
             Input::Global { transfers, branches, origin } => {
                 self.start_global(transfers, branches, client, origin.clone(), now_ms, fx);
                 (true, None)
@@ -411,7 +438,11 @@ impl ExecutorCore {
                     }
                 }
             }
-            PeerMsg::Tried { .. } | PeerMsg::Acked { .. } | PeerMsg::Forget { .. } => {}
+            PeerMsg::Tried { .. }
+            | PeerMsg::Acked { .. }
+            | PeerMsg::Forget { .. }
+            | PeerMsg::Deliver { .. }
+            | PeerMsg::Delivered { .. } => {}
         }
     }
 
@@ -429,6 +460,7 @@ impl ExecutorCore {
     pub fn tick(&mut self, now_ms: u64, fx: &mut Effects) -> Option<Input> {
         let due = self.coordinator_tick(now_ms, fx);
         self.fences.purge(now_ms);
+        self.outbox_tick(now_ms, fx);
         (!due.is_empty()).then_some(Input::Deadlines { txns: due })
     }
 

@@ -125,12 +125,17 @@ impl ExecutorCore {
                     if let Err(e) = booked {
                         return (true, PartReply::Orders(Err(e), None));
                     }
+                    let releases = self.parts.orders.releases(orders_command, now_ms);
                     let (_, reply) = self.parts.apply(command, now_ms);
                     assert!(
                         reply.error().is_none(),
                         "executor {}: {command:?} refused after its plan was booked: {reply:?}",
                         self.id
                     );
+                    // What the ended orders held goes back, reliably, in this batch.
+                    for release in releases {
+                        self.send_reliably(PartCommand::of_release(release), now_ms, fx);
+                    }
                     return (true, reply);
                 }
                 Ok(_) => {}

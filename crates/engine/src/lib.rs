@@ -17,6 +17,7 @@ pub mod layout;
 pub mod listing;
 pub mod log;
 pub mod meta;
+pub mod outbox;
 pub mod parts;
 pub mod protocol;
 pub mod runtime;

@@ -237,6 +237,32 @@ impl PartCommand {
         layout.executor_of_shard(shard)
     }
 
+    /// The executor a reliable message's command runs on (see `outbox.rs`):
+    /// the one of the SKU, promotion or coupon it gives back to.
+    pub fn message_executor(&self, layout: &Layout) -> crate::protocol::ExecutorId {
+        let shard = match self {
+            PartCommand::Inventory(command) => command.routing_id().map_or(0, |id| id.shard(layout.shards())),
+            PartCommand::Pricing(command) => pricing_shard(layout, command).unwrap_or(0),
+            PartCommand::Orders(command) => orders_shard(layout, command).unwrap_or(0),
+        };
+        layout.executor_of_shard(shard)
+    }
+
+    /// The commands that give back what an order held, to send reliably.
+    pub fn of_release(release: orders::Release) -> PartCommand {
+        match release {
+            orders::Release::Stock { sku_id, buyer_id, quantity } => {
+                PartCommand::Inventory(inventory::Command::Return { sku_id, buyer_id, quantity })
+            }
+            orders::Release::Budget { promotion_id, buyer_id, discount, uses } => {
+                PartCommand::Pricing(pricing::Command::Restore { promotion_id, buyer_id, discount, uses })
+            }
+            orders::Release::Coupon { txn, coupon_id } => {
+                PartCommand::Pricing(pricing::Command::ReturnCoupon { txn, coupon_id })
+            }
+        }
+    }
+
     /// The command that confirms a branch try.
     pub fn branch_confirm(&self) -> PartCommand {
         match self {
@@ -314,10 +340,12 @@ fn pricing_shard(layout: &Layout, command: &pricing::Command) -> Result<u32, Err
         C::CreateCouponTemplate(template) => by_hash(&template.id),
         C::IssueCoupon { template_id, .. } => by_hash(template_id),
         C::TryConsume { promotion_id, .. }
+        | C::Restore { promotion_id, .. }
         | C::ConfirmConsume { promotion_id, .. }
         | C::CancelConsume { promotion_id, .. }
         | C::ForgetConsume { promotion_id, .. } => by_hash(promotion_id),
         C::LockCoupon { coupon_id, .. }
+        | C::ReturnCoupon { coupon_id, .. }
         | C::UseCoupon { coupon_id, .. }
         | C::ReleaseCoupon { coupon_id, .. }
         | C::ForgetCouponFence { coupon_id, .. } => coupon_shard(layout, coupon_id).ok_or(ErrorCode::CouponNotFound),

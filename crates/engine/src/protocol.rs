@@ -62,6 +62,10 @@ pub enum Input {
         branches: Vec<PartCommand>,
         origin: Option<Origin>,
     },
+    /// An operator's replay of a dead letter this executor keeps (see `outbox.rs`).
+    ReplayMessage {
+        id: u64,
+    },
     /// Messages from another executor (or, in a replay, from this one).
     Peer {
         from: ExecutorId,
@@ -143,6 +147,18 @@ pub enum PeerMsg {
     Forget {
         txn: TxnId,
     },
+    /// A reliable message (see `outbox.rs`): `floor` is the lowest id the
+    /// sender still keeps for this receiver.
+    Deliver {
+        id: u64,
+        floor: u64,
+        command: PartCommand,
+    },
+    /// Its answer: applied (now or before), or refused with this code.
+    Delivered {
+        id: u64,
+        error: Option<ErrorCode>,
+    },
 }
 
 impl PeerMsg {
@@ -153,6 +169,7 @@ impl PeerMsg {
             | PeerMsg::Decide { txn, .. }
             | PeerMsg::Acked { txn, .. }
             | PeerMsg::Forget { txn } => *txn,
+            PeerMsg::Deliver { .. } | PeerMsg::Delivered { .. } => 0,
         }
     }
 }

@@ -154,6 +154,11 @@ pub enum Query {
         filter: TxnFilter,
         limit: usize,
     },
+    /// Reliable messages it keeps (all, or the dead letters), in id order.
+    Messages {
+        dead_only: bool,
+        limit: usize,
+    },
 }
 
 /// One record of [`Query::Transfers`], as [`Engine::transfer`] sees it.
@@ -178,6 +183,7 @@ pub enum QueryAnswer {
     Part(PartAnswer),
     Transaction(Option<TxnView>),
     Transactions(Vec<TxnView>),
+    Messages(Vec<crate::outbox::MessageView>),
 }
 
 /// Sums for checking the books: over all accounts, credits minus debits
@@ -228,6 +234,8 @@ enum Request {
     Parts(Vec<PartCommand>, oneshot::Sender<Vec<PartReply>>),
     /// A checkout to place from its home executor (see `trade_checkout.rs`).
     Checkout(Box<CheckoutAsk>, oneshot::Sender<CheckoutAnswer>),
+    /// An operator's replay of a dead letter (see `outbox.rs`): whether it was one.
+    ReplayMessage(u64, oneshot::Sender<bool>),
 }
 
 enum Inbound {
@@ -242,6 +250,7 @@ enum Completion {
     Query(oneshot::Sender<QueryAnswer>, QueryAnswer),
     Parts(oneshot::Sender<Vec<PartReply>>, Vec<PartReply>),
     Checkout(oneshot::Sender<CheckoutAnswer>, CheckoutAnswer),
+    Flag(oneshot::Sender<bool>, bool),
     /// Views the batch changed, made visible once it is durable (first,
     /// before any answer of the batch: a caller that hears of a new flash
     /// sale finds its gate).
@@ -258,6 +267,7 @@ impl Completion {
             Completion::Query(tx, v) => tx.send(v).map_err(drop),
             Completion::Parts(tx, v) => tx.send(v).map_err(drop),
             Completion::Checkout(tx, v) => tx.send(v).map_err(drop),
+            Completion::Flag(tx, v) => tx.send(v).map_err(drop),
             Completion::Publish(publication, shared) => {
                 publication.publish(&shared.layout, &shared.gates, &shared.catalogue_epoch);
                 Ok(())
@@ -300,6 +310,10 @@ pub struct EngineStats {
     pub log_bytes: AtomicU64,
     /// Checkpoints written (each lets the log segments before it go).
     pub checkpoints: AtomicU64,
+    /// Gauges over executors: reliable messages kept (not yet applied by
+    /// their receiver, dead letters included), and of those the dead letters.
+    pub messages_kept: AtomicU64,
+    pub dead_letters: AtomicU64,
 }
 
 pub(crate) struct Shared {
@@ -464,10 +478,14 @@ impl Engine {
             core.parts().publish_all(&layout, &shared.gates);
         }
 
-        // Unfinished transactions resume: their messages go out again.
-        for core in &cores {
+        // Unfinished transactions resume and kept reliable messages go
+        // out again.
+        let now_ms = shared.clock.now_ms();
+        for core in &mut cores {
             let mut by_dest: Vec<Vec<PeerMsg>> = vec![Vec::new(); executor_count];
-            for (dest, msg) in core.resend() {
+            let mut resent = core.resend();
+            resent.extend(core.outbox_resend(now_ms));
+            for (dest, msg) in resent {
                 by_dest[usize::from(dest)].push(msg);
             }
             for (dest, messages) in by_dest.into_iter().enumerate() {
@@ -557,6 +575,7 @@ impl Engine {
                 clients: std::collections::HashMap::new(),
                 reported_in_flight: resumed,
                 reported_pending_transfers: pending_transfers,
+                reported_messages: (0, 0),
                 last_audit_sequence: last_audit_sequences[usize::from(id)],
             };
             let log_thread = LogThread { writer, queued, rx: write_rx };
@@ -936,6 +955,32 @@ impl Engine {
         Ok(all)
     }
 
+    /// Reliable messages kept (the backlog), or only the dead letters, over
+    /// every executor, at most `limit`.
+    pub async fn messages(&self, dead_only: bool, limit: usize) -> Result<Vec<crate::outbox::MessageView>, ErrorCode> {
+        let mut all = Vec::new();
+        for e in 0..self.shared.layout.executors() {
+            match self.query(e, Query::Messages { dead_only, limit }).await? {
+                QueryAnswer::Messages(mut views) => all.append(&mut views),
+                _ => return Err(ErrorCode::Unavailable),
+            }
+        }
+        all.truncate(limit);
+        Ok(all)
+    }
+
+    /// Replays a dead letter by its printable id (`msg_<executor>_<id>`):
+    /// false if it names none.
+    pub async fn replay_message(&self, name: &str) -> Result<bool, ErrorCode> {
+        let Some((executor, id)) = crate::outbox::parse_message_name(name) else { return Ok(false) };
+        if executor >= self.shared.layout.executors() {
+            return Ok(false);
+        }
+        let (tx, rx) = oneshot::channel();
+        self.submit(executor, Request::ReplayMessage(id, tx))?;
+        rx.await.map_err(|_| ErrorCode::Unavailable)
+    }
+
     /// Accounts in id order after `after`, at most `limit`, over every executor.
     pub async fn accounts(&self, after: Option<Id>, limit: usize) -> Result<Vec<Account>, ErrorCode> {
         let mut all = Vec::new();
@@ -1096,6 +1141,8 @@ struct Applier {
     reported_in_flight: usize,
     /// This executor's share of [`EngineStats::pending_transfers`].
     reported_pending_transfers: usize,
+    /// This executor's share of the message gauges (kept, dead).
+    reported_messages: (usize, usize),
     /// The last batch that made audit events: no checkpoint may cover it
     /// before the audit consumer has stored it.
     last_audit_sequence: u64,
@@ -1221,6 +1268,14 @@ impl Applier {
                     Err(Request::Query(query, reply)) => {
                         completions.push(Completion::Query(reply, self.answer(query)));
                     }
+                    Err(Request::ReplayMessage(id, reply)) => {
+                        let mut replayed = false;
+                        if self.core.messages(true, id.checked_sub(1), 1).first().is_some_and(|m| m.id == id) {
+                            self.apply(Input::ReplayMessage { id }, now_ms, None, &mut fx, &mut logged);
+                            replayed = true;
+                        }
+                        completions.push(Completion::Flag(reply, replayed));
+                    }
                     Err(Request::Checkout(ask, reply)) => {
                         transfers_taken += ask.request.lines.len();
                         match self.core.checkout_input(*ask, now_ms) {
@@ -1277,6 +1332,7 @@ impl Applier {
             self.shared.txns_in_flight.fetch_add(self.core.txns_in_flight(), Ordering::SeqCst);
             self.shared.txns_in_flight.fetch_sub(previous, Ordering::SeqCst);
             self.report_pending_transfers();
+            self.report_messages();
 
             if let Err(error) = evict(&mut self.core, &mut self.archive, self.records_in_memory) {
                 tracing::error!(executor = self.core.id(), %error, "archive write failed; executor stops");
@@ -1367,6 +1423,24 @@ impl Applier {
         }
     }
 
+    /// Keeps the reliable-message gauges equal to the sums over executors.
+    fn report_messages(&mut self) {
+        let now = self.core.outbox_counts();
+        let before = std::mem::replace(&mut self.reported_messages, now);
+        if now != before {
+            let stats = &self.shared.stats;
+            for (gauge, now, before) in
+                [(&stats.messages_kept, now.0, before.0), (&stats.dead_letters, now.1, before.1)]
+            {
+                if now > before {
+                    gauge.fetch_add((now - before) as u64, Ordering::Relaxed);
+                } else {
+                    gauge.fetch_sub((before - now) as u64, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
     fn open_account(
         &mut self,
         new: NewAccount,
@@ -1432,6 +1506,7 @@ impl Applier {
                 let now_ms = self.clock.now_ms().max(self.last_time_ms);
                 QueryAnswer::Transactions(self.core.list_transactions(filter, limit, now_ms))
             }
+            Query::Messages { dead_only, limit } => QueryAnswer::Messages(self.core.messages(dead_only, None, limit)),
             Query::Totals => {
                 let mut totals = Totals {
                     accounts: ledger.account_count() as u64,
@@ -1738,6 +1813,7 @@ fn prefetch(core: &mut ExecutorCore, archive: &Archive, input: &Input) -> std::i
         | Input::ChangeAccount { .. }
         | Input::Expire { .. }
         | Input::Deadlines { .. }
+        | Input::ReplayMessage { .. }
         | Input::Part(_) => {}
     }
     // A software pipeline: the lines an id's check reads (its index line

@@ -209,6 +209,7 @@ impl ExecutorCore {
             orders: new_orders,
             created_ms: now_ms,
             authorization_expires_ms: now_ms.saturating_add(draft.authorization_ms),
+            consumed_promotions: draft.promotions.iter().map(|(id, _)| id.clone()).collect(),
         };
         branches.push(PartCommand::Orders(orders::Command::TryPlace { txn: 0, checkout: Box::new(checkout) }));
         Ok((checkout_id, Input::Global { transfers, branches, origin: None }))

@@ -374,3 +374,82 @@ async fn racing_checkouts_never_oversell_or_overspend() {
     assert_eq!(sold_to.len() as u64, phones + u64::from(with_coupon > 0));
     engine.shutdown();
 }
+
+/// Orders that end unpaid (cancelled, expired) give back their stock, their
+/// share of the budget and, with the checkout's last order, the
+/// promotion's use and the coupon: as reliable messages to the executors
+/// of the SKUs, the promotion and the coupon.
+async fn unpaid_orders_give_back_what_they_held(executors: u16) {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(NOW));
+    let engine = open(dir.path(), executors, clock.clone());
+    wallet(&engine, "w-erin", 10_000).await;
+    let coupon = catalogue(&engine, "erin").await;
+    let request =
+        cart("erin", "w-erin", &[("phone", 1), ("case", 2), ("book", 1)], &[coupon.clone()], CaptureMode::Manual);
+    let checkout_id = engine.checkout(&request).await.unwrap();
+    let (checkout, placed) = engine.checkout_view(&checkout_id).await.unwrap().unwrap();
+    assert_eq!(stock_of(&engine, "phone").await, (4, 0, 1));
+    let (_, counters) = engine.promotion(&id("m1-ten-off")).await.unwrap().unwrap();
+    assert_eq!((counters.given, counters.uses), (10, 1));
+
+    // The m1 order is cancelled: its stock and its 10 of budget come back;
+    // the coupon stays used (the m2 order is still open).
+    let m1 = placed.iter().find(|o| o.order.merchant_id == id("m1")).unwrap().order.id.clone();
+    engine.orders_command(orders::Command::CancelOrder { order_id: m1.clone() }).await.unwrap();
+    let settled = |engine: &Engine| {
+        let stats = engine.stats();
+        stats.messages_kept.load(std::sync::atomic::Ordering::Relaxed) == 0
+    };
+    for _ in 0..200 {
+        if settled(&engine) && stock_of(&engine, "phone").await == (5, 0, 0) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(stock_of(&engine, "phone").await, (5, 0, 0));
+    assert_eq!(stock_of(&engine, "case").await, (5, 0, 0));
+    assert_eq!(stock_of(&engine, "book").await, (0, 0, 1));
+    let (_, counters) = engine.promotion(&id("m1-ten-off")).await.unwrap().unwrap();
+    assert_eq!((counters.given, counters.uses), (0, 1), "the order's share of the budget is back, not the use");
+    let coupons = engine.coupons(std::slice::from_ref(&coupon)).await.unwrap();
+    assert!(matches!(coupons[0].state, pricing::CouponState::Used { .. }));
+
+    // The authorization window passes for the rest: voided, the book and
+    // (the checkout's last order) the promotion's use and the coupon come back.
+    clock.advance(orders::DEFAULT_AUTHORIZATION_MS + 1);
+    let payment_id = checkout.checkout.payment_id.clone();
+    for _ in 0..300 {
+        let expired = engine.payment(&payment_id).await.unwrap().unwrap().state == PaymentState::Expired;
+        if expired && settled(&engine) && stock_of(&engine, "book").await == (1, 0, 0) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let payment = engine.payment(&payment_id).await.unwrap().unwrap();
+    assert_eq!(
+        payment.parts.iter().map(|p| p.state).collect::<Vec<_>>(),
+        vec![PaymentState::Canceled, PaymentState::Expired]
+    );
+    assert_eq!(pending_debits(&engine, "w-erin").await, 0, "every hold is released");
+    assert_eq!(stock_of(&engine, "book").await, (1, 0, 0));
+    let (_, counters) = engine.promotion(&id("m1-ten-off")).await.unwrap().unwrap();
+    assert_eq!((counters.given, counters.uses), (0, 0));
+    let coupons = engine.coupons(std::slice::from_ref(&coupon)).await.unwrap();
+    assert!(matches!(coupons[0].state, pricing::CouponState::Available), "{:?}", coupons[0]);
+    assert!(engine.messages(false, 10).await.unwrap().is_empty(), "every message was applied");
+    // The coupon can be used again.
+    let again = cart("erin", "w-erin", &[("phone", 1)], &[coupon], CaptureMode::Automatic);
+    engine.checkout(&again).await.unwrap();
+    engine.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unpaid_orders_give_back_on_one_executor() {
+    unpaid_orders_give_back_what_they_held(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unpaid_orders_give_back_across_executors() {
+    unpaid_orders_give_back_what_they_held(3).await;
+}

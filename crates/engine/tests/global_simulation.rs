@@ -27,7 +27,9 @@ use peakstack_domain::{
 use peakstack_engine::checkpoint::Checkpoint;
 use peakstack_engine::executor::{lost_forgets, Effects, ExecutorCore};
 use peakstack_engine::inventory::{self, NewSku};
-use peakstack_engine::orders::{self, CaptureMode, CheckoutState, NewCheckout, NewOrder, OrderLine};
+use peakstack_engine::orders::{
+    self, CaptureMode, CheckoutState, NewCheckout, NewOrder, OrderLine, OrderState, PaymentState,
+};
 use peakstack_engine::pricing::{
     self, CouponDiscount, CouponState, CouponTemplate, CouponTemplateSpec, Promotion, PromotionKind, PromotionSpec,
     Scope,
@@ -78,10 +80,8 @@ struct Node {
 struct Submitted {
     id: Id,
     home: ExecutorId,
-    lines: Vec<(Id, u32)>,
     discount: Option<u64>,
     coupon: Option<Id>,
-    total: u64,
     results: Vec<Option<TransferResult>>,
     /// Its coordinator crashed before answering: no answer will come.
     lost: bool,
@@ -303,7 +303,15 @@ impl World {
             });
             order.total += subtotal;
         }
-        let capture = if self.random(4) == 0 { CaptureMode::Manual } else { CaptureMode::Automatic };
+        // The promotion's discount is taken off the first line (at most all of it).
+        let discount = discount.map(|d| d.min(orders_of[0].lines[0].subtotal - 1));
+        if let Some(d) = discount {
+            let line = &mut orders_of[0].lines[0];
+            line.discounts.push((self.promotion.clone(), d));
+            line.total -= d;
+            orders_of[0].total -= d;
+        }
+        let capture = if self.random(3) == 0 { CaptureMode::Manual } else { CaptureMode::Automatic };
         let transfers: Vec<TransferRequest> = orders_of
             .iter()
             .map(|o| TransferRequest::Create {
@@ -347,7 +355,6 @@ impl World {
                 deadline_ms: 0,
             }));
         }
-        let total = orders_of.iter().map(|o| o.total).sum();
         let checkout = NewCheckout {
             id: checkout_id.clone(),
             buyer_id,
@@ -358,22 +365,36 @@ impl World {
             coupon_ids: coupon.iter().cloned().collect(),
             orders: orders_of,
             created_ms: self.now_ms,
-            authorization_expires_ms: u64::MAX / 2,
+            authorization_expires_ms: self.now_ms + 1 + self.random(30_000) as u64,
+            consumed_promotions: discount.iter().map(|_| self.promotion.clone()).collect(),
         };
         branches.push(PartCommand::Orders(orders::Command::TryPlace { txn: 0, checkout: Box::new(checkout) }));
         let tag = self.submitted.len() as u64;
         let n = transfers.len();
-        self.submitted.push(Submitted {
-            id: checkout_id,
-            home,
-            lines,
-            discount,
-            coupon,
-            total,
-            results: vec![None; n],
-            lost: false,
-        });
+        self.submitted.push(Submitted { id: checkout_id, home, discount, coupon, results: vec![None; n], lost: false });
         self.apply(home, Input::Global { transfers, branches, origin: None }, Some(tag));
+    }
+
+    /// A client captures or cancels a manual checkout's payment, or cancels one of its orders.
+    fn pay_or_cancel(&mut self) {
+        if self.submitted.is_empty() {
+            return;
+        }
+        let pick = self.random(self.submitted.len());
+        let (home, checkout_id) = (self.submitted[pick].home, self.submitted[pick].id.clone());
+        let Some(checkout) = self.nodes[usize::from(home)].core.parts().orders.checkout(&checkout_id).cloned() else {
+            return;
+        };
+        let payment_id = checkout.checkout.payment_id.clone();
+        let command = match self.random(3) {
+            0 => orders::Command::Capture { payment_id, amount: None },
+            1 => orders::Command::CancelPayment { payment_id },
+            _ => {
+                let at = self.random(checkout.checkout.orders.len());
+                orders::Command::CancelOrder { order_id: checkout.checkout.orders[at].id.clone() }
+            }
+        };
+        self.apply(home, Input::Part(PartCommand::Orders(command)), None);
     }
 
     /// Hands the receiver one message of a queue (any of them: reordering).
@@ -461,6 +482,7 @@ impl World {
         assert!(a.parts().inventory.same_state(&b.parts().inventory), "executor {e}: the inventory");
         assert_eq!(a.parts().pricing, b.parts().pricing, "executor {e}: the pricing part");
         assert_eq!(a.parts().orders, b.parts().orders, "executor {e}: the orders part");
+        assert!(a.same_messages(b), "executor {e}: the reliable messages");
     }
 
     /// Executor `e` crashes and replays its log from its last checkpoint;
@@ -485,7 +507,11 @@ impl World {
     }
 
     fn resend(&mut self, e: ExecutorId) {
-        for (dest, message) in self.nodes[usize::from(e)].core.resend() {
+        let now_ms = self.now_ms;
+        let core = &mut self.nodes[usize::from(e)].core;
+        let mut resent = core.resend();
+        resent.extend(core.outbox_resend(now_ms));
+        for (dest, message) in resent {
             self.queues.entry((e, dest)).or_default().push_back(message);
         }
     }
@@ -514,7 +540,8 @@ impl World {
                 self.tick(e);
             }
             80..=87 => self.now_ms += 1 + self.random(400) as u64,
-            88..=89 => self.now_ms += TXN_DEADLINE_MS,
+            88 => self.now_ms += TXN_DEADLINE_MS,
+            89 => self.pay_or_cancel(),
             90..=93 => {
                 let e = self.random(usize::from(EXECUTORS)) as ExecutorId;
                 self.crash(e);
@@ -537,7 +564,10 @@ impl World {
                 self.tick(e);
             }
             let busy = self.queues.values().any(|q| !q.is_empty())
-                || self.nodes.iter().any(|n| n.core.txns_in_flight() > 0 || n.core.fence_count() > 0);
+                || self
+                    .nodes
+                    .iter()
+                    .any(|n| n.core.txns_in_flight() > 0 || n.core.fence_count() > 0 || n.core.outbox_counts().0 > 0);
             if !busy && self.now_ms - before > 0 {
                 // Past every retention: fences, branch fences and part deadlines.
                 self.now_ms += FENCE_RETENTION_MS + pricing::FENCE_RETENTION_MS.max(inventory::FENCE_RETENTION_MS) + 1;
@@ -578,23 +608,32 @@ impl World {
                 panic!("checkout {} was never answered though its coordinator lived", s.id);
             }
             if completed {
-                for (sku, quantity) in &s.lines {
-                    *sold.entry(sku.clone()).or_default() += u64::from(*quantity);
+                let checkout = home.parts().orders.checkout(&s.id).unwrap().checkout.clone();
+                let open = |order: &orders::Order| {
+                    matches!(order.state, OrderState::Paid | OrderState::Authorized | OrderState::Refunded)
+                };
+                let placed: Vec<orders::Order> =
+                    checkout.orders.iter().map(|o| home.parts().orders.order(&o.id).unwrap().clone()).collect();
+                let any_open = placed.iter().any(open);
+                let entry = paid.entry(checkout.account_id.clone()).or_default();
+                for order in &placed {
+                    entry.0 += order.amount_captured;
+                    if order.payment_state == PaymentState::RequiresCapture {
+                        entry.1 += order.amount_authorized;
+                    }
+                    if !open(order) {
+                        continue;
+                    }
+                    for line in &order.order.lines {
+                        *sold.entry(line.sku_id.clone()).or_default() += u64::from(line.quantity);
+                        given += line.discounts.iter().map(|(_, d)| *d).sum::<u64>();
+                    }
                 }
-                if let Some(d) = s.discount {
-                    given += d;
+                if s.discount.is_some() && any_open {
                     uses += 1;
                 }
-                if let Some(c) = &s.coupon {
+                if let (Some(c), true) = (&s.coupon, any_open) {
                     *coupon_users.entry(c.clone()).or_default() += 1;
-                }
-                let manual = home.parts().orders.checkout(&s.id).unwrap().checkout.capture == CaptureMode::Manual;
-                let wallet = &home.parts().orders.checkout(&s.id).unwrap().checkout.account_id;
-                let entry = paid.entry(wallet.clone()).or_default();
-                if manual {
-                    entry.1 += s.total;
-                } else {
-                    entry.0 += s.total;
                 }
             }
         }
@@ -626,6 +665,12 @@ impl World {
             node.core.ledger().assert_balanced();
             assert_eq!(node.core.txns_in_flight(), 0);
             assert_eq!(node.core.fence_count(), 0);
+            assert_eq!(
+                node.core.outbox_counts(),
+                (0, 0),
+                "every reliable message was applied: {:?}",
+                node.core.messages(false, None, 5)
+            );
         }
     }
 }

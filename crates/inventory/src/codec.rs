@@ -146,6 +146,12 @@ pub fn encode_command(command: &Command, w: &mut Writer) {
                 w.str(sku_id.as_str());
             }
         }
+        Command::Return { sku_id, buyer_id, quantity } => {
+            w.u8(12);
+            w.str(sku_id.as_str());
+            w.str(buyer_id.as_str());
+            w.varint(u64::from(*quantity));
+        }
     }
 }
 
@@ -197,6 +203,7 @@ pub fn decode_command(r: &mut Reader<'_>) -> Result<Command> {
             let fences = (0..n).map(|_| Ok((r.u64()?, id(r)?))).collect::<Result<Vec<_>>>()?;
             Command::ForgetFences { fences }
         }
+        12 => Command::Return { sku_id: id(r)?, buyer_id: id(r)?, quantity: u32_varint(r)? },
         _ => return Err(CodecError("unknown inventory command")),
     })
 }

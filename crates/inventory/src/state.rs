@@ -83,6 +83,14 @@ pub enum Command {
     ForgetFences {
         fences: Vec<(u64, Id)>,
     },
+    /// Sold units given back by an order that was cancelled or expired
+    /// unpaid: they are available again and no longer count against the
+    /// buyer's limit. Refused (changing nothing) beyond what was sold.
+    Return {
+        sku_id: Id,
+        buyer_id: Id,
+        quantity: u32,
+    },
 }
 
 impl Command {
@@ -96,7 +104,8 @@ impl Command {
             | Command::Reserve { sku_id, .. }
             | Command::TryReserve { sku_id, .. }
             | Command::ConfirmBranch { sku_id, .. }
-            | Command::CancelBranch { sku_id, .. } => Some(sku_id),
+            | Command::CancelBranch { sku_id, .. }
+            | Command::Return { sku_id, .. } => Some(sku_id),
             Command::CreateFlashSale(new) => Some(&new.sku_id),
             Command::Confirm { reservation_id } | Command::Cancel { reservation_id } => Some(reservation_id),
             Command::Attempt { .. } | Command::Expire { .. } | Command::ForgetFences { .. } => None,
@@ -282,6 +291,7 @@ impl Inventory {
         match command {
             Command::CreateSku(new) => self.create_sku(new, now_ms),
             Command::Restock { sku_id, quantity } => self.restock(sku_id, *quantity),
+            Command::Return { sku_id, buyer_id, quantity } => self.return_sold(sku_id, buyer_id, *quantity),
             Command::Reserve { shard, sku_id, buyer_id, quantity, hold_ms } => {
                 self.reserve(*shard, sku_id, buyer_id, *quantity, *hold_ms, now_ms)
             }
@@ -352,6 +362,24 @@ impl Inventory {
         }
         sku.assert_within_stock();
         (true, Ok(Answer::Sku { sku: sku.clone(), created: false }))
+    }
+
+    fn return_sold(&mut self, sku_id: &Id, buyer_id: &Id, quantity: u32) -> (bool, Reply) {
+        let Some(sku) = self.skus.get_mut(sku_id) else { return (false, Err(ErrorCode::SkuNotFound)) };
+        if quantity == 0 || sku.sold < u64::from(quantity) {
+            return (false, Err(ErrorCode::InvalidRequest));
+        }
+        sku.sold -= u64::from(quantity);
+        sku.assert_within_stock();
+        let view = sku.clone();
+        let key = (Holder::Sku(sku_id.clone()), buyer_id.clone());
+        if let Some(units) = self.buyer_units.get_mut(&key) {
+            *units = units.saturating_sub(quantity);
+            if *units == 0 {
+                self.buyer_units.remove(&key);
+            }
+        }
+        (true, Ok(Answer::Sku { sku: view, created: false }))
     }
 
     pub(crate) fn reserve(

@@ -123,6 +123,7 @@ fn put_new_checkout(w: &mut Writer, checkout: &NewCheckout) {
     checkout.orders.iter().for_each(|o| put_new_order(w, o));
     w.varint(checkout.created_ms);
     w.varint(checkout.authorization_expires_ms);
+    put_ids(w, &checkout.consumed_promotions);
 }
 
 fn new_checkout(r: &mut Reader<'_>) -> Result<NewCheckout> {
@@ -144,6 +145,7 @@ fn new_checkout(r: &mut Reader<'_>) -> Result<NewCheckout> {
         },
         created_ms: r.varint()?,
         authorization_expires_ms: r.varint()?,
+        consumed_promotions: ids(r)?,
     })
 }
 

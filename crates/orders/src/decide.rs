@@ -4,7 +4,7 @@
 
 use peakstack_domain::{ErrorCode, Id};
 
-use crate::model::{CheckoutState, LedgerEffect, OrderState, PaymentState, RefundRequest};
+use crate::model::{CheckoutState, LedgerEffect, OrderState, PaymentState, RefundRequest, Release};
 use crate::state::{Command, Orders, MAX_DUE_PER_TICK};
 
 /// What a command that was not refused does.
@@ -99,6 +99,75 @@ impl Orders {
             Command::Expire { payments } => Ok(self.decide_expire(payments, now_ms)),
             Command::ForgetFences { fences } => Ok(self.decide_forget(fences, now_ms)),
         }
+    }
+
+    /// What `command` gives back to the other parts when it ends orders
+    /// unpaid (a cancel, an expiry, a capture that takes nothing of a
+    /// part): each such order's stock and its share of every consumed
+    /// promotion's budget; when no order of its checkout stays open, the
+    /// promotions' uses and the coupons too. Empty for a refused command.
+    /// Asked before the command is applied (it reads the state it changes).
+    pub fn releases(&self, command: &Command, now_ms: u64) -> Vec<Release> {
+        let ended: Vec<Id> = match self.decide(command, now_ms) {
+            Ok(Decision::Void { parts, .. }) => parts,
+            Ok(Decision::Capture { shares }) => shares.into_iter().filter(|(_, s)| *s == 0).map(|(o, _)| o).collect(),
+            _ => return Vec::new(),
+        };
+        let mut out = Vec::new();
+        let mut checkouts: Vec<&Id> = Vec::new();
+        for order_id in &ended {
+            let order = &self.orders[order_id];
+            let checkout = &self.checkouts[&order.checkout_id].checkout;
+            for line in &order.order.lines {
+                out.push(Release::Stock {
+                    sku_id: line.sku_id.clone(),
+                    buyer_id: order.buyer_id.clone(),
+                    quantity: line.quantity,
+                });
+            }
+            for promotion_id in &checkout.consumed_promotions {
+                let discount: u64 = order
+                    .order
+                    .lines
+                    .iter()
+                    .flat_map(|l| l.discounts.iter())
+                    .filter(|(source, _)| source == promotion_id)
+                    .map(|(_, amount)| *amount)
+                    .sum();
+                if discount > 0 {
+                    out.push(Release::Budget {
+                        promotion_id: promotion_id.clone(),
+                        buyer_id: order.buyer_id.clone(),
+                        discount,
+                        uses: 0,
+                    });
+                }
+            }
+            if !checkouts.contains(&&order.checkout_id) {
+                checkouts.push(&order.checkout_id);
+            }
+        }
+        for checkout_id in checkouts {
+            let checkout = &self.checkouts[checkout_id];
+            let still_open = checkout.checkout.orders.iter().any(|o| {
+                !ended.contains(&o.id) && !matches!(self.orders[&o.id].state, OrderState::Canceled | OrderState::Failed)
+            });
+            if still_open {
+                continue;
+            }
+            for promotion_id in &checkout.checkout.consumed_promotions {
+                out.push(Release::Budget {
+                    promotion_id: promotion_id.clone(),
+                    buyer_id: checkout.checkout.buyer_id.clone(),
+                    discount: 0,
+                    uses: 1,
+                });
+            }
+            for coupon_id in &checkout.checkout.coupon_ids {
+                out.push(Release::Coupon { txn: checkout.txn, coupon_id: coupon_id.clone() });
+            }
+        }
+        out
     }
 
     /// The ledger effects of a decision, in the order the executor books them.

@@ -37,6 +37,7 @@ pub use codec::{decode_command, encode_command, CHECKPOINT_FORMAT};
 pub use decide::{capture_transfer_id, order_transfer_id, refund_transfer_id, void_transfer_id};
 pub use model::{
     CaptureMode, Checkout, CheckoutState, LedgerEffect, NewCheckout, NewOrder, Order, OrderLine, OrderState,
-    PaymentState, Refund, RefundRequest, DEFAULT_AUTHORIZATION_MS, MAX_ORDERS, MAX_ORDER_ID_LEN, MAX_ORDER_LINES,
+    PaymentState, Refund, RefundRequest, Release, DEFAULT_AUTHORIZATION_MS, MAX_ORDERS, MAX_ORDER_ID_LEN,
+    MAX_ORDER_LINES,
 };
 pub use state::{Command, Orders, PaymentPartView, PaymentView, FENCE_RETENTION_MS, MAX_DUE_PER_TICK};

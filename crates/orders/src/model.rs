@@ -66,6 +66,9 @@ pub struct NewCheckout {
     pub created_ms: u64,
     /// When an uncaptured authorization expires (manual capture).
     pub authorization_expires_ms: u64,
+    /// The limited promotions whose counters the checkout consumed (their
+    /// discounts are in the lines): a cancelled order gives its share back.
+    pub consumed_promotions: Vec<Id>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -188,6 +191,17 @@ pub struct Refund {
     /// The ledger transfer that gave the money back.
     pub transfer_id: Id,
     pub created_ms: u64,
+}
+
+/// What a cancelled or expired order gives back to the other parts, as a
+/// reliable message (they may live on other shards): its stock, its share
+/// of each consumed promotion's budget, and, with the checkout's last open
+/// order, the promotions' uses and the coupons.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Release {
+    Stock { sku_id: Id, buyer_id: Id, quantity: u32 },
+    Budget { promotion_id: Id, buyer_id: Id, discount: u64, uses: u64 },
+    Coupon { txn: u64, coupon_id: Id },
 }
 
 /// A movement of money that a command needs the ledger to make, in the

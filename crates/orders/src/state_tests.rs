@@ -65,6 +65,7 @@ fn checkout(n: u64, capture: CaptureMode, orders: &[&[(u32, u64, u64)]]) -> NewC
         orders,
         created_ms: 0,
         authorization_expires_ms: 1_000,
+        consumed_promotions: Vec::new(),
     }
 }
 

@@ -67,6 +67,7 @@ fn checkout(slot: u64, manual: bool, shape: &Shape) -> NewCheckout {
         orders,
         created_ms: slot,
         authorization_expires_ms: 5_000 + slot * 3_000,
+        consumed_promotions: Vec::new(),
     }
 }
 

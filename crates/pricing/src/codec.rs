@@ -378,6 +378,8 @@ mod tag {
     pub const RELEASE_COUPON: u8 = 9;
     pub const FORGET_CONSUME: u8 = 10;
     pub const FORGET_COUPON_FENCE: u8 = 11;
+    pub const RESTORE: u8 = 12;
+    pub const RETURN_COUPON: u8 = 13;
 }
 
 /// Appends the encoding of `command` to `out`.
@@ -413,6 +415,18 @@ pub fn encode_command(command: &Command, out: &mut Vec<u8>) {
             w.id(coupon_id);
             w.id(buyer_id);
             w.varint(*deadline_ms);
+        }
+        Command::Restore { promotion_id, buyer_id, discount, uses } => {
+            w.u8(tag::RESTORE);
+            w.id(promotion_id);
+            w.id(buyer_id);
+            w.varint(*discount);
+            w.varint(*uses);
+        }
+        Command::ReturnCoupon { txn, coupon_id } => {
+            w.u8(tag::RETURN_COUPON);
+            w.varint(*txn);
+            w.id(coupon_id);
         }
         Command::ConfirmConsume { txn, promotion_id: id }
         | Command::CancelConsume { txn, promotion_id: id }
@@ -461,6 +475,10 @@ pub fn decode_command(bytes: &[u8]) -> Result<Command> {
         tag::USE_COUPON => Command::UseCoupon { txn: r.varint()?, coupon_id: r.id()? },
         tag::RELEASE_COUPON => Command::ReleaseCoupon { txn: r.varint()?, coupon_id: r.id()? },
         tag::FORGET_COUPON_FENCE => Command::ForgetCouponFence { txn: r.varint()?, coupon_id: r.id()? },
+        tag::RESTORE => {
+            Command::Restore { promotion_id: r.id()?, buyer_id: r.id()?, discount: r.varint()?, uses: r.varint()? }
+        }
+        tag::RETURN_COUPON => Command::ReturnCoupon { txn: r.varint()?, coupon_id: r.id()? },
         _ => return Err(DecodeError::Invalid("command tag")),
     };
     r.finish()?;

@@ -90,6 +90,21 @@ pub enum Command {
         txn: u64,
         coupon_id: Id,
     },
+    /// A discount given back by an order that was cancelled or expired
+    /// unpaid: `discount` of the budget and `uses` of the uses (and of the
+    /// buyer's). Refused (changing nothing) beyond what was given.
+    Restore {
+        promotion_id: Id,
+        buyer_id: Id,
+        discount: u64,
+        uses: u64,
+    },
+    /// A used coupon given back by the checkout `txn` that used it, when
+    /// every order of it was cancelled: available again.
+    ReturnCoupon {
+        txn: u64,
+        coupon_id: Id,
+    },
 }
 
 /// The answer to a command: done (or a repeat of done), or why not.
@@ -247,6 +262,10 @@ impl Pricing {
             Command::ReleaseCoupon { txn, coupon_id } => self.release_coupon(*txn, coupon_id, now_ms),
             Command::ForgetConsume { txn, promotion_id } => self.forget_consume(*txn, promotion_id, now_ms),
             Command::ForgetCouponFence { txn, coupon_id } => self.forget_coupon_fence(*txn, coupon_id, now_ms),
+            Command::Restore { promotion_id, buyer_id, discount, uses } => {
+                self.restore(promotion_id, buyer_id, *discount, *uses)
+            }
+            Command::ReturnCoupon { txn, coupon_id } => self.return_coupon(*txn, coupon_id),
         };
         match result {
             Ok(changed) => (changed, Ok(())),

@@ -274,4 +274,43 @@ impl Pricing {
         assert!(self.timers.remove(&(forget_at_ms, timer)), "a coupon fence has its forget timer");
         Ok(true)
     }
+
+    pub(crate) fn restore(
+        &mut self,
+        promotion_id: &Id,
+        buyer_id: &Id,
+        discount: u64,
+        uses: u64,
+    ) -> Result<bool, ErrorCode> {
+        let entry = self.promotions.get_mut(promotion_id).ok_or(ErrorCode::PromotionNotFound)?;
+        let counters = &mut entry.counters;
+        if (discount == 0 && uses == 0) || counters.given < discount || counters.uses < uses {
+            return Err(ErrorCode::InvalidRequest);
+        }
+        counters.given -= discount;
+        counters.uses -= uses;
+        if uses > 0 {
+            if let Some(count) = entry.buyer_uses.get_mut(buyer_id) {
+                *count = count.saturating_sub(uses);
+                if *count == 0 {
+                    entry.buyer_uses.remove(buyer_id);
+                }
+            }
+        }
+        entry.assert_invariants(Some(buyer_id));
+        Ok(true)
+    }
+
+    pub(crate) fn return_coupon(&mut self, txn: u64, coupon_id: &Id) -> Result<bool, ErrorCode> {
+        let coupon = self.coupons.get_mut(coupon_id).ok_or(ErrorCode::CouponNotFound)?;
+        match coupon.state {
+            CouponState::Used { txn: holder } if holder == txn => {
+                coupon.state = CouponState::Available;
+                Ok(true)
+            }
+            // Given back already (a repeat), or never this checkout's.
+            CouponState::Available => Ok(false),
+            _ => Err(ErrorCode::InvalidState),
+        }
+    }
 }
