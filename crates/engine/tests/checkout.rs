@@ -385,8 +385,13 @@ async fn unpaid_orders_give_back_what_they_held(executors: u16) {
     let engine = open(dir.path(), executors, clock.clone());
     wallet(&engine, "w-erin", 10_000).await;
     let coupon = catalogue(&engine, "erin").await;
-    let request =
-        cart("erin", "w-erin", &[("phone", 1), ("case", 2), ("book", 1)], &[coupon.clone()], CaptureMode::Manual);
+    let request = cart(
+        "erin",
+        "w-erin",
+        &[("phone", 1), ("case", 2), ("book", 1)],
+        std::slice::from_ref(&coupon),
+        CaptureMode::Manual,
+    );
     let checkout_id = engine.checkout(&request).await.unwrap();
     let (checkout, placed) = engine.checkout_view(&checkout_id).await.unwrap().unwrap();
     assert_eq!(stock_of(&engine, "phone").await, (4, 0, 1));
