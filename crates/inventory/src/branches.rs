@@ -11,9 +11,13 @@
 //! - a try at or after its transaction's deadline is refused and leaves
 //!   nothing behind;
 //! - the reservation a try makes is held until the transaction's deadline
-//!   at the latest: unconfirmed, it expires then like any other; or, with
-//!   [`HELD_UNTIL_DECIDED`] (the engine's TCC, whose fences answer
-//!   repeats), until its confirm or cancel, and then no fence is kept.
+//!   at the latest: unconfirmed, it expires then like any other.
+//!
+//! A try with the deadline [`HELD_UNTIL_DECIDED`] is a branch of the
+//! engine's own TCC, whose fences answer repeats and refuse late tries: it
+//! holds its units (in the SKU's `reserved`, without a reservation record
+//! or a fence) until its confirm (sold) or cancel (given back), however
+//! late that comes.
 //!
 //! These hold whatever order the messages come in and however often.
 
@@ -87,6 +91,9 @@ impl Inventory {
         deadline_ms: u64,
         now_ms: u64,
     ) -> (bool, Reply) {
+        if deadline_ms == HELD_UNTIL_DECIDED {
+            return self.hold_for_branch(txn, sku_id, buyer_id, quantity);
+        }
         if let Some(fence) = self.fences.get(&(txn, sku_id.clone())) {
             return match fence.state {
                 BranchState::Tried | BranchState::Confirmed => (false, self.answer_reservation(fence)),
@@ -96,14 +103,7 @@ impl Inventory {
         if deadline_ms <= now_ms {
             return (false, Err(ErrorCode::BranchCancelled));
         }
-        let hold_ms = match deadline_ms {
-            HELD_UNTIL_DECIDED => u64::MAX,
-            _ => deadline_ms - now_ms,
-        };
-        let (changed, reply) = match deadline_ms {
-            HELD_UNTIL_DECIDED => self.reserve_until(shard, sku_id, buyer_id, quantity, hold_ms, now_ms),
-            _ => self.reserve(shard, sku_id, buyer_id, quantity, hold_ms, now_ms),
-        };
+        let (changed, reply) = self.reserve(shard, sku_id, buyer_id, quantity, deadline_ms - now_ms, now_ms);
         if let Ok(Answer::Reservation(reservation)) = &reply {
             let fence = BranchFence {
                 state: BranchState::Tried,
@@ -116,6 +116,9 @@ impl Inventory {
     }
 
     pub(crate) fn confirm_branch(&mut self, txn: u64, sku_id: &Id, now_ms: u64) -> (bool, Reply) {
+        if let Some(ended) = self.end_held(txn, sku_id, true) {
+            return ended;
+        }
         let Some(fence) = self.fences.get(&(txn, sku_id.clone())).cloned() else {
             // A confirm comes only after every try succeeded.
             return (false, Err(ErrorCode::TransactionNotFound));
@@ -139,6 +142,9 @@ impl Inventory {
     }
 
     pub(crate) fn cancel_branch(&mut self, txn: u64, sku_id: &Id, now_ms: u64) -> (bool, Reply) {
+        if let Some(ended) = self.end_held(txn, sku_id, false) {
+            return ended;
+        }
         let Some(fence) = self.fences.get(&(txn, sku_id.clone())).cloned() else {
             let fence = BranchFence {
                 state: BranchState::Suspended,

@@ -11,7 +11,7 @@ use crate::state::{Command, Holder, Inventory};
 type Result<T> = std::result::Result<T, CodecError>;
 
 /// The format of the checkpoint section this build writes (its first byte).
-pub const CHECKPOINT_FORMAT: u8 = 1;
+pub const CHECKPOINT_FORMAT: u8 = 2;
 
 fn id(r: &mut Reader<'_>) -> Result<Id> {
     Id::parse(r.str()?).ok_or(CodecError("invalid id"))
@@ -304,13 +304,21 @@ impl Inventory {
             put_option_id(w, fence.reservation.as_ref());
             w.varint(fence.forget_at_ms);
         }
+        // Since format 2: units held for the engine's transactions.
+        w.varint(self.held.len() as u64);
+        for ((txn, sku_id), (buyer_id, quantity)) in &self.held {
+            w.u64(*txn);
+            w.str(sku_id.as_str());
+            w.str(buyer_id.as_str());
+            w.varint(u64::from(*quantity));
+        }
     }
 
     /// Reads a checkpoint section back, rebuilding the indexes, and checks
     /// every invariant of what it read.
     pub fn decode_checkpoint(r: &mut Reader<'_>) -> Result<Inventory> {
         let format = r.u8()?;
-        if format != CHECKPOINT_FORMAT {
+        if format == 0 || format > CHECKPOINT_FORMAT {
             return Err(CodecError("inventory section of an unknown (newer) format"));
         }
         let mut inventory = Inventory::new();
@@ -416,6 +424,16 @@ impl Inventory {
             }
             inventory.fence_forgets.insert((fence.forget_at_ms, txn, sku_id.clone()));
             inventory.fences.insert((txn, sku_id), fence);
+        }
+        if format >= 2 {
+            for _ in 0..r.len()? {
+                let (txn, sku_id, buyer_id, quantity) = (r.u64()?, id(r)?, id(r)?, u32_varint(r)?);
+                let within = inventory.skus.get(&sku_id).is_some_and(|s| s.reserved >= u64::from(quantity));
+                if quantity == 0 || !within {
+                    return Err(CodecError("held units beyond their SKU's reserved units"));
+                }
+                inventory.held.insert((txn, sku_id), (buyer_id, quantity));
+            }
         }
         Ok(inventory)
     }

@@ -172,6 +172,11 @@ pub struct Inventory {
     pub(crate) fences: HashMap<(u64, Id), crate::branches::BranchFence>,
     /// The fences by when they are forgotten.
     pub(crate) fence_forgets: BTreeSet<(u64, u64, Id)>,
+    /// Units held for branches of the engine's own transactions (tried with
+    /// `HELD_UNTIL_DECIDED`), by (transaction, SKU): (buyer, units). They
+    /// count in the SKU's `reserved` and the buyer's units; no reservation
+    /// record or fence is kept for them (the executor's fence is theirs).
+    pub(crate) held: HashMap<(u64, Id), (Id, u32)>,
     /// Sales whose counters changed since [`Inventory::take_sale_updates`].
     sale_updates: Vec<Id>,
 }
@@ -187,6 +192,7 @@ impl Inventory {
             && self.sales == other.sales
             && self.reservations == other.reservations
             && self.buyer_units == other.buyer_units
+            && self.held == other.held
             && self.deadlines == other.deadlines
             && self.sale_ends == other.sale_ends
             && self.finished == other.finished
@@ -395,6 +401,52 @@ impl Inventory {
             return (false, Err(ErrorCode::InvalidRequest));
         }
         self.reserve_until(shard, sku_id, buyer_id, quantity, hold_ms, now_ms)
+    }
+
+    /// Holds units for a branch of the engine's own transaction: the
+    /// checks of a reservation, without its record. A repeat is answered
+    /// done and changes nothing.
+    pub(crate) fn hold_for_branch(&mut self, txn: u64, sku_id: &Id, buyer_id: &Id, quantity: u32) -> (bool, Reply) {
+        if self.held.contains_key(&(txn, sku_id.clone())) {
+            return (false, Ok(Answer::Done));
+        }
+        if !(1..=MAX_PURCHASE_QUANTITY).contains(&quantity) {
+            return (false, Err(ErrorCode::InvalidRequest));
+        }
+        let Some(sku) = self.skus.get_mut(sku_id) else { return (false, Err(ErrorCode::SkuNotFound)) };
+        let holder = (Holder::Sku(sku_id.clone()), buyer_id.clone());
+        let units = self.buyer_units.get(&holder).copied().unwrap_or(0);
+        if sku.per_buyer_limit.is_some_and(|limit| units + quantity > limit) {
+            return (false, Err(ErrorCode::PurchaseLimitExceeded));
+        }
+        if sku.available() < u64::from(quantity) {
+            return (false, Err(ErrorCode::OutOfStock));
+        }
+        sku.reserved += u64::from(quantity);
+        sku.assert_within_stock();
+        *self.buyer_units.entry(holder).or_insert(0) += quantity;
+        self.held.insert((txn, sku_id.clone()), (buyer_id.clone(), quantity));
+        (true, Ok(Answer::Done))
+    }
+
+    /// Ends a held branch: its units sold (`confirm`) or given back. None
+    /// when `(txn, sku)` holds nothing.
+    pub(crate) fn end_held(&mut self, txn: u64, sku_id: &Id, confirm: bool) -> Option<(bool, Reply)> {
+        let (buyer_id, quantity) = self.held.remove(&(txn, sku_id.clone()))?;
+        let sku = self.skus.get_mut(sku_id).expect("held units have their SKU");
+        sku.reserved -= u64::from(quantity);
+        if confirm {
+            sku.sold += u64::from(quantity);
+        } else {
+            let key = (Holder::Sku(sku_id.clone()), buyer_id);
+            let units = self.buyer_units.get_mut(&key).expect("held units are counted");
+            *units -= quantity;
+            if *units == 0 {
+                self.buyer_units.remove(&key);
+            }
+        }
+        sku.assert_within_stock();
+        Some((true, Ok(Answer::Done)))
     }
 
     /// [`Inventory::reserve`] for `hold_ms` (`u64::MAX`: until a confirm or
