@@ -272,6 +272,17 @@ impl Ledger {
         Ok((&self.accounts[index as usize], true))
     }
 
+    /// Whether `amount` more could be debited to an account now (it exists,
+    /// in this currency, movable, within its constraint): the check a
+    /// movement would make, without making it.
+    pub fn can_debit(&self, account_id: &Id, currency: Currency, amount: u64) -> Result<(), ErrorCode> {
+        let account = self.account(account_id).ok_or(ErrorCode::AccountNotFound)?;
+        if account.currency != currency {
+            return Err(ErrorCode::CurrencyMismatch);
+        }
+        account.check_debit(amount, 0)
+    }
+
     /// Opens a system account (a merchant's pending settlement) if it does
     /// not exist: no overdraft (its debits never pass its credits), owned
     /// by nobody. Returns whether it was opened now.

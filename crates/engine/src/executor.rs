@@ -487,14 +487,26 @@ impl ExecutorCore {
             (record, None) => record,
             (_, Some(error)) => return Some(Err(error)),
         };
-        Some(match self.ledger.transfer_local(&record, debit_shard, credit_shard, now_ms) {
+        Some(self.book_local(record, now_ms, fx))
+    }
+
+    /// A posted transfer whose record and accounts all live here, applied
+    /// whole (`Ledger::transfer_local`) with its history entries.
+    pub(crate) fn book_local(&mut self, record: Transfer, now_ms: u64, fx: &mut Effects) -> TransferResult {
+        let debit_shard = self.layout.shard_of_account(&record.debit_account_id);
+        let credit_shard = self.layout.shard_of_account(&record.credit_account_id);
+        match self.ledger.transfer_local(&record, debit_shard, credit_shard, now_ms) {
             Ok(LocalOutcome::Created { debit, credit, debit_slot, credit_slot }) => {
                 let amount = record.amount;
-                // Client accounts only: a local transfer never names a clearing account.
+                // Client accounts only, as on every path (a flow's system
+                // accounts keep no chain).
                 for (account, slot, side) in [
                     (&record.debit_account_id, debit_slot, Side::Debit),
                     (&record.credit_account_id, credit_slot, Side::Credit),
                 ] {
+                    if account.is_reserved() {
+                        continue;
+                    }
                     let previous = self.ledger.swap_history_head_at(slot, self.history_len + 1);
                     self.append_history(previous, account, &record.id, LegEvent::Posted { side, amount }, now_ms, fx);
                 }
@@ -509,7 +521,7 @@ impl ExecutorCore {
                 Ok(TransferOutcome { created: false, transfer, debit_balances: None, credit_balances: None })
             }
             Err(error) => Err(error),
-        })
+        }
     }
 
     // ---- history ------------------------------------------------------------

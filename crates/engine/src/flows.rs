@@ -37,12 +37,123 @@ impl ExecutorCore {
                 self.parts.orders.note_assigned(checkout);
             }
         }
+        if self.global_locally(transfers, branches, client, now_ms, fx) {
+            return;
+        }
         let mut items: Vec<Item> = transfers.iter().map(|request| self.flow_item(request, now_ms)).collect();
         if !branches.is_empty() {
             items.push(Item { kind: ItemKind::Branches(branches.to_vec()), record: None, static_error: None });
         }
         let indices = (0..transfers.len()).collect();
         self.start_txn(items, client.map(|c| (c, indices)), origin, now_ms, fx);
+    }
+
+    /// A global transaction whose branches and transfers all live on this
+    /// executor, with posted transfers from one account (a checkout under
+    /// automatic capture on its home): applied whole in this step, without
+    /// the protocol's bookkeeping, with the same checks and answers. The
+    /// branches are tried first; the money is checked as one sum on its one
+    /// debit account (the credits are merchants' pending settlements, which
+    /// take any credit), so the transfers cannot fail once it passes; then
+    /// every branch is confirmed, or every tried one cancelled. False when
+    /// it does not qualify (the protocol runs it).
+    fn global_locally(
+        &mut self,
+        transfers: &[TransferRequest],
+        branches: &[PartCommand],
+        client: Option<ClientTag>,
+        now_ms: u64,
+        fx: &mut Effects,
+    ) -> bool {
+        let me = self.id;
+        let layout = self.layout;
+        let Some(TransferRequest::Create { debit_account_id: payer, currency, .. }) = transfers.first() else {
+            return false;
+        };
+        let qualifies = transfers.iter().all(|t| match t {
+            TransferRequest::Create {
+                id, debit_account_id, credit_account_id, currency: c, pending: false, ..
+            } => {
+                debit_account_id == payer
+                    && c == currency
+                    && layout.executor_of_transfer(id) == me
+                    && layout.executor_of_account(debit_account_id) == me
+                    && layout.executor_of_account(credit_account_id) == me
+                    && credit_account_id.as_str().starts_with("_settle.")
+            }
+            _ => false,
+        }) && branches.iter().all(|b| b.branch_executor(&layout) == me);
+        if !qualifies {
+            return false;
+        }
+        let (payer, currency) = (payer.clone(), *currency);
+        let answer = |fx: &mut Effects, results: Vec<TransferResult>| {
+            if let Some(tag) = client {
+                for (index, result) in results.into_iter().enumerate() {
+                    fx.finish(tag, index, result);
+                }
+            }
+        };
+        let refuse = |fx: &mut Effects, code: ErrorCode| answer(fx, vec![Err(code); transfers.len()]);
+        let mut records = Vec::with_capacity(transfers.len());
+        let mut total = 0u64;
+        for request in transfers {
+            let (record, static_error) = create_record_as(request, now_ms, true);
+            if let Some(code) = static_error {
+                refuse(fx, code);
+                return true;
+            }
+            if self.ledger.transfer(&record.id).is_some() {
+                refuse(fx, ErrorCode::ExistsWithDifferentFields);
+                return true;
+            }
+            total = match total.checked_add(record.amount) {
+                Some(total) => total,
+                None => {
+                    refuse(fx, ErrorCode::Overflow);
+                    return true;
+                }
+            };
+            records.push(record);
+        }
+        // The branches, each stamped with a transaction id of this executor
+        // (its parts key what they hold by it).
+        let txn = self.take_txn_id();
+        let mut tried: Vec<PartCommand> = Vec::with_capacity(branches.len());
+        let mut refusal = None;
+        for branch in branches {
+            let mut branch = branch.clone();
+            branch.stamp_branch(txn, peakstack_domain::HELD_UNTIL_DECIDED);
+            let (_, reply) = self.parts.apply(&branch, now_ms);
+            match reply.error() {
+                None => tried.push(branch),
+                Some(code) => {
+                    refusal = Some(code);
+                    break;
+                }
+            }
+        }
+        let refusal = refusal.or_else(|| self.ledger.can_debit(&payer, currency, total).err());
+        if let Some(code) = refusal {
+            for branch in tried.iter().rev() {
+                let (_, reply) = self.parts.apply(&branch.branch_cancel(), now_ms);
+                assert!(reply.error().is_none(), "executor {me}: cancel of {branch:?} refused: {reply:?}");
+            }
+            refuse(fx, code);
+            return true;
+        }
+        let mut results = Vec::with_capacity(records.len());
+        for record in records {
+            let outcome = self.book_local(record, now_ms, fx);
+            assert!(outcome.is_ok(), "executor {me}: a checked local movement was refused: {outcome:?}");
+            results.push(outcome);
+        }
+        for branch in &tried {
+            let (_, reply) = self.parts.apply(&branch.branch_confirm(), now_ms);
+            assert!(reply.error().is_none(), "executor {me}: confirm of {branch:?} refused: {reply:?}");
+        }
+        answer(fx, results);
+        true
     }
 
     /// A flow's transfer as an item: its system ids are its own to use.

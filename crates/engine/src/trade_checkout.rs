@@ -125,7 +125,7 @@ impl ExecutorCore {
     /// Gives a draft its ids on this executor (the home) and makes the
     /// global transaction that places it: the checkout's id and the input
     /// to apply and log.
-    pub(crate) fn checkout_input(&mut self, ask: CheckoutAsk, now_ms: u64) -> Result<(Id, Input), ErrorCode> {
+    pub fn checkout_input(&mut self, ask: CheckoutAsk, now_ms: u64) -> Result<(Id, Input), ErrorCode> {
         let CheckoutAsk { request, book, usage, mut coupons } = ask;
         for id in &request.coupon_ids {
             if !coupons.iter().any(|c| c.id == *id) {
@@ -368,7 +368,8 @@ impl Engine {
                 all.extend(found);
             }
         }
-        all.sort_by_key(|o| AssignedKind::Order.parse(o.order.id.as_str()));
+        // The orders part's listing order: (sequence, shard) of the id.
+        all.sort_by_key(|o| AssignedKind::Order.parse(o.order.id.as_str()).map(|(shard, sequence)| (sequence, shard)));
         all.truncate(limit);
         Ok(all)
     }
