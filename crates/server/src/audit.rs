@@ -32,6 +32,10 @@ pub mod action {
     pub const FLASH_SALE_CREATE: &str = "flash_sale.create";
     pub const PROMOTION_CREATE: &str = "promotion.create";
     pub const COUPON_TEMPLATE_CREATE: &str = "coupon_template.create";
+    pub const PAYMENT_CAPTURE: &str = "payment.capture";
+    pub const PAYMENT_CANCEL: &str = "payment.cancel";
+    pub const ORDER_CANCEL: &str = "order.cancel";
+    pub const REFUND_CREATE: &str = "refund.create";
     pub const ALL: &[&str] = &[
         ACCOUNT_CREATE,
         TRANSFER_CREATE,
@@ -47,6 +51,10 @@ pub mod action {
         FLASH_SALE_CREATE,
         PROMOTION_CREATE,
         COUPON_TEMPLATE_CREATE,
+        PAYMENT_CAPTURE,
+        PAYMENT_CANCEL,
+        ORDER_CANCEL,
+        REFUND_CREATE,
     ];
 }
 

@@ -41,6 +41,7 @@ mod audit_feed;
 mod audit_index;
 mod audit_rows;
 mod buffers;
+mod checkout_api;
 mod error;
 mod framing;
 mod handlers;
@@ -352,6 +353,16 @@ fn route_table() -> Routes {
         ("POST", "/v1/coupon-templates/{id}/issue", Write, post(pricing_api::issue_coupon)),
         ("GET", "/v1/coupons", Read, get(pricing_api::list_coupons)),
         ("POST", "/v1/quotes", Read, post(pricing_api::create_quote)),
+        ("POST", "/v1/checkouts", Write, post(checkout_api::create_checkout)),
+        ("GET", "/v1/checkouts/{id}", Read, get(checkout_api::get_checkout)),
+        ("GET", "/v1/orders", Read, get(checkout_api::list_orders)),
+        ("GET", "/v1/orders/{id}", Read, get(checkout_api::get_order)),
+        ("POST", "/v1/orders/{id}/cancel", Write, post(checkout_api::cancel_order)),
+        ("POST", "/v1/orders/{id}/refunds", Write, post(checkout_api::create_refund)),
+        ("GET", "/v1/payments/{id}", Read, get(checkout_api::get_payment)),
+        ("POST", "/v1/payments/{id}/capture", Admin, post(checkout_api::capture_payment)),
+        ("POST", "/v1/payments/{id}/cancel", Write, post(checkout_api::cancel_payment)),
+        ("GET", "/v1/refunds/{id}", Read, get(checkout_api::get_refund)),
         ("GET", "/v1/transactions", Operations, get(transactions_api::list_transactions)),
         ("GET", "/v1/transactions/{id}", Operations, get(transactions_api::get_transaction)),
     ]
@@ -367,6 +378,7 @@ fn query_parameters(method: &str, path: &str) -> &'static [&'static str] {
         ("GET", "/v1/transfers") => &["limit", "after", "account_id", "status", "pending_id", "since", "until"],
         ("GET", "/v1/skus") => &["merchant_id", "limit", "after"],
         ("GET", "/v1/coupons") => &["buyer_id"],
+        ("GET", "/v1/orders") => &["buyer_id", "merchant_id", "limit", "after"],
         ("GET", "/v1/transactions") => &["state", "limit"],
         ("GET", "/v1/audit") => &["key_id", "action", "target", "request_id", "since", "until", "after", "limit"],
         _ => &[],
