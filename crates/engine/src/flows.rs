@@ -31,7 +31,6 @@ impl ExecutorCore {
         now_ms: u64,
         fx: &mut Effects,
     ) {
-        self.open_settle_accounts(transfers, now_ms);
         for branch in branches {
             if let PartCommand::Orders(peakstack_orders::Command::TryPlace { checkout, .. }) = branch {
                 self.parts.orders.note_assigned(checkout);
@@ -40,6 +39,10 @@ impl ExecutorCore {
         if self.global_locally(transfers, branches, client, now_ms, fx) {
             return;
         }
+        // The protocol holds legs on them: they must exist before the try
+        // (a refused checkout leaves them, empty: a merchant's settlement
+        // account on a shard is opened by the first checkout to pay it).
+        self.open_settle_accounts(transfers, now_ms);
         let mut items: Vec<Item> = transfers.iter().map(|request| self.flow_item(request, now_ms)).collect();
         if !branches.is_empty() {
             items.push(Item { kind: ItemKind::Branches(branches.to_vec()), record: None, static_error: None });
@@ -142,6 +145,7 @@ impl ExecutorCore {
             refuse(fx, code);
             return true;
         }
+        self.open_settle_accounts(transfers, now_ms);
         let mut results = Vec::with_capacity(records.len());
         for record in records {
             let outcome = self.book_local(record, now_ms, fx);

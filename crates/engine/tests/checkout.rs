@@ -321,7 +321,7 @@ async fn racing_checkouts_never_oversell_or_overspend() {
         wallet(&engine, &format!("w-{buyer}"), 10_000).await;
     }
     wallet(&engine, "w-dave", 10_000).await;
-    // 5 phones, 2 cases with a coupon; the m1 promotion's budget of 25
+    // 5 phones, 3 cases with a coupon (150, over its minimum spend of 100 with or without the 10 off); the m1 promotion's budget of 25
     // covers two whole discounts of 10 and 5 of a third.
     let mut tasks = Vec::new();
     for buyer in buyers.clone() {
@@ -336,7 +336,7 @@ async fn racing_checkouts_never_oversell_or_overspend() {
         let engine = engine.clone();
         let coupon = coupon.clone();
         tasks.push(tokio::spawn(async move {
-            let request = cart("dave", "w-dave", &[("case", 2)], &[coupon], CaptureMode::Automatic);
+            let request = cart("dave", "w-dave", &[("case", 3)], &[coupon], CaptureMode::Automatic);
             engine.checkout(&request).await
         }));
     }

@@ -295,6 +295,7 @@ fn order_state(r: &mut Reader<'_>, checkout: &NewCheckout, placed: &NewOrder) ->
     Ok(Order {
         checkout_id: checkout.id.clone(),
         buyer_id: checkout.buyer_id.clone(),
+        currency: checkout.currency,
         order: placed.clone(),
         state: state(r, &ORDER_STATES)?,
         amount_authorized: r.varint()?,

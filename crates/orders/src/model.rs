@@ -149,6 +149,8 @@ impl CheckoutState {
 pub struct Order {
     pub checkout_id: Id,
     pub buyer_id: Id,
+    /// Its checkout's currency.
+    pub currency: Currency,
     pub order: NewOrder,
     pub state: OrderState,
     /// This order's part of the payment.

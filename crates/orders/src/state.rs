@@ -386,6 +386,7 @@ impl Orders {
             let order = Order {
                 checkout_id: new.id.clone(),
                 buyer_id: new.buyer_id.clone(),
+                currency: new.currency,
                 order: placed.clone(),
                 state: OrderState::Pending,
                 amount_authorized: 0,

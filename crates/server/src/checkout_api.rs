@@ -16,7 +16,7 @@ use std::collections::BTreeSet;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
-use peakstack_domain::{Currency, ErrorCode, Id, Owner};
+use peakstack_domain::{ErrorCode, Id, Owner};
 use peakstack_engine::orders::{self, CaptureMode, Checkout, Order, PaymentView, Refund, RefundRequest};
 use peakstack_engine::pricing::{self, CartLine};
 use peakstack_engine::trade_checkout::CheckoutRequest;
@@ -174,7 +174,7 @@ impl OrderJson {
             merchant_id: placed.merchant_id.to_string(),
             state: order.state.as_str(),
             payment_state: order.payment_state.as_str(),
-            currency: order_currency(order)?.to_string(),
+            currency: order.currency.to_string(),
             total: placed.total,
             amount_authorized: order.amount_authorized,
             amount_captured: order.amount_captured,
@@ -184,18 +184,6 @@ impl OrderJson {
             updated_at: rfc3339(order.updated_ms),
         })
     }
-}
-
-/// An order's currency: the one of the pending-settlement account its
-/// money went to (`_settle.<shard>.<CUR>.<merchant>`, see
-/// `peakstack_domain::ledger::settle_account_id`). FIXME: the order record
-/// should carry its currency (an engine change); until then it is read
-/// from the id, which names it by construction.
-fn order_currency(order: &Order) -> Result<Currency, ApiError> {
-    let id = order.order.settle_account_id.as_str();
-    id.strip_prefix("_settle.").and_then(|rest| rest.split('.').nth(1)).and_then(Currency::parse).ok_or_else(|| {
-        ApiError::Internal(format!("order {}: settlement account {id} names no currency", order.order.id))
-    })
 }
 
 fn capture_str(capture: CaptureMode) -> &'static str {

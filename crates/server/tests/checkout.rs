@@ -162,8 +162,8 @@ impl Shop {
         for merchant in ["m1", "m2", "m3"] {
             let id = self.settle(wallet, merchant);
             let account = self.send(Who::Admin, "GET", &format!("/v1/accounts/{id}"), None).await;
-            // A settle account not made yet holds nothing (see the FIXME
-            // in `refused_checkouts_change_nothing`).
+            // A settle account not made yet holds nothing (see
+            // `refused_checkouts_change_nothing`).
             let balance = match account.status {
                 404 => json!("0"),
                 _ => account.body["balance"].clone(),
@@ -277,9 +277,11 @@ async fn refused_checkouts_change_nothing() {
         answer.assert_problem(status, code, &body.to_string());
         assert_eq!(shop.snapshot("w-b1", "b1").await, before, "{code} changed nothing");
     }
-    // FIXME: a refused checkout leaves behind the (empty) pending-settlement
-    // accounts its transfers would have credited: the engine opens them
-    // with the try. No money moved; the account should not appear either.
+    // Across executors a refused checkout may leave the (empty) pending-
+    // settlement accounts its transfers would have credited: the protocol
+    // holds legs on them, so they are opened before the try (a merchant's
+    // settlement account on a shard is opened by the first checkout to pay
+    // it; see flows.rs). No money moved.
     let m3 = shop.get(&format!("/v1/accounts/{}", shop.settle("w-b1", "m3"))).await;
     assert_eq!((m3["debits_posted"].as_str(), m3["credits_posted"].as_str()), (Some("0"), Some("0")));
     assert_eq!((m3["debits_pending"].as_str(), m3["credits_pending"].as_str()), (Some("0"), Some("0")));
