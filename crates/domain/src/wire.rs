@@ -120,6 +120,16 @@ impl<'a> Reader<'a> {
         }
         Ok(n as usize)
     }
+    /// The length of a byte section that follows: at most what is left
+    /// (a section, unlike a collection, may pass [`MAX_ITEMS`] bytes: a
+    /// checkpoint's part sections do).
+    pub fn byte_len(&mut self) -> Result<usize> {
+        let n = self.varint()?;
+        if n > self.bytes.len() as u64 {
+            return Err(CodecError("section length past the end"));
+        }
+        Ok(n as usize)
+    }
     pub fn str(&mut self) -> Result<&'a str> {
         let n = self.len()?;
         std::str::from_utf8(self.take(n)?).map_err(|_| CodecError("invalid utf-8"))

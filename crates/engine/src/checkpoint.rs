@@ -139,11 +139,11 @@ impl Checkpoint {
         };
         let mut checkpoint = checkpoint;
         if format >= 3 {
-            let len = r.len().map_err(|e| e.to_string())?;
+            let len = r.byte_len().map_err(|e| e.to_string())?;
             checkpoint.parts = r.bytes(len).map_err(|e| e.to_string())?.to_vec();
         }
         if format >= 4 {
-            let len = r.len().map_err(|e| e.to_string())?;
+            let len = r.byte_len().map_err(|e| e.to_string())?;
             checkpoint.tcc = r.bytes(len).map_err(|e| e.to_string())?.to_vec();
         }
         if !r.is_empty() {
@@ -311,6 +311,27 @@ mod tests {
         let newer = with_format(5).unwrap_err();
         assert!(newer.contains("format 5 was written by a newer peakstack"), "{newer}");
         assert!(with_format(0).is_err());
+    }
+
+    /// A part's section may pass 16 MiB (the orders of a busy day): the
+    /// length of a section is bounded by the bytes left, not by the bound
+    /// on a collection's items. (Read back as 'length out of range' before.)
+    #[test]
+    fn sections_past_16_mib_round_trip() {
+        let big: Vec<u8> = (0..(17u32 << 20)).map(|i| (i % 251) as u8).collect();
+        let checkpoint = Checkpoint {
+            sequence: 1,
+            time_ms: 2,
+            next_txn: 3,
+            history_len: 0,
+            archive_runs: 0,
+            parts: big.clone(),
+            tcc: big[..1000].to_vec(),
+            ledger: LedgerSnapshot::default(),
+        };
+        let back = Checkpoint::decode(&checkpoint.encode()).expect("a big checkpoint reads back");
+        assert_eq!(back.parts, big);
+        assert_eq!(back.tcc, big[..1000]);
     }
 
     #[test]

@@ -570,7 +570,7 @@ impl Parts {
         let mut parts = Parts::default();
         for _ in 0..r.len()? {
             let tag = r.u8()?;
-            let len = r.len()?;
+            let len = r.byte_len()?;
             let mut section = Reader::new(r.bytes(len)?);
             match tag {
                 ASSIGNED_IDS => parts.next_coupon = section.varint()?,
