@@ -251,7 +251,7 @@ fn archive_files(data_dir: &std::path::Path) -> usize {
 /// CPU seconds each thread of this process has used, by thread name with
 /// its number dropped (`apply-0` and `apply-1` count as `apply`), from
 /// /proc (Linux; empty elsewhere). Threads that ended are not counted.
-fn thread_cpu() -> BTreeMap<String, f64> {
+pub(crate) fn thread_cpu() -> BTreeMap<String, f64> {
     let mut seconds = BTreeMap::new();
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return seconds };
     // SAFETY: sysconf has no preconditions.
@@ -285,7 +285,7 @@ fn this_thread_cpu_seconds() -> f64 {
 
 /// Microseconds of CPU per transfer made, by thread name, between two
 /// readings of [`thread_cpu`]; rounded to hundredths.
-fn cpu_per_transfer(
+pub(crate) fn cpu_per_transfer(
     before: &BTreeMap<String, f64>,
     after: &BTreeMap<String, f64>,
     transfers: u64,

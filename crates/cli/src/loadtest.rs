@@ -43,7 +43,9 @@ use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+mod checkout;
 mod flash_sale;
+pub use checkout::{run_checkout, CheckoutLoadConfig};
 pub use flash_sale::{run_flash_sale, FlashSaleLoadConfig};
 
 static IDEMPOTENCY_KEY: hyper::header::HeaderName = hyper::header::HeaderName::from_static("idempotency-key");

@@ -1,6 +1,7 @@
 //! The peakstack binary.
 
 mod bench;
+mod bench_checkout;
 mod bench_flash_sale;
 mod bench_quote;
 mod keys;
@@ -119,16 +120,19 @@ enum Command {
         #[arg(long, default_value = "http://127.0.0.1:8080")]
         target: String,
         /// Requests in flight (one connection each).
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, alias = "connections", default_value_t = 64)]
         concurrency: usize,
-        #[arg(long, default_value_t = 10.0)]
+        #[arg(long, alias = "duration", default_value_t = 10.0)]
         seconds: f64,
         /// Transfers per request: 1 uses POST /v1/transfers, more uses /v1/transfers/batch.
         #[arg(long, default_value_t = 1)]
         batch: usize,
-        /// Accounts to open and move money between.
+        /// Accounts to open and move money between (checkout: buyer wallets).
         #[arg(long, default_value_t = 10_000)]
         accounts: usize,
+        /// checkout: most checkouts to place; one coupon each is issued in setup.
+        #[arg(long, default_value_t = 20_000)]
+        checkouts: usize,
         /// Print one JSON object as the last line of stdout.
         #[arg(long)]
         json: bool,
@@ -238,6 +242,25 @@ enum BenchWorkload {
     },
     /// Price the pricing fixture's carts (pure and in memory: no engine, no disk).
     Quote(bench_quote::QuoteArgs),
+    /// Whole checkouts (carts of 3 lines from 2 merchants, 20 promotions, a
+    /// coupon each, automatic capture) from concurrent tasks; checks stock,
+    /// money, coupons, budgets and the ledger after.
+    Checkout {
+        #[arg(long, default_value_t = 200_000)]
+        checkouts: usize,
+        /// Buyers, each with a funded wallet; checkout i is buyer i % buyers's.
+        #[arg(long, default_value_t = 10_000)]
+        buyers: usize,
+        /// Checkouts in flight (one tokio task each).
+        #[arg(long, default_value_t = 256)]
+        concurrency: usize,
+        /// Default: one per two cores.
+        #[arg(long)]
+        executors: Option<u16>,
+        /// Print one JSON object as the last line of stdout.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Prints a benchmark's summary: one JSON object as the last line of
@@ -257,6 +280,8 @@ enum LoadScenario {
     Healthz,
     /// Buyers racing for a flash sale's units; checks the books after.
     FlashSale,
+    /// Whole checkouts (POST /v1/checkouts); checks stock, money and coupons after.
+    Checkout,
 }
 
 /// One executor per two cores: an executor keeps one core busy applying and
@@ -380,6 +405,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Bench { workload: BenchWorkload::Checkout { checkouts, buyers, concurrency, executors, json } } => {
+            init_tracing(true);
+            let summary = bench_checkout::run(bench_checkout::CheckoutBenchConfig {
+                checkouts,
+                buyers,
+                concurrency,
+                executors: executors.unwrap_or_else(default_executors),
+                json,
+            })?;
+            report(&summary, json, || summary.print_human())?;
+            if !summary.invariants_ok {
+                anyhow::bail!("invariant check failed: {}", summary.failures.join("; "));
+            }
+            Ok(())
+        }
         Command::Bench { workload: BenchWorkload::Quote(args) } => {
             init_tracing(true);
             bench_quote::run(args)
@@ -402,6 +442,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             stock,
             limit,
             buyers,
+            checkouts,
         } => {
             init_tracing(true);
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -409,6 +450,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let scenario = match scenario {
                 LoadScenario::Transfers => loadtest::Scenario::Transfers,
                 LoadScenario::Healthz => loadtest::Scenario::Healthz,
+                LoadScenario::Checkout => {
+                    let summary = runtime.block_on(loadtest::run_checkout(loadtest::CheckoutLoadConfig {
+                        target,
+                        concurrency,
+                        seconds,
+                        checkouts,
+                        wallets: accounts,
+                        json,
+                        progress,
+                        api_key,
+                    }))?;
+                    report(&summary, json, || summary.print_human())?;
+                    if !summary.invariants_ok {
+                        anyhow::bail!("invariant check failed: {}", summary.failures.join("; "));
+                    }
+                    return Ok(());
+                }
                 LoadScenario::FlashSale => {
                     let summary = runtime.block_on(loadtest::run_flash_sale(loadtest::FlashSaleLoadConfig {
                         target,
