@@ -25,6 +25,7 @@ pub mod tcc;
 pub mod test_hooks;
 pub mod trade;
 pub mod trade_checkout;
+pub mod trade_settlement;
 mod trade_pricing;
 mod writeback;
 

@@ -29,6 +29,7 @@
 mod codec;
 mod decide;
 mod model;
+mod settlement;
 mod state;
 #[cfg(test)]
 mod state_tests;
@@ -39,5 +40,9 @@ pub use model::{
     CaptureMode, Checkout, CheckoutState, LedgerEffect, NewCheckout, NewOrder, Order, OrderLine, OrderState,
     PaymentState, Refund, RefundRequest, Release, DEFAULT_AUTHORIZATION_MS, MAX_ORDERS, MAX_ORDER_ID_LEN,
     MAX_ORDER_LINES,
+};
+pub use settlement::{
+    fee_of, NewSettlement, Settlement, SettlementLine, SettlementState, MAX_FEE_BPS, MAX_SETTLEMENT_LINES,
+    MAX_SETTLEMENT_PAGE,
 };
 pub use state::{Command, Orders, PaymentPartView, PaymentView, FENCE_RETENTION_MS, MAX_DUE_PER_TICK};
