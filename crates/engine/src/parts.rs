@@ -347,6 +347,14 @@ impl PartCommand {
             PartCommand::Orders(orders::Command::TrySettle { settlement, .. }) => {
                 format!("settle {} parts of merchant {} as {}", settlement.lines.len(), settlement.merchant_id, settlement.id)
             }
+            // What an unpaid order gives back (reliable messages, see `outbox.rs`).
+            PartCommand::Inventory(inventory::Command::Return { sku_id, buyer_id, quantity }) => {
+                format!("return {quantity} of sku {sku_id} (buyer {buyer_id})")
+            }
+            PartCommand::Pricing(pricing::Command::Restore { promotion_id, buyer_id, discount, uses }) => {
+                format!("restore {discount} and {uses} uses of promotion {promotion_id} (buyer {buyer_id})")
+            }
+            PartCommand::Pricing(pricing::Command::ReturnCoupon { coupon_id, .. }) => format!("return coupon {coupon_id}"),
             other => format!("{other:?}"),
         }
     }

@@ -32,6 +32,8 @@ pub mod action {
     pub const FLASH_SALE_CREATE: &str = "flash_sale.create";
     pub const PROMOTION_CREATE: &str = "promotion.create";
     pub const COUPON_TEMPLATE_CREATE: &str = "coupon_template.create";
+    pub const SETTLEMENT_CREATE: &str = "settlement.create";
+    pub const DEAD_LETTER_REPLAY: &str = "dead_letter.replay";
     pub const ALL: &[&str] = &[
         ACCOUNT_CREATE,
         TRANSFER_CREATE,
@@ -47,6 +49,8 @@ pub mod action {
         FLASH_SALE_CREATE,
         PROMOTION_CREATE,
         COUPON_TEMPLATE_CREATE,
+        SETTLEMENT_CREATE,
+        DEAD_LETTER_REPLAY,
     ];
 }
 
