@@ -25,8 +25,8 @@ pub mod tcc;
 pub mod test_hooks;
 pub mod trade;
 pub mod trade_checkout;
-pub mod trade_settlement;
 mod trade_pricing;
+pub mod trade_settlement;
 mod writeback;
 
 pub use clock::{Clock, ManualClock, SystemClock};

@@ -9,11 +9,11 @@
 //! each match, and touches nothing else.
 
 use peakstack_domain::wire::{CodecError, Reader, Writer};
+use peakstack_domain::Currency;
 use peakstack_domain::{AssignedKind, ErrorCode, Id};
 use peakstack_inventory as inventory;
 use peakstack_inventory::{FlashSaleView, Inventory, SaleGates};
 use peakstack_orders as orders;
-use peakstack_domain::Currency;
 use peakstack_orders::{Checkout, Order, Orders, PaymentView, Refund, Settlement};
 use peakstack_pricing as pricing;
 use peakstack_pricing::{
@@ -345,7 +345,12 @@ impl PartCommand {
                 format!("place checkout {}", checkout.id)
             }
             PartCommand::Orders(orders::Command::TrySettle { settlement, .. }) => {
-                format!("settle {} parts of merchant {} as {}", settlement.lines.len(), settlement.merchant_id, settlement.id)
+                format!(
+                    "settle {} parts of merchant {} as {}",
+                    settlement.lines.len(),
+                    settlement.merchant_id,
+                    settlement.id
+                )
             }
             // What an unpaid order gives back (reliable messages, see `outbox.rs`).
             PartCommand::Inventory(inventory::Command::Return { sku_id, buyer_id, quantity }) => {
@@ -354,7 +359,9 @@ impl PartCommand {
             PartCommand::Pricing(pricing::Command::Restore { promotion_id, buyer_id, discount, uses }) => {
                 format!("restore {discount} and {uses} uses of promotion {promotion_id} (buyer {buyer_id})")
             }
-            PartCommand::Pricing(pricing::Command::ReturnCoupon { coupon_id, .. }) => format!("return coupon {coupon_id}"),
+            PartCommand::Pricing(pricing::Command::ReturnCoupon { coupon_id, .. }) => {
+                format!("return coupon {coupon_id}")
+            }
             other => format!("{other:?}"),
         }
     }

@@ -16,8 +16,8 @@
 //! `Try` is a logged input of that executor, so a replay opens them too,
 //! and no separate step has to run (and be retried) before the transfer.
 
-pub use peakstack_domain::ledger::{fee_account_id, merchant_account_id};
 use peakstack_domain::ledger::system_shard;
+pub use peakstack_domain::ledger::{fee_account_id, merchant_account_id};
 use peakstack_domain::{Amount, AssignedKind, Currency, Details, ErrorCode, Id, TransferRequest};
 use peakstack_orders::{self as orders, NewSettlement, Settlement};
 
@@ -25,7 +25,6 @@ use crate::executor::ExecutorCore;
 use crate::parts::{OrdersAnswer, OrdersQuery, PartAnswer, PartCommand, PartQuery};
 use crate::protocol::{ExecutorId, Input, TransferResult};
 use crate::runtime::Engine;
-
 
 /// A merchant's settlement in one currency, asked of one home executor.
 #[derive(Clone, Debug)]
@@ -51,8 +50,7 @@ impl ExecutorCore {
         }
         let picked = self.parts.orders.settleable(&ask.merchant_id, Some(ask.currency), ask.fee_bps);
         let Some((_, first)) = picked.first() else { return Ok(None) };
-        let merchant_account =
-            merchant_account_id(&ask.merchant_id, ask.currency).ok_or(ErrorCode::InvalidRequest)?;
+        let merchant_account = merchant_account_id(&ask.merchant_id, ask.currency).ok_or(ErrorCode::InvalidRequest)?;
         let shard = system_shard(first.settle_account_id.as_str()).expect("a settle account names its shard");
         let id = AssignedKind::Settlement.id(shard, self.parts.orders.take_sequence());
         let settlement = NewSettlement {
@@ -90,7 +88,7 @@ impl ExecutorCore {
 impl Engine {
     /// Settles every captured, unsettled part of a merchant (in one
     /// currency, or in each it has): one global transaction per home
-    /// executor and currency. The settlements made, in order; the first
+    /// executor and currency. The settlements made, in id order; the first
     /// refusal stops it (those made before stay made: each is whole, and
     /// asking again settles what is left).
     pub async fn settle(
@@ -101,10 +99,11 @@ impl Engine {
     ) -> Result<Vec<Settlement>, ErrorCode> {
         let mut made = Vec::new();
         for executor in 0..self.layout().executors() {
-            let currencies = match self.settlement_read(executor, OrdersQuery::SettleableCurrencies(merchant_id.clone())).await? {
-                OrdersAnswer::Currencies(found) => found,
-                _ => return Err(ErrorCode::Unavailable),
-            };
+            let currencies =
+                match self.settlement_read(executor, OrdersQuery::SettleableCurrencies(merchant_id.clone())).await? {
+                    OrdersAnswer::Currencies(found) => found,
+                    _ => return Err(ErrorCode::Unavailable),
+                };
             for of in currencies.into_iter().filter(|c| currency.is_none_or(|wanted| wanted == *c)) {
                 let ask = SettleAsk { merchant_id: merchant_id.clone(), currency: of, fee_bps };
                 let Some((id, results)) = self.submit_settlement(executor, ask).await? else { continue };
@@ -112,6 +111,8 @@ impl Engine {
                 made.push(self.settlement(&id).await?.ok_or(ErrorCode::Unavailable)?);
             }
         }
+        // In the order a listing shows them.
+        made.sort_by_key(|s| AssignedKind::Settlement.parse(s.settlement.id.as_str()));
         Ok(made)
     }
 

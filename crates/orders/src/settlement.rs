@@ -322,7 +322,8 @@ impl Orders {
             true => SettlementState::Completed,
             false => SettlementState::Pending,
         };
-        if settlement.state != expected || !matches!(order.payment_state, PaymentState::Captured | PaymentState::Settled)
+        if settlement.state != expected
+            || !matches!(order.payment_state, PaymentState::Captured | PaymentState::Settled)
         {
             return Some("its part's state does not fit its settlement's");
         }
@@ -340,7 +341,8 @@ mod tests {
 
     #[test]
     fn fees_round_down_and_stay_within_the_amount() {
-        for (amount, bps, fee) in [(10_000u64, 250u32, 250u64), (99, 250, 2), (1, 9_999, 0), (7, 10_000, 7), (0, 300, 0)]
+        for (amount, bps, fee) in
+            [(10_000u64, 250u32, 250u64), (99, 250, 2), (1, 9_999, 0), (7, 10_000, 7), (0, 300, 0)]
         {
             assert_eq!(fee_of(amount, bps), fee, "{amount} at {bps}");
         }

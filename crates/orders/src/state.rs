@@ -6,11 +6,11 @@ use std::collections::BTreeSet;
 use peakstack_domain::{AssignedKind, Currency, ErrorCode, Id};
 
 use crate::decide::Decision;
-use crate::settlement::{NewSettlement, Settlements};
 use crate::model::{
     CaptureMode, Checkout, CheckoutState, LedgerEffect, NewCheckout, Order, OrderState, PaymentState, Refund,
     RefundRequest,
 };
+use crate::settlement::{NewSettlement, Settlements};
 
 pub(crate) type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 

@@ -378,7 +378,7 @@ fn route_table() -> Routes {
         ("POST", "/v1/settlements", Admin, post(settlement_api::create_settlement)),
         ("GET", "/v1/settlements", Read, get(settlement_api::list_settlements)),
         ("GET", "/v1/settlements/{id}", Read, get(settlement_api::get_settlement)),
-        ("GET", "/v1/credit-lines/{buyer_id}", Read, get(settlement_api::get_credit_line)),
+        ("GET", "/v1/credit-lines/{id}", Read, get(settlement_api::get_credit_line)),
         ("GET", "/v1/dead-letters", Operations, get(settlement_api::list_dead_letters)),
         ("POST", "/v1/dead-letters/{id}/replay", Admin, post(settlement_api::replay_dead_letter)),
     ]
@@ -398,7 +398,7 @@ fn query_parameters(method: &str, path: &str) -> &'static [&'static str] {
         ("GET", "/v1/audit") => &["key_id", "action", "target", "request_id", "since", "until", "after", "limit"],
         // Settlements, credit lines and dead letters.
         ("GET", "/v1/settlements") => &["merchant_id", "limit"],
-        ("GET", "/v1/credit-lines/{buyer_id}") => &["period"],
+        ("GET", "/v1/credit-lines/{id}") => &["period"],
         ("GET", "/v1/dead-letters") => &["limit"],
         _ => &[],
     }
@@ -538,7 +538,8 @@ impl Server {
         let (stop_tasks, tasks_stopped) = tokio::sync::watch::channel(false);
         let purge = tokio::spawn(purge_loop(state.clone(), idempotency_retention, tasks_stopped.clone()));
         let upkeep = tokio::spawn(upkeep_loop(state.metrics().clone(), tasks_stopped.clone()));
-        let settle = settle_every.map(|every| tokio::spawn(settlement_api::settle_loop(state.clone(), every, tasks_stopped)));
+        let settle =
+            settle_every.map(|every| tokio::spawn(settlement_api::settle_loop(state.clone(), every, tasks_stopped)));
 
         let signal_state = state.clone();
         let served = listener::serve(listener, router(state.clone()), tls, limits, async move {

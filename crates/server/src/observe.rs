@@ -87,7 +87,10 @@ const GAUGES: &[(&str, &str)] = &[
     ("peakstack_audit_feed_lag_batches", "Durable batches whose audit events are not stored yet."),
     (LEDGER_PENDING_TRANSFERS, "Pending transfers (holds) made and not yet posted, voided or expired."),
     ("peakstack_outbox_messages", "Reliable messages between executors kept until applied, dead letters included."),
-    ("peakstack_outbox_dead_letters", "Reliable messages refused too often and no longer retried (see GET /v1/dead-letters)."),
+    (
+        "peakstack_outbox_dead_letters",
+        "Reliable messages refused too often and no longer retried (see GET /v1/dead-letters).",
+    ),
 ];
 const HISTOGRAMS: &[(&str, &str)] = &[
     ("peakstack_http_request_duration_seconds", "Time from a request's head to its answer, by route."),

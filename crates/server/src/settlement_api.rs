@@ -25,7 +25,9 @@ use crate::access::{Caller, Scope};
 use crate::admin::{parse_rfc3339_ms, rfc3339};
 use crate::audit::action;
 use crate::error::ApiError;
-use crate::handlers::{audit, decide_within, json, page_limit, path_id, read_within, ApiJson, ApiPath, ApiQuery, Deadline};
+use crate::handlers::{
+    audit, decide_within, json, page_limit, path_id, read_within, ApiJson, ApiPath, ApiQuery, Deadline,
+};
 use crate::idempotency::now_ms;
 use crate::wire::{parse_currency, parse_id};
 use crate::AppState;
@@ -78,13 +80,21 @@ impl SettlementJson {
             amount,
             fee,
             net: amount - fee,
-            merchant_account_id: peakstack_engine::trade_settlement::merchant_account_id(&new.merchant_id, new.currency)
-                .map(|id| id.to_string()),
+            merchant_account_id: peakstack_engine::trade_settlement::merchant_account_id(
+                &new.merchant_id,
+                new.currency,
+            )
+            .map(|id| id.to_string()),
             created_at: rfc3339(new.created_ms),
             lines: new
                 .lines
                 .iter()
-                .map(|l| SettlementLineJson { order_id: l.order_id.to_string(), amount: l.amount, fee: l.fee, net: l.net() })
+                .map(|l| SettlementLineJson {
+                    order_id: l.order_id.to_string(),
+                    amount: l.amount,
+                    fee: l.fee,
+                    net: l.net(),
+                })
                 .collect(),
         }
     }
@@ -317,8 +327,8 @@ pub async fn get_credit_line(
         None => return Err(not_found()),
     };
     let owner = Owner::Buyer(buyer_id.clone());
-    let is_line = account.owner.as_ref() == Some(&owner)
-        && account.flags.contains(AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS);
+    let is_line =
+        account.owner.as_ref() == Some(&owner) && account.flags.contains(AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS);
     if !is_line || !caller.principal.can_see(account.owner.as_ref()) {
         return Err(not_found());
     }
@@ -328,7 +338,11 @@ pub async fn get_credit_line(
     let mut after: Option<String> = None;
     loop {
         let page = async {
-            state.engine().list_transfers(&source, &filter, after.as_deref(), CREDIT_LINE_PAGE).await.map_err(ApiError::ledger)
+            state
+                .engine()
+                .list_transfers(&source, &filter, after.as_deref(), CREDIT_LINE_PAGE)
+                .await
+                .map_err(ApiError::ledger)
         };
         let page = read_within(deadline, page).await?;
         for transfer in &page.transfers {
@@ -467,11 +481,10 @@ mod tests {
     #[test]
     fn periods_are_calendar_months_in_utc() {
         let (name, start, end) = period_bounds(Some("2027-02"), 0).unwrap();
-        assert_eq!((name.as_str(), rfc3339(start), rfc3339(end)), (
-            "2027-02",
-            "2027-02-01T00:00:00.000Z".to_owned(),
-            "2027-03-01T00:00:00.000Z".to_owned()
-        ));
+        assert_eq!(
+            (name.as_str(), rfc3339(start), rfc3339(end)),
+            ("2027-02", "2027-02-01T00:00:00.000Z".to_owned(), "2027-03-01T00:00:00.000Z".to_owned())
+        );
         let (_, _, end) = period_bounds(Some("2026-12"), 0).unwrap();
         assert_eq!(rfc3339(end), "2027-01-01T00:00:00.000Z");
         let now = parse_rfc3339_ms("now", "2027-05-17T10:00:00Z").unwrap();
@@ -481,4 +494,3 @@ mod tests {
         }
     }
 }
-
