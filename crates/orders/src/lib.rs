@@ -30,6 +30,8 @@ mod codec;
 mod decide;
 mod model;
 mod settlement;
+#[cfg(test)]
+mod settlement_tests;
 mod state;
 #[cfg(test)]
 mod state_tests;
