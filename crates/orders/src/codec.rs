@@ -492,6 +492,10 @@ impl Orders {
         if listed_refunds != orders.refunds.len() {
             return Err(CodecError("an order lists a refund twice or one that is missing"));
         }
+        let order_ids: Vec<Id> = orders.orders.keys().cloned().collect();
+        for order_id in &order_ids {
+            orders.note_settleable(order_id);
+        }
         if orders.orders.keys().any(|id| orders.order_problem(id).is_some()) {
             return Err(CodecError("an order breaks an invariant"));
         }

@@ -138,6 +138,10 @@ pub(crate) struct Settlements {
     pub(crate) of_order: crate::state::HashMap<Id, Id>,
     /// A merchant's settlements that did not fail, in id order.
     pub(crate) by_merchant: crate::state::HashMap<Id, BTreeSet<OrderKey>>,
+    /// A merchant's orders with something to settle (captured, not held by
+    /// a settlement, not all refunded), in id order: kept after every
+    /// change of an order, so picking and scheduling read only these.
+    pub(crate) to_settle: crate::state::HashMap<Id, BTreeSet<OrderKey>>,
 }
 
 impl Settlements {
@@ -180,6 +184,26 @@ impl Orders {
         }
     }
 
+    /// Keeps an order in [`Settlements::to_settle`] exactly while it has
+    /// something to settle (after every change of it).
+    pub(crate) fn note_settleable(&mut self, order_id: &Id) {
+        let merchant = self.orders[order_id].order.merchant_id.clone();
+        let key = order_key(order_id);
+        match self.settleable_amount(order_id) > 0 {
+            true => {
+                self.settlements.to_settle.entry(merchant).or_default().insert(key);
+            }
+            false => {
+                if let Some(keys) = self.settlements.to_settle.get_mut(&merchant) {
+                    keys.remove(&key);
+                    if keys.is_empty() {
+                        self.settlements.to_settle.remove(&merchant);
+                    }
+                }
+            }
+        }
+    }
+
     /// A merchant's parts with something to settle, in order id order, of
     /// one currency or of each, at most [`MAX_SETTLEMENT_LINES`]: the
     /// currency and the line (its fee at `fee_bps`).
@@ -189,7 +213,7 @@ impl Orders {
         currency: Option<Currency>,
         fee_bps: u32,
     ) -> Vec<(Currency, SettlementLine)> {
-        let Some(keys) = self.by_merchant.get(merchant_id) else { return Vec::new() };
+        let Some(keys) = self.settlements.to_settle.get(merchant_id) else { return Vec::new() };
         keys.iter()
             .filter_map(|(_, _, order_id)| {
                 let amount = self.settleable_amount(order_id);
@@ -211,12 +235,7 @@ impl Orders {
 
     /// Merchants with something to settle, in id order, at most `limit`.
     pub fn merchants_to_settle(&self, limit: usize) -> Vec<Id> {
-        let mut merchants: Vec<&Id> = self
-            .by_merchant
-            .iter()
-            .filter(|(_, keys)| keys.iter().any(|(_, _, order_id)| self.settleable_amount(order_id) > 0))
-            .map(|(merchant, _)| merchant)
-            .collect();
+        let mut merchants: Vec<&Id> = self.settlements.to_settle.keys().collect();
         merchants.sort_unstable();
         merchants.into_iter().take(limit).cloned().collect()
     }
@@ -314,6 +333,11 @@ impl Orders {
     /// it has (captured minus refunded); a held one, of a pending one.
     pub(crate) fn settlement_problem(&self, order_id: &Id) -> Option<&'static str> {
         let order = &self.orders[order_id];
+        let scheduled =
+            self.settlements.to_settle.get(&order.order.merchant_id).is_some_and(|k| k.contains(&order_key(order_id)));
+        if scheduled != (self.settleable_amount(order_id) > 0) {
+            return Some("listed to settle exactly while it has something to settle");
+        }
         let settled = order.payment_state == PaymentState::Settled;
         let Some(settlement) = self.settlement_of_order(order_id) else {
             return settled.then_some("settled without a settlement");

@@ -175,6 +175,7 @@ impl Orders {
             Ok(decision) => {
                 let touched = self.execute(command, decision, now_ms);
                 for order_id in &touched {
+                    self.note_settleable(order_id);
                     self.assert_order(order_id);
                 }
                 (true, Ok(()))
