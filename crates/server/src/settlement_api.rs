@@ -157,7 +157,8 @@ pub async fn create_settlement(
         let status = if made.is_empty() { StatusCode::OK } else { StatusCode::CREATED };
         Ok(json(status, &SettlementList { data: made.iter().map(SettlementJson::of).collect() }))
     };
-    decide_within(Deadline::of(&state), "the settlement", work).await
+    let pending = "the settlement may still be made: list GET /v1/settlements?merchant_id=..., or retry (nothing is settled twice)";
+    decide_within(Deadline::of(&state), pending, work).await
 }
 
 /// Whether the caller sees a merchant's settlements: admin and read keys
@@ -471,7 +472,7 @@ pub async fn replay_dead_letter(
         audit(&work_state, &caller, action::DEAD_LETTER_REPLAY, &id, serde_json::json!({})).await?;
         Ok(json(StatusCode::OK, &ReplayJson { id, replayed }))
     };
-    decide_within(Deadline::of(&state), "the replay", work).await
+    decide_within(Deadline::of(&state), "the replay may still run: read GET /v1/dead-letters, or retry", work).await
 }
 
 #[cfg(test)]

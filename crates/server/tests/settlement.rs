@@ -41,6 +41,10 @@ struct Harness {
 
 impl Harness {
     async fn start(dir: &Path, executors: u16) -> Harness {
+        Harness::start_with(dir, executors, None).await
+    }
+
+    async fn start_with(dir: &Path, executors: u16, settle_every: Option<std::time::Duration>) -> Harness {
         let mut keys = BTreeMap::new();
         for (name, scope) in
             [("admin", "admin"), ("read", "read"), ("m1", "merchant:m1"), ("m2", "merchant:m2"), ("app", "app")]
@@ -49,6 +53,7 @@ impl Harness {
         }
         let mut config = common::loopback_config(dir);
         config.settlement_fee_bps = 250;
+        config.settle_every = settle_every;
         let server = Running::start(open_engine(dir, 8, executors, 1 << 20, 1 << 30), config).await;
         Harness { server, keys }
     }
@@ -333,5 +338,33 @@ async fn a_refused_reliable_message_is_a_dead_letter_that_a_replay_delivers() {
     assert_eq!(h.expect(Who::Admin, "GET", "/v1/dead-letters", None, 200).await, json!({"data": []}));
     h.refused(Who::Admin, "POST", &replay, None, 404, "message_not_found").await;
     assert_eq!(h.gauge("peakstack_outbox_dead_letters").await, 0.0);
+    h.server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_schedule_settles_every_merchant_with_captured_money() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = Harness::start_with(dir.path(), 2, Some(std::time::Duration::from_secs(1))).await;
+    h.sku("phone", "m1", 300).await;
+    h.sku("book", "m2", 80).await;
+    let bank = json!({"id": "bank", "currency": "USD"});
+    h.expect(Who::Admin, "POST", "/v1/accounts", Some(bank), 201).await;
+    h.account("wallet.alice", Some("buyer:alice"), 0).await;
+    h.transfer("fund-alice", "bank", "wallet.alice", 10_000).await;
+    h.checkout("alice", "wallet.alice", &[("phone", 1), ("book", 1)], CaptureMode::Automatic).await.unwrap();
+    let mut settled = (0, 0);
+    for _ in 0..100 {
+        settled = (h.posted("_merchant.m1.USD").await.1, h.posted("_merchant.m2.USD").await.1);
+        if settled == (293, 78) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(settled, (293, 78), "both merchants settled at the server's fee within a few rounds");
+    for merchant in ["m1", "m2"] {
+        let listed = h.expect(Who::Read, "GET", &format!("/v1/settlements?merchant_id={merchant}"), None, 200).await;
+        assert_eq!(listed["data"].as_array().unwrap().len(), 1, "{merchant}: {listed}");
+    }
+    assert_eq!(h.posted("_fees.USD").await, (0, 7 + 2));
     h.server.stop().await;
 }
