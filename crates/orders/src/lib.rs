@@ -11,6 +11,11 @@
 //! executor books them in the same atomic step, and [`Orders::apply`]
 //! records the change. Both start from one decision, so they agree.
 //!
+//! A settlement is another branch (`settlement.rs`): `TrySettle` locks the
+//! captured parts it settles, `ConfirmSettle` marks them Settled (the money
+//! moves by its global transaction's own transfers), `CancelSettle` lets
+//! them go. A settled part refuses refunds (`invalid_state`).
+//!
 //! Invariants, asserted after every change (a violation panics: it is a bug,
 //! and the shard stops rather than move money it should not):
 //! - per order: `amount_refunded <= amount_captured <= amount_authorized`;
