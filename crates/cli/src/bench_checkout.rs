@@ -250,8 +250,8 @@ pub struct Books {
     /// Per limited promotion: its counters and the discount the orders carry.
     pub limited_promotions: Vec<PromotionBooks>,
     pub ledger_net: i128,
-    /// The clearing accounts' net (the engine's `clearing_net` less the
-    /// settlement accounts', which it counts too).
+    /// The clearing accounts' net (the engine's `clearing_net`: clearing
+    /// accounts only, not the merchants' settlement accounts).
     pub clearing_net: i128,
     pub txns_in_flight: u64,
     pub accounts: u64,
@@ -710,12 +710,10 @@ async fn read_books(
         books.wallet_debits_minor += balances.debits_posted;
         books.wallet_debits_pending_minor += balances.debits_pending;
     }
-    let mut settle_net: i128 = 0;
     for settle in &tally.settle_accounts {
         let account = engine.account(settle).await.map_err(|c| anyhow!("reading {settle}: {c}"))?;
         let balances = account.with_context(|| format!("settlement account {settle} is missing"))?.balances;
         books.settle_credits_minor += balances.credits_posted;
-        settle_net += balances.net_including_pending();
     }
     books.settle_accounts = tally.settle_accounts.len();
     if books.wallet_debits_minor != books.checkouts_total_minor
@@ -773,16 +771,14 @@ async fn read_books(
     }
 
     // Every call was answered, so nothing is in flight: the books must balance.
-    // The engine's `clearing_net` sums every system account, the merchants'
-    // settlement accounts too: less theirs, the clearing accounts' must be 0.
     let totals = engine.totals().await.map_err(|c| anyhow!("reading totals: {c}"))?;
     books.ledger_net = totals.net;
-    books.clearing_net = totals.clearing_net - settle_net;
+    books.clearing_net = totals.clearing_net;
     books.txns_in_flight = totals.txns_in_flight;
     books.accounts = totals.accounts;
     if totals.net != 0 || books.clearing_net != 0 || totals.txns_in_flight != 0 {
         failures.push(format!(
-            "ledger: net {}, clearing {} (settlement accounts left out), {} transactions in flight",
+            "ledger: net {}, clearing {}, {} transactions in flight",
             totals.net, books.clearing_net, totals.txns_in_flight
         ));
     }

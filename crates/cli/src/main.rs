@@ -101,6 +101,14 @@ enum Command {
         /// 7days): a retry after it runs the request again.
         #[arg(long, env = "PEAKSTACK_IDEMPOTENCY_RETENTION", default_value = "24h", value_parser = peakstack_server::idempotency::parse_retention)]
         idempotency_retention: std::time::Duration,
+        /// Settle every merchant with captured money this often (e.g. 1h,
+        /// 1day); off unless given. See POST /v1/settlements.
+        #[arg(long, env = "PEAKSTACK_SETTLE_EVERY", value_parser = peakstack_server::parse_settle_every)]
+        settle_every: Option<std::time::Duration>,
+        /// The platform's fee of a settlement, in basis points (250 = 2.5%),
+        /// unless the request names one.
+        #[arg(long, env = "PEAKSTACK_SETTLEMENT_FEE_BPS", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=10_000))]
+        settlement_fee_bps: u32,
     },
     /// Manage API keys in a data dir whose server is stopped (a running
     /// server manages them over HTTP: POST/GET/DELETE /v1/keys).
@@ -329,6 +337,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             allow_plain_http,
             request_deadline_ms,
             idempotency_retention,
+            settle_every,
+            settlement_fee_bps,
         } => {
             init_tracing(false);
             let mut config = ServerConfig::new(listen, data.clone());
@@ -337,6 +347,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             config.allow_plain_http = allow_plain_http;
             config.request_deadline = std::time::Duration::from_millis(request_deadline_ms);
             config.idempotency_retention = idempotency_retention;
+            config.settle_every = settle_every;
+            config.settlement_fee_bps = settlement_fee_bps;
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(peakstack_server::preflight(&config))?;
             let engine = Engine::open(EngineConfig {

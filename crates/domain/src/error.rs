@@ -101,10 +101,14 @@ pub enum ErrorCode {
     AmountExceedsAuthorized,
     /// Refunds would give back more than was captured (or a line more units than it has).
     RefundExceedsCaptured,
+    /// No settlement with this id.
+    SettlementNotFound,
+    /// No reliable message (dead letter) with this id.
+    MessageNotFound,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 52] = [
+    pub const ALL: [ErrorCode; 54] = [
         ErrorCode::InvalidRequest,
         ErrorCode::AccountNotFound,
         ErrorCode::TransferNotFound,
@@ -158,6 +162,8 @@ impl ErrorCode {
         ErrorCode::InvalidState,
         ErrorCode::AmountExceedsAuthorized,
         ErrorCode::RefundExceedsCaptured,
+        ErrorCode::SettlementNotFound,
+        ErrorCode::MessageNotFound,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -214,6 +220,8 @@ impl ErrorCode {
             ErrorCode::InvalidState => "invalid_state",
             ErrorCode::AmountExceedsAuthorized => "amount_exceeds_authorized",
             ErrorCode::RefundExceedsCaptured => "refund_exceeds_captured",
+            ErrorCode::SettlementNotFound => "settlement_not_found",
+            ErrorCode::MessageNotFound => "message_not_found",
         }
     }
 
@@ -279,7 +287,9 @@ impl ErrorCode {
             | ErrorCode::RefundNotFound
             | ErrorCode::InvalidState
             | ErrorCode::AmountExceedsAuthorized
-            | ErrorCode::RefundExceedsCaptured => 12,
+            | ErrorCode::RefundExceedsCaptured
+            | ErrorCode::SettlementNotFound
+            | ErrorCode::MessageNotFound => 12,
         }
     }
 

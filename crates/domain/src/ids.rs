@@ -100,6 +100,9 @@ pub enum AssignedKind {
     Payment,
     /// A refund of an order, on its order's shard.
     Refund,
+    /// A settlement of a merchant's captured payments, on the shard of
+    /// the checkouts it settles (a shard of their home executor).
+    Settlement,
 }
 
 impl AssignedKind {
@@ -112,6 +115,7 @@ impl AssignedKind {
             AssignedKind::Order => "ord",
             AssignedKind::Payment => "pay",
             AssignedKind::Refund => "rfd",
+            AssignedKind::Settlement => "stl",
         }
     }
 
@@ -151,6 +155,7 @@ pub fn assigned_shard(id: &str) -> Option<u32> {
         AssignedKind::Order,
         AssignedKind::Payment,
         AssignedKind::Refund,
+        AssignedKind::Settlement,
     ]
     .into_iter()
     .find_map(|kind| kind.shard_of(id))

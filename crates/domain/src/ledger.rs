@@ -183,6 +183,25 @@ pub fn settle_account_id(shard: u32, currency: Currency, merchant_id: &Id) -> Op
     Id::parse(&format!("_settle.{shard}.{currency}.{merchant_id}"))
 }
 
+/// A merchant's available account in one currency, where settlement
+/// moves its captured money: `_merchant.<merchant>.<CUR>`. It names no
+/// shard (it lives on the shard of its id's hash, as a client's would).
+pub fn merchant_account_id(merchant_id: &Id, currency: Currency) -> Option<Id> {
+    Id::parse(&format!("_merchant.{merchant_id}.{currency}"))
+}
+
+/// The platform's fee account in one currency: `_fees.<CUR>` (by hash).
+pub fn fee_account_id(currency: Currency) -> Id {
+    Id::parse(&format!("_fees.{currency}")).expect("fee account ids are valid")
+}
+
+/// Whether an id is one of the system accounts settlement credits
+/// (merchant available and fee accounts): the only system accounts that
+/// name no shard, opened where they live when first credited.
+pub fn is_settlement_account(id: &str) -> bool {
+    id.starts_with("_merchant.") || id.starts_with("_fees.")
+}
+
 /// The shard a system id names, if it names one: a clearing or a
 /// settlement account (`_clearing.<shard>.<CUR>`, `_settle.<shard>.<CUR>.<merchant>`),
 /// or a transfer the trade flows make for an object they assigned an id
@@ -1088,7 +1107,8 @@ impl Ledger {
                         ledger.clearing.insert((shard, account.currency.as_bytes()), index);
                     }
                     None if system_shard(account.id.as_str()).is_some() => {}
-                    None => return Err("a system account that is neither a clearing nor a settlement account"),
+                    None if is_settlement_account(account.id.as_str()) => {}
+                    None => return Err("a system account that is no clearing, settlement, merchant or fee account"),
                 }
             }
             ledger.push_account(account);

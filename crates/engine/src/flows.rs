@@ -9,8 +9,8 @@
 //! only if they all succeeded. Both are effects of one logged input, so a
 //! replay books and applies the same.
 
-use peakstack_domain::ledger::system_shard;
-use peakstack_domain::{Amount, Details, ErrorCode, TransferRequest};
+use peakstack_domain::ledger::{system_shard, Leg};
+use peakstack_domain::{Amount, Details, ErrorCode, Side, TransferRequest};
 use peakstack_orders::LedgerEffect;
 
 use crate::executor::{create_record_as, ClientTag, Effects, ExecutorCore, FLOW_TAG};
@@ -32,8 +32,14 @@ impl ExecutorCore {
         fx: &mut Effects,
     ) {
         for branch in branches {
-            if let PartCommand::Orders(peakstack_orders::Command::TryPlace { checkout, .. }) = branch {
-                self.parts.orders.note_assigned(checkout);
+            match branch {
+                PartCommand::Orders(peakstack_orders::Command::TryPlace { checkout, .. }) => {
+                    self.parts.orders.note_assigned(checkout);
+                }
+                PartCommand::Orders(peakstack_orders::Command::TrySettle { settlement, .. }) => {
+                    self.parts.orders.note_settlement(settlement);
+                }
+                _ => {}
             }
         }
         if self.global_locally(transfers, branches, client, now_ms, fx) {
@@ -190,6 +196,19 @@ impl ExecutorCore {
                     self.ledger.open_system_account(credit_account_id, *currency, now_ms);
                 }
             }
+        }
+    }
+
+    /// Opens the account a flow's credit leg names, on this executor (its
+    /// owner), if it is one the flows open themselves and new: a
+    /// settlement's merchant and fee accounts (see `trade_settlement.rs`).
+    /// Called for every hold a participant takes, before it; a `Try` is a
+    /// logged input, so a replay opens the same accounts. Clients cannot
+    /// name reserved ids, so only a flow's transfer gets here with one; a
+    /// refused transfer leaves an empty account.
+    pub(crate) fn open_flow_account(&mut self, leg: &Leg, now_ms: u64) {
+        if leg.side == Side::Credit && peakstack_domain::ledger::is_settlement_account(leg.account_id.as_str()) {
+            self.ledger.open_system_account(&leg.account_id, leg.currency, now_ms);
         }
     }
 

@@ -26,6 +26,7 @@ pub mod test_hooks;
 pub mod trade;
 pub mod trade_checkout;
 mod trade_pricing;
+pub mod trade_settlement;
 mod writeback;
 
 pub use clock::{Clock, ManualClock, SystemClock};

@@ -9,11 +9,12 @@
 //! each match, and touches nothing else.
 
 use peakstack_domain::wire::{CodecError, Reader, Writer};
+use peakstack_domain::Currency;
 use peakstack_domain::{AssignedKind, ErrorCode, Id};
 use peakstack_inventory as inventory;
 use peakstack_inventory::{FlashSaleView, Inventory, SaleGates};
 use peakstack_orders as orders;
-use peakstack_orders::{Checkout, Order, Orders, PaymentView, Refund};
+use peakstack_orders::{Checkout, Order, Orders, PaymentView, Refund, Settlement};
 use peakstack_pricing as pricing;
 use peakstack_pricing::{
     Coupon, CouponTemplate, Pricing, Promotion, PromotionCounters, PromotionUsage, SkuPrice, UsageView,
@@ -67,6 +68,18 @@ pub enum OrdersQuery {
         after: Option<Id>,
         limit: usize,
     },
+    Settlement(Id),
+    /// A merchant's settlements in id order.
+    Settlements {
+        merchant_id: Id,
+        limit: usize,
+    },
+    /// The currencies a merchant has captured money to settle in.
+    SettleableCurrencies(Id),
+    /// Merchants with captured money to settle, at most `limit`.
+    MerchantsToSettle {
+        limit: usize,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -77,6 +90,10 @@ pub enum OrdersAnswer {
     Payment(Option<PaymentView>),
     Refund(Option<Refund>),
     Orders(Vec<Order>),
+    Settlement(Option<Settlement>),
+    Settlements(Vec<Settlement>),
+    Currencies(Vec<Currency>),
+    Merchants(Vec<Id>),
 }
 
 /// Reads of the pricing part (and, for the catalogue, of the SKU prices
@@ -189,6 +206,12 @@ fn orders_shard(layout: &Layout, command: &orders::Command) -> Result<u32, Error
         C::CancelOrder { order_id } | C::Refund { order_id, .. } => {
             named(AssignedKind::Order, order_id, ErrorCode::OrderNotFound)
         }
+        C::TrySettle { settlement, .. } => {
+            named(AssignedKind::Settlement, &settlement.id, ErrorCode::SettlementNotFound)
+        }
+        C::ConfirmSettle { settlement_id, .. } | C::CancelSettle { settlement_id, .. } => {
+            named(AssignedKind::Settlement, settlement_id, ErrorCode::SettlementNotFound)
+        }
         C::Expire { .. } | C::ForgetFences { .. } => Err(ErrorCode::InvalidRequest),
     }
 }
@@ -201,7 +224,7 @@ impl PartCommand {
             self,
             PartCommand::Inventory(inventory::Command::TryReserve { .. })
                 | PartCommand::Pricing(pricing::Command::TryConsume { .. } | pricing::Command::LockCoupon { .. })
-                | PartCommand::Orders(orders::Command::TryPlace { .. })
+                | PartCommand::Orders(orders::Command::TryPlace { .. } | orders::Command::TrySettle { .. })
         )
     }
 
@@ -217,7 +240,8 @@ impl PartCommand {
                 *deadline_ms = hold_until_ms;
             }
             // A placed checkout holds nothing by itself: its fence is the executor's.
-            PartCommand::Orders(orders::Command::TryPlace { txn: t, .. }) => *t = txn,
+            PartCommand::Orders(orders::Command::TryPlace { txn: t, .. })
+            | PartCommand::Orders(orders::Command::TrySettle { txn: t, .. }) => *t = txn,
             _ => unreachable!("only branch tries are stamped: {self:?}"),
         }
     }
@@ -278,6 +302,9 @@ impl PartCommand {
             PartCommand::Orders(orders::Command::TryPlace { txn, checkout }) => {
                 PartCommand::Orders(orders::Command::ConfirmPlace { txn: *txn, checkout_id: checkout.id.clone() })
             }
+            PartCommand::Orders(orders::Command::TrySettle { txn, settlement }) => {
+                PartCommand::Orders(orders::Command::ConfirmSettle { txn: *txn, settlement_id: settlement.id.clone() })
+            }
             _ => unreachable!("not a branch try: {self:?}"),
         }
     }
@@ -297,6 +324,9 @@ impl PartCommand {
             PartCommand::Orders(orders::Command::TryPlace { txn, checkout }) => {
                 PartCommand::Orders(orders::Command::CancelPlace { txn: *txn, checkout_id: checkout.id.clone() })
             }
+            PartCommand::Orders(orders::Command::TrySettle { txn, settlement }) => {
+                PartCommand::Orders(orders::Command::CancelSettle { txn: *txn, settlement_id: settlement.id.clone() })
+            }
             _ => unreachable!("not a branch try: {self:?}"),
         }
     }
@@ -313,6 +343,24 @@ impl PartCommand {
             PartCommand::Pricing(pricing::Command::LockCoupon { coupon_id, .. }) => format!("lock coupon {coupon_id}"),
             PartCommand::Orders(orders::Command::TryPlace { checkout, .. }) => {
                 format!("place checkout {}", checkout.id)
+            }
+            PartCommand::Orders(orders::Command::TrySettle { settlement, .. }) => {
+                format!(
+                    "settle {} parts of merchant {} as {}",
+                    settlement.lines.len(),
+                    settlement.merchant_id,
+                    settlement.id
+                )
+            }
+            // What an unpaid order gives back (reliable messages, see `outbox.rs`).
+            PartCommand::Inventory(inventory::Command::Return { sku_id, buyer_id, quantity }) => {
+                format!("return {quantity} of sku {sku_id} (buyer {buyer_id})")
+            }
+            PartCommand::Pricing(pricing::Command::Restore { promotion_id, buyer_id, discount, uses }) => {
+                format!("restore {discount} and {uses} uses of promotion {promotion_id} (buyer {buyer_id})")
+            }
+            PartCommand::Pricing(pricing::Command::ReturnCoupon { coupon_id, .. }) => {
+                format!("return coupon {coupon_id}")
             }
             other => format!("{other:?}"),
         }
@@ -486,6 +534,18 @@ impl Parts {
                     .cloned()
                     .collect(),
             ),
+            OrdersQuery::Settlement(id) => OrdersAnswer::Settlement(part.settlement(id).cloned()),
+            OrdersQuery::Settlements { merchant_id, limit } => {
+                OrdersAnswer::Settlements(part.settlements_of(merchant_id, *limit).into_iter().cloned().collect())
+            }
+            OrdersQuery::SettleableCurrencies(merchant_id) => {
+                let mut currencies: Vec<Currency> =
+                    part.settleable(merchant_id, None, 0).into_iter().map(|(currency, _)| currency).collect();
+                currencies.sort_unstable_by_key(|c| c.as_bytes());
+                currencies.dedup();
+                OrdersAnswer::Currencies(currencies)
+            }
+            OrdersQuery::MerchantsToSettle { limit } => OrdersAnswer::Merchants(part.merchants_to_settle(*limit)),
         }
     }
 

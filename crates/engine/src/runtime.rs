@@ -37,6 +37,7 @@ use crate::protocol::{AuditBatch, AuditEvent, ExecutorId, Input, Origin, PeerMsg
 use crate::tcc::{TxnFilter, TxnView};
 use crate::test_hooks::TestBatchGate;
 use crate::trade_checkout::{CheckoutAnswer, CheckoutAsk};
+use crate::trade_settlement::{SettleAnswer, SettleAsk};
 use peakstack_inventory::SaleGates;
 
 /// Most inputs one batch applies.
@@ -234,6 +235,8 @@ enum Request {
     Parts(Vec<PartCommand>, oneshot::Sender<Vec<PartReply>>),
     /// A checkout to place from its home executor (see `trade_checkout.rs`).
     Checkout(Box<CheckoutAsk>, oneshot::Sender<CheckoutAnswer>),
+    /// A merchant's settlement on its home executor (see `trade_settlement.rs`).
+    Settle(SettleAsk, oneshot::Sender<SettleAnswer>),
     /// An operator's replay of a dead letter (see `outbox.rs`): whether it was one.
     ReplayMessage(u64, oneshot::Sender<bool>),
 }
@@ -250,6 +253,7 @@ enum Completion {
     Query(oneshot::Sender<QueryAnswer>, QueryAnswer),
     Parts(oneshot::Sender<Vec<PartReply>>, Vec<PartReply>),
     Checkout(oneshot::Sender<CheckoutAnswer>, CheckoutAnswer),
+    Settle(oneshot::Sender<SettleAnswer>, SettleAnswer),
     Flag(oneshot::Sender<bool>, bool),
     /// Views the batch changed, made visible once it is durable (first,
     /// before any answer of the batch: a caller that hears of a new flash
@@ -267,6 +271,7 @@ impl Completion {
             Completion::Query(tx, v) => tx.send(v).map_err(drop),
             Completion::Parts(tx, v) => tx.send(v).map_err(drop),
             Completion::Checkout(tx, v) => tx.send(v).map_err(drop),
+            Completion::Settle(tx, v) => tx.send(v).map_err(drop),
             Completion::Flag(tx, v) => tx.send(v).map_err(drop),
             Completion::Publish(publication, shared) => {
                 publication.publish(&shared.layout, &shared.gates, &shared.catalogue_epoch);
@@ -828,6 +833,14 @@ impl Engine {
         rx.await.map_err(|_| ErrorCode::Unavailable)?
     }
 
+    /// Sends a settlement to its home executor; answered once its global
+    /// transaction is decided and durable (none: nothing to settle there).
+    pub(crate) async fn submit_settlement(&self, executor: ExecutorId, ask: SettleAsk) -> SettleAnswer {
+        let (tx, rx) = oneshot::channel();
+        self.submit(executor, Request::Settle(ask, tx))?;
+        rx.await.map_err(|_| ErrorCode::Unavailable)?
+    }
+
     /// Sends parts' commands to one executor; the answers come in order.
     pub(crate) fn submit_parts(
         &self,
@@ -1102,6 +1115,8 @@ enum ClientReply {
     Transfers(oneshot::Sender<Vec<TransferResult>>),
     /// A checkout, by its id.
     Checkout(Id, oneshot::Sender<CheckoutAnswer>),
+    /// A settlement, by its id.
+    Settle(Id, oneshot::Sender<SettleAnswer>),
 }
 
 impl ClientReply {
@@ -1109,6 +1124,7 @@ impl ClientReply {
         match self {
             ClientReply::Transfers(tx) => Completion::Transfers(tx, results),
             ClientReply::Checkout(id, tx) => Completion::Checkout(tx, Ok((id, results))),
+            ClientReply::Settle(id, tx) => Completion::Settle(tx, Ok(Some((id, results)))),
         }
     }
 }
@@ -1291,6 +1307,20 @@ impl Applier {
                             }
                         }
                     }
+                    Err(Request::Settle(ask, reply)) => match self.core.settlement_input(&ask, now_ms) {
+                        Err(e) => completions.push(Completion::Settle(reply, Err(e))),
+                        Ok(None) => completions.push(Completion::Settle(reply, Ok(None))),
+                        Ok(Some((id, input))) => {
+                            let tag = self.next_tag;
+                            self.next_tag += 1;
+                            let Input::Global { transfers, .. } = &input else { unreachable!("a global input") };
+                            transfers_taken += transfers.len();
+                            let n = transfers.len();
+                            let reply = ClientReply::Settle(id, reply);
+                            self.clients.insert(tag, ClientBatch { results: vec![None; n], remaining: n, reply });
+                            self.apply(input, now_ms, Some(tag), &mut fx, &mut logged);
+                        }
+                    },
                     Err(Request::Parts(commands, reply)) => {
                         transfers_taken += commands.len();
                         let mut replies = Vec::with_capacity(commands.len());
@@ -1520,7 +1550,8 @@ impl Applier {
                 for account in ledger.accounts() {
                     let net = account.balances.net_including_pending();
                     totals.net += net;
-                    if account.system {
+                    // Clearing accounts only: settle, merchant and fee accounts hold money at rest.
+                    if account.system && peakstack_domain::ledger::clearing_shard(account.id.as_str()).is_some() {
                         totals.clearing_net += net;
                     }
                 }

@@ -9,12 +9,15 @@ use crate::model::{
     CaptureMode, Checkout, CheckoutState, NewCheckout, NewOrder, Order, OrderLine, OrderState, PaymentState, Refund,
     RefundRequest,
 };
+use crate::settlement::{NewSettlement, Settlement, SettlementLine, SettlementState};
 use crate::state::{Command, Orders};
 
 type Result<T> = std::result::Result<T, CodecError>;
 
 /// The format of the checkpoint section this build writes (its first byte).
-pub const CHECKPOINT_FORMAT: u8 = 1;
+/// Format 2 adds the settlements after the fences; a format 1 section
+/// reads as one without settlements.
+pub const CHECKPOINT_FORMAT: u8 = 2;
 
 fn id(r: &mut Reader<'_>) -> Result<Id> {
     Id::parse(r.str()?).ok_or(CodecError("invalid id"))
@@ -149,6 +152,47 @@ fn new_checkout(r: &mut Reader<'_>) -> Result<NewCheckout> {
     })
 }
 
+fn put_new_settlement(w: &mut Writer, settlement: &NewSettlement) {
+    put_id(w, &settlement.id);
+    put_id(w, &settlement.merchant_id);
+    w.buf.extend_from_slice(&settlement.currency.as_bytes());
+    w.varint(u64::from(settlement.fee_bps));
+    w.varint(settlement.lines.len() as u64);
+    for line in &settlement.lines {
+        put_id(w, &line.order_id);
+        put_id(w, &line.settle_account_id);
+        w.varint(line.amount);
+        w.varint(line.fee);
+    }
+    w.varint(settlement.created_ms);
+}
+
+fn new_settlement(r: &mut Reader<'_>) -> Result<NewSettlement> {
+    Ok(NewSettlement {
+        id: id(r)?,
+        merchant_id: id(r)?,
+        currency: currency(r)?,
+        fee_bps: u32_varint(r)?,
+        lines: {
+            let n = r.len()?;
+            (0..n)
+                .map(|_| {
+                    Ok(SettlementLine {
+                        order_id: id(r)?,
+                        settle_account_id: id(r)?,
+                        amount: r.varint()?,
+                        fee: r.varint()?,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?
+        },
+        created_ms: r.varint()?,
+    })
+}
+
+const SETTLEMENT_STATES: [SettlementState; 3] =
+    [SettlementState::Pending, SettlementState::Completed, SettlementState::Failed];
+
 /// Appends a command's bytes.
 pub fn encode_command(command: &Command, w: &mut Writer) {
     match command {
@@ -213,6 +257,21 @@ pub fn encode_command(command: &Command, w: &mut Writer) {
                 put_id(w, checkout_id);
             }
         }
+        Command::TrySettle { txn, settlement } => {
+            w.u8(9);
+            w.u64(*txn);
+            put_new_settlement(w, settlement);
+        }
+        Command::ConfirmSettle { txn, settlement_id } => {
+            w.u8(10);
+            w.u64(*txn);
+            put_id(w, settlement_id);
+        }
+        Command::CancelSettle { txn, settlement_id } => {
+            w.u8(11);
+            w.u64(*txn);
+            put_id(w, settlement_id);
+        }
     }
 }
 
@@ -246,6 +305,9 @@ pub fn decode_command(r: &mut Reader<'_>) -> Result<Command> {
             let fences = (0..n).map(|_| Ok((r.u64()?, id(r)?))).collect::<Result<Vec<_>>>()?;
             Command::ForgetFences { fences }
         }
+        9 => Command::TrySettle { txn: r.u64()?, settlement: Box::new(new_settlement(r)?) },
+        10 => Command::ConfirmSettle { txn: r.u64()?, settlement_id: id(r)? },
+        11 => Command::CancelSettle { txn: r.u64()?, settlement_id: id(r)? },
         _ => return Err(CodecError("unknown orders command")),
     })
 }
@@ -346,13 +408,19 @@ impl Orders {
             put_id(w, checkout_id);
             w.varint(*forget_at_ms);
         }
+        w.varint(self.settlements.by_id.len() as u64);
+        for (_, settlement) in sorted(self.settlements.by_id.iter()) {
+            w.u64(settlement.txn);
+            put_state(w, &SETTLEMENT_STATES, &settlement.state);
+            put_new_settlement(w, &settlement.settlement);
+        }
     }
 
     /// Reads a checkpoint section back, rebuilding the payments, indexes and
     /// expiry schedule, and checks every invariant of what it read.
     pub fn decode_checkpoint(r: &mut Reader<'_>) -> Result<Orders> {
         let format = r.u8()?;
-        if format != CHECKPOINT_FORMAT {
+        if format != 1 && format != CHECKPOINT_FORMAT {
             return Err(CodecError("orders section of an unknown (newer) format"));
         }
         let mut orders = Orders::new();
@@ -406,9 +474,28 @@ impl Orders {
             }
             orders.fence_forgets.insert((forget_at_ms, txn, checkout_id));
         }
+        if format >= 2 {
+            for _ in 0..r.len()? {
+                let (txn, state) = (r.u64()?, state(r, &SETTLEMENT_STATES)?);
+                let settlement = new_settlement(r)?;
+                let known = settlement.lines.iter().all(|l| orders.orders.contains_key(&l.order_id));
+                let held = settlement.lines.iter().any(|l| orders.settlements.of_order.contains_key(&l.order_id));
+                if settlement.validate().is_err() || !known || (state != SettlementState::Failed && held) {
+                    return Err(CodecError("an invalid settlement, or one of unknown or twice settled orders"));
+                }
+                if orders.settlements.by_id.contains_key(&settlement.id) {
+                    return Err(CodecError("a settlement appears twice"));
+                }
+                orders.settlements.insert(Settlement { txn, settlement, state });
+            }
+        }
         let listed_refunds: usize = orders.orders.values().map(|o| o.refunds.len()).sum();
         if listed_refunds != orders.refunds.len() {
             return Err(CodecError("an order lists a refund twice or one that is missing"));
+        }
+        let order_ids: Vec<Id> = orders.orders.keys().cloned().collect();
+        for order_id in &order_ids {
+            orders.note_settleable(order_id);
         }
         if orders.orders.keys().any(|id| orders.order_problem(id).is_some()) {
             return Err(CodecError("an order breaks an invariant"));

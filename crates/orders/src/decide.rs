@@ -28,6 +28,12 @@ pub(crate) enum Decision {
     Refund { amount: u64, line_units: Vec<(usize, u32)> },
     /// Suspended fences to forget.
     Forget { fences: Vec<(u64, Id)> },
+    /// Record a tried settlement (its orders locked).
+    PlaceSettlement,
+    /// Its transaction committed: the parts become Settled.
+    ConfirmSettlement,
+    /// Its transaction was cancelled after its try.
+    CancelSettlement,
 }
 
 /// The ledger transfer id of a refund: `_` + refund id (reserved ids start
@@ -98,6 +104,9 @@ impl Orders {
             Command::Refund { refund_id, order_id, request } => self.decide_refund(refund_id, order_id, request),
             Command::Expire { payments } => Ok(self.decide_expire(payments, now_ms)),
             Command::ForgetFences { fences } => Ok(self.decide_forget(fences, now_ms)),
+            Command::TrySettle { txn, settlement } => self.decide_try_settle(*txn, settlement),
+            Command::ConfirmSettle { txn, settlement_id } => self.decide_confirm_settle(*txn, settlement_id),
+            Command::CancelSettle { txn, settlement_id } => self.decide_cancel_settle(*txn, settlement_id),
         }
     }
 
@@ -209,7 +218,11 @@ impl Orders {
             | Decision::Confirm
             | Decision::Fail
             | Decision::Suspend
-            | Decision::Forget { .. } => Vec::new(),
+            | Decision::Forget { .. }
+            // A settlement's movements are its transaction's own transfers.
+            | Decision::PlaceSettlement
+            | Decision::ConfirmSettlement
+            | Decision::CancelSettlement => Vec::new(),
         }
     }
 
@@ -336,9 +349,10 @@ impl Orders {
         if reserved_id("_", refund_id).is_none() {
             return Err(ErrorCode::InvalidRequest);
         }
-        let paid = order.state == OrderState::Paid
-            && matches!(order.payment_state, PaymentState::Captured | PaymentState::Settled);
-        if !paid {
+        // A settled part's money left the settle account a refund books
+        // from (and one being settled is locked): refused, see `settlement.rs`.
+        let paid = order.state == OrderState::Paid && order.payment_state == PaymentState::Captured;
+        if !paid || self.settlements.of_order.contains_key(order_id) {
             return Err(ErrorCode::InvalidState);
         }
         let left = order.amount_captured - order.amount_refunded;

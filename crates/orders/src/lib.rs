@@ -11,6 +11,11 @@
 //! executor books them in the same atomic step, and [`Orders::apply`]
 //! records the change. Both start from one decision, so they agree.
 //!
+//! A settlement is another branch (`settlement.rs`): `TrySettle` locks the
+//! captured parts it settles, `ConfirmSettle` marks them Settled (the money
+//! moves by its global transaction's own transfers), `CancelSettle` lets
+//! them go. A settled part refuses refunds (`invalid_state`).
+//!
 //! Invariants, asserted after every change (a violation panics: it is a bug,
 //! and the shard stops rather than move money it should not):
 //! - per order: `amount_refunded <= amount_captured <= amount_authorized`;
@@ -29,6 +34,9 @@
 mod codec;
 mod decide;
 mod model;
+mod settlement;
+#[cfg(test)]
+mod settlement_tests;
 mod state;
 #[cfg(test)]
 mod state_tests;
@@ -39,5 +47,9 @@ pub use model::{
     CaptureMode, Checkout, CheckoutState, LedgerEffect, NewCheckout, NewOrder, Order, OrderLine, OrderState,
     PaymentState, Refund, RefundRequest, Release, DEFAULT_AUTHORIZATION_MS, MAX_ORDERS, MAX_ORDER_ID_LEN,
     MAX_ORDER_LINES,
+};
+pub use settlement::{
+    fee_of, NewSettlement, Settlement, SettlementLine, SettlementState, MAX_FEE_BPS, MAX_SETTLEMENT_LINES,
+    MAX_SETTLEMENT_PAGE,
 };
 pub use state::{Command, Orders, PaymentPartView, PaymentView, FENCE_RETENTION_MS, MAX_DUE_PER_TICK};

@@ -10,6 +10,7 @@ use crate::model::{
     CaptureMode, Checkout, CheckoutState, LedgerEffect, NewCheckout, Order, OrderState, PaymentState, Refund,
     RefundRequest,
 };
+use crate::settlement::{NewSettlement, Settlements};
 
 pub(crate) type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
@@ -50,6 +51,15 @@ pub enum Command {
     Expire { payments: Vec<Id> },
     /// Suspended fences past their retention (from [`Orders::due`]).
     ForgetFences { fences: Vec<(u64, Id)> },
+    /// A settlement's TCC branch (see `settlement.rs`): records it Pending
+    /// and locks its orders. Repeated by the same transaction: unchanged.
+    /// An order that is not captured, held or settled already, or whose
+    /// amount changed: `invalid_state`.
+    TrySettle { txn: u64, settlement: Box<NewSettlement> },
+    /// Pending -> Completed: its parts Settled. Repeat: unchanged.
+    ConfirmSettle { txn: u64, settlement_id: Id },
+    /// Pending -> Failed: its orders unlocked. Repeat or unknown: unchanged.
+    CancelSettle { txn: u64, settlement_id: Id },
 }
 
 /// A checkout's payment, with one part per order.
@@ -158,6 +168,7 @@ pub struct Orders {
     pub(crate) by_merchant: HashMap<Id, OrderIndex>,
     /// The next sequence [`Orders::take_sequence`] hands out.
     pub(crate) next_sequence: u64,
+    pub(crate) settlements: Settlements,
 }
 
 impl Default for Orders {
@@ -180,6 +191,7 @@ impl Orders {
             by_buyer: HashMap::default(),
             by_merchant: HashMap::default(),
             next_sequence: 1,
+            settlements: Settlements::default(),
         }
     }
 
@@ -200,6 +212,7 @@ impl Orders {
             Ok(decision) => {
                 let touched = self.execute(command, decision, now_ms);
                 for order_id in &touched {
+                    self.note_settleable(order_id);
                     self.assert_order(order_id);
                 }
                 (true, Ok(()))
@@ -368,12 +381,31 @@ impl Orders {
                 }
                 Vec::new()
             }
+            (Decision::PlaceSettlement, Command::TrySettle { txn, settlement }) => {
+                self.place_settlement(*txn, settlement)
+            }
+            (Decision::ConfirmSettlement, Command::ConfirmSettle { settlement_id, .. }) => {
+                self.confirm_settlement(settlement_id, now_ms)
+            }
+            (Decision::CancelSettlement, Command::CancelSettle { settlement_id, .. }) => {
+                self.cancel_settlement(settlement_id)
+            }
             (decision, command) => unreachable!("{decision:?} is no decision of {command:?}"),
         }
     }
 
     /// Raises the sequence counter above an assigned id's, so that a replay
     /// of the log hands out the same next ids.
+    pub(crate) fn raise_assigned(&mut self, kind: AssignedKind, id: &Id) {
+        self.raise_sequence(kind, id);
+    }
+
+    /// Raises the counter above a settlement id the executor assigned:
+    /// applied with the logged input that carries it (see `note_assigned`).
+    pub fn note_settlement(&mut self, settlement: &NewSettlement) {
+        self.raise_sequence(AssignedKind::Settlement, &settlement.id);
+    }
+
     fn raise_sequence(&mut self, kind: AssignedKind, id: &Id) {
         if let Some((_, sequence)) = kind.parse(id.as_str()) {
             self.next_sequence = self.next_sequence.max(sequence.saturating_add(1));
@@ -431,6 +463,12 @@ impl Orders {
         order.state = state;
         order.updated_ms = now_ms;
         order
+    }
+
+    /// A captured part becomes Settled (its order keeps its state).
+    pub(crate) fn settle_part(&mut self, order_id: &Id, now_ms: u64) {
+        let state = self.orders[order_id].state;
+        self.set_part(order_id, PaymentState::Settled, state, now_ms);
     }
 
     fn set_checkout(&mut self, checkout_id: &Id, state: CheckoutState) -> Vec<Id> {
@@ -598,7 +636,7 @@ impl Orders {
         if authorized != (order.payment_state == PaymentState::RequiresCapture) {
             return Some("authorized without a part awaiting capture");
         }
-        None
+        self.settlement_problem(order_id)
     }
 
     /// An order's invariants (a violation is a bug: panics).

@@ -36,6 +36,8 @@ pub mod action {
     pub const PAYMENT_CANCEL: &str = "payment.cancel";
     pub const ORDER_CANCEL: &str = "order.cancel";
     pub const REFUND_CREATE: &str = "refund.create";
+    pub const SETTLEMENT_CREATE: &str = "settlement.create";
+    pub const DEAD_LETTER_REPLAY: &str = "dead_letter.replay";
     pub const ALL: &[&str] = &[
         ACCOUNT_CREATE,
         TRANSFER_CREATE,
@@ -55,6 +57,8 @@ pub mod action {
         PAYMENT_CANCEL,
         ORDER_CANCEL,
         REFUND_CREATE,
+        SETTLEMENT_CREATE,
+        DEAD_LETTER_REPLAY,
     ];
 }
 

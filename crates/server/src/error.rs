@@ -227,7 +227,9 @@ pub fn ledger_status(code: ErrorCode) -> StatusCode {
         | ErrorCode::CheckoutNotFound
         | ErrorCode::OrderNotFound
         | ErrorCode::PaymentNotFound
-        | ErrorCode::RefundNotFound => StatusCode::NOT_FOUND,
+        | ErrorCode::RefundNotFound
+        | ErrorCode::SettlementNotFound
+        | ErrorCode::MessageNotFound => StatusCode::NOT_FOUND,
         ErrorCode::ExistsWithDifferentFields | ErrorCode::InFlight => StatusCode::CONFLICT,
         ErrorCode::Unavailable | ErrorCode::TransactionTimedOut => StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::CurrencyMismatch
@@ -333,6 +335,8 @@ pub fn ledger_detail(code: ErrorCode) -> &'static str {
         ErrorCode::InvalidState => "the object's state does not allow this (for example a capture of a canceled payment or a refund of an unpaid order)",
         ErrorCode::AmountExceedsAuthorized => "the capture asks more than the payment has authorized and not yet captured",
         ErrorCode::RefundExceedsCaptured => "the refunds would give back more than was captured for the order (or more units of a line than it has)",
+        ErrorCode::SettlementNotFound => "the settlement does not exist",
+        ErrorCode::MessageNotFound => "no dead letter with this id",
     }
 }
 
@@ -400,6 +404,8 @@ fn title(code: &str) -> &'static str {
         "invalid_state" => "Invalid state",
         "amount_exceeds_authorized" => "Amount exceeds authorized",
         "refund_exceeds_captured" => "Refund exceeds captured",
+        "settlement_not_found" => "Settlement not found",
+        "message_not_found" => "Message not found",
         "unsupported_media_type" => "Unsupported media type",
         "request_header_fields_too_large" => "Request header fields too large",
         "uri_too_long" => "URI too long",

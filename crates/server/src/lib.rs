@@ -55,6 +55,7 @@ pub mod listener;
 mod observe;
 mod post_guard;
 mod pricing_api;
+mod settlement_api;
 mod transactions_api;
 mod transfer_list;
 mod wire;
@@ -100,6 +101,7 @@ pub use idempotency::{IdempotencyStore, StoreError};
 pub use listener::ConnectionLimits;
 pub use observe::{metrics_handle, X_REQUEST_ID};
 pub use post_guard::{BATCH_BODY_LIMIT_BYTES, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, SINGLE_BODY_LIMIT_BYTES};
+pub use settlement_api::{credit_line_account_id, parse_settle_every, MAX_CREDIT_LINE_ENTRIES};
 pub use wire::MAX_METADATA_BYTES;
 
 /// File name of the idempotency database inside the data dir.
@@ -131,6 +133,10 @@ pub struct ServerConfig {
     /// How long an `Idempotency-Key` is remembered
     /// ([`idempotency::DEFAULT_RETENTION`]).
     pub idempotency_retention: Duration,
+    /// The platform's fee of a settlement that names none, in basis points (0 by default).
+    pub settlement_fee_bps: u32,
+    /// Settle every merchant with captured money this often (off by default).
+    pub settle_every: Option<Duration>,
 }
 
 /// The default of [`ServerConfig::request_deadline`].
@@ -156,6 +162,8 @@ impl ServerConfig {
             limits: ConnectionLimits::default(),
             request_deadline: DEFAULT_REQUEST_DEADLINE,
             idempotency_retention: idempotency::DEFAULT_RETENTION,
+            settlement_fee_bps: 0,
+            settle_every: None,
         }
     }
 }
@@ -189,6 +197,7 @@ struct Inner {
     metrics: PrometheusHandle,
     ready: AtomicBool,
     request_deadline: Duration,
+    settlement_fee_bps: u32,
 }
 
 impl AppState {
@@ -219,6 +228,7 @@ impl AppState {
                 metrics: metrics_handle(),
                 ready: AtomicBool::new(false),
                 request_deadline: DEFAULT_REQUEST_DEADLINE,
+                settlement_fee_bps: 0,
             }),
         })
     }
@@ -231,6 +241,16 @@ impl AppState {
     fn with_request_deadline(mut self, deadline: Duration) -> AppState {
         Arc::get_mut(&mut self.inner).expect("not shared yet").request_deadline = deadline;
         self
+    }
+
+    fn with_settlement_fee_bps(mut self, fee_bps: u32) -> AppState {
+        Arc::get_mut(&mut self.inner).expect("not shared yet").settlement_fee_bps = fee_bps;
+        self
+    }
+
+    /// The fee of a settlement that names none (`--settlement-fee-bps`).
+    pub fn settlement_fee_bps(&self) -> u32 {
+        self.inner.settlement_fee_bps
     }
 
     pub fn engine(&self) -> &Engine {
@@ -365,6 +385,13 @@ fn route_table() -> Routes {
         ("GET", "/v1/refunds/{id}", Read, get(checkout_api::get_refund)),
         ("GET", "/v1/transactions", Operations, get(transactions_api::list_transactions)),
         ("GET", "/v1/transactions/{id}", Operations, get(transactions_api::get_transaction)),
+        // Settlements, credit lines and dead letters (settlement_api.rs).
+        ("POST", "/v1/settlements", Admin, post(settlement_api::create_settlement)),
+        ("GET", "/v1/settlements", Read, get(settlement_api::list_settlements)),
+        ("GET", "/v1/settlements/{id}", Read, get(settlement_api::get_settlement)),
+        ("GET", "/v1/credit-lines/{id}", Read, get(settlement_api::get_credit_line)),
+        ("GET", "/v1/dead-letters", Operations, get(settlement_api::list_dead_letters)),
+        ("POST", "/v1/dead-letters/{id}/replay", Admin, post(settlement_api::replay_dead_letter)),
     ]
 }
 
@@ -381,6 +408,10 @@ fn query_parameters(method: &str, path: &str) -> &'static [&'static str] {
         ("GET", "/v1/orders") => &["buyer_id", "merchant_id", "limit", "after"],
         ("GET", "/v1/transactions") => &["state", "limit"],
         ("GET", "/v1/audit") => &["key_id", "action", "target", "request_id", "since", "until", "after", "limit"],
+        // Settlements, credit lines and dead letters.
+        ("GET", "/v1/settlements") => &["merchant_id", "limit"],
+        ("GET", "/v1/credit-lines/{id}") => &["period"],
+        ("GET", "/v1/dead-letters") => &["limit"],
         _ => &[],
     }
 }
@@ -460,6 +491,7 @@ pub struct Server {
     tls: Option<Arc<rustls::ServerConfig>>,
     limits: ConnectionLimits,
     idempotency_retention: Duration,
+    settle_every: Option<Duration>,
 }
 
 impl Server {
@@ -468,8 +500,9 @@ impl Server {
     /// keys checked but no key that opens the API.
     pub async fn bind(config: ServerConfig, engine: Engine) -> anyhow::Result<Server> {
         let tls = tls_of(&config)?;
-        let state =
-            AppState::new(engine, &config.data_dir, config.auth)?.with_request_deadline(config.request_deadline);
+        let state = AppState::new(engine, &config.data_dir, config.auth)?
+            .with_request_deadline(config.request_deadline)
+            .with_settlement_fee_bps(config.settlement_fee_bps);
         if let Err(error) = check_keys(&config, state.keys()) {
             state.close().await;
             return Err(error);
@@ -494,6 +527,7 @@ impl Server {
             tls,
             limits: config.limits,
             idempotency_retention: config.idempotency_retention,
+            settle_every: config.settle_every,
         })
     }
 
@@ -509,13 +543,15 @@ impl Server {
     /// ready, drains the requests in flight, stops the background tasks and
     /// closes the idempotency store. The caller shuts the engine down after.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-        let Server { listener, state, local_addr, tls, limits, idempotency_retention } = self;
+        let Server { listener, state, local_addr, tls, limits, idempotency_retention, settle_every } = self;
         let scheme = if tls.is_some() { "https" } else { "http" };
         tracing::info!("listening on {scheme}://{local_addr}");
         state.set_ready(true);
         let (stop_tasks, tasks_stopped) = tokio::sync::watch::channel(false);
         let purge = tokio::spawn(purge_loop(state.clone(), idempotency_retention, tasks_stopped.clone()));
-        let upkeep = tokio::spawn(upkeep_loop(state.metrics().clone(), tasks_stopped));
+        let upkeep = tokio::spawn(upkeep_loop(state.metrics().clone(), tasks_stopped.clone()));
+        let settle =
+            settle_every.map(|every| tokio::spawn(settlement_api::settle_loop(state.clone(), every, tasks_stopped)));
 
         let signal_state = state.clone();
         let served = listener::serve(listener, router(state.clone()), tls, limits, async move {
@@ -528,6 +564,9 @@ impl Server {
         let _ = stop_tasks.send(true);
         let _ = purge.await;
         let _ = upkeep.await;
+        if let Some(settle) = settle {
+            let _ = settle.await;
+        }
         state.close().await;
         tracing::info!("server stopped");
         served.context("server failed")

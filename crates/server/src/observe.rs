@@ -86,6 +86,11 @@ const COUNTERS: &[(&str, &str)] = &[
 const GAUGES: &[(&str, &str)] = &[
     ("peakstack_audit_feed_lag_batches", "Durable batches whose audit events are not stored yet."),
     (LEDGER_PENDING_TRANSFERS, "Pending transfers (holds) made and not yet posted, voided or expired."),
+    ("peakstack_outbox_messages", "Reliable messages between executors kept until applied, dead letters included."),
+    (
+        "peakstack_outbox_dead_letters",
+        "Reliable messages refused too often and no longer retried (see GET /v1/dead-letters).",
+    ),
 ];
 const HISTOGRAMS: &[(&str, &str)] = &[
     ("peakstack_http_request_duration_seconds", "Time from a request's head to its answer, by route."),
@@ -119,6 +124,8 @@ pub fn record_engine_stats(engine: &peakstack_engine::Engine) {
     metrics::counter!("peakstack_engine_checkpoints_total").absolute(load(&stats.checkpoints));
     metrics::gauge!("peakstack_audit_feed_lag_batches").set(engine.audit_lag() as f64);
     metrics::gauge!(LEDGER_PENDING_TRANSFERS).set(load(&stats.pending_transfers) as f64);
+    metrics::gauge!("peakstack_outbox_messages").set(load(&stats.messages_kept) as f64);
+    metrics::gauge!("peakstack_outbox_dead_letters").set(load(&stats.dead_letters) as f64);
 }
 
 /// Counts transfer results by code: one registry lookup per code present,

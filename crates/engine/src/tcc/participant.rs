@@ -68,6 +68,7 @@ impl ExecutorCore {
                     Err(e) => OpResult::Err(e),
                 },
                 TryOp::Hold(leg) => {
+                    self.open_flow_account(leg, now_ms);
                     let shard = self.layout.shard_of_account(&leg.account_id);
                     match self.ledger.hold(leg, shard, txn, &mut view, now_ms) {
                         Ok(()) => {
