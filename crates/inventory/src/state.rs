@@ -410,23 +410,33 @@ impl Inventory {
         if self.held.contains_key(&(txn, sku_id.clone())) {
             return (false, Ok(Answer::Done));
         }
-        if !(1..=MAX_PURCHASE_QUANTITY).contains(&quantity) {
-            return (false, Err(ErrorCode::InvalidRequest));
+        if let Err(code) = self.take_units(sku_id, buyer_id, quantity) {
+            return (false, Err(code));
         }
-        let Some(sku) = self.skus.get_mut(sku_id) else { return (false, Err(ErrorCode::SkuNotFound)) };
+        self.held.insert((txn, sku_id.clone()), (buyer_id.clone(), quantity));
+        (true, Ok(Answer::Done))
+    }
+
+    /// Checks `quantity` more units of a SKU for a buyer (the quantity, the
+    /// buyer's limit, what is available) and, if they pass, counts them
+    /// reserved and the buyer's: the check-then-act of every hold.
+    fn take_units(&mut self, sku_id: &Id, buyer_id: &Id, quantity: u32) -> Result<&SkuView, ErrorCode> {
+        if !(1..=MAX_PURCHASE_QUANTITY).contains(&quantity) {
+            return Err(ErrorCode::InvalidRequest);
+        }
+        let sku = self.skus.get_mut(sku_id).ok_or(ErrorCode::SkuNotFound)?;
         let holder = (Holder::Sku(sku_id.clone()), buyer_id.clone());
         let units = self.buyer_units.get(&holder).copied().unwrap_or(0);
         if sku.per_buyer_limit.is_some_and(|limit| units + quantity > limit) {
-            return (false, Err(ErrorCode::PurchaseLimitExceeded));
+            return Err(ErrorCode::PurchaseLimitExceeded);
         }
         if sku.available() < u64::from(quantity) {
-            return (false, Err(ErrorCode::OutOfStock));
+            return Err(ErrorCode::OutOfStock);
         }
         sku.reserved += u64::from(quantity);
         sku.assert_within_stock();
         *self.buyer_units.entry(holder).or_insert(0) += quantity;
-        self.held.insert((txn, sku_id.clone()), (buyer_id.clone(), quantity));
-        (true, Ok(Answer::Done))
+        Ok(sku)
     }
 
     /// Ends a held branch: its units sold (`confirm`) or given back. None
@@ -460,23 +470,10 @@ impl Inventory {
         hold_ms: u64,
         now_ms: u64,
     ) -> (bool, Reply) {
-        if !(1..=MAX_PURCHASE_QUANTITY).contains(&quantity) {
-            return (false, Err(ErrorCode::InvalidRequest));
-        }
-        let Some(sku) = self.skus.get(sku_id) else { return (false, Err(ErrorCode::SkuNotFound)) };
-        let holder = (Holder::Sku(sku_id.clone()), buyer_id.clone());
-        let held = self.buyer_units.get(&holder).copied().unwrap_or(0);
-        if sku.per_buyer_limit.is_some_and(|limit| held + quantity > limit) {
-            return (false, Err(ErrorCode::PurchaseLimitExceeded));
-        }
-        if sku.available() < u64::from(quantity) {
-            return (false, Err(ErrorCode::OutOfStock));
-        }
-        let (unit_price, currency) = (sku.price, sku.currency);
-        let sku = self.skus.get_mut(sku_id).expect("looked up");
-        sku.reserved += u64::from(quantity);
-        sku.assert_within_stock();
-        *self.buyer_units.entry(holder).or_insert(0) += quantity;
+        let (unit_price, currency) = match self.take_units(sku_id, buyer_id, quantity) {
+            Ok(sku) => (sku.price, sku.currency),
+            Err(code) => return (false, Err(code)),
+        };
         let reservation =
             self.new_reservation(shard, sku_id, None, buyer_id, quantity, unit_price, currency, hold_ms, now_ms);
         (true, Ok(Answer::Reservation(reservation)))

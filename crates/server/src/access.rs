@@ -125,6 +125,22 @@ pub enum Denied {
 }
 
 impl Principal {
+    /// The buyer a buyer's request acts for: an app key's own (a body naming
+    /// another is refused), or the one the body names for an admin key;
+    /// `does` says what (for the refusal of every other key).
+    pub fn acting_buyer(&self, named: Option<&str>, does: &str) -> Result<Id, ApiError> {
+        let named =
+            named.map(|b| crate::wire::parse_id("buyer_id", b).map_err(ApiError::InvalidRequest)).transpose()?;
+        match (&self.scope, &self.buyer, named) {
+            (Scope::App, Some(own), Some(named)) if named != *own => {
+                Err(ApiError::Forbidden(format!("this app key acts for buyer {own} (X-Buyer-Id), not {named}")))
+            }
+            (Scope::App, Some(own), _) => Ok(own.clone()),
+            (Scope::Admin, _, Some(named)) => Ok(named),
+            (Scope::Admin, _, None) => Err(ApiError::invalid("buyer_id: required")),
+            _ => Err(ApiError::Forbidden(format!("only an admin key or an app key acting for the buyer {does}"))),
+        }
+    }
     /// The caller when authentication is switched off: an admin.
     pub fn insecure() -> Principal {
         Principal { key_id: Arc::from(INSECURE_KEY_ID), scope: Scope::Admin, buyer: None }

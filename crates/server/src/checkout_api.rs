@@ -417,21 +417,6 @@ async fn visible_refund(state: &AppState, principal: &Principal, id: &Id) -> Res
     Ok(refund)
 }
 
-/// The buyer a checkout is for: an app key's own (a body naming another
-/// is refused), or the one the body names for an admin key.
-fn acting_buyer(principal: &Principal, named: Option<&str>) -> Result<Id, ApiError> {
-    let named = named.map(|b| parse_id("buyer_id", b).map_err(ApiError::InvalidRequest)).transpose()?;
-    match (&principal.scope, &principal.buyer, named) {
-        (Scope::App, Some(own), Some(named)) if named != *own => {
-            Err(ApiError::Forbidden(format!("this app key acts for buyer {own} (X-Buyer-Id), not {named}")))
-        }
-        (Scope::App, Some(own), _) => Ok(own.clone()),
-        (Scope::Admin, _, Some(named)) => Ok(named),
-        (Scope::Admin, _, None) => Err(ApiError::invalid("buyer_id: required")),
-        _ => Err(ApiError::Forbidden("only an admin key or an app key acting for the buyer checks out".into())),
-    }
-}
-
 // ---- checkouts ----
 
 /// The cart of a checkout body, checked: 1 to MAX_QUOTE_LINES lines of
@@ -523,7 +508,7 @@ pub async fn create_checkout(
     caller: Caller,
     ApiJson(body): ApiJson<CheckoutBody>,
 ) -> Result<Response, ApiError> {
-    let buyer_id = acting_buyer(&caller.principal, body.buyer_id.as_deref())?;
+    let buyer_id = caller.principal.acting_buyer(body.buyer_id.as_deref(), "checks out")?;
     let (lines, coupon_ids) = cart_of(&body)?;
     let account_id = parse_id("payment.account_id", &body.payment.account_id).map_err(ApiError::InvalidRequest)?;
     check_paying_account(&state, &caller.principal, &account_id).await?;

@@ -240,21 +240,6 @@ fn changes_sku(principal: &Principal, sku: &SkuView) -> Result<(), ApiError> {
     }
 }
 
-/// The buyer a request acts for: an app key's own (a body naming another
-/// is refused), or the one the body names for an admin key.
-fn acting_buyer(principal: &Principal, named: Option<&str>) -> Result<Id, ApiError> {
-    let named = named.map(|b| parse_id("buyer_id", b).map_err(ApiError::InvalidRequest)).transpose()?;
-    match (&principal.scope, &principal.buyer, named) {
-        (Scope::App, Some(own), Some(named)) if named != *own => {
-            Err(ApiError::Forbidden(format!("this app key acts for buyer {own} (X-Buyer-Id), not {named}")))
-        }
-        (Scope::App, Some(own), _) => Ok(own.clone()),
-        (Scope::Admin, _, Some(named)) => Ok(named),
-        (Scope::Admin, _, None) => Err(ApiError::invalid("buyer_id: required")),
-        _ => Err(ApiError::Forbidden("only an admin key or an app key acting for the buyer reserves units".into())),
-    }
-}
-
 async fn visible_sku(state: &AppState, principal: &Principal, id: &Id) -> Result<SkuView, ApiError> {
     match state.engine().sku(id).await.map_err(ApiError::ledger)? {
         Some(sku) if sees_sku(principal, &sku) => Ok(sku),
@@ -383,7 +368,7 @@ pub async fn create_reservation(
     caller: Caller,
     ApiJson(body): ApiJson<ReservationBody>,
 ) -> Result<Response, ApiError> {
-    let buyer_id = acting_buyer(&caller.principal, body.buyer_id.as_deref())?;
+    let buyer_id = caller.principal.acting_buyer(body.buyer_id.as_deref(), "reserves units")?;
     let sku_id = parse_id("sku_id", &body.sku_id).map_err(ApiError::InvalidRequest)?;
     check_quantity(body.quantity)?;
     let hold_seconds = body.hold_seconds.unwrap_or(DEFAULT_HOLD_SECONDS);
@@ -536,7 +521,7 @@ pub async fn attempt_flash_sale(
     ApiJson(body): ApiJson<AttemptBody>,
 ) -> Result<Response, ApiError> {
     let sale_id = path_id("id", &id)?;
-    let buyer_id = acting_buyer(&caller.principal, body.buyer_id.as_deref())?;
+    let buyer_id = caller.principal.acting_buyer(body.buyer_id.as_deref(), "reserves units")?;
     check_quantity(body.quantity)?;
     let command = Command::Attempt { shard: 0, sale_id: sale_id.clone(), buyer_id, quantity: body.quantity };
     match state.engine().inventory(command).await {
