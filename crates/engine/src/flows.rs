@@ -252,12 +252,12 @@ impl ExecutorCore {
     ) -> (bool, PartReply) {
         if let PartCommand::Orders(orders_command) = command {
             match self.parts.orders.plan(orders_command, now_ms) {
-                Err(e) => return (false, PartReply::Orders(Err(e), None)),
+                Err(e) => return (false, PartReply::Orders(Err(e), None, false)),
                 Ok(effects) if !effects.is_empty() => {
                     let transfers = effects.into_iter().map(movement).collect::<Result<Vec<_>, _>>();
                     let booked = transfers.and_then(|t| self.book_locally(t, now_ms, fx));
                     if let Err(e) = booked {
-                        return (true, PartReply::Orders(Err(e), None));
+                        return (true, PartReply::Orders(Err(e), None, false));
                     }
                     let releases = self.parts.orders.releases(orders_command, now_ms);
                     let (_, reply) = self.parts.apply(command, now_ms);

@@ -36,8 +36,10 @@ pub enum PartReply {
     /// The pricing part answers done or why not; an issued coupon's id is
     /// the one [`Parts::assign`] put in the command.
     Pricing(pricing::Reply, Option<Id>),
-    /// A refund's id is the one [`Parts::assign`] put in the command.
-    Orders(Result<(), ErrorCode>, Option<Id>),
+    /// A refund's id is the one [`Parts::assign`] put in the command; and
+    /// whether the command changed anything (a repeat of a capture or a
+    /// cancel answers ok and changes nothing: it is not audited again).
+    Orders(Result<(), ErrorCode>, Option<Id>, bool),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -373,7 +375,7 @@ impl PartReply {
         match self {
             PartReply::Inventory(reply) => reply.as_ref().err().copied(),
             PartReply::Pricing(reply, _) => reply.as_ref().err().copied(),
-            PartReply::Orders(reply, _) => reply.as_ref().err().copied(),
+            PartReply::Orders(reply, ..) => reply.as_ref().err().copied(),
         }
     }
 }
@@ -505,7 +507,7 @@ impl Parts {
                     orders::Command::Refund { refund_id, .. } if reply.is_ok() => Some(refund_id.clone()),
                     _ => None,
                 };
-                (changed, PartReply::Orders(reply, refund))
+                (changed, PartReply::Orders(reply, refund, changed))
             }
         }
     }

@@ -294,8 +294,16 @@ impl Engine {
     /// Runs an orders command (capture, cancel, refund) at the home of the
     /// object it names; answered once durable, with a new refund's id.
     pub async fn orders_command(&self, command: orders::Command) -> Result<Option<Id>, ErrorCode> {
+        self.orders_command_changed(command).await.map(|(id, _)| id)
+    }
+
+    /// [`Engine::orders_command`], with whether it changed anything (false
+    /// for a repeat: a second capture of a captured payment, a cancel of a
+    /// canceled one), decided where the command ran, so racing callers
+    /// learn which of them did it.
+    pub async fn orders_command_changed(&self, command: orders::Command) -> Result<(Option<Id>, bool), ErrorCode> {
         match self.part(PartCommand::Orders(command)).await? {
-            PartReply::Orders(reply, id) => reply.map(|()| id),
+            PartReply::Orders(reply, id, changed) => reply.map(|()| (id, changed)),
             _ => Err(ErrorCode::Unavailable),
         }
     }

@@ -593,17 +593,18 @@ pub async fn list_orders(
     Ok(json(StatusCode::OK, &Page { data, next }))
 }
 
-/// Runs an orders command that changes money and, if it did, writes its
-/// audit record (callers run it under `decide_within`, so neither is
-/// cancelled by a late or vanished client).
+/// Runs an orders command that changes money and, if it changed anything
+/// (the engine says, where the command ran: of racing captures or cancels
+/// only the one that did it), writes its audit record (callers run it
+/// under `decide_within`, so neither is cancelled by a late or vanished client).
 async fn run_command(
     state: AppState,
     caller: Caller,
     command: orders::Command,
     audited: Option<(&'static str, Id, serde_json::Value)>,
 ) -> Result<Option<Id>, ApiError> {
-    let created = state.engine().orders_command(command).await.map_err(ApiError::ledger)?;
-    if let Some((action, target, details)) = audited {
+    let (created, changed) = state.engine().orders_command_changed(command).await.map_err(ApiError::ledger)?;
+    if let (Some((action, target, details)), true) = (audited, changed) {
         audit(&state, &caller, action, target.as_str(), details).await?;
     }
     Ok(created)
