@@ -698,7 +698,7 @@ impl Codec for Input {
                     w.u64(*txn);
                 }
             }
-            Input::Global { transfers, branches, origin } => {
+            Input::Global { transfers, branches, origin, key } => {
                 w.u8(9);
                 transfers.encode(w);
                 w.varint(branches.len() as u64);
@@ -714,6 +714,11 @@ impl Codec for Input {
                         w.buf.extend_from_slice(&tag.key_hash);
                         w.buf.extend_from_slice(&tag.fingerprint);
                     }
+                }
+                w.bool(key.is_some());
+                if let Some(tag) = key {
+                    w.buf.extend_from_slice(&tag.key_hash);
+                    w.buf.extend_from_slice(&tag.fingerprint);
                 }
             }
             Input::ReplayMessage { id } => {
@@ -777,7 +782,11 @@ impl Codec for Input {
                         Some(Origin { key_id, request_id, idempotency })
                     }
                 };
-                Input::Global { transfers, branches, origin }
+                let key = match r.bool()? {
+                    true => Some(IdempotencyTag { key_hash: r.array()?, fingerprint: r.array()? }),
+                    false => None,
+                };
+                Input::Global { transfers, branches, origin, key }
             }
             10 => Input::ReplayMessage { id: r.varint()? },
             3 => Input::Peer {

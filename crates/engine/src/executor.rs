@@ -364,7 +364,10 @@ impl ExecutorCore {
             }
             Input::Part(command) => (self.apply_part_command(command, now_ms, fx).0, None),
             Input::ReplayMessage { id } => (self.replay_dead_letter(*id, now_ms, fx), None),
-            Input::Global { transfers, branches, origin } => {
+            Input::Global { transfers, branches, origin, key } => {
+                if let Some(tag) = key {
+                    self.parts.note_keyed_checkout(tag, branches);
+                }
                 self.start_global(transfers, branches, client, origin.clone(), now_ms, fx);
                 (true, None)
             }

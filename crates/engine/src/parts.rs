@@ -128,6 +128,8 @@ pub enum PricingAnswer {
 const INVENTORY: u8 = 1;
 const PRICING: u8 = 2;
 const ORDERS: u8 = 3;
+/// The checkouts placed under an Idempotency-Key (see [`Parts::keyed_checkout`]).
+const KEYED_CHECKOUTS: u8 = 4;
 /// The checkpoint section of the ids the executor assigns for the parts.
 const ASSIGNED_IDS: u8 = 0;
 
@@ -440,6 +442,11 @@ pub struct Parts {
     pub inventory: Inventory,
     pub pricing: Pricing,
     pub orders: Orders,
+    /// Checkouts placed under an Idempotency-Key, by the key's hash: (the
+    /// request's fingerprint, the checkout id). Logged with the checkout
+    /// (`Input::Global`), so a retry whose stored answer a crash lost finds
+    /// its checkout instead of placing a second one.
+    keyed_checkouts: std::collections::HashMap<[u8; 16], ([u8; 16], Id)>,
     /// The next coupon's sequence (its id is `cpn_<shard>_<sequence>`).
     next_coupon: u64,
     /// Set when a SKU, promotion or coupon template was made: price books
@@ -453,6 +460,7 @@ impl Default for Parts {
             inventory: Inventory::new(),
             pricing: Pricing::new(),
             orders: Orders::new(),
+            keyed_checkouts: Default::default(),
             next_coupon: 1,
             catalogue_changed: false,
         }
@@ -586,6 +594,29 @@ impl Parts {
         }
     }
 
+    /// Records the key a checkout was placed under (its `TryPlace` branch names it).
+    pub fn note_keyed_checkout(&mut self, tag: &crate::protocol::IdempotencyTag, branches: &[PartCommand]) {
+        for branch in branches {
+            if let PartCommand::Orders(orders::Command::TryPlace { checkout, .. }) = branch {
+                self.keyed_checkouts.insert(tag.key_hash, (tag.fingerprint, checkout.id.clone()));
+            }
+        }
+    }
+
+    /// The checkout placed under this key, if one was and did not fail:
+    /// `Ok(id)` for the same request, `Err(ExistsWithDifferentFields)` for
+    /// another one, `Err(InFlight)` while it is still being placed.
+    pub fn keyed_checkout(&self, tag: &crate::protocol::IdempotencyTag) -> Option<Result<Id, ErrorCode>> {
+        let (fingerprint, id) = self.keyed_checkouts.get(&tag.key_hash)?;
+        let state = self.orders.checkout(id).map(|c| c.state)?;
+        match state {
+            orders::CheckoutState::Failed => None,
+            _ if *fingerprint != tag.fingerprint => Some(Err(ErrorCode::ExistsWithDifferentFields)),
+            orders::CheckoutState::Pending => Some(Err(ErrorCode::InFlight)),
+            orders::CheckoutState::Completed => Some(Ok(id.clone())),
+        }
+    }
+
     /// The commands for the deadlines that passed by `now_ms`.
     pub fn due(&self, now_ms: u64) -> Vec<PartCommand> {
         let mut due: Vec<PartCommand> = self.inventory.due(now_ms).into_iter().map(PartCommand::Inventory).collect();
@@ -618,9 +649,23 @@ impl Parts {
         ids.varint(self.next_coupon);
         let mut orders = Writer::default();
         self.orders.encode_checkpoint(&mut orders);
-        w.varint(4);
-        let sections =
-            [(ASSIGNED_IDS, &ids.buf), (INVENTORY, &inventory.buf), (PRICING, &pricing), (ORDERS, &orders.buf)];
+        let mut keyed = Writer::default();
+        let mut entries: Vec<_> = self.keyed_checkouts.iter().collect();
+        entries.sort_unstable_by_key(|(hash, _)| **hash);
+        keyed.varint(entries.len() as u64);
+        for (hash, (fingerprint, id)) in entries {
+            keyed.buf.extend_from_slice(hash);
+            keyed.buf.extend_from_slice(fingerprint);
+            keyed.str(id.as_str());
+        }
+        w.varint(5);
+        let sections = [
+            (ASSIGNED_IDS, &ids.buf),
+            (INVENTORY, &inventory.buf),
+            (PRICING, &pricing),
+            (ORDERS, &orders.buf),
+            (KEYED_CHECKOUTS, &keyed.buf),
+        ];
         for (tag, bytes) in sections {
             w.u8(tag);
             w.varint(bytes.len() as u64);
@@ -642,6 +687,13 @@ impl Parts {
                         .map_err(|_| CodecError("invalid pricing checkpoint section"))?;
                 }
                 ORDERS => parts.orders = Orders::decode_checkpoint(&mut section)?,
+                KEYED_CHECKOUTS => {
+                    for _ in 0..section.len()? {
+                        let (hash, fingerprint) = (section.array()?, section.array()?);
+                        let id = Id::parse(section.str()?).ok_or(CodecError("an invalid checkout id"))?;
+                        parts.keyed_checkouts.insert(hash, (fingerprint, id));
+                    }
+                }
                 _ => return Err(CodecError("a checkpoint section of an unknown part")),
             }
             if !section.is_empty() {

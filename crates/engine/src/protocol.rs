@@ -61,6 +61,9 @@ pub enum Input {
         transfers: Vec<TransferRequest>,
         branches: Vec<PartCommand>,
         origin: Option<Origin>,
+        /// The Idempotency-Key of the request that placed it (a checkout):
+        /// a retry whose answer a crash lost finds the checkout by it.
+        key: Option<IdempotencyTag>,
     },
     /// An operator's replay of a dead letter this executor keeps (see `outbox.rs`).
     ReplayMessage {

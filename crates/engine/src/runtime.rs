@@ -1296,7 +1296,9 @@ impl Applier {
                         transfers_taken += ask.request.lines.len();
                         match self.core.checkout_input(*ask, now_ms) {
                             Err(e) => completions.push(Completion::Checkout(reply, Err(e))),
-                            Ok((id, input)) => {
+                            // Placed under this key already: its id, nothing moved.
+                            Ok((id, None)) => completions.push(Completion::Checkout(reply, Ok((id, Vec::new())))),
+                            Ok((id, Some(input))) => {
                                 let tag = self.next_tag;
                                 self.next_tag += 1;
                                 let Input::Global { transfers, .. } = &input else { unreachable!("a global input") };

@@ -125,8 +125,12 @@ impl ExecutorCore {
     /// Gives a draft its ids on this executor (the home) and makes the
     /// global transaction that places it: the checkout's id and the input
     /// to apply and log.
-    pub fn checkout_input(&mut self, ask: CheckoutAsk, now_ms: u64) -> Result<(Id, Input), ErrorCode> {
-        let CheckoutAsk { request, book, usage, mut coupons } = ask;
+    /// `Ok((id, None))`: the checkout this key placed already (nothing to apply).
+    pub fn checkout_input(&mut self, ask: CheckoutAsk, now_ms: u64) -> Result<(Id, Option<Input>), ErrorCode> {
+        let CheckoutAsk { request, book, usage, mut coupons, key } = ask;
+        if let Some(placed) = key.as_ref().and_then(|tag| self.parts.keyed_checkout(tag)) {
+            return placed.map(|id| (id, None));
+        }
         for id in &request.coupon_ids {
             if !coupons.iter().any(|c| c.id == *id) {
                 coupons.extend(self.parts.pricing.coupon(id).cloned());
@@ -212,7 +216,7 @@ impl ExecutorCore {
             consumed_promotions: draft.promotions.iter().map(|(id, _)| id.clone()).collect(),
         };
         branches.push(PartCommand::Orders(orders::Command::TryPlace { txn: 0, checkout: Box::new(checkout) }));
-        Ok((checkout_id, Input::Global { transfers, branches, origin: None }))
+        Ok((checkout_id, Some(Input::Global { transfers, branches, origin: None, key })))
     }
 }
 
@@ -228,11 +232,22 @@ impl Engine {
     /// coupons where it applies it; the others' are read first (none on
     /// one executor: a checkout is one request to it).
     pub async fn checkout(&self, request: &CheckoutRequest) -> Result<Id, ErrorCode> {
+        self.checkout_keyed(request, None).await
+    }
+
+    /// [`Engine::checkout`] under an Idempotency-Key (its tag): placed once;
+    /// a retry after its stored answer was lost (a crash between the
+    /// commit and the key store) answers the checkout it placed.
+    pub async fn checkout_keyed(
+        &self,
+        request: &CheckoutRequest,
+        key: Option<crate::protocol::IdempotencyTag>,
+    ) -> Result<Id, ErrorCode> {
         let book = self.price_book().await?;
         let home = self.layout().executor_of_account(&request.account_id);
         let quote_request = request.quote_request();
         let (usage, coupons) = self.pricing_inputs(&book, &quote_request, Some(home)).await?;
-        let ask = CheckoutAsk { request: request.clone(), book, usage, coupons };
+        let ask = CheckoutAsk { request: request.clone(), book, usage, coupons, key };
         let (id, results) = self.submit_checkout(home, ask).await?;
         checkout_outcome(id, results)
     }
@@ -252,6 +267,7 @@ pub struct CheckoutAsk {
     pub book: Arc<PriceBook>,
     pub usage: HashMap<Id, PromotionUsage>,
     pub coupons: Vec<Coupon>,
+    pub key: Option<crate::protocol::IdempotencyTag>,
 }
 
 /// The counters a checkout's quote reads: the home's own promotions from

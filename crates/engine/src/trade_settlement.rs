@@ -81,7 +81,7 @@ impl ExecutorCore {
         }
         assert!(!transfers.is_empty(), "a settlement of something moves something");
         let branch = PartCommand::Orders(orders::Command::TrySettle { txn: 0, settlement: Box::new(settlement) });
-        Ok(Some((id, Input::Global { transfers, branches: vec![branch], origin: None })))
+        Ok(Some((id, Input::Global { transfers, branches: vec![branch], origin: None, key: None })))
     }
 }
 

@@ -458,3 +458,44 @@ async fn unpaid_orders_give_back_on_one_executor() {
 async fn unpaid_orders_give_back_across_executors() {
     unpaid_orders_give_back_what_they_held(3).await;
 }
+
+/// A checkout under an Idempotency-Key whose stored answer a crash lost (the
+/// server's key store never heard of it) is found again by its key: the
+/// retry answers the same checkout and moves nothing more, also after a
+/// restart; the key with another request is refused; a key whose checkout
+/// failed may be tried again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_checkout_is_placed_once_even_when_its_answer_was_lost() {
+    use peakstack_engine::IdempotencyTag;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(NOW));
+    let engine = open(dir.path(), 1, clock.clone());
+    wallet(&engine, "w-gus", 10_000).await;
+    catalogue(&engine, "gus").await;
+    let tag = IdempotencyTag { key_hash: [7; 16], fingerprint: [1; 16] };
+    let request = cart("gus", "w-gus", &[("phone", 1), ("book", 1)], &[], CaptureMode::Automatic);
+    let first = engine.checkout_keyed(&request, Some(tag)).await.unwrap();
+    let paid = posted(&engine, "w-gus").await.0;
+    assert_eq!(engine.checkout_keyed(&request, Some(tag)).await, Ok(first.clone()), "the retry finds it");
+    assert_eq!(posted(&engine, "w-gus").await.0, paid, "and moves nothing more");
+    assert_eq!(engine.list_orders(Some(id("gus")), None, None, 10).await.unwrap().len(), 2);
+    let other = IdempotencyTag { fingerprint: [2; 16], ..tag };
+    assert_eq!(engine.checkout_keyed(&request, Some(other)).await, Err(ErrorCode::ExistsWithDifferentFields));
+    // Without a key, the same cart is another checkout (the book is sold out now).
+    assert_eq!(engine.checkout(&request).await, Err(ErrorCode::OutOfStock));
+
+    // A keyed checkout that failed leaves its key free for a retry.
+    let failing = IdempotencyTag { key_hash: [8; 16], fingerprint: [3; 16] };
+    assert_eq!(engine.checkout_keyed(&request, Some(failing)).await, Err(ErrorCode::OutOfStock));
+    engine.inventory(inventory::Command::Restock { sku_id: id("book"), quantity: 1 }).await.unwrap();
+    let second = engine.checkout_keyed(&request, Some(failing)).await.unwrap();
+    assert_ne!(second, first);
+
+    engine.shutdown();
+    drop(engine);
+    let engine = open(dir.path(), 1, clock);
+    assert_eq!(engine.checkout_keyed(&request, Some(tag)).await, Ok(first), "found after a restart too");
+    assert_eq!(engine.checkout_keyed(&request, Some(failing)).await, Ok(second));
+    assert_eq!(engine.list_orders(Some(id("gus")), None, None, 10).await.unwrap().len(), 4);
+    engine.shutdown();
+}

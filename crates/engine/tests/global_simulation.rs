@@ -372,7 +372,7 @@ impl World {
         let tag = self.submitted.len() as u64;
         let n = transfers.len();
         self.submitted.push(Submitted { id: checkout_id, home, discount, coupon, results: vec![None; n], lost: false });
-        self.apply(home, Input::Global { transfers, branches, origin: None }, Some(tag));
+        self.apply(home, Input::Global { transfers, branches, origin: None, key: None }, Some(tag));
     }
 
     /// A client captures or cancels a manual checkout's payment, or cancels one of its orders.

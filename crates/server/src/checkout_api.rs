@@ -519,8 +519,11 @@ pub async fn create_checkout(
     let request = CheckoutRequest { buyer_id, lines, coupon_ids, account_id, capture };
     let pending = "the checkout may still be placed: list the buyer's orders at /v1/orders, or retry with the same \
                    Idempotency-Key";
+    // Keyed: the engine keeps the key with the checkout, so a retry whose
+    // stored answer a crash lost answers this checkout again.
+    let key = caller.idempotency;
     decide_within(Deadline::of(&state), pending, async move {
-        let id = state.engine().checkout(&request).await.map_err(checkout_error)?;
+        let id = state.engine().checkout_keyed(&request, key).await.map_err(checkout_error)?;
         let (checkout, orders) = state
             .engine()
             .checkout_view(&id)

@@ -136,9 +136,12 @@ async fn guarded(state: &AppState, request: Request, next: Next) -> Result<Respo
         return replay_outcome(&outcome, &keyed);
     }
     let mut request = request;
-    let from_log = request.extensions().get::<MatchedPath>().is_some_and(|path| path.as_str() == CREATE_PATH);
-    if from_log && state.recent_outcomes().accepting() {
-        let tag = IdempotencyTag { key_hash: keyed.hash, fingerprint: short_fingerprint(&keyed.fingerprint) };
+    let path = request.extensions().get::<MatchedPath>().map(|path| path.as_str().to_owned());
+    let tag = IdempotencyTag { key_hash: keyed.hash, fingerprint: short_fingerprint(&keyed.fingerprint) };
+    if path.as_deref() == Some(CREATE_PATH) && state.recent_outcomes().accepting() {
+        request.extensions_mut().insert(tag);
+    } else if path.as_deref() == Some(CHECKOUT_PATH) {
+        // The engine keeps a checkout's key itself (see `Parts::keyed_checkout`).
         request.extensions_mut().insert(tag);
     }
 
@@ -164,6 +167,8 @@ async fn guarded(state: &AppState, request: Request, next: Next) -> Result<Respo
 
 /// The route whose keyed answers the engine's log keeps.
 const CREATE_PATH: &str = "/v1/transfers";
+/// The route whose keyed requests the engine finds again by their key.
+const CHECKOUT_PATH: &str = "/v1/checkouts";
 
 /// A keyed request: its key (scoped to its caller), the key's hash, the
 /// request's fingerprint and body.
