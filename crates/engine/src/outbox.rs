@@ -170,7 +170,7 @@ impl ExecutorCore {
     }
 
     /// The receiver's answer: done, or one more refusal.
-    pub(crate) fn on_delivered(&mut self, id: u64, error: Option<ErrorCode>, now_ms: u64) {
+    pub(crate) fn on_delivered(&mut self, id: u64, error: Option<ErrorCode>) {
         let Some(message) = self.outbox.pending.get_mut(&id) else { return };
         match error {
             None => {
@@ -186,7 +186,6 @@ impl ExecutorCore {
             }
             Some(_) => {}
         }
-        let _ = now_ms;
     }
 
     /// Sends again what is due, each message backing off (on the tick).

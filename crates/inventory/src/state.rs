@@ -400,7 +400,13 @@ impl Inventory {
         if !(1..=MAX_HOLD_MS).contains(&hold_ms) {
             return (false, Err(ErrorCode::InvalidRequest));
         }
-        self.reserve_until(shard, sku_id, buyer_id, quantity, hold_ms, now_ms)
+        let (unit_price, currency) = match self.take_units(sku_id, buyer_id, quantity) {
+            Ok(sku) => (sku.price, sku.currency),
+            Err(code) => return (false, Err(code)),
+        };
+        let reservation =
+            self.new_reservation(shard, sku_id, None, buyer_id, quantity, unit_price, currency, hold_ms, now_ms);
+        (true, Ok(Answer::Reservation(reservation)))
     }
 
     /// Holds units for a branch of the engine's own transaction: the
@@ -447,36 +453,12 @@ impl Inventory {
         sku.reserved -= u64::from(quantity);
         if confirm {
             sku.sold += u64::from(quantity);
-        } else {
-            let key = (Holder::Sku(sku_id.clone()), buyer_id);
-            let units = self.buyer_units.get_mut(&key).expect("held units are counted");
-            *units -= quantity;
-            if *units == 0 {
-                self.buyer_units.remove(&key);
-            }
         }
         sku.assert_within_stock();
+        if !confirm {
+            self.uncount_units((Holder::Sku(sku_id.clone()), buyer_id), quantity);
+        }
         Some((true, Ok(Answer::Done)))
-    }
-
-    /// [`Inventory::reserve`] for `hold_ms` (`u64::MAX`: until a confirm or
-    /// cancel, for a branch whose coordinator keeps the fences).
-    pub(crate) fn reserve_until(
-        &mut self,
-        shard: u32,
-        sku_id: &Id,
-        buyer_id: &Id,
-        quantity: u32,
-        hold_ms: u64,
-        now_ms: u64,
-    ) -> (bool, Reply) {
-        let (unit_price, currency) = match self.take_units(sku_id, buyer_id, quantity) {
-            Ok(sku) => (sku.price, sku.currency),
-            Err(code) => return (false, Err(code)),
-        };
-        let reservation =
-            self.new_reservation(shard, sku_id, None, buyer_id, quantity, unit_price, currency, hold_ms, now_ms);
-        (true, Ok(Answer::Reservation(reservation)))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -589,13 +571,18 @@ impl Inventory {
             None => Holder::Sku(reservation.sku_id.clone()),
         };
         sku.assert_within_stock();
-        let key = (holder, reservation.buyer_id.clone());
-        let held = self.buyer_units.get_mut(&key).expect("a reservation's units are counted");
-        *held -= reservation.quantity;
-        if *held == 0 {
+        self.uncount_units((holder, reservation.buyer_id.clone()), reservation.quantity);
+        reservation
+    }
+
+    /// Takes units given back out of a buyer's count (only counts above
+    /// zero are kept); they were counted when held.
+    fn uncount_units(&mut self, key: (Holder, Id), quantity: u32) {
+        let units = self.buyer_units.get_mut(&key).expect("held units are counted");
+        *units -= quantity;
+        if *units == 0 {
             self.buyer_units.remove(&key);
         }
-        reservation
     }
 
     /// Moves an open reservation to a final state and out of the deadlines.

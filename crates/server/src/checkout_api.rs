@@ -27,7 +27,8 @@ use crate::admin::rfc3339;
 use crate::audit::action;
 use crate::error::ApiError;
 use crate::handlers::{
-    audit, decide_within, json, page_limit, path_id, read_within, ApiJson, ApiPath, ApiQuery, Deadline,
+    account_not_found, audit, decide_within, json, page_limit, path_id, read_within, ApiJson, ApiPath, ApiQuery,
+    Deadline,
 };
 use crate::wire::{parse_amount, parse_id, Page};
 use crate::AppState;
@@ -343,10 +344,6 @@ fn payment_not_found(id: &Id) -> ApiError {
 
 fn refund_not_found(id: &Id) -> ApiError {
     ApiError::Ledger(ErrorCode::RefundNotFound, format!("refund {id} does not exist"))
-}
-
-fn account_not_found(id: &Id) -> ApiError {
-    ApiError::Ledger(ErrorCode::AccountNotFound, format!("account {id} does not exist"))
 }
 
 /// Whether the caller sees what buyer `buyer_id` bought (a checkout, a

@@ -31,7 +31,7 @@ impl ExecutorCore {
             PeerMsg::Acked { txn, balances } => self.on_acked(*txn, from, balances.clone(), fx),
             PeerMsg::Forget { txn } => self.fences.forget(*txn),
             PeerMsg::Deliver { id, floor, command } => self.on_deliver(from, *id, *floor, command, now_ms, fx),
-            PeerMsg::Delivered { id, error } => self.on_delivered(*id, *error, now_ms),
+            PeerMsg::Delivered { id, error } => self.on_delivered(*id, *error),
         }
     }
 
